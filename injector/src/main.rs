@@ -1,0 +1,3 @@
+//! `remora-injector`: the admission webhook (`serve`) and offline injection (`inject`).
+
+fn main() {}

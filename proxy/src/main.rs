@@ -1,0 +1,3 @@
+//! `remora-proxy`: the remora sidecar.
+
+fn main() {}

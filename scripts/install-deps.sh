@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a make target needs, only those that are missing.
+#   scripts/install-deps.sh test|demo|bench
+# Each program is checked by name first, so a machine that has everything installs nothing.
+set -euo pipefail
+
+want=()
+need() { # need PROGRAM PACKAGE
+  command -v "$1" >/dev/null 2>&1 || want+=("$2")
+}
+
+case "${1:-test}" in
+  test | demo)
+    need ip iproute2
+    need iptables iptables
+    need iptables-legacy iptables
+    need iptables-nft iptables
+    need setpriv util-linux
+    need curl curl
+    need openssl openssl
+    need python3 python3
+    ;;&
+  test)
+    need pip3 python3-pip
+    ;;
+  demo) ;;
+  bench)
+    need ip iproute2
+    need iptables iptables
+    need setpriv util-linux
+    need curl curl
+    need haproxy haproxy
+    need nginx nginx-light
+    need wrk wrk
+    need h2load nghttp2-client
+    ;;
+  *)
+    echo "usage: $0 test|demo|bench" >&2
+    exit 2
+    ;;
+esac
+
+if [ ${#want[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${want[*]} (run as root to install them: apt-get install -y ${want[*]})" >&2
+    exit 1
+  fi
+  echo "installing: ${want[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+fi
+
+# kubectl applies the injector's patches in the tests and the demo, as the API server would.
+if ! command -v kubectl >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "kubectl is missing (run as root to install it)" >&2
+    exit 1
+  fi
+  echo "installing: kubectl"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq kubectl >/dev/null 2>&1 || apt-get install -y -qq kubernetes-client >/dev/null
+fi
