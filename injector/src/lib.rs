@@ -1,0 +1,5 @@
+//! remora-injector as a library: the pure injection core and the faces (webhook, offline) on it.
+
+pub mod config;
+pub mod offline;
+pub mod review;
