@@ -35,6 +35,17 @@ pub enum ParseError {
     Id { value: String },
 }
 
+/// A combination of flags that each parse but cannot work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--inbound-port and --outbound-port are both {port}: the proxy needs two different ports"
+    )]
+    SamePorts { port: u16 },
+    #[error("--{flag} {port} is the proxy's admin port, which is never redirected (choose another port)")]
+    AdminPort { flag: &'static str, port: u16 },
+}
+
 /// One port or an inclusive range of ports, written `8080` or `9000-9100`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortRange {
@@ -418,6 +429,24 @@ impl Default for InitConfig {
 }
 
 impl InitConfig {
+    /// Checks what clap cannot see flag by flag; `remora-init` runs it before touching anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.inbound_port == self.outbound_port {
+            return Err(ConfigError::SamePorts {
+                port: self.inbound_port,
+            });
+        }
+        for (flag, port) in [
+            ("inbound-port", self.inbound_port),
+            ("outbound-port", self.outbound_port),
+        ] {
+            if port == ADMIN_PORT {
+                return Err(ConfigError::AdminPort { flag, port });
+            }
+        }
+        Ok(())
+    }
+
     /// The gid whose traffic is exempt: `--proxy-gid`, else the same number as the uid.
     pub fn proxy_gid(&self) -> u32 {
         self.proxy_gid.unwrap_or(self.proxy_uid)
@@ -586,6 +615,16 @@ mod tests {
                 "case {name}"
             );
         }
+    }
+
+    #[test]
+    fn validate_rejects_flags_that_cannot_work_together() {
+        assert_eq!(InitConfig::default().validate(), Ok(()));
+        let same = parse(&["--inbound-port", "15001"]).unwrap();
+        assert_eq!(same.validate(), Err(ConfigError::SamePorts { port: 15001 }));
+        let admin = parse(&["--outbound-port", "15020"]).unwrap();
+        let err = admin.validate().unwrap_err().to_string();
+        assert!(err.contains("--outbound-port 15020"), "{err}");
     }
 
     #[test]

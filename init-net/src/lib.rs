@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod iptables;
+pub mod rules;
 
 pub use config::{
-    Backend, Cidr, CidrList, CidrSelection, InitConfig, Ipv6Mode, ParseError, PortList, PortRange,
-    PortSelection,
+    Backend, Cidr, CidrList, CidrSelection, ConfigError, InitConfig, Ipv6Mode, ParseError,
+    PortList, PortRange, PortSelection,
 };
