@@ -1,0 +1,925 @@
+//! The `remora.io/*` pod annotations (and the `remora.io/inject` label): parsed and validated.
+//!
+//! Every parser here rejects what Kubernetes or `remora-init`/`remora-proxy` would reject later,
+//! with a message that names the annotation, the bad value and the accepted form, so a bad pod is
+//! denied at admission instead of crash-looping.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use remora_init::{CidrList, CidrSelection, InitConfig, PortList, PortRange, PortSelection};
+
+use crate::config::Config;
+
+/// Every remora annotation and label starts with this.
+pub const PREFIX: &str = "remora.io/";
+/// Opt in (`true`/`enabled`) or out (`false`/`disabled`); as a label it beats the annotation.
+pub const INJECT: &str = "remora.io/inject";
+/// Written by the injector on every pod it injects: what was added and by which version.
+pub const STATUS: &str = "remora.io/status";
+pub const PROXY_IMAGE: &str = "remora.io/proxy-image";
+pub const INIT_IMAGE: &str = "remora.io/init-image";
+pub const PROXY_CPU_REQUEST: &str = "remora.io/proxy-cpu-request";
+pub const PROXY_CPU_LIMIT: &str = "remora.io/proxy-cpu-limit";
+pub const PROXY_MEMORY_REQUEST: &str = "remora.io/proxy-memory-request";
+pub const PROXY_MEMORY_LIMIT: &str = "remora.io/proxy-memory-limit";
+pub const PROXY_LOG_LEVEL: &str = "remora.io/proxy-log-level";
+pub const PROXY_UID: &str = "remora.io/proxy-uid";
+pub const INCLUDE_INBOUND_PORTS: &str = "remora.io/include-inbound-ports";
+pub const EXCLUDE_INBOUND_PORTS: &str = "remora.io/exclude-inbound-ports";
+pub const INCLUDE_OUTBOUND_CIDRS: &str = "remora.io/include-outbound-cidrs";
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "remora.io/exclude-outbound-cidrs";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "remora.io/exclude-outbound-ports";
+pub const OPAQUE_PORTS: &str = "remora.io/opaque-ports";
+
+/// Every annotation the injector reads; any other `remora.io/` key draws a warning.
+pub const KNOWN: &[&str] = &[
+    INJECT,
+    STATUS,
+    PROXY_IMAGE,
+    INIT_IMAGE,
+    PROXY_CPU_REQUEST,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY_REQUEST,
+    PROXY_MEMORY_LIMIT,
+    PROXY_LOG_LEVEL,
+    PROXY_UID,
+    INCLUDE_INBOUND_PORTS,
+    EXCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_OUTBOUND_PORTS,
+    OPAQUE_PORTS,
+];
+
+/// The largest uid Kubernetes accepts in `runAsUser`.
+const MAX_UID: u32 = 2_147_483_647;
+
+/// A pod annotation or label whose value is not accepted. The message is the deny message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_kind} {key}: {problem}")]
+pub struct AnnotationError {
+    /// `annotation` or `label`.
+    pub source_kind: &'static str,
+    pub key: String,
+    pub value: String,
+    /// Names the bad value and what is accepted.
+    pub problem: String,
+}
+
+impl AnnotationError {
+    fn annotation(key: &str, value: &str, problem: impl Into<String>) -> Self {
+        Self {
+            source_kind: "annotation",
+            key: key.to_string(),
+            value: value.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// What a pod asks for with `remora.io/inject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectChoice {
+    /// Neither the label nor the annotation is set.
+    Unset,
+    OptIn,
+    OptOut,
+}
+
+/// Reads `remora.io/inject`: the label wins over the annotation; a bad value of the one that
+/// decides is an error. (An annotation the label overrides is not read at all.)
+pub fn inject_choice(
+    labels: Option<&BTreeMap<String, String>>,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<InjectChoice, AnnotationError> {
+    let (source_kind, value) = match (
+        labels.and_then(|labels| labels.get(INJECT)),
+        annotations.and_then(|annotations| annotations.get(INJECT)),
+    ) {
+        (Some(label), _) => ("label", label),
+        (None, Some(annotation)) => ("annotation", annotation),
+        (None, None) => return Ok(InjectChoice::Unset),
+    };
+    match value.as_str() {
+        "true" | "enabled" => Ok(InjectChoice::OptIn),
+        "false" | "disabled" => Ok(InjectChoice::OptOut),
+        _ => Err(AnnotationError {
+            source_kind,
+            key: INJECT.to_string(),
+            value: value.clone(),
+            problem: format!(
+                "{value:?} is not accepted (expected true, enabled, false or disabled)"
+            ),
+        }),
+    }
+}
+
+/// A Kubernetes resource quantity such as `100m`, `0.5`, `128Mi`, `1Gi` or `1e3`.
+///
+/// Kept as written (the API server canonicalises it) together with its exact value in
+/// nano-units, which is what requests and limits are compared by.
+#[derive(Debug, Clone)]
+pub struct Quantity {
+    text: String,
+    nanos: u128,
+}
+
+/// Why a string is not a quantity; shown after the quoted value.
+const QUANTITY_FORM: &str =
+    "expected a Kubernetes quantity such as 100m, 0.5, 128Mi or 1Gi: digits with an optional \
+     fraction, then one of n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent like e3";
+
+impl Quantity {
+    pub fn zero() -> Self {
+        Self {
+            text: "0".to_string(),
+            nanos: 0,
+        }
+    }
+
+    /// Parses the grammar of Kubernetes' `resource.Quantity` (apimachinery), without a sign:
+    /// a container resource can't be negative.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a quantity ({QUANTITY_FORM})");
+        let unsigned = match text.strip_prefix('+') {
+            Some(rest) => rest,
+            None if text.starts_with('-') => {
+                return Err(format!(
+                "{text:?} is negative (expected a quantity of at least 0, such as 100m or 128Mi)"
+            ))
+            }
+            None => text,
+        };
+        let number_end = unsigned
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(unsigned.len());
+        let (number, suffix) = unsigned.split_at(number_end);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+            return Err(bad());
+        }
+        // value = digits × 2^binary × 10^decimal, in units of 10^-9.
+        let (binary, decimal): (u32, i64) = match suffix {
+            "" => (0, 0),
+            "n" => (0, -9),
+            "u" => (0, -6),
+            "m" => (0, -3),
+            "k" => (0, 3),
+            "M" => (0, 6),
+            "G" => (0, 9),
+            "T" => (0, 12),
+            "P" => (0, 15),
+            "E" => (0, 18),
+            "Ki" => (10, 0),
+            "Mi" => (20, 0),
+            "Gi" => (30, 0),
+            "Ti" => (40, 0),
+            "Pi" => (50, 0),
+            "Ei" => (60, 0),
+            exponent => {
+                let digits = exponent
+                    .strip_prefix('e')
+                    .or_else(|| exponent.strip_prefix('E'))
+                    .ok_or_else(bad)?;
+                let unsigned_digits = digits
+                    .strip_prefix('+')
+                    .or_else(|| digits.strip_prefix('-'))
+                    .unwrap_or(digits);
+                if unsigned_digits.is_empty()
+                    || !unsigned_digits.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(bad());
+                }
+                (0, digits.parse::<i64>().map_err(|_| bad())?)
+            }
+        };
+        // Kubernetes clamps a quantity to 2^63-1 units rather than refusing it; so do we.
+        let max = u128::from(i64::MAX.unsigned_abs()) * 1_000_000_000;
+        let digits = format!("{whole}{fraction}");
+        let digits = digits.trim_start_matches('0');
+        let scale = decimal + 9 - fraction.len() as i64;
+        let nanos = if digits.is_empty() {
+            0
+        } else if digits.len() > 38 || scale > 38 {
+            max
+        } else {
+            let mantissa: u128 = digits.parse().map_err(|_| bad())?;
+            let scaled = mantissa.checked_mul(1u128 << binary);
+            match (
+                scaled,
+                u32::try_from(scale.unsigned_abs())
+                    .ok()
+                    .and_then(|s| 10u128.checked_pow(s)),
+            ) {
+                (None, _) => max,
+                (Some(value), Some(factor)) if scale >= 0 => {
+                    value.checked_mul(factor).unwrap_or(max)
+                }
+                // Finer than a nano-unit: Kubernetes rounds up, and so do we.
+                (Some(value), Some(divisor)) => value.div_ceil(divisor),
+                (Some(value), None) => u128::from(value > 0),
+            }
+            .min(max)
+        };
+        Ok(Self {
+            text: text.to_string(),
+            nanos,
+        })
+    }
+
+    /// The quantity as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for Quantity {
+    fn eq(&self, other: &Self) -> bool {
+        self.nanos == other.nanos
+    }
+}
+
+impl Eq for Quantity {}
+
+impl PartialOrd for Quantity {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Quantity {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.nanos.cmp(&other.nanos)
+    }
+}
+
+impl fmt::Display for Quantity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// CPU and memory requests and limits of one injected container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_request: Quantity,
+    pub cpu_limit: Quantity,
+    pub memory_request: Quantity,
+    pub memory_limit: Quantity,
+}
+
+/// `remora-proxy --log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "error" => Ok(Self::Error),
+            "warn" => Ok(Self::Warn),
+            "info" => Ok(Self::Info),
+            "debug" => Ok(Self::Debug),
+            "trace" => Ok(Self::Trace),
+            _ => Err(format!(
+                "{value:?} is not a log level (expected error, warn, info, debug or trace)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The proxy uid: it runs as non-root (`runAsNonRoot: true`), so 0 is refused.
+pub fn parse_proxy_uid(value: &str) -> Result<u32, String> {
+    match value.trim().parse::<u32>() {
+        Ok(uid) if (1..=MAX_UID).contains(&uid) => Ok(uid),
+        _ => Err(format!(
+            "{value:?} is not a proxy uid (expected a number from 1 to {MAX_UID}: the proxy runs as non-root)"
+        )),
+    }
+}
+
+/// An image reference: non-empty, no whitespace.
+fn parse_image(value: &str) -> Result<String, String> {
+    let image = value.trim();
+    if image.is_empty() || image.contains(char::is_whitespace) {
+        Err(format!(
+            "{value:?} is not an image (expected a non-empty reference such as ghcr.io/remora-mesh/remora-proxy:{})",
+            crate::config::VERSION
+        ))
+    } else {
+        Ok(image.to_string())
+    }
+}
+
+/// Everything the injected containers are built from: the injector's defaults overridden by
+/// the pod's annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSettings {
+    pub proxy_image: String,
+    pub init_image: String,
+    pub proxy_resources: Resources,
+    pub init_resources: Resources,
+    pub proxy_uid: u32,
+    pub proxy_log_level: LogLevel,
+    pub opaque_ports: PortList,
+    /// The args of `remora-init`, as `remora-init` itself parses them.
+    pub init: InitConfig,
+}
+
+/// Parses every `remora.io/*` config annotation over the injector's defaults. Also returns a
+/// warning per unknown `remora.io/` annotation (most likely a typo the user wants to hear about).
+pub fn pod_settings(
+    annotations: Option<&BTreeMap<String, String>>,
+    config: &Config,
+) -> Result<(PodSettings, Vec<String>), AnnotationError> {
+    let empty = BTreeMap::new();
+    let annotations = annotations.unwrap_or(&empty);
+    let get = |key: &str| annotations.get(key).map(String::as_str);
+
+    fn parse<T>(
+        key: &str,
+        value: Option<&str>,
+        parser: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, AnnotationError> {
+        value
+            .map(|value| {
+                parser(value).map_err(|problem| AnnotationError::annotation(key, value, problem))
+            })
+            .transpose()
+    }
+    // The init-net parsers name only the bad item; say which whole value it came from.
+    fn list<T: FromStr<Err = remora_init::ParseError>>(value: &str) -> Result<T, String> {
+        value
+            .parse()
+            .map_err(|err: remora_init::ParseError| format!("{value:?} is invalid: {err}"))
+    }
+
+    let proxy_image = parse(PROXY_IMAGE, get(PROXY_IMAGE), parse_image)?
+        .unwrap_or_else(|| config.proxy_image.clone());
+    let init_image = parse(INIT_IMAGE, get(INIT_IMAGE), parse_image)?
+        .unwrap_or_else(|| config.init_image.clone());
+
+    let defaults = &config.proxy_resources;
+    let proxy_resources = Resources {
+        cpu_request: parse(PROXY_CPU_REQUEST, get(PROXY_CPU_REQUEST), Quantity::parse)?
+            .unwrap_or_else(|| defaults.cpu_request.clone()),
+        cpu_limit: parse(PROXY_CPU_LIMIT, get(PROXY_CPU_LIMIT), Quantity::parse)?
+            .unwrap_or_else(|| defaults.cpu_limit.clone()),
+        memory_request: parse(
+            PROXY_MEMORY_REQUEST,
+            get(PROXY_MEMORY_REQUEST),
+            Quantity::parse,
+        )?
+        .unwrap_or_else(|| defaults.memory_request.clone()),
+        memory_limit: parse(PROXY_MEMORY_LIMIT, get(PROXY_MEMORY_LIMIT), Quantity::parse)?
+            .unwrap_or_else(|| defaults.memory_limit.clone()),
+    };
+    check_request_within_limit(
+        annotations,
+        "CPU",
+        (PROXY_CPU_REQUEST, &proxy_resources.cpu_request),
+        (PROXY_CPU_LIMIT, &proxy_resources.cpu_limit),
+    )?;
+    check_request_within_limit(
+        annotations,
+        "memory",
+        (PROXY_MEMORY_REQUEST, &proxy_resources.memory_request),
+        (PROXY_MEMORY_LIMIT, &proxy_resources.memory_limit),
+    )?;
+
+    let proxy_log_level = parse(PROXY_LOG_LEVEL, get(PROXY_LOG_LEVEL), LogLevel::from_str)?
+        .unwrap_or(config.proxy_log_level);
+    let proxy_uid = parse(PROXY_UID, get(PROXY_UID), parse_proxy_uid)?.unwrap_or(config.proxy_uid);
+    let opaque_ports = parse(OPAQUE_PORTS, get(OPAQUE_PORTS), list::<PortList>)?
+        .unwrap_or_else(|| config.opaque_ports.clone());
+
+    let mut exclude_inbound_ports = parse(
+        EXCLUDE_INBOUND_PORTS,
+        get(EXCLUDE_INBOUND_PORTS),
+        list::<PortList>,
+    )?
+    .unwrap_or_default();
+    // kubelet probes the admin port directly: it is never redirected, whatever the pod says.
+    if !exclude_inbound_ports.contains(remora_init::config::ADMIN_PORT) {
+        exclude_inbound_ports
+            .0
+            .push(PortRange::single(remora_init::config::ADMIN_PORT));
+    }
+    let init = InitConfig {
+        proxy_uid,
+        include_inbound_ports: parse(
+            INCLUDE_INBOUND_PORTS,
+            get(INCLUDE_INBOUND_PORTS),
+            list::<PortSelection>,
+        )?
+        .unwrap_or_default(),
+        exclude_inbound_ports,
+        include_outbound_cidrs: parse(
+            INCLUDE_OUTBOUND_CIDRS,
+            get(INCLUDE_OUTBOUND_CIDRS),
+            list::<CidrSelection>,
+        )?
+        .unwrap_or_default(),
+        exclude_outbound_cidrs: parse(
+            EXCLUDE_OUTBOUND_CIDRS,
+            get(EXCLUDE_OUTBOUND_CIDRS),
+            list::<CidrList>,
+        )?
+        .unwrap_or_default(),
+        exclude_outbound_ports: parse(
+            EXCLUDE_OUTBOUND_PORTS,
+            get(EXCLUDE_OUTBOUND_PORTS),
+            list::<PortList>,
+        )?
+        .unwrap_or_default(),
+        ..InitConfig::default()
+    };
+
+    let warnings = annotations
+        .keys()
+        .filter(|key| key.starts_with(PREFIX) && !KNOWN.contains(&key.as_str()))
+        .map(|key| {
+            format!(
+                "annotation {key} is not a remora annotation and is ignored (known: {})",
+                KNOWN[2..].join(", ")
+            )
+        })
+        .collect();
+
+    Ok((
+        PodSettings {
+            proxy_image,
+            init_image,
+            proxy_resources,
+            init_resources: config.init_resources.clone(),
+            proxy_uid,
+            proxy_log_level,
+            opaque_ports,
+            init,
+        },
+        warnings,
+    ))
+}
+
+/// Kubernetes rejects a container whose request exceeds its limit; blame the annotation that
+/// made it so (the request's if the pod set it, else the limit's).
+fn check_request_within_limit(
+    annotations: &BTreeMap<String, String>,
+    resource: &str,
+    (request_key, request): (&str, &Quantity),
+    (limit_key, limit): (&str, &Quantity),
+) -> Result<(), AnnotationError> {
+    if request <= limit {
+        return Ok(());
+    }
+    let error = if let Some(value) = annotations.get(request_key) {
+        AnnotationError::annotation(
+            request_key,
+            value,
+            format!(
+                "{value:?} is greater than the proxy's {resource} limit {limit} (expected a request at most the limit; raise {limit_key} too)"
+            ),
+        )
+    } else {
+        let value = annotations.get(limit_key).map_or("", String::as_str);
+        AnnotationError::annotation(
+            limit_key,
+            value,
+            format!(
+                "{value:?} is less than the proxy's {resource} request {request} (expected a limit at least the request; lower {request_key} too)"
+            ),
+        )
+    };
+    Err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantity_nanos(text: &str) -> Result<u128, String> {
+        Quantity::parse(text).map(|q| q.nanos)
+    }
+
+    #[test]
+    fn quantities() {
+        const GI: u128 = 1 << 30;
+        const MAX: u128 = i64::MAX as u128 * 1_000_000_000;
+        let cases: &[(&str, &str, Option<u128>)] = &[
+            ("plain integer", "1", Some(1_000_000_000)),
+            ("milli", "100m", Some(100_000_000)),
+            ("fraction", "0.5", Some(500_000_000)),
+            ("leading dot", ".5", Some(500_000_000)),
+            ("trailing dot", "5.", Some(5_000_000_000)),
+            ("plus sign", "+1", Some(1_000_000_000)),
+            ("binary", "1Gi", Some(GI * 1_000_000_000)),
+            ("binary fraction", "1.5Ki", Some(1536 * 1_000_000_000)),
+            ("decimal SI", "128M", Some(128_000_000 * 1_000_000_000)),
+            ("kilo", "2k", Some(2_000 * 1_000_000_000)),
+            ("exa", "1E", Some(10u128.pow(27))),
+            ("exponent", "1e3", Some(1_000 * 1_000_000_000)),
+            ("upper exponent", "1E3", Some(1_000 * 1_000_000_000)),
+            ("negative exponent", "5e-3", Some(5_000_000)),
+            ("nano", "1n", Some(1)),
+            ("micro", "3u", Some(3_000)),
+            ("sub-nano rounds up", "0.1n", Some(1)),
+            ("zero", "0", Some(0)),
+            ("zero with suffix", "0Mi", Some(0)),
+            ("empty", "", None),
+            ("suffix only", "Mi", None),
+            ("dot only", ".", None),
+            ("two dots", "1.2.3", None),
+            ("negative", "-1", None),
+            ("space", "1 Gi", None),
+            ("lowercase binary", "1gi", None),
+            ("unknown suffix", "1Qi", None),
+            ("bytes word", "1GB", None),
+            ("bare exponent", "1e", None),
+            ("exponent without digits", "1e+", None),
+            ("fraction exponent", "1e1.5", None),
+            (
+                "huge clamps",
+                "99999999999999999999999999999999999999999",
+                Some(MAX),
+            ),
+            ("beyond int64 clamps", "10Ei", Some(MAX)),
+        ];
+        for (name, text, want) in cases {
+            let got = quantity_nanos(text);
+            match want {
+                Some(nanos) => assert_eq!(got.as_ref(), Ok(nanos), "case {name}: {text:?}"),
+                None => {
+                    let err = got.expect_err(name);
+                    assert!(err.contains(&format!("{text:?}")), "case {name}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantities_compare_by_value_and_keep_their_text() {
+        let q = |text| Quantity::parse(text).unwrap();
+        assert_eq!(q("1"), q("1000m"));
+        assert_eq!(q("1Ki"), q("1024"));
+        assert!(q("100m") < q("0.2"));
+        assert!(q("1Gi") > q("1G"));
+        assert_eq!(q("1000m").to_string(), "1000m");
+    }
+
+    #[test]
+    fn log_levels() {
+        let cases: &[(&str, Option<LogLevel>)] = &[
+            ("error", Some(LogLevel::Error)),
+            ("warn", Some(LogLevel::Warn)),
+            ("info", Some(LogLevel::Info)),
+            ("debug", Some(LogLevel::Debug)),
+            ("trace", Some(LogLevel::Trace)),
+            ("DEBUG", Some(LogLevel::Debug)),
+            ("warning", None),
+            ("", None),
+            ("verbose", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<LogLevel>().ok(), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_uids() {
+        let cases: &[(&str, Option<u32>)] = &[
+            ("1337", Some(1337)),
+            ("1", Some(1)),
+            ("2147483647", Some(2_147_483_647)),
+            ("0", None),
+            ("2147483648", None),
+            ("-1", None),
+            ("proxy", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_proxy_uid(text).ok(), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn inject_choices() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            &'a [(&'a str, &'a str)],
+            Result<InjectChoice, &'a str>,
+        );
+        let cases: &[Case] = &[
+            ("nothing set", &[], &[], Ok(InjectChoice::Unset)),
+            (
+                "annotation true",
+                &[],
+                &[(INJECT, "true")],
+                Ok(InjectChoice::OptIn),
+            ),
+            (
+                "annotation enabled",
+                &[],
+                &[(INJECT, "enabled")],
+                Ok(InjectChoice::OptIn),
+            ),
+            (
+                "annotation false",
+                &[],
+                &[(INJECT, "false")],
+                Ok(InjectChoice::OptOut),
+            ),
+            (
+                "annotation disabled",
+                &[],
+                &[(INJECT, "disabled")],
+                Ok(InjectChoice::OptOut),
+            ),
+            (
+                "label true",
+                &[(INJECT, "true")],
+                &[],
+                Ok(InjectChoice::OptIn),
+            ),
+            (
+                "label disabled",
+                &[(INJECT, "disabled")],
+                &[],
+                Ok(InjectChoice::OptOut),
+            ),
+            (
+                "label beats annotation (out)",
+                &[(INJECT, "false")],
+                &[(INJECT, "true")],
+                Ok(InjectChoice::OptOut),
+            ),
+            (
+                "label beats annotation (in)",
+                &[(INJECT, "enabled")],
+                &[(INJECT, "disabled")],
+                Ok(InjectChoice::OptIn),
+            ),
+            (
+                "label beats a bad annotation",
+                &[(INJECT, "true")],
+                &[(INJECT, "maybe")],
+                Ok(InjectChoice::OptIn),
+            ),
+            (
+                "bad annotation",
+                &[],
+                &[(INJECT, "yes")],
+                Err("annotation remora.io/inject: \"yes\""),
+            ),
+            (
+                "bad label",
+                &[(INJECT, "True")],
+                &[(INJECT, "true")],
+                Err("label remora.io/inject: \"True\""),
+            ),
+        ];
+        for (name, labels, annotations, want) in cases {
+            let got = inject_choice(Some(&map(labels)), Some(&map(annotations)));
+            match want {
+                Ok(choice) => assert_eq!(got, Ok(*choice), "case {name}"),
+                Err(prefix) => {
+                    let err = got.expect_err(name).to_string();
+                    assert!(err.starts_with(prefix), "case {name}: {err}");
+                    assert!(
+                        err.contains("true, enabled, false or disabled"),
+                        "case {name}: {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<(PodSettings, Vec<String>), AnnotationError> {
+        let annotations: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        pod_settings(Some(&annotations), &Config::default())
+    }
+
+    #[test]
+    fn no_annotations_give_the_defaults_and_exclude_the_admin_port() {
+        let (settings, warnings) = settings(&[]).unwrap();
+        let config = Config::default();
+        assert_eq!(settings.proxy_image, config.proxy_image);
+        assert_eq!(settings.init_image, config.init_image);
+        assert_eq!(settings.proxy_resources, config.proxy_resources);
+        assert_eq!(settings.proxy_uid, 1337);
+        assert_eq!(settings.opaque_ports, config.opaque_ports);
+        assert_eq!(
+            settings.init.to_args(),
+            ["--exclude-inbound-ports", "15020"]
+        );
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn good_annotations() {
+        let (settings, warnings) = settings(&[
+            (PROXY_IMAGE, "registry.example/proxy:dev"),
+            (INIT_IMAGE, " registry.example/init:dev "),
+            (PROXY_CPU_REQUEST, "250m"),
+            (PROXY_CPU_LIMIT, "2"),
+            (PROXY_MEMORY_REQUEST, "100Mi"),
+            (PROXY_MEMORY_LIMIT, "1Gi"),
+            (PROXY_LOG_LEVEL, "trace"),
+            (PROXY_UID, "2102"),
+            (INCLUDE_INBOUND_PORTS, "80,8080-8090"),
+            (EXCLUDE_INBOUND_PORTS, "9000-9100"),
+            (INCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8, fd00::/8"),
+            (EXCLUDE_OUTBOUND_CIDRS, "10.96.0.0/12,2001:db8::1"),
+            (EXCLUDE_OUTBOUND_PORTS, "5432"),
+            (OPAQUE_PORTS, "6379,7000-7005"),
+        ])
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(settings.proxy_image, "registry.example/proxy:dev");
+        assert_eq!(settings.init_image, "registry.example/init:dev");
+        assert_eq!(settings.proxy_resources.cpu_request.to_string(), "250m");
+        assert_eq!(settings.proxy_resources.memory_limit.to_string(), "1Gi");
+        assert_eq!(settings.proxy_log_level, LogLevel::Trace);
+        assert_eq!(settings.proxy_uid, 2102);
+        assert_eq!(settings.opaque_ports.to_string(), "6379,7000-7005");
+        assert_eq!(
+            settings.init.to_args(),
+            [
+                "--proxy-uid",
+                "2102",
+                "--include-inbound-ports",
+                "80,8080-8090",
+                "--exclude-inbound-ports",
+                "9000-9100,15020",
+                "--include-outbound-cidrs",
+                "10.0.0.0/8,fd00::/8",
+                "--exclude-outbound-cidrs",
+                "10.96.0.0/12,2001:db8::1/128",
+                "--exclude-outbound-ports",
+                "5432",
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_port_already_excluded_is_not_repeated() {
+        let (settings, _) = settings(&[(EXCLUDE_INBOUND_PORTS, "15000-15100")]).unwrap();
+        assert_eq!(
+            settings.init.exclude_inbound_ports.to_string(),
+            "15000-15100"
+        );
+    }
+
+    #[test]
+    fn wildcards_and_empty_lists() {
+        let (settings, _) = settings(&[
+            (INCLUDE_INBOUND_PORTS, "*"),
+            (INCLUDE_OUTBOUND_CIDRS, "*"),
+            (OPAQUE_PORTS, ""),
+        ])
+        .unwrap();
+        assert_eq!(settings.init.include_inbound_ports, PortSelection::All);
+        assert_eq!(settings.init.include_outbound_cidrs, CidrSelection::All);
+        assert!(settings.opaque_ports.is_empty());
+    }
+
+    #[test]
+    fn bad_annotations_name_the_key_the_value_and_the_form() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("empty proxy image", PROXY_IMAGE, "", "non-empty"),
+            ("image with space", INIT_IMAGE, "remora init", "non-empty"),
+            ("bad cpu request", PROXY_CPU_REQUEST, "lots", "100m"),
+            ("negative cpu limit", PROXY_CPU_LIMIT, "-1", "at least 0"),
+            ("bad memory request", PROXY_MEMORY_REQUEST, "64MB", "128Mi"),
+            ("bad memory limit", PROXY_MEMORY_LIMIT, "1 Gi", "128Mi"),
+            (
+                "request above default limit",
+                PROXY_CPU_REQUEST,
+                "2",
+                "at most the limit",
+            ),
+            (
+                "limit below default request",
+                PROXY_MEMORY_LIMIT,
+                "32Mi",
+                "at least the request",
+            ),
+            (
+                "bad log level",
+                PROXY_LOG_LEVEL,
+                "verbose",
+                "error, warn, info, debug or trace",
+            ),
+            ("root uid", PROXY_UID, "0", "1 to 2147483647"),
+            ("word uid", PROXY_UID, "proxy", "1 to 2147483647"),
+            (
+                "include port zero",
+                INCLUDE_INBOUND_PORTS,
+                "0",
+                "1 to 65535",
+            ),
+            (
+                "exclude inverted range",
+                EXCLUDE_INBOUND_PORTS,
+                "80,9100-9000",
+                "e.g. 9000-9100",
+            ),
+            (
+                "exclude port too big",
+                EXCLUDE_OUTBOUND_PORTS,
+                "65536",
+                "1 to 65535",
+            ),
+            (
+                "bad include cidr",
+                INCLUDE_OUTBOUND_CIDRS,
+                "10.0.0.0/33",
+                "e.g. 10.0.0.0/8",
+            ),
+            (
+                "bad v6 cidr",
+                EXCLUDE_OUTBOUND_CIDRS,
+                "fd00::/129",
+                "2001:db8::/32",
+            ),
+            ("cidr word", EXCLUDE_OUTBOUND_CIDRS, "cluster", "expected"),
+            ("opaque port word", OPAQUE_PORTS, "mysql", "1 to 65535"),
+        ];
+        for (name, key, value, form) in cases {
+            let err = settings(&[(key, value)]).expect_err(name);
+            assert_eq!(err.key, *key, "case {name}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("annotation {key}: ")),
+                "case {name}: {message}"
+            );
+            assert!(
+                message.contains(&format!("{value:?}")),
+                "case {name}: {message}"
+            );
+            assert!(message.contains(form), "case {name}: {message}");
+        }
+    }
+
+    #[test]
+    fn requests_and_limits_together() {
+        // Raising both is fine; raising the request past a lowered limit is not.
+        assert!(settings(&[(PROXY_CPU_REQUEST, "2"), (PROXY_CPU_LIMIT, "2")]).is_ok());
+        let err = settings(&[
+            (PROXY_MEMORY_REQUEST, "128Mi"),
+            (PROXY_MEMORY_LIMIT, "100Mi"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, PROXY_MEMORY_REQUEST);
+        assert!(err.to_string().contains("100Mi"), "{err}");
+    }
+
+    #[test]
+    fn unknown_remora_annotations_warn() {
+        let (_, warnings) = settings(&[
+            ("remora.io/proxy-cpu-limits", "2"),
+            ("example.com/other", "x"),
+        ])
+        .unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("remora.io/proxy-cpu-limits"));
+        assert!(warnings[0].contains(PROXY_CPU_LIMIT));
+    }
+}
