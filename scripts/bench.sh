@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make bench`: installs what the benchmark needs, builds the release binaries once, then runs
+# scripts/bench/bench.py (seats interleaved in network namespaces; results under results/).
+#   BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench     # quick smoke run
+#   BENCH_SEATS=direct,haproxy BENCH_PARTS=proxy make bench
+# Needs root: network namespaces and iptables inside them (never the host's own rules).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "make bench needs root (network namespaces, iptables inside them)" >&2
+  exit 1
+fi
+
+scripts/install-deps.sh bench
+for tool in nsenter openssl python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "$tool is missing" >&2; exit 1; }
+done
+
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v oha >/dev/null 2>&1; then
+  echo "installing: oha (cargo install, compiles for a few minutes)"
+  cargo install oha --locked
+fi
+
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+  cargo build --release --workspace --bins
+fi
+
+exec python3 scripts/bench/bench.py "$@"

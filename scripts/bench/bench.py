@@ -1,0 +1,902 @@
+#!/usr/bin/env python3
+"""`make bench`: remora-proxy against the direct path and HAProxy in the same seat, plus the
+injector and remora-init, in throwaway network namespaces. Writes results/bench-<time>.{json,md}.
+
+Knobs (environment):
+  BENCH_ROUNDS=3       rounds; the seats run interleaved and in a rotated order in each round
+  BENCH_SECONDS=10     length of each timed load
+  BENCH_SEATS=direct,haproxy,remora
+  BENCH_PARTS=proxy,injector,init
+  BENCH_BIN_DIR=target/release
+  BENCH_RESULTS=results
+Quick smoke run: BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench
+"""
+
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+SEATS = [s for s in os.environ.get("BENCH_SEATS", "direct,haproxy,remora").split(",") if s]
+PARTS = [p for p in os.environ.get("BENCH_PARTS", "proxy,injector,init").split(",") if p]
+BIN_DIR = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
+
+# Only benchmarking-range addresses (RFC 2544 / RFC 5180), as in tests/src/lib.rs.
+POD_V4, REMOTE_V4 = "198.18.0.1", "198.18.0.2"
+POD_V6, REMOTE_V6 = "2001:2::1", "2001:2::2"
+PROXY_UID = 1337
+H1_PORT, H2_PORT = 80, 81
+OUTBOUND_PORT, ADMIN_PORT = 15001, 15020
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy"}
+KNOWN_SEATS = set(SEAT_NAMES)
+KNOWN_PARTS = {"proxy", "injector", "init"}
+
+PREFIX = f"rmb{os.getpid()}"
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Things to clean up: every process we start and every namespace we make, also on Ctrl-C.
+
+
+class Janitor:
+    def __init__(self):
+        self.procs = []
+        self.namespaces = []
+
+    def spawn(self, argv, log_path=None, **kw):
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc, sig=signal.SIGTERM, grace=5.0):
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def netns(self, name):
+        run(["ip", "netns", "add", name])
+        self.namespaces.append(name)
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    def delete_netns(self, name):
+        # Kill whatever still runs inside first: a namespace with processes lingers.
+        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if name in self.namespaces:
+            self.namespaces.remove(name)
+
+    def cleanup(self):
+        for proc in list(self.procs):
+            try:
+                self.stop(proc, signal.SIGKILL, grace=2)
+            except Exception:
+                pass
+        for name in list(self.namespaces):
+            self.delete_netns(name)
+
+
+JANITOR = Janitor()
+
+
+def run(argv, timeout=60, check=True, **kw):
+    try:
+        if "input" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{' '.join(map(str, argv))}: still running after {timeout}s") from e
+    if check and out.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, argv))} failed ({out.returncode}): "
+                         f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return out
+
+
+def in_ns(ns, argv, uid=None):
+    prefix = ["ip", "netns", "exec", ns]
+    if uid is not None:
+        prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    return prefix + [str(a) for a in argv]
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readings of the process in the proxy's seat.
+
+
+def proc_status_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no {field}")
+
+
+def proc_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces: the fields after its closing parenthesis are fixed.
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLK_TCK
+
+
+def wait_until(limit, check, step=0.05):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(step)
+    return check()
+
+
+def listening(ns, port, addr="127.0.0.1"):
+    out = run(in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), check=False)
+    return addr in out.stdout or (addr == "*" and out.stdout.strip() != "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers for the load generators' output.
+
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def wrk_duration(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise BenchError(f"wrk printed a latency {text!r} that is not a number with a unit")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def parse_wrk(out):
+    res = {}
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    if not m:
+        raise BenchError(f"wrk printed no request count:\n{out}")
+    res["requests"] = int(m.group(1))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["rps"] = float(m.group(1))
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        res[f"p{pct}_ms"] = wrk_duration(m.group(1)) * 1e3 if m else None
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    res["errors"] = errors
+    return res
+
+
+def parse_oha(out):
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"oha printed no JSON ({e}):\n{out[-2000:]}") from e
+    summary = data["summary"]
+    pct = data.get("latencyPercentiles", {})
+    codes = data.get("statusCodeDistribution", {}) or {}
+    ok = sum(n for code, n in codes.items() if str(code).startswith("2"))
+    bad = sum(n for code, n in codes.items() if not str(code).startswith("2"))
+    # Requests still in flight when -z runs out are cut off by design, not failures.
+    errors = sum(n for kind, n in (data.get("errorDistribution") or {}).items()
+                 if "deadline" not in kind)
+    return {
+        "requests": ok,
+        "rps": summary.get("requestsPerSec"),
+        "p50_ms": pct["p50"] * 1e3 if pct.get("p50") is not None else None,
+        "p99_ms": pct["p99"] * 1e3 if pct.get("p99") is not None else None,
+        "p999_ms": pct["p99.9"] * 1e3 if pct.get("p99.9") is not None else None,
+        "errors": bad + errors,
+        "error_kinds": sorted(k for k in (data.get("errorDistribution") or {})
+                             if "deadline" not in k)[:3],
+    }
+
+
+def parse_h2load(out):
+    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    s = re.search(r"status codes: (\d+) 2xx", out)
+    if not (m and r):
+        raise BenchError(f"h2load printed no summary:\n{out[-2000:]}")
+    ok = int(s.group(1)) if s else int(r.group(4))
+    return {"requests": ok, "rps": float(m.group(3)),
+            "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pod: two namespaces joined by a veth pair, the remote host runs nginx.
+
+
+def make_pod():
+    pod, remote = JANITOR.netns(f"{PREFIX}-pod"), JANITOR.netns(f"{PREFIX}-remote")
+    run(["ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+         "netns", remote])
+    for ns, v4, v6 in ((pod, POD_V4, POD_V6), (remote, REMOTE_V4, REMOTE_V6)):
+        run(["ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", "eth0"])
+        run(["ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        # A new connection per request leaves many TIME_WAIT sockets behind: reuse them, and
+        # use a wide port range (these sysctls are per namespace).
+        run(in_ns(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
+                       "net.ipv4.ip_local_port_range=1024 65000"]))
+    return pod, remote
+
+
+def start_nginx(remote, work):
+    conf = (HERE / "nginx.conf.in").read_text()
+    conf = conf.replace("@WORK@", str(work)).replace("@ADDR@", REMOTE_V4) \
+        .replace("@H1_PORT@", str(H1_PORT)).replace("@H2_PORT@", str(H2_PORT))
+    path = work / "nginx.conf"
+    path.write_text(conf)
+    proc = JANITOR.spawn(in_ns(remote, ["nginx", "-c", path, "-g", "daemon off;"]),
+                         log_path=work / "nginx.log")
+    if not wait_until(10, lambda: listening(remote, H1_PORT, REMOTE_V4)
+                      and listening(remote, H2_PORT, REMOTE_V4)):
+        raise BenchError(f"nginx did not start; see {work}/nginx.log and {work}/nginx-error.log")
+    return proc
+
+
+def nat_rules(ns):
+    text = ""
+    for save in ("iptables-nft-save", "iptables-legacy-save"):
+        if shutil.which(save):
+            text += run(in_ns(ns, [save, "-t", "nat"]), check=False).stdout
+    return text
+
+
+FALLBACK_RULES = f"""*nat
+:REMORA_OUTPUT - [0:0]
+:REMORA_REDIRECT - [0:0]
+-A OUTPUT -p tcp -j REMORA_OUTPUT
+-A REMORA_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN
+-A REMORA_OUTPUT -m owner --gid-owner {PROXY_UID} -j RETURN
+-A REMORA_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A REMORA_OUTPUT -j REMORA_REDIRECT
+-A REMORA_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}
+COMMIT
+"""
+
+
+def apply_rules(pod):
+    """remora-init's rules; until it writes any, an equivalent outbound REDIRECT ruleset."""
+    init = BIN_DIR / "remora-init"
+    note = ""
+    if init.exists():
+        out = run(in_ns(pod, [init]), check=False, timeout=30)
+        if out.returncode == 0 and "REMORA_" in nat_rules(pod):
+            return "remora-init"
+        note = f"remora-init exited {out.returncode} without REMORA_ rules: {out.stderr.strip()[:200]}"
+    else:
+        note = f"{init} is missing"
+    log(f"{note}; using the equivalent fallback ruleset")
+    run(in_ns(pod, ["iptables-restore", "--noflush"]), input=FALLBACK_RULES)
+    return "fallback (remora-init not usable yet)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The seats.
+
+
+class Seat:
+    """What sits between the client and nginx: nothing, HAProxy or remora-proxy."""
+
+    def __init__(self, name, pod, work):
+        self.name, self.pod, self.work = name, pod, work
+        self.proc = None
+
+    @property
+    def client_uid(self):
+        # The direct path runs the client as the proxy uid: the rules exempt it, so the very
+        # same ruleset stays in place for every seat.
+        return PROXY_UID if self.name == "direct" else None
+
+    def start(self):
+        if self.name == "direct":
+            return
+        if self.name == "haproxy":
+            conf = (HERE / "haproxy.cfg.in").read_text() \
+                .replace("@LISTEN@", f"127.0.0.1:{OUTBOUND_PORT}") \
+                .replace("@H2_PORT@", str(H2_PORT))
+            path = self.work / "haproxy.cfg"
+            path.write_text(conf)
+            argv = ["haproxy", "-db", "-f", path]
+            ready = lambda: listening(self.pod, OUTBOUND_PORT)
+        else:
+            binary = BIN_DIR / "remora-proxy"
+            if not binary.exists():
+                raise BenchError(f"{binary} is missing (cargo build --release --workspace --bins)")
+            argv = [binary] + os.environ.get("BENCH_REMORA_ARGS", "").split()
+            ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
+                in_ns(self.pod, ["curl", "-sf", "-m", "1",
+                                 f"http://127.0.0.1:{ADMIN_PORT}/ready"]), check=False
+            ).returncode == 0
+        self.proc = JANITOR.spawn(in_ns(self.pod, argv, uid=PROXY_UID),
+                                  log_path=self.work / f"{self.name}.log")
+        if not wait_until(15, lambda: self.proc.poll() is not None or ready()) \
+                or self.proc.poll() is not None:
+            JANITOR.stop(self.proc)
+            tail = (self.work / f"{self.name}.log").read_text(errors="replace")[-600:]
+            raise BenchError(f"{SEAT_NAMES[self.name]} did not become ready "
+                             f"(exit {self.proc.returncode}): {tail.strip()}")
+        # `ip netns exec` and setpriv exec in place: the pid is the proxy's own.
+        time.sleep(0.5)
+
+    def stop(self):
+        if self.proc:
+            JANITOR.stop(self.proc)
+            self.proc = None
+
+    def rss_kib(self, field):
+        return proc_status_kib(self.proc.pid, field) if self.proc else None
+
+    def cpu(self):
+        return proc_cpu_seconds(self.proc.pid) if self.proc else None
+
+    def client(self, argv):
+        return in_ns(self.pod, argv, uid=self.client_uid)
+
+
+def measure(seat, argv, parser, timeout):
+    cpu0 = seat.cpu()
+    out = run(seat.client(argv), timeout=timeout, check=False)
+    cpu1 = seat.cpu()
+    if out.returncode != 0:
+        raise BenchError(f"{argv[0]} failed ({out.returncode}): {out.stderr[-500:]}{out.stdout[-500:]}")
+    res = parser(out.stdout)
+    if cpu0 is not None and res.get("requests"):
+        res["cpu_s"] = cpu1 - cpu0
+        res["cpu_s_per_1k"] = (cpu1 - cpu0) / res["requests"] * 1000
+    return res
+
+
+def run_seat(seat):
+    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    h2url = f"http://{REMOTE_V4}:{H2_PORT}/"
+    s = SECONDS
+    t = s + 30
+    res = {}
+    seat.start()
+    try:
+        res["idle_rss_kib"] = seat.rss_kib("VmRSS")
+        # One request proves the path (a proxy seat refuses if the proxy is not in it).
+        check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
+        if "hello" not in check.stdout:
+            raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
+        res["throughput"] = measure(
+            seat, ["wrk", "-t2", "-c50", f"-d{s}s", "--latency", url], parse_wrk, t)
+        res["peak_rss_kib"] = seat.rss_kib("VmHWM")
+        res["latency_1000rps"] = measure(
+            seat, ["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
+                   "--no-tui", "--output-format", "json", url], parse_oha, t)
+        res["new_connection"] = measure(
+            seat, ["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
+                   "--output-format", "json", url], parse_oha, t)
+        try:
+            res["h2"] = measure(
+                seat, ["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1", h2url],
+                parse_h2load, t)
+        except BenchError as e:
+            res["h2"] = {"error": str(e)[:300]}
+        res["peak_rss_all_kib"] = seat.rss_kib("VmHWM")
+        if seat.proc and seat.proc.poll() is not None:
+            raise BenchError(f"{seat.name} exited during the loads ({seat.proc.returncode})")
+    finally:
+        seat.stop()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries.
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def get(d, path):
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+# (key, label, path in a seat's result, unit, higher is better)
+METRICS = [
+    ("rps", "throughput, 50 conns (req/s)", "throughput.rps", "req/s", True),
+    ("p50_1000", "p50 at 1000 rps (ms)", "latency_1000rps.p50_ms", "ms", False),
+    ("p99_1000", "p99 at 1000 rps (ms)", "latency_1000rps.p99_ms", "ms", False),
+    ("cpu_per_1k", "CPU s / 1000 req (wrk)", "throughput.cpu_s_per_1k", "s", False),
+    ("cpu_per_1k_1000rps", "CPU s / 1000 req (1000 rps)", "latency_1000rps.cpu_s_per_1k", "s",
+     False),
+    ("newconn_rps", "new conn per request (req/s)", "new_connection.rps", "req/s", True),
+    ("newconn_p99", "new conn per request p99 (ms)", "new_connection.p99_ms", "ms", False),
+    ("h2_rps", "HTTP/2, 10 conns x 10 streams (req/s)", "h2.rps", "req/s", True),
+    ("cpu_per_1k_h2", "CPU s / 1000 req (h2)", "h2.cpu_s_per_1k", "s", False),
+    ("idle_rss", "idle RSS (MiB)", "idle_rss_kib", "MiB", False),
+    ("peak_rss", "peak RSS, 50 conns (MiB)", "peak_rss_kib", "MiB", False),
+    ("peak_rss_all", "peak RSS, all loads (MiB)", "peak_rss_all_kib", "MiB", False),
+]
+
+
+def summarize_proxy(rounds):
+    seats = {}
+    for seat in SEATS:
+        runs = [r[seat] for r in rounds if seat in r and "error" not in r[seat]]
+        m = {}
+        for key, _, path, unit, _ in METRICS:
+            v = median([get(x, path) for x in runs])
+            if v is not None and unit == "MiB":
+                v = v / 1024
+            m[key] = v
+        # Added latency: paired with the direct path of the same round, then the median.
+        for pct in ("p50", "p99"):
+            diffs = []
+            for r in rounds:
+                a = get(r.get(seat, {}), f"latency_1000rps.{pct}_ms")
+                d = get(r.get("direct", {}), f"latency_1000rps.{pct}_ms")
+                if a is not None and d is not None:
+                    diffs.append(a - d)
+            m[f"added_{pct}_1000"] = median(diffs) if seat != "direct" else None
+        m["rounds_ok"] = len(runs)
+        m["errors"] = [r[seat]["error"] for r in rounds if seat in r and "error" in r[seat]]
+        m["load_errors"] = sum((get(x, f"{load}.errors") or 0) for x in runs
+                               for load in ("throughput", "latency_1000rps", "new_connection", "h2"))
+        seats[seat] = m
+    return seats
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def fmt(v, unit=None):
+    if v is None:
+        return "n/a"
+    if unit == "req/s":
+        return f"{v:,.0f}"
+    if unit == "s":
+        return f"{v:.4f}"
+    if unit in ("ms", "MiB"):
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def proxy_table(summary):
+    labels = [(k, lbl, unit, hib) for k, lbl, _, unit, hib in METRICS]
+    labels[3:3] = [("added_p50_1000", "added p50 at 1000 rps (ms)", "ms", False),
+                   ("added_p99_1000", "added p99 at 1000 rps (ms)", "ms", False)]
+    seats = [s for s in SEATS if s in summary]
+    head = ["metric"] + [SEAT_NAMES[s] for s in seats]
+    ratio_cols = []
+    if "remora" in seats and "haproxy" in seats:
+        ratio_cols.append(("remora", "haproxy", "remora / HAProxy"))
+    if "haproxy" in seats and "direct" in seats:
+        ratio_cols.append(("haproxy", "direct", "HAProxy / direct"))
+    if "remora" in seats and "direct" in seats:
+        ratio_cols.append(("remora", "direct", "remora / direct"))
+    head += [c[2] for c in ratio_cols]
+    rows = []
+    for key, lbl, unit, _ in labels:
+        row = [lbl] + [fmt(summary[s].get(key), unit) for s in seats]
+        for a, b, _ in ratio_cols:
+            r = ratio(summary[a].get(key), summary[b].get(key))
+            row.append(f"{r:.2f}x" if r is not None else "")
+        rows.append(row)
+    return head, rows
+
+
+def markdown_table(head, rows):
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def text_table(head, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                               for i, (x, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def targets(summary, injector, init):
+    """The issue's targets, checked against this run's medians."""
+    out = []
+
+    def check(name, value, ok, shown):
+        out.append({"target": name, "value": shown,
+                    "met": None if value is None or ok is None else bool(ok)})
+
+    r, h, d = summary.get("remora", {}), summary.get("haproxy", {}), summary.get("direct", {})
+    if r:
+        rh, rd = ratio(r.get("rps"), h.get("rps")), ratio(r.get("rps"), d.get("rps"))
+        check("throughput >= 1.1x HAProxy", rh, rh is not None and rh >= 1.1, fmt(rh) + "x")
+        check("throughput >= 0.4x direct", rd, rd is not None and rd >= 0.4, fmt(rd) + "x")
+        for pct in ("p50", "p99"):
+            a, b = r.get(f"added_{pct}_1000"), h.get(f"added_{pct}_1000")
+            check(f"added {pct} at 1000 rps <= HAProxy's", a,
+                  None if a is None or b is None else a <= b,
+                  f"{fmt(a, 'ms')} ms vs {fmt(b, 'ms')} ms")
+        a, b = r.get("cpu_per_1k"), h.get("cpu_per_1k")
+        check("CPU s / 1000 req <= HAProxy's", a, None if a is None or b is None else a <= b,
+              f"{fmt(a, 's')} vs {fmt(b, 's')}")
+        a = r.get("idle_rss")
+        check("idle RSS <= 5 MiB", a, a is not None and a <= 5, f"{fmt(a, 'MiB')} MiB")
+        a = r.get("peak_rss")
+        check("peak RSS (50 conns) <= 20 MiB", a, a is not None and a <= 20, f"{fmt(a, 'MiB')} MiB")
+    if injector and "error" not in injector:
+        a = injector.get("reviews_per_s")
+        check("injector >= 5000 reviews/s", a, a is not None and a >= 5000, fmt(a, "req/s"))
+        a = injector.get("p99_1000_ms")
+        check("injector p99 at 1000/s <= 1 ms", a, a is not None and a <= 1, f"{fmt(a, 'ms')} ms")
+        a = injector.get("pod200_p50_ms")
+        check("200-container pod <= 5 ms", a, a is not None and a <= 5, f"{fmt(a, 'ms')} ms (p50)")
+    if init and "error" not in init:
+        for key, row in init.get("cases", {}).items():
+            if row.get("families") == 1 and row.get("median_ms") is not None:
+                a = row["median_ms"]
+                check(f"init <= 50 ms per family ({key})", a, a <= 50, f"{fmt(a, 'ms')} ms")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Injector: reviews over keep-alive TLS.
+
+
+def admission_review(containers):
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bench", "namespace": "bench", "labels": {"app": "bench"},
+                     "annotations": {"remora.io/inject": "true"}},
+        "spec": {"containers": [
+            {"name": f"app-{i}", "image": "registry.example/app:1.0",
+             "ports": [{"containerPort": 8080 + i % 1000}],
+             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}
+            for i in range(containers)]},
+    }
+    return {
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "0df28fbd-5f5f-11e8-bc74-36e6bb280816",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "bench", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod, "oldObject": None, "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def bench_injector(work):
+    binary = BIN_DIR / "remora-injector"
+    if not binary.exists():
+        return {"error": f"{binary} is missing"}
+    ns = JANITOR.netns(f"{PREFIX}-inj")
+    cert, key = work / "tls.crt", work / "tls.key"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=remora-injector.bench.svc",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:remora-injector.bench.svc",
+         "-keyout", key, "-out", cert])
+    args = os.environ.get("BENCH_INJECTOR_ARGS", "serve --tls-cert {cert} --tls-key {key}")
+    argv = [binary] + args.format(cert=cert, key=key).split()
+    proc = JANITOR.spawn(in_ns(ns, argv), log_path=work / "injector.log")
+    url = "https://127.0.0.1:8443"
+    ok = lambda: run(in_ns(ns, ["curl", "-skf", "-m", "1", f"{url}/healthz"]),
+                     check=False).returncode == 0
+    try:
+        if not wait_until(15, lambda: proc.poll() is not None or ok()) or proc.poll() is not None:
+            tail = (work / "injector.log").read_text(errors="replace")[-500:]
+            return {"error": f"remora-injector serve did not become ready: {tail.strip()}"}
+        small, big = work / "review-1.json", work / "review-200.json"
+        small.write_text(json.dumps(admission_review(1)))
+        big.write_text(json.dumps(admission_review(200)))
+        # The answer must be an injection: a benchmark of errors or skips would prove nothing.
+        for body in (small, big):
+            out = run(in_ns(ns, ["curl", "-sk", "-m", "5", "-H", "content-type: application/json",
+                                 "--data-binary", f"@{body}", f"{url}/inject"]), check=False)
+            if '"patch"' not in out.stdout:
+                return {"error": f"{body.name} was not injected: {out.stdout[:300]}"}
+        post = ["-m", "POST", "-H", "content-type: application/json", "--insecure", "--no-tui",
+                "--output-format", "json"]
+        t = SECONDS + 30
+        res = {"rss_idle_kib": proc_status_kib(proc.pid, "VmRSS")}
+        cpu0 = proc_cpu_seconds(proc.pid)
+        thr = parse_oha(run(in_ns(ns, ["oha", "-z", f"{SECONDS}s", "-c", "10", "-D", small] + post
+                                  + [f"{url}/inject"]), timeout=t).stdout)
+        cpu1 = proc_cpu_seconds(proc.pid)
+        res["reviews_per_s"] = thr["rps"]
+        res["throughput"] = thr
+        res["cpu_s_per_1k"] = (cpu1 - cpu0) / thr["requests"] * 1000 if thr["requests"] else None
+        lat = parse_oha(run(in_ns(ns, ["oha", "-z", f"{SECONDS}s", "-c", "10", "-q", "1000",
+                                       "--latency-correction", "-D", small] + post
+                                  + [f"{url}/inject"]), timeout=t).stdout)
+        res["p50_1000_ms"], res["p99_1000_ms"] = lat["p50_ms"], lat["p99_ms"]
+        res["latency_1000"] = lat
+        n = max(100, 50 * SECONDS)
+        pod200 = parse_oha(run(in_ns(ns, ["oha", "-n", str(n), "-c", "1", "-D", big] + post
+                                     + [f"{url}/inject"]), timeout=t).stdout)
+        res["pod200_p50_ms"], res["pod200_p99_ms"] = pod200["p50_ms"], pod200["p99_ms"]
+        res["pod200"] = pod200
+        res["pod200_body_bytes"] = big.stat().st_size
+        res["rss_peak_kib"] = proc_status_kib(proc.pid, "VmHWM")
+        return res
+    finally:
+        JANITOR.stop(proc)
+        JANITOR.delete_netns(ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# remora-init: wall time of one run in a fresh namespace.
+
+
+def bench_init(work):
+    binary = BIN_DIR / "remora-init"
+    if not binary.exists():
+        return {"error": f"{binary} is missing"}
+    trials = max(3, min(7, ROUNDS * 2 + 1))
+    v4 = [f"198.19.{i}.0/24" for i in range(50)]
+    v6 = [f"2001:2:0:{i + 1:x}::/64" for i in range(50)]
+    cases = {}
+    for backend in ("nft", "legacy"):
+        for excl in (0, 50):
+            for families in (1, 2):
+                args = ["--backend", backend, "--ipv6", "on" if families == 2 else "off"]
+                if excl:
+                    args += ["--exclude-outbound-cidrs",
+                             ",".join(v4 + (v6 if families == 2 else []))]
+                times, err = [], None
+                for k in range(trials):
+                    ns = JANITOR.netns(f"{PREFIX}-i{k}")
+                    try:
+                        t0 = time.perf_counter()
+                        # nsenter joins the network namespace only: less overhead than
+                        # `ip netns exec`, which also remounts /sys.
+                        out = run(["nsenter", f"--net=/run/netns/{ns}", binary] + args,
+                                  check=False, timeout=30)
+                        dt = time.perf_counter() - t0
+                        if out.returncode != 0:
+                            err = f"exit {out.returncode}: {out.stderr.strip()[:300]}"
+                            break
+                        if "REMORA_" not in nat_rules(ns):
+                            err = "ran but wrote no REMORA_ chains"
+                            break
+                        times.append(dt * 1e3)
+                    finally:
+                        JANITOR.delete_netns(ns)
+                key = f"{backend}, {excl} exclusions, {'v4+v6' if families == 2 else 'v4'}"
+                cases[key] = {"backend": backend, "exclusions_per_family": excl,
+                              "families": families, "median_ms": median(times),
+                              "max_ms": max(times) if times else None, "trials": len(times)}
+                if err:
+                    cases[key]["error"] = err
+    # What spawning alone costs, for scale.
+    base = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        run(["nsenter", "--net=/proc/self/ns/net", "true"])
+        base.append((time.perf_counter() - t0) * 1e3)
+    return {"cases": cases, "spawn_overhead_ms": median(base)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def tool_versions():
+    v = {}
+    for name, argv in (("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]),
+                       ("wrk", ["wrk", "-v"]), ("oha", ["oha", "--version"]),
+                       ("h2load", ["h2load", "--version"]), ("kernel", ["uname", "-r"])):
+        out = subprocess.run(argv, capture_output=True, text=True)
+        v[name] = (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "?"
+    return v
+
+
+def git_commit():
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def write_results(report, md):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = report["started"].replace(":", "").replace("-", "")
+    for ext, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", md)):
+        path = RESULTS / f"bench-{stamp}.{ext}"
+        path.write_text(text)
+        shutil.copyfile(path, RESULTS / f"latest.{ext}")
+    log(f"wrote {RESULTS}/bench-{stamp}.json and .md (also latest.json, latest.md)")
+
+
+def render_markdown(report, head, rows):
+    md = [f"# remora bench, {report['started']}", "",
+          f"commit {report['commit']}, {report['rounds']} rounds x {report['seconds']} s per load, "
+          f"{os.cpu_count()} CPUs, rules: {report.get('rules', 'n/a')}. Medians over rounds; "
+          "seats interleaved, order rotated each round.", ""]
+    if rows:
+        md += ["## Proxy seat", "",
+               "Client in the pod namespace, nginx (small response) in the remote namespace. "
+               "direct: client as uid 1337 (exempt from the rules); HAProxy 2.6 and remora-proxy "
+               "on 127.0.0.1:15001 as uid 1337 behind the same REDIRECT rules. Throughput: wrk, "
+               "50 keep-alive connections. Latency: oha at a fixed 1000 rps, 10 connections, "
+               "--latency-correction; added = seat minus direct, paired per round. New conn: "
+               "oha --disable-keepalive, 10 concurrent. HTTP/2: h2load prior-knowledge h2c. "
+               "CPU and RSS: the proxy process, from /proc.", "",
+               markdown_table(head, rows), ""]
+        errs = {s: m["errors"] for s, m in report["proxy"].items() if m.get("errors")}
+        for s, e in errs.items():
+            md.append(f"- {SEAT_NAMES[s]} failed in {len(e)} round(s): {e[0][:300]}")
+        md.append("")
+    return "\n".join(md + [render_other_parts(report)])
+
+
+def render_other_parts(report):
+    md = []
+    inj = report.get("injector")
+    if inj:
+        md += ["## Injector", ""]
+        if "error" in inj:
+            md += [f"not measured: {inj['error']}", ""]
+        else:
+            md += ["| metric | value |", "|---|---|",
+                   f"| reviews/s, keep-alive TLS, 10 conns | {fmt(inj['reviews_per_s'], 'req/s')} |",
+                   f"| p50 / p99 at 1000/s (ms) | {fmt(inj['p50_1000_ms'], 'ms')} / {fmt(inj['p99_1000_ms'], 'ms')} |",
+                   f"| 200-container pod p50 / p99 (ms) | {fmt(inj['pod200_p50_ms'], 'ms')} / {fmt(inj['pod200_p99_ms'], 'ms')} |",
+                   f"| CPU s / 1000 reviews | {fmt(inj['cpu_s_per_1k'], 's')} |",
+                   f"| RSS idle / peak (MiB) | {fmt(inj['rss_idle_kib'] / 1024, 'MiB')} / {fmt(inj['rss_peak_kib'] / 1024, 'MiB')} |",
+                   ""]
+    init = report.get("init")
+    if init:
+        md += ["## remora-init apply time (wall, one run in a fresh namespace)", ""]
+        if "error" in init:
+            md += [f"not measured: {init['error']}", ""]
+        else:
+            md += ["| case | median ms | max ms | trials |", "|---|---|---|---|"]
+            for k, c in init["cases"].items():
+                extra = f" ({c['error'][:120]})" if c.get("error") else ""
+                md.append(f"| {k} | {fmt(c['median_ms'], 'ms')}{extra} | {fmt(c['max_ms'], 'ms')} | {c['trials']} |")
+            md += ["", f"Spawning a process with nsenter alone: {fmt(init['spawn_overhead_ms'], 'ms')} ms.", ""]
+    if report.get("targets"):
+        md += ["## Targets (issue 6)", "", "| target | this run | met |", "|---|---|---|"]
+        for t in report["targets"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            md.append(f"| {t['target']} | {t['value']} | {met} |")
+        md.append("")
+    md += ["Tools: " + "; ".join(f"{k} {v}" for k, v in report["tools"].items()), ""]
+    return "\n".join(md)
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("make bench needs root (network namespaces, iptables)")
+    bad = [s for s in SEATS if s not in KNOWN_SEATS] + [p for p in PARTS if p not in KNOWN_PARTS]
+    if bad or ROUNDS < 1 or SECONDS < 1:
+        sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_ROUNDS/BENCH_SECONDS: {bad or ''} "
+                 f"(seats: {','.join(SEAT_NAMES)}; parts: {','.join(sorted(KNOWN_PARTS))}; "
+                 "rounds and seconds: positive integers)")
+    for tool in ("ip", "setpriv", "nsenter", "curl", "ss", "iptables-restore", "haproxy",
+                 "nginx", "wrk", "oha", "h2load", "openssl"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: run scripts/bench.sh (it installs what bench needs)")
+
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report = {"started": started, "commit": git_commit(), "rounds": ROUNDS, "seconds": SECONDS,
+              "cpus": os.cpu_count(), "seats": SEATS, "tools": tool_versions()}
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    # The seats run as uid 1337 and read their config from here.
+    os.chmod(work, 0o755)
+    head, rows = [], []
+    t_start = time.monotonic()
+    try:
+        if "proxy" in PARTS:
+            pod, remote = make_pod()
+            nginx = start_nginx(remote, work)
+            report["rules"] = apply_rules(pod)
+            rounds = []
+            for r in range(ROUNDS):
+                order = SEATS[r % len(SEATS):] + SEATS[:r % len(SEATS)]
+                log(f"round {r + 1}/{ROUNDS}: {' -> '.join(order)}")
+                results = {}
+                for name in order:
+                    try:
+                        results[name] = run_seat(Seat(name, pod, work))
+                        x = results[name]
+                        log(f"  {SEAT_NAMES[name]:13} {fmt(get(x, 'throughput.rps'), 'req/s'):>9} req/s  "
+                            f"p99@1000 {fmt(get(x, 'latency_1000rps.p99_ms'), 'ms')} ms  "
+                            f"newconn {fmt(get(x, 'new_connection.rps'), 'req/s')} req/s  "
+                            f"h2 {fmt(get(x, 'h2.rps'), 'req/s')} req/s")
+                    except BenchError as e:
+                        log(f"  {SEAT_NAMES[name]}: {e}")
+                        results[name] = {"error": str(e)[:1000]}
+                rounds.append(results)
+            report["proxy_rounds"] = rounds
+            report["proxy"] = summarize_proxy(rounds)
+            head, rows = proxy_table(report["proxy"])
+            JANITOR.stop(nginx, signal.SIGQUIT)
+        if "injector" in PARTS:
+            log("injector")
+            try:
+                report["injector"] = bench_injector(work)
+            except BenchError as e:
+                report["injector"] = {"error": str(e)[:1000]}
+        if "init" in PARTS:
+            log("remora-init")
+            try:
+                report["init"] = bench_init(work)
+            except BenchError as e:
+                report["init"] = {"error": str(e)[:1000]}
+    finally:
+        JANITOR.cleanup()
+        if os.environ.get("BENCH_KEEP_WORK"):
+            log(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report["targets"] = targets(report.get("proxy", {}), report.get("injector"), report.get("init"))
+    report["duration_s"] = round(time.monotonic() - t_start, 1)
+    md = render_markdown(report, head, rows)
+    print()
+    if rows:
+        print(text_table(head, rows))
+        print()
+    print(render_other_parts(report))
+    write_results(report, md)
+
+
+def on_term(signum, _frame):
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    try:
+        main()
+    finally:
+        JANITOR.cleanup()
