@@ -445,3 +445,622 @@ fn proxy_container(settings: &PodSettings) -> Container {
         ..Container::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pretty_assertions::assert_eq;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).expect("test pod parses")
+    }
+
+    fn base_pod() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+        })
+    }
+
+    /// `base_pod` with `edit` applied to its JSON.
+    fn pod_with(edit: impl Fn(&mut Value)) -> Pod {
+        let mut value = base_pod();
+        edit(&mut value);
+        pod(value)
+    }
+
+    fn annotate(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&mut Value) {
+        move |pod| {
+            for (key, value) in pairs {
+                pod["metadata"]["annotations"][*key] = json!(value);
+            }
+        }
+    }
+
+    fn label(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&mut Value) {
+        move |pod| {
+            for (key, value) in pairs {
+                pod["metadata"]["labels"][*key] = json!(value);
+            }
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Inject,
+        Skip(SkipReason, bool),
+        Deny(&'static str),
+    }
+
+    fn summary(decision: &Decision) -> Want {
+        match decision {
+            Decision::Inject { .. } => Want::Inject,
+            Decision::Skip { reason, warning } => Want::Skip(*reason, warning.is_some()),
+            Decision::Deny { .. } => Want::Deny(""),
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        use SkipReason::*;
+        use WebhookPath::{Inject as Enabled, OptIn};
+        let windows_affinity = |terms: Value| {
+            move |pod: &mut Value| {
+                pod["spec"]["affinity"] = json!({"nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms.clone()}
+                }});
+            }
+        };
+        let os_in = |values: &[&str]| json!({"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": values}]});
+        let cases: Vec<(&str, WebhookPath, Pod, Want)> = vec![
+            (
+                "enabled namespace, pod says nothing",
+                Enabled,
+                pod(base_pod()),
+                Want::Inject,
+            ),
+            (
+                "enabled namespace, annotation true",
+                Enabled,
+                pod_with(annotate(&[("remora.io/inject", "true")])),
+                Want::Inject,
+            ),
+            (
+                "enabled namespace, annotation false",
+                Enabled,
+                pod_with(annotate(&[("remora.io/inject", "false")])),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "enabled namespace, annotation disabled",
+                Enabled,
+                pod_with(annotate(&[("remora.io/inject", "disabled")])),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "enabled namespace, label false",
+                Enabled,
+                pod_with(label(&[("remora.io/inject", "false")])),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "label true beats annotation false",
+                Enabled,
+                pod_with(|p| {
+                    annotate(&[("remora.io/inject", "false")])(p);
+                    label(&[("remora.io/inject", "true")])(p)
+                }),
+                Want::Inject,
+            ),
+            (
+                "label false beats annotation true",
+                OptIn,
+                pod_with(|p| {
+                    annotate(&[("remora.io/inject", "true")])(p);
+                    label(&[("remora.io/inject", "false")])(p)
+                }),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "opt-in path, pod says nothing",
+                OptIn,
+                pod(base_pod()),
+                Want::Skip(NotOptedIn, false),
+            ),
+            (
+                "opt-in path, annotation true",
+                OptIn,
+                pod_with(annotate(&[("remora.io/inject", "true")])),
+                Want::Inject,
+            ),
+            (
+                "opt-in path, annotation enabled",
+                OptIn,
+                pod_with(annotate(&[("remora.io/inject", "enabled")])),
+                Want::Inject,
+            ),
+            (
+                "opt-in path, label enabled",
+                OptIn,
+                pod_with(label(&[("remora.io/inject", "enabled")])),
+                Want::Inject,
+            ),
+            (
+                "opt-in path, annotation false",
+                OptIn,
+                pod_with(annotate(&[("remora.io/inject", "false")])),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "unknown inject annotation value",
+                Enabled,
+                pod_with(annotate(&[("remora.io/inject", "yes")])),
+                Want::Deny(""),
+            ),
+            (
+                "unknown inject label value",
+                OptIn,
+                pod_with(label(&[("remora.io/inject", "on")])),
+                Want::Deny(""),
+            ),
+            (
+                "hostNetwork",
+                Enabled,
+                pod_with(|p| p["spec"]["hostNetwork"] = json!(true)),
+                Want::Skip(HostNetwork, true),
+            ),
+            (
+                "hostNetwork false",
+                Enabled,
+                pod_with(|p| p["spec"]["hostNetwork"] = json!(false)),
+                Want::Inject,
+            ),
+            (
+                "hostNetwork but opted out: no warning",
+                Enabled,
+                pod_with(|p| {
+                    p["spec"]["hostNetwork"] = json!(true);
+                    annotate(&[("remora.io/inject", "false")])(p)
+                }),
+                Want::Skip(OptedOut, false),
+            ),
+            (
+                "hostNetwork on opt-in path without opt-in: no warning",
+                OptIn,
+                pod_with(|p| p["spec"]["hostNetwork"] = json!(true)),
+                Want::Skip(NotOptedIn, false),
+            ),
+            (
+                "already injected (status annotation): silent",
+                Enabled,
+                pod_with(annotate(&[("remora.io/status", "{}")])),
+                Want::Skip(AlreadyInjected, false),
+            ),
+            (
+                "container named remora-proxy",
+                Enabled,
+                pod_with(
+                    |p| p["spec"]["containers"] = json!([{"name": "web", "image": "nginx"}, {"name": "remora-proxy", "image": "x"}]),
+                ),
+                Want::Skip(InjectedByHand, true),
+            ),
+            (
+                "init container named remora-init",
+                Enabled,
+                pod_with(|p| {
+                    p["spec"]["initContainers"] = json!([{"name": "remora-init", "image": "x"}])
+                }),
+                Want::Skip(InjectedByHand, true),
+            ),
+            (
+                "init container named remora-proxy",
+                Enabled,
+                pod_with(|p| {
+                    p["spec"]["initContainers"] = json!([{"name": "remora-proxy", "image": "x"}])
+                }),
+                Want::Skip(InjectedByHand, true),
+            ),
+            (
+                "volume named remora-xtables-lock",
+                Enabled,
+                pod_with(|p| {
+                    p["spec"]["volumes"] = json!([{"name": "remora-xtables-lock", "emptyDir": {}}])
+                }),
+                Want::Skip(InjectedByHand, true),
+            ),
+            (
+                "nodeSelector windows",
+                Enabled,
+                pod_with(|p| p["spec"]["nodeSelector"] = json!({"kubernetes.io/os": "windows"})),
+                Want::Skip(Windows, true),
+            ),
+            (
+                "nodeSelector linux",
+                Enabled,
+                pod_with(|p| p["spec"]["nodeSelector"] = json!({"kubernetes.io/os": "linux"})),
+                Want::Inject,
+            ),
+            (
+                "spec.os windows",
+                Enabled,
+                pod_with(|p| p["spec"]["os"] = json!({"name": "windows"})),
+                Want::Skip(Windows, true),
+            ),
+            (
+                "required affinity windows",
+                Enabled,
+                pod_with(windows_affinity(json!([os_in(&["windows"])]))),
+                Want::Skip(Windows, true),
+            ),
+            (
+                "required affinity: every term windows",
+                Enabled,
+                pod_with(windows_affinity(json!([
+                    os_in(&["windows"]),
+                    os_in(&["windows"])
+                ]))),
+                Want::Skip(Windows, true),
+            ),
+            (
+                "required affinity: one term allows linux",
+                Enabled,
+                pod_with(windows_affinity(json!([
+                    os_in(&["windows"]),
+                    os_in(&["linux"])
+                ]))),
+                Want::Inject,
+            ),
+            (
+                "required affinity: windows or linux",
+                Enabled,
+                pod_with(windows_affinity(json!([os_in(&["windows", "linux"])]))),
+                Want::Inject,
+            ),
+            (
+                "required affinity NotIn windows",
+                Enabled,
+                pod_with(windows_affinity(
+                    json!([{"matchExpressions": [{"key": "kubernetes.io/os", "operator": "NotIn", "values": ["windows"]}]}]),
+                )),
+                Want::Inject,
+            ),
+            (
+                "preferred affinity windows only",
+                Enabled,
+                pod_with(
+                    |p| p["spec"]["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": os_in(&["windows"])}]}}),
+                ),
+                Want::Inject,
+            ),
+            (
+                "malformed config annotation",
+                Enabled,
+                pod_with(annotate(&[(
+                    "remora.io/exclude-outbound-cidrs",
+                    "10.0.0.0/40",
+                )])),
+                Want::Deny(""),
+            ),
+            (
+                "malformed config annotation on opted-out pod",
+                Enabled,
+                pod_with(annotate(&[
+                    ("remora.io/inject", "false"),
+                    ("remora.io/proxy-uid", "root"),
+                ])),
+                Want::Skip(OptedOut, false),
+            ),
+        ];
+        for (name, path, pod, want) in cases {
+            let decision = decide(&pod, path, &Config::default());
+            assert_eq!(summary(&decision), want, "case {name}: {decision:?}");
+        }
+    }
+
+    fn inject(pod: &Pod) -> (Patch, Vec<String>) {
+        match decide(pod, WebhookPath::Inject, &Config::default()) {
+            Decision::Inject { patch, warnings } => (patch, warnings),
+            other => panic!("expected an injection, got {other:?}"),
+        }
+    }
+
+    fn applied(pod_json: &Value) -> Value {
+        let (patch, _) = inject(&pod(pod_json.clone()));
+        let mut out = pod_json.clone();
+        json_patch::patch(&mut out, &patch).expect("patch applies");
+        out
+    }
+
+    fn paths(patch: &Patch) -> Vec<String> {
+        patch
+            .0
+            .iter()
+            .map(|op| match op {
+                PatchOperation::Add(add) => format!("add {}", add.path),
+                other => format!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bare_pod_gets_its_maps_and_lists_created() {
+        let (patch, warnings) = inject(&pod(base_pod()));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            paths(&patch),
+            [
+                "add /metadata/annotations",
+                "add /spec/initContainers",
+                "add /spec/volumes"
+            ]
+        );
+    }
+
+    #[test]
+    fn existing_maps_and_lists_are_added_into_with_escaped_pointers() {
+        let (patch, _) = inject(&pod_with(|p| {
+            p["metadata"]["annotations"] = json!({"example.com/owner": "shop"});
+            p["spec"]["initContainers"] = json!([{"name": "migrate", "image": "flyway"}]);
+            p["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        }));
+        assert_eq!(
+            paths(&patch),
+            [
+                "add /metadata/annotations/remora.io~1status",
+                "add /spec/initContainers/0",
+                "add /spec/initContainers/1",
+                "add /spec/volumes/-",
+            ]
+        );
+    }
+
+    #[test]
+    fn patched_pod_has_remora_first_then_its_own_init_containers() {
+        let out = applied(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "annotations": {"a~b/c": "d"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "flyway"}, {"name": "seed", "image": "seed"}],
+                "containers": [{"name": "web", "image": "nginx"}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        }));
+        let names: Vec<&str> = out["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["remora-init", "remora-proxy", "migrate", "seed"]);
+        let volumes: Vec<&str> = out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(volumes, ["data", "remora-xtables-lock"]);
+        assert_eq!(out["metadata"]["annotations"]["a~b/c"], "d");
+        let status: Value = serde_json::from_str(
+            out["metadata"]["annotations"]["remora.io/status"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(status["version"], VERSION);
+        assert_eq!(
+            status["initContainers"],
+            json!(["remora-init", "remora-proxy"])
+        );
+    }
+
+    #[test]
+    fn injected_containers_are_exactly_as_specified() {
+        let out = applied(&base_pod());
+        let version = VERSION;
+        assert_eq!(
+            out["spec"]["initContainers"][0],
+            json!({
+                "args": ["--exclude-inbound-ports", "15020"],
+                "image": format!("ghcr.io/remora-mesh/remora-init:{version}"),
+                "name": "remora-init",
+                "resources": {
+                    "limits": {"cpu": "100m", "memory": "64Mi"},
+                    "requests": {"cpu": "10m", "memory": "16Mi"},
+                },
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                    "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": false,
+                    "runAsUser": 0,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [{"mountPath": "/run", "name": "remora-xtables-lock"}],
+            })
+        );
+        let probe = |path: &str, period: i32, failures: i32| json!({"failureThreshold": failures, "httpGet": {"path": path, "port": 15020}, "periodSeconds": period});
+        let env = |name: &str, field: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}});
+        assert_eq!(
+            out["spec"]["initContainers"][1],
+            json!({
+                "args": ["--log-level", "info", "--opaque-ports", "21,25,110,143,587,3306,4222"],
+                "env": [
+                    env("POD_NAME", "metadata.name"),
+                    env("POD_NAMESPACE", "metadata.namespace"),
+                    env("POD_IP", "status.podIP"),
+                ],
+                "image": format!("ghcr.io/remora-mesh/remora-proxy:{version}"),
+                "livenessProbe": probe("/live", 10, 3),
+                "name": "remora-proxy",
+                "ports": [{"containerPort": 15020, "name": "remora-admin", "protocol": "TCP"}],
+                "readinessProbe": probe("/ready", 5, 3),
+                "resources": {
+                    "limits": {"cpu": "1", "memory": "256Mi"},
+                    "requests": {"cpu": "100m", "memory": "64Mi"},
+                },
+                "restartPolicy": "Always",
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": true,
+                    "runAsGroup": 1337,
+                    "runAsNonRoot": true,
+                    "runAsUser": 1337,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "startupProbe": probe("/ready", 1, 120),
+            })
+        );
+        assert_eq!(
+            out["spec"]["volumes"],
+            json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+        );
+    }
+
+    #[test]
+    fn init_args_parse_back_in_remora_init() {
+        use clap::Parser;
+        let out = applied(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "annotations": {
+                "remora.io/proxy-uid": "2102",
+                "remora.io/exclude-outbound-cidrs": "10.96.0.0/12,fd00::/8",
+                "remora.io/include-inbound-ports": "8080",
+            }},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+        }));
+        let args: Vec<String> =
+            serde_json::from_value(out["spec"]["initContainers"][0]["args"].clone()).unwrap();
+        let parsed = remora_init::InitConfig::try_parse_from(
+            std::iter::once("remora-init".to_string()).chain(args),
+        )
+        .unwrap();
+        assert_eq!(parsed.proxy_uid, 2102);
+        assert_eq!(parsed.proxy_gid(), 2102);
+        assert_eq!(parsed.include_inbound_ports.to_string(), "8080");
+        assert!(parsed.exclude_inbound_ports.contains(15020));
+        assert_eq!(
+            parsed.exclude_outbound_cidrs.to_string(),
+            "10.96.0.0/12,fd00::/8"
+        );
+        assert_eq!(
+            out["spec"]["initContainers"][1]["securityContext"]["runAsUser"],
+            2102
+        );
+    }
+
+    #[test]
+    fn reinjecting_the_output_changes_nothing() {
+        for input in [
+            base_pod(),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "web", "annotations": {"x": "y"}},
+                   "spec": {"initContainers": [{"name": "a", "image": "a"}], "containers": [{"name": "web", "image": "nginx"}], "volumes": []}}),
+        ] {
+            let out = applied(&input);
+            for path in [WebhookPath::Inject, WebhookPath::OptIn] {
+                let again = decide(&pod(out.clone()), path, &Config::default());
+                let want = if path == WebhookPath::Inject {
+                    Want::Skip(SkipReason::AlreadyInjected, false)
+                } else {
+                    Want::Skip(SkipReason::NotOptedIn, false)
+                };
+                assert_eq!(summary(&again), want);
+            }
+        }
+    }
+
+    #[test]
+    fn warns_about_the_proxy_uid_and_reserved_ports() {
+        let (_, warnings) = inject(&pod(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web"},
+            "spec": {
+                "securityContext": {"runAsUser": 1337},
+                "initContainers": [{"name": "setup", "image": "a", "securityContext": {"runAsUser": 1000}}],
+                "containers": [
+                    {"name": "web", "image": "nginx", "ports": [{"containerPort": 15006}, {"containerPort": 8080}]},
+                    {"name": "admin", "image": "x", "securityContext": {"runAsUser": 1337}, "ports": [{"containerPort": 15020}]},
+                ],
+            },
+        })));
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        assert!(
+            warnings[0].contains("container web runs as uid 1337"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[1].contains("container web declares port 15006"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[2].contains("container admin runs as uid 1337"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[3].contains("container admin declares port 15020"),
+            "{warnings:#?}"
+        );
+        assert!(!warnings.iter().any(|w| w.contains("setup")));
+    }
+
+    #[test]
+    fn a_custom_proxy_uid_is_what_collides() {
+        let mut value = base_pod();
+        value["metadata"]["annotations"] = json!({"remora.io/proxy-uid": "2000"});
+        value["spec"]["securityContext"] = json!({"runAsUser": 1337});
+        let (_, warnings) = inject(&pod(value.clone()));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        value["spec"]["securityContext"] = json!({"runAsUser": 2000});
+        let (_, warnings) = inject(&pod(value));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+    }
+
+    #[test]
+    fn a_pod_with_200_containers() {
+        let containers: Vec<Value> = (0..200)
+            .map(|i| json!({"name": format!("c{i}"), "image": "busybox", "ports": [{"containerPort": 8000 + i}]}))
+            .collect();
+        let init_containers: Vec<Value> = (0..5)
+            .map(|i| json!({"name": format!("init{i}"), "image": "busybox"}))
+            .collect();
+        let input = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "big"},
+            "spec": {"containers": containers, "initContainers": init_containers},
+        });
+        let out = applied(&input);
+        assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 200);
+        let init = out["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(init.len(), 7);
+        assert_eq!(init[0]["name"], "remora-init");
+        assert_eq!(init[1]["name"], "remora-proxy");
+        assert_eq!(init[6]["name"], "init4");
+        assert_eq!(out["spec"]["containers"][199]["name"], "c199");
+        let again = decide(&pod(out), WebhookPath::Inject, &Config::default());
+        assert_eq!(
+            summary(&again),
+            Want::Skip(SkipReason::AlreadyInjected, false)
+        );
+    }
+
+    #[test]
+    fn deny_messages_name_the_annotation() {
+        let decision = decide(
+            &pod_with(annotate(&[("remora.io/proxy-memory-limit", "lots")])),
+            WebhookPath::Inject,
+            &Config::default(),
+        );
+        let Decision::Deny { message } = decision else {
+            panic!("expected a deny, got {decision:?}");
+        };
+        assert!(
+            message.starts_with("annotation remora.io/proxy-memory-limit: \"lots\""),
+            "{message}"
+        );
+        assert!(message.contains("128Mi"), "{message}");
+    }
+}
