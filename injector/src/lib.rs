@@ -1,6 +1,7 @@
 //! remora-injector as a library: the pure injection core and the faces (webhook, offline) on it.
 
 pub mod annotations;
+pub mod certs;
 pub mod config;
 pub mod inject;
 pub mod offline;
