@@ -105,6 +105,68 @@ impl CertOptions {
     }
 }
 
+/// The `serve` flags that turn the certificate manager on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ManageCertsArgs {
+    /// Keep a self-managed webhook CA and serving certificate in a Secret, write the pair to
+    /// --tls-cert/--tls-key, and keep the webhook registration's caBundle in sync. Without it
+    /// the files come from elsewhere (e.g. a cert-manager Secret).
+    #[arg(long, env = "REMORA_MANAGE_CERTS")]
+    pub manage_certs: bool,
+
+    /// The Secret holding the CA and the serving certificate.
+    #[arg(
+        long,
+        env = "REMORA_TLS_SECRET",
+        value_name = "NAME",
+        default_value = "remora-injector-tls"
+    )]
+    pub tls_secret: String,
+
+    /// The MutatingWebhookConfiguration whose webhooks get the caBundle.
+    #[arg(
+        long,
+        env = "REMORA_WEBHOOK_CONFIG_NAME",
+        value_name = "NAME",
+        default_value = "remora-injector"
+    )]
+    pub webhook_config_name: String,
+
+    /// The Service in front of the injector; the serving certificate names it.
+    #[arg(
+        long,
+        env = "REMORA_SERVICE_NAME",
+        value_name = "NAME",
+        default_value = "remora-injector"
+    )]
+    pub service_name: String,
+
+    /// The injector's namespace (the Secret's and the Service's), from the downward API.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = "remora-system"
+    )]
+    pub namespace: String,
+}
+
+impl ManageCertsArgs {
+    /// The manager's options, or `None` when --manage-certs is off.
+    pub fn options(&self, cert_file: &Path, key_file: &Path) -> Option<CertOptions> {
+        self.manage_certs.then(|| CertOptions {
+            secret_name: self.tls_secret.clone(),
+            ..CertOptions::new(
+                &self.namespace,
+                &self.service_name,
+                &self.webhook_config_name,
+                cert_file,
+                key_file,
+            )
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("generating the {what}: {source}")]
@@ -1598,6 +1660,28 @@ mod tests {
             "{:?}",
             planned.changes
         );
+    }
+
+    #[test]
+    fn the_flags_name_the_installed_objects_by_default() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            certs: ManageCertsArgs,
+        }
+        let off = Cli::parse_from(["x"]).certs;
+        assert!(off.options(Path::new("c"), Path::new("k")).is_none());
+        let on = Cli::parse_from(["x", "--manage-certs", "--namespace", "mesh"]).certs;
+        let opts = on
+            .options(Path::new("/t/tls.crt"), Path::new("/t/tls.key"))
+            .unwrap();
+        assert_eq!(
+            (opts.secret_name.as_str(), opts.webhook_config_name.as_str()),
+            ("remora-injector-tls", "remora-injector")
+        );
+        assert_eq!(opts.dns_names()[2], "remora-injector.mesh.svc");
+        assert_eq!(opts.key_file, Path::new("/t/tls.key"));
     }
 
     #[test]
