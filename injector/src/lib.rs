@@ -4,5 +4,8 @@ pub mod annotations;
 pub mod certs;
 pub mod config;
 pub mod inject;
+pub mod metrics;
 pub mod offline;
 pub mod review;
+pub mod server;
+pub mod tls;

@@ -1,3 +1,86 @@
 //! `remora-injector`: the admission webhook (`serve`) and offline injection (`inject`).
 
-fn main() {}
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use remora_injector::offline::{self, InjectArgs};
+use remora_injector::server::{self, ServeArgs};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "remora-injector", version, about)]
+struct Cli {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `remora_injector=debug,info`.
+    #[arg(long, global = true, env = "REMORA_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+
+    /// Log line format, written to standard error [default: json for serve, plain for inject].
+    #[arg(long, global = true, env = "REMORA_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Json,
+    Plain,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the mutating admission webhook over HTTPS.
+    Serve(ServeArgs),
+    /// Inject the pod templates of manifests read from a file or stdin; YAML to stdout.
+    Inject(InjectArgs),
+}
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level).with_context(|| {
+        format!(
+            "--log-level {level:?}: expected error, warn, info, debug, trace or tracing directives"
+        )
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(&cli.log_level, cli.log_format.unwrap_or(LogFormat::Json))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(server::serve(args))?;
+        }
+        Command::Inject(args) => {
+            init_logging(&cli.log_level, cli.log_format.unwrap_or(LogFormat::Plain))?;
+            offline::run(&args)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("remora-injector: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
