@@ -428,6 +428,43 @@ fn a_missing_binary_or_permission_is_named() {
         stderr.contains("permission denied") && stderr.contains("CAP_NET_ADMIN"),
         "{stderr}"
     );
+
+    // A dry run needs no privilege: it shows the input for a table without remora rules.
+    let out = pod
+        .pod
+        .command_as(PROXY_UID, PROXY_UID, bin("remora-init"))
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("permission denied"), "says why: {stderr}");
+    assert!(
+        stdout.contains("-A OUTPUT -p tcp -j REMORA_OUTBOUND") && !stdout.contains("-D "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ipv6_auto_follows_the_pods_global_address() {
+    if !can_run() {
+        return;
+    }
+    let pod = Pod::new().unwrap();
+    pod.pod
+        .exec_ok(&["ip", "addr", "del", "2001:2::1/64", "dev", "eth0"])
+        .unwrap();
+    // Only the link-local address is left: not a reason for IPv6 rules.
+    let log = init_ok(&pod, &["--backend", "nft"]);
+    assert!(
+        log.contains("family=IPv4") && !log.contains("family=IPv6"),
+        "{log}"
+    );
+    assert!(!save(&pod, "nft", true).contains("REMORA_"));
+    let log = init_ok(&pod, &["--backend", "nft", "--ipv6", "on"]);
+    assert!(log.contains("family=IPv6"), "{log}");
+    assert!(save(&pod, "nft", true).contains("REMORA_OUTBOUND"));
 }
 
 // ---- traffic -------------------------------------------------------------------------------
