@@ -40,12 +40,21 @@ enum Command {
     Inject(InjectArgs),
 }
 
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(level).with_context(|| {
+    let expected = || {
         format!(
-            "--log-level {level:?}: expected error, warn, info, debug, trace or tracing directives"
+            "--log-level {level:?}: expected one of {} or tracing directives such as remora_injector=debug,info",
+            LEVELS.join(", ")
         )
-    })?;
+    };
+    // A lone word would parse as a target name and quietly log nothing: allow only levels there.
+    let is_directives = level.contains('=') || level.contains(',');
+    if !is_directives && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+        anyhow::bail!(expected());
+    }
+    let filter = EnvFilter::try_new(level).with_context(expected)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

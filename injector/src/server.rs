@@ -434,7 +434,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             addr: args.listen,
             source,
         })?;
-    tracing::info!(addr = %args.listen, "serving the admission webhook over HTTPS");
+    // The bound address, not the flag: with port 0 this says which port was chosen.
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(%addr, "serving the admission webhook over HTTPS");
     server.run(listener, shutdown).await;
     tracing::info!("stopped");
     Ok(())

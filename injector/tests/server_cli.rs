@@ -1,0 +1,199 @@
+//! The `remora-injector` binary itself: `serve` over real HTTPS until SIGTERM, `inject` exit codes.
+
+mod server_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use serde_json::Value;
+use server_support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_remora-injector");
+
+/// Kills the child if a test fails before it exits on its own.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to `limit` for the child to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn serve_answers_over_https_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("cli CA");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &pki.cert_pem).expect("write cert");
+    std::fs::write(&key, &pki.key_pem).expect("write key");
+
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start remora-injector serve");
+    let mut server = Running(child);
+
+    // Log lines are JSON; the "serving" one names the bound address.
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("a 'serving' log line within 20 s");
+        let entry: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|error| panic!("log line is not JSON ({error}): {line}"));
+        assert!(entry["level"].is_string(), "{line}");
+        if entry["message"] == "serving the admission webhook over HTTPS" {
+            break entry["addr"]
+                .as_str()
+                .expect("addr field")
+                .parse()
+                .expect("addr is ip:port");
+        }
+    };
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let client = Client::new(addr, &pki.ca_pem, Version::Http2);
+            assert_eq!(client.get("/readyz").await.status, StatusCode::OK);
+            let answer = client
+                .post(
+                    "/inject",
+                    admission_review("cli", &pod("cli", 1)).to_string(),
+                )
+                .await;
+            assert_eq!(answer.status, StatusCode::OK);
+            assert!(answer.json()["response"]["patch"].is_string());
+        })
+        .await
+        .expect("requests answered within 30 s");
+    });
+
+    let pid = server.0.id().to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = wait_exit(&mut server.0, Duration::from_secs(15)).expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn serve_refuses_a_listen_address_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--log-format", "plain"])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut server = Running(child);
+    let status = wait_exit(&mut server.0, Duration::from_secs(15)).expect("exits");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(server.0.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(
+        stderr.contains(&format!("binding the webhook listener on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_log_level_is_named() {
+    let output = Command::new(BIN)
+        .args(["--log-level", "loud", "inject", "-f", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--log-level \"loud\""), "{stderr}");
+}
+
+#[test]
+fn inject_reports_a_missing_file_and_exits_1() {
+    let output = Command::new(BIN)
+        .args(["inject", "-f", "/nonexistent/remora/pod.yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("remora-injector: ") && stderr.contains("/nonexistent/remora/pod.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn inject_reads_standard_input_and_writes_yaml() {
+    let mut child = Command::new(BIN)
+        .args(["inject", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: app\n    image: app:1\n")
+        .expect("write");
+    let output = child.wait_with_output().expect("wait");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pod: Value = serde_yaml_ng::from_slice(&output.stdout).expect("YAML out");
+    let init: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("initContainers")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(init, ["remora-init", "remora-proxy"]);
+}
