@@ -196,7 +196,8 @@ pub fn families(mode: Ipv6Mode) -> Result<Vec<Family>, Error> {
 
 /// Resolves `--backend`. `auto` does what kube-proxy's detection does: legacy only when the
 /// legacy `nat` table of some family already holds rules or chains, else nft. The `nat` table,
-/// not `filter`: it is the one kube-proxy and remora write. No legacy tools at all means nft.
+/// not `filter`: it is the one kube-proxy and remora write. No legacy tools, or a kernel without
+/// the legacy nat table, means nft.
 pub fn choose_backend(requested: Backend, families: &[Family]) -> Result<Implementation, Error> {
     let chosen = match requested {
         Backend::Nft => (Implementation::Nft, "asked for"),
@@ -209,6 +210,10 @@ pub fn choose_backend(requested: Backend, families: &[Family]) -> Result<Impleme
                     Ok(_) => {}
                     Err(Error::MissingBinary { binary }) => {
                         info!(%binary, "no legacy iptables here");
+                    }
+                    // A kernel without the legacy nat module: nothing can be in use there.
+                    Err(err @ Error::Failed { .. }) => {
+                        info!(%family, "the legacy nat table cannot be read, so it is not in use: {err}");
                     }
                     Err(err) => return Err(err),
                 }

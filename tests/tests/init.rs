@@ -361,6 +361,61 @@ fn auto_picks_legacy_only_when_the_legacy_nat_table_is_in_use() {
 }
 
 #[test]
+fn auto_picks_nft_without_legacy_tools_or_a_legacy_nat_table() {
+    if !can_run() {
+        return;
+    }
+    // A PATH with only the nft tools; then one whose legacy save fails as on a kernel without
+    // the legacy nat module.
+    let dir = std::env::temp_dir().join(format!("{}-path", unique_prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for tool in [
+        "iptables-nft-save",
+        "iptables-nft-restore",
+        "ip6tables-nft-save",
+        "ip6tables-nft-restore",
+    ] {
+        std::os::unix::fs::symlink(format!("/usr/sbin/{tool}"), dir.join(tool)).unwrap();
+    }
+    let run = |pod: &Pod| {
+        let out = pod
+            .pod
+            .command("env")
+            .arg(format!("PATH={}", dir.display()))
+            .arg(bin("remora-init"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let pod = Pod::new().unwrap();
+    let log = run(&pod);
+    assert!(
+        log.contains("no legacy iptables here") && log.contains("backend=nft"),
+        "{log}"
+    );
+    assert!(save(&pod, "nft", false).contains("REMORA_OUTBOUND"));
+
+    let fake = dir.join("iptables-legacy-save");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"iptables v1.8.9 (legacy): can't initialize iptables table `nat': \
+         Table does not exist (do you need to insmod?)\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pod = Pod::new().unwrap();
+    let log = run(&pod);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("cannot be read, so it is not in use") && log.contains("backend=nft"),
+        "{log}"
+    );
+    assert!(save(&pod, "nft", false).contains("REMORA_OUTBOUND"));
+}
+
+#[test]
 fn bad_flags_exit_2_naming_the_flag_before_touching_anything() {
     if !can_run() {
         return;
