@@ -81,6 +81,9 @@ pub struct Timeouts {
     /// A connection with no request in flight for this long is closed gracefully (HTTP/2 ones
     /// especially, which have no header timeout).
     pub idle: Duration,
+    /// For one request from its headers to the response, body included, so a client that
+    /// trickles a body gets 408 instead of holding its connection open.
+    pub request: Duration,
     /// On shutdown, how long open connections get to finish their requests.
     pub drain: Duration,
 }
@@ -91,6 +94,7 @@ impl Default for Timeouts {
             tls_handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(90),
+            request: Duration::from_secs(10),
             drain: Duration::from_secs(10),
         }
     }
@@ -222,11 +226,20 @@ impl Server {
         let activity = Arc::new(Activity::new());
         let router = self.router.clone();
         let tracked = activity.clone();
+        let request_timeout = self.timeouts.request;
         let service = hyper::service::service_fn(move |request| {
             let router = router.clone();
             let guard = tracked.begin();
             async move {
-                let response = router.oneshot(request).await;
+                let response = tokio::time::timeout(request_timeout, router.oneshot(request))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Ok((
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!("request not received within {request_timeout:?}\n"),
+                        )
+                            .into_response())
+                    });
                 drop(guard);
                 response
             }

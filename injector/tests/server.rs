@@ -414,6 +414,7 @@ fn slow_and_idle_connections_do_not_hold_up_others() {
             tls_handshake: Duration::from_secs(2),
             header_read: Duration::from_secs(2),
             idle: Duration::from_secs(2),
+            request: Duration::from_secs(2),
             drain: Duration::from_secs(2),
         };
         let server = TestServer::start(Some(&pki), timeouts).await;
@@ -433,6 +434,14 @@ fn slow_and_idle_connections_do_not_hold_up_others() {
         // A TLS connection that sends half a request header and stops (slowloris).
         let (mut slow, _) = client.handshake().await.expect("handshake");
         slow.write_all(b"POST /inject HTTP/1.1\r\nhost: localhost\r\n")
+            .await
+            .expect("write");
+        // And one that sends its headers but only part of the body it announced.
+        let (mut trickle, _) = client.handshake().await.expect("handshake");
+        trickle
+            .write_all(
+                b"POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n{\"api",
+            )
             .await
             .expect("write");
 
@@ -463,6 +472,13 @@ fn slow_and_idle_connections_do_not_hold_up_others() {
             read.is_ok(),
             "a connection stuck in its request headers stayed open"
         );
+
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), trickle.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "a connection trickling its body stayed open");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
         // An HTTP/2 connection that goes quiet is closed after the idle timeout.
         let h2 = Client::new(server.addr, &pki.ca_pem, Version::Http2);
