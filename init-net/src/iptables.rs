@@ -170,13 +170,14 @@ pub fn has_global_ipv6(if_inet6: &str) -> bool {
 }
 
 /// The families to write rules for. `--ipv6 auto` looks at the pod's own addresses: a kernel
-/// without IPv6 has no `if_inet6` at all, which means IPv4 only.
-pub fn families(mode: Ipv6Mode) -> Result<Vec<Family>, Error> {
+/// without IPv6 has no `if_inet6` at all, which means IPv4 only. `--cleanup` with `auto` takes
+/// IPv6 whenever the kernel has it, so rules written while the pod had a global address still go.
+pub fn families(mode: Ipv6Mode, cleanup: bool) -> Result<Vec<Family>, Error> {
     let v6 = match mode {
         Ipv6Mode::On => true,
         Ipv6Mode::Off => false,
         Ipv6Mode::Auto => match std::fs::read_to_string(IF_INET6) {
-            Ok(text) => has_global_ipv6(&text),
+            Ok(text) => cleanup || has_global_ipv6(&text),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
             Err(source) => {
                 return Err(Error::ReadAddresses {
@@ -307,7 +308,7 @@ pub fn dry_run(
 
 /// The whole run after the flags are validated: families, backend, then each family in turn.
 pub fn run(config: &InitConfig, out: &mut impl Write) -> Result<(), Error> {
-    let families = families(config.ipv6)?;
+    let families = families(config.ipv6, config.cleanup)?;
     if config.dry_run {
         let implementation = match choose_backend(config.backend, &families) {
             Ok(implementation) => implementation,
@@ -322,7 +323,24 @@ pub fn run(config: &InitConfig, out: &mut impl Write) -> Result<(), Error> {
     for family in families {
         apply(config, Iptables::new(implementation, family))?;
     }
+    warn_about_the_other_backend(implementation);
     Ok(())
+}
+
+/// Rules in both backends would both run; after a backend switch the old ones must go by hand.
+fn warn_about_the_other_backend(used: Implementation) {
+    let other = match used {
+        Implementation::Nft => Implementation::Legacy,
+        Implementation::Legacy => Implementation::Nft,
+    };
+    if let Ok(table) = Iptables::new(other, Family::V4).save() {
+        if !table.remora().is_empty() {
+            warn!(
+                "the {other} backend holds REMORA_ rules too; remove them with \
+                 `remora-init --cleanup --backend {other}`"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

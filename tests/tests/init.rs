@@ -520,6 +520,27 @@ fn ipv6_auto_follows_the_pods_global_address() {
     let log = init_ok(&pod, &["--backend", "nft", "--ipv6", "on"]);
     assert!(log.contains("family=IPv6"), "{log}");
     assert!(save(&pod, "nft", true).contains("REMORA_OUTBOUND"));
+    // Cleanup with `auto` still removes IPv6 rules the pod no longer has an address for.
+    let log = init_ok(&pod, &["--backend", "nft", "--cleanup"]);
+    assert!(log.contains("family=IPv6"), "{log}");
+    assert!(!save(&pod, "nft", true).contains("REMORA_"));
+}
+
+#[test]
+fn rules_left_in_the_other_backend_are_reported() {
+    if !can_run() {
+        return;
+    }
+    let pod = Pod::new().unwrap();
+    init_ok(&pod, &["--backend", "legacy"]);
+    let log = init_ok(&pod, &["--backend", "nft"]);
+    assert!(
+        log.contains("the legacy backend holds REMORA_ rules too"),
+        "{log}"
+    );
+    init_ok(&pod, &["--backend", "legacy", "--cleanup"]);
+    let log = init_ok(&pod, &["--backend", "nft"]);
+    assert!(!log.contains("holds REMORA_ rules too"), "{log}");
 }
 
 // ---- traffic -------------------------------------------------------------------------------
