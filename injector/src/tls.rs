@@ -148,7 +148,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// What one look at the files found.
 #[derive(Debug)]
-pub enum Poll {
+pub enum Reload {
     /// Same content as the certificate being served.
     Unchanged,
     /// New content, loaded and now served.
@@ -180,22 +180,22 @@ impl CertReloader {
     }
 
     /// Reads both files once; loads and installs them if their content is new.
-    pub fn poll(&mut self) -> Poll {
+    pub fn poll(&mut self) -> Reload {
         let pair = match read(&self.files.cert).and_then(|cert| Ok((cert, read(&self.files.key)?)))
         {
             Ok(pair) => pair,
-            Err(error) => return Poll::Failed(error),
+            Err(error) => return Reload::Failed(error),
         };
         if self.installed.as_ref() == Some(&pair) {
-            return Poll::Unchanged;
+            return Reload::Unchanged;
         }
         match load_pair(&self.files, &pair.0, &pair.1) {
             Ok(key) => {
                 self.resolver.install(key);
                 self.installed = Some(pair);
-                Poll::Reloaded
+                Reload::Reloaded
             }
-            Err(error) => Poll::Failed(error),
+            Err(error) => Reload::Failed(error),
         }
     }
 
@@ -204,11 +204,11 @@ impl CertReloader {
     /// and the key one after the other briefly leaves a mismatched pair.
     pub fn poll_and_log(&mut self, eager: bool) -> bool {
         match self.poll() {
-            Poll::Unchanged => {
+            Reload::Unchanged => {
                 self.last_failure = None;
                 false
             }
-            Poll::Reloaded => {
+            Reload::Reloaded => {
                 self.last_failure = None;
                 tracing::info!(
                     cert = %self.files.cert.display(),
@@ -217,7 +217,7 @@ impl CertReloader {
                 );
                 true
             }
-            Poll::Failed(error) => {
+            Reload::Failed(error) => {
                 let message = error.to_string();
                 let (seen_before, logged) = match &self.last_failure {
                     Some((last, logged)) if *last == message => (true, *logged),
@@ -279,15 +279,15 @@ mod tests {
         std::fs::write(&files.key, &key).expect("write key");
         let resolver = Arc::new(CertResolver::default());
         let mut reloader = CertReloader::new(files.clone(), resolver.clone());
-        assert!(matches!(reloader.poll(), Poll::Reloaded));
+        assert!(matches!(reloader.poll(), Reload::Reloaded));
         assert!(resolver.is_loaded());
-        assert!(matches!(reloader.poll(), Poll::Unchanged));
+        assert!(matches!(reloader.poll(), Reload::Unchanged));
 
         let (cert2, key2) = self_signed("two.test");
         std::fs::write(&files.cert, &cert2).expect("write cert");
         std::fs::write(&files.key, &key2).expect("write key");
         let before = resolver.current().expect("loaded");
-        assert!(matches!(reloader.poll(), Poll::Reloaded));
+        assert!(matches!(reloader.poll(), Reload::Reloaded));
         let after = resolver.current().expect("loaded");
         assert_ne!(before.cert, after.cert);
     }
@@ -301,14 +301,14 @@ mod tests {
         std::fs::write(&files.key, &key).expect("write key");
         let resolver = Arc::new(CertResolver::default());
         let mut reloader = CertReloader::new(files.clone(), resolver.clone());
-        assert!(matches!(reloader.poll(), Poll::Reloaded));
+        assert!(matches!(reloader.poll(), Reload::Reloaded));
         let served = resolver.current().expect("loaded").cert.clone();
 
         // A new certificate with the old key: mismatched.
         let (cert2, _) = self_signed("two.test");
         std::fs::write(&files.cert, &cert2).expect("write cert");
         match reloader.poll() {
-            Poll::Failed(TlsError::Unusable { .. }) => {}
+            Reload::Failed(TlsError::Unusable { .. }) => {}
             other => panic!("expected a key mismatch, got {other:?}"),
         }
         assert_eq!(resolver.current().expect("kept").cert, served);
@@ -316,13 +316,13 @@ mod tests {
         std::fs::write(&files.cert, "not pem at all").expect("write cert");
         assert!(matches!(
             reloader.poll(),
-            Poll::Failed(TlsError::NoCertificate { .. })
+            Reload::Failed(TlsError::NoCertificate { .. })
         ));
         std::fs::remove_file(&files.key).expect("remove key");
         std::fs::write(&files.cert, &cert).expect("write cert");
         assert!(matches!(
             reloader.poll(),
-            Poll::Failed(TlsError::Read { .. })
+            Reload::Failed(TlsError::Read { .. })
         ));
         assert_eq!(resolver.current().expect("kept").cert, served);
     }
@@ -333,7 +333,7 @@ mod tests {
         let resolver = Arc::new(CertResolver::default());
         let mut reloader = CertReloader::new(files(dir.path()), resolver.clone());
         let error = match reloader.poll() {
-            Poll::Failed(error) => error.to_string(),
+            Reload::Failed(error) => error.to_string(),
             other => panic!("expected a failure, got {other:?}"),
         };
         assert!(error.contains("tls.crt"), "{error}");
