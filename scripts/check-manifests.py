@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Checks the rendered manifests say what SPEC says; run by scripts/check-manifests.sh.
+
+usage: check-manifests.py BASE.yaml CERT_MANAGER.yaml EXAMPLES.yaml VERSION
+Each file is the `kubectl kustomize` output of manifests/, manifests/cert-manager and
+manifests/examples. Prints one line per check group and exits 1 on the first failure.
+"""
+
+import sys
+
+import yaml
+
+SYSTEM_NAMESPACES = {"kube-system", "kube-public", "kube-node-lease"}
+OWN_NAMESPACE = "remora-system"
+NAME = "remora-injector"
+SECRET = "remora-injector-tls"
+INJECT_LABEL = "remora.io/inject"
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check(condition, message):
+    if not condition:
+        raise CheckFailed(message)
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def find(docs, kind, name=None):
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs, kind, name):
+    found = find(docs, kind, name)
+    check(len(found) == 1, f"expected exactly one {kind} {name}, found {len(found)}")
+    return found[0]
+
+
+def selector_matches(selector, labels):
+    """Kubernetes LabelSelector semantics (matchLabels AND every matchExpression)."""
+    selector = selector or {}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def namespace_labels(name, inject=None):
+    labels = {"kubernetes.io/metadata.name": name}  # set by the API server on every namespace
+    if inject is not None:
+        labels[INJECT_LABEL] = inject
+    return labels
+
+
+def check_registration(docs):
+    """SPEC "Opting in and out", webhook by webhook and namespace by namespace."""
+    config = one(docs, "MutatingWebhookConfiguration", NAME)
+    webhooks = config.get("webhooks") or []
+    by_path = {w["clientConfig"]["service"]["path"]: w for w in webhooks}
+    check(len(webhooks) == 2 and set(by_path) == {"/inject", "/inject/opt-in"},
+          f"expected two webhooks on /inject and /inject/opt-in, got {sorted(by_path)}")
+    expected_policy = {"/inject": "Fail", "/inject/opt-in": "Ignore"}
+    for path, hook in by_path.items():
+        where = f"webhook {hook['name']} ({path})"
+        service = hook["clientConfig"]["service"]
+        check((service["name"], service["namespace"], service.get("port", 443)) == (NAME, OWN_NAMESPACE, 443),
+              f"{where}: calls {service}, expected Service {OWN_NAMESPACE}/{NAME} port 443")
+        check("url" not in hook["clientConfig"], f"{where}: must call the Service, not a URL")
+        check(hook.get("failurePolicy") == expected_policy[path],
+              f"{where}: failurePolicy {hook.get('failurePolicy')}, SPEC says {expected_policy[path]}")
+        rules = hook.get("rules") or []
+        check(len(rules) == 1, f"{where}: expected one rule, got {rules}")
+        rule = rules[0]
+        check(rule.get("operations") == ["CREATE"], f"{where}: operations {rule.get('operations')}, SPEC says [CREATE]")
+        check(rule.get("resources") == ["pods"], f"{where}: resources {rule.get('resources')}, SPEC says [pods]")
+        check(rule.get("apiGroups") == [""] and rule.get("apiVersions") == ["v1"],
+              f"{where}: rule must match core/v1 pods, got {rule}")
+        check(hook.get("sideEffects") == "None", f"{where}: sideEffects {hook.get('sideEffects')}, SPEC says None")
+        check(hook.get("admissionReviewVersions") == ["v1"],
+              f"{where}: admissionReviewVersions {hook.get('admissionReviewVersions')}, SPEC says [v1]")
+        check(hook.get("reinvocationPolicy") == "IfNeeded",
+              f"{where}: reinvocationPolicy {hook.get('reinvocationPolicy')}, SPEC says IfNeeded")
+        timeout = hook.get("timeoutSeconds")
+        check(isinstance(timeout, int) and 1 <= timeout <= 5, f"{where}: timeoutSeconds {timeout}, SPEC says at most 5")
+        # Pod-level opt-in/out is by label OR annotation, decided by the injector: an
+        # objectSelector would hide annotated pods from it.
+        check(not hook.get("objectSelector"), f"{where}: no objectSelector (the injector decides per pod)")
+
+    # Which webhook sees a pod in which namespace.
+    cases = [
+        ("a namespace labelled enabled", namespace_labels("shop", "enabled"), ["/inject"]),
+        ("a namespace labelled disabled", namespace_labels("shop", "disabled"), []),
+        ("an unlabelled namespace", namespace_labels("default"), ["/inject/opt-in"]),
+        ("a namespace with another label value", namespace_labels("shop", "maybe"), ["/inject/opt-in"]),
+    ]
+    for ns in sorted(SYSTEM_NAMESPACES | {OWN_NAMESPACE}):
+        cases += [
+            (f"{ns}", namespace_labels(ns), []),
+            (f"{ns} even labelled enabled", namespace_labels(ns, "enabled"), []),
+        ]
+    for what, labels, expected in cases:
+        matched = sorted(p for p, h in by_path.items() if selector_matches(h.get("namespaceSelector"), labels))
+        check(matched == sorted(expected), f"pods in {what}: reach webhooks {matched}, SPEC says {expected}")
+    print(f"ok: registration matches SPEC ({len(cases)} namespace cases)")
+    return config
+
+
+def container(deployment, name="injector"):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    found = [c for c in containers if c["name"] == name]
+    check(len(found) == 1, f"Deployment {deployment['metadata']['name']}: no container {name}")
+    return found[0]
+
+
+def check_deployment(docs, version):
+    deployment = one(docs, "Deployment", NAME)
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    c = container(deployment)
+    check(deployment["metadata"]["namespace"] == OWN_NAMESPACE, "the Deployment must be in remora-system")
+    check(spec["replicas"] == 2, f"replicas {spec['replicas']}, the issue says 2")
+    labels = spec["template"]["metadata"]["labels"]
+    check(selector_matches(spec["selector"], labels), "the Deployment selector does not match its pods")
+    spread = pod.get("topologySpreadConstraints") or []
+    anti = ((pod.get("affinity") or {}).get("podAntiAffinity") or {})
+    check(any(t["topologyKey"] == "kubernetes.io/hostname" and selector_matches(t["labelSelector"], labels) for t in spread)
+          or anti, "replicas are not spread across nodes")
+    image = f"ghcr.io/remora-mesh/remora-injector:{version}"
+    check(c["image"] == image, f"image {c['image']}, expected {image} (the workspace version)")
+    env = {e["name"]: e for e in c.get("env") or []}
+    for var, repo in (("REMORA_PROXY_IMAGE", "remora-proxy"), ("REMORA_INIT_IMAGE", "remora-init")):
+        want = f"ghcr.io/remora-mesh/{repo}:{version}"
+        check(var not in env or env[var].get("value") == want, f"{var} is {env.get(var)}, expected {want}")
+    check(env.get("POD_NAMESPACE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace",
+          "POD_NAMESPACE must come from the downward API")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    check(ports.get("https") == 8443, f"container port https must be 8443 (SPEC), got {ports}")
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        port = ports.get(get.get("port"), get.get("port"))
+        check((get.get("path"), port, get.get("scheme")) == (path, 8443, "HTTPS"),
+              f"{probe}: expected HTTPS GET {path} on 8443, got {get}")
+    resources = c.get("resources") or {}
+    for kind in ("requests", "limits"):
+        check({"cpu", "memory"} <= set(resources.get(kind) or {}), f"resources.{kind} needs cpu and memory")
+    sc, psc = c.get("securityContext") or {}, pod.get("securityContext") or {}
+    check(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false")
+    check(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true")
+    check((sc.get("capabilities") or {}).get("drop") == ["ALL"], "capabilities must drop ALL")
+    check(sc.get("runAsNonRoot") or psc.get("runAsNonRoot"), "runAsNonRoot must be true")
+    check((sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+          "seccompProfile must be RuntimeDefault")
+    check(not (sc.get("capabilities") or {}).get("add"), "the injector needs no capability")
+
+    service = one(docs, "Service", NAME)
+    check(selector_matches({"matchLabels": service["spec"]["selector"]}, labels), "the Service does not select the pods")
+    sports = service["spec"]["ports"]
+    check(len(sports) == 1 and sports[0]["port"] == 443 and ports.get(sports[0]["targetPort"], sports[0]["targetPort"]) == 8443,
+          f"the Service must map 443 to 8443, got {sports}")
+    pdb = one(docs, "PodDisruptionBudget", NAME)
+    check(selector_matches(pdb["spec"]["selector"], labels), "the PodDisruptionBudget does not select the pods")
+    check(pdb["spec"].get("minAvailable") == 1 or pdb["spec"].get("maxUnavailable") == 1,
+          "the PodDisruptionBudget must keep one replica up")
+    namespace = one(docs, "Namespace", OWN_NAMESPACE)
+    check(namespace["metadata"].get("labels", {}).get(INJECT_LABEL) == "disabled", "remora-system must be labelled disabled")
+    print("ok: Deployment, Service, PodDisruptionBudget")
+    return deployment
+
+
+def check_rbac(docs):
+    role = one(docs, "Role", NAME)
+    check(role["metadata"]["namespace"] == OWN_NAMESPACE, "the Role must be in remora-system")
+    for rule in role["rules"]:
+        check(rule.get("apiGroups") == [""] and rule.get("resources") == ["secrets"], f"Role grants more than Secrets: {rule}")
+        check("*" not in rule["verbs"], f"Role uses a wildcard verb: {rule}")
+        if rule.get("resourceNames"):
+            check(rule["resourceNames"] == [SECRET], f"Role names other Secrets: {rule}")
+        else:
+            # create cannot be limited by name; nothing else may be unrestricted.
+            check(rule["verbs"] == ["create"], f"only create may be granted on every Secret: {rule}")
+    verbs = {v for r in role["rules"] for v in r["verbs"]}
+    check(verbs == {"create", "get", "update"}, f"Secret verbs {sorted(verbs)}, the manager uses create, get, update")
+    cluster_role = one(docs, "ClusterRole", NAME)
+    check(len(cluster_role["rules"]) == 1, "the ClusterRole must hold one rule")
+    rule = cluster_role["rules"][0]
+    check((rule["apiGroups"], rule["resources"], rule.get("resourceNames"), sorted(rule["verbs"]))
+          == (["admissionregistration.k8s.io"], ["mutatingwebhookconfigurations"], [NAME], ["get", "patch"]),
+          f"the ClusterRole must allow get/patch of its own registration only: {rule}")
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        binding = one(docs, kind, NAME)
+        check(binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME, "namespace": OWN_NAMESPACE}],
+              f"{kind} must bind only the injector's ServiceAccount")
+    deployment = one(docs, "Deployment", NAME)
+    check(deployment["spec"]["template"]["spec"].get("serviceAccountName") == NAME, "the Deployment must use its ServiceAccount")
+    print("ok: RBAC (own Secret, own registration)")
+
+
+def check_self_managed(docs):
+    c = container(one(docs, "Deployment", NAME))
+    args = c.get("args") or []
+    check(args[:1] == ["serve"] and "--manage-certs" in args, f"the base runs `serve --manage-certs`, got {args}")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts") or []}
+    for flag, file in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        value = next((a.split("=", 1)[1] for a in args if a.startswith(flag + "=")), None)
+        check(value is not None and any(value == f"{p}/{file}" for p in mounts.values()),
+              f"{flag} must point into a mounted volume, got {value} with mounts {mounts}")
+
+
+def check_cert_manager(docs, version):
+    config = check_registration(docs)
+    deployment = check_deployment(docs, version)
+    c = container(deployment)
+    args = c.get("args") or []
+    check("--manage-certs" not in args, "the cert-manager overlay must run in file mode")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounted = [volumes[m["name"]] for m in c["volumeMounts"]]
+    check(any((v.get("secret") or {}).get("secretName") == SECRET for v in mounted),
+          f"the cert-manager overlay must mount Secret {SECRET}")
+    source = (config["metadata"].get("annotations") or {}).get("cert-manager.io/inject-ca-from", "")
+    ns, _, cert_name = source.partition("/")
+    cert = one(docs, "Certificate", cert_name)
+    check(cert["metadata"]["namespace"] == ns == OWN_NAMESPACE, f"inject-ca-from {source!r} names no Certificate here")
+    check(cert["spec"]["secretName"] == SECRET, f"Certificate {cert_name} must write Secret {SECRET}")
+    check(f"{NAME}.{OWN_NAMESPACE}.svc" in cert["spec"]["dnsNames"], "the Certificate must name the Service as the API server dials it")
+    issuer = cert["spec"]["issuerRef"]
+    one(docs, issuer.get("kind", "Issuer"), issuer["name"])
+    for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
+        check(not find(docs, kind, NAME), f"file mode needs no {kind}")
+    print("ok: cert-manager overlay (file mode, Certificate, inject-ca-from, no RBAC)")
+
+
+def check_examples(docs):
+    namespaces = {d["metadata"]["name"]: d for d in find(docs, "Namespace")}
+    meshed = [n for n, d in namespaces.items() if d["metadata"].get("labels", {}).get(INJECT_LABEL) == "enabled"]
+    check(len(meshed) == 1, f"the examples need one namespace labelled {INJECT_LABEL}=enabled")
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "Pod") and d["metadata"].get("namespace") == meshed[0]]
+
+    def pod_meta(d):
+        return d["spec"]["template"]["metadata"] if d["kind"] == "Deployment" else d["metadata"]
+
+    def opts_out(d):
+        meta = pod_meta(d)
+        return (meta.get("labels") or {}).get(INJECT_LABEL, (meta.get("annotations") or {}).get(INJECT_LABEL)) in ("false", "disabled")
+
+    check(any(not opts_out(d) for d in workloads), "the examples need a meshed workload")
+    check(any(opts_out(d) for d in workloads), "the examples need a pod that opts out")
+    print("ok: examples (a meshed namespace, a workload, a pod that opts out)")
+
+
+if __name__ == "__main__":
+    base_file, cert_manager_file, examples_file, version = sys.argv[1:5]
+    try:
+        base = load(base_file)
+        check_registration(base)
+        check_deployment(base, version)
+        check_rbac(base)
+        check_self_managed(base)
+        check_cert_manager(load(cert_manager_file), version)
+        check_examples(load(examples_file))
+    except CheckFailed as failure:
+        print(f"FAIL: {failure}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyError, IndexError, TypeError) as missing:
+        print(f"FAIL: a manifest lacks a field the checks read: {missing!r}", file=sys.stderr)
+        sys.exit(1)
