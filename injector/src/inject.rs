@@ -261,6 +261,22 @@ pub fn status_annotation() -> String {
     .to_string()
 }
 
+/// Puts `name`, `image` and `args` first (k8s-openapi writes fields alphabetically), so that
+/// `inject` output and `kubectl get -o yaml` of a fresh pod read naturally.
+fn readable(container: Value) -> Value {
+    let Value::Object(mut fields) = container else {
+        return container;
+    };
+    let mut ordered = serde_json::Map::new();
+    for key in ["name", "image", "args"] {
+        if let Some(value) = fields.shift_remove(key) {
+            ordered.insert(key.to_string(), value);
+        }
+    }
+    ordered.extend(fields);
+    Value::Object(ordered)
+}
+
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation { path, value })
 }
@@ -292,8 +308,8 @@ fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings) -> Patch {
         )),
     }
 
-    let init = to_value(&init_container(settings));
-    let proxy = to_value(&proxy_container(settings));
+    let init = readable(to_value(&init_container(settings)));
+    let proxy = readable(to_value(&proxy_container(settings)));
     match &spec.init_containers {
         None => operations.push(add(
             pointer(&["spec", "initContainers"]),

@@ -1,8 +1,19 @@
-//! `remora-injector inject`: manifests in, injected manifests out. (Interface stub.)
+//! `remora-injector inject`: manifests in, injected manifests out, by the webhook's own decision.
+//!
+//! Every pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and
+//! the items of a `List`) goes through [`decide`] with the `/inject` semantics, and its patch is
+//! applied to the template exactly as the API server would apply it to the pod. Documents that
+//! nothing changes are written back as they were read, comments and all.
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use crate::config::ConfigArgs;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+
+use crate::config::{Config, ConfigArgs, ConfigError};
+use crate::inject::{decide, Decision};
+use crate::review::WebhookPath;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {
@@ -15,9 +26,303 @@ pub struct InjectArgs {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum OfflineError {}
+pub enum OfflineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse document {document} (line {line}): {message} (expected YAML or JSON Kubernetes objects separated by ---)")]
+    Parse {
+        document: usize,
+        line: usize,
+        message: String,
+    },
+    #[error("document {document} (line {line}), {object}: {message}")]
+    Invalid {
+        document: usize,
+        line: usize,
+        object: String,
+        message: String,
+    },
+    #[error("cannot write the output: {0}")]
+    Write(std::io::Error),
+}
 
-/// Reads the input, injects every pod template, writes YAML to standard output.
-pub fn run(_args: &InjectArgs) -> Result<(), OfflineError> {
-    Ok(())
+/// The injected manifests and the warnings the webhook would have given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injected {
+    /// YAML documents separated by `---`.
+    pub output: String,
+    pub warnings: Vec<String>,
+}
+
+/// Reads the input, injects every pod template, writes YAML to standard output and the
+/// warnings to standard error.
+pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
+    let config = args.config.load()?;
+    let name = args.file.display().to_string();
+    let read_error = |source| OfflineError::Read {
+        path: if name == "-" {
+            "standard input".to_string()
+        } else {
+            name.clone()
+        },
+        source,
+    };
+    let mut input = String::new();
+    if name == "-" {
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(read_error)?;
+    } else {
+        input = std::fs::read_to_string(&args.file).map_err(read_error)?;
+    }
+    let injected = inject_documents(&input, &config)?;
+    for warning in &injected.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(injected.output.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(OfflineError::Write)
+}
+
+/// One document of the input stream, with the line it starts on (1-based).
+struct Document<'a> {
+    number: usize,
+    line: usize,
+    text: &'a str,
+}
+
+/// Splits a YAML stream at its `---` markers. A marker can't occur inside a scalar at column 0
+/// (YAML forbids it), so a line-based split is exact; `...` ends a document early.
+fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
+    let mut documents = Vec::new();
+    let mut start = 0; // byte offset where the current document starts
+    let mut start_line = 1;
+    let mut end: Option<usize> = None; // set by a `...` marker
+    let mut offset = 0;
+    let push = |from: usize, to: usize, line: usize, documents: &mut Vec<Document<'a>>| {
+        let text = &input[from..to];
+        let blank = text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l.starts_with('%')
+        });
+        if !blank {
+            documents.push(Document {
+                number: documents.len() + 1,
+                line,
+                text,
+            });
+        }
+    };
+    for (index, line) in input.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = |marker: &str| {
+            bare.strip_prefix(marker)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        };
+        if is_marker("---") {
+            push(start, end.unwrap_or(offset), start_line, &mut documents);
+            // Content after the marker on the same line (`--- {…}`) belongs to the new document.
+            start = offset + 3;
+            start_line = index + 1;
+            end = None;
+        } else if is_marker("...") && end.is_none() {
+            end = Some(offset);
+        }
+        offset += line.len();
+    }
+    push(start, end.unwrap_or(offset), start_line, &mut documents);
+    documents
+}
+
+fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
+    let text = document.text;
+    let error = |line: usize, message: String| OfflineError::Parse {
+        document: document.number,
+        line: document.line + line.saturating_sub(1),
+        message,
+    };
+    // JSON first where it looks like JSON: YAML would balk at JSON's tab indentation.
+    if text.trim_start().starts_with(['{', '[']) {
+        if let Ok(value) = serde_json::from_str(text) {
+            return Ok(value);
+        }
+    }
+    serde_yaml_ng::from_str(text).map_err(|err| {
+        let line = err.location().map_or(1, |location| location.line());
+        error(line, err.to_string())
+    })
+}
+
+/// Injects every pod template in a stream of YAML or JSON documents.
+pub fn inject_documents(input: &str, config: &Config) -> Result<Injected, OfflineError> {
+    let mut output = String::new();
+    let mut warnings = Vec::new();
+    for document in split_documents(input) {
+        let mut value = parse(&document)?;
+        let mut context = Context {
+            document: &document,
+            config,
+            warnings: &mut warnings,
+        };
+        let changed = inject_object(&mut value, &mut context)?;
+        if !output.is_empty() {
+            output.push_str("---\n");
+        }
+        if changed {
+            let yaml = serde_yaml_ng::to_string(&value).map_err(|err| OfflineError::Invalid {
+                document: document.number,
+                line: document.line,
+                object: describe(&value),
+                message: format!("cannot write it as YAML: {err}"),
+            })?;
+            output.push_str(&yaml);
+        } else {
+            output.push_str(document.text.trim_matches('\n'));
+            output.push('\n');
+        }
+    }
+    Ok(Injected { output, warnings })
+}
+
+struct Context<'a, 'd> {
+    document: &'a Document<'d>,
+    config: &'a Config,
+    warnings: &'a mut Vec<String>,
+}
+
+/// `Deployment shop/web`, for messages.
+fn describe(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap_or("object");
+    let name = object["metadata"]["name"]
+        .as_str()
+        .or_else(|| object["metadata"]["generateName"].as_str())
+        .unwrap_or("(unnamed)");
+    match object["metadata"]["namespace"].as_str() {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+/// Injects the object's pod templates; returns whether anything changed.
+fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bool, OfflineError> {
+    let api_version = object["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    let kind = object["kind"].as_str().unwrap_or_default().to_string();
+    let template: &[&str] = match (group, kind.as_str()) {
+        ("", "Pod") => &[],
+        ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        | ("batch", "Job") => &["spec", "template"],
+        ("batch", "CronJob") => &["spec", "jobTemplate", "spec", "template"],
+        (_, "List") => {
+            let mut changed = false;
+            if let Some(items) = object.get_mut("items").and_then(Value::as_array_mut) {
+                for item in items {
+                    changed |= inject_object(item, context)?;
+                }
+            }
+            return Ok(changed);
+        }
+        _ => return Ok(false),
+    };
+    let description = describe(object);
+    let mut target = &mut *object;
+    for key in template {
+        target = match target.get_mut(*key) {
+            Some(next) if next.is_object() => next,
+            _ => {
+                let path = template.join(".");
+                return Err(OfflineError::Invalid {
+                    document: context.document.number,
+                    line: context.document.line,
+                    object: description,
+                    message: format!("has no {path} object (expected a pod template there)"),
+                });
+            }
+        };
+    }
+    inject_pod_template(target, &description, context)
+}
+
+/// Runs the webhook's decision on a pod (or pod template: metadata and spec) and applies the
+/// patch to it.
+fn inject_pod_template(
+    template: &mut Value,
+    description: &str,
+    context: &mut Context<'_, '_>,
+) -> Result<bool, OfflineError> {
+    // The patch addresses a Pod, so hand the template over as one.
+    let mut pod_value = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": template.get("metadata").filter(|m| m.is_object()).cloned().unwrap_or_else(|| json!({})),
+        "spec": template.get("spec").cloned().unwrap_or(Value::Null),
+    });
+    let pod: Pod =
+        serde_json::from_value(pod_value.clone()).map_err(|err| OfflineError::Invalid {
+            document: context.document.number,
+            line: context.document.line,
+            object: description.to_string(),
+            message: format!("the pod template is not a valid pod: {err}"),
+        })?;
+    if pod.spec.is_none() {
+        return Err(OfflineError::Invalid {
+            document: context.document.number,
+            line: context.document.line,
+            object: description.to_string(),
+            message: "the pod template has no spec".to_string(),
+        });
+    }
+    match decide(&pod, WebhookPath::Inject, context.config) {
+        Decision::Inject { patch, warnings } => {
+            json_patch::patch(&mut pod_value, &patch).map_err(|err| OfflineError::Invalid {
+                document: context.document.number,
+                line: context.document.line,
+                object: description.to_string(),
+                message: format!("the injection patch does not apply: {err}"),
+            })?;
+            context.warnings.extend(warnings.into_iter().map(|warning| {
+                format!(
+                    "document {}, {description}: {warning}",
+                    context.document.number
+                )
+            }));
+            // `insert` keeps an existing key where it was, so the output reads like the input.
+            let object = template
+                .as_object_mut()
+                .ok_or_else(|| OfflineError::Invalid {
+                    document: context.document.number,
+                    line: context.document.line,
+                    object: description.to_string(),
+                    message: "the pod template is not an object".to_string(),
+                })?;
+            object.insert("metadata".to_string(), pod_value["metadata"].take());
+            object.insert("spec".to_string(), pod_value["spec"].take());
+            Ok(true)
+        }
+        Decision::Skip { warning, .. } => {
+            if let Some(warning) = warning {
+                context.warnings.push(format!(
+                    "document {}, {description}: {warning}",
+                    context.document.number
+                ));
+            }
+            Ok(false)
+        }
+        Decision::Deny { message } => Err(OfflineError::Invalid {
+            document: context.document.number,
+            line: context.document.line,
+            object: description.to_string(),
+            message,
+        }),
+    }
 }

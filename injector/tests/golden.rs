@@ -1,0 +1,73 @@
+//! Golden files for `remora-injector inject`: what users read. `REMORA_BLESS=1` (or
+//! `make golden`) rewrites the expected outputs from the current code.
+
+use std::path::PathBuf;
+
+use remora_injector::config::Config;
+use remora_injector::offline::inject_documents;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Injects `NAME.in.yaml` and compares with `NAME.out.yaml` (and the warnings with
+/// `NAME.warnings.txt` when there are any).
+fn check(name: &str) {
+    let dir = golden_dir();
+    let input = std::fs::read_to_string(dir.join(format!("{name}.in.yaml"))).unwrap();
+    let injected = inject_documents(&input, &Config::default()).unwrap();
+    // The version is part of the images and the status annotation; keep the files stable
+    // across releases.
+    let version = env!("CARGO_PKG_VERSION");
+    let output = injected.output.replace(version, "VERSION");
+    let warnings: String = injected
+        .warnings
+        .iter()
+        .map(|warning| format!("{warning}\n"))
+        .collect();
+
+    let expected_path = dir.join(format!("{name}.out.yaml"));
+    let warnings_path = dir.join(format!("{name}.warnings.txt"));
+    if std::env::var_os("REMORA_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&expected_path, &output).unwrap();
+        if warnings.is_empty() {
+            let _ = std::fs::remove_file(&warnings_path);
+        } else {
+            std::fs::write(&warnings_path, &warnings).unwrap();
+        }
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|err| {
+        panic!(
+            "{}: {err} (run `REMORA_BLESS=1 cargo test -p remora-injector --test golden`)",
+            expected_path.display()
+        )
+    });
+    pretty_assertions::assert_eq!(output, expected, "{name}: REMORA_BLESS=1 regenerates");
+    let expected_warnings = std::fs::read_to_string(&warnings_path).unwrap_or_default();
+    pretty_assertions::assert_eq!(warnings, expected_warnings, "{name} warnings");
+
+    // Feeding the output back in changes nothing: already injected input comes out unchanged.
+    let again = inject_documents(&injected.output, &Config::default()).unwrap();
+    pretty_assertions::assert_eq!(again.output, injected.output, "{name}: not idempotent");
+}
+
+#[test]
+fn golden_deployment() {
+    check("deployment");
+}
+
+#[test]
+fn golden_cronjob() {
+    check("cronjob");
+}
+
+#[test]
+fn golden_multi_document() {
+    check("multi-document");
+}
+
+#[test]
+fn golden_list() {
+    check("list");
+}

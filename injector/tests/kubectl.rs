@@ -1,0 +1,466 @@
+//! The webhook's patch applied by real kubectl (`kubectl patch --local --type=json`, the JSON
+//! Patch code the API server uses), and the result checked against what Kubernetes 1.33 accepts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use remora_injector::annotations::Quantity;
+use remora_injector::config::Config;
+use remora_injector::review::{review, Outcome, WebhookPath};
+use serde_json::{json, Value};
+
+const KUBECTL: &str = "kubectl";
+
+fn admission_review(pod: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "3a2e7c1b-0000-4000-8000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller", "groups": ["system:serviceaccounts"]},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        }
+    }))
+    .unwrap()
+}
+
+/// The patch the webhook answers with, as the text the API server would decode.
+fn webhook_patch(pod: &Value) -> String {
+    let reviewed = review(
+        &admission_review(pod),
+        WebhookPath::Inject,
+        &Config::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Injected,
+        "{:#}",
+        reviewed.response
+    );
+    let encoded = reviewed.response["response"]["patch"]
+        .as_str()
+        .expect("patch is a base64 string");
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn kubectl_patch(pod: &Value, patch: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(pod).unwrap()).unwrap();
+    let output = Command::new(KUBECTL)
+        .args(["patch", "--local", "--type=json", "-o", "json", "-f"])
+        .arg(&file)
+        .args(["-p", patch])
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("cannot run kubectl (scripts/install-deps.sh test installs it): {err}")
+        });
+    assert!(
+        output.status.success(),
+        "kubectl patch failed: {}\npatch: {patch}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn names(containers: &Value) -> Vec<String> {
+    containers
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The checks of Kubernetes' schema and pod validation that an injected pod could fail.
+fn assert_kubernetes_accepts(pod: &Value) {
+    // Strict schema: every field is one the Pod type knows, with the right type — a pod that
+    // survives a round trip through the typed struct unchanged has no unknown or mistyped field.
+    let typed: Pod = serde_json::from_value(pod.clone()).expect("the pod parses as a Pod");
+    assert_eq!(
+        &serde_json::to_value(&typed).unwrap(),
+        pod,
+        "the pod has fields the Pod schema does not know"
+    );
+    let spec = typed.spec.as_ref().expect("spec");
+    let init = spec.init_containers.clone().unwrap_or_default();
+    let all: Vec<&Container> = init.iter().chain(spec.containers.iter()).collect();
+
+    let mut seen = BTreeSet::new();
+    for container in &all {
+        assert!(
+            seen.insert(container.name.clone()),
+            "duplicate container name {}",
+            container.name
+        );
+    }
+    let volumes: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .collect();
+    assert_eq!(
+        volumes.len(),
+        spec.volumes.as_ref().map_or(0, Vec::len),
+        "duplicate volume names"
+    );
+    for container in &all {
+        for port in container.ports.iter().flatten() {
+            if let Some(name) = &port.name {
+                let valid = name.len() <= 15
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && name.bytes().any(|b| b.is_ascii_lowercase())
+                    && !name.starts_with('-')
+                    && !name.ends_with('-')
+                    && !name.contains("--");
+                assert!(valid, "port name {name:?} is not an IANA service name");
+            }
+            assert!((1..=65535).contains(&port.container_port));
+        }
+        for mount in container.volume_mounts.iter().flatten() {
+            assert!(
+                volumes.contains(&mount.name),
+                "mount of missing volume {}",
+                mount.name
+            );
+        }
+        if let Some(resources) = &container.resources {
+            for (resource, request) in resources.requests.iter().flatten() {
+                if let Some(limit) = resources.limits.as_ref().and_then(|l| l.get(resource)) {
+                    let request = Quantity::parse(&request.0).unwrap();
+                    let limit = Quantity::parse(&limit.0).unwrap();
+                    assert!(
+                        request <= limit,
+                        "{}: {resource} request {request} > limit {limit}",
+                        container.name
+                    );
+                }
+            }
+        }
+        if let Some(context) = &container.security_context {
+            if context.run_as_non_root == Some(true) {
+                assert_ne!(context.run_as_user, Some(0), "{}", container.name);
+            }
+        }
+    }
+    for container in &init {
+        let sidecar = container.restart_policy.as_deref() == Some("Always");
+        if let Some(policy) = &container.restart_policy {
+            assert_eq!(policy, "Always", "init containers accept only Always");
+        }
+        if !sidecar {
+            assert!(
+                container.startup_probe.is_none()
+                    && container.readiness_probe.is_none()
+                    && container.liveness_probe.is_none(),
+                "plain init container {} has probes",
+                container.name
+            );
+        }
+    }
+}
+
+/// Runs the webhook again on its own output: it must answer with no patch at all.
+fn assert_reinvocation_is_a_no_op(pod: &Value) {
+    let reviewed = review(
+        &admission_review(pod),
+        WebhookPath::Inject,
+        &Config::default(),
+    )
+    .unwrap();
+    assert_eq!(reviewed.outcome, Outcome::Skipped);
+    let response = reviewed.response["response"].as_object().unwrap();
+    assert_eq!(response["allowed"], true);
+    assert!(!response.contains_key("patch") && !response.contains_key("patchType"));
+    assert!(!response.contains_key("warnings"), "{response:?}");
+}
+
+#[test]
+fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "web-", "namespace": "shop"},
+        "spec": {"containers": [{"image": "nginx:1.27", "name": "web"}]},
+    });
+    let out = kubectl_patch(&pod, &webhook_patch(&pod));
+    assert_kubernetes_accepts(&out);
+
+    assert_eq!(
+        names(&out["spec"]["initContainers"]),
+        ["remora-init", "remora-proxy"]
+    );
+    assert_eq!(names(&out["spec"]["containers"]), ["web"]);
+    let init = &out["spec"]["initContainers"][0];
+    let proxy = &out["spec"]["initContainers"][1];
+    assert!(init.get("restartPolicy").is_none());
+    assert_eq!(proxy["restartPolicy"], "Always");
+    assert_eq!(
+        init["securityContext"],
+        json!({
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": false,
+            "runAsUser": 0,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        })
+    );
+    assert_eq!(
+        proxy["securityContext"],
+        json!({
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": true,
+            "runAsGroup": 1337,
+            "runAsNonRoot": true,
+            "runAsUser": 1337,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        })
+    );
+    assert_eq!(
+        init["volumeMounts"],
+        json!([{"mountPath": "/run", "name": "remora-xtables-lock"}])
+    );
+    assert_eq!(
+        out["spec"]["volumes"],
+        json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+    );
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
+    assert_eq!(
+        proxy["ports"],
+        json!([{"containerPort": 15020, "name": "remora-admin", "protocol": "TCP"}])
+    );
+    let annotations = out["metadata"]["annotations"].as_object().unwrap();
+    assert_eq!(annotations.len(), 1);
+    let status: Value = serde_json::from_str(annotations["remora.io/status"].as_str().unwrap())
+        .expect("status is JSON");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+#[test]
+fn existing_annotations_init_containers_and_volumes_are_kept_in_order() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web",
+            "namespace": "shop",
+            "labels": {"app": "web"},
+            "annotations": {
+                "example.com/owner": "shop~team/a",
+                "weird~key/with/slashes": "1",
+                "remora.io/exclude-inbound-ports": "9090",
+            },
+        },
+        "spec": {
+            "initContainers": [
+                {"image": "flyway", "name": "migrate"},
+                {"image": "log-shipper", "name": "logs", "restartPolicy": "Always"},
+            ],
+            "containers": [
+                {"image": "nginx", "name": "web", "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]},
+                {"image": "busybox", "name": "side"},
+            ],
+            "volumes": [{"emptyDir": {}, "name": "cache"}],
+        },
+    });
+    let patch = webhook_patch(&pod);
+    assert!(
+        patch.contains("/metadata/annotations/remora.io~1status"),
+        "{patch}"
+    );
+    let out = kubectl_patch(&pod, &patch);
+    assert_kubernetes_accepts(&out);
+
+    assert_eq!(
+        names(&out["spec"]["initContainers"]),
+        ["remora-init", "remora-proxy", "migrate", "logs"]
+    );
+    assert_eq!(names(&out["spec"]["containers"]), ["web", "side"]);
+    assert_eq!(
+        names(&out["spec"]["volumes"]),
+        ["cache", "remora-xtables-lock"]
+    );
+    let annotations = out["metadata"]["annotations"].as_object().unwrap();
+    assert_eq!(annotations["example.com/owner"], "shop~team/a");
+    assert_eq!(annotations["weird~key/with/slashes"], "1");
+    assert!(annotations.contains_key("remora.io/status"));
+    assert_eq!(
+        out["spec"]["initContainers"][0]["args"],
+        json!(["--exclude-inbound-ports", "9090,15020"])
+    );
+
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+#[test]
+fn annotations_shape_the_injected_containers() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "db-client",
+            "annotations": {
+                "remora.io/proxy-image": "registry.example/remora-proxy:dev",
+                "remora.io/init-image": "registry.example/remora-init:dev",
+                "remora.io/proxy-cpu-request": "2",
+                "remora.io/proxy-cpu-limit": "2000m",
+                "remora.io/proxy-memory-request": "0.5Gi",
+                "remora.io/proxy-memory-limit": "1Gi",
+                "remora.io/proxy-log-level": "debug",
+                "remora.io/proxy-uid": "2102",
+                "remora.io/include-outbound-cidrs": "198.18.0.0/15,2001:2::/48",
+                "remora.io/exclude-outbound-ports": "5432,6000-6010",
+                "remora.io/opaque-ports": "5432",
+            },
+        },
+        "spec": {"containers": [{"image": "psql", "name": "client"}], "initContainers": [], "volumes": []},
+    });
+    let out = kubectl_patch(&pod, &webhook_patch(&pod));
+    assert_kubernetes_accepts(&out);
+    let init = &out["spec"]["initContainers"][0];
+    let proxy = &out["spec"]["initContainers"][1];
+    assert_eq!(init["image"], "registry.example/remora-init:dev");
+    assert_eq!(
+        init["args"],
+        json!([
+            "--proxy-uid",
+            "2102",
+            "--exclude-inbound-ports",
+            "15020",
+            "--include-outbound-cidrs",
+            "198.18.0.0/15,2001:2::/48",
+            "--exclude-outbound-ports",
+            "5432,6000-6010",
+        ])
+    );
+    assert_eq!(proxy["image"], "registry.example/remora-proxy:dev");
+    assert_eq!(
+        proxy["args"],
+        json!(["--log-level", "debug", "--opaque-ports", "5432"])
+    );
+    assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
+    assert_eq!(proxy["securityContext"]["runAsGroup"], 2102);
+    assert_eq!(
+        proxy["resources"],
+        json!({"limits": {"cpu": "2000m", "memory": "1Gi"}, "requests": {"cpu": "2", "memory": "0.5Gi"}})
+    );
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+#[test]
+fn a_pod_with_200_containers_patches_cleanly() {
+    let containers: Vec<Value> = (0..200)
+        .map(|i| json!({"image": "busybox", "name": format!("worker-{i}")}))
+        .collect();
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "wide"},
+        "spec": {"containers": containers},
+    });
+    let out = kubectl_patch(&pod, &webhook_patch(&pod));
+    assert_kubernetes_accepts(&out);
+    assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 200);
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+/// `remora-injector inject` output, read back by kubectl's own manifest decoder.
+#[test]
+fn offline_output_is_read_by_kubectl() {
+    let input = include_str!("golden/multi-document.in.yaml");
+    let injected = remora_injector::offline::inject_documents(input, &Config::default()).unwrap();
+    let mut child = Command::new(KUBECTL)
+        .args([
+            "label",
+            "--local",
+            "-f",
+            "-",
+            "remora-check=read",
+            "-o",
+            "json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(injected.output.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl could not read the output: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // kubectl prints one JSON object per object it read.
+    let items: Vec<Value> = serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let kinds: BTreeMap<String, usize> = items.iter().fold(BTreeMap::new(), |mut counts, item| {
+        *counts
+            .entry(item["kind"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        counts
+    });
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("ConfigMap".to_string(), 1),
+            ("Deployment".to_string(), 1),
+            ("Job".to_string(), 1),
+            ("Pod".to_string(), 2),
+            ("Service".to_string(), 1),
+            ("StatefulSet".to_string(), 1),
+        ])
+    );
+    for item in &items {
+        let pod = match item["kind"].as_str().unwrap() {
+            "Pod" => item.clone(),
+            "Deployment" | "StatefulSet" => {
+                let mut pod = item["spec"]["template"].clone();
+                pod["apiVersion"] = json!("v1");
+                pod["kind"] = json!("Pod");
+                pod
+            }
+            _ => continue,
+        };
+        let typed: Pod = serde_json::from_value(pod).unwrap();
+        let init = typed.spec.unwrap().init_containers.unwrap_or_default();
+        assert_eq!(init[0].name, "remora-init", "{}", item["metadata"]["name"]);
+        assert_eq!(init[1].name, "remora-proxy");
+    }
+}
