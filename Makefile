@@ -37,3 +37,34 @@ bench:
 # Regenerates every golden file from the current code; review the diff before committing.
 golden:
 	REMORA_BLESS=1 $(CARGO) test --workspace golden
+
+# Container images (docker/Dockerfile; needs a Docker engine with BuildKit) and a cluster install.
+#   make images [REGISTRY=my.registry/remora] [TAG=dev] [PUSH=1]
+#   make deploy [REGISTRY=…] [TAG=…] [DEPLOY=manifests/cert-manager]
+#   make undeploy [DEPLOY=…]
+REGISTRY ?= ghcr.io/remora-mesh
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
+DOCKER ?= docker
+KUBECTL ?= kubectl
+DEPLOY ?= manifests
+
+images:
+	@for image in injector proxy init; do \
+	  echo "building $(REGISTRY)/remora-$$image:$(TAG)"; \
+	  $(DOCKER) build -f docker/Dockerfile --target $$image -t $(REGISTRY)/remora-$$image:$(TAG) . || exit 1; \
+	  if [ -n "$(PUSH)" ]; then $(DOCKER) push $(REGISTRY)/remora-$$image:$(TAG) || exit 1; fi; \
+	done
+
+# The manifests name ghcr.io/remora-mesh/remora-*:<version>; REGISTRY and TAG rewrite every one
+# (the injector's image and the proxy/init images it injects) before applying.
+deploy:
+	$(KUBECTL) kustomize $(DEPLOY) \
+	  | sed -e 's#ghcr\.io/remora-mesh/\(remora-[a-z]*\):[A-Za-z0-9._-]*#$(REGISTRY)/\1:$(TAG)#g' \
+	  | $(KUBECTL) apply -f -
+	$(KUBECTL) -n remora-system rollout status deployment/remora-injector --timeout=180s
+
+# The webhook registration goes first: with failurePolicy Fail, pods in opted-in namespaces
+# could not be created between the injector's removal and the registration's.
+undeploy:
+	$(KUBECTL) delete mutatingwebhookconfiguration remora-injector --ignore-not-found
+	$(KUBECTL) delete -k $(DEPLOY) --ignore-not-found
