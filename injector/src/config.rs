@@ -375,7 +375,7 @@ mod tests {
     }
 
     /// Parses flags only: the `REMORA_*` variables are not set in unit tests (the environment
-    /// precedence has its own test binary, tests/config_env.rs, so it cannot leak into these).
+    /// precedence is tested through the binary, tests/inject_cli.rs, so it cannot leak in here).
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
             .expect("flags parse")

@@ -326,3 +326,162 @@ fn inject_pod_template(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inject(input: &str) -> Result<Injected, OfflineError> {
+        inject_documents(input, &Config::default())
+    }
+
+    #[test]
+    fn splits_at_document_markers() {
+        let input = "a: 1\n---\n\n# only a comment\n---   \nb: 2\n--- {c: 3}\n...\nignored: after end\n---\n";
+        let documents: Vec<(usize, usize, &str)> = split_documents(input)
+            .iter()
+            .map(|d| (d.number, d.line, d.text))
+            .collect();
+        assert_eq!(
+            documents,
+            [(1, 1, "a: 1\n"), (2, 5, "   \nb: 2\n"), (3, 7, " {c: 3}\n")]
+        );
+        assert!(split_documents("").is_empty());
+        assert!(split_documents("# nothing\n---\n").is_empty());
+        // `----` or `---x` is content, not a marker.
+        assert_eq!(split_documents("a: |\n  ---x\n").len(), 1);
+    }
+
+    #[test]
+    fn empty_input_gives_empty_output() {
+        assert_eq!(inject("").unwrap().output, "");
+        assert_eq!(inject("---\n# nothing\n").unwrap().output, "");
+    }
+
+    #[test]
+    fn other_kinds_come_out_verbatim() {
+        let input = "apiVersion: v1\nkind: ConfigMap   # keep me\nmetadata: {name: c}\n---\napiVersion: example.com/v1\nkind: Deployment\nmetadata: {name: not-apps}\nspec: {template: {}}\n";
+        let injected = inject(input).unwrap();
+        assert_eq!(injected.output, input);
+        assert!(injected.warnings.is_empty());
+    }
+
+    #[test]
+    fn json_documents_with_tabs_are_read() {
+        let input = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"Pod\",\n\t\"metadata\": {\"name\": \"p\"},\n\t\"spec\": {\"containers\": [{\"name\": \"a\", \"image\": \"b\"}]}\n}\n";
+        let injected = inject(input).unwrap();
+        let pod: Value = serde_yaml_ng::from_str(&injected.output).unwrap();
+        assert_eq!(pod["spec"]["initContainers"][1]["name"], "remora-proxy");
+        // The pod's own key order is kept; new keys come after.
+        let keys: Vec<&String> = pod.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["apiVersion", "kind", "metadata", "spec"]);
+    }
+
+    #[test]
+    fn parse_errors_name_the_document_and_the_line() {
+        let input = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {}\n";
+        let err = inject(input).unwrap_err();
+        let OfflineError::Parse { document, line, .. } = &err else {
+            panic!("expected a parse error, got {err:?}");
+        };
+        assert_eq!(*document, 2);
+        assert!((8..=9).contains(line), "line {line}: {err}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("cannot parse document 2 (line "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_bad_annotation_fails_with_the_deny_message() {
+        let input = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  template:\n    metadata:\n      annotations: {remora.io/proxy-uid: root}\n    spec:\n      containers: [{name: web, image: nginx}]\n";
+        let message = inject(input).unwrap_err().to_string();
+        assert!(
+            message.starts_with("document 1 (line 1), Deployment shop/web: annotation remora.io/proxy-uid: \"root\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_workload_without_a_template_is_an_error() {
+        let message = inject("apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: c}\nspec: {schedule: '* * * * *'}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("CronJob c") && message.contains("spec.jobTemplate.spec.template"),
+            "{message}"
+        );
+        let message =
+            inject("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: 3}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            message.contains("Pod p") && message.contains("not a valid pod"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_workload_kind_is_injected() {
+        let template = "{metadata: {labels: {a: b}}, spec: {containers: [{name: c, image: i}]}}";
+        let cases = [
+            (
+                "apps/v1",
+                "Deployment",
+                format!("spec: {{template: {template}}}"),
+            ),
+            (
+                "apps/v1",
+                "StatefulSet",
+                format!("spec: {{template: {template}}}"),
+            ),
+            (
+                "apps/v1",
+                "DaemonSet",
+                format!("spec: {{template: {template}}}"),
+            ),
+            (
+                "apps/v1",
+                "ReplicaSet",
+                format!("spec: {{template: {template}}}"),
+            ),
+            ("batch/v1", "Job", format!("spec: {{template: {template}}}")),
+            (
+                "batch/v1",
+                "CronJob",
+                format!("spec: {{jobTemplate: {{spec: {{template: {template}}}}}}}"),
+            ),
+        ];
+        for (api_version, kind, spec) in cases {
+            let input =
+                format!("apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: w}}\n{spec}\n");
+            let injected = inject(&input).unwrap();
+            assert!(
+                injected.output.contains("name: remora-proxy")
+                    && injected.output.contains("remora.io/status"),
+                "{kind}: {}",
+                injected.output
+            );
+            // And a second pass leaves it alone.
+            assert_eq!(
+                inject(&injected.output).unwrap().output,
+                injected.output,
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn warnings_name_the_document_and_object() {
+        let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec: {hostNetwork: true, containers: [{name: c, image: i}]}\n";
+        let injected = inject(input).unwrap();
+        assert_eq!(injected.output, input);
+        assert_eq!(injected.warnings.len(), 1);
+        assert!(
+            injected.warnings[0].starts_with("document 1, Pod n/p: remora: not injected"),
+            "{:?}",
+            injected.warnings
+        );
+    }
+}

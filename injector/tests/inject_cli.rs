@@ -1,0 +1,142 @@
+//! `remora-injector inject` as a user runs it: stdin or a file in, YAML out, exit 1 on bad
+//! input; and the precedence of the injector's settings (flag > env > file > built-in), which
+//! needs a process of its own because it reads `REMORA_*` environment variables.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: busybox}]\n";
+
+fn injector(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_remora-injector"));
+    command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Start from a clean slate: the developer's or CI's own REMORA_* must not leak in.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("REMORA_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    let mut child = command.spawn().expect("remora-injector runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn proxy_image(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pod: serde_json::Value = serde_yaml_ng::from_slice(&output.stdout).unwrap();
+    pod["spec"]["initContainers"][1]["image"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn reads_stdin_and_writes_yaml() {
+    let output = injector(&["inject", "-f", "-"], &[], POD);
+    assert_eq!(
+        proxy_image(&output),
+        format!(
+            "ghcr.io/remora-mesh/remora-proxy:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}
+
+#[test]
+fn reads_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, POD).unwrap();
+    let output = injector(&["inject", "-f", file.to_str().unwrap()], &[], "");
+    assert!(proxy_image(&output).starts_with("ghcr.io/remora-mesh/remora-proxy:"));
+}
+
+#[test]
+fn settings_precedence_is_flag_env_file_built_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("injector.yaml");
+    std::fs::write(&config, "proxy-image: registry.example/proxy:file\n").unwrap();
+    let config = config.to_str().unwrap();
+    let env = [("REMORA_PROXY_IMAGE", "registry.example/proxy:env")];
+
+    let from_file = injector(&["inject", "-f", "-", "--config", config], &[], POD);
+    assert_eq!(proxy_image(&from_file), "registry.example/proxy:file");
+
+    let env_beats_file = injector(&["inject", "-f", "-", "--config", config], &env, POD);
+    assert_eq!(proxy_image(&env_beats_file), "registry.example/proxy:env");
+
+    let flag_beats_env = injector(
+        &[
+            "inject",
+            "-f",
+            "-",
+            "--config",
+            config,
+            "--proxy-image",
+            "registry.example/proxy:flag",
+        ],
+        &env,
+        POD,
+    );
+    assert_eq!(proxy_image(&flag_beats_env), "registry.example/proxy:flag");
+
+    let config_from_env = injector(&["inject", "-f", "-"], &[("REMORA_CONFIG", config)], POD);
+    assert_eq!(proxy_image(&config_from_env), "registry.example/proxy:file");
+}
+
+#[test]
+fn bad_settings_exit_1_naming_the_setting() {
+    let output = injector(
+        &["inject", "-f", "-"],
+        &[("REMORA_PROXY_MEMORY_LIMIT", "lots")],
+        POD,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("proxy-memory-limit") && stderr.contains("\"lots\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unparsable_input_exits_1_naming_document_and_line() {
+    let input = format!("{POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [\n");
+    let output = injector(&["inject", "-f", "-"], &[], &input);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "nothing is written on error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("document 2 (line "), "{stderr}");
+}
+
+#[test]
+fn a_missing_file_exits_1_naming_it() {
+    let output = injector(&["inject", "-f", "/nonexistent/pods.yaml"], &[], "");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/pods.yaml"), "{stderr}");
+}
+
+#[test]
+fn warnings_go_to_stderr() {
+    let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers: [{name: app, image: busybox}]\n";
+    let output = injector(&["inject", "-f", "-"], &[], input);
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), input);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("hostNetwork"), "{stderr}");
+}
