@@ -3,6 +3,7 @@
 # scripts/bench/bench.py (seats interleaved in network namespaces; results under results/).
 #   BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench     # quick smoke run
 #   BENCH_SEATS=direct,haproxy BENCH_PARTS=proxy make bench
+#   scripts/bench.sh profile    # perf counters + perf record of remora-proxy under wrk
 # Needs root: network namespaces and iptables inside them (never the host's own rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,18 @@ fi
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
   cargo build --release --workspace --bins
+fi
+
+if [ "${1:-}" = profile ]; then
+  # The same optimizations, plus symbols and frame pointers for `perf record -g`, built in a
+  # target dir of its own so the shared target/release stays as it is.
+  if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    RUSTFLAGS="-C force-frame-pointers=yes" CARGO_PROFILE_RELEASE_STRIP=none \
+      CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+      cargo build --release -p remora-proxy --target-dir target/bench-profile
+  fi
+  BENCH_MODE=profile BENCH_PROFILE_BIN="${BENCH_PROFILE_BIN:-target/bench-profile/release/remora-proxy}" \
+    exec python3 scripts/bench/bench.py
 fi
 
 exec python3 scripts/bench/bench.py "$@"

@@ -343,7 +343,7 @@ class Seat:
             argv = ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
         else:
-            binary = BIN_DIR / "remora-proxy"
+            binary = Path(os.environ.get("BENCH_PROFILE_SEAT_BIN", BIN_DIR / "remora-proxy"))
             if not binary.exists():
                 raise BenchError(f"{binary} is missing (cargo build --release --workspace --bins)")
             argv = [binary] + os.environ.get("BENCH_REMORA_ARGS", "").split()
@@ -740,6 +740,98 @@ def bench_init(work):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Profile mode: where remora-proxy's CPU goes under the wrk load, next to HAProxy's counters.
+
+
+def fold_stacks(script_text):
+    """`perf script` output to folded stacks (`frame;frame;leaf count`), for flamegraph tools."""
+    folded, stack = {}, []
+    for line in script_text.splitlines():
+        if not line.strip():
+            if stack:
+                key = ";".join(reversed(stack))
+                folded[key] = folded.get(key, 0) + 1
+            stack = []
+        elif line.startswith((" ", "\t")):
+            parts = line.strip().split(None, 1)
+            sym = parts[1] if len(parts) > 1 else parts[0]
+            sym = re.sub(r"\+0x[0-9a-f]+ \(", " (", sym)
+            stack.append(re.sub(r" \(.*\)$", "", sym) or "?")
+        else:
+            stack = []
+    return folded
+
+
+def profile():
+    binary = Path(os.environ.get("BENCH_PROFILE_BIN", BIN_DIR / "remora-proxy"))
+    s = SECONDS
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    os.chmod(work, 0o755)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = [f"# remora-proxy profile, {stamp} (commit {git_commit()}, binary {binary})", ""]
+    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    wrk = ["wrk", "-t2", "-c50", f"-d{s}s", url]
+    events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
+    try:
+        pod, remote = make_pod()
+        start_nginx(remote, work)
+        apply_rules(pod)
+        for name in ("haproxy", "remora"):
+            seat = Seat(name, pod, work)
+            if name == "remora":
+                os.environ["BENCH_PROFILE_SEAT_BIN"] = str(binary)
+            seat.start()
+            try:
+                pid = str(seat.proc.pid)
+                stat = JANITOR.spawn(["perf", "stat", "-x", ",", "-e", events, "-p", pid,
+                                      "--", "sleep", str(s)], log_path=work / f"{name}.stat")
+                out = parse_wrk(run(seat.client(wrk), timeout=s + 30).stdout)
+                stat.wait(timeout=30)
+                counters = {}
+                for line in (work / f"{name}.stat").read_text().splitlines():
+                    f = line.split(",")
+                    if len(f) > 3 and f[0].replace(".", "").isdigit():
+                        counters[f[2]] = float(f[0])
+                report += [f"## {SEAT_NAMES[name]} under wrk -c50 ({s} s): {out['rps']:,.0f} req/s", ""]
+                for k, v in counters.items():
+                    report.append(f"- {k}: {v:,.0f} total, {v / out['requests']:.3f} per request")
+                report.append("")
+                if name != "remora":
+                    continue
+                data = work / "perf.data"
+                rec = JANITOR.spawn(["perf", "record", "-F", "499", "-g", "-o", data, "-p", pid,
+                                     "--", "sleep", str(s)], log_path=work / "record.log")
+                run(seat.client(wrk), timeout=s + 30)
+                rec.wait(timeout=60)
+                for title, args in (
+                    ("self time by symbol", ["--no-children", "--sort", "symbol"]),
+                    ("self time by shared object", ["--no-children", "--sort", "dso"]),
+                    ("inclusive time (children) by symbol", ["--children", "--sort", "symbol",
+                                                             "-g", "none"]),
+                ):
+                    rep = run(["perf", "report", "-i", data, "--stdio", "--percent-limit", "0.7"]
+                              + args, timeout=120).stdout
+                    lines = [l for l in rep.splitlines() if l.strip() and not l.startswith("#")]
+                    report += [f"### {title}", "", "```"] + lines[:45] + ["```", ""]
+                script = run(["perf", "script", "-i", data], timeout=300).stdout
+                folded = fold_stacks(script)
+                path = RESULTS / f"profile-{stamp}.folded"
+                path.write_text("".join(f"{k} {v}\n" for k, v in
+                                        sorted(folded.items(), key=lambda kv: -kv[1])))
+                report.append(f"Folded stacks (for flamegraph.pl or inferno-flamegraph): {path}")
+            finally:
+                seat.stop()
+    finally:
+        JANITOR.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    path = RESULTS / f"profile-{stamp}.md"
+    path.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    log(f"wrote {path}")
+
+
 def tool_versions():
     v = {}
     for name, argv in (("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]),
@@ -913,6 +1005,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     try:
-        main()
+        if os.environ.get("BENCH_MODE") == "profile":
+            profile()
+        else:
+            main()
     finally:
         JANITOR.cleanup()
