@@ -182,6 +182,8 @@ pub enum CertError {
     },
     #[error("{object} kept changing under us: gave up after {MAX_ATTEMPTS} attempts (another writer is fighting over it?)")]
     TooManyConflicts { object: String },
+    #[error("connecting to the Kubernetes API (in-cluster service account, or kubeconfig outside a cluster) for --manage-certs: {0}")]
+    Client(Box<kube::Error>),
     #[error("writing {}: {source}", path.display())]
     WriteFile {
         path: PathBuf,
@@ -866,6 +868,26 @@ pub async fn start(
     );
     let missing = first.webhook == WebhookSync::Missing;
     Ok(tokio::spawn(run_after(client, opts, missing)))
+}
+
+/// `serve --manage-certs`: connects to the API server with the pod's service account, makes
+/// sure the certificate files are written, and keeps them current in the background. Without
+/// the flag it does nothing and the files are expected from elsewhere.
+pub async fn start_if_enabled(
+    args: &ManageCertsArgs,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Option<tokio::task::JoinHandle<()>>, CertError> {
+    let Some(opts) = args.options(cert_file, key_file) else {
+        return Ok(None);
+    };
+    // The kube client builds its TLS config from the process default provider: make it ring,
+    // the workspace's one provider, whatever else is linked.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = Client::try_default()
+        .await
+        .map_err(|e| CertError::Client(Box::new(e)))?;
+    start(client, opts).await.map(Some)
 }
 
 /// Keeps the certificates current forever: one pass per resync period (with jitter), sooner

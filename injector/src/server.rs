@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
+use crate::certs::{self, CertError, ManageCertsArgs};
 use crate::config::{Config, ConfigArgs, ConfigError};
 use crate::metrics::{self, Metrics, ReviewResult};
 use crate::review::{self, WebhookPath};
@@ -53,6 +54,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    #[command(flatten)]
+    pub certs: ManageCertsArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Certs(#[from] CertError),
     #[error("binding the webhook listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -432,6 +438,8 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>, ServeError> {
 /// binds the listener and serves until SIGTERM or SIGINT.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let config = args.config.load()?;
+    // --manage-certs: the files are written from the Secret before the first load below.
+    let _cert_manager = certs::start_if_enabled(&args.certs, &args.tls.cert, &args.tls.key).await?;
     let certs = Arc::new(CertResolver::default());
     let mut reloader = CertReloader::new(args.tls.clone(), certs.clone());
     // The first load is synchronous so a good certificate is served from the first connection;
