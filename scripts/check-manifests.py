@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Checks the rendered manifests say what SPEC says; run by scripts/check-manifests.sh.
 
-usage: check-manifests.py BASE.yaml CERT_MANAGER.yaml EXAMPLES.yaml VERSION
+usage: check-manifests.py BASE.yaml CERT_MANAGER.yaml EXAMPLES.yaml VERSION [REMORA_INJECTOR]
 Each file is the `kubectl kustomize` output of manifests/, manifests/cert-manager and
-manifests/examples. Prints one line per check group and exits 1 on the first failure.
+manifests/examples. With the path of a built remora-injector, also checks that it accepts the
+Deployments' arguments and environment. Prints one line per check group and exits 1 on the
+first failure.
 """
 
+import os
+import subprocess
 import sys
 
 import yaml
@@ -262,6 +266,32 @@ def check_examples(docs):
     print("ok: examples (a meshed namespace, a workload, a pod that opts out)")
 
 
+PROBE_POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: probe}\nspec:\n  containers: [{name: app, image: busybox}]\n"
+
+
+def check_binary_accepts(deployment, binary, what):
+    """The Deployment's args parse, and its REMORA_* variables are ones the injector reads."""
+    c = container(deployment)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    for var in c.get("env") or []:
+        env[var["name"]] = var.get("value", OWN_NAMESPACE)  # valueFrom: the downward API's value
+    # clap stops at --help only once every argument before it parsed.
+    run = subprocess.run([binary, *c["args"], "--help"], env=env, capture_output=True, text=True, timeout=30)
+    check(run.returncode == 0, f"{what}: remora-injector rejects {c['args']}: {run.stderr.strip()}")
+    # Every variable the Deployment sets must be one `serve` reads (clap lists them as [env: NAME=]).
+    known = " ".join(run.stdout.split())
+    for var in c.get("env") or []:
+        check(f"{var['name']}=" in known, f"{what}: env {var['name']} is not read by `remora-injector serve`")
+    # A variable with a wrong name would be ignored silently: inject with probe values instead.
+    probes = {k: f"example.invalid/{k.lower().replace('_', '-')}:probe" for k in env if k.endswith("_IMAGE")}
+    run = subprocess.run([binary, "inject", "-f", "-"], env={**env, **probes}, input=PROBE_POD,
+                         capture_output=True, text=True, timeout=30)
+    check(run.returncode == 0, f"{what}: remora-injector inject fails with the Deployment's environment: {run.stderr.strip()}")
+    for var, image in probes.items():
+        check(image in run.stdout, f"{what}: {var} is not read by remora-injector (its value never reaches the pod)")
+    print(f"ok: {what}: remora-injector accepts the Deployment's arguments and environment")
+
+
 if __name__ == "__main__":
     base_file, cert_manager_file, examples_file, version = sys.argv[1:5]
     try:
@@ -272,6 +302,9 @@ if __name__ == "__main__":
         check_self_managed(base)
         check_cert_manager(load(cert_manager_file), version)
         check_examples(load(examples_file))
+        if len(sys.argv) > 5:
+            check_binary_accepts(one(load(base_file), "Deployment", NAME), sys.argv[5], "manifests")
+            check_binary_accepts(one(load(cert_manager_file), "Deployment", NAME), sys.argv[5], "manifests/cert-manager")
     except CheckFailed as failure:
         print(f"FAIL: {failure}", file=sys.stderr)
         sys.exit(1)

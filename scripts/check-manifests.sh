@@ -58,4 +58,7 @@ while IFS= read -r kustomization; do
 done < <(find manifests -name kustomization.yaml | sort)
 [ "$status" = 0 ] || exit "$status"
 
-"$python" scripts/check-manifests.py "$out/manifests.yaml" "$out/cert-manager.yaml" "$out/examples.yaml" "$version"
+# With the injector built (make test builds first), also run it on the Deployments' arguments.
+injector=target/debug/remora-injector
+[ -x "$injector" ] || injector=
+"$python" scripts/check-manifests.py "$out/manifests.yaml" "$out/cert-manager.yaml" "$out/examples.yaml" "$version" $injector
