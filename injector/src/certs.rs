@@ -1181,14 +1181,18 @@ mod tests {
         })
     }
 
-    fn registered_bundles(api: &FakeApi) -> Vec<Vec<u8>> {
+    /// Each webhook's caBundle, decoded (PEM text reads better in a failed assertion).
+    fn registered_bundles(api: &FakeApi) -> Vec<String> {
         let config: MutatingWebhookConfiguration =
             serde_json::from_value(api.get(MWC).unwrap()).unwrap();
         config
             .webhooks
             .unwrap_or_default()
             .into_iter()
-            .map(|w| w.client_config.ca_bundle.map(|b| b.0).unwrap_or_default())
+            .map(|w| {
+                String::from_utf8_lossy(&w.client_config.ca_bundle.map(|b| b.0).unwrap_or_default())
+                    .into_owned()
+            })
             .collect()
     }
 
@@ -1280,7 +1284,7 @@ mod tests {
         let secret = api.get(SECRET).unwrap();
         assert_eq!(secret["type"], "kubernetes.io/tls");
         assert_eq!(stored(&api), Stored::from(&done.material));
-        let bundle = done.material.ca_bundle.as_bytes().to_vec();
+        let bundle = done.material.ca_bundle.clone();
         assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
         assert_eq!(
             std::fs::read_to_string(&opts.cert_file).unwrap(),
@@ -1368,7 +1372,7 @@ mod tests {
                 Method::PATCH
             ]
         );
-        let bundle = theirs.ca_bundle.as_bytes().to_vec();
+        let bundle = theirs.ca_bundle.clone();
         assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
         assert_eq!(
             std::fs::read_to_string(&opts.cert_file).unwrap(),
@@ -1394,7 +1398,7 @@ mod tests {
             std::fs::read(&opts_a.cert_file).unwrap(),
             std::fs::read(&opts_b.cert_file).unwrap()
         );
-        let bundle = a.material.ca_bundle.as_bytes().to_vec();
+        let bundle = a.material.ca_bundle.clone();
         assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
     }
 
@@ -1421,7 +1425,7 @@ mod tests {
             WebhookSync::Patched(vec!["pod.inject.remora.io".into()])
         );
         assert_eq!(api.writes(), vec![(Method::PATCH, MWC.to_string())]);
-        let bundle = material.ca_bundle.as_bytes().to_vec();
+        let bundle = material.ca_bundle.clone();
         assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
 
         api.clear_log();
@@ -1451,7 +1455,7 @@ mod tests {
                 (Method::PATCH, MWC.to_string())
             ]
         );
-        let bundle = material.ca_bundle.as_bytes().to_vec();
+        let bundle = material.ca_bundle.clone();
         assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
     }
 
@@ -1584,7 +1588,7 @@ mod tests {
         // Still serving the certificate the old CA signed, which the API server still trusts.
         assert_eq!(done.material.tls_cert, old.tls_cert);
         assert!(serves_for_every_name(&done.material, &opts, now));
-        let registered = done.material.ca_bundle.as_bytes().to_vec();
+        let registered = done.material.ca_bundle.clone();
         assert_eq!(
             registered_bundles(&api),
             vec![registered.clone(), registered]
@@ -1682,6 +1686,43 @@ mod tests {
             "{:?}",
             planned.changes
         );
+    }
+
+    #[tokio::test]
+    async fn the_background_loop_repairs_a_reset_registration_and_lost_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CertOptions {
+            resync_period: Duration::from_millis(50),
+            ..options(&dir)
+        };
+        let api = FakeApi::default();
+        api.put(MWC, webhook_config([None, None]));
+        let manager = start(api.client(), opts.clone()).await.unwrap();
+        let material = stored(&api);
+        let bundle = material.ca_bundle.clone().unwrap();
+        assert_eq!(
+            registered_bundles(&api),
+            vec![bundle.clone(), bundle.clone()]
+        );
+
+        // `kubectl replace` of the registration drops caBundle; the files vanish.
+        api.put(MWC, webhook_config([None, None]));
+        std::fs::remove_file(&opts.cert_file).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && (registered_bundles(&api) != vec![bundle.clone(), bundle.clone()]
+                || !opts.cert_file.exists())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        manager.abort();
+
+        assert_eq!(registered_bundles(&api), vec![bundle.clone(), bundle]);
+        assert_eq!(
+            std::fs::read_to_string(&opts.cert_file).ok(),
+            material.tls_cert
+        );
+        assert_eq!(stored(&api), material, "the loop rewrote a valid Secret");
     }
 
     #[test]
