@@ -51,7 +51,7 @@ DEPLOY ?= manifests
 images:
 	@for image in injector proxy init; do \
 	  echo "building $(REGISTRY)/remora-$$image:$(TAG)"; \
-	  $(DOCKER) build -f docker/Dockerfile --target $$image -t $(REGISTRY)/remora-$$image:$(TAG) . || exit 1; \
+	  DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --target $$image -t $(REGISTRY)/remora-$$image:$(TAG) . || exit 1; \
 	  if [ -n "$(PUSH)" ]; then $(DOCKER) push $(REGISTRY)/remora-$$image:$(TAG) || exit 1; fi; \
 	done
 
