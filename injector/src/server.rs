@@ -349,20 +349,23 @@ async fn inject(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    answer_review(&state, WebhookPath::Inject, body)
+    answer_review(state, WebhookPath::Inject, body).await
 }
 
 async fn inject_opt_in(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    answer_review(&state, WebhookPath::OptIn, body)
+    answer_review(state, WebhookPath::OptIn, body).await
 }
 
-/// Reviews inline on the async worker: the review is pure CPU work well under a millisecond even
-/// for a pod with hundreds of containers, cheaper than a hop to the blocking pool.
-fn answer_review(
-    state: &AppState,
+/// Bodies up to this size are reviewed inline on the async worker; larger ones on the blocking
+/// pool. Measured (release): a 200-container pod (35 KB) reviews in about 0.4 ms, cheaper than
+/// the hop; a 7.5 MiB one takes about 110 ms, which would stall every connection on that worker.
+const INLINE_REVIEW_BYTES: usize = 256 * 1024;
+
+async fn answer_review(
+    state: Arc<AppState>,
     path: WebhookPath,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -375,7 +378,22 @@ fn answer_review(
             return rejection.into_response();
         }
     };
-    match review::review(&body, path, &state.config) {
+    let reviewed = if body.len() <= INLINE_REVIEW_BYTES {
+        review::review(&body, path, &state.config)
+    } else {
+        let (shared, body) = (state.clone(), body.clone());
+        match tokio::task::spawn_blocking(move || review::review(&body, path, &shared.config)).await
+        {
+            Ok(reviewed) => reviewed,
+            Err(error) => {
+                // Only a panic in the review gets here; answer rather than drop the connection.
+                tracing::error!(%error, "the review task failed");
+                state.metrics.record(ReviewResult::Error, started.elapsed());
+                return (StatusCode::INTERNAL_SERVER_ERROR, "review failed\n").into_response();
+            }
+        }
+    };
+    match reviewed {
         Ok(reviewed) => {
             let result = ReviewResult::from(reviewed.outcome);
             state.metrics.record(result, started.elapsed());

@@ -157,6 +157,28 @@ fn a_pod_without_annotations_or_volumes_gets_them_created() {
 }
 
 #[test]
+fn a_large_pod_is_reviewed_too() {
+    run(async {
+        let pki = Pki::new("remora test CA");
+        let server = TestServer::start(Some(&pki), Timeouts::default()).await;
+        let client = Client::new(server.addr, &pki.ca_pem, Version::Http2);
+        // Large enough to be reviewed on the blocking pool rather than inline.
+        let pod = pod("large", 3000);
+        let body = admission_review("large", &pod).to_string();
+        assert!(body.len() > 256 * 1024, "{} bytes", body.len());
+        let answer = client.post("/inject", body).await;
+        let patch = response_patch(&answer, "large").expect("a patch");
+        let injected = kubectl_patch(&pod, &patch);
+        assert_eq!(
+            names(&injected["spec"]["initContainers"]),
+            ["remora-init", "remora-proxy"]
+        );
+        assert_eq!(injected["spec"]["containers"], pod["spec"]["containers"]);
+        server.stop().await;
+    });
+}
+
+#[test]
 fn the_opt_in_path_injects_only_pods_that_opt_in() {
     run(async {
         let pki = Pki::new("remora test CA");
