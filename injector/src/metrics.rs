@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -64,12 +65,43 @@ struct ReviewLabels {
     result: ReviewResult,
 }
 
+/// The `result` label of `remora_injector_tls_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReloadResult {
+    /// New certificate files were loaded and are being served.
+    Loaded,
+    /// New certificate files could not be used; the previous certificate stays.
+    Rejected,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loaded => "loaded",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+impl EncodeLabelValue for ReloadResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
+}
+
 /// The registry and the handles the server updates.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reviews: Family<ReviewLabels, Counter>,
     review_duration: Histogram,
+    tls_reloads: Family<ReloadLabels, Counter>,
+    tls_expiration: Gauge,
 }
 
 impl Default for Metrics {
@@ -97,10 +129,27 @@ impl Metrics {
             "Time from a complete request body to a response, in seconds",
             review_duration.clone(),
         );
+        let tls_reloads = Family::<ReloadLabels, Counter>::default();
+        for result in [ReloadResult::Loaded, ReloadResult::Rejected] {
+            let _ = tls_reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "tls_reloads",
+            "Changes of the TLS certificate files, by whether they were loaded or rejected",
+            tls_reloads.clone(),
+        );
+        let tls_expiration = Gauge::default();
+        registry.register(
+            "tls_certificate_expiration_timestamp_seconds",
+            "When the served certificate expires (notAfter, Unix seconds); 0 before one is loaded",
+            tls_expiration.clone(),
+        );
         Self {
             registry,
             reviews,
             review_duration,
+            tls_reloads,
+            tls_expiration,
         }
     }
 
@@ -108,6 +157,24 @@ impl Metrics {
     pub fn record(&self, result: ReviewResult, elapsed: Duration) {
         self.reviews.get_or_create(&ReviewLabels { result }).inc();
         self.review_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one change of the certificate files; `expires` is the new certificate's notAfter
+    /// in Unix seconds, when it was loaded and could be read.
+    pub fn record_reload(&self, result: ReloadResult, expires: Option<i64>) {
+        self.tls_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+        if let Some(expires) = expires {
+            self.tls_expiration.set(expires);
+        }
+    }
+
+    /// The current value of `remora_injector_tls_reloads_total{result}`.
+    pub fn reloads(&self, result: ReloadResult) -> u64 {
+        self.tls_reloads
+            .get_or_create(&ReloadLabels { result })
+            .get()
     }
 
     /// The current value of `remora_injector_reviews_total{result}`.
@@ -160,5 +227,24 @@ mod tests {
         // 300 µs falls in the 0.0005 bucket, 50 µs in the first one.
         assert!(text.contains("remora_injector_review_duration_seconds_bucket{le=\"0.0001\"} 1"));
         assert!(text.contains("remora_injector_review_duration_seconds_bucket{le=\"0.0005\"} 2"));
+    }
+
+    #[test]
+    fn reloads_and_the_expiry_are_exported() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        assert!(text.contains("remora_injector_tls_reloads_total{result=\"rejected\"} 0"));
+        assert!(text.contains("remora_injector_tls_certificate_expiration_timestamp_seconds 0"));
+        metrics.record_reload(ReloadResult::Loaded, Some(1_900_000_000));
+        metrics.record_reload(ReloadResult::Rejected, None);
+        let text = metrics.encode();
+        assert!(text.contains("remora_injector_tls_reloads_total{result=\"loaded\"} 1"));
+        assert!(text.contains("remora_injector_tls_reloads_total{result=\"rejected\"} 1"));
+        assert!(
+            text.contains(
+                "remora_injector_tls_certificate_expiration_timestamp_seconds 1900000000"
+            ),
+            "{text}"
+        );
     }
 }

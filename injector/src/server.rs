@@ -458,14 +458,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let config = args.config.load()?;
     // --manage-certs: the files are written from the Secret before the first load below.
     let _cert_manager = certs::start_if_enabled(&args.certs, &args.tls.cert, &args.tls.key).await?;
+    let metrics = Arc::new(Metrics::new());
     let certs = Arc::new(CertResolver::default());
-    let mut reloader = CertReloader::new(args.tls.clone(), certs.clone());
+    let mut reloader =
+        CertReloader::new(args.tls.clone(), certs.clone()).with_metrics(metrics.clone());
     // The first load is synchronous so a good certificate is served from the first connection;
     // a missing one is logged and waited for (readiness says so).
     reloader.poll_and_log(true);
     tokio::spawn(reloader.run(tls::RELOAD_INTERVAL));
 
-    let server = Server::new(config, certs, Arc::new(Metrics::new()))?;
+    let server = Server::new(config, certs, metrics)?;
     let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(args.listen)
         .await

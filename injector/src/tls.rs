@@ -16,6 +16,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+use crate::metrics::{Metrics, ReloadResult};
+
 /// How often the certificate files are re-read by [`serve`](crate::server::serve).
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -146,6 +148,13 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// The end-entity certificate's notAfter in Unix seconds.
+fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let der = key.end_entity_cert().ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// What one look at the files found.
 #[derive(Debug)]
 pub enum Reload {
@@ -167,6 +176,7 @@ pub struct CertReloader {
     installed: Option<(Vec<u8>, Vec<u8>)>,
     /// The last failure seen and whether it was logged, so a lasting problem is logged once.
     last_failure: Option<(String, bool)>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl CertReloader {
@@ -176,7 +186,14 @@ impl CertReloader {
             resolver,
             installed: None,
             last_failure: None,
+            metrics: None,
         }
+    }
+
+    /// Also count reloads and export the served certificate's expiry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reads both files once; loads and installs them if their content is new.
@@ -210,11 +227,16 @@ impl CertReloader {
             }
             Reload::Reloaded => {
                 self.last_failure = None;
+                let expires = self.resolver.current().and_then(|key| not_after(&key));
                 tracing::info!(
                     cert = %self.files.cert.display(),
                     key = %self.files.key.display(),
+                    not_after = expires,
                     "loaded the TLS certificate"
                 );
+                if let Some(metrics) = &self.metrics {
+                    metrics.record_reload(ReloadResult::Loaded, expires);
+                }
                 true
             }
             Reload::Failed(error) => {
@@ -225,6 +247,9 @@ impl CertReloader {
                 };
                 let log_now = !logged && (eager || seen_before);
                 if log_now {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.record_reload(ReloadResult::Rejected, None);
+                    }
                     if self.resolver.is_loaded() {
                         tracing::warn!(%error, "TLS certificate files changed but can't be used; still serving the previous certificate");
                     } else {

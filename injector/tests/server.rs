@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::{Method, StatusCode};
-use remora_injector::metrics::ReviewResult;
+use remora_injector::metrics::{ReloadResult, ReviewResult};
 use remora_injector::server::{Timeouts, MAX_BODY_BYTES};
 use serde_json::{json, Value};
 use server_support::*;
@@ -334,6 +334,21 @@ fn health_readiness_and_metrics() {
             "{before}"
         );
         assert!(before.contains("remora_injector_review_duration_seconds_count 0"));
+        assert!(before.contains("remora_injector_tls_reloads_total{result=\"loaded\"} 1"));
+        let expiration: i64 = before
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("remora_injector_tls_certificate_expiration_timestamp_seconds ")
+            })
+            .expect("expiration gauge")
+            .parse()
+            .expect("integer seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        // rcgen's default validity runs far into the future.
+        assert!(expiration > now, "{expiration} <= {now}");
 
         let review = admission_review("m", &pod("m", 1)).to_string();
         conn.request(Method::POST, "/inject", review).await;
@@ -387,9 +402,16 @@ fn a_certificate_swapped_on_disk_is_served_on_the_next_handshake() {
         // A broken update (a key that does not match) is not taken: the second one stays.
         let third = Pki::new("third CA");
         server.secret.write(&third.cert_pem, &second.key_pem);
-        tokio::time::sleep(RELOAD_INTERVAL * 5).await;
+        let metrics = server.metrics.clone();
+        eventually(Duration::from_secs(10), || async {
+            (metrics.reloads(ReloadResult::Rejected) == 1).then_some(())
+        })
+        .await
+        .expect("the mismatched pair is rejected");
         let (_, presented) = new_client.handshake().await.expect("handshake");
         assert_eq!(presented, second.cert_der);
+        assert_eq!(server.metrics.reloads(ReloadResult::Loaded), 2);
+        assert_eq!(server.metrics.reloads(ReloadResult::Rejected), 1);
         server.stop().await;
     });
 }

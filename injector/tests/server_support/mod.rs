@@ -141,12 +141,13 @@ impl TestServer {
         if let Some(pki) = pki {
             secret.write_pki(pki);
         }
+        let metrics = Arc::new(Metrics::new());
         let certs = Arc::new(CertResolver::default());
-        let mut reloader = CertReloader::new(secret.files(), certs.clone());
+        let mut reloader =
+            CertReloader::new(secret.files(), certs.clone()).with_metrics(metrics.clone());
         reloader.poll_and_log(true);
         let reloader = tokio::spawn(reloader.run(RELOAD_INTERVAL));
 
-        let metrics = Arc::new(Metrics::new());
         let server = Server::new(default_config(), certs, metrics.clone())
             .expect("server")
             .with_timeouts(timeouts);
