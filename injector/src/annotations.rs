@@ -466,11 +466,11 @@ pub fn pod_settings(
     let warnings = annotations
         .keys()
         .filter(|key| key.starts_with(PREFIX) && !KNOWN.contains(&key.as_str()))
-        .map(|key| {
-            format!(
-                "annotation {key} is not a remora annotation and is ignored (known: {})",
-                KNOWN[2..].join(", ")
-            )
+        .map(|key| match closest_known(key) {
+            Some(known) => format!(
+                "remora: annotation {key} is not one remora reads and is ignored (did you mean {known}?)"
+            ),
+            None => format!("remora: annotation {key} is not one remora reads and is ignored"),
         })
         .collect();
 
@@ -487,6 +487,31 @@ pub fn pod_settings(
         },
         warnings,
     ))
+}
+
+/// The known annotation a typo most likely meant: at most three edits away.
+fn closest_known(key: &str) -> Option<&'static str> {
+    KNOWN
+        .iter()
+        .map(|known| (edit_distance(key, known), *known))
+        .filter(|(distance, _)| *distance <= 3)
+        .min()
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance, by bytes (annotation keys are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.as_bytes().iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// Kubernetes rejects a container whose request exceeds its limit; blame the annotation that
@@ -920,6 +945,14 @@ mod tests {
         .unwrap();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("remora.io/proxy-cpu-limits"));
-        assert!(warnings[0].contains(PROXY_CPU_LIMIT));
+        assert!(
+            warnings[0].ends_with("(did you mean remora.io/proxy-cpu-limit?)"),
+            "{warnings:?}"
+        );
+        let (_, warnings) = settings(&[("remora.io/sidecar", "x")]).unwrap();
+        assert_eq!(
+            warnings,
+            ["remora: annotation remora.io/sidecar is not one remora reads and is ignored"]
+        );
     }
 }

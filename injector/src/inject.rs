@@ -774,7 +774,23 @@ mod tests {
         for (name, path, pod, want) in cases {
             let decision = decide(&pod, path, &Config::default());
             assert_eq!(summary(&decision), want, "case {name}: {decision:?}");
+            if let Decision::Skip {
+                warning: Some(warning),
+                ..
+            } = &decision
+            {
+                assert_short(warning);
+            }
         }
+    }
+
+    /// The API server may truncate a warning past 256 characters.
+    fn assert_short(warning: &str) {
+        assert!(
+            warning.len() <= 256,
+            "{} characters: {warning}",
+            warning.len()
+        );
     }
 
     fn inject(pod: &Pod) -> (Patch, Vec<String>) {
@@ -1005,6 +1021,7 @@ mod tests {
             },
         })));
         assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        warnings.iter().for_each(|w| assert_short(w));
         assert!(
             warnings[0].contains("container web runs as uid 1337"),
             "{warnings:#?}"

@@ -75,6 +75,8 @@ struct AdmissionRequest {
     namespace: Option<String>,
     operation: Option<String>,
     #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
     object: Option<Value>,
 }
 
@@ -103,10 +105,16 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
         .request
         .ok_or_else(|| ReviewError::NotAReview("no request".to_string()))?;
 
+    // A pod itself, not one of its subresources (binding, eviction, ephemeralcontainers, …).
     let is_pod = request
         .kind
         .as_ref()
-        .is_some_and(|gvk| gvk.group.is_empty() && gvk.kind == "Pod");
+        .is_some_and(|gvk| gvk.group.is_empty() && gvk.kind == "Pod")
+        && request
+            .sub_resource
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty();
     let object = match request.object {
         Some(object) if is_pod && request.operation.as_deref() == Some("CREATE") => object,
         // Only pod creations are ours to change; anything else is let through untouched.
@@ -243,6 +251,17 @@ mod tests {
             (
                 "not a pod",
                 admission_review("CREATE", "ConfigMap", json!({"data": {}})),
+                WebhookPath::Inject,
+            ),
+            (
+                "pod subresource",
+                {
+                    let mut review: Value =
+                        serde_json::from_slice(&admission_review("CREATE", "Pod", pod(json!({}))))
+                            .unwrap();
+                    review["request"]["subResource"] = json!("ephemeralcontainers");
+                    serde_json::to_vec(&review).unwrap()
+                },
                 WebhookPath::Inject,
             ),
             (
