@@ -212,10 +212,7 @@ fn requires_windows(spec: &PodSpec) -> bool {
 
 /// Warnings for pod containers that would bypass or collide with the proxy.
 fn collision_warnings(spec: &PodSpec, proxy_uid: u32) -> Vec<String> {
-    let pod_uid = spec
-        .security_context
-        .as_ref()
-        .and_then(|context| context.run_as_user);
+    let pod_context = spec.security_context.as_ref();
     let all = spec
         .init_containers
         .iter()
@@ -223,14 +220,24 @@ fn collision_warnings(spec: &PodSpec, proxy_uid: u32) -> Vec<String> {
         .chain(spec.containers.iter());
     let mut warnings = Vec::new();
     for container in all {
-        let uid = container
-            .security_context
-            .as_ref()
-            .and_then(|context| context.run_as_user)
-            .or(pod_uid);
-        if uid == Some(i64::from(proxy_uid)) {
+        let context = container.security_context.as_ref();
+        // remora-init exempts the proxy's uid and its gid (the same number): either one
+        // inherited from the pod or set on the container lets traffic skip the proxy.
+        let uid = context
+            .and_then(|c| c.run_as_user)
+            .or(pod_context.and_then(|c| c.run_as_user));
+        let gid = context
+            .and_then(|c| c.run_as_group)
+            .or(pod_context.and_then(|c| c.run_as_group));
+        let proxy_id = Some(i64::from(proxy_uid));
+        let runs_as = match (uid == proxy_id, gid == proxy_id) {
+            (true, _) => Some("uid"),
+            (false, true) => Some("gid"),
+            (false, false) => None,
+        };
+        if let Some(id) = runs_as {
             warnings.push(format!(
-                "remora: container {} runs as uid {proxy_uid}, the proxy's uid: its traffic is \
+                "remora: container {} runs as {id} {proxy_uid}, the proxy's {id}: its traffic is \
                  not redirected and bypasses the proxy (set remora.io/proxy-uid to another uid)",
                 container.name
             ));
@@ -1039,6 +1046,18 @@ mod tests {
             "{warnings:#?}"
         );
         assert!(!warnings.iter().any(|w| w.contains("setup")));
+    }
+
+    #[test]
+    fn warns_about_the_proxy_gid() {
+        let (_, warnings) = inject(&pod_with(|p| {
+            p["spec"]["securityContext"] = json!({"runAsUser": 1000, "runAsGroup": 1337});
+        }));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("container web runs as gid 1337"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
