@@ -262,8 +262,11 @@ impl ConfigArgs {
                 &defaults.init_resources.memory_limit,
             )?,
         };
-        check_requests_within_limits("proxy", &proxy_resources)?;
-        check_requests_within_limits("init", &init_resources)?;
+        check_requests_within_limits(
+            ("proxy-cpu-request", "proxy-memory-request"),
+            &proxy_resources,
+        )?;
+        check_requests_within_limits(("init-cpu-request", "init-memory-request"), &init_resources)?;
 
         let proxy_uid = match text(&self.proxy_uid, file.proxy_uid) {
             None => defaults.proxy_uid,
@@ -331,14 +334,12 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     })
 }
 
+/// Kubernetes refuses a container whose request is above its limit: refuse such defaults at
+/// startup, naming the request setting.
 fn check_requests_within_limits(
-    container: &'static str,
+    (cpu_setting, memory_setting): (&'static str, &'static str),
     resources: &Resources,
 ) -> Result<(), ConfigError> {
-    let (cpu_setting, memory_setting) = match container {
-        "proxy" => ("proxy-cpu-request", "proxy-memory-request"),
-        _ => ("init-cpu-request", "init-memory-request"),
-    };
     if resources.cpu_request > resources.cpu_limit {
         return Err(ConfigError::Invalid {
             setting: cpu_setting,
