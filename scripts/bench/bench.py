@@ -556,8 +556,10 @@ def targets(summary, injector, init):
     r, h, d = summary.get("remora", {}), summary.get("haproxy", {}), summary.get("direct", {})
     if r:
         rh, rd = ratio(r.get("rps"), h.get("rps")), ratio(r.get("rps"), d.get("rps"))
-        check("throughput >= 1.1x HAProxy", rh, rh is not None and rh >= 1.1, fmt(rh) + "x")
-        check("throughput >= 0.4x direct", rd, rd is not None and rd >= 0.4, fmt(rd) + "x")
+        check("throughput >= 1.1x HAProxy", rh, rh is not None and rh >= 1.1, fmt(rh) + "x"
+              if rh is not None else "n/a")
+        check("throughput >= 0.4x direct", rd, rd is not None and rd >= 0.4, fmt(rd) + "x"
+              if rd is not None else "n/a")
         for pct in ("p50", "p99"):
             a, b = r.get(f"added_{pct}_1000"), h.get(f"added_{pct}_1000")
             check(f"added {pct} at 1000 rps <= HAProxy's", a,
@@ -770,7 +772,7 @@ def profile():
     os.chmod(work, 0o755)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = [f"# remora-proxy profile, {stamp} (commit {git_commit()}, binary {binary})", ""]
+    report = [f"# proxy profile, {stamp} (commit {git_commit()}, binary {binary})", ""]
     url = f"http://{REMOTE_V4}:{H1_PORT}/"
     wrk = ["wrk", "-t2", "-c50", f"-d{s}s", url]
     events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
@@ -778,7 +780,7 @@ def profile():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
-        for name in ("haproxy", "remora"):
+        for name in os.environ.get("BENCH_PROFILE_SEATS", "haproxy,remora").split(","):
             seat = Seat(name, pod, work)
             if name == "remora":
                 os.environ["BENCH_PROFILE_SEAT_BIN"] = str(binary)
@@ -796,31 +798,43 @@ def profile():
                         counters[f[2]] = float(f[0])
                 report += [f"## {SEAT_NAMES[name]} under wrk -c50 ({s} s): {out['rps']:,.0f} req/s", ""]
                 for k, v in counters.items():
-                    report.append(f"- {k}: {v:,.0f} total, {v / out['requests']:.3f} per request")
+                    unit = " ms" if k == "task-clock" else ""
+                    report.append(f"- {k}: {v:,.0f}{unit} total, "
+                                  f"{v / out['requests']:.4f}{unit} per request")
                 report.append("")
-                if name != "remora":
+                if name not in os.environ.get("BENCH_PROFILE_RECORD", "remora").split(","):
                     continue
-                data = work / "perf.data"
+                data = work / f"perf-{name}.data"
                 rec = JANITOR.spawn(["perf", "record", "-F", "499", "-g", "-o", data, "-p", pid,
                                      "--", "sleep", str(s)], log_path=work / "record.log")
                 run(seat.client(wrk), timeout=s + 30)
                 rec.wait(timeout=60)
-                for title, args in (
-                    ("self time by symbol", ["--no-children", "--sort", "symbol"]),
-                    ("self time by shared object", ["--no-children", "--sort", "dso"]),
-                    ("inclusive time (children) by symbol", ["--children", "--sort", "symbol",
-                                                             "-g", "none"]),
+                for title, *args in (
+                    ("self time by symbol", ["--no-children", "--sort", "dso,symbol",
+                                             "-g", "none", "--percent-limit", "0.7"], 45),
+                    ("self time by shared object", ["--no-children", "--sort", "dso",
+                                                    "-g", "none", "--percent-limit", "0.5"], 15),
+                    ("inclusive time by symbol", ["--children", "--sort", "symbol", "-g", "none",
+                                                  "--percent-limit", "3"], 60),
+                    ("call graph of the hottest self time", [
+                        "--no-children", "--sort", "symbol", "-g", "caller,2,callee",
+                        "--percent-limit", "4"], 150),
                 ):
-                    rep = run(["perf", "report", "-i", data, "--stdio", "--percent-limit", "0.7"]
-                              + args, timeout=120).stdout
-                    lines = [l for l in rep.splitlines() if l.strip() and not l.startswith("#")]
-                    report += [f"### {title}", "", "```"] + lines[:45] + ["```", ""]
+                    args, limit = args[0], args[1]
+                    rep = run(["perf", "report", "-i", data, "--stdio"] + args,
+                              timeout=120).stdout
+                    lines = [l.rstrip() for l in rep.splitlines()
+                             if l.strip() and not l.startswith("#")]
+                    report += [f"### {SEAT_NAMES[name]}: {title}", "", "```"] + lines[:limit] \
+                        + ["```", ""]
                 script = run(["perf", "script", "-i", data], timeout=300).stdout
                 folded = fold_stacks(script)
-                path = RESULTS / f"profile-{stamp}.folded"
+                path = RESULTS / f"profile-{stamp}-{name}.folded"
                 path.write_text("".join(f"{k} {v}\n" for k, v in
                                         sorted(folded.items(), key=lambda kv: -kv[1])))
-                report.append(f"Folded stacks (for flamegraph.pl or inferno-flamegraph): {path}")
+                svg = path.with_suffix(".svg")
+                run([sys.executable, HERE / "flamegraph.py", path, "-o", svg], check=False)
+                report.append(f"Folded stacks: {path}; flame graph: {svg}")
             finally:
                 seat.stop()
     finally:
