@@ -45,6 +45,8 @@ impl Outcome {
 pub struct Reviewed {
     pub response: serde_json::Value,
     pub outcome: Outcome,
+    /// Why the pod was left alone (e.g. `hostNetwork`, `not a pod creation`), for logs.
+    pub skip_reason: Option<&'static str>,
 }
 
 /// A body that is not an AdmissionReview: answered with HTTP 400 and this message.
@@ -118,7 +120,7 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
     let object = match request.object {
         Some(object) if is_pod && request.operation.as_deref() == Some("CREATE") => object,
         // Only pod creations are ours to change; anything else is let through untouched.
-        _ => return Ok(skipped(&request.uid, None)),
+        _ => return Ok(skipped(&request.uid, "not a pod creation", None)),
     };
     let mut pod: Pod = serde_json::from_value(object)
         .map_err(|err| ReviewError::NotAReview(format!("request.object is not a Pod: {err}")))?;
@@ -143,9 +145,10 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
             Reviewed {
                 response: envelope(response),
                 outcome: Outcome::Injected,
+                skip_reason: None,
             }
         }
-        Decision::Skip { warning, .. } => skipped(&request.uid, warning),
+        Decision::Skip { reason, warning } => skipped(&request.uid, reason.as_str(), warning),
         Decision::Deny { message } => Reviewed {
             response: envelope(json!({
                 "uid": request.uid,
@@ -153,11 +156,12 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
                 "status": { "code": 400, "message": message },
             })),
             outcome: Outcome::Denied,
+            skip_reason: None,
         },
     })
 }
 
-fn skipped(uid: &str, warning: Option<String>) -> Reviewed {
+fn skipped(uid: &str, reason: &'static str, warning: Option<String>) -> Reviewed {
     let mut response = json!({ "uid": uid, "allowed": true });
     if let Some(warning) = warning {
         response["warnings"] = json!([warning]);
@@ -165,6 +169,7 @@ fn skipped(uid: &str, warning: Option<String>) -> Reviewed {
     Reviewed {
         response: envelope(response),
         outcome: Outcome::Skipped,
+        skip_reason: Some(reason),
     }
 }
 
@@ -307,6 +312,7 @@ mod tests {
             .as_array()
             .unwrap();
         assert!(warnings[0].as_str().unwrap().contains("hostNetwork"));
+        assert_eq!(reviewed.skip_reason, Some("hostNetwork"));
         assert!(reviewed.response["response"].get("patch").is_none());
     }
 
