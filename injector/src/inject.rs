@@ -826,6 +826,15 @@ mod tests {
     }
 
     #[test]
+    fn pointer_tokens_are_escaped() {
+        assert_eq!(
+            pointer(&["metadata", "annotations", "remora.io/status"]).to_string(),
+            "/metadata/annotations/remora.io~1status"
+        );
+        assert_eq!(pointer(&["a~b/c", "~/"]).to_string(), "/a~0b~1c/~0~1");
+    }
+
+    #[test]
     fn a_bare_pod_gets_its_maps_and_lists_created() {
         let (patch, warnings) = inject(&pod(base_pod()));
         assert!(warnings.is_empty(), "{warnings:?}");
