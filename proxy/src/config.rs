@@ -1,0 +1,272 @@
+//! The command line of `remora-proxy`, and the derived runtime settings (listeners, worker threads).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use remora_init::PortList;
+
+/// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
+/// server-first protocols, where the client waits for a greeting and detection could only time
+/// out. Kept equal to the injector's default so a hand-run proxy behaves like an injected one.
+pub const DEFAULT_OPAQUE_PORTS: &str = "21,25,110,143,587,3306,4222";
+
+/// The most worker threads the proxy starts unless `--workers` says otherwise: a sidecar shares
+/// the pod's CPU with the application, and two threads already carry well over what one pod needs.
+const DEFAULT_MAX_WORKERS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{flag}: {value:?} is not a duration (expected e.g. 500ms, 2s or 1m)")]
+    Duration { flag: &'static str, value: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Plain,
+}
+
+/// remora-proxy: the remora sidecar. Carries the pod's redirected TCP traffic to where it was going.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Listener for the pod's outbound traffic. 127.0.0.1 also listens on [::1] where the pod has IPv6.
+    #[arg(long, default_value = "127.0.0.1:15001", value_name = "ADDR")]
+    pub outbound_listen: SocketAddr,
+
+    /// Listener for the pod's inbound traffic. 0.0.0.0 also listens on [::] (IPv6 only) where the pod has IPv6.
+    #[arg(long, default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    pub inbound_listen: SocketAddr,
+
+    /// Listener for /live, /ready and /metrics. 0.0.0.0 also listens on [::] where the pod has IPv6.
+    #[arg(long, default_value = "0.0.0.0:15020", value_name = "ADDR")]
+    pub admin_listen: SocketAddr,
+
+    /// Destination ports carried as plain TCP without protocol detection (e.g. 25,3306,9000-9100).
+    #[arg(long, default_value = DEFAULT_OPAQUE_PORTS, value_name = "LIST")]
+    pub opaque_ports: PortList,
+
+    /// Log filter: error, warn, info, debug, trace (or a tracing directive).
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[arg(long, value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+
+    /// Log one line per HTTP request: direction, method, authority, path, status, duration, bytes.
+    #[arg(long)]
+    pub access_log: bool,
+
+    /// How long to wait for a TCP connection to a destination before answering 502 (HTTP) or
+    /// resetting the client (opaque). 2s lets one lost SYN be retransmitted (Linux retries after
+    /// 1s) yet fails well before a client's own timeouts.
+    #[arg(long, default_value = "2s", value_parser = parse_connect_timeout, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// After SIGTERM, how long in-flight requests and connections may take before the proxy
+    /// exits. Native sidecars get SIGTERM only after the app containers have stopped, so 10s is
+    /// ample and leaves most of the default 30s grace period unused.
+    #[arg(long, default_value = "10s", value_parser = parse_drain_timeout, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// Worker threads [default: the cgroup CPU limit rounded up, at least 1, at most 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+}
+
+fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
+    parse_duration(value).ok_or(ConfigError::Duration {
+        flag: "--connect-timeout",
+        value: value.to_string(),
+    })
+}
+
+fn parse_drain_timeout(value: &str) -> Result<Duration, ConfigError> {
+    parse_duration(value).ok_or(ConfigError::Duration {
+        flag: "--drain-timeout",
+        value: value.to_string(),
+    })
+}
+
+/// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+impl Args {
+    /// The outbound listeners: the flag's address, plus `[::1]` for `127.0.0.1`.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        with_ipv6_companion(self.outbound_listen)
+    }
+
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        with_ipv6_companion(self.inbound_listen)
+    }
+
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        with_ipv6_companion(self.admin_listen)
+    }
+}
+
+/// The remora-init rules redirect both families to one port; the IPv6 listener on that same
+/// port is derived here so the command line names each listener once.
+fn with_ipv6_companion(addr: SocketAddr) -> Vec<SocketAddr> {
+    let companion = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => Some(Ipv6Addr::LOCALHOST),
+        IpAddr::V4(ip) if ip.is_unspecified() => Some(Ipv6Addr::UNSPECIFIED),
+        _ => None,
+    };
+    let mut addrs = vec![addr];
+    addrs.extend(companion.map(|ip| SocketAddr::new(ip.into(), addr.port())));
+    addrs
+}
+
+/// Worker threads: the CPU limit of the proxy's cgroup (rounded up), else the CPUs it may run
+/// on; at least 1 and at most [`DEFAULT_MAX_WORKERS`].
+pub fn worker_threads(flag: Option<u16>) -> usize {
+    if let Some(n) = flag {
+        return usize::from(n);
+    }
+    let cpus = cgroup_cpu_limit(Path::new("/"))
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1);
+    cpus.clamp(1, DEFAULT_MAX_WORKERS)
+}
+
+/// The CPU limit from cgroup v2 `cpu.max` (the process's own cgroup, then the mount root as
+/// seen inside a container), or cgroup v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`. `root` is `/`
+/// except in tests.
+fn cgroup_cpu_limit(root: &Path) -> Option<usize> {
+    let sys = root.join("sys/fs/cgroup");
+    let own = std::fs::read_to_string(root.join("proc/self/cgroup"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("0::"))
+                .map(|path| PathBuf::from(path.trim().trim_start_matches('/')))
+        });
+    let mut v2 = Vec::new();
+    if let Some(own) = &own {
+        v2.push(sys.join(own).join("cpu.max"));
+    }
+    v2.push(sys.join("cpu.max"));
+    for path in v2 {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut fields = text.split_whitespace();
+            return match (fields.next(), fields.next()) {
+                (Some("max"), _) => None,
+                (Some(quota), Some(period)) => cpus_from_quota(quota, period),
+                _ => None,
+            };
+        }
+    }
+    for dir in ["cpu", "cpu,cpuacct"] {
+        let quota = std::fs::read_to_string(sys.join(dir).join("cpu.cfs_quota_us"));
+        let period = std::fs::read_to_string(sys.join(dir).join("cpu.cfs_period_us"));
+        if let (Ok(quota), Ok(period)) = (quota, period) {
+            return cpus_from_quota(quota.trim(), period.trim());
+        }
+    }
+    None
+}
+
+/// `quota/period` CPUs rounded up; `-1` (v1's "no limit") and nonsense give `None`.
+fn cpus_from_quota(quota: &str, period: &str) -> Option<usize> {
+    let quota: u64 = quota.parse().ok()?;
+    let period: u64 = period.parse().ok()?;
+    if period == 0 || quota == 0 {
+        return None;
+    }
+    usize::try_from(quota.div_ceil(period)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_the_usual_units() {
+        for (text, expected) in [
+            ("250ms", Duration::from_millis(250)),
+            ("2s", Duration::from_secs(2)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("3", Duration::from_secs(3)),
+            ("1m", Duration::from_secs(60)),
+        ] {
+            assert_eq!(parse_duration(text), Some(expected), "{text}");
+        }
+        for bad in ["", "s", "1h", "-1s", "fast"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_flag() {
+        let err = Args::try_parse_from(["remora-proxy", "--connect-timeout", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--connect-timeout"), "{err}");
+    }
+
+    #[test]
+    fn loopback_and_wildcard_listeners_get_an_ipv6_companion() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        let text = |addrs: Vec<SocketAddr>| {
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(text(args.outbound_addrs()), "127.0.0.1:15001 [::1]:15001");
+        assert_eq!(text(args.inbound_addrs()), "0.0.0.0:15006 [::]:15006");
+        assert_eq!(text(args.admin_addrs()), "0.0.0.0:15020 [::]:15020");
+        let args =
+            Args::try_parse_from(["remora-proxy", "--outbound-listen", "198.18.0.1:9"]).unwrap();
+        assert_eq!(text(args.outbound_addrs()), "198.18.0.1:9");
+    }
+
+    #[test]
+    fn the_default_opaque_ports_are_the_server_first_protocols() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert!(args.opaque_ports.contains(3306) && args.opaque_ports.contains(25));
+        assert!(!args.opaque_ports.contains(80));
+        let err = Args::try_parse_from(["remora-proxy", "--opaque-ports", "9-1"]).unwrap_err();
+        assert!(err.to_string().contains("9-1"), "{err}");
+    }
+
+    #[test]
+    fn cpu_limits_round_up_and_no_limit_is_none() {
+        assert_eq!(cpus_from_quota("50000", "100000"), Some(1));
+        assert_eq!(cpus_from_quota("150000", "100000"), Some(2));
+        assert_eq!(cpus_from_quota("-1", "100000"), None);
+        assert_eq!(cpus_from_quota("100000", "0"), None);
+    }
+
+    #[test]
+    fn cgroup_v2_cpu_max_of_the_own_cgroup_wins() {
+        let root = std::env::temp_dir().join(format!("remora-cg-{}", std::process::id()));
+        let own = root.join("sys/fs/cgroup/kubepods/pod1");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::create_dir_all(root.join("proc/self")).unwrap();
+        std::fs::write(root.join("proc/self/cgroup"), "0::/kubepods/pod1\n").unwrap();
+        std::fs::write(own.join("cpu.max"), "250000 100000\n").unwrap();
+        std::fs::write(root.join("sys/fs/cgroup/cpu.max"), "max 100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(&root), Some(3));
+        std::fs::write(own.join("cpu.max"), "max 100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(&root), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

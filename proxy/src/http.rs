@@ -1,0 +1,514 @@
+//! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
+//! connections are reused for the whole client connection and, for HTTP/1, pooled across
+//! client connections; upgrades and CONNECT become byte tunnels.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
+use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::connect::connect;
+use crate::listen::Context;
+use crate::metrics::{CountingIo, Protocol};
+
+/// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
+/// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
+/// requests that a closing connection never took).
+const POOL_IDLE: Duration = Duration::from_secs(4);
+/// Idle upstream connections kept per destination.
+const POOL_PER_TARGET: usize = 32;
+
+/// Idle upstream HTTP/1 connections by original destination. Touched when a client connection
+/// needs its first upstream connection and when it closes — never per request.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+type Http1Sender = client_h1::SendRequest<Incoming>;
+
+/// An upstream connection waiting in the pool, and since when.
+type Idle = (Http1Sender, Instant);
+
+impl Pool {
+    fn checkout(&self, target: SocketAddr) -> Option<Http1Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&target)?;
+        let mut found = None;
+        while let Some((sender, since)) = list.pop() {
+            if sender.is_ready() && since.elapsed() < POOL_IDLE {
+                found = Some(sender);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.remove(&target);
+        }
+        found
+    }
+
+    fn checkin(&self, target: SocketAddr, sender: Http1Sender) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(target).or_default();
+        if list.len() < POOL_PER_TARGET {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// Drops expired and closed connections; run periodically so idle sockets do not linger.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, list| {
+            list.retain(|(sender, since)| sender.is_ready() && since.elapsed() < POOL_IDLE);
+            !list.is_empty()
+        });
+    }
+
+    pub async fn sweep_forever(&self) {
+        let mut tick = tokio::time::interval(POOL_IDLE);
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Upstream(hyper::Error),
+}
+
+/// One client connection's destination, shared by its requests.
+struct Route {
+    target: SocketAddr,
+    cx: Context,
+    protocol: Protocol,
+}
+
+impl Route {
+    async fn dial(&self) -> Result<TokioIo<TcpStream>, Failure> {
+        match connect(self.target, self.cx.proxy.connect_timeout).await {
+            Ok(stream) => Ok(TokioIo::new(stream)),
+            Err(error) => {
+                self.cx.metrics.connect_errors.inc();
+                Err(Failure::Connect(error))
+            }
+        }
+    }
+
+    /// Turns the upstream result into the client's response and records it.
+    fn respond(
+        &self,
+        start: Instant,
+        log: Option<Box<AccessLog>>,
+        result: Result<Response<Incoming>, Failure>,
+    ) -> Response<ResponseBody> {
+        let response = match result {
+            Ok(response) => response.map(Inner::Upstream),
+            Err(failure) => {
+                warn!(direction = self.cx.direction(), target = %self.target, error = %failure, "answering 502");
+                let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
+                let mut response = Response::new(Inner::Local(Some(body)));
+                *response.status_mut() = StatusCode::BAD_GATEWAY;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                response
+            }
+        };
+        let status = response.status().as_u16();
+        self.cx.metrics.latency.observe(start.elapsed());
+        self.cx.metrics.count_request(self.protocol, status);
+        let log = log.map(|mut log| {
+            log.status = status;
+            log
+        });
+        response.map(|inner| ResponseBody { inner, log })
+    }
+
+    fn access_log<B>(&self, request: &Request<B>, start: Instant) -> Option<Box<AccessLog>> {
+        self.cx
+            .proxy
+            .access_log
+            .then(|| Box::new(AccessLog::new(request, self, start)))
+    }
+}
+
+/// Serves one HTTP/1 client connection until it closes or the drain asks it to.
+pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
+    let state = Arc::new(Http1Upstream {
+        route: Route {
+            target,
+            cx,
+            protocol: Protocol::http1,
+        },
+        current: Mutex::new(None),
+    });
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(state.forward(request).await) }
+    });
+    let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
+    let mut connection = pin!(server_h1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(io, service)
+        .with_upgrades());
+    let mut drain = cx.proxy.drain.watch();
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.signaled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(direction = cx.direction(), %target, %error, "HTTP/1 client connection ended with an error");
+    }
+}
+
+/// Serves one HTTP/2 client connection; its streams share one upstream HTTP/2 connection.
+pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
+    let state = Arc::new(H2Upstream {
+        route: Route {
+            target,
+            cx,
+            protocol: Protocol::h2,
+        },
+        current: tokio::sync::Mutex::new(None),
+    });
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(state.forward(request).await) }
+    });
+    let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
+    let mut connection = pin!(server_h2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(io, service));
+    let mut drain = cx.proxy.drain.watch();
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.signaled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(direction = cx.direction(), %target, %error, "HTTP/2 client connection ended with an error");
+    }
+}
+
+/// The upstream side of one HTTP/1 client connection.
+struct Http1Upstream {
+    route: Route,
+    /// The upstream connection of this client connection. HTTP/1 serves one request at a
+    /// time, so this per-connection mutex is never contended: one uncontended atomic each way.
+    current: Mutex<Option<Http1Sender>>,
+}
+
+impl Http1Upstream {
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let log = self.route.access_log(&request, start);
+        let tunnel = wants_tunnel(&request).then(|| hyper::upgrade::on(&mut request));
+        let is_connect = request.method() == Method::CONNECT;
+        let mut result = self.send(request, tunnel.is_some()).await;
+        if let (Some(client_side), Ok(response)) = (tunnel, result.as_mut()) {
+            let accepted = response.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (is_connect && response.status().is_success());
+            if accepted {
+                let upstream_side = hyper::upgrade::on(response);
+                let guard = self.route.cx.proxy.drain.guard();
+                let direction = self.route.cx.direction();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    match tokio::try_join!(client_side, upstream_side) {
+                        Ok((client, upstream)) => {
+                            let (mut client, mut upstream) =
+                                (TokioIo::new(client), TokioIo::new(upstream));
+                            if let Err(error) =
+                                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                            {
+                                debug!(direction, %error, "tunnel ended with an error");
+                            }
+                        }
+                        Err(error) => debug!(direction, %error, "upgrade failed"),
+                    }
+                });
+            }
+        }
+        self.route.respond(start, log, result)
+    }
+
+    /// Sends on this connection's upstream connection, else a pooled one, else a new one. A
+    /// request that a reused connection never took (it was closing) is retried once on a new
+    /// connection: nothing of it reached the destination.
+    async fn send(
+        &self,
+        mut request: Request<Incoming>,
+        tunnel: bool,
+    ) -> Result<Response<Incoming>, Failure> {
+        let mut reused = self.take();
+        if let Some(sender) = reused.as_mut() {
+            // Ready once the previous response has been read to its end.
+            if sender.ready().await.is_err() {
+                reused = None;
+            }
+        }
+        let (mut sender, mut fresh) = match reused {
+            Some(sender) => (sender, false),
+            None => (self.dial().await?, true),
+        };
+        loop {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    // A tunnel takes the connection over; otherwise it serves the next request.
+                    if !tunnel {
+                        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+                    }
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        sender = self.dial().await?;
+                        fresh = true;
+                    }
+                    _ => return Err(Failure::Upstream(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The connection's current upstream connection or a pooled one, once ready.
+    fn take(&self) -> Option<Http1Sender> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        current
+            .filter(|sender| !sender.is_closed())
+            .or_else(|| self.route.cx.proxy.pool.checkout(self.route.target))
+    }
+
+    async fn dial(&self) -> Result<Http1Sender, Failure> {
+        let io = self.route.dial().await?;
+        let (sender, connection) = client_h1::handshake(io).await.map_err(Failure::Upstream)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%error, "upstream HTTP/1 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Drop for Http1Upstream {
+    /// The client connection is gone: its upstream connection can serve other clients.
+    fn drop(&mut self) {
+        let current = self
+            .current
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(sender) = current {
+            if !self.route.cx.proxy.drain.is_draining() {
+                self.route.cx.proxy.pool.checkin(self.route.target, sender);
+            }
+        }
+    }
+}
+
+/// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
+struct H2Upstream {
+    route: Route,
+    /// Held across the dial so that a burst of first streams opens one connection, not many;
+    /// afterwards each stream holds it only to clone the handle.
+    current: tokio::sync::Mutex<Option<client_h2::SendRequest<Incoming>>>,
+}
+
+impl H2Upstream {
+    async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let log = self.route.access_log(&request, start);
+        let result = self.send(request).await;
+        self.route.respond(start, log, result)
+    }
+
+    async fn send(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+        let (mut sender, mut fresh) = self.sender(false).await?;
+        loop {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        (sender, fresh) = self.sender(true).await?;
+                    }
+                    _ => return Err(Failure::Upstream(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The upstream connection's handle and whether it was just dialled.
+    async fn sender(
+        &self,
+        replace: bool,
+    ) -> Result<(client_h2::SendRequest<Incoming>, bool), Failure> {
+        let mut current = self.current.lock().await;
+        if let Some(sender) = current.as_ref() {
+            if !replace && sender.is_ready() {
+                return Ok((sender.clone(), false));
+            }
+        }
+        let io = self.route.dial().await?;
+        let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(Failure::Upstream)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *current = Some(sender.clone());
+        Ok((sender, true))
+    }
+}
+
+/// An HTTP/1 request that asks to leave HTTP: `Upgrade` (WebSocket) or `CONNECT`.
+fn wants_tunnel<B>(request: &Request<B>) -> bool {
+    request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
+}
+
+enum Inner {
+    Upstream(Incoming),
+    /// A response the proxy makes itself (502).
+    Local(Option<Bytes>),
+}
+
+/// The body sent back to the client: the upstream body as it streams in, or the proxy's own.
+pub struct ResponseBody {
+    inner: Inner,
+    log: Option<Box<AccessLog>>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let poll = match &mut this.inner {
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Local(body) => Poll::Ready(body.take().map(|data| Ok(Frame::data(data)))),
+        };
+        if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
+            if let Some(data) = frame.data_ref() {
+                log.bytes += data.len() as u64;
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Local(body) => body.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(body) => body.size_hint(),
+            Inner::Local(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))
+            }
+        }
+    }
+}
+
+/// One access-log line, written when the response body is finished or abandoned.
+pub struct AccessLog {
+    direction: &'static str,
+    protocol: Protocol,
+    target: SocketAddr,
+    method: Method,
+    authority: String,
+    path: String,
+    status: u16,
+    start: Instant,
+    bytes: u64,
+}
+
+impl AccessLog {
+    fn new<B>(request: &Request<B>, route: &Route, start: Instant) -> Self {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|authority| authority.as_str())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|host| host.to_str().ok())
+            })
+            .unwrap_or("")
+            .to_string();
+        Self {
+            direction: route.cx.direction(),
+            protocol: route.protocol,
+            target: route.target,
+            method: request.method().clone(),
+            authority,
+            path: request.uri().path().to_string(),
+            status: 0,
+            start,
+            bytes: 0,
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        info!(
+            target: "remora_proxy::access",
+            direction = self.direction,
+            protocol = ?self.protocol,
+            target_addr = %self.target,
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            status = self.status,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            bytes = self.bytes,
+        );
+    }
+}

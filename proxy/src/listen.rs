@@ -1,0 +1,159 @@
+//! The listeners: binding them (IPv6 companions optional), accepting until the drain starts, and
+//! sending each connection down the right path (refuse, opaque, HTTP/1, HTTP/2).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use remora_init::PortList;
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::connect::reset;
+use crate::detect::{detect, Detected};
+use crate::drain::Drain;
+use crate::http::Pool;
+use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::{http, opaque, orig_dst};
+
+/// What every connection shares; lives for the whole process.
+#[derive(Debug)]
+pub struct Proxy {
+    pub connect_timeout: Duration,
+    pub opaque_ports: PortList,
+    /// The outbound and inbound listener ports: a destination on one of them is a loop.
+    pub proxy_ports: [u16; 2],
+    pub access_log: bool,
+    pub metrics: Metrics,
+    pub pool: Pool,
+    pub drain: Drain,
+    /// Set once every required listener is bound.
+    pub ready: AtomicBool,
+}
+
+/// One connection's direction and the handles it updates.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    pub proxy: &'static Proxy,
+    pub metrics: &'static DirectionMetrics,
+}
+
+impl Context {
+    pub fn new(proxy: &'static Proxy, direction: Direction) -> Self {
+        Self {
+            proxy,
+            metrics: proxy.metrics.direction(direction),
+        }
+    }
+
+    pub fn direction(&self) -> &'static str {
+        self.metrics.direction.as_str()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Binds one listener. IPv6 listeners are IPv6-only so that `[::]` and `0.0.0.0` on one port
+/// can coexist and each family's SO_ORIGINAL_DST is read the right way.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let bind = || -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|source| BindError { addr, source })
+}
+
+/// Binds `addrs`: the first is required, the others (IPv6 companions) are skipped with a log
+/// line when the pod has no IPv6.
+pub fn bind_all(addrs: &[SocketAddr], what: &str) -> Result<Vec<TcpListener>, BindError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for (i, &addr) in addrs.iter().enumerate() {
+        match bind(addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(error) if i > 0 => {
+                warn!(listener = what, %addr, %error, "no IPv6 listener (a pod without IPv6?); continuing with IPv4 only")
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(listeners)
+}
+
+/// Accepts connections until the drain starts, then drops the listener (closing it).
+pub async fn accept_loop(listener: TcpListener, cx: Context) {
+    let mut drain = cx.proxy.drain.watch();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.signaled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, cx));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(direction = cx.direction(), %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Decrements the open-connections gauge however the connection ends.
+struct Open(&'static DirectionMetrics);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, cx: Context) {
+    let _guard = cx.proxy.drain.guard();
+    cx.metrics.connections.inc();
+    cx.metrics.open.inc();
+    let _open = Open(cx.metrics);
+    let target = match orig_dst::target(&stream, cx.metrics.direction, &cx.proxy.proxy_ports) {
+        Ok(target) => target,
+        Err(refused) => {
+            warn!(direction = cx.direction(), %peer, reason = %refused, "connection refused");
+            reset(stream);
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let protocol = if cx.proxy.opaque_ports.contains(target.port()) {
+        Detected::Opaque
+    } else {
+        match detect(&stream).await {
+            Ok(protocol) => protocol,
+            Err(error) => {
+                debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
+                return;
+            }
+        }
+    };
+    debug!(direction = cx.direction(), %peer, %target, ?protocol, "connection");
+    match protocol {
+        Detected::Opaque => opaque::forward(stream, target, &cx).await,
+        Detected::Http1 => http::serve_http1(stream, target, cx).await,
+        Detected::H2 => http::serve_h2(stream, target, cx).await,
+    }
+}

@@ -1,0 +1,31 @@
+//! Opaque TCP: bytes copied both ways until each side has closed, half-closes preserved.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::connect::{connect, reset};
+use crate::listen::Context;
+use crate::metrics::CountingIo;
+
+pub async fn forward(client: TcpStream, target: SocketAddr, cx: &Context) {
+    let upstream = match connect(target, cx.proxy.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            cx.metrics.connect_errors.inc();
+            warn!(direction = cx.direction(), %target, %error, "connect failed; resetting the client");
+            reset(client);
+            return;
+        }
+    };
+    let mut client = CountingIo::new(client, cx.metrics);
+    let mut upstream = upstream;
+    // copy_bidirectional shuts down each write side when the other side's read ends, which is
+    // exactly TCP half-close.
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(direction = cx.direction(), %target, %error, "opaque connection ended with an error; resetting both sides");
+        reset(client.into_inner());
+        reset(upstream);
+    }
+}

@@ -1,0 +1,595 @@
+//! remora-proxy end to end: a pod made of namespaces, remora-init's real rules, the proxy as uid
+//! 1337, an app in the pod and servers on the remote host; real sockets throughout.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_e2e::*;
+
+/// A pod with remora-init's rules and a running remora-proxy.
+struct Mesh {
+    // Field order: the proxy is killed before the namespaces go.
+    proxy: Proc,
+    log: PathBuf,
+    pod: Pod,
+}
+
+impl Mesh {
+    fn new(init_args: &[&str], proxy_args: &[&str]) -> Self {
+        let pod = Pod::new().expect("building the pod");
+        let out = pod
+            .pod
+            .command(bin("remora-init"))
+            .args(init_args)
+            .output()
+            .expect("spawning remora-init");
+        assert!(
+            out.status.success(),
+            "remora-init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = std::env::temp_dir().join(format!("{}-proxy.log", pod.pod.name()));
+        let file = std::fs::File::create(&log).expect("creating the proxy log");
+        let proxy = Proc::spawn(
+            pod.pod
+                .command_as(PROXY_UID, PROXY_UID, bin("remora-proxy"))
+                .args(["--log-format", "plain", "--access-log"])
+                .args(proxy_args)
+                .stdout(Stdio::null())
+                .stderr(file),
+        )
+        .expect("spawning remora-proxy");
+        let mesh = Self { proxy, log, pod };
+        assert!(
+            wait_until(Duration::from_secs(10), || mesh.ready() == Some(200)),
+            "the proxy never became ready: {}",
+            mesh.log()
+        );
+        mesh
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/ready`'s status code, or `None` when the admin port does not answer.
+    fn ready(&self) -> Option<u16> {
+        let out = curl(
+            &self.pod.pod,
+            &["-o", "/dev/null", "-w", "%{http_code}", ADMIN_READY],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&code| code != 0)
+    }
+
+    fn metrics(&self) -> String {
+        let out = curl(&self.pod.pod, &["http://127.0.0.1:15020/metrics"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The value of one series, `name{labels}` exactly as exposed; 0 when absent.
+    fn metric(&self, series: &str) -> f64 {
+        value(&self.metrics(), series)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- remora-proxy log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+const ADMIN_READY: &str = "http://127.0.0.1:15020/ready";
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// curl inside `ns`, always bounded in time.
+fn curl(ns: &NetNs, args: &[&str]) -> Output {
+    ns.command("curl")
+        .args(["-sS", "--max-time", "5"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawning curl")
+}
+
+/// `curl -w '%{http_code} '` + body.
+fn get(ns: &NetNs, args: &[&str]) -> (u16, String) {
+    let mut argv = vec!["-w", "\n%{http_code}"];
+    argv.extend_from_slice(args);
+    let out = curl(ns, &argv);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// An HTTP/1.1 + HTTP/2 (prior knowledge) server on `addr` inside `ns`:
+/// `/slow` answers after 1.5 s, `/ws` upgrades and then echoes bytes, anything else says
+/// `hello <path> <version>`.
+fn http_server(ns: &NetNs, addr: SocketAddr) {
+    let listener = ns
+        .run_in(move || std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(answer);
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+}
+
+async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_string();
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    if path == "/ws" {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let (mut reader, mut writer) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        response
+            .headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        return Ok(response);
+    }
+    let _ = request.body_mut().collect().await;
+    let body = format!("hello {path} {:?}", request.version());
+    Ok(Response::new(Full::new(Bytes::from(body))))
+}
+
+/// A plain TCP server inside `ns`: `greet` is written on accept (a server-first protocol),
+/// then every byte read is echoed.
+fn tcp_server(ns: &NetNs, addr: SocketAddr, greet: &'static [u8]) {
+    let listener = ns
+        .run_in(move || std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = stream.write_all(greet);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = stream.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// Connects from inside `ns` with short timeouts.
+fn connect(ns: &NetNs, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    ns.run_in(move || {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        // These fail on a connection the other side has already reset; reads then fail at once.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(3)));
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    })
+    .unwrap()
+}
+
+fn read_until_closed_or(stream: &mut TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+const OUT_H1: &str =
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"200\"}";
+const OUT_H2: &str =
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}";
+const OUT_502: &str =
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\"}";
+const IN_H1: &str =
+    "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"200\"}";
+const OUT_CONNS: &str = "remora_proxy_tcp_connections_total{direction=\"outbound\"}";
+const IN_CONNS: &str = "remora_proxy_tcp_connections_total{direction=\"inbound\"}";
+const OUT_CONNECT_ERRORS: &str = "remora_proxy_connect_errors_total{direction=\"outbound\"}";
+
+#[test]
+fn outbound_http1_and_h2_go_through_the_proxy_on_both_families() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    http_server(&mesh.pod.remote, addr(REMOTE_V6, 8080));
+
+    let (code, body) = get(&mesh.pod.pod, &["http://198.18.0.2:8080/one"]);
+    assert_eq!((code, body.as_str()), (200, "hello /one HTTP/1.1"));
+    let (code, body) = get(&mesh.pod.pod, &["http://[2001:2::2]:8080/six"]);
+    assert_eq!((code, body.as_str()), (200, "hello /six HTTP/1.1"));
+    // Two requests on one client connection: both proxied, one upstream connection reused.
+    let (code, body) = get(
+        &mesh.pod.pod,
+        &["http://198.18.0.2:8080/a", "http://198.18.0.2:8080/b"],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("hello /a") && body.contains("hello /b"),
+        "{body}"
+    );
+    let (code, body) = get(
+        &mesh.pod.pod,
+        &["--http2-prior-knowledge", "http://198.18.0.2:8080/two"],
+    );
+    assert_eq!((code, body.as_str()), (200, "hello /two HTTP/2.0"));
+
+    let metrics = mesh.metrics();
+    assert_eq!(value(&metrics, OUT_H1), 4.0, "{metrics}");
+    assert_eq!(value(&metrics, OUT_H2), 1.0, "{metrics}");
+    assert_eq!(value(&metrics, OUT_CONNS), 4.0, "{metrics}");
+    assert!(
+        value(
+            &metrics,
+            "remora_proxy_tcp_bytes_total{direction=\"outbound\",flow=\"tx\"}"
+        ) > 0.0
+    );
+    assert!(
+        value(
+            &metrics,
+            "remora_proxy_request_duration_seconds_count{direction=\"outbound\"}"
+        ) >= 5.0
+    );
+    assert!(
+        mesh.log().contains("path=/two"),
+        "access log: {}",
+        mesh.log()
+    );
+}
+
+#[test]
+fn inbound_reaches_the_app_and_a_loopback_only_app_stays_private() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.pod, addr(POD_V4, 8080));
+    http_server(&mesh.pod.pod, addr(std::net::Ipv4Addr::LOCALHOST, 8081));
+
+    let (code, body) = get(&mesh.pod.remote, &["http://198.18.0.1:8080/in"]);
+    assert_eq!((code, body.as_str()), (200, "hello /in HTTP/1.1"));
+    assert_eq!(mesh.metric(IN_H1), 1.0);
+
+    // The proxy dials the pod IP, never 127.0.0.1: the loopback-only app is not reached.
+    let (code, body) = get(&mesh.pod.remote, &["http://198.18.0.1:8081/private"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(!body.contains("hello"), "{body}");
+    // Inside the pod the app works as before (loopback is never redirected).
+    let (code, _) = get(&mesh.pod.pod, &["http://127.0.0.1:8081/local"]);
+    assert_eq!(code, 200);
+    assert_eq!(mesh.metric(IN_CONNS), 2.0);
+}
+
+#[test]
+fn a_server_first_protocol_answers_without_a_stall() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    // 7000 is not an opaque port: detection must give up quickly on its own.
+    tcp_server(&mesh.pod.remote, addr(REMOTE_V4, 7000), b"220 ready\r\n");
+    // 3306 is opaque by default: no detection at all.
+    tcp_server(&mesh.pod.remote, addr(REMOTE_V4, 3306), b"mysql-greeting\n");
+    for (port, greeting, limit_ms) in [(7000, "220 ready", 500), (3306, "mysql-greeting", 100)] {
+        let start = Instant::now();
+        let mut stream = connect(&mesh.pod.pod, addr(REMOTE_V4, port)).unwrap();
+        let seen = read_until_closed_or(&mut stream, greeting);
+        let elapsed = start.elapsed();
+        assert!(seen.contains(greeting), "port {port}: {seen:?}");
+        assert!(
+            elapsed < Duration::from_millis(limit_ms),
+            "port {port}: greeting after {elapsed:?}"
+        );
+        // Then it is a normal byte stream both ways, and half-close is carried.
+        stream.write_all(b"QUIT\r\n").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let rest = read_until_closed_or(&mut stream, "never");
+        assert_eq!(rest, "QUIT\r\n", "port {port}");
+    }
+    assert_eq!(mesh.metric(OUT_CONNS), 2.0);
+}
+
+#[test]
+fn excluded_ports_bypass_the_proxy() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&["--exclude-outbound-ports", "9000"], &[]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 9000));
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 9001));
+    let (code, _) = get(&mesh.pod.pod, &["http://198.18.0.2:9000/direct"]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        mesh.metric(OUT_CONNS),
+        0.0,
+        "port 9000 went through the proxy"
+    );
+    let (code, _) = get(&mesh.pod.pod, &["http://198.18.0.2:9001/meshed"]);
+    assert_eq!(code, 200);
+    assert_eq!(mesh.metric(OUT_CONNS), 1.0);
+}
+
+#[test]
+fn a_refused_destination_gives_502_quickly_or_a_reset_and_is_counted() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    let start = Instant::now();
+    let (code, body) = get(&mesh.pod.pod, &["http://198.18.0.2:8099/nobody"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    // Opaque: the client's connection is reset.
+    // (The reset can win the race with connect() itself.)
+    let error = connect(&mesh.pod.pod, addr(REMOTE_V4, 3306))
+        .and_then(|mut stream| stream.read(&mut [0u8; 16]))
+        .expect_err("a reset, not data or EOF");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    let metrics = mesh.metrics();
+    assert_eq!(value(&metrics, OUT_502), 1.0, "{metrics}");
+    assert_eq!(value(&metrics, OUT_CONNECT_ERRORS), 2.0, "{metrics}");
+}
+
+#[test]
+fn a_direct_connection_to_a_listener_is_refused_not_looped() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    for target in [
+        addr(std::net::Ipv4Addr::LOCALHOST, 15001),
+        addr(POD_V4, 15006),
+    ] {
+        let mut stream = match connect(&mesh.pod.pod, target) {
+            Ok(stream) => stream,
+            // Refused (reset) before connect() even returned.
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => continue,
+            Err(error) => panic!("{target}: {error}"),
+        };
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: loop\r\n\r\n");
+        let start = Instant::now();
+        let seen = read_until_closed_or(&mut stream, "HTTP/1.1");
+        assert!(seen.is_empty(), "{target}: {seen:?}");
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+    // From the remote host, the inbound port itself is not a way back into the proxy either.
+    let (code, _) = get(&mesh.pod.remote, &["http://198.18.0.1:15006/"]);
+    assert_ne!(code, 200);
+    assert_eq!(mesh.ready(), Some(200));
+    // One accepted connection each, no loop of connections.
+    let metrics = mesh.metrics();
+    assert_eq!(value(&metrics, OUT_CONNS), 1.0, "{metrics}");
+    assert!(value(&metrics, IN_CONNS) <= 3.0, "{metrics}");
+    assert!(mesh.log().contains("connection refused"), "{}", mesh.log());
+}
+
+#[test]
+fn a_websocket_upgrade_is_tunneled_both_ways() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    let mut stream = connect(&mesh.pod.pod, addr(REMOTE_V4, 8080)).unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: remote\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let head = read_until_closed_or(&mut stream, "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    for message in ["first frame", "second frame"] {
+        stream.write_all(message.as_bytes()).unwrap();
+        let echoed = read_until_closed_or(&mut stream, message);
+        assert_eq!(echoed, message);
+    }
+    let metrics = mesh.metrics();
+    assert_eq!(
+        value(
+            &metrics,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"101\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn sigterm_lets_a_slow_request_finish_then_exits_0() {
+    if !can_run() {
+        return;
+    }
+    let mut mesh = Mesh::new(&[], &["--drain-timeout", "5s"]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    let slow = mesh
+        .pod
+        .pod
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "http://198.18.0.2:8080/slow"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let open = "remora_proxy_tcp_open_connections{direction=\"outbound\"}";
+    assert!(wait_until(Duration::from_secs(2), || mesh.metric(open) == 1.0));
+    let start = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mesh.proxy.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Not ready at once; the request still completes.
+    assert!(wait_until(Duration::from_millis(500), || mesh.ready() == Some(503)));
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello /slow HTTP/1.1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = (0..100)
+        .find_map(|_| {
+            let status = mesh.proxy.child.try_wait().unwrap();
+            if status.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            status
+        })
+        .expect("the proxy did not exit after the drain");
+    assert!(status.success(), "{status:?}\n{}", mesh.log());
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn garbage_and_resets_never_crash_the_proxy() {
+    if !can_run() {
+        return;
+    }
+    let mut mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    http_server(&mesh.pod.pod, addr(POD_V4, 8080));
+    // A remote that resets every connection as soon as it has read something.
+    let resetter = mesh
+        .pod
+        .remote
+        .run_in(|| std::net::TcpListener::bind((REMOTE_V4, 8666)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in resetter.incoming().take(20) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf);
+            let _ = nix::sys::socket::setsockopt(
+                &stream,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+        }
+    });
+    let garbage: [&[u8]; 6] = [
+        b"\x00\xff\x13\x37garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \x00\xff\r\nContent-Length: -5\r\n\r\n",
+        b"GET /\xff\xfe HTTP/9.9\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        b"GET ",
+    ];
+    for (ns, target) in [
+        (&mesh.pod.pod, addr(REMOTE_V4, 8080)),
+        (&mesh.pod.remote, addr(POD_V4, 8080)),
+    ] {
+        for bytes in garbage {
+            if let Ok(mut stream) = connect(ns, target) {
+                let _ = stream.write_all(bytes);
+                let _ = stream.shutdown(Shutdown::Write);
+                let _ = read_until_closed_or(&mut stream, "\u{0}never");
+            }
+            // Abrupt resets from the client side, mid-request.
+            if let Ok(stream) = connect(ns, target) {
+                let mut stream = stream;
+                let _ = stream.write_all(&bytes[..bytes.len() / 2]);
+                let _ = nix::sys::socket::setsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::Linger,
+                    &nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    },
+                );
+            }
+        }
+    }
+    // Upstream resets: HTTP gets a 502, opaque bytes get a reset.
+    let (code, _) = get(&mesh.pod.pod, &["http://198.18.0.2:8666/reset"]);
+    assert_eq!(code, 502);
+    if let Ok(mut stream) = connect(&mesh.pod.pod, addr(REMOTE_V4, 8666)) {
+        let _ = stream.write_all(b"\x01\x02opaque");
+        let _ = read_until_closed_or(&mut stream, "never");
+    }
+    // Still alive, still ready, still proxying.
+    assert!(
+        mesh.proxy.child.try_wait().unwrap().is_none(),
+        "{}",
+        mesh.log()
+    );
+    assert_eq!(mesh.ready(), Some(200), "{}", mesh.log());
+    let (code, body) = get(&mesh.pod.pod, &["http://198.18.0.2:8080/after"]);
+    assert_eq!((code, body.as_str()), (200, "hello /after HTTP/1.1"));
+    let (code, _) = get(&mesh.pod.remote, &["http://198.18.0.1:8080/after"]);
+    assert_eq!(code, 200);
+}
