@@ -127,7 +127,7 @@ impl Route {
         let response = match result {
             Ok(response) => response.map(Inner::Upstream),
             Err(failure) => {
-                warn!(direction = self.cx.direction(), target = %self.target, error = %failure, "answering 502");
+                warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
                 let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
                 let mut response = Response::new(Inner::Local(Some(body)));
                 *response.status_mut() = StatusCode::BAD_GATEWAY;
@@ -184,7 +184,7 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
         }
     };
     if let Err(error) = result {
-        debug!(direction = cx.direction(), %target, %error, "HTTP/1 client connection ended with an error");
+        debug!(direction = cx.direction(), destination = %target, %error, "HTTP/1 client connection ended with an error");
     }
 }
 
@@ -215,7 +215,7 @@ pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
         }
     };
     if let Err(error) = result {
-        debug!(direction = cx.direction(), %target, %error, "HTTP/2 client connection ended with an error");
+        debug!(direction = cx.direction(), destination = %target, %error, "HTTP/2 client connection ended with an error");
     }
 }
 
@@ -502,7 +502,7 @@ impl Drop for AccessLog {
             target: "remora_proxy::access",
             direction = self.direction,
             protocol = ?self.protocol,
-            target_addr = %self.target,
+            destination = %self.target,
             method = %self.method,
             authority = %self.authority,
             path = %self.path,

@@ -150,7 +150,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, cx: Context) {
             }
         }
     };
-    debug!(direction = cx.direction(), %peer, %target, ?protocol, "connection");
+    debug!(direction = cx.direction(), %peer, destination = %target, ?protocol, "connection");
     match protocol {
         Detected::Opaque => opaque::forward(stream, target, &cx).await,
         Detected::Http1 => http::serve_http1(stream, target, cx).await,

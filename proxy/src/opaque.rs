@@ -14,7 +14,7 @@ pub async fn forward(client: TcpStream, target: SocketAddr, cx: &Context) {
         Ok(upstream) => upstream,
         Err(error) => {
             cx.metrics.connect_errors.inc();
-            warn!(direction = cx.direction(), %target, %error, "connect failed; resetting the client");
+            warn!(direction = cx.direction(), destination = %target, %error, "connect failed; resetting the client");
             reset(client);
             return;
         }
@@ -24,7 +24,7 @@ pub async fn forward(client: TcpStream, target: SocketAddr, cx: &Context) {
     // copy_bidirectional shuts down each write side when the other side's read ends, which is
     // exactly TCP half-close.
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        debug!(direction = cx.direction(), %target, %error, "opaque connection ended with an error; resetting both sides");
+        debug!(direction = cx.direction(), destination = %target, %error, "opaque connection ended with an error; resetting both sides");
         reset(client.into_inner());
         reset(upstream);
     }
