@@ -29,7 +29,7 @@ work=$(mktemp -d /tmp/remora-demo.XXXXXX)
 POD_V4=198.18.10.1 REMOTE_V4=198.18.10.2 POD_V6=2001:2:0:10::1 REMOTE_V6=2001:2:0:10::2
 
 cleanup() {
-  local status=$?
+  local status=${1:-$?}
   trap - EXIT INT TERM
   for ns in "$pod" "$remote" "$api"; do
     if ip netns list | grep -qw "$ns"; then
@@ -41,7 +41,9 @@ cleanup() {
   echo "cleaned up: namespaces $pod, $remote, $api and $work removed"
   exit "$status"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup 130' INT
+trap 'cleanup 143' TERM
 
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
