@@ -9,3 +9,4 @@ pub mod offline;
 pub mod review;
 pub mod server;
 pub mod tls;
+pub mod yaml;

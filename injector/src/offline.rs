@@ -176,13 +176,7 @@ pub fn inject_documents(input: &str, config: &Config) -> Result<Injected, Offlin
             output.push_str("---\n");
         }
         if changed {
-            let yaml = serde_yaml_ng::to_string(&value).map_err(|err| OfflineError::Invalid {
-                document: document.number,
-                line: document.line,
-                object: describe(&value),
-                message: format!("cannot write it as YAML: {err}"),
-            })?;
-            output.push_str(&yaml);
+            output.push_str(&crate::yaml::to_yaml(&value));
         } else {
             output.push_str(document.text.trim_matches('\n'));
             output.push('\n');

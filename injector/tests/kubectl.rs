@@ -464,3 +464,127 @@ fn offline_output_is_read_by_kubectl() {
         assert_eq!(init[1].name, "remora-proxy");
     }
 }
+
+/// kubectl reads YAML 1.1, where plain `yes`, `on`, `n` or `1_000` are not strings: every string
+/// the output re-writes must come back from kubectl as the same string.
+#[test]
+fn offline_output_strings_survive_kubectls_yaml_1_1() {
+    let tricky = [
+        "yes",
+        "Yes",
+        "NO",
+        "on",
+        "Off",
+        "y",
+        "n",
+        "Y",
+        "true",
+        "False",
+        "null",
+        "~",
+        "",
+        "1_000",
+        "1:20",
+        "0755",
+        "0x1F",
+        "0o17",
+        "1e3",
+        ".5",
+        ".inf",
+        "-.NaN",
+        "+1",
+        "2024-01-01",
+        "12",
+        "-",
+        "- a",
+        "a: b",
+        "a #b",
+        "#c",
+        "<<",
+        "=",
+        "@x",
+        "`x",
+        "!x",
+        "&x",
+        "*x",
+        "|",
+        ">",
+        "%x",
+        "?",
+        "? x",
+        "[a]",
+        "{a}",
+        "'q'",
+        "\"q\"",
+        " lead",
+        "trail ",
+        "tab\tin",
+        "line1\nline2",
+        "line1\nline2\n",
+        "ends\n\n",
+        "\nlead",
+        "  indented\nx",
+        "bell\u{7}",
+        "ünïcødé",
+        "a\\b",
+        "x\r\ny",
+        "sep\u{2028}x",
+        "nel\u{85}x",
+    ];
+    let env: Vec<Value> = tricky
+        .iter()
+        .enumerate()
+        .map(|(i, value)| json!({"name": format!("V{i}"), "value": value}))
+        .collect();
+    let labels: serde_json::Map<String, Value> = ["yes", "on", "n", "1_000", "0755", "true"]
+        .iter()
+        .enumerate()
+        .map(|(i, value)| (format!("l{i}"), json!(value)))
+        .collect();
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tricky", "labels": labels, "annotations": {"yes": "no", "on": "off"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox", "command": tricky.to_vec(), "env": env}]},
+    });
+    let injected = remora_injector::offline::inject_documents(
+        &serde_json::to_string_pretty(&pod).unwrap(),
+        &Config::default(),
+    )
+    .unwrap();
+    let mut child = Command::new(KUBECTL)
+        .args([
+            "label",
+            "--local",
+            "-f",
+            "-",
+            "remora-check=read",
+            "-o",
+            "json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(injected.output.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl could not read the output: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        injected.output
+    );
+    let read: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(read["spec"]["containers"], pod["spec"]["containers"]);
+    assert_eq!(read["metadata"]["annotations"]["yes"], "no");
+    assert_eq!(read["metadata"]["annotations"]["on"], "off");
+    for (key, value) in pod["metadata"]["labels"].as_object().unwrap() {
+        assert_eq!(&read["metadata"]["labels"][key], value, "label {key}");
+    }
+    assert_eq!(read["spec"]["initContainers"][1]["name"], "remora-proxy");
+}
