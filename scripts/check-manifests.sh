@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders every kustomization under manifests/, validates it strictly against the Kubernetes
 # 1.33 schemas (kubernetes-validate, from PyPI), and checks the webhook registration, RBAC and
-# Deployment say what SPEC and the install docs say (scripts/check-manifests.py).
+# Deployment say what SPEC and the install docs say (scripts/check-manifests.py); also validates
+# the injected golden outputs of `remora-injector inject` (injector/tests/golden/*.out.yaml).
 # Installs kubernetes-validate into target/ on first use; `make test` runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,28 @@ while IFS= read -r kustomization; do
     status=1
   fi
 done < <(find manifests -name kustomization.yaml | sort)
+[ "$status" = 0 ] || exit "$status"
+
+# The injected outputs users apply (remora-injector inject's golden files) must pass the same
+# strict check. A List has no schema of its own: its items are validated instead. Reading them
+# with PyYAML (YAML 1.1, as kubectl reads) also catches a string that would come back as a bool.
+for golden in injector/tests/golden/*.out.yaml; do
+  file="$out/golden-$(basename "$golden" .out.yaml).yaml"
+  "$python" - "$golden" "$file" <<'PY'
+import sys, yaml
+with open(sys.argv[1], encoding="utf-8") as f:
+    docs = [d for d in yaml.safe_load_all(f) if d]
+objects = [i for d in docs for i in (d.get("items") or [] if d.get("kind") == "List" else [d])]
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    yaml.safe_dump_all(objects, f, sort_keys=False)
+PY
+  if validate --strict --kubernetes-version "$K8S_VERSION" --quiet "$file"; then
+    echo "ok: $golden validates strictly for Kubernetes $K8S_VERSION ($(grep -c '^kind:' "$file") objects)"
+  else
+    echo "FAIL: $golden does not validate for Kubernetes $K8S_VERSION" >&2
+    status=1
+  fi
+done
 [ "$status" = 0 ] || exit "$status"
 
 # With the injector built (make test builds first), also run it on the Deployments' arguments.
