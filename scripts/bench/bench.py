@@ -770,82 +770,108 @@ def fold_stacks(script_text):
     return folded
 
 
+def perf_stat(seat, name, work, argv, parser, s):
+    """Runs one load while `perf stat` counts the seat's process; counters per request."""
+    events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
+    log_path = work / f"{name}.stat"
+    stat = JANITOR.spawn(["perf", "stat", "-x", ",", "-e", events, "-p", str(seat.proc.pid),
+                          "--", "sleep", str(s)], log_path=log_path)
+    out = parser(run(seat.client(argv), timeout=s + 30).stdout)
+    stat.wait(timeout=30)
+    counters = {}
+    for line in log_path.read_text().splitlines():
+        f = line.split(",")
+        if len(f) > 3 and f[0].replace(".", "").isdigit():
+            counters[f[2]] = float(f[0])
+    return out, counters
+
+
+def perf_record(seat, name, work, argv, s, report, tag):
+    """Samples the seat's process with call graphs during one load; reports and folded stacks."""
+    data = work / f"perf-{tag}.data"
+    rec = JANITOR.spawn(["perf", "record", "-F", "499", "-g", "-o", data, "-p",
+                         str(seat.proc.pid), "--", "sleep", str(s)], log_path=work / "record.log")
+    run(seat.client(argv), timeout=s + 30)
+    rec.wait(timeout=60)
+    for title, args, limit in (
+        ("self time by symbol", ["--no-children", "--sort", "dso,symbol", "-g", "none",
+                                 "--percent-limit", "0.7"], 45),
+        ("self time by shared object", ["--no-children", "--sort", "dso", "-g", "none",
+                                        "--percent-limit", "0.5"], 15),
+        ("inclusive time by symbol", ["--children", "--sort", "symbol", "-g", "none",
+                                      "--percent-limit", "3"], 70),
+        ("call graph of the hottest self time", ["--no-children", "--sort", "symbol",
+                                                 "-g", "caller,2,callee", "--percent-limit", "4"],
+         150),
+    ):
+        rep = run(["perf", "report", "-i", data, "--stdio"] + args, timeout=120).stdout
+        lines = [l.rstrip() for l in rep.splitlines() if l.strip() and not l.startswith("#")]
+        report += [f"### {SEAT_NAMES[name]}, {tag}: {title}", "", "```"] + lines[:limit] \
+            + ["```", ""]
+    folded = fold_stacks(run(["perf", "script", "-i", data], timeout=300).stdout)
+    path = RESULTS / f"profile-{PROFILE_STAMP}-{tag}.folded"
+    path.write_text("".join(f"{k} {v}\n" for k, v in
+                            sorted(folded.items(), key=lambda kv: -kv[1])))
+    svg = path.with_suffix(".svg")
+    run([sys.executable, HERE / "flamegraph.py", path, "-o", svg], check=False)
+    report += [f"Folded stacks: {path}; flame graph: {svg}", ""]
+
+
+PROFILE_STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
 def profile():
+    """perf stat of HAProxy and remora-proxy, perf record of remora-proxy, under the keep-alive
+    wrk load and the new-connection-per-request load."""
     binary = Path(os.environ.get("BENCH_PROFILE_BIN", BIN_DIR / "remora-proxy"))
+    os.environ["BENCH_PROFILE_SEAT_BIN"] = str(binary)
     s = SECONDS
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
     os.chmod(work, 0o755)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = [f"# proxy profile, {stamp} (commit {git_commit()}, binary {binary})", ""]
+    report = [f"# proxy profile, {PROFILE_STAMP} (commit {git_commit()}, remora-proxy {binary})",
+              ""]
     url = f"http://{REMOTE_V4}:{H1_PORT}/"
-    wrk = ["wrk", "-t2", "-c50", f"-d{s}s", url]
-    events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
+    loads = {
+        "keepalive": (["wrk", "-t2", "-c50", f"-d{s}s", url], parse_wrk,
+                      "wrk, 50 keep-alive connections"),
+        "newconn": (["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
+                     "--output-format", "json", url], parse_oha,
+                    "oha, a new connection per request, 10 concurrent"),
+        "h2": (["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1",
+                f"http://{REMOTE_V4}:{H2_PORT}/"], parse_h2load,
+               "h2load, prior-knowledge h2c, 10 connections x 10 streams"),
+    }
+    only = os.environ.get("BENCH_PROFILE_LOADS")
+    if only:
+        loads = {k: v for k, v in loads.items() if k in only.split(",")}
+    seats = os.environ.get("BENCH_PROFILE_SEATS", "haproxy,remora").split(",")
+    record = os.environ.get("BENCH_PROFILE_RECORD", "remora").split(",")
     try:
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
-        for name in os.environ.get("BENCH_PROFILE_SEATS", "haproxy,remora").split(","):
+        for name in seats:
             seat = Seat(name, pod, work)
-            if name == "remora":
-                os.environ["BENCH_PROFILE_SEAT_BIN"] = str(binary)
             seat.start()
             try:
-                pid = str(seat.proc.pid)
-                stat = JANITOR.spawn(["perf", "stat", "-x", ",", "-e", events, "-p", pid,
-                                      "--", "sleep", str(s)], log_path=work / f"{name}.stat")
-                out = parse_wrk(run(seat.client(wrk), timeout=s + 30).stdout)
-                stat.wait(timeout=30)
-                counters = {}
-                for line in (work / f"{name}.stat").read_text().splitlines():
-                    f = line.split(",")
-                    if len(f) > 3 and f[0].replace(".", "").isdigit():
-                        counters[f[2]] = float(f[0])
-                report += [f"## {SEAT_NAMES[name]} under wrk -c50 ({s} s): {out['rps']:,.0f} req/s", ""]
-                for k, v in counters.items():
-                    unit = " ms" if k == "task-clock" else ""
-                    report.append(f"- {k}: {v:,.0f}{unit} total, "
-                                  f"{v / out['requests']:.4f}{unit} per request")
-                report.append("")
-                if name not in os.environ.get("BENCH_PROFILE_RECORD", "remora").split(","):
-                    continue
-                data = work / f"perf-{name}.data"
-                rec = JANITOR.spawn(["perf", "record", "-F", "499", "-g", "-o", data, "-p", pid,
-                                     "--", "sleep", str(s)], log_path=work / "record.log")
-                run(seat.client(wrk), timeout=s + 30)
-                rec.wait(timeout=60)
-                for title, *args in (
-                    ("self time by symbol", ["--no-children", "--sort", "dso,symbol",
-                                             "-g", "none", "--percent-limit", "0.7"], 45),
-                    ("self time by shared object", ["--no-children", "--sort", "dso",
-                                                    "-g", "none", "--percent-limit", "0.5"], 15),
-                    ("inclusive time by symbol", ["--children", "--sort", "symbol", "-g", "none",
-                                                  "--percent-limit", "3"], 60),
-                    ("call graph of the hottest self time", [
-                        "--no-children", "--sort", "symbol", "-g", "caller,2,callee",
-                        "--percent-limit", "4"], 150),
-                ):
-                    args, limit = args[0], args[1]
-                    rep = run(["perf", "report", "-i", data, "--stdio"] + args,
-                              timeout=120).stdout
-                    lines = [l.rstrip() for l in rep.splitlines()
-                             if l.strip() and not l.startswith("#")]
-                    report += [f"### {SEAT_NAMES[name]}: {title}", "", "```"] + lines[:limit] \
-                        + ["```", ""]
-                script = run(["perf", "script", "-i", data], timeout=300).stdout
-                folded = fold_stacks(script)
-                path = RESULTS / f"profile-{stamp}-{name}.folded"
-                path.write_text("".join(f"{k} {v}\n" for k, v in
-                                        sorted(folded.items(), key=lambda kv: -kv[1])))
-                svg = path.with_suffix(".svg")
-                run([sys.executable, HERE / "flamegraph.py", path, "-o", svg], check=False)
-                report.append(f"Folded stacks: {path}; flame graph: {svg}")
+                for load, (argv, parser, what) in loads.items():
+                    out, counters = perf_stat(seat, name, work, argv, parser, s)
+                    report += [f"## {SEAT_NAMES[name]} under {what} ({s} s): "
+                               f"{out['rps']:,.0f} req/s", ""]
+                    for k, v in counters.items():
+                        unit = " ms" if k == "task-clock" else ""
+                        report.append(f"- {k}: {v:,.0f}{unit} total, "
+                                      f"{v / out['requests']:.4f}{unit} per request")
+                    report.append("")
+                    if name in record:
+                        perf_record(seat, name, work, argv, s, report, f"{name}-{load}")
             finally:
                 seat.stop()
     finally:
         JANITOR.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-    path = RESULTS / f"profile-{stamp}.md"
+    path = RESULTS / f"profile-{PROFILE_STAMP}.md"
     path.write_text("\n".join(report) + "\n")
     print("\n".join(report))
     log(f"wrote {path}")
