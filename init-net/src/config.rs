@@ -20,18 +20,37 @@ pub const ADMIN_PORT: u16 = 15020;
 /// The uid (and default gid) the proxy runs as.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 
+/// How many characters of a bad value a message shows.
+const QUOTED_MAX_CHARS: usize = 64;
+
+/// `value` quoted for an error message, cut short past 64 characters with its full length in
+/// bytes: an annotation may hold 256 KiB, which no message should repeat.
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(QUOTED_MAX_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 /// A value of one of the list flags (or the matching annotation) that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("{value:?} is not a port (expected a number from 1 to 65535)")]
+    #[error("{} is not a port (expected a number from 1 to 65535)", quoted(value))]
     Port { value: String },
-    #[error("{value:?} is not a valid port range: {start} is greater than {end} (expected e.g. 9000-9100)")]
+    #[error(
+        "{} is not a valid port range: {start} is greater than {end} (expected e.g. 9000-9100)",
+        quoted(value)
+    )]
     InvertedRange { value: String, start: u16, end: u16 },
     #[error(
-        "{value:?} is not a CIDR (expected e.g. 10.0.0.0/8, 2001:db8::/32 or a single address)"
+        "{} is not a CIDR (expected e.g. 10.0.0.0/8, 2001:db8::/32 or a single address)",
+        quoted(value)
     )]
     Cidr { value: String },
-    #[error("{value:?} is not a uid or gid (expected a number from 0 to 4294967294)")]
+    #[error(
+        "{} is not a uid or gid (expected a number from 0 to 4294967294)",
+        quoted(value)
+    )]
     Id { value: String },
 }
 
@@ -586,6 +605,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--exclude-inbound-ports"), "{err}");
+    }
+
+    #[test]
+    fn quoted_cuts_long_values_at_a_character_boundary() {
+        assert_eq!(quoted("8080"), "\"8080\"");
+        let long = "é".repeat(100);
+        let shown = quoted(&long);
+        assert_eq!(shown, format!("{:?}… (200 bytes)", "é".repeat(64)));
     }
 
     #[test]

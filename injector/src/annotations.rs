@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use remora_init::{CidrList, CidrSelection, InitConfig, PortList, PortRange, PortSelection};
+use remora_init::{
+    quoted, CidrList, CidrSelection, InitConfig, PortList, PortRange, PortSelection,
+};
 
 use crate::config::Config;
 
@@ -111,7 +113,8 @@ pub fn inject_choice(
             key: INJECT.to_string(),
             value: value.clone(),
             problem: format!(
-                "{value:?} is not accepted (expected true, enabled, false or disabled)"
+                "{} is not accepted (expected true, enabled, false or disabled)",
+                quoted(value)
             ),
         }),
     }
@@ -143,13 +146,14 @@ impl Quantity {
     /// Parses the grammar of Kubernetes' `resource.Quantity` (apimachinery), without a sign:
     /// a container resource can't be negative.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("{text:?} is not a quantity ({QUANTITY_FORM})");
+        let bad = || format!("{} is not a quantity ({QUANTITY_FORM})", quoted(text));
         let unsigned = match text.strip_prefix('+') {
             Some(rest) => rest,
             None if text.starts_with('-') => {
                 return Err(format!(
-                "{text:?} is negative (expected a quantity of at least 0, such as 100m or 128Mi)"
-            ))
+                    "{} is negative (expected a quantity of at least 0, such as 100m or 128Mi)",
+                    quoted(text)
+                ))
             }
             None => text,
         };
@@ -304,7 +308,8 @@ impl FromStr for LogLevel {
             "debug" => Ok(Self::Debug),
             "trace" => Ok(Self::Trace),
             _ => Err(format!(
-                "{value:?} is not a log level (expected error, warn, info, debug or trace)"
+                "{} is not a log level (expected error, warn, info, debug or trace)",
+                quoted(value)
             )),
         }
     }
@@ -321,7 +326,8 @@ pub fn parse_proxy_uid(value: &str) -> Result<u32, String> {
     match value.trim().parse::<u32>() {
         Ok(uid) if (1..=MAX_UID).contains(&uid) => Ok(uid),
         _ => Err(format!(
-            "{value:?} is not a proxy uid (expected a number from 1 to {MAX_UID}: the proxy runs as non-root)"
+            "{} is not a proxy uid (expected a number from 1 to {MAX_UID}: the proxy runs as non-root)",
+            quoted(value)
         )),
     }
 }
@@ -331,7 +337,8 @@ fn parse_image(value: &str) -> Result<String, String> {
     let image = value.trim();
     if image.is_empty() || image.contains(char::is_whitespace) {
         Err(format!(
-            "{value:?} is not an image (expected a non-empty reference such as ghcr.io/remora-mesh/remora-proxy:{})",
+            "{} is not an image (expected a non-empty reference such as ghcr.io/remora-mesh/remora-proxy:{})",
+            quoted(value),
             crate::config::VERSION
         ))
     } else {
@@ -379,7 +386,7 @@ pub fn pod_settings(
     fn list<T: FromStr<Err = remora_init::ParseError>>(value: &str) -> Result<T, String> {
         value
             .parse()
-            .map_err(|err: remora_init::ParseError| format!("{value:?} is invalid: {err}"))
+            .map_err(|err: remora_init::ParseError| format!("{} is invalid: {err}", quoted(value)))
     }
 
     let proxy_image = parse(PROXY_IMAGE, get(PROXY_IMAGE), parse_image)?
@@ -530,7 +537,8 @@ fn check_request_within_limit(
             request_key,
             value,
             format!(
-                "{value:?} is greater than the proxy's {resource} limit {limit} (expected a request at most the limit; raise {limit_key} too)"
+                "{} is greater than the proxy's {resource} limit {limit} (expected a request at most the limit; raise {limit_key} too)",
+                quoted(value)
             ),
         )
     } else {
@@ -539,7 +547,8 @@ fn check_request_within_limit(
             limit_key,
             value,
             format!(
-                "{value:?} is less than the proxy's {resource} request {request} (expected a limit at least the request; lower {request_key} too)"
+                "{} is less than the proxy's {resource} request {request} (expected a limit at least the request; lower {request_key} too)",
+                quoted(value)
             ),
         )
     };
@@ -921,6 +930,41 @@ mod tests {
             );
             assert!(message.contains(form), "case {name}: {message}");
         }
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_cut_short_in_the_message() {
+        // Annotations may hold up to 256 KiB; the deny message names the start of the value.
+        let huge = format!("{}x", "9".repeat(100_000));
+        for key in [
+            PROXY_CPU_LIMIT,
+            PROXY_UID,
+            PROXY_LOG_LEVEL,
+            EXCLUDE_INBOUND_PORTS,
+            INCLUDE_OUTBOUND_CIDRS,
+            PROXY_IMAGE,
+        ] {
+            let value = if key == PROXY_IMAGE {
+                format!("a {huge}")
+            } else {
+                huge.clone()
+            };
+            let message = settings(&[(key, &value)]).expect_err(key).to_string();
+            assert!(message.len() < 600, "{key}: {} bytes", message.len());
+            assert!(
+                message.starts_with(&format!("annotation {key}: ")),
+                "{message}"
+            );
+            assert!(message.contains("999999"), "{message}");
+            assert!(
+                message.contains(&format!("({} bytes)", value.len())),
+                "{message}"
+            );
+            assert!(message.contains("expected"), "{message}");
+        }
+        let labels = BTreeMap::from([(INJECT.to_string(), huge.clone())]);
+        let message = inject_choice(None, Some(&labels)).unwrap_err().to_string();
+        assert!(message.len() < 600, "{message}");
     }
 
     #[test]

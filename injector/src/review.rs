@@ -98,9 +98,9 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
         || review.kind.as_deref() != Some("AdmissionReview")
     {
         return Err(ReviewError::NotAReview(format!(
-            "expected apiVersion {API_VERSION} and kind AdmissionReview, got apiVersion {:?} and kind {:?}",
-            review.api_version.unwrap_or_default(),
-            review.kind.unwrap_or_default()
+            "expected apiVersion {API_VERSION} and kind AdmissionReview, got apiVersion {} and kind {}",
+            remora_init::quoted(&review.api_version.unwrap_or_default()),
+            remora_init::quoted(&review.kind.unwrap_or_default())
         )));
     }
     let request = review
