@@ -497,7 +497,7 @@ pub fn pod_settings(
 }
 
 /// The known annotation a typo most likely meant: at most three edits away.
-fn closest_known(key: &str) -> Option<&'static str> {
+pub(crate) fn closest_known(key: &str) -> Option<&'static str> {
     KNOWN
         .iter()
         .map(|known| (edit_distance(key, known), *known))

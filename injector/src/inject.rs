@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 
@@ -91,18 +92,33 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
         }
         Ok(InjectChoice::OptOut) => return skip(SkipReason::OptedOut, None),
         Ok(InjectChoice::Unset) if path == WebhookPath::OptIn => {
-            return skip(SkipReason::NotOptedIn, None)
+            // A near miss such as `remora.io/Inject` would otherwise leave the pod out silently.
+            let warning = misspelled_inject(metadata).map(|(kind, key)| {
+                format!(
+                    "remora: not injected: the pod does not opt in; its {kind} {key} is not                      read (did you mean {}?)",
+                    annotations::INJECT
+                )
+            });
+            return skip(SkipReason::NotOptedIn, warning);
         }
         Ok(InjectChoice::Unset | InjectChoice::OptIn) => {}
     }
 
-    // Our own status annotation: a reinvocation (or injected output fed back in) — silently.
+    // Our own status annotation: a reinvocation (or injected output fed back in) — silently,
+    // unless the remora containers are missing: then the annotation was copied from an
+    // injected pod (`kubectl get pod -o yaml`), and the user expects a meshed pod.
     if metadata
         .annotations
         .as_ref()
         .is_some_and(|annotations| annotations.contains_key(annotations::STATUS))
     {
-        return skip(SkipReason::AlreadyInjected, None);
+        let warning = remora_name_taken(spec).is_none().then(|| {
+            format!(
+                "remora: not injected: the pod carries the {} annotation but no remora                  containers (copied from an injected pod?); remove the annotation to inject it",
+                annotations::STATUS
+            )
+        });
+        return skip(SkipReason::AlreadyInjected, warning);
     }
     if let Some(name) = remora_name_taken(spec) {
         return skip(
@@ -143,11 +159,42 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
                 }
             }
         };
+    // Misspelled annotations are warned about by `pod_settings`; only `remora.io/inject` is
+    // read as a label, so a near miss among the labels is told here.
+    if let Some(("label", key)) = misspelled_inject(metadata) {
+        warnings.push(format!(
+            "remora: label {key} is not one remora reads and is ignored (did you mean {}?)",
+            annotations::INJECT
+        ));
+    }
     warnings.extend(collision_warnings(spec, settings.proxy_uid));
     Decision::Inject {
         patch: build_patch(pod, spec, &settings),
         warnings,
     }
+}
+
+/// The first `remora.io/` label or annotation (labels first) that is no key remora reads and
+/// most likely meant `remora.io/inject`.
+fn misspelled_inject(metadata: &ObjectMeta) -> Option<(&'static str, &str)> {
+    let labels = metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(key, _)| ("label", key));
+    let annotation_keys = metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(key, _)| ("annotation", key));
+    labels
+        .chain(annotation_keys)
+        .map(|(kind, key)| (kind, key.as_str()))
+        .find(|(_, key)| {
+            key.starts_with(annotations::PREFIX)
+                && !annotations::KNOWN.contains(key)
+                && annotations::closest_known(key) == Some(annotations::INJECT)
+        })
 }
 
 /// A container, init container or volume already named like one remora adds.
@@ -658,10 +705,37 @@ mod tests {
                 Want::Skip(NotOptedIn, false),
             ),
             (
-                "already injected (status annotation): silent",
+                "already injected (status annotation and containers): silent",
+                Enabled,
+                pod_with(|p| {
+                    annotate(&[("remora.io/status", "{}")])(p);
+                    p["spec"]["initContainers"] = json!([{"name": "remora-init", "image": "x"}, {"name": "remora-proxy", "image": "x"}]);
+                }),
+                Want::Skip(AlreadyInjected, false),
+            ),
+            (
+                "status annotation without remora containers (copied from an injected pod): warns",
                 Enabled,
                 pod_with(annotate(&[("remora.io/status", "{}")])),
-                Want::Skip(AlreadyInjected, false),
+                Want::Skip(AlreadyInjected, true),
+            ),
+            (
+                "opt-in path, misspelled inject annotation: warns",
+                OptIn,
+                pod_with(annotate(&[("remora.io/Inject", "true")])),
+                Want::Skip(NotOptedIn, true),
+            ),
+            (
+                "opt-in path, misspelled inject label: warns",
+                OptIn,
+                pod_with(label(&[("remora.io/injection", "enabled")])),
+                Want::Skip(NotOptedIn, true),
+            ),
+            (
+                "opt-in path, an unrelated remora.io annotation: silent",
+                OptIn,
+                pod_with(annotate(&[("remora.io/proxy-cpu-limit", "2")])),
+                Want::Skip(NotOptedIn, false),
             ),
             (
                 "container named remora-proxy",
@@ -1055,6 +1129,21 @@ mod tests {
             "{warnings:#?}"
         );
         assert!(!warnings.iter().any(|w| w.contains("setup")));
+    }
+
+    #[test]
+    fn warns_about_a_misspelled_inject_label() {
+        // The annotation typo is warned about with every unknown remora.io/ annotation; only
+        // remora.io/inject is read as a label, so a near miss there gets its own warning.
+        let (_, warnings) = inject(&pod_with(label(&[("remora.io/Inject", "false")])));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("label remora.io/Inject")
+                && warnings[0].contains("did you mean remora.io/inject?"),
+            "{warnings:?}"
+        );
+        let (_, warnings) = inject(&pod_with(label(&[("remora.io/team", "shop")])));
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]
