@@ -319,7 +319,9 @@ pub enum Ipv6Mode {
     /// IPv6 rules when the pod has a global IPv6 address.
     #[default]
     Auto,
+    /// Always IPv6 rules too (fails where the kernel has no IPv6).
     On,
+    /// IPv4 rules only.
     Off,
 }
 
@@ -329,7 +331,9 @@ pub enum Backend {
     /// Legacy where the legacy `nat` table already holds rules (as kube-proxy would), else nft.
     #[default]
     Auto,
+    /// iptables-nft (the nf_tables kernel API), what current distributions use.
     Nft,
+    /// iptables-legacy (the x_tables kernel API), for nodes whose kube-proxy still uses it.
     Legacy,
 }
 
@@ -356,14 +360,17 @@ fn parse_port_flag(value: &str) -> Result<u16, ParseError> {
                   remora-proxy: inbound TCP to the inbound port, outbound TCP to the outbound port, \
                   except the proxy's own traffic, loopback and what is excluded. Rules live in \
                   REMORA_* chains of the nat table and are applied with one iptables-restore per \
-                  IP family: all or nothing. Running it again with the same flags changes nothing."
+                  IP family: all or nothing. Running it again with the same flags changes nothing.",
+    after_long_help = "Logs go to standard error; REMORA_LOG sets the filter (default: info).\n\n\
+                       Exit status: 0 the rules are in place (or were already), 1 iptables is \
+                       missing, not permitted or failed, 2 a flag is invalid (nothing was touched)."
 )]
 pub struct InitConfig {
     /// The uid the proxy runs as; its traffic is never redirected.
     #[arg(long, default_value_t = DEFAULT_PROXY_UID, value_name = "UID", value_parser = parse_id)]
     pub proxy_uid: u32,
 
-    /// The gid the proxy runs as; its traffic is never redirected either.
+    /// The gid the proxy runs as; its traffic is never redirected either [default: the proxy uid].
     #[arg(long, value_name = "GID", value_parser = parse_id)]
     pub proxy_gid: Option<u32>,
 
@@ -652,6 +659,24 @@ mod tests {
         let admin = parse(&["--outbound-port", "15020"]).unwrap();
         let err = admin.validate().unwrap_err().to_string();
         assert!(err.contains("--outbound-port 15020"), "{err}");
+    }
+
+    #[test]
+    fn help_explains_every_choice_and_the_exit_status() {
+        use clap::CommandFactory;
+        let help = InitConfig::command().render_long_help().to_string();
+        for needle in [
+            "on: ",
+            "off: ",
+            "nft: ",
+            "legacy: ",
+            "[default: the proxy uid]",
+            "REMORA_LOG",
+            "Exit status",
+            "2 ",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+        }
     }
 
     #[test]

@@ -11,15 +11,35 @@ use remora_injector::server::{self, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "remora-injector", version, about)]
+#[command(
+    name = "remora-injector",
+    version,
+    about,
+    after_help = "Examples:\n  \
+      remora-injector serve --tls-cert tls.crt --tls-key tls.key\n  \
+      remora-injector inject -f deployment.yaml | kubectl apply -f -"
+)]
 struct Cli {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
     /// `remora_injector=debug,info`.
-    #[arg(long, global = true, env = "REMORA_LOG_LEVEL", default_value = "info")]
+    // Shown after each command's own flags.
+    #[arg(
+        long,
+        global = true,
+        env = "REMORA_LOG_LEVEL",
+        default_value = "info",
+        display_order = 1000
+    )]
     log_level: String,
 
     /// Log line format, written to standard error [default: json for serve, plain for inject].
-    #[arg(long, global = true, env = "REMORA_LOG_FORMAT", value_enum)]
+    #[arg(
+        long,
+        global = true,
+        env = "REMORA_LOG_FORMAT",
+        value_enum,
+        display_order = 1001
+    )]
     log_format: Option<LogFormat>,
 
     #[command(subcommand)]
@@ -35,8 +55,27 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the mutating admission webhook over HTTPS.
+    #[command(
+        long_about = "Serve the mutating admission webhook over HTTPS (HTTP/1.1 and HTTP/2).\n\n\
+        POST /inject answers for namespaces labelled remora.io/inject=enabled: every new pod is \
+        injected unless it opts out (annotation or label remora.io/inject: \"false\").\n\n\
+        POST /inject/opt-in answers for every other namespace: only a pod that opts in \
+        (remora.io/inject: \"true\") is injected.\n\n\
+        GET /healthz, /readyz and /metrics (Prometheus text) are served on the same port. The \
+        certificate and key are re-read when their files change, without a restart."
+    )]
     Serve(ServeArgs),
     /// Inject the pod templates of manifests read from a file or stdin; YAML to stdout.
+    #[command(
+        long_about = "Inject the pod templates of manifests read from a file or stdin, and \
+        write the manifests as YAML to standard output, ready for `kubectl apply -f -`.\n\n\
+        Reads YAML or JSON: Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, \
+        a List of them, several documents separated by ---. Every pod template is injected \
+        exactly as the webhook's /inject path would (unless it opts out with remora.io/inject: \
+        \"false\"); other kinds and already-injected templates come out unchanged. Warnings go \
+        to standard error. A document that cannot be parsed, or an invalid remora.io/ \
+        annotation, stops the run with exit status 1 and nothing written."
+    )]
     Inject(InjectArgs),
 }
 

@@ -139,3 +139,39 @@ fn warnings_go_to_stderr() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("hostNetwork"), "{stderr}");
 }
+
+#[test]
+fn help_explains_each_command() {
+    let help = |args: &[&str]| {
+        let output = injector(args, &[], "");
+        assert!(output.status.success(), "{args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let serve = help(&["serve", "--help"]);
+    for needle in ["/inject/opt-in", "/healthz", "/metrics", "8443", "re-read"] {
+        assert!(
+            serve.contains(needle),
+            "serve --help lacks {needle:?}:\n{serve}"
+        );
+    }
+    let inject = help(&["inject", "--help"]);
+    for needle in [
+        "CronJob",
+        "List",
+        "kubectl apply -f -",
+        "remora.io/inject",
+        "standard error",
+        "unchanged",
+    ] {
+        assert!(
+            inject.contains(needle),
+            "inject --help lacks {needle:?}:\n{inject}"
+        );
+    }
+    // The command's own flag first, the logging flags shared by every command last.
+    let position = |needle: &str| inject.find(needle).unwrap();
+    assert!(position("--filename") < position("--config"));
+    assert!(position("--opaque-ports") < position("--log-level"));
+    let top = help(&["--help"]);
+    assert!(top.contains("remora-injector inject -f"), "{top}");
+}
