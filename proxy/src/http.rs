@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::connect::connect;
 use crate::listen::Context;
-use crate::metrics::{CountingIo, Protocol};
+use crate::metrics::{CountingIo, Direction, Protocol};
 
 /// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
 /// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
@@ -171,10 +171,14 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
         async move { Ok::<_, Infallible>(state.forward(request).await) }
     });
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
-    let mut connection = pin!(server_h1::Builder::new()
-        .timer(TokioTimer::new())
-        .serve_connection(io, service)
-        .with_upgrades());
+    let mut builder = server_h1::Builder::new();
+    builder.timer(TokioTimer::new());
+    // The header read timeout arms a timer for every request. Outbound clients are the pod's
+    // own app, which has no reason to trickle headers; inbound clients may be anyone.
+    if cx.metrics.direction == Direction::Outbound {
+        builder.header_read_timeout(None);
+    }
+    let mut connection = pin!(builder.serve_connection(io, service).with_upgrades());
     let mut drain = cx.proxy.drain.watch();
     let result = tokio::select! {
         result = connection.as_mut() => result,

@@ -62,31 +62,43 @@ pub struct BindError {
 }
 
 /// Binds one listener. IPv6 listeners are IPv6-only so that `[::]` and `0.0.0.0` on one port
-/// can coexist and each family's SO_ORIGINAL_DST is read the right way.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    let bind = || -> io::Result<TcpListener> {
+/// can coexist and each family's SO_ORIGINAL_DST is read the right way. With `reuse_port`,
+/// every worker thread binds its own socket on the same address and the kernel spreads new
+/// connections over them (only sockets of the same uid may join).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, BindError> {
+    let bind = || -> io::Result<std::net::TcpListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
         socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        TcpListener::from_std(socket.into())
+        Ok(socket.into())
     };
     bind().map_err(|source| BindError { addr, source })
 }
 
-/// Binds `addrs`: the first is required, the others (IPv6 companions) are skipped with a log
-/// line when the pod has no IPv6.
-pub fn bind_all(addrs: &[SocketAddr], what: &str) -> Result<Vec<TcpListener>, BindError> {
+/// Binds `addrs`: the first is required, the others (IPv6 companions) are skipped when the pod
+/// has no IPv6 — with a log line if `log_skips`.
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    what: &str,
+    reuse_port: bool,
+    log_skips: bool,
+) -> Result<Vec<std::net::TcpListener>, BindError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for (i, &addr) in addrs.iter().enumerate() {
-        match bind(addr) {
+        match bind(addr, reuse_port) {
             Ok(listener) => listeners.push(listener),
             Err(error) if i > 0 => {
-                warn!(listener = what, %addr, %error, "no IPv6 listener (a pod without IPv6?); continuing with IPv4 only")
+                if log_skips {
+                    warn!(listener = what, %addr, %error, "no IPv6 listener (a pod without IPv6?); continuing with IPv4 only");
+                }
             }
             Err(error) => return Err(error),
         }
@@ -94,8 +106,16 @@ pub fn bind_all(addrs: &[SocketAddr], what: &str) -> Result<Vec<TcpListener>, Bi
     Ok(listeners)
 }
 
-/// Accepts connections until the drain starts, then drops the listener (closing it).
-pub async fn accept_loop(listener: TcpListener, cx: Context) {
+/// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
+/// the worker thread that owns the listener; its connections stay on that thread.
+pub async fn accept_loop(listener: std::net::TcpListener, cx: Context) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(direction = cx.direction(), %error, "cannot register a listener");
+            return;
+        }
+    };
     let mut drain = cx.proxy.drain.watch();
     loop {
         let accepted = tokio::select! {

@@ -30,14 +30,72 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args)?;
     let workers = config::worker_threads(args.workers);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        // Nothing here blocks (no DNS, no files on the data path): a tiny blocking pool.
-        .max_blocking_threads(2)
+    let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
+        connect_timeout: args.connect_timeout,
+        opaque_ports: args.opaque_ports.clone(),
+        proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
+        access_log: args.access_log,
+        metrics: Metrics::new(),
+        pool: Default::default(),
+        drain: Default::default(),
+        ready: Default::default(),
+    }));
+
+    // Thread per core: each worker is a single-threaded runtime with its own listener sockets
+    // (SO_REUSEPORT), so a connection, its upstream connection and every wake-up between them
+    // stay on one thread. A work-stealing runtime spent more time waking its other thread than
+    // proxying.
+    let mut worker_listeners = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let mut listeners = Vec::new();
+        for (addrs, direction, what) in [
+            (args.outbound_addrs(), Direction::Outbound, "outbound"),
+            (args.inbound_addrs(), Direction::Inbound, "inbound"),
+        ] {
+            for listener in listen::bind_all(&addrs, what, true, worker == 0)? {
+                listeners.push((listener, direction));
+            }
+        }
+        worker_listeners.push(listeners);
+    }
+    let admin = listen::bind_all(&args.admin_addrs(), "admin", false, true)?;
+    let mut accepting = Vec::with_capacity(workers);
+    for (worker, listeners) in worker_listeners.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a worker runtime")?;
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        accepting.push(closed_rx);
+        std::thread::Builder::new()
+            .name(format!("remora-worker-{worker}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let loops: Vec<_> = listeners
+                        .into_iter()
+                        .map(|(listener, direction)| {
+                            tokio::spawn(listen::accept_loop(
+                                listener,
+                                Context::new(proxy, direction),
+                            ))
+                        })
+                        .collect();
+                    for accept_loop in loops {
+                        let _ = accept_loop.await;
+                    }
+                    let _ = closed_tx.send(());
+                    // Keep driving this thread's connections until the process exits.
+                    std::future::pending::<()>().await
+                })
+            })
+            .context("starting a worker thread")?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(args, workers))
+        .context("starting the admin runtime")?;
+    runtime.block_on(run(args, workers, proxy, admin, accepting))
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -66,33 +124,18 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
-    let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
-        connect_timeout: args.connect_timeout,
-        opaque_ports: args.opaque_ports.clone(),
-        proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
-        access_log: args.access_log,
-        metrics: Metrics::new(),
-        pool: Default::default(),
-        drain: Default::default(),
-        ready: Default::default(),
-    }));
-
-    let admin = listen::bind_all(&args.admin_addrs(), "admin")?;
-    let outbound = listen::bind_all(&args.outbound_addrs(), "outbound")?;
-    let inbound = listen::bind_all(&args.inbound_addrs(), "inbound")?;
+/// The admin listener, signals and the drain, on the main thread.
+async fn run(
+    args: Args,
+    workers: usize,
+    proxy: &'static Proxy,
+    admin: Vec<std::net::TcpListener>,
+    accepting: Vec<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<()> {
     for listener in admin {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .context("registering the admin listener")?;
         tokio::spawn(admin::serve(listener, proxy));
-    }
-    let mut accepting = Vec::new();
-    for (listeners, direction) in [
-        (outbound, Direction::Outbound),
-        (inbound, Direction::Inbound),
-    ] {
-        for listener in listeners {
-            let cx = Context::new(proxy, direction);
-            accepting.push(tokio::spawn(listen::accept_loop(listener, cx)));
-        }
     }
     tokio::spawn(proxy.pool.sweep_forever());
     proxy.ready.store(true, Ordering::Release);
@@ -115,8 +158,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     }
 
     proxy.drain.start();
-    for task in accepting {
-        let _ = task.await;
+    for closed in accepting {
+        let _ = closed.await;
     }
     info!(
         open = proxy.drain.active(),
