@@ -126,73 +126,6 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// A comma-separated list of ports and ranges; the empty string is the empty list.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct PortList(pub Vec<PortRange>);
-
-impl PortList {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        self.0.iter().any(|range| range.contains(port))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &PortRange> {
-        self.0.iter()
-    }
-}
-
-impl FromStr for PortList {
-    type Err = ParseError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        value
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-            .map(PortRange::from_str)
-            .collect::<Result<_, _>>()
-            .map(Self)
-    }
-}
-
-impl fmt::Display for PortList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_joined(f, &self.0)
-    }
-}
-
-/// `*` (every port) or a list of ports and ranges.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub enum PortSelection {
-    #[default]
-    All,
-    List(PortList),
-}
-
-impl FromStr for PortSelection {
-    type Err = ParseError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        if value.trim() == "*" {
-            Ok(Self::All)
-        } else {
-            value.parse().map(Self::List)
-        }
-    }
-}
-
-impl fmt::Display for PortSelection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::All => f.write_str("*"),
-            Self::List(list) => list.fmt(f),
-        }
-    }
-}
-
 /// An IPv4 or IPv6 network; a bare address means that one host (`/32` or `/128`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr(pub IpNet);
@@ -232,29 +165,39 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// A comma-separated list of CIDRs; the empty string is the empty list.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct CidrList(pub Vec<Cidr>);
+/// A comma-separated list of ports and ranges ([`PortList`]) or of CIDRs ([`CidrList`]); the
+/// empty string is the empty list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct List<T>(pub Vec<T>);
 
-impl CidrList {
+/// Ports and ranges, e.g. `8080,9000-9100`.
+pub type PortList = List<PortRange>;
+/// IPv4 and IPv6 networks, e.g. `10.0.0.0/8,fd00::/8`.
+pub type CidrList = List<Cidr>;
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> List<T> {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Cidr> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.0.iter()
-    }
-
-    pub fn ipv4(&self) -> impl Iterator<Item = &Cidr> {
-        self.0.iter().filter(|cidr| cidr.is_ipv4())
-    }
-
-    pub fn ipv6(&self) -> impl Iterator<Item = &Cidr> {
-        self.0.iter().filter(|cidr| cidr.is_ipv6())
     }
 }
 
-impl FromStr for CidrList {
+impl List<PortRange> {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|range| range.contains(port))
+    }
+}
+
+impl<T: FromStr<Err = ParseError>> FromStr for List<T> {
     type Err = ParseError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
@@ -262,27 +205,38 @@ impl FromStr for CidrList {
             .split(',')
             .map(str::trim)
             .filter(|item| !item.is_empty())
-            .map(Cidr::from_str)
+            .map(T::from_str)
             .collect::<Result<_, _>>()
             .map(Self)
     }
 }
 
-impl fmt::Display for CidrList {
+impl<T: fmt::Display> fmt::Display for List<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_joined(f, &self.0)
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            item.fmt(f)?;
+        }
+        Ok(())
     }
 }
 
-/// `*` (every destination) or a list of CIDRs.
+/// `*` (every port, every destination) or a [`List`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub enum CidrSelection {
+pub enum Selection<T> {
     #[default]
     All,
-    List(CidrList),
+    List(List<T>),
 }
 
-impl FromStr for CidrSelection {
+/// `*` or a list of ports and ranges.
+pub type PortSelection = Selection<PortRange>;
+/// `*` or a list of CIDRs.
+pub type CidrSelection = Selection<Cidr>;
+
+impl<T: FromStr<Err = ParseError>> FromStr for Selection<T> {
     type Err = ParseError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
@@ -294,23 +248,13 @@ impl FromStr for CidrSelection {
     }
 }
 
-impl fmt::Display for CidrSelection {
+impl<T: fmt::Display> fmt::Display for Selection<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::All => f.write_str("*"),
             Self::List(list) => list.fmt(f),
         }
     }
-}
-
-fn write_joined<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            f.write_str(",")?;
-        }
-        item.fmt(f)?;
-    }
-    Ok(())
 }
 
 /// Whether to write IPv6 rules.

@@ -7,6 +7,6 @@ pub mod iptables;
 pub mod rules;
 
 pub use config::{
-    quoted, Backend, Cidr, CidrList, CidrSelection, ConfigError, InitConfig, Ipv6Mode, ParseError,
-    PortList, PortRange, PortSelection,
+    quoted, Backend, Cidr, CidrList, CidrSelection, ConfigError, InitConfig, Ipv6Mode, List,
+    ParseError, PortList, PortRange, PortSelection, Selection,
 };

@@ -393,11 +393,9 @@ fn a_pod_with_200_containers_patches_cleanly() {
     assert_reinvocation_is_a_no_op(&out);
 }
 
-/// `remora-injector inject` output, read back by kubectl's own manifest decoder.
-#[test]
-fn offline_output_is_read_by_kubectl() {
-    let input = include_str!("golden/multi-document.in.yaml");
-    let injected = remora_injector::offline::inject_documents(input, &Config::default()).unwrap();
+/// The objects in `yaml` as kubectl's own manifest decoder reads them (`kubectl label --local`
+/// prints one JSON object per object read).
+fn kubectl_read(yaml: &str) -> Vec<Value> {
     let mut child = Command::new(KUBECTL)
         .args([
             "label",
@@ -417,19 +415,26 @@ fn offline_output_is_read_by_kubectl() {
         .stdin
         .take()
         .unwrap()
-        .write_all(injected.output.as_bytes())
+        .write_all(yaml.as_bytes())
         .unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),
-        "kubectl could not read the output: {}",
+        "kubectl could not read the output: {}\n{yaml}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // kubectl prints one JSON object per object it read.
-    let items: Vec<Value> = serde_json::Deserializer::from_slice(&output.stdout)
+    serde_json::Deserializer::from_slice(&output.stdout)
         .into_iter::<Value>()
         .collect::<Result<_, _>>()
-        .unwrap();
+        .unwrap()
+}
+
+/// `remora-injector inject` output, read back by kubectl's own manifest decoder.
+#[test]
+fn offline_output_is_read_by_kubectl() {
+    let input = include_str!("golden/multi-document.in.yaml");
+    let injected = remora_injector::offline::inject_documents(input, &Config::default()).unwrap();
+    let items = kubectl_read(&injected.output);
     let kinds: BTreeMap<String, usize> = items.iter().fold(BTreeMap::new(), |mut counts, item| {
         *counts
             .entry(item["kind"].as_str().unwrap().to_string())
@@ -551,35 +556,7 @@ fn offline_output_strings_survive_kubectls_yaml_1_1() {
         &Config::default(),
     )
     .unwrap();
-    let mut child = Command::new(KUBECTL)
-        .args([
-            "label",
-            "--local",
-            "-f",
-            "-",
-            "remora-check=read",
-            "-o",
-            "json",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(injected.output.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl could not read the output: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        injected.output
-    );
-    let read: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let read = kubectl_read(&injected.output).remove(0);
     assert_eq!(read["spec"]["containers"], pod["spec"]["containers"]);
     assert_eq!(read["metadata"]["annotations"]["yes"], "no");
     assert_eq!(read["metadata"]["annotations"]["on"], "off");
