@@ -124,6 +124,7 @@ on_both_backends!(
     dry_run_prints_the_input_and_touches_nothing,
     traffic_v4,
     traffic_v6,
+    traffic_include_lists,
 );
 
 fn a_second_run_changes_nothing(backend: &str) {
@@ -828,8 +829,76 @@ fn traffic(backend: &str, net: &Net) {
             to(net.pod, 8081),
         ),
     ];
+    expect_routes(backend, &pod, &probes, cases);
+}
+
+/// With include lists, only the named inbound ports and outbound networks are redirected.
+fn traffic_include_lists(backend: &str) {
+    let net = &V4;
+    let pod = Pod::new().unwrap();
+    let included_cidr = format!("{}/32", net.remote);
+    init_ok(
+        &pod,
+        &[
+            "--backend",
+            backend,
+            "--ipv6",
+            "off",
+            "--include-inbound-ports",
+            "8080",
+            "--include-outbound-cidrs",
+            &included_cidr,
+        ],
+    );
+    let outbound = Probe::bind(&pod.pod, "proxy outbound", addr(net.loopback, 15001));
+    let inbound = Probe::bind(&pod.pod, "proxy inbound", addr(net.any, 15006));
+    let app = Probe::bind(&pod.pod, "app :8080", addr(net.any, 8080));
+    let app_other = Probe::bind(&pod.pod, "app :8081", addr(net.any, 8081));
+    let remote = Probe::bind(&pod.remote, "remote :8080", addr(net.any, 8080));
+    let probes = [&outbound, &inbound, &app, &app_other, &remote];
+    let cases: Vec<(&str, Client, SocketAddr, &Probe, SocketAddr)> = vec![
+        (
+            "app to an included CIDR: redirected",
+            Client::PodRoot,
+            addr(net.remote, 8080),
+            &outbound,
+            addr(net.loopback, 15001),
+        ),
+        (
+            "app to a CIDR not included: direct",
+            Client::PodRoot,
+            addr(net.remote2, 8080),
+            &remote,
+            addr(net.remote2, 8080),
+        ),
+        (
+            "remote to an included port: redirected",
+            Client::Remote,
+            addr(net.pod, 8080),
+            &inbound,
+            addr(net.pod, 15006),
+        ),
+        (
+            "remote to a port not included: direct",
+            Client::Remote,
+            addr(net.pod, 8081),
+            &app_other,
+            addr(net.pod, 8081),
+        ),
+    ];
+    expect_routes(backend, &pod, &probes, cases);
+}
+
+/// Opens each case's connection and checks that exactly the expected listener got it, at the
+/// expected address (for the proxy's listeners: with the real destination as original).
+fn expect_routes(
+    backend: &str,
+    pod: &Pod,
+    probes: &[&Probe],
+    cases: Vec<(&str, Client, SocketAddr, &Probe, SocketAddr)>,
+) {
     for (case, client, dest, expected, arrives_at) in cases {
-        connect(&pod, client, dest);
+        connect(pod, client, dest);
         let got = expected
             .accept_within(Duration::from_secs(3))
             .unwrap_or_else(|| panic!("{backend} {case}: nothing reached {}", expected.name));
