@@ -44,7 +44,19 @@ OUTBOUND_PORT, ADMIN_PORT = 15001, 15020
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy"}
-KNOWN_SEATS = set(SEAT_NAMES)
+
+
+def seat_label(seat):
+    """`remora@w1` is remora-proxy with the flags in BENCH_REMORA_ARGS_w1: a variant to compare
+    with the defaults in the same interleaved run."""
+    base, _, variant = seat.partition("@")
+    return SEAT_NAMES[base] + (f" ({variant})" if variant else "")
+
+
+def seat_known(seat):
+    base, _, variant = seat.partition("@")
+    return base in SEAT_NAMES and (not variant or (base == "remora" and variant.isidentifier()))
+
 KNOWN_PARTS = {"proxy", "injector", "init"}
 
 PREFIX = f"rmb{os.getpid()}"
@@ -346,7 +358,9 @@ class Seat:
             binary = Path(os.environ.get("BENCH_PROFILE_SEAT_BIN", BIN_DIR / "remora-proxy"))
             if not binary.exists():
                 raise BenchError(f"{binary} is missing (cargo build --release --workspace --bins)")
-            argv = [binary] + os.environ.get("BENCH_REMORA_ARGS", "").split()
+            variant = self.name.partition("@")[2]
+            flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
+            argv = [binary] + flags.split()
             ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
                 in_ns(self.pod, ["curl", "-sf", "-m", "1",
                                  f"http://127.0.0.1:{ADMIN_PORT}/ready"]), check=False
@@ -357,7 +371,7 @@ class Seat:
                 or self.proc.poll() is not None:
             JANITOR.stop(self.proc)
             tail = (self.work / f"{self.name}.log").read_text(errors="replace")[-600:]
-            raise BenchError(f"{SEAT_NAMES[self.name]} did not become ready "
+            raise BenchError(f"{seat_label(self.name)} did not become ready "
                              f"(exit {self.proc.returncode}): {tail.strip()}")
         # `ip netns exec` and setpriv exec in place: the pid is the proxy's own.
         time.sleep(0.5)
@@ -513,7 +527,7 @@ def proxy_table(summary):
     labels[3:3] = [("added_p50_1000", "added p50 at 1000 rps (ms)", "ms", False),
                    ("added_p99_1000", "added p99 at 1000 rps (ms)", "ms", False)]
     seats = [s for s in SEATS if s in summary]
-    head = ["metric"] + [SEAT_NAMES[s] for s in seats]
+    head = ["metric"] + [seat_label(s) for s in seats]
     ratio_cols = []
     if "remora" in seats and "haproxy" in seats:
         ratio_cols.append(("remora", "haproxy", "remora / HAProxy"))
@@ -521,6 +535,11 @@ def proxy_table(summary):
         ratio_cols.append(("haproxy", "direct", "HAProxy / direct"))
     if "remora" in seats and "direct" in seats:
         ratio_cols.append(("remora", "direct", "remora / direct"))
+    for seat in seats:
+        if seat.startswith("remora@"):
+            for base in ("haproxy", "remora"):
+                if base in seats:
+                    ratio_cols.append((seat, base, f"{seat} / {seat_label(base)}"))
     head += [c[2] for c in ratio_cols]
     rows = []
     for key, lbl, unit, _ in labels:
@@ -806,7 +825,7 @@ def perf_record(seat, name, work, argv, s, report, tag):
     ):
         rep = run(["perf", "report", "-i", data, "--stdio"] + args, timeout=120).stdout
         lines = [l.rstrip() for l in rep.splitlines() if l.strip() and not l.startswith("#")]
-        report += [f"### {SEAT_NAMES[name]}, {tag}: {title}", "", "```"] + lines[:limit] \
+        report += [f"### {seat_label(name)}, {tag}: {title}", "", "```"] + lines[:limit] \
             + ["```", ""]
     folded = fold_stacks(run(["perf", "script", "-i", data], timeout=300).stdout)
     path = RESULTS / f"profile-{PROFILE_STAMP}-{tag}.folded"
@@ -857,7 +876,7 @@ def profile():
             try:
                 for load, (argv, parser, what) in loads.items():
                     out, counters = perf_stat(seat, name, work, argv, parser, s)
-                    report += [f"## {SEAT_NAMES[name]} under {what} ({s} s): "
+                    report += [f"## {seat_label(name)} under {what} ({s} s): "
                                f"{out['rps']:,.0f} req/s", ""]
                     for k, v in counters.items():
                         unit = " ms" if k == "task-clock" else ""
@@ -920,7 +939,7 @@ def render_markdown(report, head, rows):
                markdown_table(head, rows), ""]
         errs = {s: m["errors"] for s, m in report["proxy"].items() if m.get("errors")}
         for s, e in errs.items():
-            md.append(f"- {SEAT_NAMES[s]} failed in {len(e)} round(s): {e[0][:300]}")
+            md.append(f"- {seat_label(s)} failed in {len(e)} round(s): {e[0][:300]}")
         md.append("")
     return "\n".join(md + [render_other_parts(report)])
 
@@ -971,10 +990,10 @@ def render_other_parts(report):
 def main():
     if os.geteuid() != 0:
         sys.exit("make bench needs root (network namespaces, iptables)")
-    bad = [s for s in SEATS if s not in KNOWN_SEATS] + [p for p in PARTS if p not in KNOWN_PARTS]
+    bad = [s for s in SEATS if not seat_known(s)] + [p for p in PARTS if p not in KNOWN_PARTS]
     if bad or ROUNDS < 1 or SECONDS < 1:
         sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_ROUNDS/BENCH_SECONDS: {bad or ''} "
-                 f"(seats: {','.join(SEAT_NAMES)}; parts: {','.join(sorted(KNOWN_PARTS))}; "
+                 f"(seats: {','.join(SEAT_NAMES)}, remora@LABEL with BENCH_REMORA_ARGS_LABEL; parts: {','.join(sorted(KNOWN_PARTS))}; "
                  "rounds and seconds: positive integers)")
     for tool in ("ip", "setpriv", "nsenter", "curl", "ss", "iptables-restore", "haproxy",
                  "nginx", "wrk", "oha", "h2load", "openssl"):
@@ -1003,12 +1022,12 @@ def main():
                     try:
                         results[name] = run_seat(Seat(name, pod, work))
                         x = results[name]
-                        log(f"  {SEAT_NAMES[name]:13} {fmt(get(x, 'throughput.rps'), 'req/s'):>9} req/s  "
+                        log(f"  {seat_label(name):13} {fmt(get(x, 'throughput.rps'), 'req/s'):>9} req/s  "
                             f"p99@1000 {fmt(get(x, 'latency_1000rps.p99_ms'), 'ms')} ms  "
                             f"newconn {fmt(get(x, 'new_connection.rps'), 'req/s')} req/s  "
                             f"h2 {fmt(get(x, 'h2.rps'), 'req/s')} req/s")
                     except BenchError as e:
-                        log(f"  {SEAT_NAMES[name]}: {e}")
+                        log(f"  {seat_label(name)}: {e}")
                         results[name] = {"error": str(e)[:1000]}
                 rounds.append(results)
             report["proxy_rounds"] = rounds
