@@ -25,7 +25,25 @@ struct Mesh {
 
 impl Mesh {
     fn new(init_args: &[&str], proxy_args: &[&str]) -> Self {
+        Self::build(Pod::new().expect("building the pod"), init_args, proxy_args)
+    }
+
+    /// A pod whose kernel has IPv6 switched off, as on an IPv4-only cluster.
+    fn ipv4_only() -> Self {
         let pod = Pod::new().expect("building the pod");
+        for conf in ["all", "default", "lo", "eth0"] {
+            pod.pod
+                .exec_ok(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{conf}.disable_ipv6=1"),
+                ])
+                .unwrap();
+        }
+        Self::build(pod, &[], &[])
+    }
+
+    fn build(pod: Pod, init_args: &[&str], proxy_args: &[&str]) -> Self {
         let out = pod
             .pod
             .command(bin("remora-init"))
@@ -592,4 +610,21 @@ fn garbage_and_resets_never_crash_the_proxy() {
     assert_eq!((code, body.as_str()), (200, "hello /after HTTP/1.1"));
     let (code, _) = get(&mesh.pod.remote, &["http://198.18.0.1:8080/after"]);
     assert_eq!(code, 200);
+}
+
+#[test]
+fn an_ipv4_only_pod_runs_without_the_ipv6_listeners() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::ipv4_only();
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    let (code, body) = get(&mesh.pod.pod, &["http://198.18.0.2:8080/v4"]);
+    assert_eq!((code, body.as_str()), (200, "hello /v4 HTTP/1.1"));
+    assert_eq!(mesh.metric(OUT_H1), 1.0);
+    let log = mesh.log();
+    assert!(log.contains("no IPv6 listener"), "{log}");
+    // Logged once, not once per worker thread. ([::] still binds with IPv6 disabled; only
+    // [::1] is gone.)
+    assert_eq!(log.matches("addr=[::1]:15001").count(), 1, "{log}");
 }
