@@ -142,8 +142,9 @@ fn get(ns: &NetNs, args: &[&str]) -> (u16, String) {
 }
 
 /// An HTTP/1.1 + HTTP/2 (prior knowledge) server on `addr` inside `ns`:
-/// `/slow` answers after 1.5 s, `/ws` upgrades and then echoes bytes, anything else says
-/// `hello <path> <version>`.
+/// `/slow` answers after 1.5 s, `/ws` upgrades and `CONNECT` tunnels, then both echo bytes;
+/// anything else says `hello <path> <version>`. Every response carries `x-connection`, the
+/// number of the connection it came on.
 fn http_server(ns: &NetNs, addr: SocketAddr) {
     let listener = ns
         .run_in(move || std::net::TcpListener::bind(addr))
@@ -157,13 +158,22 @@ fn http_server(ns: &NetNs, addr: SocketAddr) {
             .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let mut accepted = 0u32;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                accepted += 1;
+                let connection = accepted;
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(answer);
+                    let service = hyper::service::service_fn(move |request| async move {
+                        let mut response = answer(request).await?;
+                        response
+                            .headers_mut()
+                            .insert("x-connection", connection.into());
+                        Ok::<_, Infallible>(response)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -178,7 +188,7 @@ async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    if path == "/ws" {
+    if path == "/ws" || request.method() == hyper::Method::CONNECT {
         let upgrade = hyper::upgrade::on(&mut request);
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
@@ -188,6 +198,9 @@ async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
             }
         });
         let mut response = Response::new(Full::new(Bytes::new()));
+        if request.method() == hyper::Method::CONNECT {
+            return Ok(response);
+        }
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         response
             .headers_mut()
@@ -476,6 +489,52 @@ fn a_websocket_upgrade_is_tunneled_both_ways() {
         1.0,
         "{metrics}"
     );
+}
+
+#[test]
+fn connect_is_tunneled_and_upstream_connections_are_reused_across_clients() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    let mut stream = connect(&mesh.pod.pod, addr(REMOTE_V4, 8080)).unwrap();
+    stream
+        .write_all(b"CONNECT 198.18.0.2:8080 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\n\r\n")
+        .unwrap();
+    let head = read_until_closed_or(&mut stream, "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    stream.write_all(b"through the tunnel").unwrap();
+    assert_eq!(
+        read_until_closed_or(&mut stream, "through the tunnel"),
+        "through the tunnel"
+    );
+    drop(stream);
+
+    // Two curl processes, two client connections: the second reuses the first's upstream
+    // connection from the pool (the server numbers its connections).
+    let upstream_connection = || {
+        let out = curl(
+            &mesh.pod.pod,
+            &[
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "http://198.18.0.2:8080/pooled",
+            ],
+        );
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        head.lines()
+            .find_map(|line| {
+                line.strip_prefix("x-connection:")
+                    .map(|n| n.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no x-connection in {head:?}"))
+    };
+    let first = upstream_connection();
+    // The pool takes a connection back when the client connection's task has ended.
+    assert!(wait_until(Duration::from_secs(1), || upstream_connection() == first));
 }
 
 #[test]
