@@ -154,9 +154,41 @@ fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
             return Ok(value);
         }
     }
-    serde_yaml_ng::from_str(text).map_err(|err| {
+    let located = |err: serde_yaml_ng::Error| {
         let line = err.location().map_or(1, |location| location.line());
         error(line, err.to_string())
+    };
+    let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(located)?;
+    // kubectl honours `<<: *anchor` merge keys; without this the output would carry a literal
+    // `<<` field, which no Kubernetes object has.
+    yaml.apply_merge().map_err(located)?;
+    to_json(yaml).map_err(|message| error(1, message))
+}
+
+/// A YAML value as JSON, turning scalar keys into strings as kubectl's decoder does (`8080: x`
+/// is the key `"8080"`), so that a document the injector does not even change never stops it.
+fn to_json(yaml: serde_yaml_ng::Value) -> Result<Value, String> {
+    use serde_yaml_ng::Value as Yaml;
+    Ok(match yaml {
+        Yaml::Mapping(mapping) => {
+            let mut object = serde_json::Map::new();
+            for (key, value) in mapping {
+                let key = match key {
+                    Yaml::String(key) => key,
+                    Yaml::Number(number) => number.to_string(),
+                    Yaml::Bool(flag) => flag.to_string(),
+                    Yaml::Null => "null".to_string(),
+                    other => return Err(format!("a mapping key is not a scalar: {other:?}")),
+                };
+                object.insert(key, to_json(value)?);
+            }
+            Value::Object(object)
+        }
+        Yaml::Sequence(items) => {
+            Value::Array(items.into_iter().map(to_json).collect::<Result<_, _>>()?)
+        }
+        Yaml::Tagged(tagged) => to_json(tagged.value)?,
+        scalar => serde_yaml_ng::from_value(scalar).map_err(|err| err.to_string())?,
     })
 }
 
@@ -464,6 +496,32 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_applied_as_kubectl_applies_them() {
+        let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: m}\nspec:\n  containers:\n  - &base {name: a, image: busybox}\n  - <<: *base\n    name: b\n";
+        let injected = inject(input).unwrap();
+        let pod: Value = serde_yaml_ng::from_str(&injected.output).unwrap();
+        assert_eq!(
+            pod["spec"]["containers"],
+            json!([{"name": "a", "image": "busybox"}, {"name": "b", "image": "busybox"}]),
+            "{}",
+            injected.output
+        );
+    }
+
+    #[test]
+    fn scalar_keys_of_documents_left_alone_do_not_stop_the_run() {
+        let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {8080: x}\n";
+        let input = format!("{config_map}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p, labels: {{1: a}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\n");
+        let injected = inject(&input).unwrap();
+        assert!(
+            injected.output.starts_with(config_map),
+            "{}",
+            injected.output
+        );
+        assert!(injected.output.contains("'1': a"), "{}", injected.output);
     }
 
     #[test]
