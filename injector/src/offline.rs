@@ -192,6 +192,33 @@ fn to_json(yaml: serde_yaml_ng::Value) -> Result<Value, String> {
     })
 }
 
+/// Reads the file modes of volumes (`defaultMode`, `mode`) written as plain `0644` the way
+/// kubectl does: YAML 1.1 takes a leading zero as octal, while the YAML 1.2 parser here keeps
+/// it as the string "0644", which no pod accepts. Where people write octal numbers in a pod,
+/// these are the fields; a CSI driver's `volumeAttributes` are its own strings and stay so.
+fn octal_file_modes(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                match (key.as_str(), &*field) {
+                    ("volumeAttributes", _) => {}
+                    ("defaultMode" | "mode", Value::String(text)) => {
+                        let octal = text.strip_prefix('0').filter(|digits| !digits.is_empty());
+                        if let Some(mode) =
+                            octal.and_then(|digits| u32::from_str_radix(digits, 8).ok())
+                        {
+                            *field = Value::from(mode);
+                        }
+                    }
+                    _ => octal_file_modes(field),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(octal_file_modes),
+        _ => {}
+    }
+}
+
 /// Injects every pod template in a stream of YAML or JSON documents.
 pub fn inject_documents(input: &str, config: &Config) -> Result<Injected, OfflineError> {
     let mut output = String::new();
@@ -293,6 +320,9 @@ fn inject_pod_template(
         "metadata": template.get("metadata").filter(|m| m.is_object()).cloned().unwrap_or_else(|| json!({})),
         "spec": template.get("spec").cloned().unwrap_or(Value::Null),
     });
+    if let Some(volumes) = pod_value["spec"].get_mut("volumes") {
+        octal_file_modes(volumes);
+    }
     let pod: Pod =
         serde_json::from_value(pod_value.clone()).map_err(|err| OfflineError::Invalid {
             document: context.document.number,
@@ -522,6 +552,28 @@ mod tests {
             injected.output
         );
         assert!(injected.output.contains("'1': a"), "{}", injected.output);
+    }
+
+    #[test]
+    fn octal_file_modes_are_read_as_kubectl_reads_them() {
+        // YAML 1.1 (kubectl) reads a plain 0644 as octal, 420; YAML 1.2 as the string "0644".
+        let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: m}\nspec:\n  containers: [{name: a, image: busybox}]\n  volumes:\n  - name: s\n    secret: {secretName: s, defaultMode: 0644, items: [{key: k, path: p, mode: 0400}]}\n  - name: p\n    projected: {defaultMode: 0755, sources: [{configMap: {name: c, items: [{key: k, path: q, mode: 0600}]}}]}\n  - name: v\n    csi: {driver: d, volumeAttributes: {mode: '0700'}}\n";
+        let injected = inject(input).unwrap();
+        let pod: Value = serde_yaml_ng::from_str(&injected.output).unwrap();
+        let volumes = &pod["spec"]["volumes"];
+        assert_eq!(
+            volumes[0]["secret"]["defaultMode"], 0o644,
+            "{}",
+            injected.output
+        );
+        assert_eq!(volumes[0]["secret"]["items"][0]["mode"], 0o400);
+        assert_eq!(volumes[1]["projected"]["defaultMode"], 0o755);
+        assert_eq!(
+            volumes[1]["projected"]["sources"][0]["configMap"]["items"][0]["mode"],
+            0o600
+        );
+        // A CSI driver's own attributes are strings, whatever they are called.
+        assert_eq!(volumes[2]["csi"]["volumeAttributes"]["mode"], "0700");
     }
 
     #[test]
