@@ -336,11 +336,23 @@ fn inbound_reaches_the_app_and_a_loopback_only_app_stays_private() {
     }
     let mesh = Mesh::new(&[], &[]);
     http_server(&mesh.pod.pod, addr(POD_V4, 8080));
+    http_server(&mesh.pod.pod, addr(POD_V6, 8080));
     http_server(&mesh.pod.pod, addr(std::net::Ipv4Addr::LOCALHOST, 8081));
 
     let (code, body) = get(&mesh.pod.remote, &["http://198.18.0.1:8080/in"]);
     assert_eq!((code, body.as_str()), (200, "hello /in HTTP/1.1"));
+    let (code, body) = get(
+        &mesh.pod.remote,
+        &["--http2-prior-knowledge", "http://[2001:2::1]:8080/in6"],
+    );
+    assert_eq!((code, body.as_str()), (200, "hello /in6 HTTP/2.0"));
     assert_eq!(mesh.metric(IN_H1), 1.0);
+    assert_eq!(
+        mesh.metric(
+            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        1.0
+    );
 
     // The proxy dials the pod IP, never 127.0.0.1: the loopback-only app is not reached.
     let (code, body) = get(&mesh.pod.remote, &["http://198.18.0.1:8081/private"]);
@@ -349,7 +361,7 @@ fn inbound_reaches_the_app_and_a_loopback_only_app_stays_private() {
     // Inside the pod the app works as before (loopback is never redirected).
     let (code, _) = get(&mesh.pod.pod, &["http://127.0.0.1:8081/local"]);
     assert_eq!(code, 200);
-    assert_eq!(mesh.metric(IN_CONNS), 2.0);
+    assert_eq!(mesh.metric(IN_CONNS), 3.0);
 }
 
 #[test]
