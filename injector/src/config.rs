@@ -180,11 +180,20 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_yaml_ng::Error,
     },
-    #[error("injector setting {setting}: {message}")]
+    #[error(
+        "injector setting {setting} (flag --{setting}, variable {}, or key {setting} of the \
+         config file): {message}",
+        env_variable(setting)
+    )]
     Invalid {
         setting: &'static str,
         message: String,
     },
+}
+
+/// The environment variable of a setting: `proxy-cpu-limit` is `REMORA_PROXY_CPU_LIMIT`.
+fn env_variable(setting: &str) -> String {
+    format!("REMORA_{}", setting.to_ascii_uppercase().replace('-', "_"))
 }
 
 impl ConfigArgs {
@@ -382,6 +391,20 @@ mod tests {
             .expect("flags parse")
             .config
             .load()
+    }
+
+    #[test]
+    fn messages_name_each_settings_real_variable() {
+        use clap::Args;
+        let command = ConfigArgs::augment_args(clap::Command::new("remora-injector"));
+        for arg in command.get_arguments() {
+            let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                continue;
+            };
+            if long != "config" {
+                assert_eq!(env_variable(long), env.to_string_lossy(), "--{long}");
+            }
+        }
     }
 
     #[test]

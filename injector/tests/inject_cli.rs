@@ -107,7 +107,9 @@ fn bad_settings_exit_1_naming_the_setting() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("proxy-memory-limit") && stderr.contains("\"lots\""),
+        stderr.contains("--proxy-memory-limit")
+            && stderr.contains("REMORA_PROXY_MEMORY_LIMIT")
+            && stderr.contains("\"lots\""),
         "{stderr}"
     );
 }
@@ -128,6 +130,15 @@ fn a_missing_file_exits_1_naming_it() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/pods.yaml"), "{stderr}");
+    // The cause is told once, not once by the message and again by the error chain.
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    let output = injector(
+        &["inject", "-f", "-", "--config", "/nonexistent/remora.yaml"],
+        &[],
+        POD,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
 }
 
 #[test]
