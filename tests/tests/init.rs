@@ -151,6 +151,33 @@ fn a_second_run_changes_nothing(backend: &str) {
     assert_eq!(second.matches(" unchanged ").count(), 2, "{second}");
     assert!(!second.contains(" applied "), "{second}");
     assert_eq!(nat_state(&pod, backend), before);
+
+    // Every kind of rule must read back from iptables-save exactly as rendered, or a re-run
+    // would rewrite the rules each time.
+    let every_kind = [
+        "--backend",
+        backend,
+        "--proxy-uid",
+        "2102",
+        "--proxy-gid",
+        "2103",
+        "--include-inbound-ports",
+        "80,8080-8090",
+        "--exclude-inbound-ports",
+        "9000-9100,9999",
+        "--include-outbound-cidrs",
+        "10.0.0.0/8,198.18.0.0/15,fd00::/8,2001:2::/48",
+        "--exclude-outbound-cidrs",
+        "10.96.0.0/12,198.18.0.9,fd00:10:96::/112,2001:2::9",
+        "--exclude-outbound-ports",
+        "53,5432-5433",
+    ];
+    let first = init_ok(&pod, &every_kind);
+    assert_eq!(first.matches(" applied ").count(), 2, "{first}");
+    let before = nat_state(&pod, backend);
+    let second = init_ok(&pod, &every_kind);
+    assert_eq!(second.matches(" unchanged ").count(), 2, "{second}");
+    assert_eq!(nat_state(&pod, backend), before);
 }
 
 fn other_flags_replace_the_rules_with_one_jump_per_hook(backend: &str) {
