@@ -1200,6 +1200,12 @@ mod tests {
         Stored::from_secret(&serde_json::from_value(api.get(SECRET).unwrap()).unwrap())
     }
 
+    /// A registration whose two webhooks both carry `material`'s CA bundle.
+    fn in_sync_webhook_config(material: &Material) -> Value {
+        let bundle = material.ca_bundle.as_bytes();
+        webhook_config([Some(bundle), Some(bundle)])
+    }
+
     fn options(dir: &tempfile::TempDir) -> CertOptions {
         CertOptions::new(
             NS,
@@ -1319,8 +1325,7 @@ mod tests {
         let api = FakeApi::default();
         let (secret, material) = secret_issued_at(SystemTime::now() - DAY, &opts);
         api.put(SECRET, secret);
-        let bundle = material.ca_bundle.as_bytes();
-        api.put(MWC, webhook_config([Some(bundle), Some(bundle)]));
+        api.put(MWC, in_sync_webhook_config(&material));
 
         let done = ensure(&api.client(), &opts).await.unwrap();
 
@@ -1480,13 +1485,7 @@ mod tests {
         // Issued 70 of its 90 days ago: past two thirds, still valid.
         let (secret, old) = secret_issued_at(now - 70 * DAY, &opts);
         api.put(SECRET, secret);
-        api.put(
-            MWC,
-            webhook_config([
-                Some(old.ca_bundle.as_bytes()),
-                Some(old.ca_bundle.as_bytes()),
-            ]),
-        );
+        api.put(MWC, in_sync_webhook_config(&old));
         assert!(serves_for_every_name(&old, &opts, now));
 
         let done = ensure_at(&api.client(), &opts, now).await.unwrap();
@@ -1516,13 +1515,7 @@ mod tests {
         let now = SystemTime::now();
         let (secret, old) = secret_issued_at(now - 70 * DAY, &opts);
         api.put(SECRET, secret);
-        api.put(
-            MWC,
-            webhook_config([
-                Some(old.ca_bundle.as_bytes()),
-                Some(old.ca_bundle.as_bytes()),
-            ]),
-        );
+        api.put(MWC, in_sync_webhook_config(&old));
         // Another replica renews the serving certificate between our read and our write.
         let ca = CaPair {
             cert: old.ca_cert.clone(),
@@ -1568,13 +1561,7 @@ mod tests {
         let (mut secret, _) = secret_issued_at(now, &opts);
         secret["data"] = serde_json::to_value(old.secret_data()).unwrap();
         api.put(SECRET, secret);
-        api.put(
-            MWC,
-            webhook_config([
-                Some(old.ca_bundle.as_bytes()),
-                Some(old.ca_bundle.as_bytes()),
-            ]),
-        );
+        api.put(MWC, in_sync_webhook_config(&old));
 
         let done = ensure_at(&api.client(), &opts, now).await.unwrap();
 
