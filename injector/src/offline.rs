@@ -323,6 +323,32 @@ fn inject_pod_template(
     if let Some(volumes) = pod_value["spec"].get_mut("volumes") {
         octal_file_modes(volumes);
     }
+    // `remora.io/inject: true` unquoted is the usual slip; say which value, not just "expected
+    // a string".
+    // An empty value (`key:`) is "" to kubectl, and so here.
+    for (kind, map) in [("annotation", "annotations"), ("label", "labels")] {
+        let entries = pod_value["metadata"]
+            .get_mut(map)
+            .and_then(Value::as_object_mut);
+        for value in entries.into_iter().flat_map(|entries| entries.values_mut()) {
+            if value.is_null() {
+                *value = Value::String(String::new());
+            }
+        }
+        let unquoted = pod_value["metadata"][map]
+            .as_object()
+            .and_then(|entries| entries.iter().find(|(_, value)| !value.is_string()));
+        if let Some((key, value)) = unquoted {
+            return Err(OfflineError::Invalid {
+                document: context.document.number,
+                line: context.document.line,
+                object: description.to_string(),
+                message: format!(
+                    "{kind} {key}: {value} is not a string (quote {kind} values in YAML, e.g. \"{value}\")"
+                ),
+            });
+        }
+    }
     let pod: Pod =
         serde_json::from_value(pod_value.clone()).map_err(|err| OfflineError::Invalid {
             document: context.document.number,
@@ -574,6 +600,24 @@ mod tests {
         );
         // A CSI driver's own attributes are strings, whatever they are called.
         assert_eq!(volumes[2]["csi"]["volumeAttributes"]["mode"], "0700");
+    }
+
+    #[test]
+    fn an_unquoted_annotation_value_is_named() {
+        let input = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    metadata:\n      labels: {app: w}\n      annotations:\n        remora.io/proxy-uid: 2102\n    spec:\n      containers: [{name: a, image: busybox}]\n";
+        let message = inject(input).unwrap_err().to_string();
+        assert!(
+            message.contains("annotation remora.io/proxy-uid: 2102 is not a string")
+                && message.contains("\"2102\""),
+            "{message}"
+        );
+        let message = inject(&input.replace("remora.io/proxy-uid: 2102", "remora.io/inject: true"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("annotation remora.io/inject: true is not a string"),
+            "{message}"
+        );
     }
 
     #[test]
