@@ -52,6 +52,40 @@ pub enum ParseError {
         quoted(value)
     )]
     Id { value: String },
+    #[error(
+        "{} mixes * with a list (expected * alone or a list such as {example})",
+        quoted(value)
+    )]
+    WildcardInList {
+        value: String,
+        example: &'static str,
+    },
+}
+
+impl ParseError {
+    /// The text that could not be parsed: one item of a list, or the whole value.
+    pub fn value(&self) -> &str {
+        match self {
+            Self::Port { value }
+            | Self::InvertedRange { value, .. }
+            | Self::Cidr { value }
+            | Self::Id { value }
+            | Self::WildcardInList { value, .. } => value,
+        }
+    }
+}
+
+/// What a list item's type shows as an example in messages.
+pub trait Example {
+    const EXAMPLE: &'static str;
+}
+
+impl Example for PortRange {
+    const EXAMPLE: &'static str = "8080,9000-9100";
+}
+
+impl Example for Cidr {
+    const EXAMPLE: &'static str = "10.0.0.0/8,fd00::/8";
 }
 
 /// A combination of flags that each parse but cannot work together.
@@ -236,12 +270,17 @@ pub type PortSelection = Selection<PortRange>;
 /// `*` or a list of CIDRs.
 pub type CidrSelection = Selection<Cidr>;
 
-impl<T: FromStr<Err = ParseError>> FromStr for Selection<T> {
+impl<T: FromStr<Err = ParseError> + Example> FromStr for Selection<T> {
     type Err = ParseError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         if value.trim() == "*" {
             Ok(Self::All)
+        } else if value.split(',').any(|item| item.trim() == "*") {
+            Err(ParseError::WildcardInList {
+                value: value.trim().to_string(),
+                example: T::EXAMPLE,
+            })
         } else {
             value.parse().map(Self::List)
         }

@@ -382,11 +382,16 @@ pub fn pod_settings(
             })
             .transpose()
     }
-    // The init-net parsers name only the bad item; say which whole value it came from.
+    // The init-net parsers name only the bad item; say which whole value it came from (unless
+    // the item is the whole value).
     fn list<T: FromStr<Err = remora_init::ParseError>>(value: &str) -> Result<T, String> {
-        value
-            .parse()
-            .map_err(|err: remora_init::ParseError| format!("{} is invalid: {err}", quoted(value)))
+        value.parse().map_err(|err: remora_init::ParseError| {
+            if err.value() == value.trim() {
+                err.to_string()
+            } else {
+                format!("{} is invalid: {err}", quoted(value))
+            }
+        })
     }
 
     let proxy_image = parse(PROXY_IMAGE, get(PROXY_IMAGE), parse_image)?
@@ -915,6 +920,18 @@ mod tests {
             ),
             ("cidr word", EXCLUDE_OUTBOUND_CIDRS, "cluster", "expected"),
             ("opaque port word", OPAQUE_PORTS, "mysql", "1 to 65535"),
+            (
+                "wildcard among ports",
+                INCLUDE_INBOUND_PORTS,
+                "*,80",
+                "* alone or a list",
+            ),
+            (
+                "wildcard among cidrs",
+                INCLUDE_OUTBOUND_CIDRS,
+                "10.0.0.0/8, *",
+                "* alone or a list",
+            ),
         ];
         for (name, key, value, form) in cases {
             let err = settings(&[(key, value)]).expect_err(name);
@@ -965,6 +982,24 @@ mod tests {
         let labels = BTreeMap::from([(INJECT.to_string(), huge.clone())]);
         let message = inject_choice(None, Some(&labels)).unwrap_err().to_string();
         assert!(message.len() < 600, "{message}");
+    }
+
+    #[test]
+    fn a_lone_bad_item_is_quoted_once() {
+        let message = settings(&[(EXCLUDE_INBOUND_PORTS, "9100-9000")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message.matches("9100-9000").count(), 1, "{message}");
+        // In a longer list, the whole value and then the bad item.
+        let message = settings(&[(EXCLUDE_INBOUND_PORTS, "80, 9100-9000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with(&format!(
+                "annotation {EXCLUDE_INBOUND_PORTS}: \"80, 9100-9000\" is invalid: \"9100-9000\""
+            )),
+            "{message}"
+        );
     }
 
     #[test]
