@@ -13,15 +13,22 @@ use serde_json::Value;
 /// The document as block YAML, ending with a newline.
 pub fn to_yaml(value: &Value) -> String {
     let mut out = String::new();
-    match value {
-        Value::Object(map) if !map.is_empty() => write_map(&mut out, map, 0),
-        Value::Array(items) if !items.is_empty() => write_sequence(&mut out, items, 0),
-        scalar => {
-            write_scalar(&mut out, scalar, 2);
-            out.push('\n');
-        }
+    if !write_block(&mut out, value, 0) {
+        write_scalar(&mut out, value, 2);
+        out.push('\n');
     }
     out
+}
+
+/// Writes a non-empty map or list as block lines at `indent`; anything else is left to the
+/// caller (returns false).
+fn write_block(out: &mut String, value: &Value, indent: usize) -> bool {
+    match value {
+        Value::Object(map) if !map.is_empty() => write_map(out, map, indent),
+        Value::Array(items) if !items.is_empty() => write_sequence(out, items, indent),
+        _ => return false,
+    }
+    true
 }
 
 fn write_map(out: &mut String, map: &serde_json::Map<String, Value>, indent: usize) {
@@ -34,53 +41,31 @@ fn write_map(out: &mut String, map: &serde_json::Map<String, Value>, indent: usi
             write_quoted(out, key);
         }
         out.push(':');
-        write_nested(out, value, indent);
+        // A list stays at its key's indentation, as kubectl writes it; a map goes one level in.
+        let block_indent = if value.is_array() { indent } else { indent + 2 };
+        let mut block = String::new();
+        if write_block(&mut block, value, block_indent) {
+            out.push('\n');
+            out.push_str(&block);
+        } else {
+            out.push(' ');
+            write_scalar(out, value, indent + 2);
+            out.push('\n');
+        }
     }
 }
 
 fn write_sequence(out: &mut String, items: &[Value], indent: usize) {
     for item in items {
         push_indent(out, indent);
-        out.push('-');
-        match item {
-            // A map or list item starts on the dash's line: render it one level in, then pull
-            // its first line's indentation back to the dash.
-            Value::Object(map) if !map.is_empty() => {
-                let mut nested = String::new();
-                write_map(&mut nested, map, indent + 2);
-                out.push(' ');
-                out.push_str(&nested[indent + 2..]);
-            }
-            Value::Array(inner) if !inner.is_empty() => {
-                let mut nested = String::new();
-                write_sequence(&mut nested, inner, indent + 2);
-                out.push(' ');
-                out.push_str(&nested[indent + 2..]);
-            }
-            scalar => {
-                out.push(' ');
-                write_scalar(out, scalar, indent + 2);
-                out.push('\n');
-            }
-        }
-    }
-}
-
-/// The value of a map entry, after `key:`. Lists stay at the key's indentation, as kubectl
-/// writes them.
-fn write_nested(out: &mut String, value: &Value, indent: usize) {
-    match value {
-        Value::Object(map) if !map.is_empty() => {
-            out.push('\n');
-            write_map(out, map, indent + 2);
-        }
-        Value::Array(items) if !items.is_empty() => {
-            out.push('\n');
-            write_sequence(out, items, indent);
-        }
-        scalar => {
-            out.push(' ');
-            write_scalar(out, scalar, indent + 2);
+        out.push_str("- ");
+        // A map or list item starts on the dash's line: render it one level in, then pull its
+        // first line's indentation back to the dash.
+        let mut block = String::new();
+        if write_block(&mut block, item, indent + 2) {
+            out.push_str(&block[indent + 2..]);
+        } else {
+            write_scalar(out, item, indent + 2);
             out.push('\n');
         }
     }
