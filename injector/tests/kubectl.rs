@@ -535,6 +535,17 @@ fn offline_output_strings_survive_kubectls_yaml_1_1() {
         "x\r\ny",
         "sep\u{2028}x",
         "nel\u{85}x",
+        "100m",
+        "64Mi",
+        "24h",
+        "12h",
+        "--since",
+        "-c",
+        "1E",
+        "0b1",
+        "1493e89",
+        "2001-12-14t21:59:43.10-05:00",
+        "it's",
     ];
     let env: Vec<Value> = tricky
         .iter()
