@@ -289,7 +289,13 @@ fn collision_warnings(spec: &PodSpec, proxy_uid: u32) -> Vec<String> {
                 container.name
             ));
         }
-        for port in container.ports.iter().flatten() {
+        // The proxy listens on TCP only; a UDP or SCTP port of the same number is no clash.
+        let tcp_ports = container
+            .ports
+            .iter()
+            .flatten()
+            .filter(|port| port.protocol.as_deref().is_none_or(|p| p == "TCP"));
+        for port in tcp_ports {
             if PROXY_PORTS
                 .iter()
                 .any(|&p| i32::from(p) == port.container_port)
@@ -1144,6 +1150,19 @@ mod tests {
         );
         let (_, warnings) = inject(&pod_with(label(&[("remora.io/team", "shop")])));
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn only_tcp_ports_collide_with_the_proxy() {
+        let (_, warnings) = inject(&pod_with(|p| {
+            p["spec"]["containers"][0]["ports"] = json!([
+                {"containerPort": 15001, "protocol": "UDP"},
+                {"containerPort": 15006, "protocol": "SCTP"},
+                {"containerPort": 15020, "protocol": "TCP"},
+            ]);
+        }));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("port 15020"), "{warnings:?}");
     }
 
     #[test]
