@@ -1068,6 +1068,8 @@ def on_term(signum, _frame):
 
 
 if __name__ == "__main__":
+    # Ctrl-C must clean up even when the shell started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     try:
@@ -1075,5 +1077,8 @@ if __name__ == "__main__":
             profile()
         else:
             main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping what was started and deleting the namespaces", file=sys.stderr)
+        sys.exit(130)
     finally:
         JANITOR.cleanup()
