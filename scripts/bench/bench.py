@@ -247,12 +247,12 @@ def parse_h2load(out):
     m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
     r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
-    s = re.search(r"status codes: (\d+) 2xx", out)
-    if not (m and r):
+    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (m and r and s):
         raise BenchError(f"h2load printed no summary:\n{out[-2000:]}")
-    ok = int(s.group(1)) if s else int(r.group(4))
-    return {"requests": ok, "rps": float(m.group(3)),
-            "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7))}
+    bad_status = int(s.group(3)) + int(s.group(4))
+    return {"requests": int(s.group(1)), "rps": float(m.group(3)),
+            "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7)) + bad_status}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -937,6 +937,10 @@ def render_markdown(report, head, rows):
                "oha --disable-keepalive, 10 concurrent. HTTP/2: h2load prior-knowledge h2c. "
                "CPU and RSS: the proxy process, from /proc.", "",
                markdown_table(head, rows), ""]
+        for seat, m in report["proxy"].items():
+            if m.get("load_errors"):
+                md.append(f"- {seat_label(seat)}: {m['load_errors']} failed requests over all "
+                          "loads and rounds (see the JSON for which)")
         errs = {s: m["errors"] for s, m in report["proxy"].items() if m.get("errors")}
         for s, e in errs.items():
             md.append(f"- {seat_label(s)} failed in {len(e)} round(s): {e[0][:300]}")
