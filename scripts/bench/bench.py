@@ -909,7 +909,11 @@ def tool_versions():
 def git_commit():
     out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True)
-    return out.stdout.strip() or None
+    commit = out.stdout.strip() or "unknown"
+    # The binaries are built from the work tree, which may be ahead of the commit.
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "proxy", "injector",
+                            "init-net"], capture_output=True, text=True).stdout.strip()
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def write_results(report, md):
