@@ -21,6 +21,16 @@ pub enum WebhookPath {
     OptIn,
 }
 
+impl WebhookPath {
+    /// The URL path, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inject => "/inject",
+            Self::OptIn => "/inject/opt-in",
+        }
+    }
+}
+
 /// What a review decided, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -47,6 +57,8 @@ pub struct Reviewed {
     pub outcome: Outcome,
     /// Why the pod was left alone (e.g. `hostNetwork`, `not a pod creation`), for logs.
     pub skip_reason: Option<&'static str>,
+    /// `namespace/name` of the pod (`namespace/generateName*` before it has a name), for logs.
+    pub pod: String,
 }
 
 /// A body that is not an AdmissionReview: answered with HTTP 400 and this message.
@@ -73,6 +85,8 @@ struct AdmissionReview {
 struct AdmissionRequest {
     uid: String,
     kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
     operation: Option<String>,
@@ -117,18 +131,34 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
             .as_deref()
             .unwrap_or_default()
             .is_empty();
+    let named = |name: Option<&str>| {
+        format!(
+            "{}/{}",
+            request.namespace.as_deref().unwrap_or_default(),
+            name.unwrap_or("(unnamed)")
+        )
+    };
     let object = match request.object {
         Some(object) if is_pod && request.operation.as_deref() == Some("CREATE") => object,
         // Only pod creations are ours to change; anything else is let through untouched.
-        _ => return Ok(skipped(&request.uid, "not a pod creation", None)),
+        _ => {
+            let pod = named(request.name.as_deref());
+            return Ok(skipped(&request.uid, pod, "not a pod creation", None));
+        }
     };
     let mut pod: Pod = serde_json::from_value(object)
         .map_err(|err| ReviewError::NotAReview(format!("request.object is not a Pod: {err}")))?;
     // A pod being created often has only generateName, and its namespace may be left to the
     // request; fill the namespace in so the decision sees the pod as it will be stored.
     if pod.metadata.namespace.is_none() {
-        pod.metadata.namespace = request.namespace;
+        pod.metadata.namespace = request.namespace.clone();
     }
+    let generated = pod
+        .metadata
+        .generate_name
+        .as_ref()
+        .map(|prefix| format!("{prefix}*"));
+    let pod_name = named(pod.metadata.name.as_deref().or(generated.as_deref()));
 
     Ok(match decide(&pod, path, config) {
         Decision::Inject { patch, warnings } => {
@@ -146,9 +176,12 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
                 response: envelope(response),
                 outcome: Outcome::Injected,
                 skip_reason: None,
+                pod: pod_name,
             }
         }
-        Decision::Skip { reason, warning } => skipped(&request.uid, reason.as_str(), warning),
+        Decision::Skip { reason, warning } => {
+            skipped(&request.uid, pod_name, reason.as_str(), warning)
+        }
         Decision::Deny { message } => Reviewed {
             response: envelope(json!({
                 "uid": request.uid,
@@ -157,11 +190,12 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
             })),
             outcome: Outcome::Denied,
             skip_reason: None,
+            pod: pod_name,
         },
     })
 }
 
-fn skipped(uid: &str, reason: &'static str, warning: Option<String>) -> Reviewed {
+fn skipped(uid: &str, pod: String, reason: &'static str, warning: Option<String>) -> Reviewed {
     let mut response = json!({ "uid": uid, "allowed": true });
     if let Some(warning) = warning {
         response["warnings"] = json!([warning]);
@@ -170,6 +204,7 @@ fn skipped(uid: &str, reason: &'static str, warning: Option<String>) -> Reviewed
         response: envelope(response),
         outcome: Outcome::Skipped,
         skip_reason: Some(reason),
+        pod,
     }
 }
 
@@ -223,6 +258,8 @@ mod tests {
             WebhookPath::Inject,
         );
         assert_eq!(reviewed.outcome, Outcome::Injected);
+        // Named for the logs by its generateName until the API server names it.
+        assert_eq!(reviewed.pod, "shop/web-*");
         let response = &reviewed.response;
         assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(response["kind"], "AdmissionReview");

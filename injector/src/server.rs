@@ -27,7 +27,7 @@ use tower::ServiceExt as _;
 use crate::certs::{self, CertError, ManageCertsArgs};
 use crate::config::{Config, ConfigArgs, ConfigError};
 use crate::metrics::{self, Metrics, ReviewResult};
-use crate::review::{self, WebhookPath};
+use crate::review::{self, Outcome, WebhookPath};
 use crate::tls::{self, CertReloader, CertResolver, TlsArgs, TlsError};
 
 /// The largest request body accepted; the API server never sends anything near it.
@@ -397,18 +397,42 @@ async fn answer_review(
         Ok(reviewed) => {
             let result = ReviewResult::from(reviewed.outcome);
             state.metrics.record(result, started.elapsed());
-            tracing::debug!(
-                ?path,
-                result = result.as_str(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "reviewed"
-            );
+            log_review(path, &reviewed, started.elapsed());
             axum::Json(reviewed.response).into_response()
         }
         Err(error) => {
             state.metrics.record(ReviewResult::Error, started.elapsed());
             tracing::warn!(%error, bytes = body.len(), "rejected a request that is not an AdmissionReview");
             (StatusCode::BAD_REQUEST, error.to_string()).into_response()
+        }
+    }
+}
+
+/// One line per decision: injections, denials and surprising skips (those with a warning) at
+/// info, routine skips (opted out, not opted in, reinvocations) at debug.
+fn log_review(path: WebhookPath, reviewed: &review::Reviewed, elapsed: Duration) {
+    let response = &reviewed.response["response"];
+    let warnings: Vec<&str> = response["warnings"]
+        .as_array()
+        .map(|warnings| warnings.iter().filter_map(|w| w.as_str()).collect())
+        .unwrap_or_default();
+    let (path, pod) = (path.as_str(), reviewed.pod.as_str());
+    let elapsed_us = elapsed.as_micros() as u64;
+    match reviewed.outcome {
+        Outcome::Injected => {
+            tracing::info!(path, pod, ?warnings, elapsed_us, "injected")
+        }
+        Outcome::Denied => {
+            let message = response["status"]["message"].as_str().unwrap_or_default();
+            tracing::info!(path, pod, message, elapsed_us, "denied")
+        }
+        Outcome::Skipped => {
+            let reason = reviewed.skip_reason.unwrap_or_default();
+            if warnings.is_empty() {
+                tracing::debug!(path, pod, reason, elapsed_us, "skipped")
+            } else {
+                tracing::info!(path, pod, reason, ?warnings, elapsed_us, "skipped")
+            }
         }
     }
 }

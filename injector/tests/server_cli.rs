@@ -103,6 +103,18 @@ fn serve_answers_over_https_and_stops_cleanly_on_sigterm() {
         .expect("requests answered within 30 s");
     });
 
+    // Each decision is logged with the pod it was about, for whoever runs the webhook.
+    let logged = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).expect("an 'injected' log line");
+        let entry: Value = serde_json::from_str(&line).unwrap();
+        if entry["message"] == "injected" {
+            break entry;
+        }
+    };
+    assert_eq!(logged["pod"], "shop/cli", "{logged}");
+    assert_eq!(logged["path"], "/inject", "{logged}");
+
     let pid = server.0.id().to_string();
     let kill = Command::new("kill")
         .args(["-TERM", &pid])
