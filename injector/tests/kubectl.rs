@@ -576,3 +576,30 @@ fn offline_output_strings_survive_kubectls_yaml_1_1() {
     }
     assert_eq!(read["spec"]["initContainers"][1]["name"], "remora-proxy");
 }
+
+/// Every golden output, as users pipe it to `kubectl apply -f -`, is read by kubectl.
+#[test]
+fn every_golden_output_is_read_by_kubectl() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with(".out.yaml") {
+            continue;
+        }
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let documents: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+            .map(|document| serde::Deserialize::deserialize(document).unwrap())
+            .collect();
+        let objects: usize = documents
+            .iter()
+            .map(|document| match document["kind"].as_str() {
+                Some("List") => document["items"].as_array().map_or(0, Vec::len),
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(kubectl_read(&yaml).len(), objects, "{}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} golden outputs found");
+}
