@@ -1103,6 +1103,28 @@ mod tests {
     }
 
     #[test]
+    fn reinvocation_after_another_webhook_added_containers_changes_nothing() {
+        // IfNeeded: another webhook ran after us and added a sidecar and an init container.
+        let mut out = applied(&base_pod());
+        out["spec"]["containers"].as_array_mut().unwrap().push(
+            json!({"name": "vault-agent", "image": "vault", "ports": [{"containerPort": 15001}]}),
+        );
+        out["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, json!({"name": "vault-init", "image": "vault"}));
+        for path in [WebhookPath::Inject, WebhookPath::OptIn] {
+            let again = decide(&pod(out.clone()), path, &Config::default());
+            let want = if path == WebhookPath::Inject {
+                Want::Skip(SkipReason::AlreadyInjected, false)
+            } else {
+                Want::Skip(SkipReason::NotOptedIn, false)
+            };
+            assert_eq!(summary(&again), want, "{path:?}");
+        }
+    }
+
+    #[test]
     fn warns_about_the_proxy_uid_and_reserved_ports() {
         let (_, warnings) = inject(&pod(json!({
             "apiVersion": "v1", "kind": "Pod",
