@@ -349,13 +349,15 @@ fn inject_pod_template(
             });
         }
     }
-    let pod: Pod =
-        serde_json::from_value(pod_value.clone()).map_err(|err| OfflineError::Invalid {
+    // The path (`spec.containers[0].ports[0].containerPort`) says where a bad field is.
+    let pod: Pod = serde_path_to_error::deserialize(pod_value.clone()).map_err(|err| {
+        OfflineError::Invalid {
             document: context.document.number,
             line: context.document.line,
             object: description.to_string(),
             message: format!("the pod template is not a valid pod: {err}"),
-        })?;
+        }
+    })?;
     if pod.spec.is_none() {
         return Err(OfflineError::Invalid {
             document: context.document.number,
@@ -616,6 +618,18 @@ mod tests {
             .to_string();
         assert!(
             message.contains("annotation remora.io/inject: true is not a string"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_pod_template_names_the_field() {
+        let input = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: busybox, ports: [{containerPort: http}]}]\n";
+        let message = inject(input).unwrap_err().to_string();
+        assert!(
+            message.contains(
+                "spec.containers[0].ports[0].containerPort: invalid type: string \"http\""
+            ),
             "{message}"
         );
     }

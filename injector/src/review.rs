@@ -146,7 +146,7 @@ pub fn review(body: &[u8], path: WebhookPath, config: &Config) -> Result<Reviewe
             return Ok(skipped(&request.uid, pod, "not a pod creation", None));
         }
     };
-    let mut pod: Pod = serde_json::from_value(object)
+    let mut pod: Pod = serde_path_to_error::deserialize(object)
         .map_err(|err| ReviewError::NotAReview(format!("request.object is not a Pod: {err}")))?;
     // A pod being created often has only generateName, and its namespace may be left to the
     // request; fill the namespace in so the decision sees the pod as it will be stored.
@@ -385,7 +385,7 @@ mod tests {
             (
                 "object not a pod",
                 br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","object":{"spec":{"containers":7}}}}"#,
-                "not a Pod",
+                "not a Pod: spec.containers: invalid type",
             ),
         ];
         for (name, body, needle) in cases {
