@@ -4,7 +4,8 @@
 //! `n` or `1_000` unquoted, which kubectl's YAML 1.1 decoder turns into booleans and numbers, so
 //! `remora-injector inject … | kubectl apply -f -` would fail on perfectly good manifests. Here
 //! a string goes unquoted only when it cannot be read as anything else under either version;
-//! everything else is double-quoted (or, for tidy multi-line text, a literal block).
+//! everything else is quoted (single quotes where no escape is needed, else double quotes), or
+//! written as a literal block when it is tidy multi-line text.
 
 use std::fmt::Write as _;
 
