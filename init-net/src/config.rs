@@ -17,6 +17,21 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// The proxy's admin port: never redirected, so kubelet probes reach it directly.
 pub const ADMIN_PORT: u16 = 15020;
+
+/// Opaque ports the proxy forwards without protocol detection unless the injector or a pod says
+/// otherwise; it lives here because the injector writes it and remora-proxy defaults to it.
+/// Only server-first protocols belong here: for them the client sends nothing until the server
+/// greets it, so detection could only time out. Client-first protocols (PostgreSQL,
+/// Redis, Memcached, MongoDB, Kafka, AMQP, TLS) send non-HTTP bytes at once and are already
+/// detected as opaque without delay, so they are deliberately left out.
+/// - 21: FTP control (`220` greeting first)
+/// - 25, 587: SMTP and mail submission (`220` greeting first)
+/// - 110: POP3 (`+OK` greeting first)
+/// - 143: IMAP (`* OK` greeting first)
+/// - 3306: MySQL / MariaDB (the server's handshake packet comes first)
+/// - 4222: NATS (the server's `INFO` line comes first)
+pub const DEFAULT_OPAQUE_PORTS: &str = "21,25,110,143,587,3306,4222";
+
 /// The uid (and default gid) the proxy runs as.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 

@@ -14,18 +14,8 @@ use crate::annotations::{self, LogLevel, Quantity, Resources};
 /// The injector's own version: the default image tags and the `remora.io/status` annotation use it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Opaque ports the proxy forwards without protocol detection unless the injector or a pod says
-/// otherwise. Only server-first protocols belong here: for them the client sends nothing until
-/// the server greets it, so detection could only time out. Client-first protocols (PostgreSQL,
-/// Redis, Memcached, MongoDB, Kafka, AMQP, TLS) send non-HTTP bytes at once and are already
-/// detected as opaque without delay, so they are deliberately left out.
-/// - 21: FTP control (`220` greeting first)
-/// - 25, 587: SMTP and mail submission (`220` greeting first)
-/// - 110: POP3 (`+OK` greeting first)
-/// - 143: IMAP (`* OK` greeting first)
-/// - 3306: MySQL / MariaDB (the server's handshake packet comes first)
-/// - 4222: NATS (the server's `INFO` line comes first)
-pub const DEFAULT_OPAQUE_PORTS: &str = "21,25,110,143,587,3306,4222";
+/// The proxy's default opaque ports: one list shared with remora-proxy's own default.
+pub use remora_init::config::DEFAULT_OPAQUE_PORTS;
 
 /// The proxy's default log level.
 pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
