@@ -237,6 +237,9 @@ impl Http1Upstream {
         let log = self.route.access_log(&request, start);
         let tunnel = wants_tunnel(&request).then(|| hyper::upgrade::on(&mut request));
         let is_connect = request.method() == Method::CONNECT;
+        if tunnel.is_none() {
+            strip_hop_by_hop(request.headers_mut());
+        }
         let mut result = self.send(request, tunnel.is_some()).await;
         if let (Some(client_side), Ok(response)) = (tunnel, result.as_mut()) {
             let accepted = response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -260,6 +263,11 @@ impl Http1Upstream {
                         Err(error) => debug!(direction, %error, "upgrade failed"),
                     }
                 });
+            }
+        }
+        if let Ok(response) = result.as_mut() {
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                strip_hop_by_hop(response.headers_mut());
             }
         }
         self.route.respond(start, log, result)
@@ -404,6 +412,31 @@ impl H2Upstream {
     }
 }
 
+/// Removes the headers that concern only one hop (RFC 9110 §7.6.1): `Connection`, the headers
+/// it names, `Keep-Alive` and `Proxy-Connection`. The client's connection and the upstream one are
+/// managed apart: a client's `Connection: close` closes its own connection, and forwarding it
+/// would close the upstream connection too, which the pool would otherwise hand to the next
+/// client (a new connection per request would then cost an upstream connect each time).
+fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    // Cloning a received HeaderValue shares its bytes: no copy, and no Vec for the usual
+    // single `Connection` line.
+    if let Some(first) = values.next().cloned() {
+        let repeated: Vec<header::HeaderValue> = values.cloned().collect();
+        headers.remove(header::CONNECTION);
+        for value in std::iter::once(&first).chain(&repeated) {
+            for name in value.to_str().unwrap_or("").split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    headers.remove(header::HeaderName::from_static("keep-alive"));
+    headers.remove(header::HeaderName::from_static("proxy-connection"));
+}
+
 /// An HTTP/1 request that asks to leave HTTP: `Upgrade` (WebSocket) or `CONNECT`.
 fn wants_tunnel<B>(request: &Request<B>) -> bool {
     request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
@@ -514,5 +547,34 @@ impl Drop for AccessLog {
             duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
             bytes = self.bytes,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut headers = header::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close, X-Trace"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("x-trace", "1"),
+            ("x-other", "2"),
+            ("host", "example"),
+            ("te", "trailers"),
+        ] {
+            headers.append(
+                header::HeaderName::from_static(name),
+                header::HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "te"]);
     }
 }

@@ -525,10 +525,12 @@ fn connect_is_tunneled_and_upstream_connections_are_reused_across_clients() {
 
     // Two curl processes, two client connections: the second reuses the first's upstream
     // connection from the pool (the server numbers its connections).
-    let upstream_connection = || {
+    let upstream_connection_with = |header: &str| {
         let out = curl(
             &mesh.pod.pod,
             &[
+                "-H",
+                header,
                 "-D",
                 "-",
                 "-o",
@@ -544,9 +546,17 @@ fn connect_is_tunneled_and_upstream_connections_are_reused_across_clients() {
             })
             .unwrap_or_else(|| panic!("no x-connection in {head:?}"))
     };
+    let upstream_connection = || upstream_connection_with("X-Client: curl");
     let first = upstream_connection();
     // The pool takes a connection back when the client connection's task has ended.
     assert!(wait_until(Duration::from_secs(1), || upstream_connection() == first));
+    // A client's `Connection: close` (and what it names) concerns its own hop only: the
+    // upstream connection stays open and serves the next client.
+    // Twice: forwarding the header would close `first` after the first closing client.
+    let closing = || upstream_connection_with("Connection: close, X-Hop");
+    for _ in 0..2 {
+        assert!(wait_until(Duration::from_secs(1), || closing() == first));
+    }
 }
 
 #[test]
