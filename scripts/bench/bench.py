@@ -1075,12 +1075,42 @@ def on_term(signum, _frame):
     raise SystemExit(f"stopped by signal {signum}")
 
 
+def hold_bench_lock():
+    """One benchmark at a time on this machine: two runs at once measure each other. A second
+    run waits for the first (bounded), saying so."""
+    import fcntl
+    f = open("/run/remora-bench.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        log(f"another make bench is running ({f.read().strip() or 'pid unknown'}); waiting for it "
+            "(at most 30 min): two at once would measure each other")
+        deadline = time.monotonic() + 1800
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    sys.exit("gave up waiting for the other make bench")
+                time.sleep(2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}\n")
+    f.flush()
+    return f  # the lock lives as long as this file object
+
+
 if __name__ == "__main__":
     # Ctrl-C must clean up even when the shell started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    if os.geteuid() != 0:
+        sys.exit("make bench needs root (network namespaces, iptables)")
     try:
+        LOCK = hold_bench_lock()
         if os.environ.get("BENCH_MODE") == "profile":
             profile()
         else:
