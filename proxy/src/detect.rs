@@ -63,8 +63,13 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
 /// Peeks at the client's first bytes until they decide the protocol, the client closes, or
 /// [`DETECT_TIMEOUT`] passes.
 pub async fn detect(stream: &TcpStream) -> std::io::Result<Detected> {
-    let deadline = Instant::now() + DETECT_TIMEOUT;
     let mut buf = [0u8; H2_PREFACE.len()];
+    // A client-first protocol's bytes are usually here by the time the connection is accepted:
+    // one non-blocking peek then decides without arming a timer or waiting for the reactor.
+    if let Some(detected) = peek_now(stream, &mut buf).and_then(|n| classify(&buf[..n])) {
+        return Ok(detected);
+    }
+    let deadline = Instant::now() + DETECT_TIMEOUT;
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
@@ -86,6 +91,22 @@ pub async fn detect(stream: &TcpStream) -> std::io::Result<Detected> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         seen = n;
+    }
+}
+
+/// Peeks without waiting; `None` when nothing has arrived yet or the peek failed (the
+/// waiting path then sees the same state and reports it).
+fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    match recv(
+        stream.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        // Zero bytes is the client closing: the waiting path reads the same and says so.
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
     }
 }
 

@@ -72,6 +72,10 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener,
             socket.set_only_v6(true)?;
         }
         socket.set_reuse_address(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per listener
+        // instead of one per connection. Responses are written whole; Nagle would only delay
+        // their last segment.
+        socket.set_tcp_nodelay(true)?;
         if reuse_port {
             socket.set_reuse_port(true)?;
         }
@@ -158,7 +162,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, cx: Context) {
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
     let protocol = if cx.proxy.opaque_ports.contains(target.port()) {
         Detected::Opaque
     } else {
@@ -175,5 +178,19 @@ async fn handle(stream: TcpStream, peer: SocketAddr, cx: Context) {
         Detected::Opaque => opaque::forward(stream, target, &cx).await,
         Detected::Http1 => http::serve_http1(stream, target, cx).await,
         Detected::H2 => http::serve_h2(stream, target, cx).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_tcp_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
