@@ -1,7 +1,8 @@
 //! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
-//! connections are reused for the whole client connection and, for HTTP/1, pooled across
-//! client connections; upgrades and CONNECT become byte tunnels.
+//! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
+//! thread across client connections; upgrades and CONNECT become byte tunnels.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,11 +33,13 @@ const POOL_IDLE: Duration = Duration::from_secs(4);
 /// Idle upstream connections kept per destination.
 const POOL_PER_TARGET: usize = 32;
 
-/// Idle upstream HTTP/1 connections by original destination. Touched when a client connection
-/// needs its first upstream connection and when it closes — never per request.
-#[derive(Debug, Default)]
-pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+thread_local! {
+    /// This worker thread's idle upstream HTTP/1 connections by original destination. Each
+    /// worker is a single-threaded runtime whose connections never leave it, so a per-worker
+    /// pool needs no lock and every connection it hands out is driven by the same thread.
+    /// Touched when a client connection needs its first upstream connection and when it
+    /// closes — never per request.
+    static POOL: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
 type Http1Sender = client_h1::SendRequest<Incoming>;
@@ -44,9 +47,9 @@ type Http1Sender = client_h1::SendRequest<Incoming>;
 /// An upstream connection waiting in the pool, and since when.
 type Idle = (Http1Sender, Instant);
 
-impl Pool {
-    fn checkout(&self, target: SocketAddr) -> Option<Http1Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+/// A ready pooled connection to `target`, if this worker has one.
+fn checkout(target: SocketAddr) -> Option<Http1Sender> {
+    POOL.with_borrow_mut(|idle| {
         let list = idle.get_mut(&target)?;
         let mut found = None;
         while let Some((sender, since)) = list.pop() {
@@ -59,34 +62,35 @@ impl Pool {
             idle.remove(&target);
         }
         found
-    }
+    })
+}
 
-    fn checkin(&self, target: SocketAddr, sender: Http1Sender) {
-        if !sender.is_ready() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+fn checkin(target: SocketAddr, sender: Http1Sender) {
+    if !sender.is_ready() {
+        return;
+    }
+    // `try_with`: a connection dropped while the thread exits finds the pool already gone.
+    let _ = POOL.try_with(|idle| {
+        let mut idle = idle.borrow_mut();
         let list = idle.entry(target).or_default();
         if list.len() < POOL_PER_TARGET {
             list.push((sender, Instant::now()));
         }
-    }
+    });
+}
 
-    /// Drops expired and closed connections; run periodically so idle sockets do not linger.
-    pub fn sweep(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|_, list| {
-            list.retain(|(sender, since)| sender.is_ready() && since.elapsed() < POOL_IDLE);
-            !list.is_empty()
+/// Drops this worker's expired and closed pooled connections every [`POOL_IDLE`], so idle
+/// sockets do not linger. Runs on each worker thread.
+pub async fn sweep_pool_forever() {
+    let mut tick = tokio::time::interval(POOL_IDLE);
+    loop {
+        tick.tick().await;
+        POOL.with_borrow_mut(|idle| {
+            idle.retain(|_, list| {
+                list.retain(|(sender, since)| sender.is_ready() && since.elapsed() < POOL_IDLE);
+                !list.is_empty()
+            });
         });
-    }
-
-    pub async fn sweep_forever(&self) {
-        let mut tick = tokio::time::interval(POOL_IDLE);
-        loop {
-            tick.tick().await;
-            self.sweep();
-        }
     }
 }
 
@@ -322,7 +326,7 @@ impl Http1Upstream {
             .take();
         current
             .filter(|sender| !sender.is_closed())
-            .or_else(|| self.route.cx.proxy.pool.checkout(self.route.target))
+            .or_else(|| checkout(self.route.target))
     }
 
     async fn dial(&self) -> Result<Http1Sender, Failure> {
@@ -347,7 +351,7 @@ impl Drop for Http1Upstream {
             .take();
         if let Some(sender) = current {
             if !self.route.cx.proxy.drain.is_draining() {
-                self.route.cx.proxy.pool.checkin(self.route.target, sender);
+                checkin(self.route.target, sender);
             }
         }
     }

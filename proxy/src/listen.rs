@@ -14,7 +14,6 @@ use tracing::{debug, warn};
 use crate::connect::reset;
 use crate::detect::{detect, Detected};
 use crate::drain::Drain;
-use crate::http::Pool;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::{http, opaque, orig_dst};
 
@@ -27,7 +26,6 @@ pub struct Proxy {
     pub proxy_ports: [u16; 2],
     pub access_log: bool,
     pub metrics: Metrics,
-    pub pool: Pool,
     pub drain: Drain,
     /// Set once every required listener is bound.
     pub ready: AtomicBool,

@@ -36,7 +36,6 @@ fn main() -> anyhow::Result<()> {
         proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
         access_log: args.access_log,
         metrics: Metrics::new(),
-        pool: Default::default(),
         drain: Default::default(),
         ready: Default::default(),
     }));
@@ -71,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             .name(format!("remora-worker-{worker}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    tokio::spawn(http::sweep_pool_forever());
                     let loops: Vec<_> = listeners
                         .into_iter()
                         .map(|(listener, direction)| {
@@ -137,7 +137,6 @@ async fn run(
             .context("registering the admin listener")?;
         tokio::spawn(admin::serve(listener, proxy));
     }
-    tokio::spawn(proxy.pool.sweep_forever());
     proxy.ready.store(true, Ordering::Release);
     info!(
         outbound = %args.outbound_listen,
