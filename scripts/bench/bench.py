@@ -515,6 +515,8 @@ def fmt(v, unit=None):
         return f"{v:,.0f}"
     if unit == "s":
         return f"{v:.4f}"
+    if unit == "ms" and abs(v) < 1:
+        return f"{v:.3f}"  # added latencies differ by tens of microseconds
     if unit in ("ms", "MiB"):
         return f"{v:.2f}" if v < 100 else f"{v:.0f}"
     if isinstance(v, float):
