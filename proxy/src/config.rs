@@ -8,9 +8,9 @@ use clap::{Parser, ValueEnum};
 use remora_init::PortList;
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
-/// server-first protocols, where the client waits for a greeting and detection could only time
-/// out. Kept equal to the injector's default so a hand-run proxy behaves like an injected one.
-pub const DEFAULT_OPAQUE_PORTS: &str = "21,25,110,143,587,3306,4222";
+/// server-first protocols. The injector's default is this very constant, so a hand-run proxy
+/// behaves like an injected one.
+pub use remora_init::config::DEFAULT_OPAQUE_PORTS;
 
 /// The most worker threads the proxy starts unless `--workers` says otherwise: a sidecar shares
 /// the pod's CPU with the application, and two threads already carry well over what one pod needs.
