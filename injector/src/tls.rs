@@ -295,22 +295,26 @@ mod tests {
         }
     }
 
+    /// Writes a fresh self-signed pair for `name` to `files`; returns the certificate PEM.
+    fn write_pair(files: &TlsArgs, name: &str) -> String {
+        let (cert, key) = self_signed(name);
+        std::fs::write(&files.cert, &cert).expect("write cert");
+        std::fs::write(&files.key, &key).expect("write key");
+        cert
+    }
+
     #[test]
     fn loads_a_pair_and_reloads_only_on_change() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = files(dir.path());
-        let (cert, key) = self_signed("one.test");
-        std::fs::write(&files.cert, &cert).expect("write cert");
-        std::fs::write(&files.key, &key).expect("write key");
+        write_pair(&files, "one.test");
         let resolver = Arc::new(CertResolver::default());
         let mut reloader = CertReloader::new(files.clone(), resolver.clone());
         assert!(matches!(reloader.poll(), Reload::Reloaded));
         assert!(resolver.is_loaded());
         assert!(matches!(reloader.poll(), Reload::Unchanged));
 
-        let (cert2, key2) = self_signed("two.test");
-        std::fs::write(&files.cert, &cert2).expect("write cert");
-        std::fs::write(&files.key, &key2).expect("write key");
+        write_pair(&files, "two.test");
         let before = resolver.current().expect("loaded");
         assert!(matches!(reloader.poll(), Reload::Reloaded));
         let after = resolver.current().expect("loaded");
@@ -321,9 +325,7 @@ mod tests {
     fn a_bad_pair_keeps_the_old_certificate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = files(dir.path());
-        let (cert, key) = self_signed("one.test");
-        std::fs::write(&files.cert, &cert).expect("write cert");
-        std::fs::write(&files.key, &key).expect("write key");
+        let cert = write_pair(&files, "one.test");
         let resolver = Arc::new(CertResolver::default());
         let mut reloader = CertReloader::new(files.clone(), resolver.clone());
         assert!(matches!(reloader.poll(), Reload::Reloaded));
