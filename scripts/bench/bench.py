@@ -7,6 +7,8 @@ Knobs (environment):
   BENCH_SECONDS=10     length of each timed load
   BENCH_SEATS=direct,haproxy,remora
   BENCH_PARTS=proxy,injector,init
+  BENCH_LOADS=throughput,latency,newconn,h2   the proxy loads
+  BENCH_REMORA_ARGS_X, BENCH_REMORA_BIN_X     flags / binary of a `remora@X` seat
   BENCH_BIN_DIR=target/release
   BENCH_RESULTS=results
 Quick smoke run: BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench
@@ -58,6 +60,8 @@ def seat_known(seat):
     return base in SEAT_NAMES and (not variant or (base == "remora" and variant.isidentifier()))
 
 KNOWN_PARTS = {"proxy", "injector", "init"}
+KNOWN_LOADS = ["throughput", "latency", "newconn", "h2"]
+LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split(",") if x]
 
 PREFIX = f"rmb{os.getpid()}"
 
@@ -355,10 +359,13 @@ class Seat:
             argv = ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
         else:
-            binary = Path(os.environ.get("BENCH_PROFILE_SEAT_BIN", BIN_DIR / "remora-proxy"))
+            variant = self.name.partition("@")[2]
+            # A variant may also be another build (a branch's binary) compared in the same run.
+            binary = Path(os.environ.get(f"BENCH_REMORA_BIN_{variant}" if variant else "",
+                                         os.environ.get("BENCH_PROFILE_SEAT_BIN",
+                                                        BIN_DIR / "remora-proxy")))
             if not binary.exists():
                 raise BenchError(f"{binary} is missing (cargo build --release --workspace --bins)")
-            variant = self.name.partition("@")[2]
             flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
             argv = [binary] + flags.split()
             ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
@@ -417,21 +424,25 @@ def run_seat(seat):
         check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
-        res["throughput"] = measure(
-            seat, ["wrk", "-t2", "-c50", f"-d{s}s", "--latency", url], parse_wrk, t)
-        res["peak_rss_kib"] = seat.rss_kib("VmHWM")
-        res["latency_1000rps"] = measure(
-            seat, ["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
-                   "--no-tui", "--output-format", "json", url], parse_oha, t)
-        res["new_connection"] = measure(
-            seat, ["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
-                   "--output-format", "json", url], parse_oha, t)
-        try:
-            res["h2"] = measure(
-                seat, ["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1", h2url],
-                parse_h2load, t)
-        except BenchError as e:
-            res["h2"] = {"error": str(e)[:300]}
+        if "throughput" in LOADS:
+            res["throughput"] = measure(
+                seat, ["wrk", "-t2", "-c50", f"-d{s}s", "--latency", url], parse_wrk, t)
+            res["peak_rss_kib"] = seat.rss_kib("VmHWM")
+        if "latency" in LOADS:
+            res["latency_1000rps"] = measure(
+                seat, ["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
+                       "--no-tui", "--output-format", "json", url], parse_oha, t)
+        if "newconn" in LOADS:
+            res["new_connection"] = measure(
+                seat, ["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
+                       "--output-format", "json", url], parse_oha, t)
+        if "h2" in LOADS:
+            try:
+                res["h2"] = measure(
+                    seat, ["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1", h2url],
+                    parse_h2load, t)
+            except BenchError as e:
+                res["h2"] = {"error": str(e)[:300]}
         res["peak_rss_all_kib"] = seat.rss_kib("VmHWM")
         if seat.proc and seat.proc.poll() is not None:
             raise BenchError(f"{seat.name} exited during the loads ({seat.proc.returncode})")
@@ -1000,11 +1011,13 @@ def render_other_parts(report):
 def main():
     if os.geteuid() != 0:
         sys.exit("make bench needs root (network namespaces, iptables)")
-    bad = [s for s in SEATS if not seat_known(s)] + [p for p in PARTS if p not in KNOWN_PARTS]
+    bad = [s for s in SEATS if not seat_known(s)] + [p for p in PARTS if p not in KNOWN_PARTS] \
+        + [x for x in LOADS if x not in KNOWN_LOADS]
     if bad or ROUNDS < 1 or SECONDS < 1:
-        sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_ROUNDS/BENCH_SECONDS: {bad or ''} "
-                 f"(seats: {','.join(SEAT_NAMES)}, remora@LABEL with BENCH_REMORA_ARGS_LABEL; parts: {','.join(sorted(KNOWN_PARTS))}; "
-                 "rounds and seconds: positive integers)")
+        sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_ROUNDS/BENCH_SECONDS: {bad or ''} "
+                 f"(seats: {','.join(SEAT_NAMES)}, remora@LABEL with BENCH_REMORA_ARGS_LABEL "
+                 f"and/or BENCH_REMORA_BIN_LABEL; parts: {','.join(sorted(KNOWN_PARTS))}; "
+                 f"loads: {','.join(KNOWN_LOADS)}; rounds and seconds: positive integers)")
     for tool in ("ip", "setpriv", "nsenter", "curl", "ss", "iptables-restore", "haproxy",
                  "nginx", "wrk", "oha", "h2load", "openssl"):
         if not shutil.which(tool):
