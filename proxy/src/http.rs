@@ -1,13 +1,14 @@
 //! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
 //! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
-//! thread across client connections; upgrades and CONNECT become byte tunnels.
+//! thread across client connections; upgrades and CONNECT become byte tunnels. The upstream side
+//! of HTTP/1 is [`crate::h1`]; hyper serves the client side and carries tunnels and HTTP/2.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::connect::connect;
+use crate::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::listen::Context;
 use crate::metrics::{CountingIo, Direction, Protocol};
 
@@ -42,19 +44,17 @@ thread_local! {
     static POOL: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-type Http1Sender = client_h1::SendRequest<Incoming>;
-
 /// An upstream connection waiting in the pool, and since when.
-type Idle = (Http1Sender, Instant);
+type Idle = (Conn, Instant);
 
-/// A ready pooled connection to `target`, if this worker has one.
-fn checkout(target: SocketAddr) -> Option<Http1Sender> {
+/// A usable pooled connection to `target`, if this worker has one.
+fn checkout(target: SocketAddr) -> Option<Conn> {
     POOL.with_borrow_mut(|idle| {
         let list = idle.get_mut(&target)?;
         let mut found = None;
-        while let Some((sender, since)) = list.pop() {
-            if sender.is_ready() && since.elapsed() < POOL_IDLE {
-                found = Some(sender);
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE && conn.is_usable() {
+                found = Some(conn);
                 break;
             }
         }
@@ -65,16 +65,17 @@ fn checkout(target: SocketAddr) -> Option<Http1Sender> {
     })
 }
 
-fn checkin(target: SocketAddr, sender: Http1Sender) {
-    if !sender.is_ready() {
+fn checkin(target: SocketAddr, mut conn: Conn) {
+    if !conn.is_usable() {
         return;
     }
+    conn.shrink();
     // `try_with`: a connection dropped while the thread exits finds the pool already gone.
     let _ = POOL.try_with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(target).or_default();
         if list.len() < POOL_PER_TARGET {
-            list.push((sender, Instant::now()));
+            list.push((conn, Instant::now()));
         }
     });
 }
@@ -87,7 +88,7 @@ pub async fn sweep_pool_forever() {
         tick.tick().await;
         POOL.with_borrow_mut(|idle| {
             idle.retain(|_, list| {
-                list.retain(|(sender, since)| sender.is_ready() && since.elapsed() < POOL_IDLE);
+                list.retain(|(conn, since)| since.elapsed() < POOL_IDLE && conn.is_usable());
                 !list.is_empty()
             });
         });
@@ -101,6 +102,8 @@ enum Failure {
     Connect(std::io::Error),
     #[error("{0}")]
     Upstream(hyper::Error),
+    #[error("{0}")]
+    Http1(h1::Error),
 }
 
 /// One client connection's destination, shared by its requests.
@@ -111,9 +114,9 @@ struct Route {
 }
 
 impl Route {
-    async fn dial(&self) -> Result<TokioIo<TcpStream>, Failure> {
+    async fn dial(&self) -> Result<TcpStream, Failure> {
         match connect(self.target, self.cx.proxy.connect_timeout).await {
-            Ok(stream) => Ok(TokioIo::new(stream)),
+            Ok(stream) => Ok(stream),
             Err(error) => {
                 self.cx.metrics.connect_errors.inc();
                 Err(Failure::Connect(error))
@@ -126,10 +129,10 @@ impl Route {
         &self,
         start: Instant,
         log: Option<Box<AccessLog>>,
-        result: Result<Response<Incoming>, Failure>,
+        result: Result<Response<Inner>, Failure>,
     ) -> Response<ResponseBody> {
         let response = match result {
-            Ok(response) => response.map(Inner::Upstream),
+            Ok(response) => response,
             Err(failure) => {
                 warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
                 let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
@@ -168,7 +171,7 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
             cx,
             protocol: Protocol::http1,
         },
-        current: Mutex::new(None),
+        current: h1::Slot::default(),
     });
     let service = service_fn(move |request| {
         let state = state.clone();
@@ -230,114 +233,110 @@ pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
 /// The upstream side of one HTTP/1 client connection.
 struct Http1Upstream {
     route: Route,
-    /// The upstream connection of this client connection. HTTP/1 serves one request at a
-    /// time, so this per-connection mutex is never contended: one uncontended atomic each way.
-    current: Mutex<Option<Http1Sender>>,
+    /// The upstream connection of this client connection, between its requests. HTTP/1 serves
+    /// one request at a time, so this per-connection mutex is never contended.
+    current: h1::Slot,
 }
 
 impl Http1Upstream {
     async fn forward(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
-        let tunnel = wants_tunnel(&request).then(|| hyper::upgrade::on(&mut request));
-        let is_connect = request.method() == Method::CONNECT;
-        if tunnel.is_none() {
-            strip_hop_by_hop(request.headers_mut());
+        if wants_tunnel(&request) {
+            let result = self.tunnel(request).await;
+            return self.route.respond(start, log, result);
         }
-        let mut result = self.send(request, tunnel.is_some()).await;
-        if let (Some(client_side), Ok(response)) = (tunnel, result.as_mut()) {
-            let accepted = response.status() == StatusCode::SWITCHING_PROTOCOLS
-                || (is_connect && response.status().is_success());
-            if accepted {
-                let upstream_side = hyper::upgrade::on(response);
-                let guard = self.route.cx.proxy.drain.guard();
-                let direction = self.route.cx.direction();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    match tokio::try_join!(client_side, upstream_side) {
-                        Ok((client, upstream)) => {
-                            let (mut client, mut upstream) =
-                                (TokioIo::new(client), TokioIo::new(upstream));
-                            if let Err(error) =
-                                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                            {
-                                debug!(direction, %error, "tunnel ended with an error");
-                            }
-                        }
-                        Err(error) => debug!(direction, %error, "upgrade failed"),
-                    }
-                });
-            }
-        }
-        if let Ok(response) = result.as_mut() {
-            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                strip_hop_by_hop(response.headers_mut());
-            }
-        }
+        strip_hop_by_hop(request.headers_mut());
+        let result = self.send(request).await.map(|mut response| {
+            strip_hop_by_hop(response.headers_mut());
+            response.map(Inner::Upstream)
+        });
         self.route.respond(start, log, result)
     }
 
-    /// Sends on this connection's upstream connection, else a pooled one, else a new one. A
-    /// request that a reused connection never took (it was closing) is retried once on a new
-    /// connection: nothing of it reached the destination.
-    async fn send(
-        &self,
-        mut request: Request<Incoming>,
-        tunnel: bool,
-    ) -> Result<Response<Incoming>, Failure> {
+    /// Sends on this connection's upstream connection, else a pooled one, else a new one. An
+    /// idempotent request without a body is retried once on a new connection when a reused one
+    /// fails before answering (the server closed it as the request went out).
+    async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
+        let (parts, body) = request.into_parts();
+        let head = RequestHead::new(&parts, self.route.target);
+        let retryable = body.is_end_stream() && parts.method.is_idempotent();
+        let mut body = Some(body);
         let mut reused = self.take();
-        if let Some(sender) = reused.as_mut() {
-            // Ready once the previous response has been read to its end.
-            if sender.ready().await.is_err() {
-                reused = None;
-            }
-        }
-        let (mut sender, mut fresh) = match reused {
-            Some(sender) => (sender, false),
-            None => (self.dial().await?, true),
-        };
         loop {
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    // A tunnel takes the connection over; otherwise it serves the next request.
-                    if !tunnel {
-                        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
-                    }
-                    return Ok(response);
+            let (conn, fresh) = match reused.take() {
+                Some(conn) => (conn, false),
+                None => (Conn::new(self.route.dial().await?), true),
+            };
+            match h1::send(conn, &head, body.take(), &self.current).await {
+                Ok(response) => return Ok(response),
+                Err(failed) if !fresh && retryable && failed.nothing_received => {
+                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, error = %failed.error, "reused upstream connection failed; retrying on a new one");
                 }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !fresh => {
-                        request = unsent;
-                        sender = self.dial().await?;
-                        fresh = true;
-                    }
-                    _ => return Err(Failure::Upstream(error.into_error())),
-                },
+                Err(failed) => return Err(Failure::Http1(failed.error)),
             }
         }
     }
 
-    /// The connection's current upstream connection or a pooled one, once ready.
-    fn take(&self) -> Option<Http1Sender> {
+    /// An upgrade or CONNECT: hyper's client sends it, and the connection becomes a tunnel once
+    /// the destination accepts.
+    async fn tunnel(&self, mut request: Request<Incoming>) -> Result<Response<Inner>, Failure> {
+        let is_connect = request.method() == Method::CONNECT;
+        let client_side = hyper::upgrade::on(&mut request);
+        let io = match self.take().and_then(Conn::into_stream) {
+            Some(stream) => stream,
+            None => self.route.dial().await?,
+        };
+        let (mut sender, connection) = client_h1::handshake(TokioIo::new(io))
+            .await
+            .map_err(Failure::Upstream)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%error, "upstream HTTP/1 connection ended with an error");
+            }
+        });
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(Failure::Upstream)?;
+        let accepted = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (is_connect && response.status().is_success());
+        if accepted {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            let guard = self.route.cx.proxy.drain.guard();
+            let direction = self.route.cx.direction();
+            tokio::spawn(async move {
+                let _guard = guard;
+                match tokio::try_join!(client_side, upstream_side) {
+                    Ok((client, upstream)) => {
+                        let (mut client, mut upstream) =
+                            (TokioIo::new(client), TokioIo::new(upstream));
+                        if let Err(error) =
+                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                        {
+                            debug!(direction, %error, "tunnel ended with an error");
+                        }
+                    }
+                    Err(error) => debug!(direction, %error, "upgrade failed"),
+                }
+            });
+        }
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(response.headers_mut());
+        }
+        Ok(response.map(Inner::Hyper))
+    }
+
+    /// The connection's current upstream connection or a pooled one, if usable.
+    fn take(&self) -> Option<Conn> {
         let current = self
             .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         current
-            .filter(|sender| !sender.is_closed())
+            .filter(Conn::is_usable)
             .or_else(|| checkout(self.route.target))
-    }
-
-    async fn dial(&self) -> Result<Http1Sender, Failure> {
-        let io = self.route.dial().await?;
-        let (sender, connection) = client_h1::handshake(io).await.map_err(Failure::Upstream)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(%error, "upstream HTTP/1 connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 }
 
@@ -346,12 +345,12 @@ impl Drop for Http1Upstream {
     fn drop(&mut self) {
         let current = self
             .current
-            .get_mut()
+            .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(sender) = current {
+        if let Some(conn) = current {
             if !self.route.cx.proxy.drain.is_draining() {
-                checkin(self.route.target, sender);
+                checkin(self.route.target, conn);
             }
         }
     }
@@ -370,7 +369,11 @@ impl H2Upstream {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         let result = self.send(request).await;
-        self.route.respond(start, log, result)
+        self.route.respond(
+            start,
+            log,
+            result.map(|response| response.map(Inner::Hyper)),
+        )
     }
 
     async fn send(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
@@ -400,7 +403,7 @@ impl H2Upstream {
                 return Ok((sender.clone(), false));
             }
         }
-        let io = self.route.dial().await?;
+        let io = TokioIo::new(self.route.dial().await?);
         let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
@@ -447,10 +450,15 @@ fn wants_tunnel<B>(request: &Request<B>) -> bool {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    /// An HTTP/1 response read by [`crate::h1`].
+    Upstream(UpstreamBody),
+    /// HTTP/2 and tunnel responses, read by hyper's client.
+    Hyper(Incoming),
     /// A response the proxy makes itself (502).
     Local(Option<Bytes>),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body sent back to the client: the upstream body as it streams in, or the proxy's own.
 pub struct ResponseBody {
@@ -460,15 +468,16 @@ pub struct ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let poll = match &mut this.inner {
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Local(body) => Poll::Ready(body.take().map(|data| Ok(Frame::data(data)))),
         };
         if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
@@ -482,6 +491,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Hyper(body) => body.is_end_stream(),
             Inner::Local(body) => body.is_none(),
         }
     }
@@ -489,6 +499,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
+            Inner::Hyper(body) => body.size_hint(),
             Inner::Local(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))
             }

@@ -7,6 +7,7 @@ mod config;
 mod connect;
 mod detect;
 mod drain;
+mod h1;
 mod http;
 mod listen;
 mod metrics;

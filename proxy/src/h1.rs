@@ -1,0 +1,640 @@
+//! The upstream side of proxied HTTP/1: the request written and the response read straight on
+//! the upstream socket, inside the client connection's own task.
+//!
+//! hyper still serves the client side (parsing, keep-alive, pipelining, `Expect: 100-continue`,
+//! upgrades). Its client side would put every upstream connection in a task of its own, and a
+//! request would then cross tasks four times: the request, the response head, the demand for
+//! the body and the body itself. Here one task does it all, so a keep-alive request costs a
+//! single wake-up, as in the opaque TCP relay.
+//!
+//! What this side decides (RFC 9112):
+//! - Requests go out as HTTP/1.1, with a `Host` added when an HTTP/1.0 client sent none. Their
+//!   body keeps its framing: `Content-Length` bytes as they come, or chunked (re-encoded from
+//!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`.
+//! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
+//!   itself. A `101` outside an upgrade is an error.
+//! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
+//!   the server closes; HEAD, 204 and 304 have none.
+//! - A connection is reused only after a complete HTTP/1.1 response without `Connection:
+//!   close`, nothing unread behind it, and no body framed by the close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Headers accepted in one response head or trailer section (hyper's own limit).
+const MAX_HEADERS: usize = 100;
+/// The largest response head or trailer section.
+const MAX_HEAD: usize = 64 * 1024;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// What a read asks the socket for at least, and at most.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 64 * 1024;
+
+/// Where a finished response puts its connection back: the client connection's slot.
+pub type Slot = Arc<Mutex<Option<Conn>>>;
+
+/// An upstream connection and what was read from it but not used yet.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: the server has neither closed it nor sent
+    /// anything unasked. No syscall unless the socket turned readable since it was last drained.
+    pub fn is_usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The socket, for a connection that leaves HTTP/1 (an upgrade); `None` if bytes are pending.
+    pub fn into_stream(self) -> Option<TcpStream> {
+        self.buf.is_empty().then_some(self.io)
+    }
+
+    /// Drops a big read buffer before the connection idles in a pool.
+    pub fn shrink(&mut self) {
+        if self.buf.capacity() > READ_MAX {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Reads more into the buffer; `Ok(0)` is the end of the stream. Through `poll_read`, so a
+    /// short read marks the socket drained: the next read, and the next [`Self::is_usable`],
+    /// wait for epoll instead of asking the kernel again.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.buf.reserve(want.clamp(READ_MIN, READ_MAX));
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx, READ_MIN)).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the destination closed the connection without a response")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response: {0}")]
+    Invalid(String),
+    #[error("reading the request body: {0}")]
+    RequestBody(hyper::Error),
+}
+
+fn invalid(what: impl Into<String>) -> Error {
+    Error::Invalid(what.into())
+}
+
+/// A request that failed, and whether the server can have seen none of it acted upon: the
+/// connection failed before a single response byte, so an idempotent request may be retried.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Error,
+    pub nothing_received: bool,
+}
+
+/// A request head ready to write, and how its body is framed.
+pub struct RequestHead {
+    bytes: Vec<u8>,
+    chunked: bool,
+    method: Method,
+}
+
+impl RequestHead {
+    /// Writes `parts` as an HTTP/1.1 request head. Hop-by-hop headers are already gone.
+    pub fn new(parts: &request::Parts, target: SocketAddr) -> Self {
+        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(parts.method.as_str().as_bytes());
+        bytes.push(b' ');
+        let uri = &parts.uri;
+        if uri.scheme().is_some() {
+            // Absolute form, as the client sent it (it took us for a forward proxy).
+            bytes.extend_from_slice(uri.to_string().as_bytes());
+        } else {
+            let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+            bytes.extend_from_slice(target.as_bytes());
+        }
+        bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); sending both would let
+            // the server pick the other one.
+            if chunked && name == header::CONTENT_LENGTH {
+                continue;
+            }
+            put_field(&mut bytes, name, value);
+        }
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.
+            let host = uri
+                .authority()
+                .map_or_else(|| target.to_string(), |authority| authority.to_string());
+            bytes.extend_from_slice(b"host: ");
+            bytes.extend_from_slice(host.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        Self {
+            bytes,
+            chunked,
+            method: parts.method.clone(),
+        }
+    }
+}
+
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Sends one request on `conn` and reads the response head. The response body reads the rest
+/// and, when it ends cleanly on a reusable connection, puts the connection back in `slot`.
+pub async fn send(
+    mut conn: Conn,
+    head: &RequestHead,
+    body: Option<Incoming>,
+    slot: &Slot,
+) -> Result<Response<UpstreamBody>, Failed> {
+    let failed = |error, nothing_received| Failed {
+        error,
+        nothing_received,
+    };
+    if let Err(error) = write_request(&mut conn, head, body).await {
+        let nothing_received = !matches!(error, Error::RequestBody(_));
+        return Err(failed(error, nothing_received));
+    }
+    let (response, framing, keep_alive) = match read_head(&mut conn, &head.method).await {
+        Ok(parsed) => parsed,
+        Err((error, nothing_received)) => return Err(failed(error, nothing_received)),
+    };
+    let mut body = UpstreamBody {
+        conn: Some(conn),
+        state: framing,
+        keep_alive,
+        slot: Some(slot.clone()),
+    };
+    if matches!(body.state, State::Length(0)) {
+        body.finish();
+    }
+    Ok(response.map(|()| body))
+}
+
+async fn write_request(
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: Option<Incoming>,
+) -> Result<(), Error> {
+    conn.io.write_all(&head.bytes).await?;
+    let Some(mut body) = body.filter(|body| !body.is_end_stream()) else {
+        if head.chunked {
+            conn.io.write_all(b"0\r\n\r\n").await?;
+        }
+        return Ok(());
+    };
+    let mut ended = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Error::RequestBody)?;
+        match frame.into_data() {
+            Ok(data) if !head.chunked => conn.io.write_all(&data).await?,
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => {
+                let size = format!("{:x}\r\n", data.len());
+                let mut chunk = size.as_bytes().chain(data).chain(&b"\r\n"[..]);
+                conn.io.write_all_buf(&mut chunk).await?;
+            }
+            Err(frame) => {
+                if let (Ok(trailers), true) = (frame.into_trailers(), head.chunked) {
+                    let mut last = b"0\r\n".to_vec();
+                    for (name, value) in &trailers {
+                        put_field(&mut last, name, value);
+                    }
+                    last.extend_from_slice(b"\r\n");
+                    conn.io.write_all(&last).await?;
+                    ended = true;
+                }
+            }
+        }
+    }
+    if head.chunked && !ended {
+        conn.io.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// Reads the final response head (skipping interim 1xx ones); the error says whether nothing
+/// at all was received.
+async fn read_head(
+    conn: &mut Conn,
+    method: &Method,
+) -> Result<(Response<()>, State, bool), (Error, bool)> {
+    let mut received = false;
+    loop {
+        if !conn.buf.is_empty() {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            match parsed.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let response = head_from(&parsed, method).map_err(|error| (error, false))?;
+                    conn.buf.advance(len);
+                    if let Some(response) = response {
+                        return Ok(response);
+                    }
+                    continue;
+                }
+                Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err((invalid("a response head over 64 KiB"), false))
+                }
+                Err(error) => return Err((invalid(error.to_string()), false)),
+            }
+        }
+        match conn.fill().await {
+            Ok(0) if !received => return Err((Error::Closed, true)),
+            Ok(0) => {
+                return Err((
+                    invalid("the connection closed inside the response head"),
+                    false,
+                ))
+            }
+            Ok(_) => received = true,
+            Err(error) => return Err((Error::Io(error), !received)),
+        }
+    }
+}
+
+/// The response, its body framing and whether the connection stays open after it; `None` for
+/// an interim 1xx response.
+fn head_from(
+    parsed: &httparse::Response<'_, '_>,
+    method: &Method,
+) -> Result<Option<(Response<()>, State, bool)>, Error> {
+    let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
+        return Err(invalid("no status line"));
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| invalid(format!("status {code}")))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(invalid(
+            "101 Switching Protocols to a request that asked no upgrade",
+        ));
+    }
+    if status.is_informational() {
+        return Ok(None);
+    }
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut close = version == 0;
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| invalid(format!("header name {:?}", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| invalid(format!("value of header {name}")))?;
+        if name == header::CONNECTION {
+            close |= has_token(&value, "close");
+        } else if name == header::TRANSFER_ENCODING {
+            // Only the last coding counts: chunked must be it for the chunks to frame the body.
+            chunked = Some(last_token(&value).eq_ignore_ascii_case("chunked"));
+        } else if name == header::CONTENT_LENGTH {
+            length = Some(content_length(&value, length)?);
+        }
+        headers.append(name, value);
+    }
+    let state = if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        State::Length(0)
+    } else if let Some(chunked) = chunked {
+        // Transfer-Encoding next to Content-Length is a smuggling pattern: do not reuse.
+        close |= length.is_some();
+        if chunked {
+            State::Chunked(Chunk::Size)
+        } else {
+            State::Close
+        }
+    } else if let Some(length) = length {
+        State::Length(length)
+    } else {
+        State::Close
+    };
+    let keep_alive = !close && !matches!(state, State::Close);
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(Some((response, state, keep_alive)))
+}
+
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value.to_str().unwrap_or("").split(',').map(str::trim)
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn last_token(value: &HeaderValue) -> &str {
+    tokens(value).filter(|t| !t.is_empty()).last().unwrap_or("")
+}
+
+/// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
+/// agree with any earlier one.
+fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<u64, Error> {
+    let mut length = earlier;
+    for token in tokens(value) {
+        let parsed = (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| token.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
+        if length.is_some_and(|length| length != parsed) {
+            return Err(invalid("conflicting Content-Length values"));
+        }
+        length = Some(parsed);
+    }
+    length.ok_or_else(|| invalid("an empty Content-Length"))
+}
+
+/// Where the body reader is.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the server closes.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// A response body read from the upstream connection as the client's side asks for it.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    conn: Option<Conn>,
+    state: State,
+    keep_alive: bool,
+    slot: Option<Slot>,
+}
+
+impl UpstreamBody {
+    /// The body is complete: the connection goes back to its slot if it can serve again.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) {
+            if self.keep_alive && conn.buf.is_empty() {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+            }
+        }
+    }
+
+    /// Stops reading after an error: the connection is dropped, never reused.
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+/// Takes up to `limit` buffered bytes as one data frame.
+fn take_data(conn: &mut Conn, limit: u64) -> Bytes {
+    let n = usize::try_from(limit).map_or(conn.buf.len(), |limit| limit.min(conn.buf.len()));
+    conn.buf.split_to(n).freeze()
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // What the buffer holds is used first; the socket is read only when it is not enough.
+            let need_more = match this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) => {
+                    if conn.buf.is_empty() {
+                        Some(usize::try_from(left).unwrap_or(READ_MAX))
+                    } else {
+                        let data = take_data(conn, left);
+                        let left = left - data.len() as u64;
+                        this.state = State::Length(left);
+                        if left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Close => {
+                    if conn.buf.is_empty() {
+                        Some(READ_MAX)
+                    } else {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(Chunk::Size) => match conn.buf.iter().position(|&b| b == b'\n') {
+                    Some(end) => {
+                        let size = match chunk_size(&conn.buf[..end]) {
+                            Ok(size) => size,
+                            Err(error) => return this.fail(error),
+                        };
+                        conn.buf.advance(end + 1);
+                        this.state = State::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                        None
+                    }
+                    None if conn.buf.len() > MAX_CHUNK_LINE => {
+                        return this.fail(invalid("a chunk-size line over 4 KiB"))
+                    }
+                    None => Some(READ_MIN),
+                },
+                State::Chunked(Chunk::Data(left)) => {
+                    if conn.buf.is_empty() {
+                        Some(usize::try_from(left).unwrap_or(READ_MAX))
+                    } else {
+                        let data = take_data(conn, left);
+                        let left = left - data.len() as u64;
+                        this.state = State::Chunked(if left == 0 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(left)
+                        });
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(Chunk::DataEnd) => {
+                    if conn.buf.len() < 2 {
+                        Some(READ_MIN)
+                    } else if conn.buf.starts_with(b"\r\n") {
+                        conn.buf.advance(2);
+                        this.state = State::Chunked(Chunk::Size);
+                        None
+                    } else {
+                        return this.fail(invalid("chunk data not followed by CRLF"));
+                    }
+                }
+                State::Chunked(Chunk::Trailers) => {
+                    if conn.buf.starts_with(b"\r\n") {
+                        conn.buf.advance(2);
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    match find(&conn.buf, b"\r\n\r\n") {
+                        Some(end) => {
+                            let trailers = match parse_trailers(&conn.buf[..end + 4]) {
+                                Ok(trailers) => trailers,
+                                Err(error) => return this.fail(error),
+                            };
+                            conn.buf.advance(end + 4);
+                            this.finish();
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        None if conn.buf.len() > MAX_HEAD => {
+                            return this.fail(invalid("trailers over 64 KiB"))
+                        }
+                        None if conn.buf.len() == 1 && conn.buf[0] != b'\r' => {
+                            return this.fail(invalid("malformed trailer section"))
+                        }
+                        None => Some(READ_MIN),
+                    }
+                }
+            };
+            if let Some(want) = need_more {
+                match ready!(conn.poll_fill(cx, want)) {
+                    Ok(0) if matches!(this.state, State::Close) => {
+                        // A body framed by the close: the close is its end.
+                        this.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => return this.fail(invalid("the connection closed inside the body")),
+                    Ok(_) => {}
+                    Err(error) => return this.fail(Error::Io(error)),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(left) => SizeHint::with_exact(left),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The size on a chunk-size line (without its LF), extensions ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .map_or(line, |end| &line[..end]);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(invalid("a bad chunk size"));
+    }
+    digits.iter().try_fold(0u64, |size, &b| {
+        let digit = (b as char)
+            .to_digit(16)
+            .ok_or_else(|| invalid("a bad chunk size"))?;
+        Ok(size << 4 | u64::from(digit))
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+fn parse_trailers(block: &[u8]) -> Result<HeaderMap, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(block, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            let mut trailers = HeaderMap::with_capacity(fields.len());
+            for field in fields {
+                let name = HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| invalid("a trailer name"))?;
+                let value =
+                    HeaderValue::from_bytes(field.value).map_err(|_| invalid("a trailer value"))?;
+                trailers.append(name, value);
+            }
+            Ok(trailers)
+        }
+        _ => Err(invalid("malformed trailers")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_with_extensions_ignored() {
+        assert_eq!(chunk_size(b"1a\r").unwrap(), 26);
+        assert_eq!(chunk_size(b"FF;name=value\r").unwrap(), 255);
+        assert_eq!(chunk_size(b"0").unwrap(), 0);
+        for bad in [&b"\r"[..], b"xyz\r", b"-1\r", b"1234567890abcdef0\r"] {
+            assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn content_length_lists_must_agree() {
+        let value = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(content_length(&value("42"), None).unwrap(), 42);
+        assert_eq!(content_length(&value("42, 42"), None).unwrap(), 42);
+        assert!(content_length(&value("42, 43"), None).is_err());
+        assert!(content_length(&value("42"), Some(41)).is_err());
+        assert!(content_length(&value("+42"), None).is_err());
+        assert!(content_length(&value(""), None).is_err());
+    }
+}
