@@ -8,6 +8,8 @@ mod connect;
 mod detect;
 mod drain;
 mod http;
+#[cfg(test)]
+mod http_tests;
 mod listen;
 mod metrics;
 mod opaque;
