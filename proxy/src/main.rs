@@ -9,6 +9,8 @@ mod detect;
 mod drain;
 mod h1;
 mod http;
+#[cfg(test)]
+mod http_tests;
 mod listen;
 mod metrics;
 mod opaque;

@@ -1,0 +1,1649 @@
+//! Byte-level conformance tests of the HTTP/1 path: a raw-TCP client and a scripted raw-TCP
+//! upstream on either side of `serve_http1`, so every byte each peer sends is fixed and every
+//! byte it receives is checked.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::http::serve_http1;
+use crate::listen::{Context, Proxy};
+use crate::metrics::{Direction, Metrics};
+
+/// The longest any single step may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: nothing happened within {WAIT:?}"),
+    }
+}
+
+/// A proxy of its own per test, so metrics start at zero.
+fn new_proxy() -> &'static Proxy {
+    Box::leak(Box::new(Proxy {
+        connect_timeout: Duration::from_secs(2),
+        opaque_ports: Default::default(),
+        proxy_ports: [15001, 15006],
+        access_log: false,
+        metrics: Metrics::new(),
+        drain: Default::default(),
+        ready: Default::default(),
+    }))
+}
+
+/// A loopback listener whose every connection `serve_http1` forwards to `target`.
+async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &'static Proxy) {
+    let proxy = new_proxy();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_http1(stream, target, Context::new(proxy, direction)));
+        }
+    });
+    (addr, proxy)
+}
+
+/// A start line and header fields as they were on the wire.
+#[derive(Debug, Clone)]
+struct Head {
+    /// Everything up to and including the blank line.
+    raw: Vec<u8>,
+    start: String,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Head {
+    fn parse(raw: Vec<u8>) -> Self {
+        let text = &raw[..raw.len() - 4];
+        let mut lines = text.split(|&b| b == b'\n').map(|line| match line {
+            [rest @ .., b'\r'] => rest,
+            line => line,
+        });
+        let start = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+        let headers = lines
+            .map(|line| {
+                let colon = line
+                    .iter()
+                    .position(|&b| b == b':')
+                    .unwrap_or_else(|| panic!("header line without a colon: {line:?}"));
+                let name = String::from_utf8_lossy(&line[..colon]).into_owned();
+                let value = line[colon + 1..].trim_ascii().to_vec();
+                (name, value)
+            })
+            .collect();
+        Self {
+            raw,
+            start,
+            headers,
+        }
+    }
+
+    fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(have, _)| have.eq_ignore_ascii_case(name))
+            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+            .collect()
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.all(name).into_iter().next()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        !self.all(name).is_empty()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.headers.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    fn status(&self) -> u16 {
+        self.start
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {:?}", self.start))
+    }
+
+    fn version(&self) -> &str {
+        if self.start.starts_with("HTTP/") {
+            self.start.split(' ').next().unwrap_or_default()
+        } else {
+            self.start.rsplit(' ').next().unwrap_or_default()
+        }
+    }
+
+    fn content_length(&self) -> Option<usize> {
+        self.get("content-length")
+            .map(|value| value.parse().expect("a numeric Content-Length"))
+    }
+
+    fn is_chunked(&self) -> bool {
+        self.all("transfer-encoding")
+            .iter()
+            .any(|value| value.to_ascii_lowercase().contains("chunked"))
+    }
+}
+
+/// A request or response: its head and its decoded body.
+#[derive(Debug, Clone)]
+struct Message {
+    head: Head,
+    body: Vec<u8>,
+    /// Trailer fields of a chunked body.
+    trailers: Vec<(String, Vec<u8>)>,
+}
+
+impl Message {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One side of a TCP connection with a read buffer, every read bounded by [`WAIT`].
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn connect(addr: SocketAddr) -> Self {
+        Self::new(
+            within("connecting", TcpStream::connect(addr))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Reads more into the buffer; 0 at the end of the stream (a reset counts as the end).
+    async fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = within("reading", self.stream.read(&mut chunk))
+            .await
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        within("writing", self.stream.write_all(bytes))
+            .await
+            .unwrap();
+    }
+
+    /// A head, or None when the peer closed before sending any byte of one.
+    async fn read_head(&mut self) -> Option<Head> {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 4).collect();
+                return Some(Head::parse(raw));
+            }
+            if self.fill().await == 0 {
+                assert!(
+                    self.buf.is_empty(),
+                    "the stream ended inside a head: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+                return None;
+            }
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await > 0,
+                "the stream ended after {} of {n} body bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn line(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                return line[..end].to_vec();
+            }
+            assert!(self.fill().await > 0, "the stream ended inside a line");
+        }
+    }
+
+    async fn read_to_end(&mut self) -> Vec<u8> {
+        while self.fill().await > 0 {}
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Decodes a chunked body into (body, trailers); chunk extensions are skipped.
+    async fn chunked(&mut self) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+        let mut body = Vec::new();
+        loop {
+            let line = String::from_utf8(self.line().await).expect("an ASCII chunk size line");
+            let size = line.split_once(';').map_or(line.as_str(), |(size, _)| size);
+            let size = usize::from_str_radix(size.trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+            if size == 0 {
+                break;
+            }
+            body.extend(self.take(size).await);
+            assert_eq!(self.take(2).await, b"\r\n", "a chunk must end with CRLF");
+        }
+        let mut trailers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                return (body, trailers);
+            }
+            let colon = line.iter().position(|&b| b == b':').expect("a trailer");
+            trailers.push((
+                String::from_utf8_lossy(&line[..colon]).into_owned(),
+                line[colon + 1..].trim_ascii().to_vec(),
+            ));
+        }
+    }
+
+    async fn body(&mut self, head: Head, framed_by_close: bool) -> Message {
+        let (body, trailers) = if head.is_chunked() {
+            self.chunked().await
+        } else if let Some(length) = head.content_length() {
+            (self.take(length).await, Vec::new())
+        } else if framed_by_close {
+            (self.read_to_end().await, Vec::new())
+        } else {
+            Default::default()
+        };
+        Message {
+            head,
+            body,
+            trailers,
+        }
+    }
+
+    /// The next request, or None when the peer closed between requests.
+    async fn read_request(&mut self) -> Option<Message> {
+        let head = self.read_head().await?;
+        Some(self.body(head, false).await)
+    }
+
+    /// The next response (an interim 1xx one included) to a request with `method`.
+    async fn read_response(&mut self, method: &str) -> Message {
+        let head = self
+            .read_head()
+            .await
+            .expect("a response, not the end of the stream");
+        let status = head.status();
+        if method == "HEAD" || status < 200 || status == 204 || status == 304 {
+            return Message {
+                head,
+                body: Vec::new(),
+                trailers: Vec::new(),
+            };
+        }
+        self.body(head, true).await
+    }
+
+    /// Sends `request` and reads the final response (interim 1xx responses skipped).
+    async fn exchange(&mut self, request: &[u8]) -> Message {
+        self.write(request).await;
+        let method = std::str::from_utf8(request)
+            .ok()
+            .and_then(|text| text.split(' ').next())
+            .unwrap_or("GET")
+            .to_string();
+        loop {
+            let response = self.read_response(&method).await;
+            if response.head.status() >= 200 {
+                return response;
+            }
+        }
+    }
+
+    /// True when the peer closes (or resets) within `limit` without sending anything more;
+    /// false when the connection is still open and quiet after `limit`.
+    async fn closes_within(&mut self, limit: Duration) -> bool {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(limit, self.stream.read(&mut chunk)).await {
+            Err(_) => false,
+            Ok(Err(_)) | Ok(Ok(0)) => true,
+            Ok(Ok(n)) => panic!(
+                "unexpected bytes from the peer: {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+        }
+    }
+}
+
+/// A request the upstream received, and on which of its accepted connections (0, 1, …).
+#[derive(Debug, Clone)]
+struct Seen {
+    conn: usize,
+    request: Message,
+}
+
+/// A scripted upstream server on loopback.
+struct Upstream {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn conns(&self) -> Vec<usize> {
+        self.seen().iter().map(|seen| seen.conn).collect()
+    }
+}
+
+/// One accepted upstream connection, handed to the script.
+struct UpstreamConn {
+    wire: Wire,
+    index: usize,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl UpstreamConn {
+    /// The next request (recorded), or None once the proxy closed the connection.
+    async fn next(&mut self) -> Option<Message> {
+        let request = self.wire.read_request().await?;
+        self.seen.lock().unwrap().push(Seen {
+            conn: self.index,
+            request: request.clone(),
+        });
+        Some(request)
+    }
+
+    /// Writes without failing the script when the proxy has gone (some tests make it go).
+    async fn send(&mut self, bytes: &[u8]) {
+        let _ = tokio::time::timeout(WAIT, self.wire.stream.write_all(bytes)).await;
+    }
+}
+
+/// An upstream that runs `script` on every connection it accepts.
+async fn upstream<F, Fut>(script: F) -> Upstream
+where
+    F: Fn(UpstreamConn) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (counter, log) = (accepts.clone(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let index = counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(script(UpstreamConn {
+                wire: Wire::new(stream),
+                index,
+                seen: log.clone(),
+            }));
+        }
+    });
+    Upstream {
+        addr,
+        accepts,
+        seen,
+    }
+}
+
+/// A keep-alive upstream answering every request with `reply(connection index, request)`.
+async fn replying<R>(reply: R) -> Upstream
+where
+    R: Fn(usize, &Message) -> Vec<u8> + Send + Sync + 'static,
+{
+    let reply = Arc::new(reply);
+    upstream(move |mut conn| {
+        let reply = reply.clone();
+        async move {
+            while let Some(request) = conn.next().await {
+                let bytes = reply(conn.index, &request);
+                conn.send(&bytes).await;
+            }
+        }
+    })
+    .await
+}
+
+/// `200 OK` with a Content-Length body.
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n").into_bytes()
+}
+
+/// The request target of a request line.
+fn target_of(request: &Message) -> String {
+    request
+        .head
+        .start
+        .split(' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `n` bytes that are not periodic at any power of two, so a dropped or repeated block shows.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// `body` in chunks of growing, odd sizes.
+fn chunk(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 100);
+    let mut rest = body;
+    let mut size = 1;
+    while !rest.is_empty() {
+        let n = size.min(rest.len());
+        out.extend(format!("{n:x}\r\n").into_bytes());
+        out.extend(&rest[..n]);
+        out.extend(b"\r\n");
+        rest = &rest[n..];
+        size = (size * 3 + 7) % 70_001;
+    }
+    out.extend(b"0\r\n\r\n");
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+fn metric(proxy: &Proxy, line_prefix: &str) -> Option<u64> {
+    proxy
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|line| line.strip_prefix(line_prefix)?.trim().parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing and connection reuse
+
+#[tokio::test]
+async fn keep_alive_answers_three_requests_over_one_upstream_connection() {
+    let upstream = replying(|_, request| ok(&format!("hello {}", target_of(request)))).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    for path in ["/one", "/two", "/three"] {
+        let response = client.exchange(&get(path)).await;
+        assert_eq!(response.head.start, "HTTP/1.1 200 OK");
+        assert_eq!(response.text(), format!("hello {path}"));
+        assert_eq!(
+            response.head.content_length(),
+            Some(6 + path.len()),
+            "a Content-Length response keeps its length"
+        );
+        assert!(!response.head.is_chunked());
+    }
+    assert_eq!(
+        upstream.accepts(),
+        1,
+        "one upstream connection for all three"
+    );
+    assert_eq!(upstream.conns(), [0, 0, 0]);
+    let seen = upstream.seen();
+    assert_eq!(seen[0].request.head.start, "GET /one HTTP/1.1");
+    assert_eq!(
+        seen[0].request.head.get("host").as_deref(),
+        Some("example.test")
+    );
+    assert!(
+        !client.closes_within(Duration::from_millis(100)).await,
+        "the client connection stays open"
+    );
+}
+
+#[tokio::test]
+async fn chunked_response_with_extensions_reaches_the_client_intact() {
+    let upstream = replying(|_, _| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5;x=y\r\nhello\r\n1\r\n,\r\n6;name=\"quoted\"\r\n world\r\nA\r\n0123456789\r\n0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    for _ in 0..2 {
+        let response = client.exchange(&get("/chunked")).await;
+        assert_eq!(response.head.status(), 200);
+        assert_eq!(response.text(), "hello, world0123456789");
+        // Framing is the proxy's choice; an unknown length to an HTTP/1.1 client is chunked.
+        assert!(response.head.is_chunked() || response.head.content_length() == Some(22));
+    }
+    assert_eq!(
+        upstream.accepts(),
+        1,
+        "a chunked response leaves the connection reusable"
+    );
+}
+
+#[tokio::test]
+async fn empty_chunked_response_is_an_empty_body_and_the_connection_is_reused() {
+    let upstream = replying(|_, request| {
+        if target_of(request) == "/empty" {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec()
+        } else {
+            ok("after")
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/empty")).await;
+    assert_eq!(response.head.status(), 200);
+    assert!(response.body.is_empty());
+    assert_eq!(client.exchange(&get("/after")).await.text(), "after");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+/// Pins today's behaviour: hyper's client reads the upstream trailers and its server writes
+/// them to a client that sent `TE: trailers`.
+#[tokio::test]
+async fn chunked_trailers_reach_a_client_that_sent_te_trailers() {
+    let upstream = replying(|_, _| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+          4\r\nbody\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(b"GET /t HTTP/1.1\r\nHost: example.test\r\nTE: trailers\r\n\r\n")
+        .await;
+    assert_eq!(response.text(), "body");
+    assert!(response.head.is_chunked());
+    let trailers: Vec<_> = response
+        .trailers
+        .iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), String::from_utf8_lossy(value)))
+        .collect();
+    assert_eq!(
+        trailers,
+        [("x-checksum".to_string(), "abc123".into())],
+        "trailers"
+    );
+    let seen = upstream.seen();
+    assert_eq!(
+        seen[0].request.head.get("te").as_deref(),
+        Some("trailers"),
+        "TE is forwarded: the upstream may then send trailers"
+    );
+    // The connection still works after a body with trailers.
+    assert_eq!(client.exchange(&get("/next")).await.text(), "body");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn close_delimited_response_is_complete_and_the_next_request_dials_again() {
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_some() {
+            let body = format!("close-delimited body from connection {}", conn.index);
+            conn.send(
+                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}").as_bytes(),
+            )
+            .await;
+        }
+        // Dropping the connection ends the body.
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let first = client.exchange(&get("/a")).await;
+    assert_eq!(first.text(), "close-delimited body from connection 0");
+    let second = client.exchange(&get("/b")).await;
+    assert_eq!(second.text(), "close-delimited body from connection 1");
+    assert_eq!(upstream.accepts(), 2);
+}
+
+#[tokio::test]
+async fn head_response_has_headers_and_no_body_and_the_connection_stays_usable() {
+    let upstream = replying(|_, request| {
+        if request.head.start.starts_with("HEAD ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\n\r\n".to_vec()
+        } else {
+            ok("after head")
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let head = client
+        .exchange(b"HEAD /h HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await;
+    assert_eq!(head.head.status(), 200);
+    assert_eq!(head.head.content_length(), Some(1234));
+    assert_eq!(head.head.get("content-type").as_deref(), Some("text/plain"));
+    assert!(
+        !client.closes_within(Duration::from_millis(100)).await,
+        "no body bytes after a HEAD response, and the connection stays open"
+    );
+    let after = client.exchange(&get("/after")).await;
+    assert_eq!(after.text(), "after head");
+    assert_eq!(upstream.accepts(), 1);
+    assert_eq!(upstream.seen()[0].request.head.start, "HEAD /h HTTP/1.1");
+}
+
+#[tokio::test]
+async fn no_content_and_not_modified_have_no_body_and_reuse_the_connection() {
+    let upstream = replying(|_, request| match target_of(request).as_str() {
+        "/204" => b"HTTP/1.1 204 No Content\r\nX-Id: 1\r\n\r\n".to_vec(),
+        "/304" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
+        _ => ok("last"),
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let no_content = client.exchange(&get("/204")).await;
+    assert_eq!(no_content.head.start, "HTTP/1.1 204 No Content");
+    assert!(
+        !no_content.head.is_chunked(),
+        "204 has no Transfer-Encoding"
+    );
+    assert!(
+        !no_content.head.has("content-length"),
+        "204 has no Content-Length"
+    );
+    assert_eq!(no_content.head.get("x-id").as_deref(), Some("1"));
+    let not_modified = client
+        .exchange(b"GET /304 HTTP/1.1\r\nHost: example.test\r\nIf-None-Match: \"v1\"\r\n\r\n")
+        .await;
+    assert_eq!(not_modified.head.start, "HTTP/1.1 304 Not Modified");
+    assert!(
+        !not_modified.head.is_chunked(),
+        "304 has no Transfer-Encoding"
+    );
+    assert_eq!(not_modified.head.get("etag").as_deref(), Some("\"v1\""));
+    assert_eq!(
+        upstream.seen()[1]
+            .request
+            .head
+            .get("if-none-match")
+            .as_deref(),
+        Some("\"v1\"")
+    );
+    assert_eq!(client.exchange(&get("/last")).await.text(), "last");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies
+
+#[tokio::test]
+async fn post_content_length_body_reaches_the_upstream_byte_exact() {
+    let upstream = replying(|_, request| ok(&request.body.len().to_string())).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let body = pattern(100 * 1024);
+    let mut request = format!(
+        "POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend(&body);
+    let response = client.exchange(&request).await;
+    assert_eq!(response.text(), "102400");
+    let seen = upstream.seen();
+    assert_eq!(seen[0].request.head.start, "POST /upload HTTP/1.1");
+    assert_eq!(seen[0].request.head.content_length(), Some(body.len()));
+    assert!(!seen[0].request.head.is_chunked());
+    assert!(seen[0].request.body == body, "the body differs");
+    assert_eq!(client.exchange(&get("/after")).await.text(), "0");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn post_chunked_body_reaches_the_upstream_decoded() {
+    let upstream = replying(|_, request| ok(&request.body.len().to_string())).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let body = pattern(50_000);
+    let mut request =
+        b"POST /chunks HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    request.extend(chunk(&body));
+    let response = client.exchange(&request).await;
+    assert_eq!(response.text(), "50000");
+    let seen = upstream.seen();
+    assert!(seen[0].request.body == body, "the body differs");
+    // Framing toward the upstream is the proxy's choice, but it must be exactly one of them.
+    assert!(
+        seen[0].request.head.is_chunked() != seen[0].request.head.has("content-length"),
+        "exactly one of chunked and Content-Length: {:?}",
+        seen[0].request.head.names()
+    );
+    assert_eq!(client.exchange(&get("/after")).await.text(), "0");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+/// Sends an `Expect: 100-continue` POST, waits for `100 Continue` before the body, and returns
+/// the final response.
+async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Upstream) {
+    let upstream = upstream(move |mut conn| async move {
+        while let Some(head) = conn.wire.read_head().await {
+            if upstream_sends_continue {
+                conn.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            }
+            let request = conn.wire.body(head, false).await;
+            conn.seen.lock().unwrap().push(Seen {
+                conn: conn.index,
+                request: request.clone(),
+            });
+            conn.send(&ok(&format!("got {}", request.text()))).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client
+        .write(b"POST /expect HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n")
+        .await;
+    let interim = client.read_response("POST").await;
+    assert_eq!(interim.head.start, "HTTP/1.1 100 Continue");
+    client.write(b"hello world").await;
+    let last = client.read_response("POST").await;
+    assert!(
+        !client.closes_within(Duration::from_millis(50)).await,
+        "nothing after the final response"
+    );
+    assert_eq!(client.exchange(&get("/after")).await.text(), "got ");
+    (last, upstream)
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_then_the_body_is_forwarded() {
+    let (last, upstream) = post_expecting_continue(false).await;
+    assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
+    assert_eq!(last.text(), "got hello world");
+    assert_eq!(upstream.seen()[0].request.body, b"hello world");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn expect_continue_with_an_upstream_100_gives_one_final_response() {
+    let (last, upstream) = post_expecting_continue(true).await;
+    // The upstream's own 100 is not passed on as a second interim response.
+    assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
+    assert_eq!(last.text(), "got hello world");
+    assert_eq!(upstream.seen()[0].request.body, b"hello world");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining and upstream connection loss
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let upstream = upstream(|mut conn| async move {
+        while let Some(request) = conn.next().await {
+            let path = target_of(&request);
+            if path == "/slow" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            conn.send(&ok(&path)).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let mut both = get("/slow");
+    both.extend(get("/fast"));
+    client.write(&both).await;
+    assert_eq!(client.read_response("GET").await.text(), "/slow");
+    assert_eq!(client.read_response("GET").await.text(), "/fast");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn upstream_closing_an_idle_connection_is_not_a_502() {
+    // Each upstream connection serves one response (without saying so) and closes.
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_some() {
+            conn.send(&ok(&format!("conn {}", conn.index))).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    assert_eq!(client.exchange(&get("/1")).await.text(), "conn 0");
+    // Idle long enough for the close to arrive before the next request.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = client.exchange(&get("/2")).await;
+    assert_eq!(second.head.status(), 200, "{}", second.text());
+    assert_eq!(second.text(), "conn 1");
+    // And with no pause at all: the close races the next request.
+    let third = client.exchange(&get("/3")).await;
+    assert_eq!(third.head.status(), 200, "{}", third.text());
+    assert_eq!(third.text(), "conn 2");
+    assert_eq!(upstream.accepts(), 3);
+}
+
+#[tokio::test]
+async fn upstream_connection_close_header_makes_the_next_request_dial_again() {
+    let upstream = replying(|conn, _| {
+        format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 6\r\n\r\nconn {conn}")
+            .into_bytes()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let first = client.exchange(&get("/1")).await;
+    assert_eq!(first.text(), "conn 0");
+    assert!(
+        !first.head.has("connection"),
+        "the upstream's Connection: close concerns only its hop"
+    );
+    // The upstream keeps its socket open: the proxy must not send a second request on it.
+    assert_eq!(client.exchange(&get("/2")).await.text(), "conn 1");
+    assert_eq!(upstream.conns(), [0, 1]);
+}
+
+#[tokio::test]
+async fn upstream_garbage_is_a_502_and_the_proxy_keeps_serving() {
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_none() {
+            return;
+        }
+        match conn.index {
+            0 => conn.send(b"garbage that is not HTTP\r\n\r\n").await,
+            1 => {
+                conn.send(b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await
+            }
+            2 => {
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+                    .await
+            }
+            _ => conn.send(&ok("healthy")).await,
+        }
+        // Stay open: the error must come from the bytes, not from a close.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
+    let (proxy, proxy_state) = start_proxy(upstream.addr, Direction::Outbound).await;
+    for attempt in 0..3 {
+        let mut client = Wire::connect(proxy).await;
+        let response = client.exchange(&get("/bad")).await;
+        assert_eq!(response.head.status(), 502, "attempt {attempt}");
+        assert!(
+            response.text().contains(&upstream.addr.to_string()),
+            "the 502 names the destination: {:?}",
+            response.text()
+        );
+    }
+    let mut client = Wire::connect(proxy).await;
+    assert_eq!(client.exchange(&get("/good")).await.text(), "healthy");
+    assert_eq!(
+        metric(
+            proxy_state,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\"}"
+        ),
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn refused_destination_is_a_502_naming_it() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = closed.local_addr().unwrap();
+    drop(closed);
+    let (proxy, proxy_state) = start_proxy(target, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/x")).await;
+    assert_eq!(response.head.start, "HTTP/1.1 502 Bad Gateway");
+    assert!(
+        response.text().contains(&target.to_string()),
+        "the body names {target}: {:?}",
+        response.text()
+    );
+    assert_eq!(
+        response.head.get("content-type").as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(response.head.content_length(), Some(response.body.len()));
+    // The client connection survives a 502 and the next request gets one too.
+    assert_eq!(client.exchange(&get("/y")).await.head.status(), 502);
+    assert_eq!(
+        metric(
+            proxy_state,
+            "remora_proxy_connect_errors_total{direction=\"outbound\"}"
+        ),
+        Some(2)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop_and_end_to_end_ones_pass() {
+    let upstream = replying(|_, _| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-bar\r\nX-Bar: hidden\r\n\
+          Keep-Alive: timeout=10\r\nX-Resp-OdD: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok"
+            .to_vec()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(
+            b"GET /h HTTP/1.1\r\nHost: example.test\r\nConnection: close, X-Foo\r\nX-Foo: secret\r\n\
+              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-OdD-CaSe: Mixed Value\r\n\
+              X-Multi: one\r\nX-Multi: two\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.text(), "ok");
+    for hidden in ["x-bar", "keep-alive"] {
+        assert!(
+            !response.head.has(hidden),
+            "{hidden} reached the client: {:?}",
+            response.head.names()
+        );
+    }
+    assert!(
+        response
+            .head
+            .all("connection")
+            .iter()
+            .all(|value| value.eq_ignore_ascii_case("close")),
+        "the upstream's Connection value reached the client: {:?}",
+        response.head.all("connection")
+    );
+    assert_eq!(response.head.all("x-resp-odd"), ["Yes"]);
+    assert_eq!(response.head.all("set-cookie"), ["a=1", "b=2"]);
+    assert!(
+        client.closes_within(WAIT).await,
+        "the client's Connection: close closes its own connection"
+    );
+
+    let request = &upstream.seen()[0].request;
+    for hidden in ["connection", "x-foo", "keep-alive", "proxy-connection"] {
+        assert!(
+            !request.head.has(hidden),
+            "{hidden} reached the upstream: {:?}",
+            request.head.names()
+        );
+    }
+    assert!(
+        !contains(&request.head.raw, b"secret"),
+        "a header named by Connection reached the upstream"
+    );
+    assert_eq!(request.head.all("x-odd-case"), ["Mixed Value"]);
+    assert_eq!(request.head.all("x-multi"), ["one", "two"]);
+    assert_eq!(request.head.all("host"), ["example.test"]);
+
+    // The client's close did not close the upstream connection: the next client reuses it.
+    let mut next = Wire::connect(proxy).await;
+    assert_eq!(next.exchange(&get("/again")).await.text(), "ok");
+    assert_eq!(upstream.conns(), [0, 0]);
+}
+
+#[tokio::test]
+async fn request_target_with_query_is_forwarded_byte_exact() {
+    let upstream = replying(|_, _| ok("")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let target = "/p/a%2Fb;m=1/%7Euser?x=1&y=%20z&e=&flag&u=%C3%A9&s=a+b&q=%3F%26";
+    client.exchange(&get(target)).await;
+    assert_eq!(
+        upstream.seen()[0].request.head.start,
+        format!("GET {target} HTTP/1.1")
+    );
+}
+
+/// Pins today's behaviour: an absolute-form target is forwarded as received.
+#[tokio::test]
+async fn absolute_form_request_target_is_forwarded_as_received() {
+    let upstream = replying(|_, _| ok("abs")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(
+            b"GET http://example.test:8080/abs?q=1 HTTP/1.1\r\nHost: example.test:8080\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.text(), "abs");
+    let request = &upstream.seen()[0].request;
+    assert_eq!(
+        request.head.start,
+        "GET http://example.test:8080/abs?q=1 HTTP/1.1"
+    );
+    assert_eq!(request.head.all("host"), ["example.test:8080"]);
+}
+
+#[tokio::test]
+async fn obs_text_header_values_pass_byte_exact_both_ways() {
+    let upstream = replying(|_, _| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Obs: r\xe9ponse \xff\r\n\r\n".to_vec()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Obs: caf\xe9 \x80\xff\r\n\r\n")
+        .await;
+    let value = |head: &Head| {
+        head.headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("x-obs"))
+            .map(|(_, value)| value.clone())
+    };
+    assert_eq!(
+        value(&response.head).as_deref(),
+        Some(&b"r\xe9ponse \xff"[..])
+    );
+    assert_eq!(
+        value(&upstream.seen()[0].request.head).as_deref(),
+        Some(&b"caf\xe9 \x80\xff"[..])
+    );
+}
+
+#[tokio::test]
+async fn ninety_headers_pass_both_ways_in_order() {
+    let mut response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n".to_vec();
+    let mut request = b"GET /many HTTP/1.1\r\nHost: example.test\r\n".to_vec();
+    for i in 0..90 {
+        response.extend(format!("X-Resp-{i}: value {i}\r\n").into_bytes());
+        request.extend(format!("X-Req-{i}: value {i}\r\n").into_bytes());
+    }
+    response.extend(b"\r\n");
+    request.extend(b"\r\n");
+    let upstream = replying(move |_, _| response.clone()).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let answer = client.exchange(&request).await;
+    let numbered = |head: &Head, prefix: &str| -> Vec<String> {
+        head.headers
+            .iter()
+            .filter(|(name, _)| name.to_ascii_lowercase().starts_with(prefix))
+            .map(|(name, value)| {
+                format!(
+                    "{}={}",
+                    name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(value)
+                )
+            })
+            .collect()
+    };
+    let expected = |prefix: &str| -> Vec<String> {
+        (0..90).map(|i| format!("{prefix}{i}=value {i}")).collect()
+    };
+    assert_eq!(numbered(&answer.head, "x-resp-"), expected("x-resp-"));
+    assert_eq!(
+        numbered(&upstream.seen()[0].request.head, "x-req-"),
+        expected("x-req-")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.0 on either side
+
+#[tokio::test]
+async fn http10_client_without_host_is_answered_and_its_connection_closed() {
+    let upstream = replying(|_, _| ok("for 1.0")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(response.text(), "for 1.0");
+    assert!(!response.head.is_chunked(), "no chunked coding to HTTP/1.0");
+    assert!(
+        client.closes_within(WAIT).await,
+        "HTTP/1.0 without keep-alive closes after the response"
+    );
+    let request = &upstream.seen()[0].request;
+    assert!(request.head.start.starts_with("GET /old HTTP/1."));
+    assert!(!request.head.has("host"), "no Host is invented");
+}
+
+#[tokio::test]
+async fn http10_client_asking_keep_alive_keeps_its_connection() {
+    let upstream = replying(|_, request| ok(&target_of(request))).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    for path in ["/a", "/b"] {
+        let response = client
+            .exchange(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(response.text(), path);
+        assert!(
+            response
+                .head
+                .all("connection")
+                .iter()
+                .any(|value| value.eq_ignore_ascii_case("keep-alive")),
+            "a kept HTTP/1.0 connection says so: {:?}",
+            response.head.names()
+        );
+    }
+    assert!(!client.closes_within(Duration::from_millis(100)).await);
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn http10_client_close_delimited_upstream_body_is_close_delimited_too() {
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\n\r\nuntil close").await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(!response.head.is_chunked());
+    assert_eq!(response.text(), "until close");
+}
+
+/// RFC 9110 §6.2: an intermediary sends its own HTTP version in the messages it forwards.
+#[tokio::test]
+#[ignore = "bug in the current code: the upstream's HTTP/1.0 status line is relayed as is to \
+            an HTTP/1.1 client (hyper writes the response's version), though the proxy keeps \
+            the client connection open as an HTTP/1.1 one"]
+async fn http10_upstream_response_reaches_an_http11_client_as_http11() {
+    let upstream =
+        replying(|_, _| b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold".to_vec()).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/")).await;
+    assert_eq!(response.text(), "old");
+    assert_eq!(response.head.version(), "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn http10_upstream_without_keep_alive_is_not_reused() {
+    // The upstream answers HTTP/1.0 without keep-alive but leaves its socket open.
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            conn.send(
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nconn {}",
+                    conn.index
+                )
+                .as_bytes(),
+            )
+            .await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let first = client.exchange(&get("/1")).await;
+    assert_eq!(first.head.status(), 200);
+    assert_eq!(first.text(), "conn 0");
+    assert_eq!(client.exchange(&get("/2")).await.text(), "conn 1");
+    assert_eq!(upstream.conns(), [0, 1]);
+    assert!(
+        !client.closes_within(Duration::from_millis(100)).await,
+        "the HTTP/1.1 client connection stays open"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large and broken bodies
+
+#[tokio::test]
+async fn four_mebibyte_content_length_response_is_byte_exact() {
+    let upstream = replying(|_, _| {
+        let body = pattern(4 << 20);
+        let mut bytes =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        bytes.extend(body);
+        bytes
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/big")).await;
+    assert_eq!(response.head.content_length(), Some(4 << 20));
+    assert!(response.body == pattern(4 << 20), "the body differs");
+    assert_eq!(client.exchange(&get("/big")).await.body.len(), 4 << 20);
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn four_mebibyte_chunked_response_is_byte_exact() {
+    let upstream = replying(|_, _| {
+        let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        bytes.extend(chunk(&pattern(4 << 20)));
+        bytes
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/big")).await;
+    assert!(response.body == pattern(4 << 20), "the body differs");
+    assert_eq!(client.exchange(&get("/big")).await.body.len(), 4 << 20);
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn client_leaving_mid_response_does_not_leak_the_half_read_upstream_connection() {
+    let upstream = upstream(|mut conn| async move {
+        while let Some(request) = conn.next().await {
+            if target_of(&request) == "/huge" {
+                let body = pattern(16 << 20);
+                let mut bytes =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                        .into_bytes();
+                bytes.extend(body);
+                conn.send(&bytes).await;
+            } else {
+                conn.send(&ok(&format!("complete from conn {}", conn.index)))
+                    .await;
+            }
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client.write(&get("/huge")).await;
+    let head = client.read_head().await.expect("a response head");
+    assert_eq!(head.content_length(), Some(16 << 20));
+    client.take(256 * 1024).await;
+    drop(client);
+    // Let the proxy notice the client is gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut next = Wire::connect(proxy).await;
+    let response = next.exchange(&get("/small")).await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(response.text(), "complete from conn 1");
+    assert_eq!(upstream.conns(), [0, 1]);
+}
+
+#[tokio::test]
+async fn bytes_after_a_content_length_body_never_reach_a_later_request() {
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            if conn.index == 0 {
+                // A broken server: five body bytes, then what looks like a second response.
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\njunk")
+                    .await;
+            } else {
+                conn.send(&ok("fresh")).await;
+            }
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let first = client.exchange(&get("/1")).await;
+    assert_eq!(first.text(), "hello");
+    assert!(
+        !client.closes_within(Duration::from_millis(100)).await,
+        "nothing past Content-Length reaches the client"
+    );
+    let second = client.exchange(&get("/2")).await;
+    assert_eq!(second.head.status(), 200);
+    assert_eq!(second.text(), "fresh");
+    // Without waiting: another client right after a junk-ending response.
+    let mut other = Wire::connect(proxy).await;
+    let third = other.exchange(&get("/3")).await;
+    assert_eq!(third.text(), "fresh");
+    assert_eq!(upstream.conns()[0], 0);
+    assert!(upstream.conns()[1..].iter().all(|&conn| conn > 0));
+}
+
+#[tokio::test]
+async fn slow_upstream_headers_and_body_are_waited_for() {
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nslow")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.send(b" body").await;
+        }
+    })
+    .await;
+    for direction in [Direction::Outbound, Direction::Inbound] {
+        let (proxy, _) = start_proxy(upstream.addr, direction).await;
+        let mut client = Wire::connect(proxy).await;
+        let response = client.exchange(&get("/slow")).await;
+        assert_eq!(response.head.status(), 200, "{direction:?}");
+        assert_eq!(response.text(), "slow body");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request smuggling guards
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_rejected_before_the_upstream() {
+    let upstream = replying(|_, _| ok("should not happen")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(b"POST / HTTP/1.1\r\nHost: example.test\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde")
+        .await;
+    assert_eq!(response.head.status(), 400);
+    assert!(client.closes_within(WAIT).await);
+    assert_eq!(upstream.accepts(), 0, "nothing reached the upstream");
+}
+
+/// Pins today's behaviour: chunked wins over Content-Length (RFC 9112 §6.3), only the chunked
+/// framing goes on, and the client connection is closed after the response, since such a
+/// request may be a smuggling attempt.
+#[tokio::test]
+async fn chunked_with_content_length_request_goes_on_chunked_and_closes_the_client() {
+    let upstream = replying(|_, request| ok(&request.text())).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(
+            b"POST / HTTP/1.1\r\nHost: example.test\r\nContent-Length: 4\r\n\
+              Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(response.text(), "abc");
+    let request = &upstream.seen()[0].request;
+    assert!(request.head.is_chunked());
+    assert!(
+        !request.head.has("content-length"),
+        "both framings reached the upstream: {:?}",
+        request.head.names()
+    );
+    assert_eq!(request.body, b"abc");
+    assert!(client.closes_within(WAIT).await);
+}
+
+/// RFC 9112 §6.3: an intermediary that forwards a message with both framings must drop the
+/// Content-Length first (or refuse it: a 502 is fine too).
+#[tokio::test]
+#[ignore = "bug in the current code: hyper's client decodes the chunked body but keeps both \
+            headers, hyper's server then refuses to encode them and closes the client \
+            connection without any response"]
+async fn chunked_with_content_length_response_is_read_as_chunked() {
+    let upstream = replying(|_, request| {
+        if target_of(request) == "/both" {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n0\r\n\r\n"
+                .to_vec()
+        } else {
+            ok("next")
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client.exchange(&get("/both")).await;
+    if response.head.status() != 502 {
+        assert_eq!(response.head.status(), 200);
+        assert_eq!(response.text(), "abc");
+        assert!(
+            response.head.is_chunked() != response.head.has("content-length"),
+            "both framings reached the client: {:?}",
+            response.head.names()
+        );
+    }
+    let mut next = Wire::connect(proxy).await;
+    assert_eq!(next.exchange(&get("/next")).await.text(), "next");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrades
+
+#[tokio::test]
+async fn upgrade_becomes_a_byte_tunnel_both_ways() {
+    let upstream = upstream(|mut conn| async move {
+        let Some(_request) = conn.next().await else {
+            return;
+        };
+        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nfrom upstream")
+            .await;
+        let echoed = conn.wire.take(11).await;
+        conn.send(&echoed).await;
+        // Half-close: the client's end of stream arrives, then the upstream still answers.
+        assert!(conn.wire.read_to_end().await.is_empty());
+        conn.send(b" bye").await;
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client
+        .write(b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        .await;
+    let head = client.read_head().await.expect("a response head");
+    assert_eq!(head.status(), 101);
+    assert_eq!(head.get("upgrade").as_deref(), Some("websocket"));
+    let request = &upstream.seen()[0].request;
+    assert_eq!(request.head.get("upgrade").as_deref(), Some("websocket"));
+    assert!(
+        request.head.has("connection"),
+        "an upgrade keeps Connection"
+    );
+    assert_eq!(client.take(13).await, b"from upstream");
+    client.write(b"from client").await;
+    assert_eq!(client.take(11).await, b"from client");
+    client.stream.shutdown().await.unwrap();
+    assert_eq!(client.read_to_end().await, b" bye");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics and direction
+
+#[tokio::test]
+async fn requests_are_counted_by_direction_protocol_and_status() {
+    let upstream = replying(|_, request| {
+        if target_of(request) == "/missing" {
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+        } else {
+            ok("counted")
+        }
+    })
+    .await;
+    for direction in [Direction::Outbound, Direction::Inbound] {
+        let (proxy, proxy_state) = start_proxy(upstream.addr, direction).await;
+        let mut client = Wire::connect(proxy).await;
+        for path in ["/a", "/b", "/c", "/missing"] {
+            client.exchange(&get(path)).await;
+        }
+        let name = direction.as_str();
+        let requests = |code: u16| {
+            metric(
+                proxy_state,
+                &format!("remora_proxy_requests_total{{direction=\"{name}\",protocol=\"http1\",status_code=\"{code}\"}}"),
+            )
+        };
+        assert_eq!(requests(200), Some(3), "{name}");
+        assert_eq!(requests(404), Some(1), "{name}");
+        assert_eq!(
+            metric(
+                proxy_state,
+                &format!("remora_proxy_request_duration_seconds_count{{direction=\"{name}\"}}")
+            ),
+            Some(4)
+        );
+        let rx = metric(
+            proxy_state,
+            &format!("remora_proxy_tcp_bytes_total{{direction=\"{name}\",flow=\"rx\"}}"),
+        );
+        let request_bytes = ["/a", "/b", "/c", "/missing"]
+            .iter()
+            .map(|path| get(path).len() as u64)
+            .sum::<u64>();
+        assert_eq!(
+            rx,
+            Some(request_bytes),
+            "{name}: bytes read from the client"
+        );
+        let tx = metric(
+            proxy_state,
+            &format!("remora_proxy_tcp_bytes_total{{direction=\"{name}\",flow=\"tx\"}}"),
+        );
+        assert!(
+            tx.is_some_and(|tx| tx > 4 * 17),
+            "{name}: bytes written: {tx:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// More edge cases
+
+#[tokio::test]
+async fn connect_becomes_a_byte_tunnel() {
+    let upstream = upstream(|mut conn| async move {
+        let Some(_request) = conn.next().await else {
+            return;
+        };
+        conn.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await;
+        let hello = conn.wire.take(5).await;
+        conn.send(&hello).await;
+        conn.send(b" back").await;
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client
+        .write(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
+        .await;
+    let head = client.read_head().await.expect("a response head");
+    assert_eq!(head.status(), 200);
+    client.write(b"hello").await;
+    assert_eq!(client.take(10).await, b"hello back");
+    let request = &upstream.seen()[0].request;
+    assert_eq!(request.head.start, "CONNECT example.test:443 HTTP/1.1");
+    assert_eq!(request.head.version(), "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn refused_upgrade_leaves_an_ordinary_http_connection() {
+    let upstream =
+        replying(|conn, request| ok(&format!("no upgrade for {} on {conn}", target_of(request))))
+            .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let refused = client
+        .exchange(
+            b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\n\r\n",
+        )
+        .await;
+    assert_eq!(refused.head.status(), 200);
+    assert_eq!(refused.text(), "no upgrade for /ws on 0");
+    let next = client.exchange(&get("/next")).await;
+    assert_eq!(next.head.status(), 200);
+    assert!(next.text().starts_with("no upgrade for /next on "));
+}
+
+#[tokio::test]
+async fn early_hints_do_not_displace_the_final_response() {
+    let upstream = replying(|_, _| {
+        let mut bytes =
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n".to_vec();
+        bytes.extend(ok("final"));
+        bytes
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    for _ in 0..2 {
+        // `exchange` skips any interim response the proxy chooses to pass on.
+        let response = client.exchange(&get("/hints")).await;
+        assert_eq!(response.head.status(), 200);
+        assert_eq!(response.text(), "final");
+    }
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn a_32_kib_header_passes_both_ways() {
+    let big = "v".repeat(32 * 1024);
+    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: {big}\r\n\r\n");
+    let upstream = replying(move |_, _| response.clone().into_bytes()).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let answer = client
+        .exchange(
+            format!("GET / HTTP/1.1\r\nHost: example.test\r\nCookie: {big}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    assert_eq!(answer.head.status(), 200);
+    assert_eq!(answer.head.get("x-big").as_deref(), Some(big.as_str()));
+    assert_eq!(
+        upstream.seen()[0].request.head.get("cookie").as_deref(),
+        Some(big.as_str())
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_never_reach_the_upstream() {
+    let upstream = replying(|_, _| ok("should not happen")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost example.test\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: example.test\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Bad\x00: v\r\n\r\n",
+    ] {
+        let mut client = Wire::connect(proxy).await;
+        let response = client.exchange(bad).await;
+        assert_eq!(
+            response.head.status(),
+            400,
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert!(client.closes_within(WAIT).await);
+    }
+    assert_eq!(upstream.accepts(), 0, "nothing reached the upstream");
+}
+
+/// Clients such as `printf … | nc -N` shut down their write side once the request is sent;
+/// HTTP/1.1 lets them (RFC 9112 §9.6 only ends the connection once both sides are done).
+#[tokio::test]
+#[ignore = "bug in the current code: hyper's server runs with half_close(false), so the \
+            client's FIN drops the request before it reaches the upstream and the connection \
+            closes with no response"]
+async fn client_half_close_after_its_request_still_gets_the_response() {
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.send(&ok("half-closed")).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client.write(&get("/half")).await;
+    client.stream.shutdown().await.unwrap();
+    let response = client.read_response("GET").await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(response.text(), "half-closed");
+}
