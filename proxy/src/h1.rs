@@ -333,8 +333,12 @@ fn head_from(
     {
         State::Length(0)
     } else if let Some(chunked) = chunked {
-        // Transfer-Encoding next to Content-Length is a smuggling pattern: do not reuse.
-        close |= length.is_some();
+        // Transfer-Encoding wins. Next to a Content-Length it is a smuggling pattern: the length
+        // is dropped, so the client never sees both, and the connection is not reused.
+        if length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
+            close = true;
+        }
         if chunked {
             State::Chunked(Chunk::Size)
         } else {
@@ -535,9 +539,6 @@ impl http_body::Body for UpstreamBody {
                         None if conn.buf.len() > MAX_HEAD => {
                             return this.fail(invalid("trailers over 64 KiB"))
                         }
-                        None if conn.buf.len() == 1 && conn.buf[0] != b'\r' => {
-                            return this.fail(invalid("malformed trailer section"))
-                        }
                         None => Some(READ_MIN),
                     }
                 }
@@ -616,6 +617,80 @@ fn parse_trailers(block: &[u8]) -> Result<HeaderMap, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// Sends a GET through [`send`] to a server that answers `response` one byte at a time, so
+    /// every parser state meets a read boundary; returns the decoded frames and the slot.
+    async fn dribbled(response: &'static [u8]) -> (Vec<Frame<Bytes>>, Slot) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.set_nodelay(true).unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            for byte in response {
+                socket.write_all(&[*byte]).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_micros(300)).await;
+            }
+        });
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let head = RequestHead::new(&parts, addr);
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let slot = Slot::default();
+        let mut body = send(conn, &head, None, &slot).await.unwrap().into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap());
+        }
+        assert!(body.is_end_stream());
+        server.await.unwrap();
+        (frames, slot)
+    }
+
+    fn data(frames: &[Frame<Bytes>]) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(Frame::data_ref)
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_and_trailers_survive_any_read_boundary() {
+        let (frames, slot) = dribbled(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nx-sum: 42\r\n\r\n",
+        )
+        .await;
+        assert_eq!(data(&frames), b"hello world");
+        let trailers = frames.last().and_then(Frame::trailers_ref).unwrap();
+        assert_eq!(trailers["x-sum"], "42");
+        assert!(
+            slot.lock().unwrap().is_some(),
+            "a complete response frees the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn length_bodies_survive_any_read_boundary() {
+        let (frames, slot) =
+            dribbled(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world").await;
+        assert_eq!(data(&frames), b"hello world");
+        assert!(slot.lock().unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_body_ends_at_the_close_and_frees_nothing() {
+        let (frames, slot) = dribbled(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+        assert_eq!(data(&frames), b"until the end");
+        assert!(
+            slot.lock().unwrap().is_none(),
+            "a closed connection is not reused"
+        );
+    }
 
     #[test]
     fn chunk_sizes_are_hex_with_extensions_ignored() {

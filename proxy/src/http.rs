@@ -180,6 +180,9 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut builder = server_h1::Builder::new();
     builder.timer(TokioTimer::new());
+    // A client may send its request and then shut down its write side (`curl -T`, `nc -N`): it
+    // still waits for the response.
+    builder.half_close(true);
     // The header read timeout arms a timer for every request. Outbound clients are the pod's
     // own app, which has no reason to trickle headers; inbound clients may be anyone.
     if cx.metrics.direction == Direction::Outbound {
