@@ -631,7 +631,9 @@ async fn close_delimited_response_is_complete_and_the_next_request_dials_again()
 #[tokio::test]
 async fn head_response_has_headers_and_no_body_and_the_connection_stays_usable() {
     let upstream = replying(|_, request| {
-        if request.head.start.starts_with("HEAD ") {
+        if request.head.start.starts_with("HEAD /chunked") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+        } else if request.head.start.starts_with("HEAD ") {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\n\r\n".to_vec()
         } else {
             ok("after head")
@@ -652,6 +654,11 @@ async fn head_response_has_headers_and_no_body_and_the_connection_stays_usable()
     );
     let after = client.exchange(&get("/after")).await;
     assert_eq!(after.text(), "after head");
+    let chunked = client
+        .exchange(b"HEAD /chunked HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await;
+    assert_eq!(chunked.head.status(), 200);
+    assert_eq!(client.exchange(&get("/after")).await.text(), "after head");
     assert_eq!(upstream.accepts(), 1);
     assert_eq!(upstream.seen()[0].request.head.start, "HEAD /h HTTP/1.1");
 }
@@ -1251,18 +1258,29 @@ async fn four_mebibyte_chunked_response_is_byte_exact() {
 
 #[tokio::test]
 async fn client_leaving_mid_response_does_not_leak_the_half_read_upstream_connection() {
-    let upstream = upstream(|mut conn| async move {
-        while let Some(request) = conn.next().await {
-            if target_of(&request) == "/huge" {
-                let body = pattern(16 << 20);
-                let mut bytes =
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
-                        .into_bytes();
-                bytes.extend(body);
-                conn.send(&bytes).await;
-            } else {
-                conn.send(&ok(&format!("complete from conn {}", conn.index)))
-                    .await;
+    let abandoned = Arc::new(AtomicUsize::new(0));
+    let seen_abandoned = abandoned.clone();
+    let upstream = upstream(move |mut conn| {
+        let abandoned = abandoned.clone();
+        async move {
+            while let Some(request) = conn.next().await {
+                if target_of(&request) == "/huge" {
+                    let body = pattern(16 << 20);
+                    let mut bytes =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    bytes.extend(body);
+                    // The write fails once the proxy closes this connection.
+                    if let Ok(Err(_)) =
+                        tokio::time::timeout(WAIT, conn.wire.stream.write_all(&bytes)).await
+                    {
+                        abandoned.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return;
+                } else {
+                    conn.send(&ok(&format!("complete from conn {}", conn.index)))
+                        .await;
+                }
             }
         }
     })
@@ -1282,6 +1300,11 @@ async fn client_leaving_mid_response_does_not_leak_the_half_read_upstream_connec
     assert_eq!(response.head.status(), 200);
     assert_eq!(response.text(), "complete from conn 1");
     assert_eq!(upstream.conns(), [0, 1]);
+    assert_eq!(
+        seen_abandoned.load(Ordering::SeqCst),
+        1,
+        "the proxy closed the upstream connection it could not finish reading"
+    );
 }
 
 #[tokio::test]
@@ -1646,4 +1669,165 @@ async fn client_half_close_after_its_request_still_gets_the_response() {
     let response = client.read_response("GET").await;
     assert_eq!(response.head.status(), 200);
     assert_eq!(response.text(), "half-closed");
+}
+
+#[tokio::test]
+async fn chunked_trailers_without_te_leave_the_body_intact() {
+    let upstream = replying(|_, _| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+          4\r\nbody\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    for _ in 0..2 {
+        let response = client.exchange(&get("/t")).await;
+        assert_eq!(response.text(), "body");
+        // Trailers may be dropped for a client that did not ask for them (RFC 9110 §6.5.1).
+    }
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn chunked_request_with_trailers_reaches_the_upstream_body_intact() {
+    let upstream = replying(|_, request| ok(&request.text())).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(
+            b"POST /t HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.text(), "abcde");
+    assert_eq!(client.exchange(&get("/after")).await.text(), "");
+    assert_eq!(upstream.accepts(), 1);
+}
+
+#[tokio::test]
+async fn truncated_content_length_body_is_not_passed_off_as_complete() {
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+                .await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client.write(&get("/cut")).await;
+    let head = client.read_head().await.expect("a response head");
+    if head.status() == 502 {
+        // Also fine: the proxy read the whole (short) body before answering.
+        return;
+    }
+    assert_eq!(head.status(), 200);
+    let received = client.read_to_end().await;
+    assert!(
+        head.content_length() == Some(100) && received.len() < 100
+            || head.is_chunked() && !received.ends_with(b"0\r\n\r\n"),
+        "the client must see the body cut short, got {:?} then {:?}",
+        head.names(),
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[tokio::test]
+async fn truncated_chunked_body_is_not_passed_off_as_complete() {
+    let upstream = upstream(|mut conn| async move {
+        if conn.next().await.is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nA\r\nonly f")
+                .await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    client.write(&get("/cut")).await;
+    let head = client.read_head().await.expect("a response head");
+    if head.status() == 502 {
+        // Also fine: the proxy read the whole (short) body before answering.
+        return;
+    }
+    assert_eq!(head.status(), 200);
+    assert!(head.is_chunked());
+    let received = client.read_to_end().await;
+    assert!(
+        !received.ends_with(b"0\r\n\r\n"),
+        "a cut chunked body must not end with the last chunk: {:?}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[tokio::test]
+async fn asterisk_form_options_is_forwarded_as_is() {
+    let upstream = replying(|_, _| ok("")).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut client = Wire::connect(proxy).await;
+    let response = client
+        .exchange(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(upstream.seen()[0].request.head.start, "OPTIONS * HTTP/1.1");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_across_client_connections() {
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            // Slow enough that two clients' requests overlap.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.send(&ok("pooled")).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    // Two clients at once need two upstream connections...
+    let mut first = Wire::connect(proxy).await;
+    let mut second = Wire::connect(proxy).await;
+    let close = b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n";
+    first.write(close).await;
+    second.write(close).await;
+    for client in [&mut first, &mut second] {
+        assert_eq!(client.read_response("GET").await.text(), "pooled");
+        assert!(client.closes_within(WAIT).await);
+    }
+    assert_eq!(upstream.accepts(), 2);
+    // ...and once they are gone, later clients reuse those instead of dialling.
+    for _ in 0..3 {
+        let mut client = Wire::connect(proxy).await;
+        assert_eq!(client.exchange(close).await.text(), "pooled");
+        assert!(client.closes_within(WAIT).await);
+    }
+    assert_eq!(upstream.accepts(), 2);
+}
+
+#[tokio::test]
+async fn drain_finishes_the_request_in_flight_then_closes() {
+    let upstream = upstream(|mut conn| async move {
+        while conn.next().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            conn.send(&ok("finished")).await;
+        }
+    })
+    .await;
+    let (proxy, proxy_state) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let mut busy = Wire::connect(proxy).await;
+    let mut idle = Wire::connect(proxy).await;
+    assert_eq!(idle.exchange(&get("/warm")).await.text(), "finished");
+    busy.write(&get("/slow")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy_state.drain.start();
+    assert!(
+        idle.closes_within(WAIT).await,
+        "an idle connection closes once the drain starts"
+    );
+    let response = busy.read_response("GET").await;
+    assert_eq!(response.head.status(), 200);
+    assert_eq!(response.text(), "finished");
+    assert!(
+        busy.closes_within(WAIT).await,
+        "a busy connection closes after its response"
+    );
 }
