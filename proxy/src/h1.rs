@@ -200,6 +200,7 @@ pub async fn send(
         state: framing,
         keep_alive,
         slot: Some(slot.clone()),
+        error: None,
     };
     if matches!(body.state, State::Length(0)) {
         body.finish();
@@ -394,6 +395,8 @@ enum State {
     /// Until the server closes.
     Close,
     Done,
+    /// Broken off; the error is still to be returned.
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -412,6 +415,7 @@ pub struct UpstreamBody {
     state: State,
     keep_alive: bool,
     slot: Option<Slot>,
+    error: Option<Error>,
 }
 
 impl UpstreamBody {
@@ -425,11 +429,19 @@ impl UpstreamBody {
         }
     }
 
-    /// Stops reading after an error: the connection is dropped, never reused.
-    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        self.state = State::Done;
+    /// Stops reading after an error: the connection is dropped, never reused. The error is
+    /// returned on the next poll, after a yield: hyper flushes what the client has been sent so
+    /// far (the head at least), so the client sees a response cut short rather than none.
+    fn fail(
+        &mut self,
+        error: Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.state = State::Failed;
         self.conn = None;
-        Poll::Ready(Some(Err(error)))
+        self.error = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -448,13 +460,16 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
+        if let Some(error) = this.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
             // What the buffer holds is used first; the socket is read only when it is not enough.
             let need_more = match this.state {
-                State::Done => return Poll::Ready(None),
+                State::Done | State::Failed => return Poll::Ready(None),
                 State::Length(left) => {
                     if conn.buf.is_empty() {
                         Some(usize::try_from(left).unwrap_or(READ_MAX))
@@ -480,7 +495,7 @@ impl http_body::Body for UpstreamBody {
                     Some(end) => {
                         let size = match chunk_size(&conn.buf[..end]) {
                             Ok(size) => size,
-                            Err(error) => return this.fail(error),
+                            Err(error) => return this.fail(error, cx),
                         };
                         conn.buf.advance(end + 1);
                         this.state = State::Chunked(if size == 0 {
@@ -491,7 +506,7 @@ impl http_body::Body for UpstreamBody {
                         None
                     }
                     None if conn.buf.len() > MAX_CHUNK_LINE => {
-                        return this.fail(invalid("a chunk-size line over 4 KiB"))
+                        return this.fail(invalid("a chunk-size line over 4 KiB"), cx)
                     }
                     None => Some(READ_MIN),
                 },
@@ -517,7 +532,7 @@ impl http_body::Body for UpstreamBody {
                         this.state = State::Chunked(Chunk::Size);
                         None
                     } else {
-                        return this.fail(invalid("chunk data not followed by CRLF"));
+                        return this.fail(invalid("chunk data not followed by CRLF"), cx);
                     }
                 }
                 State::Chunked(Chunk::Trailers) => {
@@ -530,14 +545,14 @@ impl http_body::Body for UpstreamBody {
                         Some(end) => {
                             let trailers = match parse_trailers(&conn.buf[..end + 4]) {
                                 Ok(trailers) => trailers,
-                                Err(error) => return this.fail(error),
+                                Err(error) => return this.fail(error, cx),
                             };
                             conn.buf.advance(end + 4);
                             this.finish();
                             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                         }
                         None if conn.buf.len() > MAX_HEAD => {
-                            return this.fail(invalid("trailers over 64 KiB"))
+                            return this.fail(invalid("trailers over 64 KiB"), cx)
                         }
                         None => Some(READ_MIN),
                     }
@@ -551,9 +566,11 @@ impl http_body::Body for UpstreamBody {
                         this.finish();
                         return Poll::Ready(None);
                     }
-                    Ok(0) => return this.fail(invalid("the connection closed inside the body")),
+                    Ok(0) => {
+                        return this.fail(invalid("the connection closed inside the body"), cx)
+                    }
                     Ok(_) => {}
-                    Err(error) => return this.fail(Error::Io(error)),
+                    Err(error) => return this.fail(Error::Io(error), cx),
                 }
             }
         }
