@@ -818,6 +818,23 @@ def perf_stat(seat, name, work, argv, parser, s):
     return out, counters
 
 
+def strace_counts(seat, name, work, argv, parser, s):
+    """Syscalls per request by name (`strace -c`; it slows the proxy, so only counts count)."""
+    log_path = work / f"{name}.strace"
+    tracer = JANITOR.spawn(["strace", "-c", "-f", "-o", log_path, "-p", str(seat.proc.pid)],
+                           log_path=work / f"{name}.strace-log")
+    time.sleep(0.5)
+    out = parser(run(seat.client(argv), timeout=s + 30).stdout)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(timeout=30)
+    lines = ["syscalls per request (strace -c, a separate run of the same load):", "", "```"]
+    for line in log_path.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[3].isdigit():
+            lines.append(f"{f[-1]:<16} {int(f[3]) / max(out['requests'], 1):8.3f}")
+    return lines + ["```", ""]
+
+
 def perf_record(seat, name, work, argv, s, report, tag):
     """Samples the seat's process with call graphs during one load; reports and folded stacks."""
     data = work / f"perf-{tag}.data"
@@ -867,6 +884,9 @@ def profile():
     loads = {
         "keepalive": (["wrk", "-t2", "-c50", f"-d{s}s", url], parse_wrk,
                       "wrk, 50 keep-alive connections"),
+        "latency": (["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
+                     "--no-tui", "--output-format", "json", url], parse_oha,
+                    "oha, a fixed 1000 rps over 10 keep-alive connections"),
         "newconn": (["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
                      "--output-format", "json", url], parse_oha,
                     "oha, a new connection per request, 10 concurrent"),
@@ -896,6 +916,8 @@ def profile():
                         report.append(f"- {k}: {v:,.0f}{unit} total, "
                                       f"{v / out['requests']:.4f}{unit} per request")
                     report.append("")
+                    if os.environ.get("BENCH_PROFILE_SYSCALLS"):
+                        report += strace_counts(seat, name, work, argv, parser, s)
                     if name in record:
                         perf_record(seat, name, work, argv, s, report, f"{name}-{load}")
             finally:
