@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name(format!("remora-worker-{worker}"))
             .spawn(move || {
+                metrics::use_shard(worker);
                 runtime.block_on(async move {
                     tokio::spawn(http::sweep_pool_forever());
                     let loops: Vec<_> = listeners

@@ -1,6 +1,8 @@
 //! The proxy's Prometheus metrics, with every per-connection and per-request handle created up
-//! front so the data path only does relaxed atomic adds: no label hashing, no locks.
+//! front so the data path only does relaxed atomic adds: no label hashing, no locks. The
+//! per-request ones are sharded by worker thread, so two workers never write the same cache line.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +13,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{
     EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder, NoLabelSet,
 };
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{self, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
@@ -71,18 +73,70 @@ struct RequestLabels {
     status_code: u16,
 }
 
+/// Shards of the per-request metrics: workers beyond this many share shards (still correct).
+const SHARDS: usize = 8;
+
+thread_local! {
+    /// This thread's shard of the per-request metrics: its worker index (0 off the workers).
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread write to shard `worker` (mod [`SHARDS`]); run once per worker.
+pub fn use_shard(worker: usize) {
+    SHARD.set(worker % SHARDS);
+}
+
+fn shard() -> usize {
+    SHARD.get()
+}
+
+/// An atomic on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// A counter value spread over per-worker cache lines; reads add the shards up. Increments stay
+/// on the writing core, where a shared atomic bounced its line between the workers' cores on
+/// every request.
+#[derive(Debug, Default)]
+pub struct Sharded([Padded<AtomicU64>; SHARDS]);
+
+impl counter::Atomic<u64> for Sharded {
+    fn inc(&self) -> u64 {
+        self.inc_by(1)
+    }
+
+    fn inc_by(&self, v: u64) -> u64 {
+        self.0[shard()].0.fetch_add(v, Ordering::Relaxed)
+    }
+
+    fn get(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|cell| cell.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+/// A counter written on the request path.
+pub type HotCounter = Counter<u64, Sharded>;
+
 /// Request latency buckets in seconds: sub-millisecond hops inside a node up to slow backends.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// A histogram made of atomics. prometheus-client's own takes a lock on every observation,
-/// which would be the only lock on the request path.
+/// A histogram made of atomics, one set per worker shard. prometheus-client's own takes a lock
+/// on every observation, which would be the only lock on the request path.
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
+    shards: [Padded<HistogramShard>; SHARDS],
+}
+
+#[derive(Debug, Default)]
+struct HistogramShard {
     /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`], then the `+Inf` overflow.
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
@@ -93,10 +147,10 @@ impl LatencyHistogram {
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.shards[shard()].0;
+        shard.buckets[index].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -107,12 +161,18 @@ impl TypedMetric for LatencyHistogram {
 impl EncodeMetric for LatencyHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let mut buckets = [(0.0, 0u64); LATENCY_BUCKETS.len() + 1];
+        let mut sum_nanos = 0u64;
+        for shard in &self.shards {
+            for (i, slot) in buckets.iter_mut().enumerate() {
+                slot.1 += shard.0.buckets[i].load(Ordering::Relaxed);
+            }
+            sum_nanos = sum_nanos.wrapping_add(shard.0.sum_nanos.load(Ordering::Relaxed));
+        }
         for (i, slot) in buckets.iter_mut().enumerate() {
-            let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-            *slot = (bound, self.buckets[i].load(Ordering::Relaxed));
+            slot.0 = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
         }
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        let sum = Duration::from_nanos(sum_nanos).as_secs_f64();
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -127,14 +187,14 @@ pub struct DirectionMetrics {
     pub direction: Direction,
     pub connections: Counter,
     pub open: Gauge,
-    pub rx: Counter,
-    pub tx: Counter,
+    pub rx: HotCounter,
+    pub tx: HotCounter,
     pub connect_errors: Counter,
     pub latency: Arc<LatencyHistogram>,
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, HotCounter>,
     /// `requests_total` handles per protocol and status code 100..=599, made on first use and
     /// then read without touching the family's lock and hash map.
-    by_status: [Box<[OnceLock<Counter>]>; 2],
+    by_status: [Box<[OnceLock<HotCounter>]>; 2],
 }
 
 impl DirectionMetrics {
@@ -148,7 +208,7 @@ impl DirectionMetrics {
         };
     }
 
-    fn request_counter(&self, protocol: Protocol, status_code: u16) -> Counter {
+    fn request_counter(&self, protocol: Protocol, status_code: u16) -> HotCounter {
         self.requests
             .get_or_create(&RequestLabels {
                 direction: self.direction,
@@ -172,8 +232,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("remora_proxy");
         let connections = Family::<DirectionLabels, Counter>::default();
         let open = Family::<DirectionLabels, Gauge>::default();
-        let bytes = Family::<BytesLabels, Counter>::default();
-        let requests = Family::<RequestLabels, Counter>::default();
+        let bytes = Family::<BytesLabels, HotCounter>::default();
+        let requests = Family::<RequestLabels, HotCounter>::default();
         let latency = Family::<DirectionLabels, SharedHistogram>::default();
         let connect_errors = Family::<DirectionLabels, Counter>::default();
         registry.register(
@@ -275,8 +335,8 @@ pin_project_lite::pin_project! {
     pub struct CountingIo<T> {
         #[pin]
         inner: T,
-        rx: Counter,
-        tx: Counter,
+        rx: HotCounter,
+        tx: HotCounter,
     }
 }
 
@@ -354,6 +414,34 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_written_by_different_workers_add_up() {
+        let metrics = Metrics::new();
+        std::thread::scope(|scope| {
+            for worker in 0..(SHARDS + 3) {
+                let metrics = &metrics;
+                scope.spawn(move || {
+                    use_shard(worker);
+                    for _ in 0..1000 {
+                        metrics.outbound.rx.inc_by(2);
+                        metrics.outbound.count_request(Protocol::http1, 200);
+                        metrics.outbound.latency.observe(Duration::from_micros(300));
+                    }
+                });
+            }
+        });
+        let text = metrics.encode();
+        let workers = SHARDS as u64 + 3;
+        for line in [
+            format!("remora_proxy_tcp_bytes_total{{direction=\"outbound\",flow=\"rx\"}} {}", 2000 * workers),
+            format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"http1\",status_code=\"200\"}} {}", 1000 * workers),
+            format!("remora_proxy_request_duration_seconds_bucket{{le=\"0.0005\",direction=\"outbound\"}} {}", 1000 * workers),
+            format!("remora_proxy_request_duration_seconds_count{{direction=\"outbound\"}} {}", 1000 * workers),
+        ] {
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+    }
 
     #[test]
     fn the_exposition_has_the_spec_names() {
