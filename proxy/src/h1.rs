@@ -263,8 +263,23 @@ async fn read_head(
             let mut parsed = httparse::Response::new(&mut fields);
             match parsed.parse(&conn.buf) {
                 Ok(httparse::Status::Complete(len)) => {
-                    let response = head_from(&parsed, method).map_err(|error| (error, false))?;
-                    conn.buf.advance(len);
+                    // Where each field lies in the buffer: the head is then split off as one
+                    // shared `Bytes`, and header values become slices of it instead of copies.
+                    let base = conn.buf.as_ptr() as usize;
+                    let mut spans = [Span::default(); MAX_HEADERS];
+                    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+                        let name = field.name.as_ptr() as usize - base;
+                        let value = field.value.as_ptr() as usize - base;
+                        *span = Span {
+                            name: (name, name + field.name.len()),
+                            value: (value, value + field.value.len()),
+                        };
+                    }
+                    let fields = parsed.headers.len();
+                    let (code, version) = (parsed.code, parsed.version);
+                    let head = conn.buf.split_to(len).freeze();
+                    let response = head_from(code, version, &head, &spans[..fields], method)
+                        .map_err(|error| (error, false))?;
                     if let Some(response) = response {
                         return Ok(response);
                     }
@@ -291,13 +306,23 @@ async fn read_head(
     }
 }
 
+/// Where a header field's name and value lie in the response head.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
 /// The response, its body framing and whether the connection stays open after it; `None` for
 /// an interim 1xx response.
 fn head_from(
-    parsed: &httparse::Response<'_, '_>,
+    code: Option<u16>,
+    version: Option<u8>,
+    head: &Bytes,
+    spans: &[Span],
     method: &Method,
 ) -> Result<Option<(Response<()>, State, bool)>, Error> {
-    let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
+    let (Some(code), Some(version)) = (code, version) else {
         return Err(invalid("no status line"));
     };
     let status = StatusCode::from_u16(code).map_err(|_| invalid(format!("status {code}")))?;
@@ -309,14 +334,15 @@ fn head_from(
     if status.is_informational() {
         return Ok(None);
     }
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut close = version == 0;
     let mut chunked = None;
     let mut length: Option<u64> = None;
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| invalid(format!("header name {:?}", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value)
+    for span in spans {
+        let name = &head[span.name.0..span.name.1];
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| invalid(format!("header name {:?}", String::from_utf8_lossy(name))))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
             .map_err(|_| invalid(format!("value of header {name}")))?;
         if name == header::CONNECTION {
             close |= has_token(&value, "close");
