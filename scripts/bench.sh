@@ -4,6 +4,7 @@
 #   BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench     # quick smoke run
 #   BENCH_SEATS=direct,haproxy BENCH_PARTS=proxy make bench
 #   scripts/bench.sh profile    # perf counters + perf record of remora-proxy under wrk
+#   scripts/bench.sh trace      # bpftrace: where a request's time goes at 1000 rps, per seat
 # Needs root: network namespaces and iptables inside them (never the host's own rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,11 @@ if [ "${1:-}" = profile ]; then
   fi
   BENCH_MODE=profile BENCH_PROFILE_BIN="${BENCH_PROFILE_BIN:-target/bench-profile/release/remora-proxy}" \
     exec python3 scripts/bench/bench.py
+fi
+
+if [ "${1:-}" = trace ]; then
+  command -v bpftrace >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q bpftrace
+  BENCH_MODE=trace exec python3 scripts/bench/bench.py
 fi
 
 exec python3 scripts/bench/bench.py "$@"

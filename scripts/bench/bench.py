@@ -931,6 +931,100 @@ def profile():
     log(f"wrote {path}")
 
 
+def lhist_summary(text, name):
+    """Median and mean (µs) of a bpftrace `lhist` printed as `@name:` then `[lo, hi) count |...`."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("@"):
+            inside = line.startswith(f"@{name}:")
+            continue
+        m = re.match(r"\[(\d+), (\d+)\)\s+(\d+)", line.strip()) if inside else None
+        if m:
+            rows.append(((int(m[1]) + int(m[2])) / 2, int(m[3])))
+    total = sum(n for _, n in rows)
+    if not total:
+        return None
+    seen = 0
+    for mid, n in rows:
+        seen += n
+        if seen * 2 >= total:
+            median = mid
+            break
+    return {"count": total, "median_us": median,
+            "mean_us": sum(mid * n for mid, n in rows) / total}
+
+
+PARTS_TRACED = ("in", "request", "to_server", "server", "from_server", "upstream", "response",
+                "out", "residence")
+
+
+def trace():
+    """bpftrace under the fixed 1000 rps load: where each seat's time per request goes."""
+    if not shutil.which("bpftrace"):
+        sys.exit("bpftrace is missing: apt-get install -y bpftrace")
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    os.chmod(work, 0o755)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    seats = [x for x in os.environ.get("BENCH_TRACE_SEATS", "haproxy,remora").split(",") if x]
+    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    rows = {}
+    try:
+        pod, remote = make_pod()
+        start_nginx(remote, work)
+        apply_rules(pod)
+        for rnd in range(ROUNDS):
+            for name in seats[rnd % len(seats):] + seats[:rnd % len(seats)]:
+                seat = Seat(name, pod, work)
+                seat.start()
+                try:
+                    out = work / f"{name}-{rnd}.bt"
+                    with open(out, "w") as sink:
+                        tracer = subprocess.Popen(["bpftrace", HERE / "latency.bt",
+                                                   str(seat.proc.pid)],
+                                                  stdout=sink, stderr=subprocess.STDOUT)
+                        time.sleep(3)  # bpftrace attaches its probes
+                        run(seat.client(["oha", "-z", f"{SECONDS}s", "-c", "10", "-q", "1000",
+                                         "--latency-correction", "--no-tui", "--output-format",
+                                         "json", url]), timeout=SECONDS + 30)
+                        tracer.send_signal(signal.SIGINT)
+                        tracer.wait(timeout=30)
+                    text = out.read_text()
+                    for part in PARTS_TRACED:
+                        summary = lhist_summary(text, part)
+                        if summary:
+                            rows.setdefault(name, {}).setdefault(part, []).append(summary)
+                    log(f"traced {name} (round {rnd + 1})")
+                finally:
+                    seat.stop()
+    finally:
+        JANITOR.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    md = [f"# where the time of a request goes, {stamp} (commit {git_commit()})", "",
+          f"oha at a fixed 1000 rps over 10 connections, {SECONDS} s per seat and round, "
+          f"{ROUNDS} round(s); bpftrace on syscall tracepoints (scripts/bench/latency.bt). "
+          "Medians over rounds of each round's median and mean, in µs (2 µs buckets). "
+          "`in`: client write to proxy read; `residence`: proxy read of the request to its write "
+          "of the response, the server's time included; `out`: proxy write to client read.", "",
+          "`request`, `upstream` and `response` split the residence: client read to upstream "
+          "write, upstream write to upstream read (the server and both deliveries), upstream read "
+          "to client write; `to_server`, `server` and `from_server` split `upstream` at nginx's read and "
+          "write.", "",
+          "| seat | " + " | ".join(f"{p} median | {p} mean" for p in PARTS_TRACED) + " |",
+          "|---|" + "---|---|" * len(PARTS_TRACED)]
+    for name, parts in rows.items():
+        cells = []
+        for part in PARTS_TRACED:
+            got = parts.get(part, [])
+            cells += [f"{median([g['median_us'] for g in got]):.0f}" if got else "n/a",
+                      f"{median([g['mean_us'] for g in got]):.1f}" if got else "n/a"]
+        md.append(f"| {seat_label(name)} | " + " | ".join(cells) + " |")
+    path = RESULTS / f"trace-{stamp}.md"
+    path.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    log(f"wrote {path}")
+
+
 def tool_versions():
     v = {}
     for name, argv in (("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]),
@@ -1150,6 +1244,8 @@ if __name__ == "__main__":
         LOCK = hold_bench_lock()
         if os.environ.get("BENCH_MODE") == "profile":
             profile()
+        elif os.environ.get("BENCH_MODE") == "trace":
+            trace()
         else:
             main()
     except KeyboardInterrupt:
