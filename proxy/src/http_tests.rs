@@ -568,8 +568,8 @@ async fn empty_chunked_response_is_an_empty_body_and_the_connection_is_reused() 
     assert_eq!(upstream.accepts(), 1);
 }
 
-/// Pins today's behaviour: hyper's client reads the upstream trailers and its server writes
-/// them to a client that sent `TE: trailers`.
+/// The upstream side decodes the trailers and hyper's server writes them to a client that sent
+/// `TE: trailers`.
 #[tokio::test]
 async fn chunked_trailers_reach_a_client_that_sent_te_trailers() {
     let upstream = replying(|_, _| {

@@ -160,17 +160,17 @@ impl TypedMetric for LatencyHistogram {
 
 impl EncodeMetric for LatencyHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut buckets = [(0.0, 0u64); LATENCY_BUCKETS.len() + 1];
-        let mut sum_nanos = 0u64;
-        for shard in &self.shards {
-            for (i, slot) in buckets.iter_mut().enumerate() {
-                slot.1 += shard.0.buckets[i].load(Ordering::Relaxed);
-            }
-            sum_nanos = sum_nanos.wrapping_add(shard.0.sum_nanos.load(Ordering::Relaxed));
-        }
-        for (i, slot) in buckets.iter_mut().enumerate() {
-            slot.0 = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-        }
+        let buckets: [(f64, u64); LATENCY_BUCKETS.len() + 1] = std::array::from_fn(|i| {
+            let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+            let count = self
+                .shards
+                .iter()
+                .map(|shard| shard.0.buckets[i].load(Ordering::Relaxed));
+            (bound, count.sum())
+        });
+        let sum_nanos = self.shards.iter().fold(0u64, |sum, shard| {
+            sum.wrapping_add(shard.0.sum_nanos.load(Ordering::Relaxed))
+        });
         let count = buckets.iter().map(|(_, n)| n).sum();
         let sum = Duration::from_nanos(sum_nanos).as_secs_f64();
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)

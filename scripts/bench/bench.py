@@ -411,9 +411,22 @@ def measure(seat, argv, parser, timeout):
     return res
 
 
+def load_argv(load, seconds):
+    """The client command of one proxy load: the same in the timed run, the profile and the
+    trace."""
+    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    oha = ["oha", "-z", f"{seconds}s", "-c", "10", "--no-tui", "--output-format", "json"]
+    return {
+        "throughput": ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", url],
+        "latency": oha + ["-q", "1000", "--latency-correction", url],
+        "newconn": oha + ["--disable-keepalive", url],
+        "h2": ["h2load", "-D", str(seconds), "-c", "10", "-m", "10", "-t", "1",
+               f"http://{REMOTE_V4}:{H2_PORT}/"],
+    }[load]
+
+
 def run_seat(seat):
     url = f"http://{REMOTE_V4}:{H1_PORT}/"
-    h2url = f"http://{REMOTE_V4}:{H2_PORT}/"
     s = SECONDS
     t = s + 30
     res = {}
@@ -425,22 +438,15 @@ def run_seat(seat):
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
         if "throughput" in LOADS:
-            res["throughput"] = measure(
-                seat, ["wrk", "-t2", "-c50", f"-d{s}s", "--latency", url], parse_wrk, t)
+            res["throughput"] = measure(seat, load_argv("throughput", s), parse_wrk, t)
             res["peak_rss_kib"] = seat.rss_kib("VmHWM")
         if "latency" in LOADS:
-            res["latency_1000rps"] = measure(
-                seat, ["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
-                       "--no-tui", "--output-format", "json", url], parse_oha, t)
+            res["latency_1000rps"] = measure(seat, load_argv("latency", s), parse_oha, t)
         if "newconn" in LOADS:
-            res["new_connection"] = measure(
-                seat, ["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
-                       "--output-format", "json", url], parse_oha, t)
+            res["new_connection"] = measure(seat, load_argv("newconn", s), parse_oha, t)
         if "h2" in LOADS:
             try:
-                res["h2"] = measure(
-                    seat, ["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1", h2url],
-                    parse_h2load, t)
+                res["h2"] = measure(seat, load_argv("h2", s), parse_h2load, t)
             except BenchError as e:
                 res["h2"] = {"error": str(e)[:300]}
         res["peak_rss_all_kib"] = seat.rss_kib("VmHWM")
@@ -880,18 +886,13 @@ def profile():
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = [f"# proxy profile, {PROFILE_STAMP} (commit {git_commit()}, remora-proxy {binary})",
               ""]
-    url = f"http://{REMOTE_V4}:{H1_PORT}/"
     loads = {
-        "keepalive": (["wrk", "-t2", "-c50", f"-d{s}s", url], parse_wrk,
-                      "wrk, 50 keep-alive connections"),
-        "latency": (["oha", "-z", f"{s}s", "-c", "10", "-q", "1000", "--latency-correction",
-                     "--no-tui", "--output-format", "json", url], parse_oha,
+        "keepalive": (load_argv("throughput", s), parse_wrk, "wrk, 50 keep-alive connections"),
+        "latency": (load_argv("latency", s), parse_oha,
                     "oha, a fixed 1000 rps over 10 keep-alive connections"),
-        "newconn": (["oha", "-z", f"{s}s", "-c", "10", "--disable-keepalive", "--no-tui",
-                     "--output-format", "json", url], parse_oha,
+        "newconn": (load_argv("newconn", s), parse_oha,
                     "oha, a new connection per request, 10 concurrent"),
-        "h2": (["h2load", "-D", str(s), "-c", "10", "-m", "10", "-t", "1",
-                f"http://{REMOTE_V4}:{H2_PORT}/"], parse_h2load,
+        "h2": (load_argv("h2", s), parse_h2load,
                "h2load, prior-knowledge h2c, 10 connections x 10 streams"),
     }
     only = os.environ.get("BENCH_PROFILE_LOADS")
@@ -966,7 +967,6 @@ def trace():
     os.chmod(work, 0o755)
     RESULTS.mkdir(parents=True, exist_ok=True)
     seats = [x for x in os.environ.get("BENCH_TRACE_SEATS", "haproxy,remora").split(",") if x]
-    url = f"http://{REMOTE_V4}:{H1_PORT}/"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     rows = {}
     try:
@@ -984,9 +984,7 @@ def trace():
                                                    str(seat.proc.pid)],
                                                   stdout=sink, stderr=subprocess.STDOUT)
                         time.sleep(3)  # bpftrace attaches its probes
-                        run(seat.client(["oha", "-z", f"{SECONDS}s", "-c", "10", "-q", "1000",
-                                         "--latency-correction", "--no-tui", "--output-format",
-                                         "json", url]), timeout=SECONDS + 30)
+                        run(seat.client(load_argv("latency", SECONDS)), timeout=SECONDS + 30)
                         tracer.send_signal(signal.SIGINT)
                         tracer.wait(timeout=30)
                     text = out.read_text()
