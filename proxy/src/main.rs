@@ -1,6 +1,7 @@
 //! `remora-proxy`: the remora sidecar. Accepts the pod's redirected connections and carries them
 //! to their original destinations, measuring what passes.
-#![forbid(unsafe_code)]
+// Unsafe code only where a syscall has no safe wrapper: `sched`.
+#![deny(unsafe_code)]
 
 mod admin;
 mod config;
@@ -15,6 +16,7 @@ mod listen;
 mod metrics;
 mod opaque;
 mod orig_dst;
+mod sched;
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -25,13 +27,17 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Args, LogFormat};
+use crate::config::{Args, LogFormat, SchedPolicy};
 use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args)?;
+    // Before any thread starts: the workers inherit the main thread's policy.
+    if args.sched_policy == SchedPolicy::Batch {
+        sched::use_batch().context("--sched-policy batch: setting SCHED_BATCH")?;
+    }
     let workers = config::worker_threads(args.workers);
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
@@ -148,6 +154,7 @@ async fn run(
         admin = %args.admin_listen,
         opaque_ports = %args.opaque_ports,
         workers,
+        sched_policy = ?args.sched_policy,
         version = env!("CARGO_PKG_VERSION"),
         "remora-proxy ready"
     );

@@ -11,6 +11,7 @@ Knobs (environment):
   BENCH_REMORA_ARGS_X, BENCH_REMORA_BIN_X     flags / binary of a `remora@X` seat
   BENCH_BIN_DIR=target/release
   BENCH_RESULTS=results
+  BENCH_TRACE_SCRIPT=scripts/bench/latency.bt, BENCH_TRACE_RAW=1   trace mode: script, raw copies
 Quick smoke run: BENCH_ROUNDS=1 BENCH_SECONDS=3 make bench
 """
 
@@ -955,6 +956,7 @@ def lhist_summary(text, name):
             "mean_us": sum(mid * n for mid, n in rows) / total}
 
 
+TRACE_SCRIPT = os.environ.get("BENCH_TRACE_SCRIPT", HERE / "latency.bt")
 PARTS_TRACED = ("in", "request", "to_server", "server", "from_server", "upstream", "response",
                 "out", "residence")
 
@@ -980,7 +982,7 @@ def trace():
                 try:
                     out = work / f"{name}-{rnd}.bt"
                     with open(out, "w") as sink:
-                        tracer = subprocess.Popen(["bpftrace", HERE / "latency.bt",
+                        tracer = subprocess.Popen(["bpftrace", TRACE_SCRIPT,
                                                    str(seat.proc.pid)],
                                                   stdout=sink, stderr=subprocess.STDOUT)
                         time.sleep(3)  # bpftrace attaches its probes
@@ -988,6 +990,8 @@ def trace():
                         tracer.send_signal(signal.SIGINT)
                         tracer.wait(timeout=30)
                     text = out.read_text()
+                    if os.environ.get("BENCH_TRACE_RAW"):
+                        shutil.copy(out, RESULTS / f"trace-{stamp}-{name}-{rnd}.txt")
                     for part in PARTS_TRACED:
                         summary = lhist_summary(text, part)
                         if summary:

@@ -709,3 +709,50 @@ fn an_ipv4_only_pod_runs_without_the_ipv6_listeners() {
     // [::1] is gone.)
     assert_eq!(log.matches("addr=[::1]:15001").count(), 1, "{log}");
 }
+
+/// The scheduling policy of each of the proxy's threads, by thread name: field 41 of its
+/// /proc stat (0 is SCHED_OTHER, 3 is SCHED_BATCH).
+fn thread_policies(pid: i32) -> Vec<(String, u32)> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let policy = stat[close + 2..].split(' ').nth(41 - 3).unwrap();
+        policies.push((stat[open + 1..close].to_string(), policy.parse().unwrap()));
+    }
+    policies.sort();
+    policies
+}
+
+#[test]
+fn sched_policy_batch_covers_every_thread_and_the_default_none() {
+    if !can_run() {
+        return;
+    }
+    let batch = Mesh::new(&[], &["--sched-policy", "batch", "--workers", "2"]);
+    http_server(&batch.pod.remote, addr(REMOTE_V4, 8080));
+    let (code, body) = get(&batch.pod.pod, &["http://198.18.0.2:8080/batch"]);
+    assert_eq!((code, body.as_str()), (200, "hello /batch HTTP/1.1"));
+    let policies = thread_policies(batch.proxy.pid());
+    let workers = policies
+        .iter()
+        .filter(|(name, _)| name.starts_with("remora-worker"));
+    assert_eq!(workers.count(), 2, "{policies:?}");
+    assert!(
+        policies.iter().all(|(_, policy)| *policy == 3),
+        "{policies:?}"
+    );
+    assert!(
+        batch.log().contains("sched_policy=Batch"),
+        "{}",
+        batch.log()
+    );
+    drop(batch);
+
+    let normal = Mesh::new(&[], &[]);
+    let policies = thread_policies(normal.proxy.pid());
+    assert!(
+        policies.iter().all(|(_, policy)| *policy == 0),
+        "{policies:?}"
+    );
+}
