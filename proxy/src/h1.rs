@@ -10,13 +10,15 @@
 //! What this side decides (RFC 9112):
 //! - Requests go out as HTTP/1.1, with a `Host` added when an HTTP/1.0 client sent none. Their
 //!   body keeps its framing: `Content-Length` bytes as they come, or chunked (re-encoded from
-//!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`.
+//!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`. The
+//!   response is read while the body goes out: a server may answer before the body ends.
 //! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
 //!   itself. A `101` outside an upgrade is an error.
 //! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
 //!   the server closes; HEAD, 204 and 304 have none.
 //! - A connection is reused only after a complete HTTP/1.1 response without `Connection:
-//!   close`, nothing unread behind it, and no body framed by the close.
+//!   close`, nothing unread behind it, no body framed by the close, and the whole request body
+//!   sent.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ use http::{header, request, HeaderMap, HeaderName, HeaderValue, Method, Response
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Headers accepted in one response head or trailer section (hyper's own limit).
@@ -82,17 +84,22 @@ impl Conn {
         }
     }
 
-    /// Reads more into the buffer; `Ok(0)` is the end of the stream. Through `poll_read`, so a
-    /// short read marks the socket drained: the next read, and the next [`Self::is_usable`],
-    /// wait for epoll instead of asking the kernel again.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        self.buf.reserve(want.clamp(READ_MIN, READ_MAX));
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        poll_fill(&mut self.io, &mut self.buf, cx, want)
     }
+}
 
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx, READ_MIN)).await
-    }
+/// Reads more into `buf`; `Ok(0)` is the end of the stream. Through `poll_read`, so a short read
+/// marks the socket drained: the next read, and the next [`Conn::is_usable`], wait for epoll
+/// instead of asking the kernel again.
+fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    buf.reserve(want.clamp(READ_MIN, READ_MAX));
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,18 +194,28 @@ pub async fn send(
         error,
         nothing_received,
     };
-    if let Err(error) = write_request(&mut conn, head, body).await {
-        let nothing_received = !matches!(error, Error::RequestBody(_));
-        return Err(failed(error, nothing_received));
+    if let Err(error) = conn.io.write_all(&head.bytes).await {
+        return Err(failed(Error::Io(error), true));
     }
-    let (response, framing, keep_alive) = match read_head(&mut conn, &head.method).await {
-        Ok(parsed) => parsed,
-        Err((error, nothing_received)) => return Err(failed(error, nothing_received)),
+    let (parsed, body_sent) = match body.filter(|body| !body.is_end_stream()) {
+        Some(body) => exchange(&mut conn, head, body).await?,
+        None => {
+            if head.chunked {
+                if let Err(error) = conn.io.write_all(b"0\r\n\r\n").await {
+                    return Err(failed(Error::Io(error), true));
+                }
+            }
+            let Conn { io, buf } = &mut conn;
+            (read_head(io, buf, &head.method).await, true)
+        }
     };
+    let (response, framing, keep_alive) = parsed.map_err(|(error, none)| failed(error, none))?;
     let mut body = UpstreamBody {
         conn: Some(conn),
         state: framing,
-        keep_alive,
+        // The server answered before the whole request body went out: it expects the rest (or
+        // has stopped reading), so the connection cannot carry another request.
+        keep_alive: keep_alive && body_sent,
         slot: Some(slot.clone()),
         error: None,
     };
@@ -208,64 +225,110 @@ pub async fn send(
     Ok(response.map(|()| body))
 }
 
-async fn write_request(
+/// The response head, or the error and whether nothing at all was received.
+type Parsed = Result<(Response<()>, State, bool), (Error, bool)>;
+
+/// Streams the request body while reading the response head: a server may answer before the
+/// body is complete. An early error status or `Connection: close` means it wants no more of the
+/// body (RFC 9112 §9.6: a 413, a 401), so the rest is not sent; writing it all first would have
+/// turned that answer into a 502 when the server closes, or a stall once the socket buffers fill
+/// when it does not. After any other early answer the server may still read on, so the body
+/// goes out in full first. Also says whether it did.
+async fn exchange(
     conn: &mut Conn,
     head: &RequestHead,
-    body: Option<Incoming>,
-) -> Result<(), Error> {
-    conn.io.write_all(&head.bytes).await?;
-    let Some(mut body) = body.filter(|body| !body.is_end_stream()) else {
-        if head.chunked {
-            conn.io.write_all(b"0\r\n\r\n").await?;
-        }
-        return Ok(());
+    body: Incoming,
+) -> Result<(Parsed, bool), Failed> {
+    let body_failed = |error| Failed {
+        error: Error::RequestBody(error),
+        nothing_received: false,
     };
+    let (mut reader, mut writer) = conn.io.split();
+    let sending = write_body(&mut writer, head.chunked, body);
+    let reading = read_head(&mut reader, &mut conn.buf, &head.method);
+    tokio::pin!(sending, reading);
+    let mut sent = None;
+    let parsed = loop {
+        tokio::select! {
+            result = &mut sending, if sent.is_none() => match result {
+                Err(Error::RequestBody(error)) => return Err(body_failed(error)),
+                // A write error is the server closing; what it answered before is still read.
+                result => sent = Some(result.is_ok()),
+            },
+            parsed = &mut reading => break parsed,
+        }
+    };
+    let refused = match &parsed {
+        Ok((response, _, keep_alive)) => {
+            response.status().is_client_error()
+                || response.status().is_server_error()
+                || !keep_alive
+        }
+        Err(_) => true,
+    };
+    if sent.is_none() && !refused {
+        match sending.await {
+            Err(Error::RequestBody(error)) => return Err(body_failed(error)),
+            result => sent = Some(result.is_ok()),
+        }
+    }
+    Ok((parsed, sent == Some(true)))
+}
+
+/// Writes a request body in its framing: as it comes for `Content-Length`, re-encoded when
+/// chunked (trailers included).
+async fn write_body<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    chunked: bool,
+    mut body: Incoming,
+) -> Result<(), Error> {
     let mut ended = false;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Error::RequestBody)?;
         match frame.into_data() {
-            Ok(data) if !head.chunked => conn.io.write_all(&data).await?,
+            Ok(data) if !chunked => io.write_all(&data).await?,
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
                 let size = format!("{:x}\r\n", data.len());
                 let mut chunk = size.as_bytes().chain(data).chain(&b"\r\n"[..]);
-                conn.io.write_all_buf(&mut chunk).await?;
+                io.write_all_buf(&mut chunk).await?;
             }
             Err(frame) => {
-                if let (Ok(trailers), true) = (frame.into_trailers(), head.chunked) {
+                if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
                     let mut last = b"0\r\n".to_vec();
                     for (name, value) in &trailers {
                         put_field(&mut last, name, value);
                     }
                     last.extend_from_slice(b"\r\n");
-                    conn.io.write_all(&last).await?;
+                    io.write_all(&last).await?;
                     ended = true;
                 }
             }
         }
     }
-    if head.chunked && !ended {
-        conn.io.write_all(b"0\r\n\r\n").await?;
+    if chunked && !ended {
+        io.write_all(b"0\r\n\r\n").await?;
     }
     Ok(())
 }
 
 /// Reads the final response head (skipping interim 1xx ones); the error says whether nothing
 /// at all was received.
-async fn read_head(
-    conn: &mut Conn,
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
     method: &Method,
-) -> Result<(Response<()>, State, bool), (Error, bool)> {
+) -> Parsed {
     let mut received = false;
     loop {
-        if !conn.buf.is_empty() {
+        if !buf.is_empty() {
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut fields);
-            match parsed.parse(&conn.buf) {
+            match parsed.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     // Where each field lies in the buffer: the head is then split off as one
                     // shared `Bytes`, and header values become slices of it instead of copies.
-                    let base = conn.buf.as_ptr() as usize;
+                    let base = buf.as_ptr() as usize;
                     let mut spans = [Span::default(); MAX_HEADERS];
                     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
                         let name = field.name.as_ptr() as usize - base;
@@ -277,7 +340,7 @@ async fn read_head(
                     }
                     let fields = parsed.headers.len();
                     let (code, version) = (parsed.code, parsed.version);
-                    let head = conn.buf.split_to(len).freeze();
+                    let head = buf.split_to(len).freeze();
                     let response = head_from(code, version, &head, &spans[..fields], method)
                         .map_err(|error| (error, false))?;
                     if let Some(response) = response {
@@ -285,14 +348,14 @@ async fn read_head(
                     }
                     continue;
                 }
-                Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
                 Ok(httparse::Status::Partial) => {
                     return Err((invalid("a response head over 64 KiB"), false))
                 }
                 Err(error) => return Err((invalid(error.to_string()), false)),
             }
         }
-        match conn.fill().await {
+        match std::future::poll_fn(|cx| poll_fill(io, buf, cx, READ_MIN)).await {
             Ok(0) if !received => return Err((Error::Closed, true)),
             Ok(0) => {
                 return Err((

@@ -846,6 +846,106 @@ async fn expect_continue_with_an_upstream_100_gives_one_final_response() {
     assert_eq!(upstream.accepts(), 1);
 }
 
+/// An upload of `size` bytes whose body goes out from a task of its own (write errors end it
+/// quietly) while the returned wire reads the answer.
+async fn start_upload(proxy: SocketAddr, size: usize) -> (Wire, tokio::task::JoinHandle<()>) {
+    let stream = within("connecting", TcpStream::connect(proxy))
+        .await
+        .unwrap()
+        .into_std()
+        .unwrap();
+    let mut writer = TcpStream::from_std(stream.try_clone().unwrap()).unwrap();
+    let reader = TcpStream::from_std(stream).unwrap();
+    let sending = tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: {size}\r\n\r\n"
+        );
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let block = pattern(64 * 1024);
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(block.len());
+            if writer.write_all(&block[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+    });
+    (Wire::new(reader), sending)
+}
+
+/// An upstream that reads a request's head only and answers `response` at once, then closes
+/// with the body unread (`close`) or holds the connection open without reading on.
+async fn answering_early(response: &'static [u8], close: bool) -> Upstream {
+    upstream(move |mut conn| async move {
+        if conn.wire.read_head().await.is_some() {
+            conn.send(response).await;
+            if !close {
+                tokio::time::sleep(WAIT * 2).await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_reaches_the_client_when_the_server_closes() {
+    let upstream = answering_early(
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+        true,
+    )
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    // Far more than the socket buffers hold: the proxy cannot finish writing it first.
+    let (mut client, sending) = start_upload(proxy, 64 << 20).await;
+    let response = client.read_response("POST").await;
+    assert_eq!(response.head.status(), 413, "{:?}", response.head.start);
+    assert_eq!(response.text(), "too large");
+    sending.abort();
+}
+
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_does_not_wait_for_a_server_that_stopped_reading() {
+    let upstream = answering_early(
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\nlog in",
+        false,
+    )
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let (mut client, sending) = start_upload(proxy, 64 << 20).await;
+    let response = client.read_response("POST").await;
+    assert_eq!(response.head.status(), 401, "{:?}", response.head.start);
+    assert_eq!(response.text(), "log in");
+    sending.abort();
+    // That connection still expects the rest of the body: it is not reused.
+    let mut next = Wire::connect(proxy).await;
+    assert_eq!(next.exchange(&get("/next")).await.head.status(), 401);
+    assert_eq!(upstream.accepts(), 2);
+}
+
+#[tokio::test]
+async fn an_early_success_answer_still_gets_the_whole_body() {
+    // A server that starts its answer at once and finishes it after reading the whole body.
+    let upstream = upstream(|mut conn| async move {
+        let Some(head) = conn.wire.read_head().await else {
+            return;
+        };
+        conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        let request = conn.wire.body(head, false).await;
+        let count = request.body.len().to_string();
+        conn.send(&chunk(count.as_bytes())).await;
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let (mut client, _sending) = start_upload(proxy, 8 << 20).await;
+    let response = client.read_response("POST").await;
+    assert_eq!(response.head.status(), 200, "{:?}", response.head.start);
+    assert_eq!(response.text(), (8 << 20).to_string());
+}
+
 #[tokio::test]
 async fn chunked_request_with_trailers_reaches_the_upstream_body_intact() {
     let upstream = replying(|_, request| ok(&request.text())).await;
