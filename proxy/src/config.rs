@@ -87,8 +87,9 @@ pub struct Args {
     /// Linux scheduling policy of the proxy's threads. `batch` (SCHED_BATCH) keeps a woken
     /// worker from preempting the task that woke it, so on a quiet node the app, the proxy and a
     /// peer on the same node hand a request along on one CPU instead of waking an idle one: less
-    /// latency and CPU per request there. On a CPU-saturated node, though, a woken worker waits
-    /// for the busy task's time slice, which lengthens tail latency; hence not the default.
+    /// latency and CPU per request there. But a woken worker then also waits while the task on
+    /// its CPU keeps running: a busy task's time slice on a saturated node (longer tail latency),
+    /// or an app's event loop that goes on computing after it writes; hence not the default.
     #[arg(long, value_enum, default_value = "normal", value_name = "POLICY")]
     pub sched_policy: SchedPolicy,
 }

@@ -273,9 +273,11 @@ def make_pod():
         run(["ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         # A new connection per request leaves many TIME_WAIT sockets behind: reuse them, and
-        # use a wide port range (these sysctls are per namespace).
+        # use a wide port range (these sysctls are per namespace), minus the proxy's own ports:
+        # a client connection still closing on local port 15006 made the next seat's bind fail.
         run(in_ns(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
-                       "net.ipv4.ip_local_port_range=1024 65000"]))
+                       "net.ipv4.ip_local_port_range=1024 65000",
+                       "net.ipv4.ip_local_reserved_ports=15000-15099"]))
     return pod, remote
 
 
