@@ -876,10 +876,15 @@ async fn start_upload(proxy: SocketAddr, size: usize) -> (Wire, tokio::task::Joi
     (Wire::new(reader), sending)
 }
 
-/// An upstream that reads a request's head only and answers `response` at once, then closes
-/// with the body unread (`close`) or holds the connection open without reading on.
-async fn answering_early(response: &'static [u8], close: bool) -> Upstream {
-    upstream(move |mut conn| async move {
+/// A 64 MiB upload (far more than the socket buffers hold, so the proxy cannot finish writing
+/// it first) to an upstream that reads the request head only and answers `response` at once,
+/// then closes with the body unread (`close`) or holds the connection without reading on.
+/// Returns the client's response, the upstream and the proxy.
+async fn upload_answered_early(
+    response: &'static [u8],
+    close: bool,
+) -> (Message, Upstream, SocketAddr) {
+    let upstream = upstream(move |mut conn| async move {
         if conn.wire.read_head().await.is_some() {
             conn.send(response).await;
             if !close {
@@ -887,38 +892,34 @@ async fn answering_early(response: &'static [u8], close: bool) -> Upstream {
             }
         }
     })
-    .await
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let (mut client, sending) = start_upload(proxy, 64 << 20).await;
+    let response = client.read_response("POST").await;
+    sending.abort();
+    (response, upstream, proxy)
 }
 
 #[tokio::test]
 async fn an_answer_before_the_upload_ends_reaches_the_client_when_the_server_closes() {
-    let upstream = answering_early(
+    let (response, _, _) = upload_answered_early(
         b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
         true,
     )
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    // Far more than the socket buffers hold: the proxy cannot finish writing it first.
-    let (mut client, sending) = start_upload(proxy, 64 << 20).await;
-    let response = client.read_response("POST").await;
     assert_eq!(response.head.status(), 413, "{:?}", response.head.start);
     assert_eq!(response.text(), "too large");
-    sending.abort();
 }
 
 #[tokio::test]
 async fn an_answer_before_the_upload_ends_does_not_wait_for_a_server_that_stopped_reading() {
-    let upstream = answering_early(
+    let (response, upstream, proxy) = upload_answered_early(
         b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\nlog in",
         false,
     )
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let (mut client, sending) = start_upload(proxy, 64 << 20).await;
-    let response = client.read_response("POST").await;
     assert_eq!(response.head.status(), 401, "{:?}", response.head.start);
     assert_eq!(response.text(), "log in");
-    sending.abort();
     // That connection still expects the rest of the body: it is not reused.
     let mut next = Wire::connect(proxy).await;
     assert_eq!(next.exchange(&get("/next")).await.head.status(), 401);
