@@ -230,7 +230,7 @@ type Parsed = Result<(Response<()>, State, bool), (Error, bool)>;
 
 /// Streams the request body while reading the response head: a server may answer before the
 /// body is complete. An early error status or `Connection: close` means it wants no more of the
-/// body (RFC 9112 §9.6: a 413, a 401), so the rest is not sent; writing it all first would have
+/// body (RFC 9112 §9.5: a 413, a 401), so the rest is not sent; writing it all first would have
 /// turned that answer into a 502 when the server closes, or a stall once the socket buffers fill
 /// when it does not. After any other early answer the server may still read on, so the body
 /// goes out in full first. Also says whether it did.
