@@ -428,36 +428,42 @@ def load_argv(load, seconds):
     }[load]
 
 
-def run_seat(seat):
+# Where each load's result goes in a seat's result, and how its client's output is read.
+LOAD_RESULTS = {
+    "throughput": ("throughput", parse_wrk),
+    "latency": ("latency_1000rps", parse_oha),
+    "newconn": ("new_connection", parse_oha),
+    "h2": ("h2", parse_h2load),
+}
+
+
+def run_load(seat, load, into):
+    """One load through a fresh process of `seat`, its figures added to `into`: the idle RSS of
+    the first process, the peak after the 50-connection load, and the highest peak of any."""
     url = f"http://{REMOTE_V4}:{H1_PORT}/"
-    s = SECONDS
-    t = s + 30
-    res = {}
+    key, parser = LOAD_RESULTS[load]
     seat.start()
     try:
-        res["idle_rss_kib"] = seat.rss_kib("VmRSS")
+        into.setdefault("idle_rss_kib", seat.rss_kib("VmRSS"))
         # One request proves the path (a proxy seat refuses if the proxy is not in it).
         check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
-        if "throughput" in LOADS:
-            res["throughput"] = measure(seat, load_argv("throughput", s), parse_wrk, t)
-            res["peak_rss_kib"] = seat.rss_kib("VmHWM")
-        if "latency" in LOADS:
-            res["latency_1000rps"] = measure(seat, load_argv("latency", s), parse_oha, t)
-        if "newconn" in LOADS:
-            res["new_connection"] = measure(seat, load_argv("newconn", s), parse_oha, t)
-        if "h2" in LOADS:
-            try:
-                res["h2"] = measure(seat, load_argv("h2", s), parse_h2load, t)
-            except BenchError as e:
-                res["h2"] = {"error": str(e)[:300]}
-        res["peak_rss_all_kib"] = seat.rss_kib("VmHWM")
+        try:
+            into[key] = measure(seat, load_argv(load, SECONDS), parser, SECONDS + 30)
+        except BenchError as e:
+            if load != "h2":
+                raise
+            into[key] = {"error": str(e)[:300]}
+        peak = seat.rss_kib("VmHWM")
+        if load == "throughput":
+            into["peak_rss_kib"] = peak
+        if peak is not None:
+            into["peak_rss_all_kib"] = max(peak, into.get("peak_rss_all_kib") or 0)
         if seat.proc and seat.proc.poll() is not None:
-            raise BenchError(f"{seat.name} exited during the loads ({seat.proc.returncode})")
+            raise BenchError(f"{seat.name} exited during the {load} load ({seat.proc.returncode})")
     finally:
         seat.stop()
-    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1160,18 +1166,26 @@ def main():
             for r in range(ROUNDS):
                 order = SEATS[r % len(SEATS):] + SEATS[:r % len(SEATS)]
                 log(f"round {r + 1}/{ROUNDS}: {' -> '.join(order)}")
-                results = {}
+                # Load by load, every seat in turn, each in a fresh process: the seats' runs of
+                # one load lie seconds apart, not a whole seat's loads apart, so slow drifts of
+                # a shared machine weigh less on their ratios.
+                results = {name: {} for name in order}
+                for load in LOADS:
+                    for name in order:
+                        if "error" in results[name]:
+                            continue
+                        try:
+                            run_load(Seat(name, pod, work), load, results[name])
+                        except BenchError as e:
+                            log(f"  {seat_label(name)}: {e}")
+                            results[name] = {"error": str(e)[:1000]}
                 for name in order:
-                    try:
-                        results[name] = run_seat(Seat(name, pod, work))
-                        x = results[name]
+                    x = results[name]
+                    if "error" not in x:
                         log(f"  {seat_label(name):13} {fmt(get(x, 'throughput.rps'), 'req/s'):>9} req/s  "
                             f"p99@1000 {fmt(get(x, 'latency_1000rps.p99_ms'), 'ms')} ms  "
                             f"newconn {fmt(get(x, 'new_connection.rps'), 'req/s')} req/s  "
                             f"h2 {fmt(get(x, 'h2.rps'), 'req/s')} req/s")
-                    except BenchError as e:
-                        log(f"  {seat_label(name)}: {e}")
-                        results[name] = {"error": str(e)[:1000]}
                 rounds.append(results)
             report["proxy_rounds"] = rounds
             report["proxy"] = summarize_proxy(rounds)
