@@ -69,8 +69,11 @@ fn main() -> anyhow::Result<()> {
     let admin = listen::bind_all(&args.admin_addrs(), "admin", false, true)?;
     let mut accepting = Vec::with_capacity(workers);
     for (worker, listeners) in worker_listeners.into_iter().enumerate() {
+        // Sockets and timers only: signals are the main thread's, and no worker runs a child
+        // process, so each park skips the signal and child-reaping drivers.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
             .build()
             .context("starting a worker runtime")?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
