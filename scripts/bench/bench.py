@@ -1069,7 +1069,7 @@ def render_markdown(report, head, rows):
     md = [f"# remora bench, {report['started']}", "",
           f"commit {report['commit']}, {report['rounds']} rounds x {report['seconds']} s per load, "
           f"{os.cpu_count()} CPUs, rules: {report.get('rules', 'n/a')}. Medians over rounds; "
-          "seats interleaved, order rotated each round.", ""]
+          "each load runs through every seat in turn (a fresh proxy process each), seats rotated each round.", ""]
     if rows:
         md += ["## Proxy seat", "",
                "Client in the pod namespace, nginx (small response) in the remote namespace. "
