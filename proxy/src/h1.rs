@@ -239,9 +239,14 @@ async fn exchange(
     head: &RequestHead,
     body: Incoming,
 ) -> Result<(Parsed, bool), Failed> {
-    let body_failed = |error| Failed {
-        error: Error::RequestBody(error),
-        nothing_received: false,
+    // Whether the body went out in full; the client's own failure ends the exchange. A write
+    // error is the server closing: what it answered before is still read.
+    let outcome = |result| match result {
+        Err(Error::RequestBody(error)) => Err(Failed {
+            error: Error::RequestBody(error),
+            nothing_received: false,
+        }),
+        result => Ok(Result::is_ok(&result)),
     };
     let (mut reader, mut writer) = conn.io.split();
     let sending = write_body(&mut writer, head.chunked, body);
@@ -250,11 +255,7 @@ async fn exchange(
     let mut sent = None;
     let parsed = loop {
         tokio::select! {
-            result = &mut sending, if sent.is_none() => match result {
-                Err(Error::RequestBody(error)) => return Err(body_failed(error)),
-                // A write error is the server closing; what it answered before is still read.
-                result => sent = Some(result.is_ok()),
-            },
+            result = &mut sending, if sent.is_none() => sent = Some(outcome(result)?),
             parsed = &mut reading => break parsed,
         }
     };
@@ -267,10 +268,7 @@ async fn exchange(
         Err(_) => true,
     };
     if sent.is_none() && !refused {
-        match sending.await {
-            Err(Error::RequestBody(error)) => return Err(body_failed(error)),
-            result => sent = Some(result.is_ok()),
-        }
+        sent = Some(outcome(sending.await)?);
     }
     Ok((parsed, sent == Some(true)))
 }

@@ -51,6 +51,13 @@ async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &
     (addr, proxy)
 }
 
+/// A client connection through a fresh outbound proxy in front of `upstream`, and the proxy's
+/// address for more.
+async fn client_of(upstream: &Upstream) -> (Wire, SocketAddr) {
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    (Wire::connect(proxy).await, proxy)
+}
+
 /// A start line and header fields as they were on the wire.
 #[derive(Debug, Clone)]
 struct Head {
@@ -428,6 +435,11 @@ where
     .await
 }
 
+/// A chunked `200` whose body is `body`, with an `X-Checksum` trailer.
+const WITH_TRAILER: &[u8] =
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+    4\r\nbody\r\n0\r\nX-Checksum: abc123\r\n\r\n";
+
 /// `200 OK` with a Content-Length body.
 fn ok(body: &str) -> Vec<u8> {
     format!(
@@ -494,8 +506,7 @@ fn metric(proxy: &Proxy, line_prefix: &str) -> Option<u64> {
 #[tokio::test]
 async fn keep_alive_answers_three_requests_over_one_upstream_connection() {
     let upstream = replying(|_, request| ok(&format!("hello {}", target_of(request)))).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     for path in ["/one", "/two", "/three"] {
         let response = client.exchange(&get(path)).await;
         assert_eq!(response.head.start, "HTTP/1.1 200 OK");
@@ -533,8 +544,7 @@ async fn chunked_response_with_extensions_reaches_the_client_intact() {
             .to_vec()
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     for _ in 0..2 {
         let response = client.exchange(&get("/chunked")).await;
         assert_eq!(response.head.status(), 200);
@@ -559,8 +569,7 @@ async fn empty_chunked_response_is_an_empty_body_and_the_connection_is_reused() 
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(&get("/empty")).await;
     assert_eq!(response.head.status(), 200);
     assert!(response.body.is_empty());
@@ -572,14 +581,8 @@ async fn empty_chunked_response_is_an_empty_body_and_the_connection_is_reused() 
 /// `TE: trailers`.
 #[tokio::test]
 async fn chunked_trailers_reach_a_client_that_sent_te_trailers() {
-    let upstream = replying(|_, _| {
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
-          4\r\nbody\r\n0\r\nX-Checksum: abc123\r\n\r\n"
-            .to_vec()
-    })
-    .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let upstream = replying(|_, _| WITH_TRAILER.to_vec()).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(b"GET /t HTTP/1.1\r\nHost: example.test\r\nTE: trailers\r\n\r\n")
         .await;
@@ -619,8 +622,7 @@ async fn close_delimited_response_is_complete_and_the_next_request_dials_again()
         // Dropping the connection ends the body.
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let first = client.exchange(&get("/a")).await;
     assert_eq!(first.text(), "close-delimited body from connection 0");
     let second = client.exchange(&get("/b")).await;
@@ -640,8 +642,7 @@ async fn head_response_has_headers_and_no_body_and_the_connection_stays_usable()
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let head = client
         .exchange(b"HEAD /h HTTP/1.1\r\nHost: example.test\r\n\r\n")
         .await;
@@ -671,8 +672,7 @@ async fn no_content_and_not_modified_have_no_body_and_reuse_the_connection() {
         _ => ok("last"),
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let no_content = client.exchange(&get("/204")).await;
     assert_eq!(no_content.head.start, "HTTP/1.1 204 No Content");
     assert!(
@@ -714,8 +714,7 @@ async fn early_hints_do_not_displace_the_final_response() {
         bytes
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     for _ in 0..2 {
         // `exchange` skips any interim response the proxy chooses to pass on.
         let response = client.exchange(&get("/hints")).await;
@@ -727,14 +726,8 @@ async fn early_hints_do_not_displace_the_final_response() {
 
 #[tokio::test]
 async fn chunked_trailers_without_te_leave_the_body_intact() {
-    let upstream = replying(|_, _| {
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
-          4\r\nbody\r\n0\r\nX-Checksum: abc123\r\n\r\n"
-            .to_vec()
-    })
-    .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let upstream = replying(|_, _| WITH_TRAILER.to_vec()).await;
+    let (mut client, _) = client_of(&upstream).await;
     for _ in 0..2 {
         let response = client.exchange(&get("/t")).await;
         assert_eq!(response.text(), "body");
@@ -749,8 +742,7 @@ async fn chunked_trailers_without_te_leave_the_body_intact() {
 #[tokio::test]
 async fn post_content_length_body_reaches_the_upstream_byte_exact() {
     let upstream = replying(|_, request| ok(&request.body.len().to_string())).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let body = pattern(100 * 1024);
     let mut request = format!(
         "POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
@@ -772,8 +764,7 @@ async fn post_content_length_body_reaches_the_upstream_byte_exact() {
 #[tokio::test]
 async fn post_chunked_body_reaches_the_upstream_decoded() {
     let upstream = replying(|_, request| ok(&request.body.len().to_string())).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let body = pattern(50_000);
     let mut request =
         b"POST /chunks HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -810,8 +801,7 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     client
         .write(b"POST /expect HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n")
         .await;
@@ -950,8 +940,7 @@ async fn an_early_success_answer_still_gets_the_whole_body() {
 #[tokio::test]
 async fn chunked_request_with_trailers_reaches_the_upstream_body_intact() {
     let upstream = replying(|_, request| ok(&request.text())).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(
             b"POST /t HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -978,8 +967,7 @@ async fn pipelined_requests_are_answered_in_order() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let mut both = get("/slow");
     both.extend(get("/fast"));
     client.write(&both).await;
@@ -997,8 +985,7 @@ async fn upstream_closing_an_idle_connection_is_not_a_502() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     assert_eq!(client.exchange(&get("/1")).await.text(), "conn 0");
     // Idle long enough for the close to arrive before the next request.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1019,8 +1006,7 @@ async fn upstream_connection_close_header_makes_the_next_request_dial_again() {
             .into_bytes()
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let first = client.exchange(&get("/1")).await;
     assert_eq!(first.text(), "conn 0");
     assert!(
@@ -1118,8 +1104,7 @@ async fn client_half_close_after_its_request_still_gets_the_response() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     client.write(&get("/half")).await;
     client.stream.shutdown().await.unwrap();
     let response = client.read_response("GET").await;
@@ -1193,8 +1178,7 @@ async fn hop_by_hop_headers_stay_on_their_hop_and_end_to_end_ones_pass() {
             .to_vec()
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, proxy) = client_of(&upstream).await;
     let response = client
         .exchange(
             b"GET /h HTTP/1.1\r\nHost: example.test\r\nConnection: close, X-Foo\r\nX-Foo: secret\r\n\
@@ -1251,8 +1235,7 @@ async fn hop_by_hop_headers_stay_on_their_hop_and_end_to_end_ones_pass() {
 #[tokio::test]
 async fn request_target_with_query_is_forwarded_byte_exact() {
     let upstream = replying(|_, _| ok("")).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let target = "/p/a%2Fb;m=1/%7Euser?x=1&y=%20z&e=&flag&u=%C3%A9&s=a+b&q=%3F%26";
     client.exchange(&get(target)).await;
     assert_eq!(
@@ -1265,8 +1248,7 @@ async fn request_target_with_query_is_forwarded_byte_exact() {
 #[tokio::test]
 async fn absolute_form_request_target_is_forwarded_as_received() {
     let upstream = replying(|_, _| ok("abs")).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(
             b"GET http://example.test:8080/abs?q=1 HTTP/1.1\r\nHost: example.test:8080\r\n\r\n",
@@ -1287,8 +1269,7 @@ async fn obs_text_header_values_pass_byte_exact_both_ways() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Obs: r\xe9ponse \xff\r\n\r\n".to_vec()
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Obs: caf\xe9 \x80\xff\r\n\r\n")
         .await;
@@ -1319,8 +1300,7 @@ async fn ninety_headers_pass_both_ways_in_order() {
     response.extend(b"\r\n");
     request.extend(b"\r\n");
     let upstream = replying(move |_, _| response.clone()).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let answer = client.exchange(&request).await;
     let numbered = |head: &Head, prefix: &str| -> Vec<String> {
         head.headers
@@ -1350,8 +1330,7 @@ async fn a_32_kib_header_passes_both_ways() {
     let big = "v".repeat(32 * 1024);
     let response = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: {big}\r\n\r\n");
     let upstream = replying(move |_, _| response.clone().into_bytes()).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let answer = client
         .exchange(
             format!("GET / HTTP/1.1\r\nHost: example.test\r\nCookie: {big}\r\n\r\n").as_bytes(),
@@ -1368,8 +1347,7 @@ async fn a_32_kib_header_passes_both_ways() {
 #[tokio::test]
 async fn asterisk_form_options_is_forwarded_as_is() {
     let upstream = replying(|_, _| ok("")).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n")
         .await;
@@ -1383,8 +1361,7 @@ async fn asterisk_form_options_is_forwarded_as_is() {
 #[tokio::test]
 async fn http10_client_without_host_is_answered_and_its_connection_closed() {
     let upstream = replying(|_, _| ok("for 1.0")).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(b"GET /old HTTP/1.0\r\n\r\n").await;
     assert_eq!(response.head.status(), 200);
     assert_eq!(response.text(), "for 1.0");
@@ -1406,8 +1383,7 @@ async fn http10_client_without_host_is_answered_and_its_connection_closed() {
 #[tokio::test]
 async fn http10_client_asking_keep_alive_keeps_its_connection() {
     let upstream = replying(|_, request| ok(&target_of(request))).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     for path in ["/a", "/b"] {
         let response = client
             .exchange(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes())
@@ -1435,8 +1411,7 @@ async fn http10_client_close_delimited_upstream_body_is_close_delimited_too() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(!response.head.is_chunked());
     assert_eq!(response.text(), "until close");
@@ -1447,8 +1422,7 @@ async fn http10_client_close_delimited_upstream_body_is_close_delimited_too() {
 async fn http10_upstream_response_reaches_an_http11_client_as_http11() {
     let upstream =
         replying(|_, _| b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold".to_vec()).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(&get("/")).await;
     assert_eq!(response.text(), "old");
     assert_eq!(response.head.version(), "HTTP/1.1");
@@ -1470,8 +1444,7 @@ async fn http10_upstream_without_keep_alive_is_not_reused() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let first = client.exchange(&get("/1")).await;
     assert_eq!(first.head.status(), 200);
     assert_eq!(first.text(), "conn 0");
@@ -1496,8 +1469,7 @@ async fn four_mebibyte_content_length_response_is_byte_exact() {
         bytes
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(&get("/big")).await;
     assert_eq!(response.head.content_length(), Some(4 << 20));
     assert!(response.body == pattern(4 << 20), "the body differs");
@@ -1513,8 +1485,7 @@ async fn four_mebibyte_chunked_response_is_byte_exact() {
         bytes
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client.exchange(&get("/big")).await;
     assert!(response.body == pattern(4 << 20), "the body differs");
     assert_eq!(client.exchange(&get("/big")).await.body.len(), 4 << 20);
@@ -1550,8 +1521,7 @@ async fn client_leaving_mid_response_does_not_leak_the_half_read_upstream_connec
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, proxy) = client_of(&upstream).await;
     client.write(&get("/huge")).await;
     let head = client.read_head().await.expect("a response head");
     assert_eq!(head.content_length(), Some(16 << 20));
@@ -1586,8 +1556,7 @@ async fn bytes_after_a_content_length_body_never_reach_a_later_request() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, proxy) = client_of(&upstream).await;
     let first = client.exchange(&get("/1")).await;
     assert_eq!(first.text(), "hello");
     assert!(
@@ -1636,8 +1605,7 @@ async fn cut_short(response: &'static [u8]) -> (Head, Vec<u8>) {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     client.write(&get("/cut")).await;
     let head = client.read_head().await.expect("a response head");
     assert_eq!(head.status(), 200);
@@ -1674,8 +1642,7 @@ async fn truncated_chunked_body_is_not_passed_off_as_complete() {
 #[tokio::test]
 async fn conflicting_content_lengths_are_rejected_before_the_upstream() {
     let upstream = replying(|_, _| ok("should not happen")).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(b"POST / HTTP/1.1\r\nHost: example.test\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde")
         .await;
@@ -1690,8 +1657,7 @@ async fn conflicting_content_lengths_are_rejected_before_the_upstream() {
 #[tokio::test]
 async fn chunked_with_content_length_request_goes_on_chunked_and_closes_the_client() {
     let upstream = replying(|_, request| ok(&request.text())).await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let response = client
         .exchange(
             b"POST / HTTP/1.1\r\nHost: example.test\r\nContent-Length: 4\r\n\
@@ -1725,8 +1691,7 @@ async fn chunked_with_content_length_response_is_read_as_chunked() {
         }
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, proxy) = client_of(&upstream).await;
     let response = client.exchange(&get("/both")).await;
     if response.head.status() != 502 {
         assert_eq!(response.head.status(), 200);
@@ -1782,8 +1747,7 @@ async fn upgrade_becomes_a_byte_tunnel_both_ways() {
         conn.send(b" bye").await;
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     client
         .write(b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
         .await;
@@ -1816,8 +1780,7 @@ async fn connect_becomes_a_byte_tunnel() {
         conn.send(b" back").await;
     })
     .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     client
         .write(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
         .await;
@@ -1835,8 +1798,7 @@ async fn refused_upgrade_leaves_an_ordinary_http_connection() {
     let upstream =
         replying(|conn, request| ok(&format!("no upgrade for {} on {conn}", target_of(request))))
             .await;
-    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
-    let mut client = Wire::connect(proxy).await;
+    let (mut client, _) = client_of(&upstream).await;
     let refused = client
         .exchange(
             b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
