@@ -9,6 +9,9 @@ Knobs (environment):
   BENCH_PARTS=proxy,injector,init
   BENCH_LOADS=throughput,latency,newconn,h2   the proxy loads
   BENCH_REMORA_ARGS_X, BENCH_REMORA_BIN_X     flags / binary of a `remora@X` seat
+  BENCH_LAYOUT=flat    or `pod`: client, proxy seat and nginx each in a CPU cgroup weighted like
+                       a container with the CPU request in BENCH_POD_MILLICPU
+  BENCH_POD_MILLICPU=client=1000,proxy=100,server=1000   (proxy: the injector's default request)
   BENCH_BIN_DIR=target/release
   BENCH_RESULTS=results
   BENCH_TRACE_SCRIPT=scripts/bench/latency.bt, BENCH_TRACE_RAW=1   trace mode: script, raw copies
@@ -65,6 +68,25 @@ KNOWN_LOADS = ["throughput", "latency", "newconn", "h2"]
 LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split(",") if x]
 
 PREFIX = f"rmb{os.getpid()}"
+
+LAYOUT = os.environ.get("BENCH_LAYOUT", "flat")
+POD_ROLES = ("client", "proxy", "server")
+
+
+def pod_millicpu():
+    """BENCH_POD_MILLICPU as {role: millicores}; every role needs a positive figure."""
+    text = os.environ.get("BENCH_POD_MILLICPU", "client=1000,proxy=100,server=1000")
+    out = {}
+    for item in text.split(","):
+        role, _, value = item.partition("=")
+        if role not in POD_ROLES or not value.isdigit() or int(value) < 1:
+            sys.exit(f"BENCH_POD_MILLICPU: bad entry {item!r} (expected role=millicores, "
+                     f"roles {', '.join(POD_ROLES)}, e.g. client=1000,proxy=100,server=1000)")
+        out[role] = int(value)
+    missing = [r for r in POD_ROLES if r not in out]
+    if missing:
+        sys.exit(f"BENCH_POD_MILLICPU: no figure for {', '.join(missing)}")
+    return out
 
 
 def log(msg):
@@ -129,8 +151,78 @@ class Janitor:
                 pass
         for name in list(self.namespaces):
             self.delete_netns(name)
+        CGROUPS.cleanup()
 
 
+class CpuGroups:
+    """BENCH_LAYOUT=pod: the client, the proxy seat and nginx each run in their own CPU cgroup,
+    weighted the way the kubelet weights a container by its CPU request (cgroup v1 cpu.shares =
+    millicores * 1024 / 1000; v2 cpu.weight from those shares by the kubelet's formula). In a pod
+    the proxy is alone in its container's cgroup, so it competes with the app as one light group,
+    not as threads beside the app's: the flat layout (one cgroup for all) leaves that out."""
+
+    def __init__(self):
+        self.root, self.v2, self.dirs = None, False, {}
+
+    def setup(self):
+        if LAYOUT != "pod" or self.dirs:
+            return
+        unified = Path("/sys/fs/cgroup/cgroup.controllers")
+        if unified.exists():
+            if "cpu" not in unified.read_text().split():
+                raise BenchError("BENCH_LAYOUT=pod: the cgroup v2 root offers no cpu controller")
+            self.root, self.v2 = Path("/sys/fs/cgroup"), True
+            try:
+                (self.root / "cgroup.subtree_control").write_text("+cpu")
+            except OSError as e:
+                raise BenchError(f"BENCH_LAYOUT=pod: enabling the cpu controller: {e}") from e
+        elif Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+            self.root = Path("/sys/fs/cgroup/cpu")
+        else:
+            raise BenchError("BENCH_LAYOUT=pod needs a cpu cgroup controller (v2, or v1 mounted "
+                             "on /sys/fs/cgroup/cpu)")
+        for role, millicpu in pod_millicpu().items():
+            shares = max(2, millicpu * 1024 // 1000)
+            path = self.root / f"{PREFIX}-{role}"
+            path.mkdir()
+            self.dirs[role] = path
+            if self.v2:
+                (path / "cpu.weight").write_text(str(1 + (shares - 2) * 9999 // 262142))
+            else:
+                (path / "cpu.shares").write_text(str(shares))
+
+    def describe(self):
+        if LAYOUT != "pod":
+            return "flat (every process in the bench's own cgroup)"
+        knob = "cpu.weight" if self.v2 else "cpu.shares"
+        weights = ", ".join(f"{role} {(path / knob).read_text().strip()}"
+                            for role, path in self.dirs.items())
+        return (f"pod (one CPU cgroup each, {knob}: {weights}; from "
+                f"{', '.join(f'{r} {m}m' for r, m in pod_millicpu().items())})")
+
+    def wrap(self, role, argv):
+        """`argv` started inside `role`'s cgroup; the pid stays the same (sh execs in place)."""
+        path = self.dirs.get(role)
+        argv = [str(a) for a in argv]
+        if path is None:
+            return argv
+        return ["sh", "-c", f'echo $$ > {path}/cgroup.procs && exec "$@"', "sh"] + argv
+
+    def cleanup(self):
+        for path in list(self.dirs.values()):
+            try:
+                for pid in (path / "cgroup.procs").read_text().split():
+                    try:
+                        (self.root / "cgroup.procs").write_text(pid)
+                    except OSError:
+                        pass
+                path.rmdir()
+            except OSError as e:
+                log(f"could not remove cgroup {path}: {e}")
+        self.dirs = {}
+
+
+CGROUPS = CpuGroups()
 JANITOR = Janitor()
 
 
@@ -265,6 +357,7 @@ def parse_h2load(out):
 
 
 def make_pod():
+    CGROUPS.setup()
     pod, remote = JANITOR.netns(f"{PREFIX}-pod"), JANITOR.netns(f"{PREFIX}-remote")
     run(["ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
          "netns", remote])
@@ -287,7 +380,8 @@ def start_nginx(remote, work):
         .replace("@H1_PORT@", str(H1_PORT)).replace("@H2_PORT@", str(H2_PORT))
     path = work / "nginx.conf"
     path.write_text(conf)
-    proc = JANITOR.spawn(in_ns(remote, ["nginx", "-c", path, "-g", "daemon off;"]),
+    proc = JANITOR.spawn(CGROUPS.wrap("server", in_ns(remote, ["nginx", "-c", path, "-g",
+                                                               "daemon off;"])),
                          log_path=work / "nginx.log")
     if not wait_until(10, lambda: listening(remote, H1_PORT, REMOTE_V4)
                       and listening(remote, H2_PORT, REMOTE_V4)):
@@ -375,7 +469,7 @@ class Seat:
                 in_ns(self.pod, ["curl", "-sf", "-m", "1",
                                  f"http://127.0.0.1:{ADMIN_PORT}/ready"]), check=False
             ).returncode == 0
-        self.proc = JANITOR.spawn(in_ns(self.pod, argv, uid=PROXY_UID),
+        self.proc = JANITOR.spawn(CGROUPS.wrap("proxy", in_ns(self.pod, argv, uid=PROXY_UID)),
                                   log_path=self.work / f"{self.name}.log")
         if not wait_until(15, lambda: self.proc.poll() is not None or ready()) \
                 or self.proc.poll() is not None:
@@ -398,7 +492,7 @@ class Seat:
         return proc_cpu_seconds(self.proc.pid) if self.proc else None
 
     def client(self, argv):
-        return in_ns(self.pod, argv, uid=self.client_uid)
+        return CGROUPS.wrap("client", in_ns(self.pod, argv, uid=self.client_uid))
 
 
 def measure(seat, argv, parser, timeout):
@@ -817,15 +911,36 @@ def fold_stacks(script_text):
     return folded
 
 
+TCP_COUNTERS = ("Tcp:OutSegs", "Tcp:InSegs", "Tcp:RetransSegs", "TcpExt:DelayedACKs",
+                "TcpExt:TCPPureAcks", "TcpExt:TCPHPAcks", "TcpExt:TCPAutoCorking")
+
+
+def tcp_counters(ns):
+    """The namespace's TCP counters (`/proc/net/snmp` and `/proc/net/netstat`) by `Group:Name`."""
+    text = run(in_ns(ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"])).stdout
+    lines, counters = text.splitlines(), {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        group, *keys = names.split()
+        for key, value in zip(keys, values.split()[1:]):
+            counters[group + key] = int(value)
+    return counters
+
+
 def perf_stat(seat, name, work, argv, parser, s):
-    """Runs one load while `perf stat` counts the seat's process; counters per request."""
+    """Runs one load while `perf stat` counts the seat's process; counters per request, and the
+    pod namespace's TCP segment counters per request."""
     events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
     log_path = work / f"{name}.stat"
+    before = tcp_counters(seat.pod)
     stat = JANITOR.spawn(["perf", "stat", "-x", ",", "-e", events, "-p", str(seat.proc.pid),
                           "--", "sleep", str(s)], log_path=log_path)
     out = parser(run(seat.client(argv), timeout=s + 30).stdout)
     stat.wait(timeout=30)
+    after = tcp_counters(seat.pod)
     counters = {}
+    for key in TCP_COUNTERS:
+        if key in after:
+            counters[f"pod {key}"] = after[key] - before.get(key, 0)
     for line in log_path.read_text().splitlines():
         f = line.split(",")
         if len(f) > 3 and f[0].replace(".", "").isdigit():
@@ -913,6 +1028,7 @@ def profile():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
+        report[0] += f", CPU layout {CGROUPS.describe()}"
         for name in seats:
             seat = Seat(name, pod, work)
             seat.start()
@@ -1069,7 +1185,8 @@ def render_markdown(report, head, rows):
     md = [f"# remora bench, {report['started']}", "",
           f"commit {report['commit']}, {report['rounds']} rounds x {report['seconds']} s per load, "
           f"{os.cpu_count()} CPUs, rules: {report.get('rules', 'n/a')}. Medians over rounds; "
-          "each load runs through every seat in turn (a fresh proxy process each), seats rotated each round.", ""]
+          "each load runs through every seat in turn (a fresh proxy process each), seats rotated each round. "
+          f"CPU layout: {report.get('layout', 'n/a')}.", ""]
     if rows:
         md += ["## Proxy seat", "",
                "Client in the pod namespace, nginx (small response) in the remote namespace. "
@@ -1138,12 +1255,16 @@ def main():
     if os.geteuid() != 0:
         sys.exit("make bench needs root (network namespaces, iptables)")
     bad = [s for s in SEATS if not seat_known(s)] + [p for p in PARTS if p not in KNOWN_PARTS] \
-        + [x for x in LOADS if x not in KNOWN_LOADS]
+        + [x for x in LOADS if x not in KNOWN_LOADS] \
+        + ([LAYOUT] if LAYOUT not in ("flat", "pod") else [])
     if bad or ROUNDS < 1 or SECONDS < 1:
-        sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_ROUNDS/BENCH_SECONDS: {bad or ''} "
-                 f"(seats: {','.join(SEAT_NAMES)}, remora@LABEL with BENCH_REMORA_ARGS_LABEL "
-                 f"and/or BENCH_REMORA_BIN_LABEL; parts: {','.join(sorted(KNOWN_PARTS))}; "
-                 f"loads: {','.join(KNOWN_LOADS)}; rounds and seconds: positive integers)")
+        sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_LAYOUT/BENCH_ROUNDS/BENCH_SECONDS: "
+                 f"{bad or ''} (seats: {','.join(SEAT_NAMES)}, remora@LABEL with "
+                 f"BENCH_REMORA_ARGS_LABEL and/or BENCH_REMORA_BIN_LABEL; parts: "
+                 f"{','.join(sorted(KNOWN_PARTS))}; loads: {','.join(KNOWN_LOADS)}; layout: flat, "
+                 f"pod; rounds and seconds: positive integers)")
+    if LAYOUT == "pod":
+        pod_millicpu()  # exits on a bad BENCH_POD_MILLICPU before anything starts
     for tool in ("ip", "setpriv", "nsenter", "curl", "ss", "iptables-restore", "haproxy",
                  "nginx", "wrk", "oha", "h2load", "openssl"):
         if not shutil.which(tool):
@@ -1162,6 +1283,7 @@ def main():
             pod, remote = make_pod()
             nginx = start_nginx(remote, work)
             report["rules"] = apply_rules(pod)
+            report["layout"] = CGROUPS.describe()
             rounds = []
             for r in range(ROUNDS):
                 order = SEATS[r % len(SEATS):] + SEATS[:r % len(SEATS)]
