@@ -165,6 +165,8 @@ class CpuGroups:
         self.root, self.v2, self.dirs = None, False, {}
 
     def setup(self):
+        if LAYOUT not in ("flat", "pod"):
+            raise BenchError(f"BENCH_LAYOUT={LAYOUT!r}: expected flat or pod")
         if LAYOUT != "pod" or self.dirs:
             return
         unified = Path("/sys/fs/cgroup/cgroup.controllers")
@@ -1391,5 +1393,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("\ninterrupted: stopping what was started and deleting the namespaces", file=sys.stderr)
         sys.exit(130)
+    except BenchError as e:
+        sys.exit(f"bench: {e}")
     finally:
         JANITOR.cleanup()
