@@ -36,10 +36,18 @@ pub fn can_run() -> bool {
 }
 
 /// The path of one of the workspace's binaries, built by `cargo build` before the tests run
-/// (`make test` does). `REMORA_BIN_DIR` overrides the directory, e.g. for a release build.
+/// (`make test` does). They sit in the profile directory above the test executable's `deps/`,
+/// wherever the target directory is (`CARGO_TARGET_DIR`); `REMORA_BIN_DIR` overrides it, e.g.
+/// for a release build.
 pub fn bin(name: &str) -> PathBuf {
+    let beside_tests = || {
+        let exe = std::env::current_exe().ok()?;
+        let deps = exe.parent()?;
+        (deps.file_name()? == "deps").then(|| deps.parent().map(PathBuf::from))?
+    };
     let dir = std::env::var_os("REMORA_BIN_DIR")
         .map(PathBuf::from)
+        .or_else(beside_tests)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     let path = dir.join(name);
     assert!(
