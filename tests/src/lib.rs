@@ -42,8 +42,8 @@ pub fn can_run() -> bool {
 pub fn bin(name: &str) -> PathBuf {
     let beside_tests = || {
         let exe = std::env::current_exe().ok()?;
-        let deps = exe.parent()?;
-        (deps.file_name()? == "deps").then(|| deps.parent().map(PathBuf::from))?
+        let deps = exe.parent().filter(|dir| dir.ends_with("deps"))?;
+        deps.parent().map(PathBuf::from)
     };
     let dir = std::env::var_os("REMORA_BIN_DIR")
         .map(PathBuf::from)
