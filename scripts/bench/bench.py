@@ -69,6 +69,7 @@ LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split("
 
 PREFIX = f"rmb{os.getpid()}"
 
+LAYOUTS = ("flat", "pod")
 LAYOUT = os.environ.get("BENCH_LAYOUT", "flat")
 POD_ROLES = ("client", "proxy", "server")
 
@@ -162,11 +163,11 @@ class CpuGroups:
     not as threads beside the app's: the flat layout (one cgroup for all) leaves that out."""
 
     def __init__(self):
-        self.root, self.v2, self.dirs = None, False, {}
+        self.root, self.v2, self.dirs, self.millicpu = None, False, {}, {}
 
     def setup(self):
-        if LAYOUT not in ("flat", "pod"):
-            raise BenchError(f"BENCH_LAYOUT={LAYOUT!r}: expected flat or pod")
+        if LAYOUT not in LAYOUTS:
+            raise BenchError(f"BENCH_LAYOUT={LAYOUT!r}: expected {' or '.join(LAYOUTS)}")
         if LAYOUT != "pod" or self.dirs:
             return
         unified = Path("/sys/fs/cgroup/cgroup.controllers")
@@ -183,7 +184,8 @@ class CpuGroups:
         else:
             raise BenchError("BENCH_LAYOUT=pod needs a cpu cgroup controller (v2, or v1 mounted "
                              "on /sys/fs/cgroup/cpu)")
-        for role, millicpu in pod_millicpu().items():
+        self.millicpu = pod_millicpu()
+        for role, millicpu in self.millicpu.items():
             shares = max(2, millicpu * 1024 // 1000)
             path = self.root / f"{PREFIX}-{role}"
             path.mkdir()
@@ -200,7 +202,7 @@ class CpuGroups:
         weights = ", ".join(f"{role} {(path / knob).read_text().strip()}"
                             for role, path in self.dirs.items())
         return (f"pod (one CPU cgroup each, {knob}: {weights}; from "
-                f"{', '.join(f'{r} {m}m' for r, m in pod_millicpu().items())})")
+                f"{', '.join(f'{r} {m}m' for r, m in self.millicpu.items())})")
 
     def wrap(self, role, argv):
         """`argv` started inside `role`'s cgroup; the pid stays the same (sh execs in place)."""
@@ -1258,13 +1260,13 @@ def main():
         sys.exit("make bench needs root (network namespaces, iptables)")
     bad = [s for s in SEATS if not seat_known(s)] + [p for p in PARTS if p not in KNOWN_PARTS] \
         + [x for x in LOADS if x not in KNOWN_LOADS] \
-        + ([LAYOUT] if LAYOUT not in ("flat", "pod") else [])
+        + ([LAYOUT] if LAYOUT not in LAYOUTS else [])
     if bad or ROUNDS < 1 or SECONDS < 1:
         sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_LAYOUT/BENCH_ROUNDS/BENCH_SECONDS: "
                  f"{bad or ''} (seats: {','.join(SEAT_NAMES)}, remora@LABEL with "
                  f"BENCH_REMORA_ARGS_LABEL and/or BENCH_REMORA_BIN_LABEL; parts: "
-                 f"{','.join(sorted(KNOWN_PARTS))}; loads: {','.join(KNOWN_LOADS)}; layout: flat, "
-                 f"pod; rounds and seconds: positive integers)")
+                 f"{','.join(sorted(KNOWN_PARTS))}; loads: {','.join(KNOWN_LOADS)}; layout: "
+                 f"{', '.join(LAYOUTS)}; rounds and seconds: positive integers)")
     if LAYOUT == "pod":
         pod_millicpu()  # exits on a bad BENCH_POD_MILLICPU before anything starts
     for tool in ("ip", "setpriv", "nsenter", "curl", "ss", "iptables-restore", "haproxy",
