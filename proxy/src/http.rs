@@ -100,10 +100,22 @@ pub async fn sweep_pool_forever() {
 enum Failure {
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
-    #[error("{0}")]
+    #[error("{}", with_causes(.0))]
     Upstream(hyper::Error),
     #[error("{0}")]
     Http1(h1::Error),
+}
+
+/// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 /// One client connection's destination, shared by its requests.

@@ -18,7 +18,7 @@ use crate::metrics::{Direction, Metrics};
 /// The longest any single step may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(5);
 
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+pub(crate) async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, future).await {
         Ok(value) => value,
         Err(_) => panic!("{what}: nothing happened within {WAIT:?}"),
@@ -26,7 +26,7 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 /// A proxy of its own per test, so metrics start at zero.
-fn new_proxy() -> &'static Proxy {
+pub(crate) fn new_proxy() -> &'static Proxy {
     Box::leak(Box::new(Proxy {
         connect_timeout: Duration::from_secs(2),
         opaque_ports: Default::default(),
@@ -465,7 +465,7 @@ fn target_of(request: &Message) -> String {
 }
 
 /// `n` bytes that are not periodic at any power of two, so a dropped or repeated block shows.
-fn pattern(n: usize) -> Vec<u8> {
+pub(crate) fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
@@ -492,7 +492,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
-fn metric(proxy: &Proxy, line_prefix: &str) -> Option<u64> {
+pub(crate) fn metric(proxy: &Proxy, line_prefix: &str) -> Option<u64> {
     proxy
         .metrics
         .encode()

@@ -11,6 +11,8 @@ mod drain;
 mod h1;
 mod http;
 #[cfg(test)]
+mod http2_tests;
+#[cfg(test)]
 mod http_tests;
 mod listen;
 mod metrics;

@@ -1,0 +1,391 @@
+//! Conformance tests of the HTTP/2 path: hyper's HTTP/2 client and server, real sockets, on
+//! either side of `serve_h2`. What they pin: streams of one client connection share one upstream
+//! connection, bodies and trailers pass byte exact in both directions under flow control, and an
+//! unreachable, closing or resetting upstream costs only the streams it has to.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::http2 as client_h2;
+use hyper::server::conn::http2 as server_h2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::http::serve_h2;
+use crate::http_tests::{metric, new_proxy, pattern, within};
+use crate::listen::{Context, Proxy};
+use crate::metrics::Direction;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A body of `data` followed by `trailers`.
+fn with_trailers(data: Vec<u8>, trailers: HeaderMap) -> Body {
+    StreamBody::new(stream::iter([
+        Ok::<_, BoxError>(Frame::data(Bytes::from(data))),
+        Ok(Frame::trailers(trailers)),
+    ]))
+    .boxed()
+}
+
+/// An HTTP/2 upstream: every stream of every connection is answered by `handle`.
+struct Upstream {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+}
+
+async fn upstream<F, Fut>(
+    configure: fn(&mut server_h2::Builder<TokioExecutor>),
+    handle: F,
+) -> Upstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    let handle: Handler = Arc::new(move |request| Box::pin(handle(request)));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let handle = handle.clone();
+            let service = service_fn(move |request| {
+                let answer = handle(request);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let mut builder = server_h2::Builder::new(TokioExecutor::new());
+            builder.max_header_list_size(1 << 20);
+            configure(&mut builder);
+            tokio::spawn(async move {
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, accepts }
+}
+
+fn defaults(_: &mut server_h2::Builder<TokioExecutor>) {}
+
+/// A loopback listener whose every connection `serve_h2` forwards to `target`.
+async fn start_proxy(target: SocketAddr) -> (SocketAddr, &'static Proxy) {
+    let proxy = new_proxy();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_h2(
+                stream,
+                target,
+                Context::new(proxy, Direction::Outbound),
+            ));
+        }
+    });
+    (addr, proxy)
+}
+
+/// One prior-knowledge HTTP/2 client connection to `addr`.
+async fn client(addr: SocketAddr) -> client_h2::SendRequest<Body> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    // Lenient, as the test upstream is: the limits under test are the proxy's.
+    let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(1 << 20)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn client_of(upstream: &Upstream) -> (client_h2::SendRequest<Body>, &'static Proxy) {
+    let (addr, proxy) = start_proxy(upstream.addr).await;
+    (client(addr).await, proxy)
+}
+
+fn request(method: Method, path: &str, body: Body) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(format!("http://example.test{path}"))
+        .body(body)
+        .unwrap()
+}
+
+/// Sends `request` and reads the whole answer: status, headers, body and trailers.
+async fn exchange(
+    sender: &mut client_h2::SendRequest<Body>,
+    request: Request<Body>,
+) -> (StatusCode, HeaderMap, Vec<u8>, Option<HeaderMap>) {
+    let response = within("the response head", sender.send_request(request))
+        .await
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let collected = within("the response body", body.collect())
+        .await
+        .expect("a complete body");
+    let trailers = collected.trailers().cloned();
+    (
+        parts.status,
+        parts.headers,
+        collected.to_bytes().to_vec(),
+        trailers,
+    )
+}
+
+/// An upstream that answers each request with its method, path and `:authority`.
+async fn describing() -> Upstream {
+    upstream(defaults, |request: Request<Incoming>| async move {
+        let authority = request.uri().authority().map(|a| a.to_string());
+        let host = request.headers().get(header::HOST).cloned();
+        Response::new(full(format!(
+            "{} {} authority={authority:?} host={host:?}",
+            request.method(),
+            request.uri().path()
+        )))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn concurrent_streams_share_one_upstream_connection() {
+    let upstream = describing().await;
+    let (sender, proxy) = client_of(&upstream).await;
+    let requests = (0..20).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let path = format!("/stream/{i}");
+            let (status, _, body, _) =
+                exchange(&mut sender, request(Method::GET, &path, empty())).await;
+            (status, String::from_utf8(body).unwrap(), path)
+        }
+    });
+    for (status, body, path) in futures_util::future::join_all(requests).await {
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with(&format!("GET {path} ")), "{body}");
+    }
+    assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        Some(20)
+    );
+}
+
+#[tokio::test]
+async fn authority_reaches_the_upstream_as_authority() {
+    let upstream = describing().await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/a", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "GET /a authority=Some(\"example.test\") host=None"
+    );
+}
+
+#[tokio::test]
+async fn four_mebibyte_bodies_pass_byte_exact_both_ways() {
+    // The upstream echoes the request body: 4 MiB each way is far past every default window.
+    let upstream = upstream(defaults, |request: Request<Incoming>| async move {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(body))
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let sent = pattern(4 << 20);
+    let (status, _, body, _) = exchange(
+        &mut sender,
+        request(Method::POST, "/echo", full(sent.clone())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), sent.len());
+    assert!(body == sent, "the echoed body differs from the one sent");
+}
+
+#[tokio::test]
+async fn request_and_response_trailers_pass() {
+    // gRPC's shape: a body and trailers each way, the status in the response trailers.
+    let upstream = upstream(defaults, |request: Request<Incoming>| async move {
+        let collected = request.into_body().collect().await.unwrap();
+        let checksum = collected
+            .trailers()
+            .and_then(|trailers| trailers.get("x-checksum").cloned())
+            .unwrap_or_else(|| HeaderValue::from_static("missing"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("x-seen-checksum", checksum);
+        let mut response = Response::new(with_trailers(collected.to_bytes().to_vec(), trailers));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        response
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("abc123"));
+    let mut sent = request(
+        Method::POST,
+        "/pkg.Service/Call",
+        with_trailers(b"\0\0\0\0\x05hello".to_vec(), trailers),
+    );
+    sent.headers_mut()
+        .insert(header::TE, HeaderValue::from_static("trailers"));
+    let (status, headers, body, trailers) = exchange(&mut sender, sent).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+    assert_eq!(body, b"\0\0\0\0\x05hello");
+    let trailers = trailers.expect("response trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-seen-checksum"], "abc123");
+}
+
+#[tokio::test]
+async fn refused_destination_is_a_502_naming_it_and_the_connection_stays_usable() {
+    // A port that was just free: nothing listens on it.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = closed.local_addr().unwrap();
+    drop(closed);
+    let (addr, proxy) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    for _ in 0..2 {
+        let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains(&target.to_string()), "{body}");
+    }
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_connect_errors_total{direction=\"outbound\"}"
+        ),
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn upstream_closing_its_connection_between_requests_is_not_a_502() {
+    // Each upstream connection serves one request, then the server shuts it down gracefully
+    // (GOAWAY) as a restarting server does.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let index = counter.fetch_add(1, Ordering::SeqCst);
+            let (done, served) = tokio::sync::oneshot::channel::<()>();
+            let done = std::sync::Mutex::new(Some(done));
+            let service = service_fn(move |_request: Request<Incoming>| {
+                if let Some(done) = done.lock().unwrap().take() {
+                    let _ = done.send(());
+                }
+                async move { Ok::<_, Infallible>(Response::new(full(format!("conn {index}")))) }
+            });
+            tokio::spawn(async move {
+                let connection = server_h2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = served => {}
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        }
+    });
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    for expected in ["conn 0", "conn 1", "conn 2"] {
+        let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, expected.as_bytes());
+        // Let the GOAWAY and the close reach the proxy before the next request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_upstream_reset_fails_only_its_own_stream() {
+    // `/early` is reset before its head goes out; `/late` after its head and part of its body.
+    let upstream = upstream(defaults, |request: Request<Incoming>| async move {
+        let late = match request.uri().path() {
+            "/early" => false,
+            "/late" => true,
+            _ => return Response::new(full("fine")),
+        };
+        // Early: the error follows the data in the same poll, so the upstream drops the queued
+        // head and data and sends only the reset. Late: the head and data go out first.
+        let failing = stream::unfold(0, move |step| async move {
+            match step {
+                0 => Some((Ok(Frame::data(Bytes::from_static(b"partial"))), 1)),
+                1 => {
+                    if late {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Some((Err(BoxError::from("upstream gave up")), 2))
+                }
+                _ => None,
+            }
+        });
+        Response::new(StreamBody::new(failing).boxed())
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/early", empty())).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("internal error"), "{body}");
+
+    let response = within(
+        "the late reset's head",
+        sender.send_request(request(Method::GET, "/late", empty())),
+    )
+    .await
+    .expect("the head, sent before the reset");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = within("the late reset's body", response.into_body().collect()).await;
+    assert!(
+        body.is_err(),
+        "a stream cut short reached the client as a complete body"
+    );
+
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/ok", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"fine");
+    assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+}
