@@ -13,8 +13,9 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
@@ -116,6 +117,21 @@ fn with_causes(error: &dyn std::error::Error) -> String {
         cause = error.source();
     }
     text
+}
+
+/// Whether the upstream refused the stream (RFC 9113 §8.7: `REFUSED_STREAM` means it processed
+/// none of the request, so sending it again is safe, whatever its method).
+fn refused(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// One client connection's destination, shared by its requests.
@@ -371,12 +387,47 @@ impl Drop for Http1Upstream {
     }
 }
 
+/// How many times one HTTP/2 request is sent again after a refused stream.
+const MAX_REFUSALS: u32 = 2;
+
+/// A request body sent upstream over HTTP/2: the client's, or none when a bodyless request goes
+/// again.
+type H2Body = Either<Incoming, Empty<Bytes>>;
+
+/// The head of a bodyless HTTP/2 request, kept to send it again.
+struct Resend {
+    method: Method,
+    uri: http::Uri,
+    version: Version,
+    headers: header::HeaderMap,
+}
+
+impl Resend {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn request(&self) -> Request<H2Body> {
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
 struct H2Upstream {
     route: Route,
     /// Held across the dial so that a burst of first streams opens one connection, not many;
     /// afterwards each stream holds it only to clone the handle.
-    current: tokio::sync::Mutex<Option<client_h2::SendRequest<Incoming>>>,
+    current: tokio::sync::Mutex<Option<client_h2::SendRequest<H2Body>>>,
 }
 
 impl H2Upstream {
@@ -391,18 +442,38 @@ impl H2Upstream {
         )
     }
 
-    async fn send(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+        let (mut parts, body) = request.into_parts();
+        if parts.uri.authority().is_none() {
+            // RFC 9113 §8.3.1: a request may carry `Host` instead of `:authority` (one translated
+            // from HTTP/1.1 does). hyper's client sends such a request as it came (`:scheme`
+            // http, no `:authority`, `Host` as a field) when its version says HTTP/1.1; as
+            // HTTP/2 it would refuse it for want of an authority.
+            parts.version = Version::HTTP_11;
+        }
+        // A bodyless request can go again if the upstream refuses its stream (a server may lower
+        // its stream limit, or refuse streams when it is busy).
+        let resend = body.is_end_stream().then(|| Resend::of(&parts));
+        let mut request = Request::from_parts(parts, Either::Left(body));
         let (mut sender, mut fresh) = self.sender(false).await?;
+        let mut refusals = 0;
         loop {
-            match sender.try_send_request(request).await {
+            let mut error = match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !fresh => {
-                        request = unsent;
-                        (sender, fresh) = self.sender(true).await?;
-                    }
-                    _ => return Err(Failure::Upstream(error.into_error())),
-                },
+                Err(error) => error,
+            };
+            match (error.take_message(), &resend) {
+                (Some(unsent), _) if !fresh => {
+                    request = unsent;
+                    (sender, fresh) = self.sender(true).await?;
+                }
+                (None, Some(resend)) if refusals < MAX_REFUSALS && refused(error.error()) => {
+                    refusals += 1;
+                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, "upstream refused the stream; sending the request again");
+                    request = resend.request();
+                    (sender, fresh) = self.sender(false).await?;
+                }
+                _ => return Err(Failure::Upstream(error.into_error())),
             }
         }
     }
@@ -411,7 +482,7 @@ impl H2Upstream {
     async fn sender(
         &self,
         replace: bool,
-    ) -> Result<(client_h2::SendRequest<Incoming>, bool), Failure> {
+    ) -> Result<(client_h2::SendRequest<H2Body>, bool), Failure> {
         let mut current = self.current.lock().await;
         if let Some(sender) = current.as_ref() {
             if !replace && sender.is_ready() {
@@ -421,6 +492,10 @@ impl H2Upstream {
         let io = TokioIo::new(self.route.dial().await?);
         let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // One stream until the server's SETTINGS say how many it takes at once (they are the
+            // first thing it sends). hyper would assume 100, and a server with a lower limit
+            // refuses the rest of a first burst; a refused request with a body cannot go again.
+            .initial_max_send_streams(1)
             .handshake(io)
             .await
             .map_err(Failure::Upstream)?;

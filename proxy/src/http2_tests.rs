@@ -1,6 +1,8 @@
 //! Conformance tests of the HTTP/2 path: hyper's HTTP/2 client and server, real sockets, on
 //! either side of `serve_h2`. What they pin: streams of one client connection share one upstream
-//! connection, bodies and trailers pass byte exact in both directions under flow control, and an
+//! connection, bodies and trailers pass byte exact in both directions under flow control, a
+//! request with `Host` instead of `:authority` passes as it came, an upstream's stream limit
+//! queues streams instead of failing them, a refused stream goes again when it can, and an
 //! unreachable, closing or resetting upstream costs only the streams it has to.
 
 use std::convert::Infallible;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -212,6 +214,30 @@ async fn authority_reaches_the_upstream_as_authority() {
     );
 }
 
+/// RFC 9113 §8.3.1 lets a request carry `Host` instead of `:authority` (an intermediary that
+/// translated it from HTTP/1.1 does so). It must still reach the upstream, `Host` intact.
+#[tokio::test]
+async fn request_with_host_instead_of_authority_is_forwarded() {
+    let upstream = describing().await;
+    let (mut sender, _) = client_of(&upstream).await;
+    // hyper's client leaves out `:authority` (and sends `Host` as a field) for a request whose
+    // URI has only a path and whose version says it was translated from HTTP/1.1.
+    let request = Request::builder()
+        .version(Version::HTTP_11)
+        .uri("/translated?q=1")
+        .header(header::HOST, "legacy.test:8080")
+        .body(empty())
+        .unwrap();
+    let (status, _, body, _) = exchange(&mut sender, request).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("GET /translated "), "{body}");
+    assert!(
+        body.contains("\"legacy.test:8080\""),
+        "the upstream saw neither the authority nor the Host: {body}"
+    );
+}
+
 #[tokio::test]
 async fn four_mebibyte_bodies_pass_byte_exact_both_ways() {
     // The upstream echoes the request body: 4 MiB each way is far past every default window.
@@ -269,6 +295,106 @@ async fn request_and_response_trailers_pass() {
     let trailers = trailers.expect("response trailers");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-seen-checksum"], "abc123");
+}
+
+#[tokio::test]
+async fn upstream_stream_limit_queues_streams_instead_of_failing_them() {
+    // A burst of streams on a new upstream connection to a server that takes one at a time:
+    // none may be refused, those with a body (which could not go again) included.
+    let upstream = upstream(
+        |builder| {
+            builder.max_concurrent_streams(1);
+        },
+        |request: Request<Incoming>| async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Response::new(full(body))
+        },
+    )
+    .await;
+    let (sender, _) = client_of(&upstream).await;
+    let requests = (0..8).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let (method, sent) = match i % 2 {
+                0 => (Method::GET, String::new()),
+                _ => (Method::POST, format!("upload {i}")),
+            };
+            let (status, _, body, _) =
+                exchange(&mut sender, request(method, "/", full(sent.clone()))).await;
+            let body = String::from_utf8(body).unwrap();
+            assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+            assert_eq!(body, sent);
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+}
+
+/// An upstream (the h2 crate's server, which can refuse a stream) that refuses the first
+/// `refusals` streams with `REFUSED_STREAM`, answers the rest with `answered`, and counts them.
+async fn refusing(refusals: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let counter = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    if counter.fetch_add(1, Ordering::SeqCst) < refusals {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let mut body = respond.send_response(Response::new(()), false).unwrap();
+                    body.send_data(Bytes::from_static(b"answered"), true)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+#[tokio::test]
+async fn a_refused_request_without_a_body_goes_again_at_most_twice() {
+    let (target, streams) = refusing(2).await;
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"answered");
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+
+    let (target, streams) = refusing(3).await;
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("refused"), "{body}");
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_refused_request_with_a_body_is_a_502_naming_the_refusal() {
+    // Its body went out as it streamed in, so there is nothing left to send again.
+    let (target, streams) = refusing(1).await;
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) =
+        exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("refused"), "{body}");
+    assert_eq!(streams.load(Ordering::SeqCst), 1);
+    // The connection is fine: the next request is answered.
+    let (status, _, body, _) =
+        exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"answered");
 }
 
 #[tokio::test]
