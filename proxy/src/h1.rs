@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 /// Headers accepted in one response head or trailer section (hyper's own limit).
 const MAX_HEADERS: usize = 100;
 /// The largest response head or trailer section.
-const MAX_HEAD: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 64 * 1024;
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// What a read asks the socket for at least, and at most.

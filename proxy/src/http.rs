@@ -247,6 +247,7 @@ pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut connection = pin!(server_h2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
         .serve_connection(io, service));
     let mut drain = cx.proxy.drain.watch();
     let result = tokio::select! {
@@ -387,6 +388,11 @@ impl Drop for Http1Upstream {
     }
 }
 
+/// The largest header (or trailer) section taken over HTTP/2 from either side, as SETTINGS tell
+/// the peer: the HTTP/1 path's limit, not the 16 KiB hyper defaults to, so a request with a large
+/// cookie is not a 431 over one protocol only.
+const MAX_H2_HEADER_LIST: u32 = h1::MAX_HEAD as u32;
+
 /// How many times one HTTP/2 request is sent again after a refused stream.
 const MAX_REFUSALS: u32 = 2;
 
@@ -492,6 +498,7 @@ impl H2Upstream {
         let io = TokioIo::new(self.route.dial().await?);
         let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(MAX_H2_HEADER_LIST)
             // One stream until the server's SETTINGS say how many it takes at once (they are the
             // first thing it sends). hyper would assume 100, and a server with a lower limit
             // refuses the rest of a first burst; a refused request with a body cannot go again.

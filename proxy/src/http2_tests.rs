@@ -3,7 +3,8 @@
 //! connection, bodies and trailers pass byte exact in both directions under flow control, a
 //! request with `Host` instead of `:authority` passes as it came, an upstream's stream limit
 //! queues streams instead of failing them, a refused stream goes again when it can, and an
-//! unreachable, closing or resetting upstream costs only the streams it has to.
+//! unreachable, closing or resetting upstream costs only the streams it has to. Header sections
+//! may be as large as over HTTP/1.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -514,4 +515,25 @@ async fn an_upstream_reset_fails_only_its_own_stream() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"fine");
     assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_32_kib_header_passes_both_ways() {
+    // The HTTP/1 path takes heads up to 64 KiB; HTTP/2's default header list limit is 16 KiB.
+    let value = "v".repeat(32 * 1024);
+    let upstream = upstream(defaults, |request: Request<Incoming>| async move {
+        let mut response = Response::new(empty());
+        if let Some(big) = request.headers().get("x-big") {
+            response.headers_mut().insert("x-big-echo", big.clone());
+        }
+        response
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let mut sent = request(Method::GET, "/big", empty());
+    sent.headers_mut()
+        .insert("x-big", HeaderValue::from_str(&value).unwrap());
+    let (status, headers, _, _) = exchange(&mut sender, sent).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-big-echo"], value.as_str());
 }
