@@ -24,6 +24,7 @@ use hyper::client::conn::http2 as client_h2;
 use hyper::server::conn::http2 as server_h2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::http::serve_h2;
@@ -536,4 +537,100 @@ async fn a_32_kib_header_passes_both_ways() {
     let (status, headers, _, _) = exchange(&mut sender, sent).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-big-echo"], value.as_str());
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_speak_http2_is_a_502() {
+    // An HTTP/1-only server answers the connection preface with a 400 and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    for _ in 0..2 {
+        let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert!(body.contains(&target.to_string()), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_a_stream_cancels_it_upstream_too() {
+    // `/endless` streams 64 KiB chunks until it is cancelled, and says when it was dropped.
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let notify = dropped.clone();
+    let upstream = upstream(defaults, move |request: Request<Incoming>| {
+        let notify = notify.clone();
+        async move {
+            if request.uri().path() != "/endless" {
+                return Response::new(full("fine"));
+            }
+            struct Dropped(Arc<tokio::sync::Notify>);
+            impl Drop for Dropped {
+                fn drop(&mut self) {
+                    self.0.notify_one();
+                }
+            }
+            let guard = Dropped(notify);
+            let chunks = stream::unfold(guard, |guard| async move {
+                tokio::task::yield_now().await;
+                Some((Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))), guard))
+            });
+            Response::new(StreamBody::new(chunks).boxed())
+        }
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let response = within(
+        "the endless head",
+        sender.send_request(request(Method::GET, "/endless", empty())),
+    )
+    .await
+    .unwrap();
+    let mut body = response.into_body();
+    let first = within("the first chunk", body.frame()).await;
+    assert!(matches!(first, Some(Ok(frame)) if frame.is_data()));
+    drop(body);
+    within("the upstream stream's cancel", dropped.notified()).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/ok", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"fine");
+    assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_drain_lets_open_streams_finish_then_closes_the_connection() {
+    let upstream = upstream(defaults, |_request: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Response::new(full("finished"))
+    })
+    .await;
+    let (mut sender, proxy) = client_of(&upstream).await;
+    let open = tokio::spawn({
+        let mut sender = sender.clone();
+        async move { exchange(&mut sender, request(Method::GET, "/slow", empty())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.drain.start();
+    let (status, _, body, _) = within("the open stream", open).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"finished");
+    // After the GOAWAY the client may open no more streams on this connection.
+    let next = within(
+        "the answer to a stream after the drain",
+        sender.send_request(request(Method::GET, "/late", empty())),
+    )
+    .await;
+    assert!(next.is_err(), "a stream opened after the drain was served");
 }
