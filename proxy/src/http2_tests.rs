@@ -634,3 +634,26 @@ async fn a_drain_lets_open_streams_finish_then_closes_the_connection() {
     .await;
     assert!(next.is_err(), "a stream opened after the drain was served");
 }
+
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_reaches_the_client() {
+    // The upstream answers 413 without reading the body (RFC 9113 §8.1 lets a server answer
+    // early and reset the rest with NO_ERROR); the client streams 8 MiB, more than any window.
+    let upstream = upstream(defaults, |_request: Request<Incoming>| async move {
+        let mut response = Response::new(full("too large"));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let chunks = stream::iter(
+        (0..128).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'u'; 64 * 1024])))),
+    );
+    let upload = request(Method::POST, "/upload", StreamBody::new(chunks).boxed());
+    let (status, _, body, _) = exchange(&mut sender, upload).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body, b"too large");
+    let (status, _, _, _) = exchange(&mut sender, request(Method::GET, "/next", empty())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
+}
