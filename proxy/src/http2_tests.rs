@@ -264,6 +264,8 @@ async fn four_mebibyte_bodies_pass_byte_exact_both_ways() {
 async fn request_and_response_trailers_pass() {
     // gRPC's shape: a body and trailers each way, the status in the response trailers.
     let upstream = upstream(defaults, |request: Request<Incoming>| async move {
+        // gRPC servers refuse a call without `te: trailers`.
+        let te = request.headers().get(header::TE).cloned();
         let collected = request.into_body().collect().await.unwrap();
         let checksum = collected
             .trailers()
@@ -272,6 +274,9 @@ async fn request_and_response_trailers_pass() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         trailers.insert("x-seen-checksum", checksum);
+        if let Some(te) = te {
+            trailers.insert("x-seen-te", te);
+        }
         let mut response = Response::new(with_trailers(collected.to_bytes().to_vec(), trailers));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -297,6 +302,38 @@ async fn request_and_response_trailers_pass() {
     let trailers = trailers.expect("response trailers");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-seen-checksum"], "abc123");
+    assert_eq!(
+        trailers.get("x-seen-te").map(|te| te.as_bytes()),
+        Some(&b"trailers"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_trailers_only_response_passes() {
+    // gRPC answers a failed call with one HEADERS frame that ends the stream and carries the
+    // status: no body, no separate trailers.
+    let upstream = upstream(defaults, |_request: Request<Incoming>| async move {
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        headers.insert("grpc-message", HeaderValue::from_static("unavailable"));
+        response
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let (status, headers, body, _) = exchange(
+        &mut sender,
+        request(Method::POST, "/pkg.Service/Call", empty()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "14");
+    assert_eq!(headers["grpc-message"], "unavailable");
+    assert!(body.is_empty());
 }
 
 #[tokio::test]
