@@ -240,10 +240,7 @@ pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
         },
         current: tokio::sync::Mutex::new(None),
     });
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(state.forward(request).await) }
-    });
+    let service = service_fn(move |request| H2Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut connection = pin!(server_h2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -428,6 +425,22 @@ impl Resend {
     }
 }
 
+/// The request to send upstream over HTTP/2, and its head again if it has no body.
+fn prepare_h2(request: Request<Incoming>) -> (Request<H2Body>, Option<Resend>) {
+    let (mut parts, body) = request.into_parts();
+    if parts.uri.authority().is_none() {
+        // RFC 9113 §8.3.1: a request may carry `Host` instead of `:authority` (one translated
+        // from HTTP/1.1 does). hyper's client sends such a request as it came (`:scheme` http,
+        // no `:authority`, `Host` as a field) when its version says HTTP/1.1; as HTTP/2 it would
+        // refuse it for want of an authority.
+        parts.version = Version::HTTP_11;
+    }
+    // A bodyless request can go again if the upstream refuses its stream (a server may lower
+    // its stream limit, or refuse streams when it is busy).
+    let resend = body.is_end_stream().then(|| Resend::of(&parts));
+    (Request::from_parts(parts, Either::Left(body)), resend)
+}
+
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
 struct H2Upstream {
     route: Route,
@@ -437,51 +450,42 @@ struct H2Upstream {
 }
 
 impl H2Upstream {
-    async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    /// One stream from start to end. hyper runs each stream as a task of its own and moves this
+    /// future into it, so it is kept small: one flat future (a nested one would hold the request
+    /// a second time) whose cold path, the dial, is boxed.
+    async fn forward(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
-        let result = self.send(request).await;
-        self.route.respond(
-            start,
-            log,
-            result.map(|response| response.map(Inner::Hyper)),
-        )
-    }
-
-    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
-        let (mut parts, body) = request.into_parts();
-        if parts.uri.authority().is_none() {
-            // RFC 9113 §8.3.1: a request may carry `Host` instead of `:authority` (one translated
-            // from HTTP/1.1 does). hyper's client sends such a request as it came (`:scheme`
-            // http, no `:authority`, `Host` as a field) when its version says HTTP/1.1; as
-            // HTTP/2 it would refuse it for want of an authority.
-            parts.version = Version::HTTP_11;
-        }
-        // A bodyless request can go again if the upstream refuses its stream (a server may lower
-        // its stream limit, or refuse streams when it is busy).
-        let resend = body.is_end_stream().then(|| Resend::of(&parts));
-        let mut request = Request::from_parts(parts, Either::Left(body));
-        let (mut sender, mut fresh) = self.sender(false).await?;
-        let mut refusals = 0;
-        loop {
+        let (mut request, resend) = prepare_h2(request);
+        let (mut replace, mut refusals) = (false, 0);
+        let result = loop {
+            let (mut sender, fresh) = match self.sender(replace).await {
+                Ok(sender) => sender,
+                Err(failure) => break Err(failure),
+            };
             let mut error = match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => break Ok(response.map(Inner::Hyper)),
                 Err(error) => error,
             };
             match (error.take_message(), &resend) {
+                // The connection was closing: the request never left, so a new one takes it.
                 (Some(unsent), _) if !fresh => {
                     request = unsent;
-                    (sender, fresh) = self.sender(true).await?;
+                    replace = true;
                 }
                 (None, Some(resend)) if refusals < MAX_REFUSALS && refused(error.error()) => {
                     refusals += 1;
                     debug!(direction = self.route.cx.direction(), destination = %self.route.target, "upstream refused the stream; sending the request again");
                     request = resend.request();
-                    (sender, fresh) = self.sender(false).await?;
+                    replace = false;
                 }
-                _ => return Err(Failure::Upstream(error.into_error())),
+                _ => break Err(Failure::Upstream(error.into_error())),
             }
-        }
+        };
+        Ok(self.route.respond(start, log, result))
     }
 
     /// The upstream connection's handle and whether it was just dialled.
