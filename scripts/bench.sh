@@ -5,9 +5,15 @@
 #   BENCH_SEATS=direct,haproxy BENCH_PARTS=proxy make bench
 #   scripts/bench.sh profile    # perf counters + perf record of remora-proxy under wrk
 #   scripts/bench.sh trace      # bpftrace: where a request's time goes at 1000 rps, per seat
+#   scripts/bench.sh count      # callgrind: instructions per request, for small A/B changes
 # Needs root: network namespaces and iptables inside them (never the host's own rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+  ""|profile|trace|count) ;;
+  *) echo "scripts/bench.sh: unknown mode '$1' (expected none, profile, trace or count)" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
   echo "make bench needs root (network namespaces, iptables inside them)" >&2
@@ -41,9 +47,14 @@ if [ "${1:-}" = profile ]; then
     exec python3 scripts/bench/bench.py
 fi
 
+if [ "${1:-}" = count ]; then
+  command -v valgrind >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind
+  BENCH_MODE=count exec python3 scripts/bench/bench.py
+fi
+
 if [ "${1:-}" = trace ]; then
   command -v bpftrace >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q bpftrace
   BENCH_MODE=trace exec python3 scripts/bench/bench.py
 fi
 
-exec python3 scripts/bench/bench.py "$@"
+exec python3 scripts/bench/bench.py

@@ -438,8 +438,10 @@ def apply_rules(pod):
 class Seat:
     """What sits between the client and nginx: nothing, HAProxy or remora-proxy."""
 
-    def __init__(self, name, pod, work):
+    def __init__(self, name, pod, work, wrapper=()):
         self.name, self.pod, self.work = name, pod, work
+        # Put in front of remora-proxy's command line (count mode: valgrind).
+        self.wrapper = list(wrapper)
         self.proc = None
 
     @property
@@ -468,14 +470,15 @@ class Seat:
             if not binary.exists():
                 raise BenchError(f"{binary} is missing (cargo build --release --workspace --bins)")
             flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
-            argv = [binary] + flags.split()
+            argv = self.wrapper + [binary] + flags.split()
             ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
                 in_ns(self.pod, ["curl", "-sf", "-m", "1",
                                  f"http://127.0.0.1:{ADMIN_PORT}/ready"]), check=False
             ).returncode == 0
         self.proc = JANITOR.spawn(CGROUPS.wrap("proxy", in_ns(self.pod, argv, uid=PROXY_UID)),
                                   log_path=self.work / f"{self.name}.log")
-        if not wait_until(15, lambda: self.proc.poll() is not None or ready()) \
+        if not wait_until(60 if self.wrapper else 15,
+                          lambda: self.proc.poll() is not None or ready()) \
                 or self.proc.poll() is not None:
             JANITOR.stop(self.proc)
             tail = (self.work / f"{self.name}.log").read_text(errors="replace")[-600:]
@@ -1061,6 +1064,98 @@ def profile():
     log(f"wrote {path}")
 
 
+# Count mode: instructions per request (callgrind), the one figure on this VM that is not noise.
+COUNT_LOADS = {
+    # h2load sends an exact number of requests; --h1 keeps its HTTP/1.1 connections alive.
+    "keepalive": ("HTTP/1.1 keep-alive, 4 connections",
+                  lambda n: ["h2load", "--h1", "-n", str(n), "-c", "4", "-t", "1",
+                             f"http://{REMOTE_V4}:{H1_PORT}/"]),
+    "h2": ("prior-knowledge h2c, 4 connections x 10 streams",
+           lambda n: ["h2load", "-n", str(n), "-c", "4", "-m", "10", "-t", "1",
+                      f"http://{REMOTE_V4}:{H2_PORT}/"]),
+}
+
+
+def callgrind_total(path):
+    """The instruction count (Ir) a callgrind output file ends with."""
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise BenchError(f"{path}: no totals line (did remora-proxy exit cleanly under valgrind?)")
+
+
+def count():
+    """remora-proxy under valgrind's callgrind, one fresh process per run, for a small and a
+    large number of requests: the difference over the difference in requests is the user-space
+    instructions each request costs, start-up and shutdown cancelled out. Deterministic to a
+    fraction of a percent, so a change too small for the timed loads' noise still shows."""
+    try:
+        small = int(os.environ.get("BENCH_COUNT_SMALL", "2000"))
+        large = int(os.environ.get("BENCH_COUNT_LARGE", "22000"))
+    except ValueError as e:
+        raise BenchError(f"BENCH_COUNT_SMALL and BENCH_COUNT_LARGE take request counts: {e}")
+    if not 0 < small < large:
+        raise BenchError(f"BENCH_COUNT_SMALL={small}, BENCH_COUNT_LARGE={large}: expected "
+                         "0 < small < large")
+    seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
+    for name in seats:
+        if name != "remora" and not name.startswith("remora@"):
+            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora or remora@LABEL")
+    loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
+    for load in loads:
+        if load not in COUNT_LOADS:
+            raise BenchError(f"BENCH_COUNT_LOADS: {load!r} is not one of {', '.join(COUNT_LOADS)}")
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    os.chmod(work, 0o755)
+    out_dir = work / "callgrind"
+    out_dir.mkdir()
+    os.chmod(out_dir, 0o777)  # valgrind writes it as the proxy uid
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    per_request = {}
+    try:
+        pod, remote = make_pod()
+        start_nginx(remote, work)
+        apply_rules(pod)
+        for load in loads:
+            what, argv_of = COUNT_LOADS[load]
+            for name in seats:
+                totals = []
+                for n in (small, large):
+                    out = out_dir / f"{name}-{load}-{n}.out"
+                    seat = Seat(name, pod, work, wrapper=[
+                        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+                    seat.start()
+                    try:
+                        res = parse_h2load(run(seat.client(argv_of(n)), timeout=600).stdout)
+                        if res["errors"] or res["requests"] != n:
+                            raise BenchError(f"{seat_label(name)}, {load}: {res['requests']:,} "
+                                             f"of {n:,} requests answered 2xx")
+                    finally:
+                        seat.stop()
+                    totals.append(callgrind_total(out))
+                per_request[(name, load)] = (totals[1] - totals[0]) / (large - small)
+                log(f"{seat_label(name)}, {load}: {per_request[(name, load)]:,.0f} "
+                    "instructions per request")
+    finally:
+        JANITOR.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    base = seats[0]
+    report = [f"# instructions per request, {PROFILE_STAMP} (commit {git_commit()})", "",
+              f"callgrind, user space only; ({large:,} - {small:,}) requests per figure, each "
+              "count in a fresh remora-proxy process.", ""]
+    head = ["load"] + [seat_label(n) for n in seats] + \
+        [f"{seat_label(n)} / {seat_label(base)}" for n in seats[1:]]
+    rows = [[f"{load} ({COUNT_LOADS[load][0]})"]
+            + [f"{per_request[(n, load)]:,.0f}" for n in seats]
+            + [f"{per_request[(n, load)] / per_request[(base, load)]:.4f}x" for n in seats[1:]]
+            for load in loads]
+    report.append(markdown_table(head, rows))
+    path = RESULTS / f"count-{PROFILE_STAMP}.md"
+    path.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    log(f"wrote {path}")
+
+
 def lhist_summary(text, name):
     """Median and mean (µs) of a bpftrace `lhist` printed as `@name:` then `[lo, hi) count |...`."""
     rows, inside = [], False
@@ -1390,6 +1485,8 @@ if __name__ == "__main__":
             profile()
         elif os.environ.get("BENCH_MODE") == "trace":
             trace()
+        elif os.environ.get("BENCH_MODE") == "count":
+            count()
         else:
             main()
     except KeyboardInterrupt:
