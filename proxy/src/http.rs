@@ -535,6 +535,16 @@ impl H2Upstream {
 /// would close the upstream connection too, which the pool would otherwise hand to the next
 /// client (a new connection per request would then cost an upstream connect each time).
 fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
+    // Most messages carry none of them: one pass over the names costs less than the three
+    // hashed lookups below, on every request and every response.
+    let hop_by_hop = |name: &header::HeaderName| {
+        name == header::CONNECTION
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let mut values = headers.get_all(header::CONNECTION).iter();
     // Cloning a received HeaderValue shares its bytes: no copy, and no Vec for the usual
     // single `Connection` line.
@@ -701,5 +711,21 @@ mod tests {
         let mut left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["host", "te"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_found() {
+        // The pass that looks for any hop-by-hop name before the removals must see each one.
+        for name in ["connection", "keep-alive", "proxy-connection"] {
+            let mut headers = header::HeaderMap::new();
+            headers.insert(
+                header::HeaderName::from_static(name),
+                header::HeaderValue::from_static("x"),
+            );
+            headers.insert(header::HOST, header::HeaderValue::from_static("example"));
+            strip_hop_by_hop(&mut headers);
+            let left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
+            assert_eq!(left, ["host"], "{name}");
+        }
     }
 }
