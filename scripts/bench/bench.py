@@ -1064,7 +1064,7 @@ def profile():
     log(f"wrote {path}")
 
 
-# Count mode: instructions per request (callgrind), the one figure on this VM that is not noise.
+# Count mode: instructions per request (callgrind), a figure this noisy VM hardly moves.
 COUNT_LOADS = {
     # h2load sends an exact number of requests; --h1 keeps its HTTP/1.1 connections alive.
     "keepalive": ("HTTP/1.1 keep-alive, 4 connections",
