@@ -499,9 +499,9 @@ impl H2Upstream {
                 return Ok((sender.clone(), false));
             }
         }
-        // Boxed: the dial and the handshake are the cold path, and inline they would make every
-        // stream's future 850 bytes larger (3,304 instead of 2,456), copied each time hyper and
-        // tokio move it into the stream's task.
+        // Boxed: the dial and the handshake are the cold path, and inline their state would
+        // make every stream's future about 850 bytes larger, copied each time hyper and tokio
+        // move it into the stream's task.
         let sender = Box::pin(self.connect()).await?;
         *current = Some(sender.clone());
         Ok((sender, true))
