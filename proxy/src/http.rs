@@ -108,30 +108,19 @@ enum Failure {
 }
 
 /// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        cause = error.source();
-    }
-    text
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
+    texts.join(": ")
 }
 
 /// Whether the upstream refused the stream (RFC 9113 §8.7: `REFUSED_STREAM` means it processed
 /// none of the request, so sending it again is safe, whatever its method).
 fn refused(error: &hyper::Error) -> bool {
-    let mut cause = std::error::Error::source(error);
-    while let Some(error) = cause {
-        if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            return h2.is_reset()
-                && h2.is_remote()
-                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        cause = error.source();
-    }
-    false
+    anyhow::Chain::new(error)
+        .find_map(|cause| cause.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        })
 }
 
 /// One client connection's destination, shared by its requests.

@@ -492,6 +492,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
+/// A loopback address that was just free: nothing listens on it, so a connect is refused.
+pub(crate) async fn closed_port() -> SocketAddr {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    closed.local_addr().unwrap()
+}
+
 pub(crate) fn metric(proxy: &Proxy, line_prefix: &str) -> Option<u64> {
     proxy
         .metrics
@@ -1064,9 +1070,7 @@ async fn upstream_garbage_is_a_502_and_the_proxy_keeps_serving() {
 
 #[tokio::test]
 async fn refused_destination_is_a_502_naming_it() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = closed.local_addr().unwrap();
-    drop(closed);
+    let target = closed_port().await;
     let (proxy, proxy_state) = start_proxy(target, Direction::Outbound).await;
     let mut client = Wire::connect(proxy).await;
     let response = client.exchange(&get("/x")).await;
