@@ -12,6 +12,8 @@
 //!   body keeps its framing: `Content-Length` bytes as they come, or chunked (re-encoded from
 //!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`. The
 //!   response is read while the body goes out: a server may answer before the body ends.
+//! - The response's hop-by-hop headers (`Connection`, the headers it lists, `Keep-Alive`,
+//!   `Proxy-Connection`) are read and dropped with its head: the client's hop has its own.
 //! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
 //!   itself. A `101` outside an upgrade is an error.
 //! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
@@ -399,21 +401,36 @@ fn head_from(
     let mut close = version == 0;
     let mut chunked = None;
     let mut length: Option<u64> = None;
+    // `Connection` values that list further hop-by-hop headers (rare: no allocation without).
+    let mut listing = Vec::new();
     for span in spans {
         let name = &head[span.name.0..span.name.1];
         let name = HeaderName::from_bytes(name)
             .map_err(|_| invalid(format!("header name {:?}", String::from_utf8_lossy(name))))?;
         let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
             .map_err(|_| invalid(format!("value of header {name}")))?;
-        if name == header::CONNECTION {
-            close |= has_token(&value, "close");
-        } else if name == header::TRANSFER_ENCODING {
+        if is_hop_by_hop(&name) {
+            // This hop's business: read here, never forwarded.
+            if name == header::CONNECTION {
+                close |= has_token(&value, "close");
+                if connection_options(&value).next().is_some() {
+                    listing.push(value);
+                }
+            }
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
             // Only the last coding counts: chunked must be it for the chunks to frame the body.
             chunked = Some(last_token(&value).eq_ignore_ascii_case("chunked"));
         } else if name == header::CONTENT_LENGTH {
             length = Some(content_length(&value, length)?);
         }
         headers.append(name, value);
+    }
+    for value in &listing {
+        for option in connection_options(value) {
+            headers.remove(option);
+        }
     }
     let state = if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -442,6 +459,24 @@ fn head_from(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(Some((response, state, keep_alive)))
+}
+
+/// Whether a header concerns only one hop by its name alone (RFC 9110 §7.6.1): `Connection`
+/// itself, and `Keep-Alive` and `Proxy-Connection`, which senders use without listing them there.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// The further header names a `Connection` value makes hop-by-hop: its options other than
+/// `close`, which names no header, and `keep-alive`, which `is_hop_by_hop` already covers.
+pub fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    tokens(value).filter(|option| {
+        !option.is_empty()
+            && !option.eq_ignore_ascii_case("close")
+            && !option.eq_ignore_ascii_case("keep-alive")
+    })
 }
 
 fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {

@@ -265,10 +265,11 @@ impl Http1Upstream {
             return self.route.respond(start, log, result);
         }
         strip_hop_by_hop(request.headers_mut());
-        let result = self.send(request).await.map(|mut response| {
-            strip_hop_by_hop(response.headers_mut());
-            response.map(Inner::Upstream)
-        });
+        // The response comes without hop-by-hop headers: `h1` drops them as it reads the head.
+        let result = self
+            .send(request)
+            .await
+            .map(|response| response.map(Inner::Upstream));
         self.route.respond(start, log, result)
     }
 
@@ -524,33 +525,34 @@ impl H2Upstream {
 /// would close the upstream connection too, which the pool would otherwise hand to the next
 /// client (a new connection per request would then cost an upstream connect each time).
 fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
-    // Most messages carry none of them: one pass over the names costs less than the three
-    // hashed lookups below, on every request and every response.
-    let hop_by_hop = |name: &header::HeaderName| {
-        name == header::CONNECTION
-            || name.as_str() == "keep-alive"
-            || name.as_str() == "proxy-connection"
-    };
-    if !headers.keys().any(hop_by_hop) {
-        return;
-    }
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    // Cloning a received HeaderValue shares its bytes: no copy, and no Vec for the usual
-    // single `Connection` line.
-    if let Some(first) = values.next().cloned() {
-        let repeated: Vec<header::HeaderValue> = values.cloned().collect();
-        headers.remove(header::CONNECTION);
-        for value in std::iter::once(&first).chain(&repeated) {
-            for name in value.to_str().unwrap_or("").split(',') {
-                let name = name.trim();
-                if !name.is_empty() {
-                    headers.remove(name);
-                }
-            }
+    // Most messages carry none of them, and most others only `Connection: keep-alive` or
+    // `close`: one pass over the names, then a hashed removal for each name present.
+    let (mut connection, mut keep_alive, mut proxy_connection) = (false, false, false);
+    for name in headers.keys().filter(|name| h1::is_hop_by_hop(name)) {
+        match name.as_str() {
+            "connection" => connection = true,
+            "keep-alive" => keep_alive = true,
+            _ => proxy_connection = true,
         }
     }
-    headers.remove(header::HeaderName::from_static("keep-alive"));
-    headers.remove(header::HeaderName::from_static("proxy-connection"));
+    if connection {
+        let listed: Vec<header::HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(h1::connection_options)
+            .filter_map(|option| header::HeaderName::from_bytes(option.as_bytes()).ok())
+            .collect();
+        headers.remove(header::CONNECTION);
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    if keep_alive {
+        headers.remove("keep-alive");
+    }
+    if proxy_connection {
+        headers.remove("proxy-connection");
+    }
 }
 
 /// An HTTP/1 request that asks to leave HTTP: `Upgrade` (WebSocket) or `CONNECT`.

@@ -1177,8 +1177,9 @@ async fn upstream_closing_a_pooled_connection_is_not_a_502() {
 #[tokio::test]
 async fn hop_by_hop_headers_stay_on_their_hop_and_end_to_end_ones_pass() {
     let upstream = replying(|_, _| {
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-bar\r\nX-Bar: hidden\r\n\
-          Keep-Alive: timeout=10\r\nX-Resp-OdD: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nX-Bar: hidden\r\n\
+          Keep-Alive: timeout=10\r\nX-Resp-OdD: Yes\r\nSet-Cookie: a=1\r\nConnection: x-bar\r\n\
+          Proxy-Connection: keep-alive\r\nSet-Cookie: b=2\r\n\r\nok"
             .to_vec()
     })
     .await;
@@ -1191,7 +1192,7 @@ async fn hop_by_hop_headers_stay_on_their_hop_and_end_to_end_ones_pass() {
         )
         .await;
     assert_eq!(response.text(), "ok");
-    for hidden in ["x-bar", "keep-alive"] {
+    for hidden in ["x-bar", "keep-alive", "proxy-connection"] {
         assert!(
             !response.head.has(hidden),
             "{hidden} reached the client: {:?}",

@@ -1138,7 +1138,10 @@ def count():
                     "instructions per request")
     finally:
         JANITOR.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP_WORK"):
+            log(f"callgrind output kept in {out_dir} (callgrind_annotate reads it)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     base = seats[0]
     report = [f"# instructions per request, {PROFILE_STAMP} (commit {git_commit()})", "",
               f"callgrind, user space only; ({large:,} - {small:,}) requests per figure, each "
