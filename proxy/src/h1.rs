@@ -23,6 +23,7 @@
 //!   sent.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -322,20 +323,27 @@ async fn read_head<R: AsyncRead + Unpin>(
     let mut received = false;
     loop {
         if !buf.is_empty() {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut fields);
-            match parsed.parse(buf) {
+            // Left uninitialised: httparse writes the fields it finds, and filling all 100
+            // first would cost more than parsing a typical head.
+            let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let config = httparse::ParserConfig::default();
+            match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
                 Ok(httparse::Status::Complete(len)) => {
                     // Where each field lies in the buffer: the head is then split off as one
                     // shared `Bytes`, and header values become slices of it instead of copies.
                     let base = buf.as_ptr() as usize;
+                    let offset = |part: &[u8]| {
+                        let start = part.as_ptr() as usize - base;
+                        // A head is parsed before the buffer grows past MAX_HEAD and one read
+                        // more: far below 4 GiB.
+                        (start as u32, (start + part.len()) as u32)
+                    };
                     let mut spans = [Span::default(); MAX_HEADERS];
                     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-                        let name = field.name.as_ptr() as usize - base;
-                        let value = field.value.as_ptr() as usize - base;
                         *span = Span {
-                            name: (name, name + field.name.len()),
-                            value: (value, value + field.value.len()),
+                            name: offset(field.name.as_bytes()),
+                            value: offset(field.value),
                         };
                     }
                     let fields = parsed.headers.len();
@@ -369,11 +377,18 @@ async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
-/// Where a header field's name and value lie in the response head.
+/// Where a header field's name and value lie in the response head: start and end offsets,
+/// `u32` to keep the array of them small (it is zeroed for every response).
 #[derive(Debug, Default, Clone, Copy)]
 struct Span {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Span {
+    fn of(range: (u32, u32)) -> std::ops::Range<usize> {
+        range.0 as usize..range.1 as usize
+    }
 }
 
 /// The response, its body framing and whether the connection stays open after it; `None` for
@@ -404,10 +419,10 @@ fn head_from(
     // `Connection` values that list further hop-by-hop headers (rare: no allocation without).
     let mut listing = Vec::new();
     for span in spans {
-        let name = &head[span.name.0..span.name.1];
+        let name = &head[Span::of(span.name)];
         let name = HeaderName::from_bytes(name)
             .map_err(|_| invalid(format!("header name {:?}", String::from_utf8_lossy(name))))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
+        let value = HeaderValue::from_maybe_shared(head.slice(Span::of(span.value)))
             .map_err(|_| invalid(format!("value of header {name}")))?;
         if is_hop_by_hop(&name) {
             // This hop's business: read here, never forwarded.

@@ -1331,6 +1331,33 @@ async fn ninety_headers_pass_both_ways_in_order() {
 }
 
 #[tokio::test]
+async fn a_response_of_100_fields_passes_and_one_of_101_is_a_502() {
+    // 100 fields is the response head's limit (hyper's own for the client side).
+    let head_of = |fields: usize| {
+        let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+        for i in 1..fields {
+            head.extend(format!("X-F-{i}: {i}\r\n").into_bytes());
+        }
+        head.extend(b"\r\nok");
+        head
+    };
+    let upstream =
+        replying(move |_, request| head_of(target_of(request)[1..].parse().unwrap())).await;
+    let (mut client, _) = client_of(&upstream).await;
+    let full = client.exchange(&get("/100")).await;
+    assert_eq!(full.head.status(), 200, "{:?}", full.head.start);
+    assert_eq!(full.text(), "ok");
+    assert_eq!(full.head.get("x-f-99").as_deref(), Some("99"));
+    let over = client.exchange(&get("/101")).await;
+    assert_eq!(over.head.status(), 502, "{:?}", over.head.start);
+    assert!(
+        over.text().contains("too many headers"),
+        "the 502 says why: {:?}",
+        over.text()
+    );
+}
+
+#[tokio::test]
 async fn a_32_kib_header_passes_both_ways() {
     let big = "v".repeat(32 * 1024);
     let response = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: {big}\r\n\r\n");
