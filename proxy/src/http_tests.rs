@@ -34,6 +34,7 @@ pub(crate) fn new_proxy() -> &'static Proxy {
         access_log: false,
         metrics: Metrics::new(),
         drain: Default::default(),
+        balance: crate::balance::Balance::new(1).0,
         ready: Default::default(),
     }))
 }

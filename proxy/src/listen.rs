@@ -9,11 +9,13 @@ use std::time::Duration;
 use remora_init::PortList;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::balance::{Assigned, Balance, Handoff, Placement};
 use crate::connect::reset;
 use crate::detect::{detect, Detected};
-use crate::drain::Drain;
+use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::{http, opaque, orig_dst};
 
@@ -27,6 +29,8 @@ pub struct Proxy {
     pub access_log: bool,
     pub metrics: Metrics,
     pub drain: Drain,
+    /// Spreads connections over the workers.
+    pub balance: Balance,
     /// Set once every required listener is bound.
     pub ready: AtomicBool,
 }
@@ -109,8 +113,9 @@ pub fn bind_all(
 }
 
 /// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
-/// the worker thread that owns the listener; its connections stay on that thread.
-pub async fn accept_loop(listener: std::net::TcpListener, cx: Context) {
+/// worker thread `worker`, which owns the listener; a connection stays on the thread that
+/// serves it, this one unless the balance hands it to a less busy worker.
+pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: usize) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -127,13 +132,71 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, cx));
+                let guard = cx.proxy.drain.guard();
+                let (placed, to) = match cx.proxy.balance.place(worker) {
+                    Placement::Here(assigned) => (assigned, None),
+                    Placement::There(assigned, to) => (assigned, Some(to)),
+                };
+                let accepted = Accepted {
+                    peer,
+                    cx,
+                    _guard: guard,
+                    _placed: placed,
+                };
+                match to {
+                    None => drop(tokio::spawn(handle(stream, accepted))),
+                    Some(to) => hand_over(stream, accepted, to),
+                }
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 warn!(direction = cx.direction(), %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// An accepted connection's peer and context, and what it holds while it is served: its
+/// place in the drain and in its worker's count.
+pub struct Accepted {
+    peer: SocketAddr,
+    cx: Context,
+    _guard: Guard,
+    _placed: Assigned,
+}
+
+/// Sends an accepted connection to worker `to`.
+fn hand_over(stream: TcpStream, accepted: Accepted, to: usize) {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            let (direction, peer) = (accepted.cx.direction(), accepted.peer);
+            warn!(direction, %peer, %error, "cannot hand a connection to another worker; closing it");
+            return;
+        }
+    };
+    let (direction, peer) = (accepted.cx.direction(), accepted.peer);
+    debug!(direction, %peer, worker = to, "handing the connection to a less busy worker");
+    if let Err(handoff) = accepted.cx.proxy.balance.hand_over(to, (stream, accepted)) {
+        // That worker is gone (the process is exiting): serve it here after all.
+        serve_handoff(handoff);
+    }
+}
+
+/// Serves the connections other workers hand to this one; runs on every worker.
+pub async fn inbox_loop(mut inbox: mpsc::UnboundedReceiver<Handoff>) {
+    while let Some(handoff) = inbox.recv().await {
+        serve_handoff(handoff);
+    }
+}
+
+fn serve_handoff((stream, accepted): Handoff) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => drop(tokio::spawn(handle(stream, accepted))),
+        Err(error) => {
+            let (direction, peer) = (accepted.cx.direction(), accepted.peer);
+            warn!(direction, %peer, %error, "cannot register a handed-over connection");
         }
     }
 }
@@ -147,8 +210,10 @@ impl Drop for Open {
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, cx: Context) {
-    let _guard = cx.proxy.drain.guard();
+/// Serves one connection; `accepted` holds its place in the drain and its worker's count until
+/// this returns.
+async fn handle(stream: TcpStream, accepted: Accepted) {
+    let (peer, cx) = (accepted.peer, accepted.cx);
     cx.metrics.connections.inc();
     cx.metrics.open.inc();
     let _open = Open(cx.metrics);

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod admin;
+mod balance;
 mod config;
 mod connect;
 mod detect;
@@ -41,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         sched::use_batch().context("--sched-policy batch: setting SCHED_BATCH")?;
     }
     let workers = config::worker_threads(args.workers);
+    let (balance, inboxes) = balance::Balance::new(workers);
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
         opaque_ports: args.opaque_ports.clone(),
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         access_log: args.access_log,
         metrics: Metrics::new(),
         drain: Default::default(),
+        balance,
         ready: Default::default(),
     }));
 
@@ -70,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     }
     let admin = listen::bind_all(&args.admin_addrs(), "admin", false, true)?;
     let mut accepting = Vec::with_capacity(workers);
-    for (worker, listeners) in worker_listeners.into_iter().enumerate() {
+    for (worker, (listeners, inbox)) in worker_listeners.into_iter().zip(inboxes).enumerate() {
         // Sockets and timers only: signals are the main thread's, and no worker runs a child
         // process, so each park skips the signal and child-reaping drivers.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,12 +89,14 @@ fn main() -> anyhow::Result<()> {
                 metrics::use_shard(worker);
                 runtime.block_on(async move {
                     tokio::spawn(http::sweep_pool_forever());
+                    tokio::spawn(listen::inbox_loop(inbox));
                     let loops: Vec<_> = listeners
                         .into_iter()
                         .map(|(listener, direction)| {
                             tokio::spawn(listen::accept_loop(
                                 listener,
                                 Context::new(proxy, direction),
+                                worker,
                             ))
                         })
                         .collect();

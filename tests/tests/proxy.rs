@@ -1,6 +1,7 @@
 //! remora-proxy end to end: a pod made of namespaces, remora-init's real rules, the proxy as uid
 //! 1337, an app in the pod and servers on the remote host; real sockets throughout.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -708,6 +709,90 @@ fn an_ipv4_only_pod_runs_without_the_ipv6_listeners() {
     // Logged once, not once per worker thread. ([::] still binds with IPv6 disabled; only
     // [::1] is gone.)
     assert_eq!(log.matches("addr=[::1]:15001").count(), 1, "{log}");
+}
+
+/// The file descriptors registered in each of the process's epoll instances, one set per
+/// instance (a runtime's epoll descriptor may be open twice, under two numbers).
+fn epoll_registrations(pid: i32) -> Vec<BTreeSet<u32>> {
+    let mut sets = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if link.to_string_lossy() != "anon_inode:[eventpoll]" {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let set: BTreeSet<u32> = std::fs::read_to_string(info)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.strip_prefix("tfd:"))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        if !sets.contains(&set) {
+            sets.push(set);
+        }
+    }
+    sets
+}
+
+#[test]
+fn connections_spread_evenly_over_the_workers() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(
+        &[],
+        &[
+            "--workers",
+            "2",
+            "--log-level",
+            "info,remora_proxy::listen=debug",
+        ],
+    );
+    http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+    // Long-lived keep-alive connections: the kernel hashes them over the two workers'
+    // listeners, and the proxy evens out what the hash leaves uneven. A hash that happens to
+    // alternate needs no hand-over, so connections are added until one has been made (each
+    // new connection has roughly even odds of making one once the hash leans, so 200 is
+    // never reached in practice).
+    const HANDED: &str = "handing the connection to a less busy worker";
+    let mut clients = Vec::new();
+    while clients.len() < 40 || !mesh.log().contains(HANDED) {
+        assert!(
+            clients.len() < 200,
+            "no connection was handed over:\n{}",
+            mesh.log()
+        );
+        let i = clients.len();
+        let mut client = connect(&mesh.pod.pod, addr(REMOTE_V4, 8080)).unwrap();
+        write!(client, "GET /c{i} HTTP/1.1\r\nHost: remote\r\n\r\n").unwrap();
+        let answer = read_until_closed_or(&mut client, &format!("hello /c{i} HTTP/1.1"));
+        assert!(
+            answer.contains(&format!("hello /c{i} HTTP/1.1")),
+            "{answer}"
+        );
+        clients.push(client);
+    }
+    // Each worker's epoll holds its listeners and waker, and a client and an upstream
+    // socket per connection it serves; the admin runtime's holds a few.
+    let mut sizes: Vec<usize> = epoll_registrations(mesh.proxy.pid())
+        .iter()
+        .map(BTreeSet::len)
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let (a, b) = (sizes[0], sizes[1]);
+    assert!(a + b >= 2 * clients.len(), "{sizes:?}");
+    // At most two connections apart (the balance's slack), each two descriptors.
+    assert!(a - b <= 4, "uneven workers: {sizes:?}\n{}", mesh.log());
+    // A handed-over connection carries further requests.
+    for (i, client) in clients.iter_mut().enumerate() {
+        write!(client, "GET /again{i} HTTP/1.1\r\nHost: remote\r\n\r\n").unwrap();
+        let answer = read_until_closed_or(client, &format!("hello /again{i} HTTP/1.1"));
+        assert!(answer.contains(&format!("hello /again{i}")), "{answer}");
+    }
+    assert_eq!(mesh.metric(OUT_H1), 2.0 * clients.len() as f64);
 }
 
 /// The scheduling policy of each of the proxy's threads, by thread name: field 41 of its
