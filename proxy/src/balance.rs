@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use crate::listen::Accepted;
 
 /// How many more connections than the least busy worker a worker holds before it hands the
-/// next one over. Two spares most short-lived connections a hand-over, and still keeps any
-/// two workers at most two connections apart.
+/// next one over. With two, most short-lived connections stay where they were accepted, and
+/// no two workers end more than two connections apart.
 const SLACK: usize = 2;
 
 /// A connection on its way to another worker.
@@ -45,11 +45,11 @@ impl Drop for Assigned {
     }
 }
 
-/// Where an accepted connection goes.
-pub enum Placement {
-    Here(Assigned),
-    /// To this worker's inbox.
-    There(Assigned, usize),
+impl Assigned {
+    /// The worker that serves the connection.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
 }
 
 impl Balance {
@@ -60,9 +60,9 @@ impl Balance {
         (Self { counts, inboxes }, receivers)
     }
 
-    /// Places a connection that `worker` accepted: with it, unless it holds [`SLACK`] more than
-    /// the least busy worker, which then gets it.
-    pub fn place(&self, worker: usize) -> Placement {
+    /// Assigns a connection that `worker` accepted: to `worker`, unless it holds [`SLACK`] more
+    /// than the least busy worker, which then gets it.
+    pub fn place(&self, worker: usize) -> Assigned {
         let load = |i: usize| self.counts[i].load(Ordering::Relaxed);
         let mine = load(worker);
         let (lightest, least) = (0..self.counts.len())
@@ -75,14 +75,9 @@ impl Balance {
             worker
         };
         self.counts[target].fetch_add(1, Ordering::Relaxed);
-        let assigned = Assigned {
+        Assigned {
             counts: self.counts.clone(),
             worker: target,
-        };
-        if target == worker {
-            Placement::Here(assigned)
-        } else {
-            Placement::There(assigned, target)
         }
     }
 
@@ -96,14 +91,8 @@ impl Balance {
 mod tests {
     use super::*;
 
-    fn to(placement: Placement) -> (usize, Assigned) {
-        match placement {
-            Placement::Here(assigned) => (assigned.worker, assigned),
-            Placement::There(assigned, to) => {
-                assert_eq!(assigned.worker, to);
-                (to, assigned)
-            }
-        }
+    fn to(assigned: Assigned) -> (usize, Assigned) {
+        (assigned.worker(), assigned)
     }
 
     #[test]

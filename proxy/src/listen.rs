@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::balance::{Assigned, Balance, Handoff, Placement};
+use crate::balance::{Assigned, Balance, Handoff};
 use crate::connect::reset;
 use crate::detect::{detect, Detected};
 use crate::drain::{Drain, Guard};
@@ -132,20 +132,18 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
         };
         match accepted {
             Ok((stream, peer)) => {
-                let guard = cx.proxy.drain.guard();
-                let (placed, to) = match cx.proxy.balance.place(worker) {
-                    Placement::Here(assigned) => (assigned, None),
-                    Placement::There(assigned, to) => (assigned, Some(to)),
-                };
+                let placed = cx.proxy.balance.place(worker);
+                let to = placed.worker();
                 let accepted = Accepted {
                     peer,
                     cx,
-                    _guard: guard,
+                    _guard: cx.proxy.drain.guard(),
                     _placed: placed,
                 };
-                match to {
-                    None => drop(tokio::spawn(handle(stream, accepted))),
-                    Some(to) => hand_over(stream, accepted, to),
+                if to == worker {
+                    tokio::spawn(handle(stream, accepted));
+                } else {
+                    hand_over(stream, accepted, to);
                 }
             }
             Err(error) => {
@@ -168,15 +166,14 @@ pub struct Accepted {
 
 /// Sends an accepted connection to worker `to`.
 fn hand_over(stream: TcpStream, accepted: Accepted, to: usize) {
+    let (direction, peer) = (accepted.cx.direction(), accepted.peer);
     let stream = match stream.into_std() {
         Ok(stream) => stream,
         Err(error) => {
-            let (direction, peer) = (accepted.cx.direction(), accepted.peer);
             warn!(direction, %peer, %error, "cannot hand a connection to another worker; closing it");
             return;
         }
     };
-    let (direction, peer) = (accepted.cx.direction(), accepted.peer);
     debug!(direction, %peer, worker = to, "handing the connection to a less busy worker");
     if let Err(handoff) = accepted.cx.proxy.balance.hand_over(to, (stream, accepted)) {
         // That worker is gone (the process is exiting): serve it here after all.
