@@ -1064,6 +1064,15 @@ def profile():
     log(f"wrote {path}")
 
 
+def drop_work(work, kept):
+    """Deletes a run's temporary directory, unless BENCH_KEEP_WORK asks to keep it (then logs
+    `kept`, which says what is there)."""
+    if os.environ.get("BENCH_KEEP_WORK"):
+        log(kept)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # Count mode: instructions per request (callgrind), a figure this noisy VM hardly moves.
 COUNT_LOADS = {
     # h2load sends an exact number of requests; --h1 keeps its HTTP/1.1 connections alive.
@@ -1138,10 +1147,7 @@ def count():
                     "instructions per request")
     finally:
         JANITOR.cleanup()
-        if os.environ.get("BENCH_KEEP_WORK"):
-            log(f"callgrind output kept in {out_dir} (callgrind_annotate reads it)")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work(work, f"callgrind output kept in {out_dir} (callgrind_annotate reads it)")
     base = seats[0]
     report = [f"# instructions per request, {PROFILE_STAMP} (commit {git_commit()})", "",
               f"callgrind, user space only; ({large:,} - {small:,}) requests per figure, each "
@@ -1429,10 +1435,7 @@ def main():
                 report["init"] = {"error": str(e)[:1000]}
     finally:
         JANITOR.cleanup()
-        if os.environ.get("BENCH_KEEP_WORK"):
-            log(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work(work, f"logs kept in {work}")
     report["targets"] = targets(report.get("proxy", {}), report.get("injector"), report.get("init"))
     report["duration_s"] = round(time.monotonic() - t_start, 1)
     md = render_markdown(report, head, rows)
