@@ -1,9 +1,10 @@
 //! `remora-proxy`: the remora sidecar. Accepts the pod's redirected connections and carries them
 //! to their original destinations, measuring what passes.
-// Unsafe code only where a syscall has no safe wrapper: `sched`.
+// Unsafe code only where a syscall has no safe wrapper (`sched`) and in the allocator (`alloc`).
 #![deny(unsafe_code)]
 
 mod admin;
+mod alloc;
 mod balance;
 mod config;
 mod connect;
@@ -33,6 +34,9 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Args, LogFormat, SchedPolicy};
 use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
+
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
