@@ -9,20 +9,21 @@
 //! just before the aligned one, so spawns take `malloc`'s fast paths.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 
-/// What `malloc` guarantees on x86-64 and aarch64 glibc.
+/// The alignment of every `malloc` block on x86-64 and aarch64 glibc, whatever its size.
 const MALLOC_ALIGN: usize = 16;
 
 pub struct Allocator;
 
-// SAFETY: every block comes from `malloc` (or `System`, which uses it) and is released by the
-// function matching how it was taken, which `dealloc` tells from the layout alone.
+// SAFETY: every block comes from `malloc`, `calloc` or `realloc` and goes back to `free` or
+// `realloc` whole: an over-aligned block by the start of the `malloc` block it lies in, which
+// `dealloc` and `realloc` tell from the layout's alignment alone.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= MALLOC_ALIGN {
-            // SAFETY: the caller's contract is ours.
-            return unsafe { System.alloc(layout) };
+            // SAFETY: `malloc` takes any size; a null return is passed on as the failure.
+            return unsafe { libc::malloc(layout.size()) }.cast();
         }
         let Some(total) = layout.size().checked_add(layout.align()) else {
             return std::ptr::null_mut();
@@ -46,8 +47,8 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         if layout.align() <= MALLOC_ALIGN {
-            // SAFETY: `alloc` took this block from `System` with the same layout.
-            return unsafe { System.dealloc(block, layout) };
+            // SAFETY: `alloc` took this block from `malloc` (or `calloc`, `realloc`) as it is.
+            return unsafe { libc::free(block.cast()) };
         }
         // SAFETY: `alloc` wrote the start of the `malloc` block just before this one.
         unsafe { libc::free(block.cast::<*mut u8>().sub(1).read().cast()) }
@@ -55,8 +56,8 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= MALLOC_ALIGN {
-            // SAFETY: the caller's contract is ours.
-            return unsafe { System.alloc_zeroed(layout) };
+            // SAFETY: `calloc` takes any size; a null return is passed on as the failure.
+            return unsafe { libc::calloc(1, layout.size()) }.cast();
         }
         // SAFETY: the caller's contract is ours; a non-null block has `size` writable bytes.
         unsafe {
@@ -70,8 +71,8 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if layout.align() <= MALLOC_ALIGN {
-            // SAFETY: the caller's contract is ours, and the block came from `System`.
-            return unsafe { System.realloc(block, layout, new_size) };
+            // SAFETY: the block came from `malloc` as it is; `realloc` keeps the alignment.
+            return unsafe { libc::realloc(block.cast(), new_size) }.cast();
         }
         // SAFETY: the caller's contract: `new_size` with this alignment is a valid layout.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
