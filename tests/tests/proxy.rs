@@ -784,8 +784,8 @@ fn connections_spread_evenly_over_the_workers() {
     sizes.sort_unstable_by(|a, b| b.cmp(a));
     let (a, b) = (sizes[0], sizes[1]);
     assert!(a + b >= 2 * clients.len(), "{sizes:?}");
-    // At most two connections apart (the balance's slack), each two descriptors.
-    assert!(a - b <= 4, "uneven workers: {sizes:?}\n{}", mesh.log());
+    // At most one connection apart, each two descriptors.
+    assert!(a - b <= 2, "uneven workers: {sizes:?}\n{}", mesh.log());
     // A handed-over connection carries further requests.
     for (i, client) in clients.iter_mut().enumerate() {
         write!(client, "GET /again{i} HTTP/1.1\r\nHost: remote\r\n\r\n").unwrap();
