@@ -206,10 +206,9 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
         builder.header_read_timeout(None);
     }
     let mut connection = pin!(builder.serve_connection(io, service).with_upgrades());
-    let mut drain = cx.proxy.drain.watch();
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = drain.signaled() => {
+        _ = cx.proxy.drain.signaled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -235,10 +234,9 @@ pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_H2_HEADER_LIST)
         .serve_connection(io, service));
-    let mut drain = cx.proxy.drain.watch();
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = drain.signaled() => {
+        _ = cx.proxy.drain.signaled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }

@@ -123,11 +123,10 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
             return;
         }
     };
-    let mut drain = cx.proxy.drain.watch();
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = drain.signaled() => break,
+            _ = cx.proxy.drain.signaled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
