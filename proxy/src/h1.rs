@@ -152,15 +152,17 @@ impl RequestHead {
             bytes.extend_from_slice(target.as_bytes());
         }
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut host = false;
         for (name, value) in &parts.headers {
             // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); sending both would let
             // the server pick the other one.
             if chunked && name == header::CONTENT_LENGTH {
                 continue;
             }
+            host |= name == header::HOST;
             put_field(&mut bytes, name, value);
         }
-        if !parts.headers.contains_key(header::HOST) {
+        if !host {
             // HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.
             let host = uri
                 .authority()
@@ -426,7 +428,8 @@ fn head_from(
             .map_err(|_| invalid(format!("value of header {name}")))?;
         if is_hop_by_hop(&name) {
             // This hop's business: read here, never forwarded.
-            if name == header::CONNECTION {
+            // `keep-alive`, what most servers send, neither closes nor lists anything.
+            if name == header::CONNECTION && !value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
                 close |= has_token(&value, "close");
                 if connection_options(&value).next().is_some() {
                     listing.push(value);
@@ -509,16 +512,23 @@ fn last_token(value: &HeaderValue) -> &str {
 /// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
 /// agree with any earlier one.
 fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<u64, Error> {
-    let mut length = earlier;
-    for token in tokens(value) {
-        let parsed = (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
+    let number = |token: &str| {
+        (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
             .then(|| token.parse::<u64>().ok())
             .flatten()
-            .ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
-        if length.is_some_and(|length| length != parsed) {
-            return Err(invalid("conflicting Content-Length values"));
-        }
-        length = Some(parsed);
+    };
+    let agreed = |length: Option<u64>, parsed: u64| match length {
+        Some(length) if length != parsed => Err(invalid("conflicting Content-Length values")),
+        _ => Ok(parsed),
+    };
+    // The usual value is one number: read it without splitting it as a list.
+    if let Some(parsed) = value.to_str().ok().and_then(number) {
+        return agreed(earlier, parsed);
+    }
+    let mut length = earlier;
+    for token in tokens(value) {
+        let parsed = number(token).ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
+        length = Some(agreed(length, parsed)?);
     }
     length.ok_or_else(|| invalid("an empty Content-Length"))
 }
