@@ -11,8 +11,13 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-/// The alignment of every `malloc` block on x86-64 and aarch64 glibc, whatever its size.
-const MALLOC_ALIGN: usize = 16;
+/// The alignment of every `malloc` block, whatever its size: glibc's `MALLOC_ALIGNMENT`, 16
+/// bytes on 64-bit targets (x86-64, aarch64). Taken as 8 elsewhere, as std's allocator does.
+const MALLOC_ALIGN: usize = if cfg!(target_pointer_width = "64") {
+    16
+} else {
+    8
+};
 
 pub struct Allocator;
 
@@ -33,14 +38,14 @@ unsafe impl GlobalAlloc for Allocator {
         if start.is_null() {
             return start;
         }
-        // `start` is 16-aligned and the alignment a power of two above 16, so the aligned
-        // block begins 16 to `align` bytes in: room for the start's address before it, and
-        // `size` bytes after it within `total`.
+        // `start` is aligned to MALLOC_ALIGN and `align` is a larger power of two, so the
+        // aligned block begins MALLOC_ALIGN to `align` bytes in: room for the start's address
+        // before it, and `size` bytes after it within `total`.
         let offset = layout.align() - (start.addr() & (layout.align() - 1));
         // SAFETY: `offset` <= `align`, inside the `total` bytes just taken.
         let block = unsafe { start.add(offset) };
-        // SAFETY: the 8 bytes before `block` lie past `start` (offset >= 16) and are aligned
-        // to 8 since `block` is aligned to more.
+        // SAFETY: the pointer-sized slot before `block` lies past `start` (offset >=
+        // MALLOC_ALIGN, at least two pointers) and is aligned, since `block` is aligned to more.
         unsafe { block.cast::<*mut u8>().sub(1).write(start) };
         block
     }
