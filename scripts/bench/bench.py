@@ -459,7 +459,7 @@ class Seat:
                 .replace("@H2_PORT@", str(H2_PORT))
             path = self.work / "haproxy.cfg"
             path.write_text(conf)
-            argv = ["haproxy", "-db", "-f", path]
+            argv = self.wrapper + ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
         else:
             variant = self.name.partition("@")[2]
@@ -1099,12 +1099,12 @@ def callgrind_total(path):
     for line in reversed(path.read_text(errors="replace").splitlines()):
         if line.startswith(("totals:", "summary:")):
             return int(line.split()[1])
-    raise BenchError(f"{path}: no totals line (did remora-proxy exit cleanly under valgrind?)")
+    raise BenchError(f"{path}: no totals line (did the proxy exit cleanly under valgrind?)")
 
 
 def count():
-    """remora-proxy under valgrind's callgrind, one fresh process per run, for a small and a
-    large number of requests: the difference over the difference in requests is the user-space
+    """remora-proxy (or HAProxy, for scale) under valgrind's callgrind, one fresh process per
+    run, for a small and a large number of requests: the difference over the difference in requests is the user-space
     instructions each request costs, start-up and shutdown cancelled out. Deterministic to a
     fraction of a percent, so a change too small for the timed loads' noise still shows."""
     try:
@@ -1117,8 +1117,8 @@ def count():
                          "0 < small < large")
     seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     for name in seats:
-        if name != "remora" and not name.startswith("remora@"):
-            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora or remora@LABEL")
+        if name not in ("remora", "haproxy") and not name.startswith("remora@"):
+            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL or haproxy")
     loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
     for load in loads:
         if load not in COUNT_LOADS:
@@ -1160,7 +1160,7 @@ def count():
     base = seats[0]
     report = [f"# instructions per request, {PROFILE_STAMP} (commit {git_commit()})", "",
               f"callgrind, user space only; ({large:,} - {small:,}) requests per figure, each "
-              "count in a fresh remora-proxy process.", ""]
+              "count in a fresh proxy process.", ""]
     head = ["load"] + [seat_label(n) for n in seats] + \
         [f"{seat_label(n)} / {seat_label(base)}" for n in seats[1:]]
     rows = [[f"{load} ({COUNT_LOADS[load][0]})"]
