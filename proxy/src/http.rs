@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
+use hyper::client::conn::http1 as client_h1;
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::connect::connect;
 use crate::h1::{self, Conn, RequestHead, UpstreamBody};
+use crate::h2_upstream;
 use crate::listen::Context;
 use crate::metrics::{CountingIo, Direction, Protocol};
 
@@ -103,6 +103,8 @@ enum Failure {
     Connect(std::io::Error),
     #[error("{}", with_causes(.0))]
     Upstream(hyper::Error),
+    #[error("{}", with_causes(.0))]
+    H2(h2::Error),
     #[error("{0}")]
     Http1(h1::Error),
 }
@@ -115,12 +117,8 @@ fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Whether the upstream refused the stream (RFC 9113 §8.7: `REFUSED_STREAM` means it processed
 /// none of the request, so sending it again is safe, whatever its method).
-fn refused(error: &hyper::Error) -> bool {
-    anyhow::Chain::new(error)
-        .find_map(|cause| cause.downcast_ref::<h2::Error>())
-        .is_some_and(|h2| {
-            h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        })
+fn refused(error: &h2::Error) -> bool {
+    error.is_reset() && error.is_remote() && error.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// One client connection's destination, shared by its requests.
@@ -381,10 +379,6 @@ const MAX_H2_HEADER_LIST: u32 = h1::MAX_HEAD as u32;
 /// How many times one HTTP/2 request is sent again after a refused stream.
 const MAX_REFUSALS: u32 = 2;
 
-/// A request body sent upstream over HTTP/2: the client's, or none when a bodyless request goes
-/// again.
-type H2Body = Either<Incoming, Empty<Bytes>>;
-
 /// The head of a bodyless HTTP/2 request, kept to send it again.
 struct Resend {
     method: Method,
@@ -403,8 +397,8 @@ impl Resend {
         }
     }
 
-    fn request(&self) -> Request<H2Body> {
-        let mut request = Request::new(Either::Right(Empty::new()));
+    fn request(&self) -> Request<()> {
+        let mut request = Request::new(());
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
@@ -413,20 +407,25 @@ impl Resend {
     }
 }
 
-/// The request to send upstream over HTTP/2, and its head again if it has no body.
-fn prepare_h2(request: Request<Incoming>) -> (Request<H2Body>, Option<Resend>) {
+/// The head to send upstream over HTTP/2, the body if there is one, and the head again if
+/// there is none.
+fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Option<Resend>) {
     let (mut parts, body) = request.into_parts();
     if parts.uri.authority().is_none() {
         // RFC 9113 §8.3.1: a request may carry `Host` instead of `:authority` (one translated
-        // from HTTP/1.1 does). hyper's client sends such a request as it came (`:scheme` http,
+        // from HTTP/1.1 does). The h2 crate sends such a request as it came (`:scheme` http,
         // no `:authority`, `Host` as a field) when its version says HTTP/1.1; as HTTP/2 it would
         // refuse it for want of an authority.
         parts.version = Version::HTTP_11;
     }
     // A bodyless request can go again if the upstream refuses its stream (a server may lower
     // its stream limit, or refuse streams when it is busy).
-    let resend = body.is_end_stream().then(|| Resend::of(&parts));
-    (Request::from_parts(parts, Either::Left(body)), resend)
+    let (body, resend) = if body.is_end_stream() {
+        (None, Some(Resend::of(&parts)))
+    } else {
+        (Some(body), None)
+    };
+    (Request::from_parts(parts, ()), body, resend)
 }
 
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
@@ -434,7 +433,7 @@ struct H2Upstream {
     route: Route,
     /// Held across the dial so that a burst of first streams opens one connection, not many;
     /// afterwards each stream holds it only to clone the handle.
-    current: tokio::sync::Mutex<Option<client_h2::SendRequest<H2Body>>>,
+    current: tokio::sync::Mutex<Option<h2_upstream::Sender>>,
 }
 
 impl H2Upstream {
@@ -447,73 +446,84 @@ impl H2Upstream {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
-        let (mut request, resend) = prepare_h2(request);
+        let (head, mut body, resend) = prepare_h2(request);
+        let mut head = Some(head);
         let (mut replace, mut refusals) = (false, 0);
         let result = loop {
-            let (mut sender, fresh) = match self.sender(replace).await {
+            let (sender, fresh) = match self.sender(replace).await {
                 Ok(sender) => sender,
                 Err(failure) => break Err(failure),
             };
-            let mut error = match sender.try_send_request(request).await {
-                Ok(response) => break Ok(response.map(Inner::Hyper)),
+            let mut sender = match sender.ready().await {
+                Ok(sender) => sender,
+                // The connection was closing: the request has not left, so a new one takes it.
+                Err(_) if !fresh => {
+                    replace = true;
+                    continue;
+                }
+                Err(error) => break Err(Failure::H2(error)),
+            };
+            let request = match head.take() {
+                Some(head) => head,
+                None => resend
+                    .as_ref()
+                    .expect("only a bodyless request goes again")
+                    .request(),
+            };
+            let (response, stream) = match sender.send_request(request, body.is_none()) {
+                Ok(sent) => sent,
+                // The connection failed or was told to go away after it said it was ready: a
+                // bodyless request goes on a new one.
+                Err(_) if !fresh && resend.is_some() => {
+                    replace = true;
+                    continue;
+                }
+                Err(error) => break Err(Failure::H2(error)),
+            };
+            if let Some(body) = body.take() {
+                tokio::spawn(h2_upstream::pipe(body, stream));
+            }
+            let error = match response.await {
+                Ok(response) => {
+                    break Ok(
+                        response.map(|stream| Inner::H2(h2_upstream::ResponseBody::new(stream)))
+                    )
+                }
                 Err(error) => error,
             };
-            match (error.take_message(), &resend) {
-                // The connection was closing: the request never left, so a new one takes it.
-                (Some(unsent), _) if !fresh => {
-                    request = unsent;
-                    replace = true;
-                }
-                (None, Some(resend)) if refusals < MAX_REFUSALS && refused(error.error()) => {
-                    refusals += 1;
-                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, "upstream refused the stream; sending the request again");
-                    request = resend.request();
-                    replace = false;
-                }
-                _ => break Err(Failure::Upstream(error.into_error())),
+            if resend.is_some() && refusals < MAX_REFUSALS && refused(&error) {
+                refusals += 1;
+                debug!(direction = self.route.cx.direction(), destination = %self.route.target, "upstream refused the stream; sending the request again");
+                replace = false;
+                continue;
             }
+            break Err(Failure::H2(error));
         };
         Ok(self.route.respond(start, log, result))
     }
 
     /// The upstream connection's handle and whether it was just dialled.
-    async fn sender(
-        &self,
-        replace: bool,
-    ) -> Result<(client_h2::SendRequest<H2Body>, bool), Failure> {
+    async fn sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
         let mut current = self.current.lock().await;
         if let Some(sender) = current.as_ref() {
-            if !replace && sender.is_ready() {
+            if !replace {
                 return Ok((sender.clone(), false));
             }
         }
         // Boxed: the dial and the handshake are the cold path, and inline their state would
-        // make every stream's future about 850 bytes larger, copied each time hyper and tokio
-        // move it into the stream's task.
+        // make every stream's future larger, copied each time hyper and tokio move it into the
+        // stream's task.
         let sender = Box::pin(self.connect()).await?;
         *current = Some(sender.clone());
         Ok((sender, true))
     }
 
     /// A new upstream HTTP/2 connection, driven by a task of its own.
-    async fn connect(&self) -> Result<client_h2::SendRequest<H2Body>, Failure> {
-        let io = TokioIo::new(self.route.dial().await?);
-        let (sender, connection) = client_h2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_H2_HEADER_LIST)
-            // One stream until the server's SETTINGS say how many it takes at once (they are the
-            // first thing it sends). hyper would assume 100, and a server with a lower limit
-            // refuses the rest of a first burst; a refused request with a body cannot go again.
-            .initial_max_send_streams(1)
-            .handshake(io)
+    async fn connect(&self) -> Result<h2_upstream::Sender, Failure> {
+        let io = self.route.dial().await?;
+        h2_upstream::handshake(io, MAX_H2_HEADER_LIST)
             .await
-            .map_err(Failure::Upstream)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%error, "upstream HTTP/2 connection ended with an error");
-            }
-        });
-        Ok(sender)
+            .map_err(Failure::H2)
     }
 }
 
@@ -561,7 +571,9 @@ fn wants_tunnel<B>(request: &Request<B>) -> bool {
 enum Inner {
     /// An HTTP/1 response read by [`crate::h1`].
     Upstream(UpstreamBody),
-    /// HTTP/2 and tunnel responses, read by hyper's client.
+    /// An HTTP/2 response read by [`crate::h2_upstream`].
+    H2(h2_upstream::ResponseBody),
+    /// A tunnel's response, read by hyper's client.
     Hyper(Incoming),
     /// A response the proxy makes itself (502).
     Local(Option<Bytes>),
@@ -586,6 +598,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let poll = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Local(body) => Poll::Ready(body.take().map(|data| Ok(Frame::data(data)))),
         };
@@ -600,6 +613,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
+            Inner::H2(body) => body.is_end_stream(),
             Inner::Hyper(body) => body.is_end_stream(),
             Inner::Local(body) => body.is_none(),
         }
@@ -608,6 +622,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
+            Inner::H2(body) => body.size_hint(),
             Inner::Hyper(body) => body.size_hint(),
             Inner::Local(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))

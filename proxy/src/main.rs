@@ -11,6 +11,7 @@ mod connect;
 mod detect;
 mod drain;
 mod h1;
+mod h2_upstream;
 mod http;
 #[cfg(test)]
 mod http2_tests;
