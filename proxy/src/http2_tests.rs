@@ -697,3 +697,69 @@ async fn an_answer_before_the_upload_ends_reaches_the_client() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_client_body_that_fails_midway_is_cancelled_upstream() {
+    // The client's body breaks its own `Content-Length` after the upstream has read the first
+    // chunk, so the proxy's side of the client stream fails it while the upstream stream is
+    // open. The upstream must see that stream cancelled: not a body that ends cleanly and looks
+    // complete, and not one left open.
+    let (first_read, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let (seen, mut outcome) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = upstream(defaults, move |request: Request<Incoming>| {
+        let (first_read, seen) = (first_read.clone(), seen.clone());
+        async move {
+            if request.uri().path() != "/upload" {
+                return Response::new(full("fine"));
+            }
+            let mut body = request.into_body();
+            let _ = body.frame().await;
+            let _ = first_read.send(());
+            let result = body.collect().await;
+            let reason = result.err().map(|error| {
+                let error: &(dyn std::error::Error + 'static) = &error;
+                anyhow::Chain::new(error)
+                    .find_map(|cause| cause.downcast_ref::<h2::Error>())
+                    .and_then(h2::Error::reason)
+            });
+            let _ = seen.send(reason);
+            Response::new(full("read"))
+        }
+    })
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let (chunks, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, BoxError>>();
+    let body = StreamBody::new(tokio_stream_of(rx)).boxed();
+    let mut upload = request(Method::POST, "/upload", body);
+    upload
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("20000"));
+    let client = tokio::spawn({
+        let mut sender = sender.clone();
+        async move { sender.send_request(upload).await.map(|_| ()) }
+    });
+    chunks
+        .send(Ok(Frame::data(Bytes::from(vec![b'u'; 16 * 1024]))))
+        .unwrap();
+    within("the upstream's read of the first chunk", first.recv()).await;
+    chunks
+        .send(Ok(Frame::data(Bytes::from(vec![b'u'; 16 * 1024]))))
+        .unwrap();
+    let reason = within("the upstream's read of the rest", outcome.recv()).await;
+    assert_eq!(reason, Some(Some(Some(h2::Reason::CANCEL))));
+    let answer = within("the client's answer", client).await.unwrap();
+    assert!(
+        answer.is_err(),
+        "the client's broken upload was answered: {answer:?}"
+    );
+    next_stream_is_served_on_the_same_upstream_connection(&mut sender, &upstream).await;
+}
+
+/// The frames sent on `rx`, as a stream a body can be made of.
+fn tokio_stream_of<T>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
