@@ -764,3 +764,44 @@ fn tokio_stream_of<T>(
         rx.recv().await.map(|item| (item, rx))
     })
 }
+
+#[tokio::test]
+async fn the_upstream_connection_closes_with_the_client_connection() {
+    // An upstream connection lives as long as the client connection it serves: once the client
+    // has gone, and its streams with it, the upstream sees its connection closed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (closed, mut closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    // A body to read, so the stream has a request pipe as well.
+                    let _ = request.into_body().collect().await;
+                    Ok::<_, Infallible>(Response::new(full("fine")))
+                });
+                let _ = server_h2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                let _ = closed.send(());
+            });
+        }
+    });
+    let (addr, _) = start_proxy(target).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = client_h2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let client = tokio::spawn(connection);
+    let (status, _, body, _) =
+        exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
+    drop(sender);
+    within("the client connection's end", client)
+        .await
+        .unwrap()
+        .unwrap();
+    within("the upstream connection's close", closes.recv()).await;
+}
