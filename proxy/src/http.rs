@@ -105,6 +105,11 @@ enum Failure {
     Upstream(hyper::Error),
     #[error("{}", with_causes(.0))]
     H2(h2::Error),
+    #[error(
+        "the upstream left the request unprocessed ({}); it had a body, so it was not sent again",
+        with_causes(.0)
+    )]
+    Unprocessed(h2::Error),
     #[error("{0}")]
     Http1(h1::Error),
 }
@@ -115,10 +120,15 @@ fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     texts.join(": ")
 }
 
-/// Whether the upstream refused the stream (RFC 9113 §8.7: `REFUSED_STREAM` means it processed
-/// none of the request, so sending it again is safe, whatever its method).
-fn refused(error: &h2::Error) -> bool {
-    error.is_reset() && error.is_remote() && error.reason() == Some(h2::Reason::REFUSED_STREAM)
+/// Whether the upstream left the stream unprocessed, so that sending it again is safe whatever
+/// its method: it refused it (`REFUSED_STREAM`, RFC 9113 §8.7), or its `GOAWAY` named a last
+/// stream below it (§6.8; the h2 crate fails only those streams with the `GOAWAY` itself, the
+/// others go on or fail with the connection). A server shutting down gracefully, as in a
+/// rolling update, does the latter to the streams in flight.
+fn unprocessed(error: &h2::Error) -> bool {
+    error.is_remote()
+        && (error.is_go_away()
+            || (error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// One client connection's destination, shared by its requests.
@@ -376,7 +386,7 @@ impl Drop for Http1Upstream {
 /// cookie is not a 431 over one protocol only.
 const MAX_H2_HEADER_LIST: u32 = h1::MAX_HEAD as u32;
 
-/// How many times one HTTP/2 request is sent again after a refused stream.
+/// How many times one HTTP/2 request is sent again after the upstream left it unprocessed.
 const MAX_REFUSALS: u32 = 2;
 
 /// The head of a bodyless HTTP/2 request, kept to send it again.
@@ -491,11 +501,16 @@ impl H2Upstream {
                 }
                 Err(error) => error,
             };
-            if resend.is_some() && refusals < MAX_REFUSALS && refused(&error) {
+            if resend.is_some() && refusals < MAX_REFUSALS && unprocessed(&error) {
                 refusals += 1;
-                debug!(direction = self.route.cx.direction(), destination = %self.route.target, "upstream refused the stream; sending the request again");
+                debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
+                // After a GOAWAY the connection takes no new stream: `ready` then fails on it,
+                // and the next pass dials a new one unless another stream already has.
                 replace = false;
                 continue;
+            }
+            if resend.is_none() && unprocessed(&error) {
+                break Err(Failure::Unprocessed(error));
             }
             break Err(Failure::H2(error));
         };

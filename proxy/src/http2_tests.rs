@@ -805,3 +805,89 @@ async fn the_upstream_connection_closes_with_the_client_connection() {
         .unwrap();
     within("the upstream connection's close", closes.recv()).await;
 }
+
+/// An upstream whose first connection answers the first stream with a `GOAWAY` naming stream 0
+/// as the last it processed, as a server shutting down between reading the stream's frames and
+/// handling them does; it closes that connection after `linger`. Later connections answer
+/// `fine`. Returns the address and the number of connections accepted.
+async fn going_away_before_the_first_stream(linger: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+                let service = service_fn(|_request: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(full("fine")))
+                });
+                tokio::spawn(
+                    server_h2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+                continue;
+            }
+            tokio::spawn(async move {
+                // Frames by hand (RFC 9113 §4.1): a 9-byte header of length, type, flags and
+                // stream, then the payload.
+                fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+                    let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                    bytes.extend([kind, flags, 0, 0, 0, 0]);
+                    bytes.extend_from_slice(payload);
+                    bytes
+                }
+                let mut preface = [0; 24];
+                stream.read_exact(&mut preface).await.unwrap();
+                stream.write_all(&frame(0x4, 0, &[])).await.unwrap();
+                loop {
+                    let mut head = [0; 9];
+                    if stream.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0; length];
+                    stream.read_exact(&mut payload).await.unwrap();
+                    match (head[3], head[4] & 0x1) {
+                        // SETTINGS, not an ACK: acknowledge it.
+                        (0x4, 0) => stream.write_all(&frame(0x4, 0x1, &[])).await.unwrap(),
+                        // HEADERS: GOAWAY, last stream 0, NO_ERROR.
+                        (0x1, _) => {
+                            stream.write_all(&frame(0x7, 0, &[0; 8])).await.unwrap();
+                            tokio::time::sleep(linger).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+#[tokio::test]
+async fn a_request_a_goaway_left_unprocessed_goes_again_on_a_new_connection() {
+    // The first connection stays open a while after its GOAWAY: the stream fails on the
+    // GOAWAY itself, not on the connection's close.
+    let (target, accepts) = going_away_before_the_first_stream(Duration::from_secs(2)).await;
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::POST, "/", empty())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, b"fine");
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_a_goaway_left_unprocessed_is_a_502_saying_so() {
+    // Its body went up with it and is gone: it cannot go again, and the 502 says why.
+    let (target, accepts) = going_away_before_the_first_stream(Duration::from_secs(2)).await;
+    let (addr, _) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) =
+        exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("left the request unprocessed"), "{body}");
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+}
