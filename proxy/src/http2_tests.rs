@@ -2,10 +2,10 @@
 //! either side of `serve_h2`. What they pin: streams of one client connection share one upstream
 //! connection, bodies and trailers pass byte exact in both directions under flow control, a
 //! request with `Host` instead of `:authority` passes as it came, an upstream's stream limit
-//! queues streams instead of failing them, a refused stream goes again when it can, an
-//! unreachable, closing or resetting upstream costs only the streams it has to, and a client
-//! stream that fails midway is cancelled upstream. Header sections may be as large as over
-//! HTTP/1.
+//! queues streams instead of failing them, a stream refused or left behind a GOAWAY goes again
+//! when it can, an unreachable, closing or resetting upstream costs only the streams it has to,
+//! a client stream that fails midway is cancelled upstream, and the upstream connection closes
+//! with the client's. Header sections may be as large as over HTTP/1.
 
 use std::convert::Infallible;
 use std::future::Future;
