@@ -891,3 +891,25 @@ async fn a_request_with_a_body_a_goaway_left_unprocessed_is_a_502_saying_so() {
     assert!(body.contains("left the request unprocessed"), "{body}");
     assert_eq!(accepts.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn streams_that_find_their_connection_going_away_share_one_new_connection() {
+    // Five streams at once; the upstream's GOAWAY leaves them unprocessed or finds them not yet
+    // sent. They all go again, on one new connection, not one each.
+    let (target, accepts) = going_away_before_the_first_stream(Duration::from_secs(2)).await;
+    let (addr, _) = start_proxy(target).await;
+    let sender = client(addr).await;
+    let streams: Vec<_> = (0..5)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                exchange(&mut sender, request(Method::GET, &format!("/{i}"), empty())).await
+            })
+        })
+        .collect();
+    for stream in streams {
+        let (status, _, body, _) = within("a stream's answer", stream).await.unwrap();
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
+    }
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
