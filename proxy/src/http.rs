@@ -428,8 +428,8 @@ fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Opt
         // refuse it for want of an authority.
         parts.version = Version::HTTP_11;
     }
-    // A bodyless request can go again if the upstream refuses its stream (a server may lower
-    // its stream limit, or refuse streams when it is busy).
+    // A bodyless request can go again if the upstream leaves its stream unprocessed (a server
+    // may lower its stream limit, refuse streams when it is busy, or shut down gracefully).
     let (body, resend) = if body.is_end_stream() {
         (None, Some(Resend::of(&parts)))
     } else {
@@ -501,18 +501,20 @@ impl H2Upstream {
                 }
                 Err(error) => error,
             };
-            if resend.is_some() && refusals < MAX_REFUSALS && unprocessed(&error) {
-                refusals += 1;
-                debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
-                // After a GOAWAY the connection takes no new stream: `ready` then fails on it,
-                // and the next pass dials a new one unless another stream already has.
-                replace = false;
-                continue;
+            if !unprocessed(&error) {
+                break Err(Failure::H2(error));
             }
-            if resend.is_none() && unprocessed(&error) {
+            if resend.is_none() {
                 break Err(Failure::Unprocessed(error));
             }
-            break Err(Failure::H2(error));
+            if refusals == MAX_REFUSALS {
+                break Err(Failure::H2(error));
+            }
+            refusals += 1;
+            debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
+            // After a GOAWAY the connection takes no new stream: `ready` then fails on it, and
+            // the next pass dials a new one unless another stream already has.
+            replace = false;
         };
         Ok(self.route.respond(start, log, result))
     }
