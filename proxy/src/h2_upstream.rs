@@ -11,8 +11,8 @@
 //! - The client's settings: no server push; the windows, frame size and send buffer hyper's
 //!   client would use; one stream at a time until the server's SETTINGS say how many it takes.
 //! - A request body goes up as its chunks come, each only once the stream has window for it, so
-//!   no more than one chunk per stream waits in memory. Its trailers follow; an error reading it
-//!   resets the upstream stream.
+//!   what waits in memory per stream is the unsent rest of one chunk and the next one read.
+//!   Its trailers follow; an error reading it resets the upstream stream.
 //! - A response body's window is given back as the client side takes each chunk, so a client
 //!   that stops reading holds the upstream stream, not the proxy's memory. A `RST_STREAM` with
 //!   `NO_ERROR` after the response head ends the body early (RFC 9113 §8.1), as a finished one.
