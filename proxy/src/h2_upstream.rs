@@ -24,9 +24,11 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
+
+use crate::BoxError;
 
 /// The send half of an upstream HTTP/2 connection; clones share the connection.
 pub type Sender = SendRequest<Bytes>;
@@ -80,8 +82,6 @@ where
         debug!(%error, "request body not sent upstream in full");
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Pipe<B> {
     body: B,
@@ -169,13 +169,14 @@ where
     }
 }
 
-/// An upstream response body as the client side reads it.
-pub struct ResponseBody {
+/// An upstream response body as the client side reads it (the HTTP/2 counterpart of
+/// [`crate::h1::UpstreamBody`]).
+pub struct UpstreamBody {
     stream: RecvStream,
     data_done: bool,
 }
 
-impl ResponseBody {
+impl UpstreamBody {
     pub fn new(stream: RecvStream) -> Self {
         Self {
             stream,
@@ -184,7 +185,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = h2::Error;
 
@@ -217,10 +218,6 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         self.stream.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 

@@ -28,6 +28,7 @@ use crate::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::h2_upstream;
 use crate::listen::Context;
 use crate::metrics::{CountingIo, Direction, Protocol};
+use crate::BoxError;
 
 /// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
 /// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
@@ -496,7 +497,7 @@ impl H2Upstream {
             let error = match response.await {
                 Ok(response) => {
                     break Ok(
-                        response.map(|stream| Inner::H2(h2_upstream::ResponseBody::new(stream)))
+                        response.map(|stream| Inner::H2(h2_upstream::UpstreamBody::new(stream)))
                     )
                 }
                 Err(error) => error,
@@ -589,14 +590,12 @@ enum Inner {
     /// An HTTP/1 response read by [`crate::h1`].
     Upstream(UpstreamBody),
     /// An HTTP/2 response read by [`crate::h2_upstream`].
-    H2(h2_upstream::ResponseBody),
+    H2(h2_upstream::UpstreamBody),
     /// A tunnel's response, read by hyper's client.
     Hyper(Incoming),
     /// A response the proxy makes itself (502).
     Local(Option<Bytes>),
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body sent back to the client: the upstream body as it streams in, or the proxy's own.
 pub struct ResponseBody {

@@ -32,8 +32,8 @@ use crate::http::serve_h2;
 use crate::http_tests::{closed_port, metric, new_proxy, pattern, within};
 use crate::listen::{Context, Proxy};
 use crate::metrics::Direction;
+use crate::BoxError;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 type Handler = Arc<
     dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,

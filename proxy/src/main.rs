@@ -39,6 +39,9 @@ use crate::metrics::{Direction, Metrics};
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
+/// The error of a body or task that may fail in any of several ways.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args)?;

@@ -1104,9 +1104,10 @@ def callgrind_total(path):
 
 def count():
     """remora-proxy (or HAProxy, for scale) under valgrind's callgrind, one fresh process per
-    run, for a small and a large number of requests: the difference over the difference in requests is the user-space
-    instructions each request costs, start-up and shutdown cancelled out. Deterministic to a
-    fraction of a percent, so a change too small for the timed loads' noise still shows."""
+    run, for a small and a large number of requests: the difference over the difference in
+    requests is the user-space instructions each request costs, start-up and shutdown cancelled
+    out. Deterministic to a fraction of a percent, so a change too small for the timed loads'
+    noise still shows."""
     try:
         small = int(os.environ.get("BENCH_COUNT_SMALL", "2000"))
         large = int(os.environ.get("BENCH_COUNT_LARGE", "22000"))
