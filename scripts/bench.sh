@@ -32,7 +32,8 @@ if ! command -v oha >/dev/null 2>&1; then
 fi
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
-  cargo build --release --workspace --bins
+  # The release binaries as users get them: remora-proxy in a build of its own (see `release`).
+  make --no-print-directory release
 fi
 
 if [ "${1:-}" = profile ]; then
