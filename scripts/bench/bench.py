@@ -100,9 +100,10 @@ CHECKED_BUILDS = set()
 
 
 def check_own_build(binary, explicit):
-    """Stops on (or, for a binary given by BENCH_REMORA_BIN_*, warns of) a remora-proxy built
-    in one Cargo build with remora-injector: it then carries kube-client's `tracing/log`, and
-    measures about 4% more instructions per HTTP/2 request than the proxy users get."""
+    """Stops on (or, for a binary named by BENCH_REMORA_BIN_* or BENCH_PROFILE_BIN, warns of)
+    a remora-proxy built in one Cargo build with remora-injector: it then carries kube-client's
+    `tracing/log`, and measures about 4% more instructions per HTTP/2 request than the proxy
+    users get."""
     if binary in CHECKED_BUILDS:
         return
     CHECKED_BUILDS.add(binary)
@@ -490,7 +491,7 @@ class Seat:
                                                         BIN_DIR / "remora-proxy")))
             if not binary.exists():
                 raise BenchError(f"{binary} is missing (make release)")
-            check_own_build(binary, explicit=bool(variant))
+            check_own_build(binary, explicit=bool(variant) or "BENCH_PROFILE_BIN" in os.environ)
             flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
             argv = self.wrapper + [binary] + flags.split()
             ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
