@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -525,9 +526,40 @@ class Seat:
         return CGROUPS.wrap("client", in_ns(self.pod, argv, uid=self.client_uid))
 
 
-def measure(seat, argv, parser, timeout):
+def server_spread(port):
+    """How nginx's workers share the load's connections to `port`: established connections per
+    worker, most first ([8, 2], or [10, 0] when one worker holds them all). With them all on one
+    worker, nginx is the bottleneck and every seat's figures move (see the bench README)."""
+    remote = f"{PREFIX}-remote"
+    workers = {}
+    for pid in run(["ip", "netns", "pids", remote], check=False).stdout.split():
+        try:
+            if b"worker process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers[pid] = 0
+        except OSError:  # gone meanwhile
+            continue
+    sockets = run(in_ns(remote, ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"]),
+                  check=False).stdout
+    for pid in re.findall(r"pid=(\d+)", sockets):
+        if pid in workers:
+            workers[pid] += 1
+    return sorted(workers.values(), reverse=True)
+
+
+def measure(seat, argv, parser, timeout, spread_port=None):
+    """One load through `seat`: the client's figures, the seat's CPU per request and, with
+    `spread_port`, nginx's connections per worker sampled a moment into the load."""
+    spread = []
+    sampler = threading.Timer(min(2.0, SECONDS / 2),
+                              lambda: spread.append(server_spread(spread_port)))
+    if spread_port:
+        sampler.start()
     cpu0 = seat.cpu()
-    out = run(seat.client(argv), timeout=timeout, check=False)
+    try:
+        out = run(seat.client(argv), timeout=timeout, check=False)
+    finally:
+        sampler.cancel()
+        sampler.join()
     cpu1 = seat.cpu()
     if out.returncode != 0:
         raise BenchError(f"{argv[0]} failed ({out.returncode}): {out.stderr[-500:]}{out.stdout[-500:]}")
@@ -535,6 +567,8 @@ def measure(seat, argv, parser, timeout):
     if cpu0 is not None and res.get("requests"):
         res["cpu_s"] = cpu1 - cpu0
         res["cpu_s_per_1k"] = (cpu1 - cpu0) / res["requests"] * 1000
+    if spread:
+        res["server_spread"] = spread[0]
     return res
 
 
@@ -560,6 +594,10 @@ LOAD_RESULTS = {
     "h2": ("h2", parse_h2load),
 }
 
+# The nginx port of each keep-alive load, whose connections stay for the whole load: how nginx's
+# workers share them is recorded with the load's figures.
+SPREAD_PORTS = {"throughput": H1_PORT, "latency": H1_PORT, "h2": H2_PORT}
+
 
 def run_load(seat, load, into):
     """One load through a fresh process of `seat`, its figures added to `into`: the idle RSS of
@@ -574,7 +612,8 @@ def run_load(seat, load, into):
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
         try:
-            into[key] = measure(seat, load_argv(load, SECONDS), parser, SECONDS + 30)
+            into[key] = measure(seat, load_argv(load, SECONDS), parser, SECONDS + 30,
+                                spread_port=SPREAD_PORTS.get(load))
         except BenchError as e:
             if load != "h2":
                 raise
@@ -965,12 +1004,32 @@ def tcp_counters(ns):
     return counters
 
 
+def switch_counts(pid):
+    """The process's context switches so far, summed over its threads: voluntary (it blocked)
+    and involuntary (it was preempted), from /proc/<pid>/task/*/status."""
+    counts = {"voluntary switches": 0, "involuntary switches": 0}
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key == "voluntary_ctxt_switches":
+                counts["voluntary switches"] += int(value)
+            elif key == "nonvoluntary_ctxt_switches":
+                counts["involuntary switches"] += int(value)
+    return counts
+
+
 def perf_stat(seat, name, work, argv, parser, s):
-    """Runs one load while `perf stat` counts the seat's process; counters per request, and the
-    pod namespace's TCP segment counters per request."""
+    """Runs one load while `perf stat` counts the seat's process; counters per request, the
+    process's voluntary and involuntary context switches, and the pod namespace's TCP segment
+    counters per request."""
     events = "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter"
     log_path = work / f"{name}.stat"
     before = tcp_counters(seat.pod)
+    switches = switch_counts(seat.proc.pid)
     stat = JANITOR.spawn(["perf", "stat", "-x", ",", "-e", events, "-p", str(seat.proc.pid),
                           "--", "sleep", str(s)], log_path=log_path)
     out = parser(run(seat.client(argv), timeout=s + 30).stdout)
@@ -980,6 +1039,8 @@ def perf_stat(seat, name, work, argv, parser, s):
     for key in TCP_COUNTERS:
         if key in after:
             counters[f"pod {key}"] = after[key] - before.get(key, 0)
+    for key, value in switch_counts(seat.proc.pid).items():
+        counters[key] = value - switches[key]
     for line in log_path.read_text().splitlines():
         f = line.split(",")
         if len(f) > 3 and f[0].replace(".", "").isdigit():
@@ -1338,6 +1399,7 @@ def render_markdown(report, head, rows):
                "oha --disable-keepalive, 10 concurrent. HTTP/2: h2load prior-knowledge h2c. "
                "CPU and RSS: the proxy process, from /proc.", "",
                markdown_table(head, rows), ""]
+        md += spread_lines(report.get("proxy_rounds", []))
         for seat, m in report["proxy"].items():
             if m.get("load_errors"):
                 md.append(f"- {seat_label(seat)}: {m['load_errors']} failed requests over all "
@@ -1347,6 +1409,24 @@ def render_markdown(report, head, rows):
             md.append(f"- {seat_label(s)} failed in {len(e)} round(s): {e[0][:300]}")
         md.append("")
     return "\n".join(md + [render_other_parts(report)])
+
+
+def spread_lines(rounds):
+    """Per seat and round, how nginx's two workers shared the connections of the keep-alive
+    loads: with all on one worker, that worker may be the bottleneck and the round slower."""
+    out = []
+    for key, what in (("throughput", "wrk"), ("latency_1000rps", "oha at 1000 rps"),
+                      ("h2", "h2load")):
+        cells = []
+        for seat in SEATS:
+            spreads = ["/".join(map(str, s)) for r in rounds
+                       if (s := get(r.get(seat, {}), f"{key}.server_spread"))]
+            if spreads:
+                cells.append(f"{seat_label(seat)} {', '.join(spreads)}")
+        if cells:
+            out.append(f"- nginx's connections per worker under {what}, by round: "
+                       + "; ".join(cells))
+    return out
 
 
 def render_other_parts(report):
