@@ -549,17 +549,18 @@ def server_spread(port):
 def measure(seat, argv, parser, timeout, spread_port=None):
     """One load through `seat`: the client's figures, the seat's CPU per request and, with
     `spread_port`, nginx's connections per worker sampled a moment into the load."""
-    spread = []
-    sampler = threading.Timer(min(2.0, SECONDS / 2),
-                              lambda: spread.append(server_spread(spread_port)))
+    spread, sampler = [], None
     if spread_port:
+        sampler = threading.Timer(min(2.0, SECONDS / 2),
+                                  lambda: spread.append(server_spread(spread_port)))
         sampler.start()
     cpu0 = seat.cpu()
     try:
         out = run(seat.client(argv), timeout=timeout, check=False)
     finally:
-        sampler.cancel()
-        sampler.join()
+        if sampler:
+            sampler.cancel()
+            sampler.join()
     cpu1 = seat.cpu()
     if out.returncode != 0:
         raise BenchError(f"{argv[0]} failed ({out.returncode}): {out.stderr[-500:]}{out.stdout[-500:]}")
