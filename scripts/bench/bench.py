@@ -69,6 +69,8 @@ KNOWN_LOADS = ["throughput", "latency", "newconn", "h2"]
 LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split(",") if x]
 
 PREFIX = f"rmb{os.getpid()}"
+# The namespace nginx runs in (made by `make_pod`).
+REMOTE_NS = f"{PREFIX}-remote"
 
 LAYOUTS = ("flat", "pod")
 LAYOUT = os.environ.get("BENCH_LAYOUT", "flat")
@@ -385,7 +387,7 @@ def parse_h2load(out):
 
 def make_pod():
     CGROUPS.setup()
-    pod, remote = JANITOR.netns(f"{PREFIX}-pod"), JANITOR.netns(f"{PREFIX}-remote")
+    pod, remote = JANITOR.netns(f"{PREFIX}-pod"), JANITOR.netns(REMOTE_NS)
     run(["ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
          "netns", remote])
     for ns, v4, v6 in ((pod, POD_V4, POD_V6), (remote, REMOTE_V4, REMOTE_V6)):
@@ -530,15 +532,14 @@ def server_spread(port):
     """How nginx's workers share the load's connections to `port`: established connections per
     worker, most first ([8, 2], or [10, 0] when one worker holds them all). With them all on one
     worker, nginx is the bottleneck and every seat's figures move (see the bench README)."""
-    remote = f"{PREFIX}-remote"
     workers = {}
-    for pid in run(["ip", "netns", "pids", remote], check=False).stdout.split():
+    for pid in run(["ip", "netns", "pids", REMOTE_NS], check=False).stdout.split():
         try:
             if b"worker process" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 workers[pid] = 0
         except OSError:  # gone meanwhile
             continue
-    sockets = run(in_ns(remote, ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"]),
+    sockets = run(in_ns(REMOTE_NS, ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"]),
                   check=False).stdout
     for pid in re.findall(r"pid=(\d+)", sockets):
         if pid in workers:
@@ -1416,8 +1417,8 @@ def spread_lines(rounds):
     """Per seat and round, how nginx's two workers shared the connections of the keep-alive
     loads: with all on one worker, that worker may be the bottleneck and the round slower."""
     out = []
-    for key, what in (("throughput", "wrk"), ("latency_1000rps", "oha at 1000 rps"),
-                      ("h2", "h2load")):
+    for load in SPREAD_PORTS:
+        key = LOAD_RESULTS[load][0]
         cells = []
         for seat in SEATS:
             spreads = ["/".join(map(str, s)) for r in rounds
@@ -1425,7 +1426,7 @@ def spread_lines(rounds):
             if spreads:
                 cells.append(f"{seat_label(seat)} {', '.join(spreads)}")
         if cells:
-            out.append(f"- nginx's connections per worker under {what}, by round: "
+            out.append(f"- nginx's connections per worker under the {load} load, by round: "
                        + "; ".join(cells))
     return out
 
