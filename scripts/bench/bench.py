@@ -658,6 +658,8 @@ METRICS = [
      False),
     ("newconn_rps", "new conn per request (req/s)", "new_connection.rps", "req/s", True),
     ("newconn_p99", "new conn per request p99 (ms)", "new_connection.p99_ms", "ms", False),
+    ("cpu_per_1k_newconn", "CPU s / 1000 req (new conn)", "new_connection.cpu_s_per_1k", "s",
+     False),
     ("h2_rps", "HTTP/2, 10 conns x 10 streams (req/s)", "h2.rps", "req/s", True),
     ("cpu_per_1k_h2", "CPU s / 1000 req (h2)", "h2.cpu_s_per_1k", "s", False),
     ("idle_rss", "idle RSS (MiB)", "idle_rss_kib", "MiB", False),
@@ -782,7 +784,7 @@ def targets(summary, injector, init):
                   None if a is None or b is None else a <= b, shown)
         # The issue sets one CPU target; each load that both proxies ran is held to it.
         for key, load in (("cpu_per_1k", "wrk"), ("cpu_per_1k_1000rps", "1000 rps"),
-                          ("cpu_per_1k_h2", "h2")):
+                          ("cpu_per_1k_newconn", "new conn"), ("cpu_per_1k_h2", "h2")):
             a, b = r.get(key), h.get(key)
             if a is None and b is None:
                 continue
