@@ -1,8 +1,14 @@
-//! Protocol detection on the first bytes a client sends, without consuming them (peek), so the
-//! chosen protocol handler reads the connection from its very first byte.
+//! Protocol detection on the first bytes a client sends. The bytes are read, not peeked: the
+//! chosen protocol handler gets them back first through [`Rewound`], so a connection costs one
+//! read of its first segment instead of a peek and a read.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -14,6 +20,10 @@ use tokio::time::Instant;
 /// timeout notices (Linkerd's 10 s stalls such protocols for 10 s). A late HTTP client only loses
 /// per-request metrics: its bytes are still carried, as opaque TCP.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How much of the first segment detection reads at once: hyper's first read of a connection
+/// asks for as much, so a request head that fits is read by this one call alone.
+const FIRST_READ: usize = 8 * 1024;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -60,53 +70,125 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     }
 }
 
-/// Peeks at the client's first bytes until they decide the protocol, the client closes, or
-/// [`DETECT_TIMEOUT`] passes.
-pub async fn detect(stream: &TcpStream) -> std::io::Result<Detected> {
-    let mut buf = [0u8; H2_PREFACE.len()];
+/// Reads the client's first bytes until they decide the protocol, the client closes, or
+/// [`DETECT_TIMEOUT`] passes. Returns what was read with the verdict: the handler must see those
+/// bytes first (opaque connections included).
+pub async fn detect(stream: &TcpStream) -> io::Result<(Detected, Bytes)> {
     // A client-first protocol's bytes are usually here by the time the connection is accepted:
-    // one non-blocking peek then decides without arming a timer or waiting for the reactor.
-    if let Some(detected) = peek_now(stream, &mut buf).and_then(|n| classify(&buf[..n])) {
-        return Ok(detected);
+    // one non-blocking read then decides without arming a timer or waiting for the reactor.
+    let mut seen = read_now(stream)?;
+    if let Some(detected) = classify(&seen) {
+        return Ok((detected, seen.freeze()));
     }
     let deadline = Instant::now() + DETECT_TIMEOUT;
-    let mut seen = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_elapsed) => return Ok(Detected::Opaque),
-            Ok(result) => result?,
-        };
-        if n == 0 {
-            return Ok(Detected::Opaque);
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_elapsed) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(ready) => ready?,
         }
-        if let Some(detected) = classify(&buf[..n]) {
-            return Ok(detected);
+        if seen.capacity() == seen.len() {
+            seen.reserve(FIRST_READ);
         }
-        // A partial first segment (rare: clients write whole request lines): peek returns at
-        // once while the same bytes wait, so pause briefly instead of spinning.
-        if n == seen {
-            if Instant::now() >= deadline {
-                return Ok(Detected::Opaque);
+        match stream.try_read_buf(&mut seen) {
+            // Closed before the bytes decided: whatever came is still carried, as opaque TCP.
+            Ok(0) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(_) => {
+                if let Some(detected) = classify(&seen) {
+                    return Ok((detected, seen.freeze()));
+                }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
         }
-        seen = n;
     }
 }
 
-/// Peeks without waiting; `None` when nothing has arrived yet or the peek failed (the
-/// waiting path then sees the same state and reports it).
-fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+/// Reads what has already arrived, without waiting. Tokio only attempts a read once its reactor
+/// has reported the socket readable, which a just-accepted socket has not been yet, so this reads
+/// the descriptor directly; tokio's readiness is unaffected, as a read that finds nothing would
+/// clear it anyway.
+fn read_now(stream: &TcpStream) -> io::Result<BytesMut> {
+    use nix::errno::Errno;
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
-    match recv(
-        stream.as_raw_fd(),
-        buf,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        // Zero bytes is the client closing: the waiting path reads the same and says so.
-        Ok(n) if n > 0 => Some(n),
-        _ => None,
+    let mut buf = [0u8; FIRST_READ];
+    match recv(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => Ok(BytesMut::from(&buf[..n])),
+        // Nothing yet; an EOF (zero bytes) is seen again by the waiting path, which reports it.
+        Err(Errno::EAGAIN | Errno::EINTR) => Ok(BytesMut::new()),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection whose first bytes detection has already read: reads return those
+    /// bytes before any more from the socket.
+    #[derive(Debug)]
+    pub struct Rewound<T> {
+        first: Bytes,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewound<T> {
+    pub fn new(inner: T, first: Bytes) -> Self {
+        Self { first, inner }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewound<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.first.is_empty() {
+            return this.inner.poll_read(cx, buf);
+        }
+        let n = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first[..n]);
+        this.first.advance(n);
+        if this.first.is_empty() {
+            // Free the block now rather than with the connection, which may live for hours.
+            *this.first = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewound<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -138,5 +220,101 @@ mod tests {
         ] {
             assert_eq!(classify(bytes), expected, "{name}");
         }
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair over loopback: (client, accepted).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    /// What the handler reads through [`Rewound`], in reads of at most `chunk` bytes, until EOF.
+    async fn read_all(stream: TcpStream, first: Bytes, chunk: usize) -> Vec<u8> {
+        let mut rewound = Rewound::new(stream, first);
+        let (mut all, mut buf) = (Vec::new(), vec![0; chunk]);
+        loop {
+            let n = rewound.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return all;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_handler_reads_every_byte_detection_read_then_the_rest() {
+        let (mut client, accepted) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        // Wait until the bytes are there, so the first, immediate read takes them.
+        accepted.readable().await.unwrap();
+        let (detected, first) = detect(&accepted).await.unwrap();
+        assert_eq!(detected, Detected::Http1);
+        assert_eq!(&first[..], b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+        client.write_all(b"GET /2 HTTP/1.1\r\n").await.unwrap();
+        drop(client);
+        // Reads smaller than what detection holds hand it out across several reads.
+        let all = read_all(accepted, first, 5).await;
+        assert_eq!(all, b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_first_segment_too_short_to_decide_is_kept_while_detection_waits_for_more() {
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"PRI * HTTP/2").await.unwrap();
+        accepted.readable().await.unwrap();
+        let detection = tokio::spawn(async move {
+            let detected = detect(&accepted).await.unwrap();
+            (detected, accepted)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client
+            .write_all(&H2_PREFACE[b"PRI * HTTP/2".len()..])
+            .await
+            .unwrap();
+        client.write_all(b"\x00\x00\x00\x04").await.unwrap();
+        let ((detected, first), accepted) = detection.await.unwrap();
+        assert_eq!(detected, Detected::H2);
+        drop(client);
+        let mut expected = H2_PREFACE.to_vec();
+        expected.extend_from_slice(b"\x00\x00\x00\x04");
+        let all = read_all(accepted, first, 64).await;
+        assert_eq!(all, expected);
+    }
+
+    #[tokio::test]
+    async fn undecided_bytes_then_a_close_are_carried_as_opaque() {
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"GE").await.unwrap();
+        client.shutdown().await.unwrap();
+        let started = Instant::now();
+        let (detected, first) = detect(&accepted).await.unwrap();
+        assert_eq!(detected, Detected::Opaque);
+        assert_eq!(&first[..], b"GE");
+        // The close decides at once; only silence waits for the timeout.
+        assert!(
+            started.elapsed() < DETECT_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_opaque_after_the_timeout_with_nothing_read() {
+        let (_client, accepted) = pair().await;
+        let started = Instant::now();
+        let (detected, first) = detect(&accepted).await.unwrap();
+        assert_eq!(detected, Detected::Opaque);
+        assert!(first.is_empty());
+        assert!(started.elapsed() >= DETECT_TIMEOUT);
     }
 }

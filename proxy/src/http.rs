@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::connect::connect;
 use crate::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::h2_upstream;
-use crate::listen::Context;
+use crate::listen::{ClientIo, Context};
 use crate::metrics::{CountingIo, Direction, Protocol};
 use crate::BoxError;
 
@@ -190,7 +190,7 @@ impl Route {
 }
 
 /// Serves one HTTP/1 client connection until it closes or the drain asks it to.
-pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
+pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     let state = Arc::new(Http1Upstream {
         route: Route {
             target,
@@ -228,7 +228,7 @@ pub async fn serve_http1(stream: TcpStream, target: SocketAddr, cx: Context) {
 }
 
 /// Serves one HTTP/2 client connection; its streams share one upstream HTTP/2 connection.
-pub async fn serve_h2(stream: TcpStream, target: SocketAddr, cx: Context) {
+pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
     let state = Arc::new(H2Upstream {
         route: Route {
             target,

@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::detect::{detect, Rewound};
 use crate::http::serve_h2;
 use crate::http_tests::{closed_port, metric, new_proxy, pattern, within};
 use crate::listen::{Context, Proxy};
@@ -107,11 +108,13 @@ async fn start_proxy(target: SocketAddr) -> (SocketAddr, &'static Proxy) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_h2(
-                stream,
-                target,
-                Context::new(proxy, Direction::Outbound),
-            ));
+            tokio::spawn(async move {
+                // Through detection, as the listener does: the preface reaches hyper rewound.
+                if let Ok((_, first)) = detect(&stream).await {
+                    let stream = Rewound::new(stream, first);
+                    serve_h2(stream, target, Context::new(proxy, Direction::Outbound)).await;
+                }
+            });
         }
     });
     (addr, proxy)

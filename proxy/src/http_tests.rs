@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::detect::{detect, Rewound};
 use crate::http::serve_http1;
 use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
@@ -46,7 +47,14 @@ async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_http1(stream, target, Context::new(proxy, direction)));
+            tokio::spawn(async move {
+                // Through detection, as the listener does, so the handler starts from the bytes
+                // detection already read.
+                if let Ok((_, first)) = detect(&stream).await {
+                    let stream = Rewound::new(stream, first);
+                    serve_http1(stream, target, Context::new(proxy, direction)).await;
+                }
+            });
         }
     });
     (addr, proxy)

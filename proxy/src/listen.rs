@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use bytes::Bytes;
 use remora_init::PortList;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,10 +15,13 @@ use tracing::{debug, warn};
 
 use crate::balance::{Assigned, Balance, Handoff};
 use crate::connect::reset;
-use crate::detect::{detect, Detected};
+use crate::detect::{detect, Detected, Rewound};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::{http, opaque, orig_dst};
+
+/// An accepted client connection, holding the first bytes that detection read.
+pub type ClientIo = Rewound<TcpStream>;
 
 /// What every connection shares; lives for the whole process.
 #[derive(Debug)]
@@ -221,11 +225,11 @@ async fn handle(stream: TcpStream, accepted: Accepted) {
             return;
         }
     };
-    let protocol = if cx.proxy.opaque_ports.contains(target.port()) {
-        Detected::Opaque
+    let (protocol, first) = if cx.proxy.opaque_ports.contains(target.port()) {
+        (Detected::Opaque, Bytes::new())
     } else {
         match detect(&stream).await {
-            Ok(protocol) => protocol,
+            Ok(detected) => detected,
             Err(error) => {
                 debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
                 return;
@@ -233,6 +237,7 @@ async fn handle(stream: TcpStream, accepted: Accepted) {
         }
     };
     debug!(direction = cx.direction(), %peer, destination = %target, ?protocol, "connection");
+    let stream = Rewound::new(stream, first);
     match protocol {
         Detected::Opaque => opaque::forward(stream, target, &cx).await,
         Detected::Http1 => http::serve_http1(stream, target, cx).await,

@@ -2,20 +2,19 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::connect::{connect, reset};
-use crate::listen::Context;
+use crate::listen::{ClientIo, Context};
 use crate::metrics::CountingIo;
 
-pub async fn forward(client: TcpStream, target: SocketAddr, cx: &Context) {
+pub async fn forward(client: ClientIo, target: SocketAddr, cx: &Context) {
     let upstream = match connect(target, cx.proxy.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             cx.metrics.connect_errors.inc();
             warn!(direction = cx.direction(), destination = %target, %error, "connect failed; resetting the client");
-            reset(client);
+            reset(client.into_inner());
             return;
         }
     };
@@ -25,7 +24,7 @@ pub async fn forward(client: TcpStream, target: SocketAddr, cx: &Context) {
     // exactly TCP half-close.
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(direction = cx.direction(), destination = %target, %error, "opaque connection ended with an error; resetting both sides");
-        reset(client.into_inner());
+        reset(client.into_inner().into_inner());
         reset(upstream);
     }
 }
