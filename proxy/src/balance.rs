@@ -6,9 +6,9 @@
 //! the clients while the other has time to spare (in the throughput bench, 50 connections
 //! spread evenly served 4.6% more requests a second than hashed ones). So a worker that
 //! accepts a connection while it serves more than the least busy worker hands it over, and
-//! only then: the usual accept costs two atomic loads and an add, and a hand-over two
-//! `epoll_ctl` calls and a wake-up of the other thread. Envoy offers the same as its
-//! `exact_balance` option.
+//! only then: the usual accept costs two atomic loads and an add, and a hand-over a channel
+//! send and a wake-up of the other thread (the socket joins a reactor only on the worker that
+//! serves it). Envoy offers the same as its `exact_balance` option.
 //!
 //! No slack is left: a worker allowed to serve two more than the least busy split ten
 //! connections 6/4 as often as 5/5, and under h2load's ten the fuller worker ran out of CPU

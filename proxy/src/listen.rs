@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use remora_init::PortList;
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -118,9 +120,17 @@ pub fn bind_all(
 
 /// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
 /// worker thread `worker`, which owns the listener; a connection stays on the thread that
-/// serves it, this one unless the balance hands it to a less busy worker.
+/// serves it, this one unless the balance hands it to a less busy worker. Sockets are accepted
+/// unregistered and join a reactor only on the worker that serves them, so a hand-over costs no
+/// `epoll_ctl` here (tokio's own listener registers each one, and handing it over then took two
+/// more calls to undo that).
 pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: usize) {
-    let listener = match TcpListener::from_std(listener) {
+    let listener = mio::net::TcpListener::from_std(listener);
+    // SAFETY: the mio listener owns its descriptor and keeps it open, unchanged, until the
+    // AsyncFd drops it; nothing else holds or closes it.
+    #[allow(unsafe_code)]
+    let registered = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
+    let listener = match registered {
         Ok(listener) => listener,
         Err(error) => {
             warn!(direction = cx.direction(), %error, "cannot register a listener");
@@ -128,10 +138,17 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
         }
     };
     loop {
-        let accepted = tokio::select! {
+        let mut ready = tokio::select! {
             biased;
             _ = cx.proxy.drain.signaled() => break,
-            accepted = listener.accept() => accepted,
+            ready = listener.readable() => match ready {
+                Ok(ready) => ready,
+                // The reactor is gone: the runtime is shutting down.
+                Err(_) => break,
+            },
+        };
+        let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) else {
+            continue; // nothing left to accept: wait for the next readiness
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -143,8 +160,9 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
                     _guard: cx.proxy.drain.guard(),
                     _placed: placed,
                 };
+                let stream = std::net::TcpStream::from(stream);
                 if to == worker {
-                    tokio::spawn(handle(stream, accepted));
+                    serve((stream, accepted));
                 } else {
                     hand_over(stream, accepted, to);
                 }
@@ -168,35 +186,29 @@ pub struct Accepted {
 }
 
 /// Sends an accepted connection to worker `to`.
-fn hand_over(stream: TcpStream, accepted: Accepted, to: usize) {
+fn hand_over(stream: std::net::TcpStream, accepted: Accepted, to: usize) {
     let (direction, peer) = (accepted.cx.direction(), accepted.peer);
-    let stream = match stream.into_std() {
-        Ok(stream) => stream,
-        Err(error) => {
-            warn!(direction, %peer, %error, "cannot hand a connection to another worker; closing it");
-            return;
-        }
-    };
     debug!(direction, %peer, worker = to, "handing the connection to a less busy worker");
     if let Err(handoff) = accepted.cx.proxy.balance.hand_over(to, (stream, accepted)) {
         // That worker is gone (the process is exiting): serve it here after all.
-        serve_handoff(handoff);
+        serve(handoff);
     }
 }
 
 /// Serves the connections other workers hand to this one; runs on every worker.
 pub async fn inbox_loop(mut inbox: mpsc::UnboundedReceiver<Handoff>) {
     while let Some(handoff) = inbox.recv().await {
-        serve_handoff(handoff);
+        serve(handoff);
     }
 }
 
-fn serve_handoff((stream, accepted): Handoff) {
+/// Registers an accepted connection with this worker's reactor and serves it here.
+fn serve((stream, accepted): Handoff) {
     match TcpStream::from_std(stream) {
         Ok(stream) => drop(tokio::spawn(handle(stream, accepted))),
         Err(error) => {
             let (direction, peer) = (accepted.cx.direction(), accepted.peer);
-            warn!(direction, %peer, %error, "cannot register a handed-over connection");
+            warn!(direction, %peer, %error, "cannot register an accepted connection");
         }
     }
 }
