@@ -105,8 +105,8 @@ pub async fn detect(stream: &TcpStream) -> io::Result<(Detected, Bytes)> {
 
 /// Reads what has already arrived, without waiting. Tokio only attempts a read once its reactor
 /// has reported the socket readable, which a just-accepted socket has not been yet, so this reads
-/// the descriptor directly; tokio's readiness is unaffected, as a read that finds nothing would
-/// clear it anyway.
+/// the descriptor directly. Reading behind tokio's back is safe: its readiness is a hint that
+/// the next read finding nothing clears, and bytes arriving later raise a new edge.
 fn read_now(stream: &TcpStream) -> io::Result<BytesMut> {
     use nix::errno::Errno;
     use nix::sys::socket::{recv, MsgFlags};

@@ -150,6 +150,9 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
         let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) else {
             continue; // nothing left to accept: wait for the next readiness
         };
+        // AsyncFd's readiness takes nothing from the task's budget, as tokio's own accept does:
+        // without this, a burst of connections would be accepted before any of them is served.
+        tokio::task::consume_budget().await;
         match accepted {
             Ok((stream, peer)) => {
                 let placed = cx.proxy.balance.place(worker);
