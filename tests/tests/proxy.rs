@@ -395,6 +395,39 @@ fn a_server_first_protocol_answers_without_a_stall() {
 }
 
 #[test]
+fn a_client_first_protocol_reaches_the_server_byte_for_byte() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    // An echo server on a port detection runs on; it sends nothing first.
+    tcp_server(&mesh.pod.remote, addr(REMOTE_V4, 7001), b"");
+    // Detection reads the first bytes itself; each case must still arrive whole and in order.
+    let large: Vec<u8> = b"SET k "
+        .iter()
+        .copied()
+        .chain((0..20_000).map(|i| b'a' + (i % 26) as u8))
+        .collect();
+    let cases: [(&str, &[u8]); 3] = [
+        ("a TLS-like binary hello", b"\x16\x03\x01\x00\x05hello"),
+        ("undecided bytes, then a close", b"GE"),
+        ("a first write larger than detection's read", &large),
+    ];
+    for (name, bytes) in cases {
+        let mut stream = connect(&mesh.pod.pod, addr(REMOTE_V4, 7001)).unwrap();
+        stream.write_all(bytes).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let echoed = read_until_closed_or(&mut stream, "\u{0}never");
+        assert!(
+            echoed.as_bytes() == bytes,
+            "{name}: {} bytes back",
+            echoed.len()
+        );
+    }
+    assert_eq!(mesh.metric(OUT_CONNS), 3.0);
+}
+
+#[test]
 fn excluded_ports_bypass_the_proxy() {
     if !can_run() {
         return;
