@@ -295,6 +295,27 @@ def proc_cpu_seconds(pid):
     return (utime + stime) / CLK_TCK
 
 
+def host_ticks():
+    """This VM's CPU time so far, from the first line of /proc/stat, in clock ticks: the time
+    its CPUs were busy (every process and the kernel, the hypervisor's share left out), the time
+    the hypervisor ran something else on them (steal), and all of it."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return {"busy": user + nice + system + irq + softirq, "steal": steal, "all": sum(fields)}
+
+
+def host_share(before, after, requests):
+    """What the whole VM spent while a load ran: the CPU seconds of every process on it per
+    1000 requests (client, proxy, server and their kernel work), and the share of its CPU time
+    the hypervisor took (steal: the VM's CPUs stood still though it had work)."""
+    d = {k: after[k] - before[k] for k in before}
+    out = {"steal_pct": 100 * d["steal"] / d["all"] if d["all"] else None}
+    if requests:
+        out["host_cpu_s_per_1k"] = d["busy"] / CLK_TCK / requests * 1000
+    return out
+
+
 def wait_until(limit, check, step=0.05):
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -555,20 +576,21 @@ def measure(seat, argv, parser, timeout, spread_port=None):
         sampler = threading.Timer(min(2.0, SECONDS / 2),
                                   lambda: spread.append(server_spread(spread_port)))
         sampler.start()
-    cpu0 = seat.cpu()
+    cpu0, host0 = seat.cpu(), host_ticks()
     try:
         out = run(seat.client(argv), timeout=timeout, check=False)
     finally:
         if sampler:
             sampler.cancel()
             sampler.join()
-    cpu1 = seat.cpu()
+    cpu1, host1 = seat.cpu(), host_ticks()
     if out.returncode != 0:
         raise BenchError(f"{argv[0]} failed ({out.returncode}): {out.stderr[-500:]}{out.stdout[-500:]}")
     res = parser(out.stdout)
     if cpu0 is not None and res.get("requests"):
         res["cpu_s"] = cpu1 - cpu0
         res["cpu_s_per_1k"] = (cpu1 - cpu0) / res["requests"] * 1000
+    res.update(host_share(host0, host1, res.get("requests")))
     if spread:
         res["server_spread"] = spread[0]
     return res
@@ -654,6 +676,8 @@ METRICS = [
     ("p50_1000", "p50 at 1000 rps (ms)", "latency_1000rps.p50_ms", "ms", False),
     ("p99_1000", "p99 at 1000 rps (ms)", "latency_1000rps.p99_ms", "ms", False),
     ("cpu_per_1k", "CPU s / 1000 req (wrk)", "throughput.cpu_s_per_1k", "s", False),
+    ("host_cpu_per_1k", "whole VM CPU s / 1000 req (wrk)", "throughput.host_cpu_s_per_1k", "s",
+     False),
     ("cpu_per_1k_1000rps", "CPU s / 1000 req (1000 rps)", "latency_1000rps.cpu_s_per_1k", "s",
      False),
     ("newconn_rps", "new conn per request (req/s)", "new_connection.rps", "req/s", True),
@@ -872,8 +896,13 @@ def bench_injector(work):
                 return {"error": f"{body.name} was not injected: {out.stdout[:300]}"}
         post = ["-m", "POST", "-H", "content-type: application/json", "--insecure", "--no-tui",
                 "--output-format", "json"]
-        oha = lambda *args: parse_oha(run(in_ns(ns, ["oha", *args, *post, f"{url}/inject"]),
-                                          timeout=SECONDS + 30).stdout)
+        def oha(*args):
+            host0 = host_ticks()
+            out = parse_oha(run(in_ns(ns, ["oha", *args, *post, f"{url}/inject"]),
+                                timeout=SECONDS + 30).stdout)
+            out["steal_pct"] = host_share(host0, host_ticks(), None)["steal_pct"]
+            return out
+
         res = {"rss_idle_kib": proc_status_kib(proc.pid, "VmRSS"), "rounds": []}
         # Like the proxy seats, several rounds and their medians: one p99 here swings 5x.
         for _ in range(ROUNDS):
@@ -894,6 +923,8 @@ def bench_injector(work):
         res["pod200_p50_ms"] = median([get(r, "pod200.p50_ms") for r in rs])
         res["pod200_p99_ms"] = median([get(r, "pod200.p99_ms") for r in rs])
         res["cpu_s_per_1k"] = median([r["cpu_s_per_1k"] for r in rs])
+        res["steal_pct"] = {k: median([get(r, f"{k}.steal_pct") for r in rs])
+                            for k in ("throughput", "latency_1000", "pod200")}
         res["errors"] = sum(get(r, f"{k}.errors") or 0 for r in rs
                             for k in ("throughput", "latency_1000", "pod200"))
         res["pod200_body_bytes"] = big.stat().st_size
@@ -1404,6 +1435,7 @@ def render_markdown(report, head, rows):
                "CPU and RSS: the proxy process, from /proc.", "",
                markdown_table(head, rows), ""]
         md += spread_lines(report.get("proxy_rounds", []))
+        md += steal_lines(report.get("proxy_rounds", []))
         for seat, m in report["proxy"].items():
             if m.get("load_errors"):
                 md.append(f"- {seat_label(seat)}: {m['load_errors']} failed requests over all "
@@ -1433,6 +1465,31 @@ def spread_lines(rounds):
     return out
 
 
+def max_steal(result):
+    """The highest host steal of any load in one seat's result of one round."""
+    return max((v for key, _ in LOAD_RESULTS.values()
+                if (v := get(result, f"{key}.steal_pct")) is not None), default=None)
+
+
+def steal_lines(rounds):
+    """Per load, the median share of the VM's CPU time the hypervisor took while each seat ran
+    it, and the highest of any round: a seat whose rounds ran while the host was busy lost time
+    it did not spend."""
+    cells = []
+    for load, (key, _) in LOAD_RESULTS.items():
+        per_seat = [(seat, [v for r in rounds
+                            if (v := get(r.get(seat, {}), f"{key}.steal_pct")) is not None])
+                    for seat in SEATS]
+        shown = [f"{seat_label(seat)} {median(v):.1f}" for seat, v in per_seat if v]
+        top = max((x for _, v in per_seat for x in v), default=None)
+        if shown:
+            cells.append(f"{load}: {', '.join(shown)} (highest round {top:.1f})")
+    if not cells:
+        return []
+    return ["- host steal, % of the VM's CPU time taken by the hypervisor during the load "
+            "(median per seat): " + "; ".join(cells)]
+
+
 def render_other_parts(report):
     md = []
     inj = report.get("injector")
@@ -1448,6 +1505,8 @@ def render_other_parts(report):
                    f"| CPU s / 1000 reviews | {fmt(inj['cpu_s_per_1k'], 's')} |",
                    f"| RSS idle / peak (MiB) | {fmt(inj['rss_idle_kib'] / 1024, 'MiB')} / {fmt(inj['rss_peak_kib'] / 1024, 'MiB')} |",
                    f"| failed requests | {inj['errors']} |",
+                   "| host steal during the loads, % (full speed / 1000/s / 200-container) | "
+                   + " / ".join(fmt(v) for v in (inj.get("steal_pct") or {}).values()) + " |",
                    "", f"Medians over {len(inj['rounds'])} round(s); the 200-container review is "
                    f"{inj['pod200_body_bytes']:,} bytes, sent one at a time.", ""]
     init = report.get("init")
@@ -1532,7 +1591,8 @@ def main():
                         log(f"  {seat_label(name):13} {fmt(get(x, 'throughput.rps'), 'req/s'):>9} req/s  "
                             f"p99@1000 {fmt(get(x, 'latency_1000rps.p99_ms'), 'ms')} ms  "
                             f"newconn {fmt(get(x, 'new_connection.rps'), 'req/s')} req/s  "
-                            f"h2 {fmt(get(x, 'h2.rps'), 'req/s')} req/s")
+                            f"h2 {fmt(get(x, 'h2.rps'), 'req/s')} req/s  steal (most of any "
+                            f"load) {fmt(max_steal(x))}%")
                 rounds.append(results)
             report["proxy_rounds"] = rounds
             report["proxy"] = summarize_proxy(rounds)
