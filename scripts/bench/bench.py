@@ -794,9 +794,10 @@ def targets(summary, injector, init):
     r, h, d = summary.get("remora", {}), summary.get("haproxy", {}), summary.get("direct", {})
     if r:
         rh, rd = ratio(r.get("rps"), h.get("rps")), ratio(r.get("rps"), d.get("rps"))
-        check("throughput >= 1.1x HAProxy", rh, rh is not None and rh >= 1.1, fmt(rh) + "x"
+        # Three decimals: 1.0993 is not met, and must not print as 1.10.
+        check("throughput >= 1.1x HAProxy", rh, rh is not None and rh >= 1.1, f"{rh:.3f}x"
               if rh is not None else "n/a")
-        check("throughput >= 0.4x direct", rd, rd is not None and rd >= 0.4, fmt(rd) + "x"
+        check("throughput >= 0.4x direct", rd, rd is not None and rd >= 0.4, f"{rd:.3f}x"
               if rd is not None else "n/a")
         for pct in ("p50", "p99"):
             a, b = r.get(f"added_{pct}_1000"), h.get(f"added_{pct}_1000")
