@@ -112,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // a second, far beyond what API servers send; with a worker per core, each request
             // woke an idle sibling to look for work. At 1000 reviews a second on 2 cores, one
             // worker spent 18% less CPU per review (6 interleaved pairs, less in every pair),
-            // with 42% fewer context switches and 85% fewer migrations. Bodies over
+            // with 41% fewer context switches and 85% fewer migrations. Bodies over
             // 256 KiB (`server::INLINE_REVIEW_BYTES`) are still reviewed on the blocking pool.
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
