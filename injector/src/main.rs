@@ -108,14 +108,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(&cli.log_level, cli.log_format.unwrap_or(LogFormat::Json))?;
-            // One worker thread. A review takes about 70 µs, so one thread answers over 10,000
-            // a second, far beyond what API servers send; with a worker per core, each request
-            // woke an idle sibling to look for work. At 1000 reviews a second on 2 cores, one
-            // worker spent 18% less CPU per review (6 interleaved pairs, less in every pair),
-            // with 41% fewer context switches and 85% fewer migrations. Bodies over
-            // 256 KiB (`server::INLINE_REVIEW_BYTES`) are still reviewed on the blocking pool.
+            // A worker per core. One worker spent 8-28% less CPU per review at 1000/s (no idle
+            // sibling woken per request), but every review then waits behind the one being
+            // reviewed, and full-speed reviews/s fell from about 17,000 to 10,000-11,500 (bench
+            // README, "On the firecracker VM").
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
