@@ -866,6 +866,10 @@ def admission_review(containers):
     }
 
 
+# The injector's loads, as keys of each round's result.
+INJECTOR_LOADS = ("throughput", "latency_1000", "pod200")
+
+
 def bench_injector(work):
     binary = BIN_DIR / "remora-injector"
     if not binary.exists():
@@ -925,9 +929,9 @@ def bench_injector(work):
         res["pod200_p99_ms"] = median([get(r, "pod200.p99_ms") for r in rs])
         res["cpu_s_per_1k"] = median([r["cpu_s_per_1k"] for r in rs])
         res["steal_pct"] = {k: median([get(r, f"{k}.steal_pct") for r in rs])
-                            for k in ("throughput", "latency_1000", "pod200")}
+                            for k in INJECTOR_LOADS}
         res["errors"] = sum(get(r, f"{k}.errors") or 0 for r in rs
-                            for k in ("throughput", "latency_1000", "pod200"))
+                            for k in INJECTOR_LOADS)
         res["pod200_body_bytes"] = big.stat().st_size
         res["rss_peak_kib"] = proc_status_kib(proc.pid, "VmHWM")
         return res
