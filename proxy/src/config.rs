@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use remora_init::PortList;
 
+use crate::connect::Keepalive;
+
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy
 /// behaves like an injected one.
@@ -20,6 +22,12 @@ const DEFAULT_MAX_WORKERS: usize = 2;
 pub enum ConfigError {
     #[error("{flag}: {value:?} is not a duration (expected e.g. 500ms, 2s or 1m)")]
     Duration { flag: &'static str, value: String },
+    #[error(
+        "--tcp-keepalive: {value:?} is not a whole number of seconds from 1s to {max}s, or 0 \
+         for off (the kernel counts keepalive in seconds)",
+        max = Keepalive::MAX_IDLE.as_secs()
+    )]
+    Keepalive { value: String },
 }
 
 /// The Linux scheduling policy of the proxy's threads (`--sched-policy`).
@@ -80,6 +88,15 @@ pub struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_drain_timeout, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
+    /// How long a connection with a peer outside the pod (an inbound client, an outbound
+    /// destination) may stay silent before TCP keepalive probes ask whether the peer is still
+    /// there. A peer gone without a FIN or reset (its node died, the network split) is found after
+    /// four such periods, idle or with a request waiting, and the client then gets a 502 or a reset
+    /// instead of waiting for ever. A live peer answers the probes however slow its app is.
+    /// Whole seconds; 0 turns it off.
+    #[arg(long, default_value = "10s", value_parser = parse_tcp_keepalive, value_name = "DURATION")]
+    pub tcp_keepalive: Duration,
+
     /// Worker threads [default: the cgroup CPU limit rounded up, at least 1, at most 2].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
@@ -106,6 +123,14 @@ fn parse_drain_timeout(value: &str) -> Result<Duration, ConfigError> {
         flag: "--drain-timeout",
         value: value.to_string(),
     })
+}
+
+fn parse_tcp_keepalive(value: &str) -> Result<Duration, ConfigError> {
+    parse_duration(value)
+        .filter(|idle| idle.subsec_nanos() == 0 && (idle.is_zero() || *idle <= Keepalive::MAX_IDLE))
+        .ok_or(ConfigError::Keepalive {
+            value: value.to_string(),
+        })
 }
 
 /// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
@@ -236,6 +261,35 @@ mod tests {
     fn a_bad_duration_names_the_flag() {
         let err = Args::try_parse_from(["remora-proxy", "--connect-timeout", "soon"]).unwrap_err();
         assert!(err.to_string().contains("--connect-timeout"), "{err}");
+    }
+
+    #[test]
+    fn tcp_keepalive_takes_whole_seconds_or_0_for_off() {
+        let keepalive = |argv: &[&str]| {
+            let args = Args::try_parse_from([&["remora-proxy"], argv].concat())?;
+            Ok::<_, clap::Error>(Keepalive::after(args.tcp_keepalive))
+        };
+        assert_eq!(
+            keepalive(&[]).unwrap(),
+            Keepalive::after(Duration::from_secs(10))
+        );
+        for (text, secs) in [("1s", 1), ("2m", 120), ("30", 30), ("32767s", 32_767)] {
+            assert_eq!(
+                keepalive(&["--tcp-keepalive", text]).unwrap(),
+                Keepalive::after(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        assert_eq!(keepalive(&["--tcp-keepalive", "0"]).unwrap(), None);
+        for bad in ["1500ms", "500ms", "32768s", "1h", "soon"] {
+            let err = keepalive(&["--tcp-keepalive", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--tcp-keepalive") && err.contains(bad) && err.contains("whole"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -141,7 +141,7 @@ struct Route {
 
 impl Route {
     async fn dial(&self) -> Result<TcpStream, Failure> {
-        match connect(self.target, self.cx.proxy.connect_timeout).await {
+        match connect(self.target, &self.cx).await {
             Ok(stream) => Ok(stream),
             Err(error) => {
                 self.cx.metrics.connect_errors.inc();

@@ -30,6 +30,7 @@ pub(crate) async fn within<T>(what: &str, future: impl Future<Output = T>) -> T 
 pub(crate) fn new_proxy() -> &'static Proxy {
     Box::leak(Box::new(Proxy {
         connect_timeout: Duration::from_secs(2),
+        keepalive: None,
         opaque_ports: Default::default(),
         proxy_ports: [15001, 15006],
         access_log: false,

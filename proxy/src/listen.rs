@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::balance::{Assigned, Balance, Handoff};
-use crate::connect::reset;
+use crate::connect::{reset, Keepalive};
 use crate::detect::{detect, Detected, Rewound};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
@@ -29,6 +29,8 @@ pub type ClientIo = Rewound<TcpStream>;
 #[derive(Debug)]
 pub struct Proxy {
     pub connect_timeout: Duration,
+    /// Dead-peer detection for sockets whose peer is outside the pod; `None` when off.
+    pub keepalive: Option<Keepalive>,
     pub opaque_ports: PortList,
     /// The outbound and inbound listener ports: a destination on one of them is a loop.
     pub proxy_ports: [u16; 2],
@@ -72,8 +74,13 @@ pub struct BindError {
 /// Binds one listener. IPv6 listeners are IPv6-only so that `[::]` and `0.0.0.0` on one port
 /// can coexist and each family's SO_ORIGINAL_DST is read the right way. With `reuse_port`,
 /// every worker thread binds its own socket on the same address and the kernel spreads new
-/// connections over them (only sockets of the same uid may join).
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, BindError> {
+/// connections over them (only sockets of the same uid may join). The accepted sockets inherit
+/// `keepalive`, set on the listener once.
+pub fn bind(
+    addr: SocketAddr,
+    reuse_port: bool,
+    keepalive: Option<Keepalive>,
+) -> Result<std::net::TcpListener, BindError> {
     let bind = || -> io::Result<std::net::TcpListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         if addr.is_ipv6() {
@@ -86,6 +93,9 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener,
         socket.set_tcp_nodelay(true)?;
         if reuse_port {
             socket.set_reuse_port(true)?;
+        }
+        if let Some(keepalive) = keepalive {
+            keepalive.apply(socket2::SockRef::from(&socket))?;
         }
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
@@ -101,11 +111,12 @@ pub fn bind_all(
     addrs: &[SocketAddr],
     what: &str,
     reuse_port: bool,
+    keepalive: Option<Keepalive>,
     log_skips: bool,
 ) -> Result<Vec<std::net::TcpListener>, BindError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for (i, &addr) in addrs.iter().enumerate() {
-        match bind(addr, reuse_port) {
+        match bind(addr, reuse_port, keepalive) {
             Ok(listener) => listeners.push(listener),
             Err(error) if i > 0 => {
                 if log_skips {
@@ -266,10 +277,35 @@ mod tests {
 
     #[test]
     fn accepted_connections_inherit_tcp_nodelay() {
-        let listener = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
         listener.set_nonblocking(false).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+    }
+
+    #[test]
+    fn accepted_connections_inherit_the_dead_peer_detection() {
+        let keepalive = Keepalive::after(Duration::from_secs(5));
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, keepalive).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(
+            accepted.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            accepted.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            accepted.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(20))
+        );
     }
 }

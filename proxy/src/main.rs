@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Args, LogFormat, SchedPolicy};
+use crate::connect::Keepalive;
 use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
 
@@ -53,6 +54,7 @@ fn main() -> anyhow::Result<()> {
     let (balance, inboxes) = balance::Balance::new(workers);
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
+        keepalive: Keepalive::after(args.tcp_keepalive),
         opaque_ports: args.opaque_ports.clone(),
         proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
         access_log: args.access_log,
@@ -69,17 +71,24 @@ fn main() -> anyhow::Result<()> {
     let mut worker_listeners = Vec::with_capacity(workers);
     for worker in 0..workers {
         let mut listeners = Vec::new();
-        for (addrs, direction, what) in [
-            (args.outbound_addrs(), Direction::Outbound, "outbound"),
-            (args.inbound_addrs(), Direction::Inbound, "inbound"),
+        // Inbound clients are outside the pod, so their sockets get the dead-peer detection;
+        // outbound clients are the pod's own app, whose end a crash still closes.
+        for (addrs, direction, what, keepalive) in [
+            (args.outbound_addrs(), Direction::Outbound, "outbound", None),
+            (
+                args.inbound_addrs(),
+                Direction::Inbound,
+                "inbound",
+                proxy.keepalive,
+            ),
         ] {
-            for listener in listen::bind_all(&addrs, what, true, worker == 0)? {
+            for listener in listen::bind_all(&addrs, what, true, keepalive, worker == 0)? {
                 listeners.push((listener, direction));
             }
         }
         worker_listeners.push(listeners);
     }
-    let admin = listen::bind_all(&args.admin_addrs(), "admin", false, true)?;
+    let admin = listen::bind_all(&args.admin_addrs(), "admin", false, None, true)?;
     let mut accepting = Vec::with_capacity(workers);
     for (worker, (listeners, inbox)) in worker_listeners.into_iter().zip(inboxes).enumerate() {
         // Sockets and timers only: signals are the main thread's, and no worker runs a child

@@ -143,7 +143,7 @@ fn get(ns: &NetNs, args: &[&str]) -> (u16, String) {
 }
 
 /// An HTTP/1.1 + HTTP/2 (prior knowledge) server on `addr` inside `ns`:
-/// `/slow` answers after 1.5 s, `/ws` upgrades and `CONNECT` tunnels, then both echo bytes;
+/// `/slow` answers after 1.5 s and `/sleep/<ms>` after that many ms, `/ws` upgrades and `CONNECT` tunnels, then both echo bytes;
 /// anything else says `hello <path> <version>`. Every response carries `x-connection`, the
 /// number of the connection it came on.
 fn http_server(ns: &NetNs, addr: SocketAddr) {
@@ -188,6 +188,9 @@ async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
     let path = request.uri().path().to_string();
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/").and_then(|ms| ms.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if path == "/ws" || request.method() == hyper::Method::CONNECT {
         let upgrade = hyper::upgrade::on(&mut request);
@@ -470,6 +473,181 @@ fn a_refused_destination_gives_502_quickly_or_a_reset_and_is_counted() {
     let metrics = mesh.metrics();
     assert_eq!(value(&metrics, OUT_502), 1.0, "{metrics}");
     assert_eq!(value(&metrics, OUT_CONNECT_ERRORS), 2.0, "{metrics}");
+}
+
+/// From now on, `ns` sends nothing more on TCP `port` (`--sport` or `--dport`): to its peer it
+/// looks like a host that vanished without a FIN or a reset (a node that lost power, a split).
+fn fall_silent(ns: &NetNs, direction: &str, port: u16) {
+    ns.exec_ok(&[
+        "iptables",
+        "-w",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        direction,
+        &port.to_string(),
+        "-j",
+        "DROP",
+    ])
+    .unwrap();
+}
+
+/// Established TCP connections in `ns` with local port `port`.
+fn established(ns: &NetNs, port: u16) -> usize {
+    let out = ns
+        .exec_ok(&[
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// curl in the background, bounded at 20 s: the proxy must answer well before.
+fn curl_in_background(ns: &NetNs, args: &[&str]) -> std::process::Child {
+    ns.command("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning curl")
+}
+
+#[test]
+fn a_destination_that_falls_silent_gives_502_and_a_slow_live_one_its_answer() {
+    if !can_run() {
+        return;
+    }
+    // Found dead after 4 s of silence.
+    let mesh = Mesh::new(&[], &["--tcp-keepalive", "1s"]);
+    let (pod, remote) = (&mesh.pod.pod, &mesh.pod.remote);
+    http_server(remote, addr(REMOTE_V4, 8080));
+    http_server(remote, addr(REMOTE_V4, 8081));
+    // Both answer after 6 s, longer than it takes to find a silent peer dead.
+    let start = Instant::now();
+    let live = [
+        curl_in_background(pod, &["http://198.18.0.2:8080/sleep/6000"]),
+        curl_in_background(
+            pod,
+            &[
+                "--http2-prior-knowledge",
+                "http://198.18.0.2:8080/sleep/6000",
+            ],
+        ),
+    ];
+    let dead = [
+        curl_in_background(pod, &["http://198.18.0.2:8081/sleep/6000"]),
+        curl_in_background(
+            pod,
+            &[
+                "--http2-prior-knowledge",
+                "http://198.18.0.2:8081/sleep/6000",
+            ],
+        ),
+    ];
+    // Once the proxy's upstream connections stand (so no connect can fail instead), the server
+    // on 8081 goes silent with both requests unanswered.
+    assert!(
+        wait_until(Duration::from_secs(3), || established(remote, 8081) == 2),
+        "the proxy never reached the server"
+    );
+    fall_silent(remote, "--sport", 8081);
+    let silent = Instant::now();
+    for (curl, expected) in dead
+        .into_iter()
+        .map(|curl| (curl, "502"))
+        .chain(live.into_iter().map(|curl| (curl, "200")))
+    {
+        let out = curl.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        assert_eq!(code, expected, "{body} {stderr}\n{}", mesh.log());
+        if expected == "200" {
+            assert!(body.starts_with("hello /sleep/6000 HTTP/"), "{body}");
+        } else {
+            // 4 s of keepalive, not curl's 20 s and not the kernel's 15 minutes.
+            let waited = silent.elapsed();
+            assert!(waited < Duration::from_secs(10), "{waited:?}: {body}");
+            assert!(body.contains("timed out"), "{body}");
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    let metrics = mesh.metrics();
+    for protocol in ["http1", "h2"] {
+        for code in ["200", "502"] {
+            let series = format!(
+                "remora_proxy_requests_total{{direction=\"outbound\",protocol=\"{protocol}\",status_code=\"{code}\"}}"
+            );
+            assert_eq!(value(&metrics, &series), 1.0, "{series}\n{metrics}");
+        }
+    }
+}
+
+#[test]
+fn an_inbound_client_that_falls_silent_is_let_go_and_the_app_freed() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &["--tcp-keepalive", "1s"]);
+    let (pod, remote) = (&mesh.pod.pod, &mesh.pod.remote);
+    // The app: one connection, read until it ends; reports how it ended and when.
+    let app = addr(POD_V4, 9000);
+    let listener = pod
+        .run_in(move || std::net::TcpListener::bind(app))
+        .unwrap()
+        .unwrap();
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut buf = [0u8; 64];
+        let how = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break "closed".to_string(),
+                Ok(_) => continue,
+                Err(error) => break error.kind().to_string(),
+            }
+        };
+        let _ = ended_tx.send((how, Instant::now()));
+    });
+    let mut client = connect(remote, app).unwrap();
+    client.write_all(b"hello app\n").unwrap();
+    let open = "remora_proxy_tcp_open_connections{direction=\"inbound\"}";
+    assert!(wait_until(Duration::from_secs(3), || {
+        mesh.metric(open) == 1.0 && established(pod, 9000) == 1
+    }));
+    // The client's host vanishes: nothing it sends on this connection arrives any more.
+    fall_silent(remote, "--dport", 9000);
+    let silent = Instant::now();
+    let (how, at) = ended
+        .recv_timeout(Duration::from_secs(25))
+        .expect("the app's connection never ended");
+    assert_ne!(
+        how, "timed out",
+        "the proxy held the app's connection open for 20 s"
+    );
+    assert!(
+        at - silent < Duration::from_secs(10),
+        "{how} after {:?}",
+        at - silent
+    );
+    assert!(wait_until(Duration::from_secs(2), || mesh.metric(open) == 0.0));
+    drop(client);
 }
 
 #[test]
