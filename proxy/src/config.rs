@@ -91,9 +91,9 @@ pub struct Args {
     /// How long a connection with a peer outside the pod (an inbound client, an outbound
     /// destination) may stay silent before TCP keepalive probes ask whether the peer is still
     /// there. A peer gone without a FIN or reset (its node died, the network split) is found after
-    /// four such periods, idle or with a request waiting, and the client then gets a 502 or a reset
-    /// instead of waiting for ever. A live peer answers the probes however slow its app is.
-    /// Whole seconds; 0 turns it off.
+    /// four such periods, and a request waiting for it gets a 502, a byte stream a reset, instead
+    /// of waiting for ever. A live peer answers the probes however slow its app is. Whole
+    /// seconds; 0 turns it off.
     #[arg(long, default_value = "10s", value_parser = parse_tcp_keepalive, value_name = "DURATION")]
     pub tcp_keepalive: Duration,
 

@@ -11,17 +11,21 @@ use tokio::net::TcpStream;
 use crate::listen::Context;
 use crate::metrics::Direction;
 
-/// TCP keepalive probes with a user timeout, for a socket whose peer is outside the pod.
+/// TCP keepalive probes, for a socket whose peer is outside the pod.
 ///
 /// A peer that is gone without a FIN or a reset (its node lost power, the network split) never
-/// tells the proxy so. Without this, a request waiting for its response waits for ever, and one
-/// written to such a peer waits for the kernel's retransmissions (about 15 minutes). Here the
-/// peer is found dead once it has answered nothing for four idle periods: three probes one idle
-/// period apart after the connection fell silent for one (`TCP_KEEPIDLE`, `TCP_KEEPINTVL`,
-/// `TCP_KEEPCNT`), or data it has not acknowledged for as long (`TCP_USER_TIMEOUT`). The
-/// socket's reads and writes then fail with `ETIMEDOUT`: a 502 for a request that had no
-/// response yet, a reset for a byte stream. A live peer's kernel answers every probe, however
-/// long its application takes to respond, so a slow server is never cut off.
+/// tells the proxy so, and a request waiting for its response would wait for ever. Here, once
+/// the connection has been silent for one idle period, three probes go out one idle period
+/// apart (`TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`); a peer that answered none of them is
+/// gone after four periods, and the socket's reads and writes fail with `ETIMEDOUT`: a 502 for
+/// a request that had no response yet, a reset for a byte stream. A live peer's kernel answers
+/// every probe, however long its application takes to respond.
+///
+/// No `TCP_USER_TIMEOUT`. It would also bound a request written to a peer that died within the
+/// last four periods, which now waits for the kernel's retransmissions (about 15 minutes; probes
+/// wait while data is unacknowledged). But Linux (5.11 on) also applies it to a live peer that
+/// keeps its receive window shut, so a client that pauses a download for that long, or a server
+/// that stops reading an upload while it works, would be cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
     idle: Duration,
@@ -39,19 +43,13 @@ impl Keepalive {
         (!idle.is_zero()).then_some(Self { idle })
     }
 
-    /// How long a silent peer takes to be declared gone.
-    pub fn dead_after(&self) -> Duration {
-        self.idle * (Self::PROBES + 1)
-    }
-
     /// Sets the options on `socket`. A listener's accepted sockets inherit them.
     pub fn apply(&self, socket: SockRef<'_>) -> io::Result<()> {
         let probes = TcpKeepalive::new()
             .with_time(self.idle)
             .with_interval(self.idle)
             .with_retries(Self::PROBES);
-        socket.set_tcp_keepalive(&probes)?;
-        socket.set_tcp_user_timeout(Some(self.dead_after()))
+        socket.set_tcp_keepalive(&probes)
     }
 }
 
@@ -90,8 +88,7 @@ mod tests {
     #[test]
     fn a_zero_idle_period_is_off() {
         assert_eq!(Keepalive::after(Duration::ZERO), None);
-        let keepalive = Keepalive::after(Duration::from_secs(10)).unwrap();
-        assert_eq!(keepalive.dead_after(), Duration::from_secs(40));
+        assert!(Keepalive::after(Duration::from_secs(1)).is_some());
     }
 
     #[test]
@@ -109,9 +106,6 @@ mod tests {
             Duration::from_secs(7)
         );
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
-        assert_eq!(
-            socket.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(28))
-        );
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
     }
 }

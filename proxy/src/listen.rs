@@ -303,9 +303,6 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
-        assert_eq!(
-            accepted.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(20))
-        );
+        assert_eq!(accepted.tcp_user_timeout().unwrap(), None);
     }
 }

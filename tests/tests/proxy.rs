@@ -1,7 +1,7 @@
 //! remora-proxy end to end: a pod made of namespaces, remora-init's real rules, the proxy as uid
 //! 1337, an app in the pod and servers on the remote host; real sockets throughout.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -143,7 +143,8 @@ fn get(ns: &NetNs, args: &[&str]) -> (u16, String) {
 }
 
 /// An HTTP/1.1 + HTTP/2 (prior knowledge) server on `addr` inside `ns`:
-/// `/slow` answers after 1.5 s and `/sleep/<ms>` after that many ms, `/ws` upgrades and `CONNECT` tunnels, then both echo bytes;
+/// `/slow` answers after 1.5 s and `/sleep/<ms>[/anything]` after that many ms (counted in
+/// [`STARTED`] as it arrives), `/ws` upgrades and `CONNECT` tunnels, then both echo bytes;
 /// anything else says `hello <path> <version>`. Every response carries `x-connection`, the
 /// number of the connection it came on.
 fn http_server(ns: &NetNs, addr: SocketAddr) {
@@ -184,13 +185,22 @@ fn http_server(ns: &NetNs, addr: SocketAddr) {
     });
 }
 
+/// How many requests for each `/sleep/` path have reached a server, across all tests.
+static STARTED: std::sync::Mutex<BTreeMap<String, usize>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn started(path: &str) -> usize {
+    STARTED.lock().unwrap().get(path).copied().unwrap_or(0)
+}
+
 async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path().to_string();
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    if let Some(ms) = path.strip_prefix("/sleep/").and_then(|ms| ms.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    if let Some(rest) = path.strip_prefix("/sleep/") {
+        let ms = rest.split('/').next().and_then(|ms| ms.parse().ok());
+        *STARTED.lock().unwrap().entry(path.clone()).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(ms.unwrap_or(0))).await;
     }
     if path == "/ws" || request.method() == hyper::Method::CONNECT {
         let upgrade = hyper::upgrade::on(&mut request);
@@ -475,6 +485,55 @@ fn a_refused_destination_gives_502_quickly_or_a_reset_and_is_counted() {
     assert_eq!(value(&metrics, OUT_CONNECT_ERRORS), 2.0, "{metrics}");
 }
 
+#[test]
+fn an_inbound_client_that_stops_reading_a_while_is_not_cut_off() {
+    if !can_run() {
+        return;
+    }
+    // Four keepalive periods are 4 s; the client reads nothing for 6 s while the proxy has data
+    // for it and its window is shut. A live peer's shut window is no sign of death.
+    let mesh = Mesh::new(&[], &["--tcp-keepalive", "1s"]);
+    const SIZE: usize = 16 << 20;
+    let app = addr(POD_V4, 9001);
+    let listener = mesh
+        .pod
+        .pod
+        .run_in(move || std::net::TcpListener::bind(app))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(20)));
+        let block = vec![b'x'; 1 << 16];
+        for _ in 0..SIZE / block.len() {
+            if stream.write_all(&block).is_err() {
+                return;
+            }
+        }
+        let _ = stream.shutdown(Shutdown::Write);
+    });
+    let mut client = connect(&mesh.pod.remote, app).unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut received = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = loop {
+        match client.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => received += n,
+            Err(error) => break Some(error),
+        }
+    };
+    assert_eq!(
+        (received, ended.map(|e| e.kind())),
+        (SIZE, None),
+        "{}",
+        mesh.log()
+    );
+}
+
 /// From now on, `ns` sends nothing more on TCP `port` (`--sport` or `--dport`): to its peer it
 /// looks like a host that vanished without a FIN or a reset (a node that lost power, a split).
 fn fall_silent(ns: &NetNs, direction: &str, port: u16) {
@@ -533,38 +592,30 @@ fn a_destination_that_falls_silent_gives_502_and_a_slow_live_one_its_answer() {
     http_server(remote, addr(REMOTE_V4, 8081));
     // Both answer after 6 s, longer than it takes to find a silent peer dead.
     let start = Instant::now();
-    let live = [
-        curl_in_background(pod, &["http://198.18.0.2:8080/sleep/6000"]),
-        curl_in_background(
-            pod,
-            &[
-                "--http2-prior-knowledge",
-                "http://198.18.0.2:8080/sleep/6000",
-            ],
-        ),
+    let (live, dead) = ("/sleep/6000/live", "/sleep/6000/dead");
+    let url = |port: u16, path: &str| format!("http://198.18.0.2:{port}{path}");
+    let live_curls = [
+        curl_in_background(pod, &[&url(8080, live)]),
+        curl_in_background(pod, &["--http2-prior-knowledge", &url(8080, live)]),
     ];
-    let dead = [
-        curl_in_background(pod, &["http://198.18.0.2:8081/sleep/6000"]),
-        curl_in_background(
-            pod,
-            &[
-                "--http2-prior-knowledge",
-                "http://198.18.0.2:8081/sleep/6000",
-            ],
-        ),
+    let dead_curls = [
+        curl_in_background(pod, &[&url(8081, dead)]),
+        curl_in_background(pod, &["--http2-prior-knowledge", &url(8081, dead)]),
     ];
-    // Once the proxy's upstream connections stand (so no connect can fail instead), the server
-    // on 8081 goes silent with both requests unanswered.
+    // Once both requests are at the server on 8081 (no connect can fail instead, and nothing
+    // is left unacknowledged, which the kernel would retransmit for minutes), it goes silent.
     assert!(
-        wait_until(Duration::from_secs(3), || established(remote, 8081) == 2),
-        "the proxy never reached the server"
+        wait_until(Duration::from_secs(3), || started(dead) == 2
+            && started(live) == 2),
+        "the requests never reached the servers"
     );
+    std::thread::sleep(Duration::from_millis(300)); // a delayed ACK is out by now
     fall_silent(remote, "--sport", 8081);
     let silent = Instant::now();
-    for (curl, expected) in dead
+    for (curl, expected) in dead_curls
         .into_iter()
         .map(|curl| (curl, "502"))
-        .chain(live.into_iter().map(|curl| (curl, "200")))
+        .chain(live_curls.into_iter().map(|curl| (curl, "200")))
     {
         let out = curl.wait_with_output().unwrap();
         let (stdout, stderr) = (
@@ -574,9 +625,9 @@ fn a_destination_that_falls_silent_gives_502_and_a_slow_live_one_its_answer() {
         let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
         assert_eq!(code, expected, "{body} {stderr}\n{}", mesh.log());
         if expected == "200" {
-            assert!(body.starts_with("hello /sleep/6000 HTTP/"), "{body}");
+            assert!(body.starts_with("hello /sleep/6000/live HTTP/"), "{body}");
         } else {
-            // 4 s of keepalive, not curl's 20 s and not the kernel's 15 minutes.
+            // 4 s of keepalive, not curl's 20 s.
             let waited = silent.elapsed();
             assert!(waited < Duration::from_secs(10), "{waited:?}: {body}");
             assert!(body.contains("timed out"), "{body}");
