@@ -21,11 +21,14 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::HeaderMap;
 use http_body::{Body, Frame};
-use tokio::io::{AsyncRead, AsyncWrite};
+use http_body_util::{BodyExt, StreamBody};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
 use tracing::debug;
 
 use crate::BoxError;
@@ -82,6 +85,43 @@ where
         debug!(%error, "request body not sent upstream in full");
     }
 }
+
+/// Carries a `CONNECT` tunnel (RFC 9113 §8.5) until both directions have ended: the bytes of
+/// `client`, the client's stream that hyper hands over once the tunnel is accepted, go up `up`,
+/// and those of `down` come back. Each side's end of stream passes on as the other's
+/// (half-close). An upstream reset or a failing client ends both: the upstream stream, if still
+/// open, is reset as its handles drop; the client's is ended, since hyper ends a tunnel's
+/// stream when it is dropped (and reads the client's `CANCEL` as an end).
+pub async fn tunnel<T>(client: T, up: SendStream<Bytes>, down: RecvStream) -> Result<(), BoxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (read, mut write) = tokio::io::split(client);
+    let mut upward = Pipe {
+        body: StreamBody::new(ReaderStream::with_capacity(read, TUNNEL_READ).map_ok(Frame::data)),
+        stream: up,
+        held: None,
+    };
+    let upward = async {
+        std::future::poll_fn(|cx| upward.poll(cx))
+            .await
+            .map_err(BoxError::from)
+    };
+    let downward = async {
+        let mut body = UpstreamBody::new(down);
+        while let Some(frame) = body.frame().await {
+            if let Ok(chunk) = frame?.into_data() {
+                write.write_all(&chunk).await?;
+            }
+        }
+        write.shutdown().await?;
+        Ok::<_, BoxError>(())
+    };
+    tokio::try_join!(upward, downward).map(|_| ())
+}
+
+/// How much of a tunnel's client side is read at once: one full-size DATA frame.
+const TUNNEL_READ: usize = MAX_FRAME_SIZE as usize;
 
 struct Pipe<B> {
     body: B,

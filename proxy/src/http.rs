@@ -457,6 +457,11 @@ impl H2Upstream {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
+        if request.method() == Method::CONNECT {
+            // Boxed, as the dial is: a rare path whose state would enlarge every stream's future.
+            let result = Box::pin(self.tunnel(request)).await;
+            return Ok(self.route.respond(start, log, result));
+        }
         let (head, mut body, resend) = prepare_h2(request);
         let mut head = Some(head);
         let (mut replace, mut refusals) = (false, 0);
@@ -518,6 +523,52 @@ impl H2Upstream {
             replace = false;
         };
         Ok(self.route.respond(start, log, result))
+    }
+
+    /// A `CONNECT` (RFC 9113 §8.5): once the upstream answers 2xx, the client's stream and the
+    /// upstream one carry bytes both ways, as a tunnel over HTTP/1.1 does. Any other answer goes
+    /// back as it came. A `CONNECT` is not sent again on a refusal: it is for the client to retry.
+    async fn tunnel(&self, mut request: Request<Incoming>) -> Result<Response<Inner>, Failure> {
+        // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
+        let client_side = hyper::upgrade::on(&mut request);
+        let head = request.map(|_empty| ());
+        let (sender, fresh) = self.sender(false).await?;
+        let mut sender = match sender.ready().await {
+            Ok(sender) => sender,
+            // The connection was closing: a new one takes the stream.
+            Err(_) if !fresh => self
+                .sender(true)
+                .await?
+                .0
+                .ready()
+                .await
+                .map_err(Failure::H2)?,
+            Err(error) => return Err(Failure::H2(error)),
+        };
+        let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
+        let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
+        if !parts.status.is_success() {
+            // No tunnel: the request stream ends here, the answer goes back with its body.
+            let _ = up.send_data(Bytes::new(), true);
+            let body = Inner::H2(h2_upstream::UpstreamBody::new(down));
+            return Ok(Response::from_parts(parts, body));
+        }
+        // The tunnel's bytes are no body: hyper refuses a 2xx to `CONNECT` that has a length.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let guard = self.route.cx.proxy.drain.guard();
+        let direction = self.route.cx.direction();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match client_side.await {
+                Ok(client) => {
+                    if let Err(error) = h2_upstream::tunnel(TokioIo::new(client), up, down).await {
+                        debug!(direction, %error, "tunnel ended with an error");
+                    }
+                }
+                Err(error) => debug!(direction, %error, "upgrade failed"),
+            }
+        });
+        Ok(Response::from_parts(parts, Inner::Local(None)))
     }
 
     /// The upstream connection's handle and whether it was just dialled.

@@ -5,7 +5,8 @@
 //! queues streams instead of failing them, a stream refused or left behind a GOAWAY goes again
 //! when it can, an unreachable, closing or resetting upstream costs only the streams it has to,
 //! a client stream that fails midway is cancelled upstream, and the upstream connection closes
-//! with the client's. Header sections may be as large as over HTTP/1.
+//! with the client's. Header sections may be as large as over HTTP/1. A `CONNECT` becomes a
+//! tunnel both ways, half-close included, or comes back refused as the upstream answered.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -915,4 +916,149 @@ async fn streams_that_find_their_connection_going_away_share_one_new_connection(
         assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
     }
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
+
+/// Bytes the upstream read from the client's side of an `early.test:443` tunnel.
+static EARLY_READ: AtomicUsize = AtomicUsize::new(0);
+
+/// An upstream that turns a `CONNECT` to `open.test:443` into an echo tunnel, which closes its
+/// side once the client's side has ended; to `early.test:443` into one that says `bye` and ends
+/// its side at once, then reads the client's side to its end (counted in [`EARLY_READ`]);
+/// refuses any other `CONNECT` (403) and answers other requests `fine`.
+async fn tunnelling() -> Upstream {
+    upstream(defaults, |mut request: Request<Incoming>| async move {
+        if request.method() != Method::CONNECT {
+            return Response::new(full("fine"));
+        }
+        let authority = request.uri().authority().map(|a| a.to_string());
+        let early = match authority.as_deref() {
+            Some("open.test:443") => false,
+            Some("early.test:443") => true,
+            _ => {
+                let mut response = Response::new(full("not there"));
+                *response.status_mut() = StatusCode::FORBIDDEN;
+                return response;
+            }
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(upgrade.await.expect("the tunnel"));
+            let mut buf = vec![0u8; 32 * 1024];
+            if early {
+                io.write_all(b"bye").await.unwrap();
+                io.shutdown().await.unwrap();
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    EARLY_READ.fetch_add(n, Ordering::SeqCst);
+                }
+                return;
+            }
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = io.shutdown().await;
+        });
+        Response::new(empty())
+    })
+    .await
+}
+
+fn connect_to(authority: &str) -> Request<Body> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn connect_becomes_a_tunnel_both_ways_and_keeps_half_close() {
+    let upstream = tunnelling().await;
+    let (mut sender, proxy) = client_of(&upstream).await;
+    let response = within(
+        "the answer",
+        sender.send_request(connect_to("open.test:443")),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let tunnel = within("the tunnel", hyper::upgrade::on(response))
+        .await
+        .expect("a tunnel");
+    let (mut read, mut write) = tokio::io::split(TokioIo::new(tunnel));
+    // Larger than every stream window on the way: flow control holds in both directions.
+    let sent = pattern(5 << 20);
+    let expected = sent.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await.unwrap();
+        // Only the client's side ends: the echo's rest must still come back, then its end.
+        write.shutdown().await.unwrap();
+        write
+    });
+    let mut echoed = Vec::new();
+    within("the echo and its end", read.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+    assert!(
+        echoed == expected,
+        "{} of {} bytes came back",
+        echoed.len(),
+        expected.len()
+    );
+    drop(within("the writer", writer).await.unwrap());
+    next_stream_is_served_on_the_same_upstream_connection(&mut sender, &upstream).await;
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connect_comes_back_as_the_upstream_answered() {
+    let upstream = tunnelling().await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let (status, _, body, _) = exchange(&mut sender, connect_to("closed.test:443")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, b"not there");
+    next_stream_is_served_on_the_same_upstream_connection(&mut sender, &upstream).await;
+}
+
+#[tokio::test]
+async fn a_tunnel_the_upstream_ends_first_still_carries_the_client_side() {
+    let upstream = tunnelling().await;
+    let (mut sender, _) = client_of(&upstream).await;
+    let response = within(
+        "the answer",
+        sender.send_request(connect_to("early.test:443")),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(
+        within("the tunnel", hyper::upgrade::on(response))
+            .await
+            .expect("a tunnel"),
+    );
+    let mut received = Vec::new();
+    within("the upstream's end", tunnel.read_to_end(&mut received))
+        .await
+        .unwrap();
+    assert_eq!(received, b"bye");
+    tunnel.write_all(&pattern(300 * 1024)).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    within("the upstream reading it all", async {
+        while EARLY_READ.load(Ordering::SeqCst) != 300 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
