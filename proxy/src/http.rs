@@ -106,11 +106,6 @@ enum Failure {
     Upstream(hyper::Error),
     #[error("{}", with_causes(.0))]
     H2(h2::Error),
-    #[error(
-        "the upstream left the request unprocessed ({}); it had a body, so it was not sent again",
-        with_causes(.0)
-    )]
-    Unprocessed(h2::Error),
     #[error("{0}")]
     Http1(h1::Error),
 }
@@ -179,6 +174,17 @@ impl Route {
             log
         });
         response.map(|inner| ResponseBody { inner, log })
+    }
+
+    /// What the client's HTTP/2 stream gets when the upstream left its request unprocessed
+    /// (`error`) and the request had a body: it went up with the request and is gone, so the
+    /// request cannot go again from here. A 502 would tell the client the request may have been
+    /// processed; `REFUSED_STREAM` (RFC 9113 §8.7) tells it the truth, that nothing was, so it
+    /// may send the request again, as it would have done without the proxy (gRPC clients retry
+    /// such a stream on their own). It counts as no request; the access log shows status 0.
+    fn refused(&self, error: &h2::Error) -> h2::Error {
+        warn!(direction = self.cx.direction(), destination = %self.target, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
+        h2::Error::from(h2::Reason::REFUSED_STREAM)
     }
 
     fn access_log<B>(&self, request: &Request<B>, start: Instant) -> Option<Box<AccessLog>> {
@@ -451,10 +457,13 @@ impl H2Upstream {
     /// One stream from start to end. hyper runs each stream as a task of its own and moves this
     /// future into it, so it is kept small: one flat future (a nested one would hold the request
     /// a second time) whose cold path, the dial, is boxed.
+    ///
+    /// Fails, so that hyper resets the client's stream with the error's reason, in one case: the
+    /// upstream left a request with a body unprocessed (see [`refused`]).
     async fn forward(
         self: Arc<Self>,
         request: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
+    ) -> Result<Response<ResponseBody>, h2::Error> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         if request.method() == Method::CONNECT {
@@ -511,7 +520,7 @@ impl H2Upstream {
                 break Err(Failure::H2(error));
             }
             if resend.is_none() {
-                break Err(Failure::Unprocessed(error));
+                return Err(self.route.refused(&error));
             }
             if refusals == MAX_REFUSALS {
                 break Err(Failure::H2(error));

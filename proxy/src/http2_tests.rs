@@ -3,7 +3,7 @@
 //! connection, bodies and trailers pass byte exact in both directions under flow control, a
 //! request with `Host` instead of `:authority` passes as it came, an upstream's stream limit
 //! queues streams instead of failing them, a stream refused or left behind a GOAWAY goes again
-//! when it can, an unreachable, closing or resetting upstream costs only the streams it has to,
+//! when it can (and is refused to the client when its body is gone), an unreachable, closing or resetting upstream costs only the streams it has to,
 //! a client stream that fails midway is cancelled upstream, and the upstream connection closes
 //! with the client's. Header sections may be as large as over HTTP/1. A `CONNECT` becomes a
 //! tunnel both ways, half-close included, or comes back refused as the upstream answered.
@@ -434,19 +434,27 @@ async fn a_refused_request_without_a_body_goes_again_at_most_twice() {
     assert_eq!(streams.load(Ordering::SeqCst), 3);
 }
 
+/// Sends `request` and expects its stream reset with `REFUSED_STREAM`, not an answer.
+async fn refused(sender: &mut client_h2::SendRequest<Body>, request: Request<Body>) {
+    let error = within("the refusal", sender.send_request(request))
+        .await
+        .expect_err("a refused stream, not a response");
+    let reason = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:?}");
+}
+
 #[tokio::test]
-async fn a_refused_request_with_a_body_is_a_502_naming_the_refusal() {
-    // Its body went out as it streamed in, so there is nothing left to send again.
+async fn a_refused_request_with_a_body_is_refused_for_the_client_too() {
+    // Its body went out as it streamed in, so there is nothing left to send again: the client
+    // learns that nothing was processed, as it would without the proxy, and may send it again.
     let (target, streams) = refusing(1).await;
     let (addr, _) = start_proxy(target).await;
     let mut sender = client(addr).await;
-    let (status, _, body, _) =
-        exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
-    let body = String::from_utf8(body).unwrap();
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(body.contains("refused"), "{body}");
+    refused(&mut sender, request(Method::POST, "/", full("upload"))).await;
     assert_eq!(streams.load(Ordering::SeqCst), 1);
-    // The connection is fine: the next request is answered.
+    // The connection is fine: the request sent again is answered.
     let (status, _, body, _) =
         exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -883,17 +891,34 @@ async fn a_request_a_goaway_left_unprocessed_goes_again_on_a_new_connection() {
 }
 
 #[tokio::test]
-async fn a_request_with_a_body_a_goaway_left_unprocessed_is_a_502_saying_so() {
-    // Its body went up with it and is gone: it cannot go again, and the 502 says why.
+async fn a_request_with_a_body_a_goaway_left_unprocessed_is_refused_so_the_client_can_retry() {
+    // Its body went up with it and is gone, so it cannot go again from the proxy. The client
+    // learns that nothing was processed (REFUSED_STREAM, not a 502) and may send it again.
     let (target, accepts) = going_away_before_the_first_stream(Duration::from_secs(2)).await;
-    let (addr, _) = start_proxy(target).await;
+    let (addr, proxy) = start_proxy(target).await;
     let mut sender = client(addr).await;
+    refused(&mut sender, request(Method::POST, "/", full("upload"))).await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    // The client does what it would do without the proxy: the request goes again, and through.
     let (status, _, body, _) =
         exchange(&mut sender, request(Method::POST, "/", full("upload"))).await;
-    let body = String::from_utf8(body).unwrap();
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    assert!(body.contains("left the request unprocessed"), "{body}");
-    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    // Counted once, as the request that was answered.
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"502\"}"
+        ),
+        None
+    );
 }
 
 #[tokio::test]
