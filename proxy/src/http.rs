@@ -459,7 +459,7 @@ impl H2Upstream {
     /// a second time) whose cold path, the dial, is boxed.
     ///
     /// Fails, so that hyper resets the client's stream with the error's reason, in one case: the
-    /// upstream left a request with a body unprocessed (see [`refused`]).
+    /// upstream left a request with a body unprocessed (see [`Route::refused`]).
     async fn forward(
         self: Arc<Self>,
         request: Request<Incoming>,
