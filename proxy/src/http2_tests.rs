@@ -1002,21 +1002,27 @@ fn connect_to(authority: &str) -> Request<Body> {
         .unwrap()
 }
 
-#[tokio::test]
-async fn connect_becomes_a_tunnel_both_ways_and_keeps_half_close() {
-    let upstream = tunnelling().await;
-    let (mut sender, proxy) = client_of(&upstream).await;
-    let response = within(
-        "the answer",
-        sender.send_request(connect_to("open.test:443")),
-    )
-    .await
-    .expect("an answer");
+/// A `CONNECT` to `authority` that the upstream accepts, and the client's side of its tunnel.
+async fn open_tunnel(
+    sender: &mut client_h2::SendRequest<Body>,
+    authority: &str,
+) -> TokioIo<hyper::upgrade::Upgraded> {
+    let response = within("the answer", sender.send_request(connect_to(authority)))
+        .await
+        .expect("an answer");
     assert_eq!(response.status(), StatusCode::OK);
     let tunnel = within("the tunnel", hyper::upgrade::on(response))
         .await
         .expect("a tunnel");
-    let (mut read, mut write) = tokio::io::split(TokioIo::new(tunnel));
+    TokioIo::new(tunnel)
+}
+
+#[tokio::test]
+async fn connect_becomes_a_tunnel_both_ways_and_keeps_half_close() {
+    let upstream = tunnelling().await;
+    let (mut sender, proxy) = client_of(&upstream).await;
+    let tunnel = open_tunnel(&mut sender, "open.test:443").await;
+    let (mut read, mut write) = tokio::io::split(tunnel);
     // Larger than every stream window on the way: flow control holds in both directions.
     let sent = pattern(5 << 20);
     let expected = sent.clone();
@@ -1061,18 +1067,7 @@ async fn a_refused_connect_comes_back_as_the_upstream_answered() {
 async fn a_tunnel_the_upstream_ends_first_still_carries_the_client_side() {
     let upstream = tunnelling().await;
     let (mut sender, _) = client_of(&upstream).await;
-    let response = within(
-        "the answer",
-        sender.send_request(connect_to("early.test:443")),
-    )
-    .await
-    .expect("an answer");
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut tunnel = TokioIo::new(
-        within("the tunnel", hyper::upgrade::on(response))
-            .await
-            .expect("a tunnel"),
-    );
+    let mut tunnel = open_tunnel(&mut sender, "early.test:443").await;
     let mut received = Vec::new();
     within("the upstream's end", tunnel.read_to_end(&mut received))
         .await
