@@ -16,6 +16,8 @@
 //! - A response body's window is given back as the client side takes each chunk, so a client
 //!   that stops reading holds the upstream stream, not the proxy's memory. A `RST_STREAM` with
 //!   `NO_ERROR` after the response head ends the body early (RFC 9113 §8.1), as a finished one.
+//! - A `CONNECT` accepted with a 2xx ([`tunnel`]) carries its bytes the same two ways, the
+//!   client's side read into the request body's pipe; each side's end is the other's.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
