@@ -3,9 +3,9 @@
 //! connection, bodies and trailers pass byte exact in both directions under flow control, a
 //! request with `Host` instead of `:authority` passes as it came, an upstream's stream limit
 //! queues streams instead of failing them, a stream refused or left behind a GOAWAY goes again
-//! when it can (and is refused to the client when its body is gone), an unreachable, closing or resetting upstream costs only the streams it has to,
-//! a client stream that fails midway is cancelled upstream, and the upstream connection closes
-//! with the client's. Header sections may be as large as over HTTP/1. A `CONNECT` becomes a
+//! when it can (and is refused to the client when its body is gone), an unreachable, closing or
+//! resetting upstream costs only the streams it has to, a client stream that fails midway is
+//! cancelled upstream, and the upstream connection closes with the client's. Header sections may be as large as over HTTP/1. A `CONNECT` becomes a
 //! tunnel both ways, half-close included, or comes back refused as the upstream answered.
 
 use std::convert::Infallible;
