@@ -81,6 +81,16 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Asserts that `socket` carries [`Keepalive::after`]`(idle)`'s options and no user timeout.
+#[cfg(test)]
+pub fn assert_keepalive(socket: SockRef<'_>, idle: Duration) {
+    assert!(socket.keepalive().unwrap());
+    assert_eq!(socket.tcp_keepalive_time().unwrap(), idle);
+    assert_eq!(socket.tcp_keepalive_interval().unwrap(), idle);
+    assert_eq!(socket.tcp_keepalive_retries().unwrap(), Keepalive::PROBES);
+    assert_eq!(socket.tcp_user_timeout().unwrap(), None);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,17 +105,11 @@ mod tests {
     fn the_options_reach_the_socket() {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        Keepalive::after(Duration::from_secs(7))
+        let idle = Duration::from_secs(7);
+        Keepalive::after(idle)
             .unwrap()
             .apply(SockRef::from(&socket))
             .unwrap();
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
-        assert_eq!(
-            socket.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(7)
-        );
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
-        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
+        assert_keepalive(SockRef::from(&socket), idle);
     }
 }

@@ -475,6 +475,8 @@ impl H2Upstream {
         let mut head = Some(head);
         let (mut replace, mut refusals) = (false, 0);
         let result = loop {
+            // What `ready_sender` does, written out: awaited as a future of its own, it made
+            // every stream's future nest one more and cost 0.4% more instructions per stream.
             let (sender, fresh) = match self.sender(replace).await {
                 Ok(sender) => sender,
                 Err(failure) => break Err(failure),
@@ -541,19 +543,7 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let (sender, fresh) = self.sender(false).await?;
-        let mut sender = match sender.ready().await {
-            Ok(sender) => sender,
-            // The connection was closing: a new one takes the stream.
-            Err(_) if !fresh => self
-                .sender(true)
-                .await?
-                .0
-                .ready()
-                .await
-                .map_err(Failure::H2)?,
-            Err(error) => return Err(Failure::H2(error)),
-        };
+        let (mut sender, _) = self.ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
         if !parts.status.is_success() {
@@ -578,6 +568,22 @@ impl H2Upstream {
             }
         });
         Ok(Response::from_parts(parts, Inner::Local(None)))
+    }
+
+    /// A handle that can open a stream now, and whether its connection was just dialled: on
+    /// the current upstream connection (a new one if `replace`), or on a new one when the
+    /// current one turns out to be closing, since no stream has left yet. For the cold paths;
+    /// `forward` does the same inline.
+    async fn ready_sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
+        let (sender, fresh) = self.sender(replace).await?;
+        match sender.ready().await {
+            Ok(sender) => Ok((sender, fresh)),
+            Err(_) if !fresh => {
+                let (sender, _) = self.sender(true).await?;
+                Ok((sender.ready().await.map_err(Failure::H2)?, true))
+            }
+            Err(error) => Err(Failure::H2(error)),
+        }
     }
 
     /// The upstream connection's handle and whether it was just dialled.

@@ -287,22 +287,16 @@ mod tests {
 
     #[test]
     fn accepted_connections_inherit_the_dead_peer_detection() {
-        let keepalive = Keepalive::after(Duration::from_secs(5));
-        let listener = bind("127.0.0.1:0".parse().unwrap(), false, keepalive).unwrap();
+        let idle = Duration::from_secs(5);
+        let listener = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+            Keepalive::after(idle),
+        )
+        .unwrap();
         listener.set_nonblocking(false).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        let accepted = socket2::SockRef::from(&accepted);
-        assert!(accepted.keepalive().unwrap());
-        assert_eq!(
-            accepted.tcp_keepalive_time().unwrap(),
-            Duration::from_secs(5)
-        );
-        assert_eq!(
-            accepted.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(5)
-        );
-        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
-        assert_eq!(accepted.tcp_user_timeout().unwrap(), None);
+        crate::connect::assert_keepalive(socket2::SockRef::from(&accepted), idle);
     }
 }
