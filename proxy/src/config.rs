@@ -39,6 +39,15 @@ pub enum SchedPolicy {
     Batch,
 }
 
+/// How a prior-knowledge HTTP/2 connection is carried (`--h2-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum H2Mode {
+    /// Each request decoded and sent again on the upstream connection.
+    Terminate,
+    /// The connection's frames passed on unchanged, read only for the metrics.
+    Relay,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -109,6 +118,16 @@ pub struct Args {
     /// or an app's event loop that goes on computing after it writes; hence not the default.
     #[arg(long, value_enum, default_value = "normal", value_name = "POLICY")]
     pub sched_policy: SchedPolicy,
+
+    /// How prior-knowledge HTTP/2 is carried. `terminate`: the proxy ends the client's HTTP/2
+    /// connection and sends each request on its own upstream connection, so it can retry a
+    /// stream the upstream left unprocessed and answer 502 for one that failed. `relay`: the
+    /// client's frames go to an upstream connection of its own unchanged, and back, and the
+    /// proxy reads only frame heads and response statuses: far less CPU per request, while
+    /// flow control, stream limits, GOAWAY and retries stay with the two ends, as without the
+    /// proxy. With --access-log, or when the destination cannot be reached, HTTP/2 is terminated.
+    #[arg(long, value_enum, default_value = "terminate", value_name = "MODE")]
+    pub h2_mode: H2Mode,
 }
 
 fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {

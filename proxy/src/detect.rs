@@ -139,6 +139,11 @@ impl<T> Rewound<T> {
     pub fn into_inner(self) -> T {
         self.inner
     }
+
+    /// The stream and the bytes read from it that it has not handed on yet.
+    pub fn into_parts(self) -> (T, Bytes) {
+        (self.inner, self.first)
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for Rewound<T> {

@@ -25,10 +25,10 @@ use tracing::{debug, info, warn};
 
 use crate::connect::connect;
 use crate::h1::{self, Conn, RequestHead, UpstreamBody};
-use crate::h2_upstream;
 use crate::listen::{ClientIo, Context};
 use crate::metrics::{CountingIo, Direction, Protocol};
 use crate::BoxError;
+use crate::{h2_relay, h2_upstream};
 
 /// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
 /// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
@@ -233,8 +233,22 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     }
 }
 
-/// Serves one HTTP/2 client connection; its streams share one upstream HTTP/2 connection.
+/// Serves one HTTP/2 client connection: relayed frame by frame with `--h2-mode relay` (see
+/// [`crate::h2_relay`]), else terminated, its streams sharing one upstream HTTP/2 connection.
+/// The relay cannot write an access-log line (it reads no request heads) nor answer 502, so with
+/// `--access-log`, or when its upstream connection cannot be made, the connection is terminated.
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
+    let mut failed = None;
+    if cx.proxy.h2_relay && !cx.proxy.access_log {
+        match connect(target, &cx).await {
+            Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
+            Err(error) => {
+                // The first stream gets its 502 from this failure; later ones dial again.
+                cx.metrics.connect_errors.inc();
+                failed = Some(error);
+            }
+        }
+    }
     let state = Arc::new(H2Upstream {
         route: Route {
             target,
@@ -242,6 +256,7 @@ pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
             protocol: Protocol::h2,
         },
         current: tokio::sync::Mutex::new(None),
+        failed: std::sync::Mutex::new(failed),
     });
     let service = service_fn(move |request| H2Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
@@ -451,6 +466,9 @@ struct H2Upstream {
     /// Held across the dial so that a burst of first streams opens one connection, not many;
     /// afterwards each stream holds it only to clone the handle.
     current: tokio::sync::Mutex<Option<h2_upstream::Sender>>,
+    /// A dial that failed before the connection was served (the relay's); the next dial fails
+    /// with it instead of trying again at once.
+    failed: std::sync::Mutex<Option<std::io::Error>>,
 }
 
 impl H2Upstream {
@@ -604,6 +622,14 @@ impl H2Upstream {
 
     /// A new upstream HTTP/2 connection, driven by a task of its own.
     async fn connect(&self) -> Result<h2_upstream::Sender, Failure> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(error) = failed {
+            return Err(Failure::Connect(error));
+        }
         let io = self.route.dial().await?;
         h2_upstream::handshake(io, MAX_H2_HEADER_LIST)
             .await

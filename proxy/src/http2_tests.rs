@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::detect::{detect, Rewound};
 use crate::http::serve_h2;
-use crate::http_tests::{closed_port, metric, new_proxy, pattern, within};
+use crate::http_tests::{closed_port, metric, pattern, proxy_with, within};
 use crate::listen::{Context, Proxy};
 use crate::metrics::Direction;
 use crate::BoxError;
@@ -102,9 +102,24 @@ where
 
 fn defaults(_: &mut server_h2::Builder<TokioExecutor>) {}
 
+thread_local! {
+    /// The proxies this thread's test starts relay HTTP/2 (`--h2-mode relay`); set by the tests
+    /// in [`relayed`], each of which runs on a thread of its own.
+    static RELAY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A loopback listener whose every connection `serve_h2` forwards to `target`.
 async fn start_proxy(target: SocketAddr) -> (SocketAddr, &'static Proxy) {
-    let proxy = new_proxy();
+    let relay = RELAY.get();
+    start_proxy_with(target, |proxy| proxy.h2_relay = relay).await
+}
+
+/// [`start_proxy`] with a proxy changed by `configure`.
+async fn start_proxy_with(
+    target: SocketAddr,
+    configure: impl FnOnce(&mut Proxy),
+) -> (SocketAddr, &'static Proxy) {
+    let proxy = proxy_with(configure);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -759,7 +774,13 @@ async fn a_client_body_that_fails_midway_is_cancelled_upstream() {
         .send(Ok(Frame::data(Bytes::from(vec![b'u'; 16 * 1024]))))
         .unwrap();
     let reason = within("the upstream's read of the rest", outcome.recv()).await;
-    assert_eq!(reason, Some(Some(Some(h2::Reason::CANCEL))));
+    if RELAY.get() {
+        // Relayed, the upstream reads the excess itself, as it would without the proxy, and
+        // resets the stream (RFC 9113 §8.1.1).
+        assert_eq!(reason, Some(Some(Some(h2::Reason::PROTOCOL_ERROR))));
+    } else {
+        assert_eq!(reason, Some(Some(Some(h2::Reason::CANCEL))));
+    }
     let answer = within("the client's answer", client).await.unwrap();
     assert!(
         answer.is_err(),
@@ -1081,4 +1102,253 @@ async fn a_tunnel_the_upstream_ends_first_still_carries_the_client_side() {
         }
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relayed HTTP/2 only (`--h2-mode relay`)
+
+/// An upstream (the h2 crate's server, whose HPACK encoder indexes fields in its dynamic table
+/// and Huffman-codes them) that answers `/status/NNN` with NNN, after a `103` when NNN is 299,
+/// with fields that change per request so that the table keeps evicting.
+async fn answering_statuses() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let path = request.uri().path().to_string();
+                    let status: u16 = path.trim_start_matches("/status/").parse().unwrap();
+                    if status == 299 {
+                        let hints = Response::builder().status(103).body(()).unwrap();
+                        respond.send_informational(hints).unwrap();
+                    }
+                    let response = Response::builder()
+                        .status(status)
+                        .header("x-path", &path)
+                        .header("x-filler", "f".repeat(700) + &path)
+                        .header(header::CONTENT_TYPE, "text/plain")
+                        .body(())
+                        .unwrap();
+                    let mut body = respond.send_response(response, false).unwrap();
+                    body.send_data(Bytes::from(path), true).unwrap();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn relayed_responses_are_counted_by_their_status_through_header_compression() {
+    RELAY.set(true);
+    let (addr, proxy) = start_proxy(answering_statuses().await).await;
+    let mut sender = client(addr).await;
+    let statuses = [200, 201, 404, 503, 302, 299, 200, 204];
+    for round in 0..10 {
+        for status in statuses {
+            let path = format!("/status/{status}");
+            let (got, headers, body, _) =
+                exchange(&mut sender, request(Method::GET, &path, empty())).await;
+            assert_eq!(got.as_u16(), status, "round {round}");
+            assert_eq!(headers["x-path"], path.as_str());
+            assert_eq!(body, path.as_bytes());
+        }
+    }
+    let count = |status: u16| {
+        metric(
+            proxy,
+            &format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"h2\",status_code=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(count(200), Some(20));
+    for status in [201, 404, 503, 302, 299, 204] {
+        assert_eq!(count(status), Some(10), "status {status}");
+    }
+    assert_eq!(count(103), None, "an informational head is no request");
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_request_duration_seconds_count{direction=\"outbound\"}"
+        ),
+        Some(80)
+    );
+    let bytes = |flow: &str| {
+        metric(
+            proxy,
+            &format!("remora_proxy_tcp_bytes_total{{direction=\"outbound\",flow=\"{flow}\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    // Each path's 700-byte filler reached the client at least once (then the table had it).
+    assert!(bytes("tx") > 8 * 700, "tx {}", bytes("tx"));
+    assert!(bytes("rx") > 80 * 10, "rx {}", bytes("rx"));
+}
+
+#[tokio::test]
+async fn a_relayed_refused_stream_reaches_the_client_and_counts_as_no_request() {
+    RELAY.set(true);
+    let (target, streams) = refusing(1).await;
+    let (addr, proxy) = start_proxy(target).await;
+    let mut sender = client(addr).await;
+    // The upstream's own answer, as the client would get it without the proxy: it may send
+    // the request again, and does.
+    refused(&mut sender, request(Method::GET, "/", empty())).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"answered");
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        Some(1)
+    );
+    assert!(!proxy.metrics.encode().contains("status_code=\"502\""));
+}
+
+#[tokio::test]
+async fn with_the_access_log_on_http2_is_terminated_even_in_relay_mode() {
+    // The relay reads no request heads, so it could not write the log's lines: the terminating
+    // path serves the connection, and sends the refused request again itself.
+    let (target, streams) = refusing(1).await;
+    let (addr, _) = start_proxy_with(target, |proxy| {
+        proxy.h2_relay = true;
+        proxy.access_log = true;
+    })
+    .await;
+    let mut sender = client(addr).await;
+    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"answered");
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_relayed_drain_during_a_download_goes_between_frames_and_the_download_completes() {
+    // 64 KiB chunks for 8 MiB: the drain's GOAWAY must go in at a frame boundary of a stream
+    // of full reads, or the client would read a broken frame.
+    RELAY.set(true);
+    let upstream = upstream(defaults, |_request: Request<Incoming>| async move {
+        let chunks = futures_util::StreamExt::then(stream::iter(0..128u32), |i| async move {
+            tokio::task::yield_now().await;
+            Ok::<_, BoxError>(Frame::data(Bytes::from(pattern(64 * 1024 + i as usize))))
+        });
+        Response::new(StreamBody::new(chunks).boxed())
+    })
+    .await;
+    let (mut sender, proxy) = client_of(&upstream).await;
+    let response = within(
+        "the download's head",
+        sender.send_request(request(Method::GET, "/download", empty())),
+    )
+    .await
+    .unwrap();
+    let mut body = response.into_body();
+    let mut received = within("the first chunk", body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .len();
+    proxy.drain.start();
+    while let Some(frame) = within("the rest of the download", body.frame()).await {
+        received += frame
+            .expect("an intact download")
+            .into_data()
+            .map_or(0, |d| d.len());
+    }
+    let expected: usize = (0..128).map(|i| 64 * 1024 + i).sum();
+    assert_eq!(received, expected);
+    let next = within(
+        "the answer to a stream after the drain",
+        sender.send_request(request(Method::GET, "/late", empty())),
+    )
+    .await;
+    assert!(next.is_err(), "a stream opened after the drain was served");
+}
+
+#[tokio::test]
+async fn a_relayed_drain_before_the_upstreams_settings_waits_for_them() {
+    // The upstream's SETTINGS must be the first frame the client reads (RFC 9113 §3.4), so the
+    // drain's GOAWAY may not overtake it. This upstream takes 300 ms to start; the client reads
+    // the frames as they come.
+    RELAY.set(true);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let service = service_fn(|_request: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(empty()))
+                });
+                let _ = server_h2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let (addr, proxy) = start_proxy(target).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.drain.start();
+    let mut kinds = Vec::new();
+    while !kinds.contains(&7) {
+        let mut head = [0u8; 9];
+        within("the next frame", client.read_exact(&mut head))
+            .await
+            .expect("frames until a GOAWAY");
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0; len];
+        client.read_exact(&mut payload).await.unwrap();
+        kinds.push(head[3]);
+    }
+    assert_eq!(
+        kinds[0], 4,
+        "the first frame was not the upstream's SETTINGS: {kinds:?}"
+    );
+}
+
+/// The tests above whose behaviour holds as well when HTTP/2 is relayed frame by frame
+/// (`--h2-mode relay`), run again that way. Those left out pin what only a terminating proxy
+/// does: queue streams under the upstream's limit before its settings have come, send a refused
+/// or unprocessed stream again, keep a client connection across upstream connections, answer 502
+/// for an upstream that fails after the connection was made.
+mod relayed {
+    macro_rules! relayed {
+        ($($test:ident),* $(,)?) => {$(
+            #[test]
+            fn $test() {
+                super::RELAY.set(true);
+                super::$test();
+            }
+        )*};
+    }
+
+    relayed!(
+        concurrent_streams_share_one_upstream_connection,
+        authority_reaches_the_upstream_as_authority,
+        request_with_host_instead_of_authority_is_forwarded,
+        four_mebibyte_bodies_pass_byte_exact_both_ways,
+        request_and_response_trailers_pass,
+        a_trailers_only_response_passes,
+        refused_destination_is_a_502_naming_it_and_the_connection_stays_usable,
+        a_32_kib_header_passes_both_ways,
+        a_client_that_cancels_a_stream_cancels_it_upstream_too,
+        a_drain_lets_open_streams_finish_then_closes_the_connection,
+        an_answer_before_the_upload_ends_reaches_the_client,
+        a_client_body_that_fails_midway_is_cancelled_upstream,
+        the_upstream_connection_closes_with_the_client_connection,
+        connect_becomes_a_tunnel_both_ways_and_keeps_half_close,
+        a_refused_connect_comes_back_as_the_upstream_answered,
+        a_tunnel_the_upstream_ends_first_still_carries_the_client_side,
+    );
 }

@@ -28,17 +28,25 @@ pub(crate) async fn within<T>(what: &str, future: impl Future<Output = T>) -> T 
 
 /// A proxy of its own per test, so metrics start at zero.
 pub(crate) fn new_proxy() -> &'static Proxy {
-    Box::leak(Box::new(Proxy {
+    proxy_with(|_| ())
+}
+
+/// A proxy with the test defaults, changed by `configure`.
+pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
+    let mut proxy = Box::new(Proxy {
         connect_timeout: Duration::from_secs(2),
         keepalive: None,
         opaque_ports: Default::default(),
         proxy_ports: [15001, 15006],
         access_log: false,
+        h2_relay: false,
         metrics: Metrics::new(),
         drain: Default::default(),
         balance: crate::balance::Balance::new(1).0,
         ready: Default::default(),
-    }))
+    });
+    configure(&mut proxy);
+    Box::leak(proxy)
 }
 
 /// A loopback listener whose every connection `serve_http1` forwards to `target`.

@@ -35,6 +35,8 @@ pub struct Proxy {
     /// The outbound and inbound listener ports: a destination on one of them is a loop.
     pub proxy_ports: [u16; 2],
     pub access_log: bool,
+    /// Prior-knowledge HTTP/2 is relayed frame by frame (`--h2-mode relay`).
+    pub h2_relay: bool,
     pub metrics: Metrics,
     pub drain: Drain,
     /// Spreads connections over the workers.

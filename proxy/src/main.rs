@@ -11,7 +11,9 @@ mod connect;
 mod detect;
 mod drain;
 mod h1;
+mod h2_relay;
 mod h2_upstream;
+mod hpack;
 mod http;
 #[cfg(test)]
 mod http2_tests;
@@ -32,7 +34,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Args, LogFormat, SchedPolicy};
+use crate::config::{Args, H2Mode, LogFormat, SchedPolicy};
 use crate::connect::Keepalive;
 use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         opaque_ports: args.opaque_ports.clone(),
         proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
         access_log: args.access_log,
+        h2_relay: args.h2_mode == H2Mode::Relay,
         metrics: Metrics::new(),
         drain: Default::default(),
         balance,
@@ -182,6 +185,7 @@ async fn run(
         opaque_ports = %args.opaque_ports,
         workers,
         sched_policy = ?args.sched_policy,
+        h2_mode = ?args.h2_mode,
         version = env!("CARGO_PKG_VERSION"),
         "remora-proxy ready"
     );

@@ -1,0 +1,652 @@
+//! HTTP/2 carried frame by frame (`--h2-mode relay`): the client connection and one upstream
+//! connection of its own exchange their frames through the proxy unchanged, and the proxy reads
+//! only what the metrics need.
+//!
+//! Terminating HTTP/2 (the default, [`crate::http::serve_h2`]) decodes every request and
+//! response, keeps two sets of stream state and encodes everything again; most of an HTTP/2
+//! request's cost in the proxy is that. Here each direction is copied as it is read. The frame
+//! heads are followed in both directions: a `HEADERS` from the client on a new stream starts a
+//! request, and the first final `:status` the upstream sends on that stream ends it. That is one
+//! request in `requests_total` and `request_duration_seconds`, measured as the terminating path
+//! measures it (to the response head). Only the upstream's header blocks are decoded, and only
+//! as far as [`crate::hpack`] needs to follow its dynamic table and read `:status`.
+//!
+//! What the two ends then own, as they would without the proxy: settings, flow control, stream
+//! limits, `GOAWAY` and resets, retrying streams the upstream refused or left unprocessed. A
+//! stream reset before its response head counts as no request. When the drain starts, the
+//! proxy tells the client `GOAWAY` (last stream 2^31-1, `NO_ERROR`: every stream it has sent so
+//! far reaches the upstream) at the next frame boundary, and the connection ends when the client
+//! closes it or the drain timeout does.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::pin::pin;
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::Instant;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::connect::reset;
+use crate::hpack;
+use crate::listen::{ClientIo, Context};
+use crate::metrics::Protocol;
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which the client sends before its first frame.
+const PREFACE_LEN: usize = 24;
+/// Read at most this much at a time in each direction: one frame at the default size.
+const BUF: usize = 16 * 1024;
+/// `GOAWAY`, last stream 2^31-1, `NO_ERROR` (RFC 9113 §6.8).
+const GOAWAY: [u8; 17] = [
+    0, 0, 8, 7, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+];
+/// The largest header-carrying frame payload or header block the proxy collects to read a
+/// status. A larger one stops the counting on that connection; its bytes still pass.
+const MAX_BLOCK: usize = 256 * 1024;
+/// Requests awaiting their response head that the proxy keeps track of. Beyond it (the
+/// upstream's stream limit is usually 100–250), new streams pass uncounted.
+const MAX_TRACKED: usize = 4096;
+
+// Frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const PUSH_PROMISE: u8 = 5;
+const GOAWAY_TYPE: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// Carries one prior-knowledge HTTP/2 client connection over `upstream`, already connected to
+/// its original destination, until both sides have closed.
+pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx: Context) {
+    let (client, first) = client.into_parts();
+    let mut relay = Relay {
+        // Detection reads at most about two reads' worth; the buffer takes it whole.
+        up: Flow::new(BUF.max(first.len())),
+        // Room behind a full read for a `GOAWAY` put in at a frame boundary.
+        down: Flow::new(BUF + GOAWAY.len()),
+        client_frames: Frames::new(PREFACE_LEN),
+        server_frames: Frames::new(0),
+        book: Book::new(cx),
+        draining: false,
+        told_goaway: false,
+    };
+    // The bytes detection read come first.
+    let n = first.len();
+    relay.up.buf[..n].copy_from_slice(&first);
+    relay.up.end = n;
+    cx.metrics.rx.inc_by(n as u64);
+    relay.observe_client(n);
+
+    let mut drain = pin!(cx.proxy.drain.signaled());
+    let result = poll_fn(|task| {
+        if !relay.draining && drain.as_mut().poll(task).is_ready() {
+            relay.draining = true;
+        }
+        relay.poll(task, &client, &upstream)
+    })
+    .await;
+    if let Err(error) = result {
+        debug!(direction = cx.direction(), destination = %target, %error, "relayed HTTP/2 connection ended with an error; resetting both sides");
+        reset(client);
+        reset(upstream);
+    }
+}
+
+/// One direction's bytes: read into `buf`, then written out from `start` to `end`.
+struct Flow {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// The source has closed.
+    eof: bool,
+    /// The destination's write side has been shut down after `eof`.
+    done: bool,
+}
+
+impl Flow {
+    fn new(size: usize) -> Self {
+        Self {
+            buf: vec![0; size].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+            done: false,
+        }
+    }
+
+    /// Writes what is pending to `dst`; then, if `src` has closed, shuts `dst`'s write side.
+    /// Ready once nothing is pending (`Ok(true)` if the flow has ended).
+    fn poll_write(
+        &mut self,
+        task: &mut TaskContext<'_>,
+        dst: &TcpStream,
+        mut written: impl FnMut(usize),
+    ) -> Poll<io::Result<bool>> {
+        while self.start < self.end {
+            ready!(dst.poll_write_ready(task))?;
+            match dst.try_write(&self.buf[self.start..self.end]) {
+                Ok(n) => {
+                    self.start += n;
+                    written(n);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+        (self.start, self.end) = (0, 0);
+        if self.eof && !self.done {
+            self.done = true;
+            // TCP half-close: the peer reads an end of stream and may still answer.
+            if let Err(error) = SockRef::from(dst).shutdown(Shutdown::Write) {
+                if error.kind() != io::ErrorKind::NotConnected {
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+        Poll::Ready(Ok(self.done))
+    }
+
+    /// Reads what `src` has into the empty buffer: `Ok(n)`, 0 when it has closed.
+    fn poll_read(
+        &mut self,
+        task: &mut TaskContext<'_>,
+        src: &TcpStream,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(src.poll_read_ready(task))?;
+            match src.try_read(&mut self.buf[..BUF]) {
+                Ok(n) => {
+                    self.eof = n == 0;
+                    self.end = n;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+struct Relay {
+    /// Client to upstream.
+    up: Flow,
+    /// Upstream to client.
+    down: Flow,
+    client_frames: Frames,
+    server_frames: Frames,
+    book: Book,
+    draining: bool,
+    told_goaway: bool,
+}
+
+impl Relay {
+    fn poll(
+        &mut self,
+        task: &mut TaskContext<'_>,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Poll<io::Result<()>> {
+        let up = self.poll_up(task, client, upstream)?;
+        let down = self.poll_down(task, client, upstream)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Client to upstream; ready when that direction has ended.
+    fn poll_up(
+        &mut self,
+        task: &mut TaskContext<'_>,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if ready!(self.up.poll_write(task, upstream, |_| ()))? {
+                return Poll::Ready(Ok(()));
+            }
+            let n = ready!(self.up.poll_read(task, client))?;
+            self.book.cx.metrics.rx.inc_by(n as u64);
+            self.observe_client(n);
+        }
+    }
+
+    /// Upstream to client; ready when that direction has ended.
+    fn poll_down(
+        &mut self,
+        task: &mut TaskContext<'_>,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Poll<io::Result<()>> {
+        let metrics = self.book.cx.metrics;
+        loop {
+            let written = |n: usize| {
+                metrics.tx.inc_by(n as u64);
+            };
+            if ready!(self.down.poll_write(task, client, written))? {
+                return Poll::Ready(Ok(()));
+            }
+            if self.wants_goaway() && self.server_frames.at_boundary() {
+                // Nothing pending and no frame begun: the GOAWAY goes alone.
+                self.down.buf[..GOAWAY.len()].copy_from_slice(&GOAWAY);
+                self.down.end = GOAWAY.len();
+                self.told_goaway = true;
+                continue;
+            }
+            let n = ready!(self.down.poll_read(task, upstream))?;
+            self.observe_server(n);
+        }
+    }
+
+    fn wants_goaway(&self) -> bool {
+        self.draining && !self.told_goaway && !self.book.upstream_goaway
+    }
+
+    /// Follows the frames of the `n` bytes just read from the client.
+    fn observe_client(&mut self, n: usize) {
+        let book = &mut self.book;
+        self.client_frames.feed(
+            &self.up.buf[..n],
+            |_| false,
+            |head, _| book.client_frame(head),
+        );
+    }
+
+    /// Follows the frames of the `n` bytes just read from the upstream, and puts the drain's
+    /// `GOAWAY` in at the last frame boundary among them if it is due.
+    fn observe_server(&mut self, n: usize) {
+        let book = &mut self.book;
+        let boundary = self.server_frames.feed(
+            &self.down.buf[..n],
+            |head| matches!(head.kind, HEADERS | PUSH_PROMISE | CONTINUATION),
+            |head, payload| book.server_frame(head, payload),
+        );
+        if let (true, Some(at)) = (self.wants_goaway(), boundary) {
+            self.down.buf.copy_within(at..n, at + GOAWAY.len());
+            self.down.buf[at..at + GOAWAY.len()].copy_from_slice(&GOAWAY);
+            self.down.end = n + GOAWAY.len();
+            self.told_goaway = true;
+        }
+    }
+}
+
+/// A frame's head (RFC 9113 §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    len: usize,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl Head {
+    fn parse(bytes: &[u8; 9]) -> Self {
+        Self {
+            len: usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]),
+            kind: bytes[3],
+            flags: bytes[4],
+            stream: u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff,
+        }
+    }
+}
+
+/// What is kept of the payload of the frame being read.
+enum Payload {
+    /// Not wanted: passed by.
+    Skip,
+    Keep(Vec<u8>),
+    /// Wanted, but larger than `MAX_BLOCK`.
+    TooLarge,
+}
+
+/// Where the frames begin and end in one direction's bytes, however they were split into reads.
+struct Frames {
+    /// Bytes of the preface still to pass before the first frame.
+    skip: usize,
+    head: [u8; 9],
+    /// Bytes of `head` read so far.
+    have: usize,
+    /// The frame whose payload is being read, and how much of it is still to come.
+    current: Option<Head>,
+    remaining: usize,
+    /// The current frame's payload, as far as it is wanted.
+    payload: Payload,
+    /// A header block has begun and a `CONTINUATION` must end it: no frame may come between.
+    in_block: bool,
+    /// A whole frame has passed: the first (the upstream's `SETTINGS`) must come before any
+    /// frame of the proxy's.
+    begun: bool,
+}
+
+impl Frames {
+    fn new(skip: usize) -> Self {
+        Self {
+            skip,
+            head: [0; 9],
+            have: 0,
+            current: None,
+            remaining: 0,
+            payload: Payload::Skip,
+            in_block: false,
+            begun: false,
+        }
+    }
+
+    /// Between frames, after the first, where another frame may be put.
+    fn at_boundary(&self) -> bool {
+        self.begun && self.have == 0 && self.current.is_none() && !self.in_block
+    }
+
+    /// Reads `bytes`, calling `frame` with each frame that ends in them and its payload when
+    /// `wants` asked for it (empty when not, `None` if it was too large to keep). Returns the offset of the last
+    /// frame boundary in `bytes`, if there is one.
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        wants: impl Fn(&Head) -> bool,
+        mut frame: impl FnMut(Head, Option<&[u8]>),
+    ) -> Option<usize> {
+        let mut boundary = self.at_boundary().then_some(0);
+        let mut at = 0;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            if self.skip > 0 {
+                let n = self.skip.min(rest.len());
+                self.skip -= n;
+                at += n;
+            } else if self.current.is_some() {
+                let n = self.remaining.min(rest.len());
+                if let Payload::Keep(payload) = &mut self.payload {
+                    payload.extend_from_slice(&rest[..n]);
+                }
+                self.remaining -= n;
+                at += n;
+            } else {
+                let n = (9 - self.have).min(rest.len());
+                self.head[self.have..self.have + n].copy_from_slice(&rest[..n]);
+                self.have += n;
+                at += n;
+                if self.have == 9 {
+                    self.have = 0;
+                    let head = Head::parse(&self.head);
+                    self.current = Some(head);
+                    self.remaining = head.len;
+                    self.payload = match (wants(&head), head.len <= MAX_BLOCK) {
+                        (false, _) => Payload::Skip,
+                        (true, true) => Payload::Keep(Vec::with_capacity(head.len)),
+                        (true, false) => Payload::TooLarge,
+                    };
+                }
+            }
+            if let (Some(head), 0) = (self.current, self.remaining) {
+                self.current = None;
+                self.begun = true;
+                match head.kind {
+                    HEADERS | PUSH_PROMISE | CONTINUATION => {
+                        self.in_block = head.flags & END_HEADERS == 0;
+                    }
+                    _ => {}
+                }
+                match std::mem::replace(&mut self.payload, Payload::Skip) {
+                    Payload::Skip => frame(head, Some(&[])),
+                    Payload::Keep(payload) => frame(head, Some(&payload)),
+                    Payload::TooLarge => frame(head, None),
+                }
+            }
+            if self.at_boundary() {
+                boundary = Some(at);
+            }
+        }
+        boundary
+    }
+}
+
+/// The requests of one relayed connection that await their response head, and what reads the
+/// upstream's header blocks.
+struct Book {
+    cx: Context,
+    /// Stream and when its request began.
+    open: Vec<(u32, Instant)>,
+    /// The highest stream the client has opened.
+    last: u32,
+    decoder: hpack::Decoder,
+    /// The header block being collected from the upstream: its stream and whether it is a push
+    /// promise (whose block is a request's, not a response's).
+    block: Vec<u8>,
+    block_of: Option<(u32, bool)>,
+    /// Cleared when the upstream's header blocks can no longer be followed: the connection's
+    /// further requests pass uncounted.
+    counting: bool,
+    /// The upstream has sent a `GOAWAY` itself; the drain's would raise its last stream.
+    upstream_goaway: bool,
+}
+
+impl Book {
+    fn new(cx: Context) -> Self {
+        Self {
+            cx,
+            open: Vec::new(),
+            last: 0,
+            decoder: hpack::Decoder::default(),
+            block: Vec::new(),
+            block_of: None,
+            counting: true,
+            upstream_goaway: false,
+        }
+    }
+
+    fn client_frame(&mut self, head: Head) {
+        match head.kind {
+            HEADERS if head.stream % 2 == 1 && head.stream > self.last => {
+                self.last = head.stream;
+                if self.counting && self.open.len() < MAX_TRACKED {
+                    self.open.push((head.stream, Instant::now()));
+                }
+            }
+            RST_STREAM => self.forget(head.stream),
+            _ => {}
+        }
+    }
+
+    fn server_frame(&mut self, head: Head, payload: Option<&[u8]>) {
+        match head.kind {
+            HEADERS | PUSH_PROMISE => {
+                self.block.clear();
+                self.block_of = Some((head.stream, head.kind == PUSH_PROMISE));
+                self.fragment(head, payload, fragment_of(head, payload));
+            }
+            CONTINUATION if self.block_of.map(|(stream, _)| stream) == Some(head.stream) => {
+                self.fragment(head, payload, payload);
+            }
+            CONTINUATION => self.stop("a CONTINUATION without its HEADERS"),
+            RST_STREAM => self.forget(head.stream),
+            GOAWAY_TYPE => self.upstream_goaway = true,
+            DATA => {}
+            _ => {}
+        }
+    }
+
+    /// Adds a header block fragment; at the block's end, reads its status.
+    fn fragment(&mut self, head: Head, payload: Option<&[u8]>, fragment: Option<&[u8]>) {
+        if !self.counting {
+            return;
+        }
+        let Some(fragment) = fragment else {
+            return self.stop(if payload.is_none() {
+                "a header block too large to follow"
+            } else {
+                "a malformed HEADERS or PUSH_PROMISE frame"
+            });
+        };
+        let complete = head.flags & END_HEADERS != 0;
+        let joined;
+        let block = if complete && self.block.is_empty() {
+            // The usual case, a block in one frame, is read where it lies.
+            fragment
+        } else {
+            if self.block.len() + fragment.len() > MAX_BLOCK {
+                return self.stop("a header block too large to follow");
+            }
+            self.block.extend_from_slice(fragment);
+            if !complete {
+                return;
+            }
+            joined = std::mem::take(&mut self.block);
+            &joined[..]
+        };
+        let (stream, push) = self.block_of.take().expect("a block has begun");
+        match self.decoder.decode(block) {
+            Ok(Some(status)) if status >= 200 && !push => self.answered(stream, status),
+            Ok(_) => {}
+            Err(error) => self.stop(&error.to_string()),
+        }
+    }
+
+    /// The final response head of `stream` has come: one request.
+    fn answered(&mut self, stream: u32, status: u16) {
+        if let Some(at) = self.open.iter().position(|&(open, _)| open == stream) {
+            let (_, start) = self.open.swap_remove(at);
+            self.cx.metrics.latency.observe(start.elapsed());
+            self.cx.metrics.count_request(Protocol::h2, status);
+        }
+    }
+
+    fn forget(&mut self, stream: u32) {
+        if let Some(at) = self.open.iter().position(|&(open, _)| open == stream) {
+            self.open.swap_remove(at);
+        }
+    }
+
+    fn stop(&mut self, why: &str) {
+        if self.counting {
+            debug!(
+                direction = self.cx.direction(),
+                why, "no longer counting this relayed connection's requests"
+            );
+        }
+        self.counting = false;
+        self.open = Vec::new();
+        self.block = Vec::new();
+    }
+}
+
+/// The header block fragment of a `HEADERS` or `PUSH_PROMISE` payload: without its padding, its
+/// priority fields or its promised stream (RFC 9113 §6.2, §6.6). `None` if malformed or missing.
+fn fragment_of(head: Head, payload: Option<&[u8]>) -> Option<&[u8]> {
+    let mut payload = payload?;
+    let mut pad = 0;
+    if head.flags & PADDED != 0 {
+        let (&len, rest) = payload.split_first()?;
+        pad = usize::from(len);
+        payload = rest;
+    }
+    let skip = match head.kind {
+        HEADERS if head.flags & PRIORITY != 0 => 5,
+        PUSH_PROMISE => 4,
+        _ => 0,
+    };
+    let end = payload.len().checked_sub(pad)?;
+    payload.get(skip..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        bytes.extend_from_slice(&stream.to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    /// A frame as `Frames::feed` reported it.
+    type Seen = (Head, Option<Vec<u8>>);
+
+    /// Feeds `bytes` in pieces of `step`, collecting the frames and the boundaries reported.
+    fn feed_in_steps(frames: &mut Frames, bytes: &[u8], step: usize) -> (Vec<Seen>, Vec<usize>) {
+        let (mut seen, mut boundaries) = (Vec::new(), Vec::new());
+        for (i, piece) in bytes.chunks(step).enumerate() {
+            let boundary = frames.feed(
+                piece,
+                |head| head.kind == HEADERS,
+                |head, payload| seen.push((head, payload.map(<[u8]>::to_vec))),
+            );
+            if let Some(at) = boundary {
+                boundaries.push(i * step + at);
+            }
+        }
+        (seen, boundaries)
+    }
+
+    #[test]
+    fn frames_are_found_however_the_bytes_are_split() {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        bytes.extend(frame(HEADERS, 0x5, 1, b"\x82\x86"));
+        bytes.extend(frame(DATA, 0x1, 1, &[7; 40]));
+        bytes.extend(frame(4, 1, 0, &[]));
+        for step in [1, 2, 7, 9, 10, 33, bytes.len()] {
+            let mut frames = Frames::new(PREFACE_LEN);
+            let (seen, boundaries) = feed_in_steps(&mut frames, &bytes, step);
+            let kinds: Vec<u8> = seen.iter().map(|(head, _)| head.kind).collect();
+            assert_eq!(kinds, [4, HEADERS, DATA, 4], "step {step}");
+            assert_eq!(seen[1].0.stream, 1);
+            assert_eq!(seen[1].1.as_deref(), Some(&b"\x82\x86"[..]));
+            // Not wanted: an empty payload rather than the bytes.
+            assert_eq!(seen[2].1.as_deref(), Some(&[][..]));
+            assert_eq!(boundaries.last(), Some(&bytes.len()), "step {step}");
+            assert!(frames.at_boundary());
+        }
+    }
+
+    #[test]
+    fn no_boundary_before_the_first_frame_inside_a_header_block_or_inside_a_frame() {
+        let mut bytes = frame(HEADERS, 0, 1, b"\x82");
+        let block_end = bytes.len() + 9 + 1;
+        bytes.extend(frame(CONTINUATION, END_HEADERS, 1, b"\x86"));
+        let mut frames = Frames::new(0);
+        let (_, boundaries) = feed_in_steps(&mut frames, &bytes, 1);
+        assert_eq!(boundaries, [block_end]);
+        // After a first frame, a read that begins between frames may take one at its start.
+        let settings = frame(4, 0, 0, &[]);
+        let mut frames = Frames::new(0);
+        assert_eq!(frames.feed(&settings, |_| false, |_, _| ()), Some(9));
+        assert_eq!(frames.feed(&bytes[..5], |_| false, |_, _| ()), Some(0));
+        assert_eq!(frames.feed(&bytes[5..12], |_| false, |_, _| ()), None);
+    }
+
+    #[test]
+    fn padding_priority_and_promised_streams_are_not_part_of_the_fragment() {
+        let head = |kind, flags| Head {
+            len: 0,
+            kind,
+            flags,
+            stream: 1,
+        };
+        let padded = [2, 0x88, 0, 0];
+        assert_eq!(
+            fragment_of(head(HEADERS, PADDED), Some(&padded)),
+            Some(&[0x88][..])
+        );
+        let prioritized = [0, 0, 0, 3, 15, 0x88];
+        assert_eq!(
+            fragment_of(head(HEADERS, PRIORITY), Some(&prioritized)),
+            Some(&[0x88][..])
+        );
+        let promise = [1, 0, 0, 0, 2, 0x82, 0];
+        assert_eq!(
+            fragment_of(head(PUSH_PROMISE, PADDED), Some(&promise)),
+            Some(&[0x82][..])
+        );
+        assert_eq!(fragment_of(head(HEADERS, PADDED), Some(&[9, 0x88])), None);
+        assert_eq!(fragment_of(head(HEADERS, PADDED), Some(&[])), None);
+    }
+}

@@ -1,0 +1,585 @@
+//! Just enough HPACK (RFC 7541) to read the `:status` of responses that [`crate::h2_relay`]
+//! carries without re-encoding them.
+//!
+//! The relay passes every header block on as it came, so it only has to follow the sender's
+//! dynamic table, not keep its contents: an entry is kept as its size (which decides evictions)
+//! and, for a `:status` entry, the status. Strings are decoded only where that is needed: a name
+//! compared with `:status`, a status value, and the length of a Huffman-coded string that enters
+//! the table. Everything else is skipped by its length.
+
+use std::collections::VecDeque;
+
+/// Why a header block could not be followed. The relay then stops reading statuses on that
+/// connection; the two ends check the block themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed header block: {0}")]
+pub struct Malformed(&'static str);
+
+/// The largest table the decoder follows. The receiving end allows the sender what it announced
+/// in `SETTINGS_HEADER_TABLE_SIZE` (4096 unless it says otherwise) and checks the limit itself;
+/// a larger table is not followed, so that a peer cannot make the proxy keep an unbounded one.
+pub const MAX_TABLE_SIZE: usize = 1 << 20;
+
+/// An entry of the sender's dynamic table, as far as the relay needs it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    name_len: u32,
+    value_len: u32,
+    /// The name is `:status`.
+    status_name: bool,
+    /// The value, if the name is `:status` and the value three digits.
+    status: Option<u16>,
+}
+
+impl Entry {
+    /// Its size by RFC 7541 §4.1.
+    fn size(&self) -> usize {
+        self.name_len as usize + self.value_len as usize + 32
+    }
+}
+
+/// The decoding side of one direction's header compression.
+#[derive(Debug)]
+pub struct Decoder {
+    /// Newest first, as HPACK indexes them.
+    entries: VecDeque<Entry>,
+    size: usize,
+    max: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            size: 0,
+            // RFC 9113 §6.5.2: SETTINGS_HEADER_TABLE_SIZE starts at 4096.
+            max: 4096,
+        }
+    }
+}
+
+/// A header name as the decoder sees it: its length and whether it is `:status`.
+#[derive(Clone, Copy)]
+struct Name {
+    len: u32,
+    status: bool,
+}
+
+impl Decoder {
+    /// Reads one complete header block (the fragments of a `HEADERS` or `PUSH_PROMISE` and its
+    /// `CONTINUATION`s, joined), updates the table as the sender did, and returns the block's
+    /// `:status` if it has one that is three digits.
+    pub fn decode(&mut self, mut block: &[u8]) -> Result<Option<u16>, Malformed> {
+        let mut status = None;
+        while let Some(&first) = block.first() {
+            if first & 0x80 != 0 {
+                // Indexed field (§6.1).
+                let index = integer(&mut block, 7)?;
+                let (name, value) = self.field(index)?;
+                if name.status {
+                    status = value;
+                }
+            } else if first & 0xc0 == 0x40 {
+                // Literal with incremental indexing (§6.2.1): the only kind that enters the table.
+                let index = integer(&mut block, 6)?;
+                let name = self.literal_name(&mut block, index)?;
+                let (value_len, value) = string(&mut block, name.status)?;
+                if name.status {
+                    status = value;
+                }
+                self.insert(Entry {
+                    name_len: name.len,
+                    value_len,
+                    status_name: name.status,
+                    status: value,
+                });
+            } else if first & 0xe0 == 0x20 {
+                // Dynamic table size update (§6.3).
+                let max = integer(&mut block, 5)?;
+                if max > MAX_TABLE_SIZE {
+                    return Err(Malformed("table size above the limit followed"));
+                }
+                self.max = max;
+                self.evict(0);
+            } else {
+                // Literal without indexing or never indexed (§6.2.2, §6.2.3): 4-bit prefix.
+                let index = integer(&mut block, 4)?;
+                let name = self.literal_name(&mut block, index)?;
+                let (_, value) = string(&mut block, name.status)?;
+                if name.status {
+                    status = value;
+                }
+            }
+        }
+        Ok(status)
+    }
+
+    /// The name and `:status` value of table entry `index` (1-based, static entries first).
+    fn field(&self, index: usize) -> Result<(Name, Option<u16>), Malformed> {
+        if index == 0 {
+            return Err(Malformed("index 0"));
+        }
+        if let Some(&(name, value)) = STATIC.get(index - 1) {
+            let status = name == ":status";
+            let parsed = if status {
+                parse_status(value.as_bytes())
+            } else {
+                None
+            };
+            return Ok((
+                Name {
+                    len: name.len() as u32,
+                    status,
+                },
+                parsed,
+            ));
+        }
+        let entry = self
+            .entries
+            .get(index - 1 - STATIC.len())
+            .ok_or(Malformed("index beyond the table"))?;
+        Ok((
+            Name {
+                len: entry.name_len,
+                status: entry.status_name,
+            },
+            entry.status,
+        ))
+    }
+
+    /// A literal's name: by `index` into the table, or (index 0) the string that follows.
+    fn literal_name(&self, block: &mut &[u8], index: usize) -> Result<Name, Malformed> {
+        if index != 0 {
+            return self.field(index).map(|(name, _)| name);
+        }
+        let (len, status) = name_string(block)?;
+        Ok(Name { len, status })
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let size = entry.size();
+        if size > self.max {
+            // §4.4: an entry larger than the table empties it and is not added.
+            self.entries.clear();
+            self.size = 0;
+            return;
+        }
+        self.evict(size);
+        self.size += size;
+        self.entries.push_front(entry);
+    }
+
+    /// Evicts the oldest entries until `room` more fits.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            let Some(oldest) = self.entries.pop_back() else {
+                break;
+            };
+            self.size -= oldest.size();
+        }
+    }
+}
+
+/// An HPACK integer with an `n`-bit prefix (§5.1), taken off the front of `block`.
+fn integer(block: &mut &[u8], n: u32) -> Result<usize, Malformed> {
+    let (&first, mut rest) = block.split_first().ok_or(Malformed("truncated integer"))?;
+    let mask = (1usize << n) - 1;
+    let mut value = first as usize & mask;
+    if value == mask {
+        let mut shift = 0;
+        loop {
+            let (&byte, tail) = rest.split_first().ok_or(Malformed("truncated integer"))?;
+            rest = tail;
+            if shift > 21 {
+                return Err(Malformed("integer too large"));
+            }
+            value += ((byte & 0x7f) as usize) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+    *block = rest;
+    Ok(value)
+}
+
+/// A string literal's head (§5.2): whether it is Huffman-coded, and its bytes.
+fn raw_string<'a>(block: &mut &'a [u8]) -> Result<(bool, &'a [u8]), Malformed> {
+    let huffman = block.first().ok_or(Malformed("truncated string"))? & 0x80 != 0;
+    let len = integer(block, 7)?;
+    if len > block.len() {
+        return Err(Malformed("truncated string"));
+    }
+    let (bytes, rest) = block.split_at(len);
+    *block = rest;
+    Ok((huffman, bytes))
+}
+
+/// A value: its decoded length and, if `want_status`, the status it holds.
+fn string(block: &mut &[u8], want_status: bool) -> Result<(u32, Option<u16>), Malformed> {
+    let (huffman, bytes) = raw_string(block)?;
+    if !huffman {
+        let status = if want_status {
+            parse_status(bytes)
+        } else {
+            None
+        };
+        return Ok((bytes.len() as u32, status));
+    }
+    let mut digits = [0u8; 3];
+    let mut len = 0u32;
+    huffman::decode(bytes, |byte| {
+        if let Some(digit) = digits.get_mut(len as usize) {
+            *digit = byte;
+        }
+        len += 1;
+    })?;
+    let status = (want_status && len == 3)
+        .then(|| parse_status(&digits))
+        .flatten();
+    Ok((len, status))
+}
+
+/// A literal name: its decoded length and whether it is `:status`.
+fn name_string(block: &mut &[u8]) -> Result<(u32, bool), Malformed> {
+    const STATUS: &[u8] = b":status";
+    let (huffman, bytes) = raw_string(block)?;
+    if !huffman {
+        return Ok((bytes.len() as u32, bytes == STATUS));
+    }
+    let mut len = 0usize;
+    let mut same = true;
+    huffman::decode(bytes, |byte| {
+        same &= STATUS.get(len) == Some(&byte);
+        len += 1;
+    })?;
+    Ok((len as u32, same && len == STATUS.len()))
+}
+
+fn parse_status(value: &[u8]) -> Option<u16> {
+    match value {
+        [a @ b'1'..=b'9', b @ b'0'..=b'9', c @ b'0'..=b'9'] => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
+    }
+}
+
+/// The static table (RFC 7541 Appendix A).
+const STATIC: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// The Huffman code of RFC 7541 Appendix B, decoded as a canonical code.
+mod huffman {
+    use super::Malformed;
+
+    /// The code length of each symbol, 0–255 and EOS (256), from RFC 7541 Appendix B. The code
+    /// is canonical (within a length, codes rise with the symbol), so the lengths define it.
+    const LENGTHS: [u8; 257] = [
+        13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30,
+        28, 28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
+        5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+        7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5,
+        7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22,
+        22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23,
+        22, 23, 23, 24, 22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22,
+        21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26,
+        26, 27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20,
+        24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27,
+        27, 28, 27, 27, 27, 27, 27, 26, 30,
+    ];
+    const EOS: u16 = 256;
+    const MIN: usize = 5;
+    const MAX: usize = 30;
+
+    /// Per code length: the first code, the end of the codes (first + count), and where the
+    /// length's symbols start in `symbols`.
+    pub(super) struct Code {
+        pub(super) first: [u32; MAX + 1],
+        pub(super) end: [u32; MAX + 1],
+        offset: [u16; MAX + 1],
+        /// Symbols by code length, then by value.
+        symbols: [u16; 257],
+    }
+
+    pub(super) const CODE: Code = build();
+
+    const fn build() -> Code {
+        let mut count = [0u32; MAX + 1];
+        let mut sym = 0;
+        while sym < 257 {
+            count[LENGTHS[sym] as usize] += 1;
+            sym += 1;
+        }
+        let mut code = Code {
+            first: [0; MAX + 1],
+            end: [0; MAX + 1],
+            offset: [0; MAX + 1],
+            symbols: [0; 257],
+        };
+        let (mut next, mut at) = (0u32, 0u16);
+        let mut len = 1;
+        while len <= MAX {
+            code.first[len] = next;
+            code.end[len] = next + count[len];
+            code.offset[len] = at;
+            at += count[len] as u16;
+            next = (next + count[len]) << 1;
+            len += 1;
+        }
+        let mut filled = [0u16; MAX + 1];
+        let mut sym = 0;
+        while sym < 257 {
+            let len = LENGTHS[sym] as usize;
+            code.symbols[(code.offset[len] + filled[len]) as usize] = sym as u16;
+            filled[len] += 1;
+            sym += 1;
+        }
+        code
+    }
+
+    /// Decodes `bytes`, handing each symbol to `out`. The padding must be at most 7 bits of
+    /// the EOS code's leading ones (§5.2); EOS itself is an error.
+    pub(super) fn decode(bytes: &[u8], mut out: impl FnMut(u8)) -> Result<(), Malformed> {
+        let (mut acc, mut bits, mut next) = (0u64, 0usize, 0usize);
+        loop {
+            while bits <= 56 - 8 && next < bytes.len() {
+                acc = (acc << 8) | u64::from(bytes[next]);
+                bits += 8;
+                next += 1;
+            }
+            if bits == 0 {
+                return Ok(());
+            }
+            // The next 30 bits, padded with ones past the end, as EOS would continue.
+            let window = if bits >= MAX {
+                (acc >> (bits - MAX)) as u32
+            } else {
+                ((acc << (MAX - bits)) as u32) | ((1u32 << (MAX - bits)) - 1)
+            } & ((1u32 << MAX) - 1);
+            let mut len = MIN;
+            while len <= MAX && (window >> (MAX - len)) >= CODE.end[len] {
+                len += 1;
+            }
+            if len > bits {
+                // What is left is padding: fewer than 8 bits, all ones.
+                let rest = acc & ((1u64 << bits) - 1);
+                return if bits < 8 && rest == (1u64 << bits) - 1 {
+                    Ok(())
+                } else {
+                    Err(Malformed("bad Huffman padding"))
+                };
+            }
+            let value = window >> (MAX - len);
+            let symbol =
+                CODE.symbols[(u32::from(CODE.offset[len]) + value - CODE.first[len]) as usize];
+            if symbol == EOS {
+                return Err(Malformed("EOS in a Huffman string"));
+            }
+            out(symbol as u8);
+            bits -= len;
+            acc &= (1u64 << bits) - 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(text: &str) -> Vec<u8> {
+        let text: String = text.split_whitespace().collect();
+        (0..text.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn huffman(bytes: &[u8]) -> Result<Vec<u8>, Malformed> {
+        let mut out = Vec::new();
+        huffman::decode(bytes, |byte| out.push(byte))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn the_huffman_code_is_complete_and_has_the_rfcs_codes() {
+        // A complete prefix code: the Kraft sum is exactly one.
+        let kraft: u64 = (5..=30)
+            .map(|len| u64::from(huffman::CODE.end[len] - huffman::CODE.first[len]) << (30 - len))
+            .sum();
+        assert_eq!(kraft, 1 << 30);
+        // Codes from RFC 7541 Appendix B: '0' 00000, 'a' 00011, ' ' 010100, 0 |11111111|11000.
+        assert_eq!(huffman::CODE.first[5], 0);
+        assert_eq!(huffman::CODE.first[6], 0x14);
+        assert_eq!(huffman::CODE.first[13], 0x1ff8);
+        assert_eq!(huffman::CODE.end[30], 0x3fff_ffff + 1);
+    }
+
+    #[test]
+    fn huffman_strings_of_rfc_7541_appendix_c_decode() {
+        let cases = [
+            ("f1e3 c2e5 f23a 6ba0 ab90 f4ff", "www.example.com"),
+            ("a8eb 1064 9cbf", "no-cache"),
+            ("25a8 49e9 5ba9 7d7f", "custom-key"),
+            ("25a8 49e9 5bb8 e8b4 bf", "custom-value"),
+            ("6402", "302"),
+            ("aec3 771a 4b", "private"),
+            (
+                "d07a be94 1054 d444 a820 0595 040b 8166 e082 a62d 1bff",
+                "Mon, 21 Oct 2013 20:13:21 GMT",
+            ),
+            (
+                "9d29 ad17 1863 c78f 0b97 c8e9 ae82 ae43 d3",
+                "https://www.example.com",
+            ),
+            ("640e ff", "307"),
+        ];
+        for (coded, text) in cases {
+            assert_eq!(huffman(&hex(coded)).unwrap(), text.as_bytes(), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_huffman_padding_and_eos_are_refused() {
+        // "302" followed by a full byte of ones: padding longer than 7 bits.
+        assert!(huffman(&hex("6402 ff")).is_err());
+        // '0' (00000) padded with zeros instead of ones.
+        assert!(huffman(&hex("00")).is_err());
+        // EOS, 30 ones, inside the string.
+        assert!(huffman(&hex("ffff ffff")).is_err());
+        assert_eq!(huffman(&[]).unwrap(), b"");
+    }
+
+    #[test]
+    fn the_responses_of_rfc_7541_c6_give_their_statuses_and_keep_the_table_in_step() {
+        // C.6 encodes three responses into a 256-byte table with Huffman coding: the second
+        // refers to entries the first added and evicts the first `:status`, the third refers to
+        // entries after evictions. Prefixed by a size update to 256, as the sender announces it.
+        let mut decoder = Decoder::default();
+        let blocks = [
+            (
+                "3fe101 4882 6402 5885 aec3 771a 4b61 96d0 7abe 9410 54d4 44a8 2005 9504 0b81 66e0
+                 82a6 2d1b ff6e 919d 29ad 1718 63c7 8f0b 97c8 e9ae 82ae 43d3",
+                302,
+            ),
+            ("4883 640e ffc1 c0bf", 307),
+            (
+                "88c1 6196 d07a be94 1054 d444 a820 0595 040b 8166 e084 a62d 1bff c05a 839b d9ab
+                 77ad 94e7 821d d7f2 e6c7 b335 dfdf cd5b 3960 d5af 2708 7f36 72c1 ab27 0fb5 291f
+                 9587 3160 65c0 03ed 4ee5 b106 3d50 07",
+                200,
+            ),
+        ];
+        for (block, status) in blocks {
+            assert_eq!(decoder.decode(&hex(block)).unwrap(), Some(status));
+        }
+        // C.6.3 ends with three entries, 215 bytes.
+        assert_eq!(decoder.entries.len(), 3);
+        assert_eq!(decoder.size, 215);
+        // An index past the table is malformed.
+        assert!(decoder.decode(&hex("c2")).is_err());
+    }
+
+    #[test]
+    fn a_status_in_each_representation_is_read() {
+        let mut decoder = Decoder::default();
+        // Raw literal with incremental indexing, then the dynamic entry it made (62).
+        assert_eq!(decoder.decode(&hex("4803 3330 37")).unwrap(), Some(307));
+        assert_eq!(decoder.decode(&hex("be")).unwrap(), Some(307));
+        // Without indexing and never indexed, name by index.
+        assert_eq!(decoder.decode(&hex("0803 3530 33")).unwrap(), Some(503));
+        assert_eq!(decoder.decode(&hex("1803 3130 33")).unwrap(), Some(103));
+        // The name as a raw literal, and Huffman-coded (":status" is b8 84 8d 36 a3).
+        assert_eq!(
+            decoder
+                .decode(&hex("0007 3a73 7461 7475 7303 3432 39"))
+                .unwrap(),
+            Some(429)
+        );
+        assert_eq!(
+            decoder.decode(&hex("0085 b884 8d36 a303 3230 31")).unwrap(),
+            Some(201)
+        );
+        // No status (trailers), and a block of other fields only.
+        assert_eq!(decoder.decode(&hex("4001 7801 79")).unwrap(), None);
+        assert_eq!(decoder.decode(&[]).unwrap(), None);
+        // A table size update to 0 empties the table.
+        assert_eq!(decoder.decode(&hex("20")).unwrap(), None);
+        assert!(decoder.decode(&hex("be")).is_err());
+    }
+
+    #[test]
+    fn truncated_and_oversized_blocks_are_malformed() {
+        let mut decoder = Decoder::default();
+        assert!(decoder.decode(&hex("48")).is_err());
+        assert!(decoder.decode(&hex("4805 3330")).is_err());
+        assert!(decoder.decode(&hex("7f")).is_err());
+        assert!(decoder.decode(&hex("80")).is_err());
+        // A size update beyond what is followed.
+        assert!(decoder.decode(&hex("3fe1 ff7f")).is_err());
+        // An integer that never ends.
+        assert!(decoder.decode(&hex("ffff ffff ffff ff")).is_err());
+    }
+}
