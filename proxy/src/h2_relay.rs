@@ -1,22 +1,27 @@
-//! HTTP/2 carried frame by frame (`--h2-mode relay`): the client connection and one upstream
-//! connection of its own exchange their frames through the proxy unchanged, and the proxy reads
-//! only what the metrics need.
+//! HTTP/2 carried frame by frame (`--h2-mode relay`, the default): the client connection and
+//! one upstream connection of its own exchange their frames through the proxy unchanged, and the
+//! proxy reads only what the metrics and the access log need.
 //!
-//! Terminating HTTP/2 (the default, [`crate::http::serve_h2`]) decodes every request and
-//! response, keeps two sets of stream state and encodes everything again; most of an HTTP/2
-//! request's cost in the proxy is that. Here each direction is copied as it is read. The frame
-//! heads are followed in both directions: a `HEADERS` from the client on a new stream starts a
-//! request, and the first final `:status` the upstream sends on that stream ends it. That is one
-//! request in `requests_total` and `request_duration_seconds`, measured as the terminating path
-//! measures it (to the response head). Only the upstream's header blocks are decoded, and only
-//! as far as [`crate::hpack`] needs to follow its dynamic table and read `:status`.
+//! Terminating HTTP/2 ([`crate::http::serve_h2`] with `--h2-mode terminate`) decodes every
+//! request and response, keeps two sets of stream state and encodes everything again; that is
+//! most of what an HTTP/2 request costs a proxy. Here each direction is copied as it is read.
+//! The frame heads are followed in both directions: a `HEADERS` from the client on a new stream
+//! starts a request, and the first final `:status` the upstream sends on that stream answers it.
+//! That is one request in `requests_total` and `request_duration_seconds`, measured as the
+//! terminating path measures it (to the response head). The upstream's header blocks are
+//! decoded only as far as [`crate::hpack`] needs to follow its dynamic table and read
+//! `:status`; the client's only with `--access-log`, for the method, authority and path. The
+//! log line is written when the response ends or either side resets the stream (status 0 if it
+//! had no response head), as the terminating path writes it when the response body ends.
 //!
 //! What the two ends then own, as they would without the proxy: settings, flow control, stream
-//! limits, `GOAWAY` and resets, retrying streams the upstream refused or left unprocessed. A
-//! stream reset before its response head counts as no request. When the drain starts, the
-//! proxy tells the client `GOAWAY` (last stream 2^31-1, `NO_ERROR`: every stream it has sent so
-//! far reaches the upstream) at the next frame boundary, and the connection ends when the client
-//! closes it or the drain timeout does.
+//! limits, `GOAWAY` and resets, retrying the streams the upstream refused or left unprocessed.
+//! A stream reset before its response head counts as no request, and a connection that fails
+//! (the upstream vanished, say) is reset on both sides. When the drain starts, the proxy tells
+//! the client `GOAWAY` (last stream 2^31-1, `NO_ERROR`: every stream it has sent so far reaches
+//! the upstream) at the next frame boundary after the upstream's first frame, and the connection
+//! ends when the client closes it or the drain timeout does. A destination that cannot be
+//! reached is left to the terminating path, which answers 502.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -27,10 +32,11 @@ use std::time::Instant;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::connect::reset;
 use crate::hpack;
+use crate::http::AccessLog;
 use crate::listen::{ClientIo, Context};
 use crate::metrics::Protocol;
 
@@ -56,6 +62,7 @@ const RST_STREAM: u8 = 3;
 const PUSH_PROMISE: u8 = 5;
 const GOAWAY_TYPE: u8 = 7;
 const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
@@ -71,7 +78,7 @@ pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx
         down: Flow::new(BUF + GOAWAY.len()),
         client_frames: Frames::new(PREFACE_LEN),
         server_frames: Frames::new(0),
-        book: Book::new(cx),
+        book: Book::new(cx, target),
         draining: false,
         told_goaway: false,
     };
@@ -91,7 +98,13 @@ pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx
     })
     .await;
     if let Err(error) = result {
-        debug!(direction = cx.direction(), destination = %target, %error, "relayed HTTP/2 connection ended with an error; resetting both sides");
+        // Requests in flight fail with it: worth a warning, as a 502 is on the terminating path.
+        let in_flight = relay.book.open.len();
+        if in_flight > 0 {
+            warn!(direction = cx.direction(), destination = %target, %error, in_flight, "relayed HTTP/2 connection failed; resetting both sides");
+        } else {
+            debug!(direction = cx.direction(), destination = %target, %error, "relayed HTTP/2 connection ended with an error; resetting both sides");
+        }
         reset(client);
         reset(upstream);
     }
@@ -251,10 +264,11 @@ impl Relay {
     /// Follows the frames of the `n` bytes just read from the client.
     fn observe_client(&mut self, n: usize) {
         let book = &mut self.book;
+        let blocks = book.requests.is_some();
         self.client_frames.feed(
             &self.up.buf[..n],
-            |_| false,
-            |head, _| book.client_frame(head),
+            |head| blocks && matches!(head.kind, HEADERS | CONTINUATION),
+            |head, payload| book.client_frame(head, payload),
         );
     }
 
@@ -407,19 +421,104 @@ impl Frames {
     }
 }
 
-/// The requests of one relayed connection that await their response head, and what reads the
-/// upstream's header blocks.
+/// Reads the header blocks of one direction: joins a block's fragments and decodes it.
+struct Blocks {
+    decoder: hpack::Decoder,
+    /// The fragments so far of a block that `CONTINUATION`s go on.
+    joined: Vec<u8>,
+    /// The block being read.
+    of: Option<Block>,
+}
+
+/// Where a header block belongs.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    stream: u32,
+    /// A push promise, whose block is a request's, not a response's.
+    push: bool,
+    /// Its `HEADERS` ended the stream.
+    end_stream: bool,
+}
+
+impl Blocks {
+    fn new(side: hpack::Side) -> Self {
+        Self {
+            decoder: hpack::Decoder::new(side),
+            joined: Vec::new(),
+            of: None,
+        }
+    }
+
+    /// Takes a `HEADERS`, `PUSH_PROMISE` or `CONTINUATION`; when it ends a block, returns where
+    /// the block belongs and its fields. An error means the direction's blocks can no longer be
+    /// followed.
+    fn frame(
+        &mut self,
+        head: Head,
+        payload: Option<&[u8]>,
+    ) -> Result<Option<(Block, hpack::Fields)>, &'static str> {
+        const TOO_LARGE: &str = "a header block too large to follow";
+        let fragment = match head.kind {
+            HEADERS | PUSH_PROMISE => {
+                self.joined.clear();
+                self.of = Some(Block {
+                    stream: head.stream,
+                    push: head.kind == PUSH_PROMISE,
+                    end_stream: head.kind == HEADERS && head.flags & END_STREAM != 0,
+                });
+                payload.ok_or(TOO_LARGE)?;
+                fragment_of(head, payload).ok_or("a malformed HEADERS or PUSH_PROMISE frame")?
+            }
+            _ => {
+                if self.of.map(|block| block.stream) != Some(head.stream) {
+                    return Err("a CONTINUATION without its HEADERS");
+                }
+                payload.ok_or(TOO_LARGE)?
+            }
+        };
+        let complete = head.flags & END_HEADERS != 0;
+        let joined;
+        let block = if complete && self.joined.is_empty() {
+            // The usual case, a block in one frame, is read where it lies.
+            fragment
+        } else {
+            if self.joined.len() + fragment.len() > MAX_BLOCK {
+                return Err(TOO_LARGE);
+            }
+            self.joined.extend_from_slice(fragment);
+            if !complete {
+                return Ok(None);
+            }
+            joined = std::mem::take(&mut self.joined);
+            &joined[..]
+        };
+        let of = self.of.take().expect("a block has begun");
+        match self.decoder.decode(block) {
+            Ok(fields) => Ok(Some((of, fields))),
+            Err(_) => Err("a malformed header block"),
+        }
+    }
+}
+
+/// A request of a relayed connection, from its `HEADERS` to its response head, or with an access
+/// log to its end.
+struct Open {
+    stream: u32,
+    start: Instant,
+    answered: bool,
+    log: Option<Box<AccessLog>>,
+}
+
+/// The requests of one relayed connection, and what reads their header blocks.
 struct Book {
     cx: Context,
-    /// Stream and when its request began.
-    open: Vec<(u32, Instant)>,
+    target: SocketAddr,
+    open: Vec<Open>,
     /// The highest stream the client has opened.
     last: u32,
-    decoder: hpack::Decoder,
-    /// The header block being collected from the upstream: its stream and whether it is a push
-    /// promise (whose block is a request's, not a response's).
-    block: Vec<u8>,
-    block_of: Option<(u32, bool)>,
+    responses: Blocks,
+    /// With `--access-log`: the client's header blocks, for the log's method, authority and path.
+    requests: Option<Blocks>,
     /// Cleared when the upstream's header blocks can no longer be followed: the connection's
     /// further requests pass uncounted.
     counting: bool,
@@ -428,97 +527,123 @@ struct Book {
 }
 
 impl Book {
-    fn new(cx: Context) -> Self {
+    fn new(cx: Context, target: SocketAddr) -> Self {
         Self {
             cx,
+            target,
             open: Vec::new(),
             last: 0,
-            decoder: hpack::Decoder::default(),
-            block: Vec::new(),
-            block_of: None,
+            responses: Blocks::new(hpack::Side::Responses),
+            requests: cx
+                .proxy
+                .access_log
+                .then(|| Blocks::new(hpack::Side::Requests)),
             counting: true,
             upstream_goaway: false,
         }
     }
 
-    fn client_frame(&mut self, head: Head) {
+    fn client_frame(&mut self, head: Head, payload: Option<&[u8]>) {
+        if head.kind == HEADERS && head.stream % 2 == 1 && head.stream > self.last {
+            self.last = head.stream;
+            if self.counting && self.open.len() < MAX_TRACKED {
+                self.open.push(Open {
+                    stream: head.stream,
+                    start: Instant::now(),
+                    answered: false,
+                    log: None,
+                });
+            }
+        }
         match head.kind {
-            HEADERS if head.stream % 2 == 1 && head.stream > self.last => {
-                self.last = head.stream;
-                if self.counting && self.open.len() < MAX_TRACKED {
-                    self.open.push((head.stream, Instant::now()));
+            HEADERS | CONTINUATION => self.request_block(head, payload),
+            RST_STREAM => self.end(head.stream),
+            _ => {}
+        }
+    }
+
+    /// With an access log: begins the line of the request whose head a client block completes.
+    fn request_block(&mut self, head: Head, payload: Option<&[u8]>) {
+        let Some(requests) = &mut self.requests else {
+            return;
+        };
+        match requests.frame(head, payload) {
+            Ok(Some((block, fields))) => {
+                let (cx, target) = (self.cx, self.target);
+                if let Some(open) = self.find(block.stream) {
+                    if open.log.is_none() {
+                        let log = AccessLog::relayed(cx, target, &fields, open.start);
+                        open.log = Some(Box::new(log));
+                    }
                 }
             }
-            RST_STREAM => self.forget(head.stream),
-            _ => {}
+            Ok(None) => {}
+            Err(why) => {
+                debug!(
+                    direction = self.cx.direction(),
+                    why, "no longer logging this relayed connection's requests"
+                );
+                self.requests = None;
+            }
         }
     }
 
     fn server_frame(&mut self, head: Head, payload: Option<&[u8]>) {
         match head.kind {
-            HEADERS | PUSH_PROMISE => {
-                self.block.clear();
-                self.block_of = Some((head.stream, head.kind == PUSH_PROMISE));
-                self.fragment(head, payload, fragment_of(head, payload));
+            HEADERS | PUSH_PROMISE | CONTINUATION if self.counting => {
+                match self.responses.frame(head, payload) {
+                    Ok(Some((block, fields))) if !block.push => {
+                        if let Some(status) = fields.status.filter(|&status| status >= 200) {
+                            self.answered(block.stream, status);
+                        }
+                        if block.end_stream {
+                            self.end(block.stream);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(why) => self.stop(why),
+                }
             }
-            CONTINUATION if self.block_of.map(|(stream, _)| stream) == Some(head.stream) => {
-                self.fragment(head, payload, payload);
+            DATA => {
+                if let Some(log) = self.find(head.stream).and_then(|open| open.log.as_mut()) {
+                    log.bytes += head.len as u64;
+                }
+                if head.flags & END_STREAM != 0 {
+                    self.end(head.stream);
+                }
             }
-            CONTINUATION => self.stop("a CONTINUATION without its HEADERS"),
-            RST_STREAM => self.forget(head.stream),
+            RST_STREAM => self.end(head.stream),
             GOAWAY_TYPE => self.upstream_goaway = true,
-            DATA => {}
             _ => {}
         }
     }
 
-    /// Adds a header block fragment; at the block's end, reads its status.
-    fn fragment(&mut self, head: Head, payload: Option<&[u8]>, fragment: Option<&[u8]>) {
-        if !self.counting {
+    fn find(&mut self, stream: u32) -> Option<&mut Open> {
+        self.open.iter_mut().find(|open| open.stream == stream)
+    }
+
+    /// The final response head of `stream` has come: one request. Without an access log the
+    /// request is done with here.
+    fn answered(&mut self, stream: u32, status: u16) {
+        let Some(at) = self.open.iter().position(|open| open.stream == stream) else {
+            return;
+        };
+        let open = &mut self.open[at];
+        if open.answered {
             return;
         }
-        let Some(fragment) = fragment else {
-            return self.stop(if payload.is_none() {
-                "a header block too large to follow"
-            } else {
-                "a malformed HEADERS or PUSH_PROMISE frame"
-            });
-        };
-        let complete = head.flags & END_HEADERS != 0;
-        let joined;
-        let block = if complete && self.block.is_empty() {
-            // The usual case, a block in one frame, is read where it lies.
-            fragment
-        } else {
-            if self.block.len() + fragment.len() > MAX_BLOCK {
-                return self.stop("a header block too large to follow");
-            }
-            self.block.extend_from_slice(fragment);
-            if !complete {
-                return;
-            }
-            joined = std::mem::take(&mut self.block);
-            &joined[..]
-        };
-        let (stream, push) = self.block_of.take().expect("a block has begun");
-        match self.decoder.decode(block) {
-            Ok(Some(status)) if status >= 200 && !push => self.answered(stream, status),
-            Ok(_) => {}
-            Err(error) => self.stop(&error.to_string()),
+        open.answered = true;
+        self.cx.metrics.latency.observe(open.start.elapsed());
+        self.cx.metrics.count_request(Protocol::h2, status);
+        match &mut open.log {
+            Some(log) => log.status = status,
+            None => drop(self.open.swap_remove(at)),
         }
     }
 
-    /// The final response head of `stream` has come: one request.
-    fn answered(&mut self, stream: u32, status: u16) {
-        if let Some(at) = self.open.iter().position(|&(open, _)| open == stream) {
-            let (_, start) = self.open.swap_remove(at);
-            self.cx.metrics.latency.observe(start.elapsed());
-            self.cx.metrics.count_request(Protocol::h2, status);
-        }
-    }
-
-    fn forget(&mut self, stream: u32) {
-        if let Some(at) = self.open.iter().position(|&(open, _)| open == stream) {
+    /// `stream` has ended or been reset: its access-log line, if any, is written.
+    fn end(&mut self, stream: u32) {
+        if let Some(at) = self.open.iter().position(|open| open.stream == stream) {
             self.open.swap_remove(at);
         }
     }
@@ -532,7 +657,6 @@ impl Book {
         }
         self.counting = false;
         self.open = Vec::new();
-        self.block = Vec::new();
     }
 }
 

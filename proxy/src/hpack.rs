@@ -1,16 +1,17 @@
-//! Just enough HPACK (RFC 7541) to read the `:status` of responses that [`crate::h2_relay`]
-//! carries without re-encoding them.
+//! Just enough HPACK (RFC 7541) for [`crate::h2_relay`], which carries header blocks without
+//! re-encoding them: the `:status` of responses, and for the access log the `:method`,
+//! `:authority` (or `Host`) and `:path` of requests.
 //!
 //! The relay passes every header block on as it came, so it only has to follow the sender's
 //! dynamic table, not keep its contents: an entry is kept as its size (which decides evictions)
-//! and, for a `:status` entry, the status. Strings are decoded only where that is needed: a name
-//! compared with `:status`, a status value, and the length of a Huffman-coded string that enters
-//! the table. Everything else is skipped by its length.
+//! and, for a field the decoder reads, its value. Strings are decoded only where that is needed:
+//! a literal name that may be one of those fields, their values, and the length of a
+//! Huffman-coded string that enters the table. Everything else is skipped by its length.
 
 use std::collections::VecDeque;
 
-/// Why a header block could not be followed. The relay then stops reading statuses on that
-/// connection; the two ends check the block themselves.
+/// Why a header block could not be followed. The relay then stops reading that direction's
+/// blocks on the connection; the two ends check the blocks themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed header block: {0}")]
 pub struct Malformed(&'static str);
@@ -20,15 +21,73 @@ pub struct Malformed(&'static str);
 /// a larger table is not followed, so that a peer cannot make the proxy keep an unbounded one.
 pub const MAX_TABLE_SIZE: usize = 1 << 20;
 
+/// Whose header blocks a decoder reads, which decides the fields it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `:status`.
+    Responses,
+    /// `:method`, `:authority`, `:path` and `host`.
+    Requests,
+}
+
+/// A field a decoder reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Status,
+    Method,
+    Authority,
+    Path,
+    Host,
+}
+
+impl Known {
+    /// The field `name` names, if `side` reads it.
+    fn of(side: Side, name: &[u8]) -> Option<Self> {
+        match (side, name) {
+            (Side::Responses, b":status") => Some(Self::Status),
+            (Side::Requests, b":method") => Some(Self::Method),
+            (Side::Requests, b":authority") => Some(Self::Authority),
+            (Side::Requests, b":path") => Some(Self::Path),
+            (Side::Requests, b"host") => Some(Self::Host),
+            _ => None,
+        }
+    }
+}
+
+/// The fields of one header block that its decoder reads; `None` where the block had none.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fields {
+    /// Three digits, else `None`.
+    pub status: Option<u16>,
+    pub method: Option<Box<[u8]>>,
+    pub authority: Option<Box<[u8]>>,
+    pub path: Option<Box<[u8]>>,
+    pub host: Option<Box<[u8]>>,
+}
+
+impl Fields {
+    fn set(&mut self, known: Known, value: &[u8]) {
+        let slot = match known {
+            Known::Status => {
+                self.status = parse_status(value);
+                return;
+            }
+            Known::Method => &mut self.method,
+            Known::Authority => &mut self.authority,
+            Known::Path => &mut self.path,
+            Known::Host => &mut self.host,
+        };
+        *slot = Some(value.into());
+    }
+}
+
 /// An entry of the sender's dynamic table, as far as the relay needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     name_len: u32,
     value_len: u32,
-    /// The name is `:status`.
-    status_name: bool,
-    /// The value, if the name is `:status` and the value three digits.
-    status: Option<u16>,
+    /// The field, if the decoder reads it, and its value.
+    known: Option<(Known, Box<[u8]>)>,
 }
 
 impl Entry {
@@ -41,58 +100,41 @@ impl Entry {
 /// The decoding side of one direction's header compression.
 #[derive(Debug)]
 pub struct Decoder {
+    side: Side,
     /// Newest first, as HPACK indexes them.
     entries: VecDeque<Entry>,
     size: usize,
     max: usize,
 }
 
-impl Default for Decoder {
-    fn default() -> Self {
+/// A header name as the decoder sees it: its length and the field it names, if read.
+#[derive(Clone, Copy)]
+struct Name {
+    len: u32,
+    known: Option<Known>,
+}
+
+impl Decoder {
+    pub fn new(side: Side) -> Self {
         Self {
+            side,
             entries: VecDeque::new(),
             size: 0,
             // RFC 9113 §6.5.2: SETTINGS_HEADER_TABLE_SIZE starts at 4096.
             max: 4096,
         }
     }
-}
 
-/// A header name as the decoder sees it: its length and whether it is `:status`.
-#[derive(Clone, Copy)]
-struct Name {
-    len: u32,
-    status: bool,
-}
-
-impl Decoder {
     /// Reads one complete header block (the fragments of a `HEADERS` or `PUSH_PROMISE` and its
-    /// `CONTINUATION`s, joined), updates the table as the sender did, and returns the block's
-    /// `:status` if it has one that is three digits.
-    pub fn decode(&mut self, mut block: &[u8]) -> Result<Option<u16>, Malformed> {
-        let mut status = None;
+    /// `CONTINUATION`s, joined), updates the table as the sender did, and returns the fields
+    /// this decoder reads.
+    pub fn decode(&mut self, mut block: &[u8]) -> Result<Fields, Malformed> {
+        let mut fields = Fields::default();
         while let Some(&first) = block.first() {
             if first & 0x80 != 0 {
                 // Indexed field (§6.1).
                 let index = integer(&mut block, 7)?;
-                let (name, value) = self.field(index)?;
-                if name.status {
-                    status = value;
-                }
-            } else if first & 0xc0 == 0x40 {
-                // Literal with incremental indexing (§6.2.1): the only kind that enters the table.
-                let index = integer(&mut block, 6)?;
-                let name = self.literal_name(&mut block, index)?;
-                let (value_len, value) = string(&mut block, name.status)?;
-                if name.status {
-                    status = value;
-                }
-                self.insert(Entry {
-                    name_len: name.len,
-                    value_len,
-                    status_name: name.status,
-                    status: value,
-                });
+                self.indexed(index, &mut fields)?;
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update (§6.3).
                 let max = integer(&mut block, 5)?;
@@ -102,58 +144,78 @@ impl Decoder {
                 self.max = max;
                 self.evict(0);
             } else {
-                // Literal without indexing or never indexed (§6.2.2, §6.2.3): 4-bit prefix.
-                let index = integer(&mut block, 4)?;
+                // A literal: with incremental indexing (§6.2.1, 6-bit prefix), the only kind
+                // that enters the table, or without indexing or never indexed (§6.2.2, §6.2.3).
+                let indexing = first & 0xc0 == 0x40;
+                let index = integer(&mut block, if indexing { 6 } else { 4 })?;
                 let name = self.literal_name(&mut block, index)?;
-                let (_, value) = string(&mut block, name.status)?;
-                if name.status {
-                    status = value;
+                let (huffman, bytes) = raw_string(&mut block)?;
+                let mut value_len = bytes.len() as u32;
+                let mut known = None;
+                if let Some(field) = name.known {
+                    let value = if huffman {
+                        let mut value = Vec::with_capacity(bytes.len() * 8 / 5);
+                        huffman::decode(bytes, |byte| value.push(byte))?;
+                        value.into_boxed_slice()
+                    } else {
+                        bytes.into()
+                    };
+                    value_len = value.len() as u32;
+                    fields.set(field, &value);
+                    known = Some((field, value));
+                } else if indexing && huffman {
+                    value_len = 0;
+                    huffman::decode(bytes, |_| value_len += 1)?;
+                }
+                if indexing {
+                    self.insert(Entry {
+                        name_len: name.len,
+                        value_len,
+                        known,
+                    });
                 }
             }
         }
-        Ok(status)
+        Ok(fields)
     }
 
-    /// The name and `:status` value of table entry `index` (1-based, static entries first).
-    fn field(&self, index: usize) -> Result<(Name, Option<u16>), Malformed> {
-        if index == 0 {
-            return Err(Malformed("index 0"));
+    /// Reads table entry `index` (1-based, static entries first) into `fields`.
+    fn indexed(&self, index: usize, fields: &mut Fields) -> Result<(), Malformed> {
+        if let Some((name, value)) = index.checked_sub(1).and_then(|at| STATIC.get(at)) {
+            if let Some(known) = Known::of(self.side, name.as_bytes()) {
+                fields.set(known, value.as_bytes());
+            }
+            return Ok(());
         }
-        if let Some(&(name, value)) = STATIC.get(index - 1) {
-            let status = name == ":status";
-            let parsed = if status {
-                parse_status(value.as_bytes())
-            } else {
-                None
-            };
-            return Ok((
-                Name {
-                    len: name.len() as u32,
-                    status,
-                },
-                parsed,
-            ));
+        if let Some((known, value)) = &self.entry(index)?.known {
+            fields.set(*known, value);
         }
-        let entry = self
-            .entries
-            .get(index - 1 - STATIC.len())
-            .ok_or(Malformed("index beyond the table"))?;
-        Ok((
-            Name {
-                len: entry.name_len,
-                status: entry.status_name,
-            },
-            entry.status,
-        ))
+        Ok(())
+    }
+
+    fn entry(&self, index: usize) -> Result<&Entry, Malformed> {
+        index
+            .checked_sub(1 + STATIC.len())
+            .and_then(|at| self.entries.get(at))
+            .ok_or(Malformed("index beyond the table"))
     }
 
     /// A literal's name: by `index` into the table, or (index 0) the string that follows.
     fn literal_name(&self, block: &mut &[u8], index: usize) -> Result<Name, Malformed> {
-        if index != 0 {
-            return self.field(index).map(|(name, _)| name);
+        if index == 0 {
+            return name_string(block, self.side);
         }
-        let (len, status) = name_string(block)?;
-        Ok(Name { len, status })
+        if let Some((name, _)) = STATIC.get(index - 1) {
+            return Ok(Name {
+                len: name.len() as u32,
+                known: Known::of(self.side, name.as_bytes()),
+            });
+        }
+        let entry = self.entry(index)?;
+        Ok(Name {
+            len: entry.name_len,
+            known: entry.known.as_ref().map(|(known, _)| *known),
+        })
     }
 
     fn insert(&mut self, entry: Entry) {
@@ -216,45 +278,29 @@ fn raw_string<'a>(block: &mut &'a [u8]) -> Result<(bool, &'a [u8]), Malformed> {
     Ok((huffman, bytes))
 }
 
-/// A value: its decoded length and, if `want_status`, the status it holds.
-fn string(block: &mut &[u8], want_status: bool) -> Result<(u32, Option<u16>), Malformed> {
+/// A literal name: its decoded length and the field it names, if `side` reads it.
+fn name_string(block: &mut &[u8], side: Side) -> Result<Name, Malformed> {
     let (huffman, bytes) = raw_string(block)?;
     if !huffman {
-        let status = if want_status {
-            parse_status(bytes)
-        } else {
-            None
-        };
-        return Ok((bytes.len() as u32, status));
+        return Ok(Name {
+            len: bytes.len() as u32,
+            known: Known::of(side, bytes),
+        });
     }
-    let mut digits = [0u8; 3];
-    let mut len = 0u32;
+    // The names read are at most 10 bytes long; a longer one is only counted.
+    let mut short = [0u8; 10];
+    let mut len = 0usize;
     huffman::decode(bytes, |byte| {
-        if let Some(digit) = digits.get_mut(len as usize) {
-            *digit = byte;
+        if let Some(slot) = short.get_mut(len) {
+            *slot = byte;
         }
         len += 1;
     })?;
-    let status = (want_status && len == 3)
-        .then(|| parse_status(&digits))
-        .flatten();
-    Ok((len, status))
-}
-
-/// A literal name: its decoded length and whether it is `:status`.
-fn name_string(block: &mut &[u8]) -> Result<(u32, bool), Malformed> {
-    const STATUS: &[u8] = b":status";
-    let (huffman, bytes) = raw_string(block)?;
-    if !huffman {
-        return Ok((bytes.len() as u32, bytes == STATUS));
-    }
-    let mut len = 0usize;
-    let mut same = true;
-    huffman::decode(bytes, |byte| {
-        same &= STATUS.get(len) == Some(&byte);
-        len += 1;
-    })?;
-    Ok((len as u32, same && len == STATUS.len()))
+    let known = short.get(..len).and_then(|name| Known::of(side, name));
+    Ok(Name {
+        len: len as u32,
+        known,
+    })
 }
 
 fn parse_status(value: &[u8]) -> Option<u16> {
@@ -512,12 +558,16 @@ mod tests {
         assert_eq!(huffman(&[]).unwrap(), b"");
     }
 
+    fn status(decoder: &mut Decoder, block: &str) -> Option<u16> {
+        decoder.decode(&hex(block)).unwrap().status
+    }
+
     #[test]
     fn the_responses_of_rfc_7541_c6_give_their_statuses_and_keep_the_table_in_step() {
         // C.6 encodes three responses into a 256-byte table with Huffman coding: the second
         // refers to entries the first added and evicts the first `:status`, the third refers to
         // entries after evictions. Prefixed by a size update to 256, as the sender announces it.
-        let mut decoder = Decoder::default();
+        let mut decoder = Decoder::new(Side::Responses);
         let blocks = [
             (
                 "3fe101 4882 6402 5885 aec3 771a 4b61 96d0 7abe 9410 54d4 44a8 2005 9504 0b81 66e0
@@ -532,8 +582,8 @@ mod tests {
                 200,
             ),
         ];
-        for (block, status) in blocks {
-            assert_eq!(decoder.decode(&hex(block)).unwrap(), Some(status));
+        for (block, expected) in blocks {
+            assert_eq!(status(&mut decoder, block), Some(expected));
         }
         // C.6.3 ends with three entries, 215 bytes.
         assert_eq!(decoder.entries.len(), 3);
@@ -543,36 +593,64 @@ mod tests {
     }
 
     #[test]
+    fn the_requests_of_rfc_7541_c4_give_method_authority_and_path() {
+        let mut decoder = Decoder::new(Side::Requests);
+        let blocks = [
+            ("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff", "GET", "/"),
+            ("8286 84be 5886 a8eb 1064 9cbf", "GET", "/"),
+            (
+                "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+                "GET",
+                "/index.html",
+            ),
+        ];
+        for (block, method, path) in blocks {
+            let fields = decoder.decode(&hex(block)).unwrap();
+            assert_eq!(fields.method.as_deref(), Some(method.as_bytes()));
+            assert_eq!(fields.path.as_deref(), Some(path.as_bytes()));
+            // The authority of the first, from the dynamic table in the others.
+            assert_eq!(fields.authority.as_deref(), Some(&b"www.example.com"[..]));
+            assert_eq!(fields.status, None);
+        }
+        // C.4.3 ends with three entries, 164 bytes.
+        assert_eq!(decoder.size, 164);
+        // `host`, as a literal name; a response decoder reads none of these.
+        let host = "0004 686f 7374 0a74 6573 742e 6c6f 6361 6c";
+        let fields = decoder.decode(&hex(host)).unwrap();
+        assert_eq!(fields.host.as_deref(), Some(&b"test.local"[..]));
+        let fields = Decoder::new(Side::Responses).decode(&hex(host)).unwrap();
+        assert_eq!(fields, Fields::default());
+    }
+
+    #[test]
     fn a_status_in_each_representation_is_read() {
-        let mut decoder = Decoder::default();
+        let mut decoder = Decoder::new(Side::Responses);
         // Raw literal with incremental indexing, then the dynamic entry it made (62).
-        assert_eq!(decoder.decode(&hex("4803 3330 37")).unwrap(), Some(307));
-        assert_eq!(decoder.decode(&hex("be")).unwrap(), Some(307));
+        assert_eq!(status(&mut decoder, "4803 3330 37"), Some(307));
+        assert_eq!(status(&mut decoder, "be"), Some(307));
         // Without indexing and never indexed, name by index.
-        assert_eq!(decoder.decode(&hex("0803 3530 33")).unwrap(), Some(503));
-        assert_eq!(decoder.decode(&hex("1803 3130 33")).unwrap(), Some(103));
+        assert_eq!(status(&mut decoder, "0803 3530 33"), Some(503));
+        assert_eq!(status(&mut decoder, "1803 3130 33"), Some(103));
         // The name as a raw literal, and Huffman-coded (":status" is b8 84 8d 36 a3).
         assert_eq!(
-            decoder
-                .decode(&hex("0007 3a73 7461 7475 7303 3432 39"))
-                .unwrap(),
+            status(&mut decoder, "0007 3a73 7461 7475 7303 3432 39"),
             Some(429)
         );
         assert_eq!(
-            decoder.decode(&hex("0085 b884 8d36 a303 3230 31")).unwrap(),
+            status(&mut decoder, "0085 b884 8d36 a303 3230 31"),
             Some(201)
         );
         // No status (trailers), and a block of other fields only.
-        assert_eq!(decoder.decode(&hex("4001 7801 79")).unwrap(), None);
-        assert_eq!(decoder.decode(&[]).unwrap(), None);
+        assert_eq!(status(&mut decoder, "4001 7801 79"), None);
+        assert_eq!(status(&mut decoder, ""), None);
         // A table size update to 0 empties the table.
-        assert_eq!(decoder.decode(&hex("20")).unwrap(), None);
+        assert_eq!(status(&mut decoder, "20"), None);
         assert!(decoder.decode(&hex("be")).is_err());
     }
 
     #[test]
     fn truncated_and_oversized_blocks_are_malformed() {
-        let mut decoder = Decoder::default();
+        let mut decoder = Decoder::new(Side::Responses);
         assert!(decoder.decode(&hex("48")).is_err());
         assert!(decoder.decode(&hex("4805 3330")).is_err());
         assert!(decoder.decode(&hex("7f")).is_err());

@@ -233,13 +233,13 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     }
 }
 
-/// Serves one HTTP/2 client connection: relayed frame by frame with `--h2-mode relay` (see
-/// [`crate::h2_relay`]), else terminated, its streams sharing one upstream HTTP/2 connection.
-/// The relay cannot write an access-log line (it reads no request heads) nor answer 502, so with
-/// `--access-log`, or when its upstream connection cannot be made, the connection is terminated.
+/// Serves one HTTP/2 client connection: relayed frame by frame (`--h2-mode relay`, see
+/// [`crate::h2_relay`]), or terminated, its streams sharing one upstream HTTP/2 connection. The
+/// relay cannot answer 502, so when its upstream connection cannot be made, the connection is
+/// terminated.
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
     let mut failed = None;
-    if cx.proxy.h2_relay && !cx.proxy.access_log {
+    if cx.proxy.h2_relay {
         match connect(target, &cx).await {
             Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
             Err(error) => {
@@ -747,9 +747,9 @@ pub struct AccessLog {
     method: Method,
     authority: String,
     path: String,
-    status: u16,
+    pub(crate) status: u16,
     start: Instant,
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl AccessLog {
@@ -773,6 +773,37 @@ impl AccessLog {
             method: request.method().clone(),
             authority,
             path: request.uri().path().to_string(),
+            status: 0,
+            start,
+            bytes: 0,
+        }
+    }
+}
+
+impl AccessLog {
+    /// The line of a relayed HTTP/2 request (see [`crate::h2_relay`]), from the fields its
+    /// header block had: the same fields as a terminated request's.
+    pub(crate) fn relayed(
+        cx: Context,
+        target: SocketAddr,
+        fields: &crate::hpack::Fields,
+        start: Instant,
+    ) -> Self {
+        let text =
+            |value: Option<&[u8]>| String::from_utf8_lossy(value.unwrap_or_default()).into_owned();
+        let path = fields.path.as_deref().unwrap_or_default();
+        let path = path.split(|&byte| byte == b'?').next().unwrap_or_default();
+        Self {
+            direction: cx.direction(),
+            protocol: Protocol::h2,
+            target,
+            method: fields
+                .method
+                .as_deref()
+                .and_then(|method| Method::from_bytes(method).ok())
+                .unwrap_or_else(|| Method::from_bytes(b"-").expect("a token")),
+            authority: text(fields.authority.as_deref().or(fields.host.as_deref())),
+            path: text(Some(path)),
             status: 0,
             start,
             bytes: 0,

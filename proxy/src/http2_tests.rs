@@ -1209,21 +1209,145 @@ async fn a_relayed_refused_stream_reaches_the_client_and_counts_as_no_request() 
     assert!(!proxy.metrics.encode().contains("status_code=\"502\""));
 }
 
+/// The access-log lines written on this thread from now until the guard is dropped.
+fn capture_access_log() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("remora_proxy::access=info")
+        .with_ansi(false)
+        .with_writer(move || Writer(writer.clone()))
+        .finish();
+    struct Writer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    (lines, tracing::subscriber::set_default(subscriber))
+}
+
 #[tokio::test]
-async fn with_the_access_log_on_http2_is_terminated_even_in_relay_mode() {
-    // The relay reads no request heads, so it could not write the log's lines: the terminating
-    // path serves the connection, and sends the refused request again itself.
-    let (target, streams) = refusing(1).await;
-    let (addr, _) = start_proxy_with(target, |proxy| {
+async fn relayed_requests_get_access_log_lines_like_terminated_ones() {
+    let (lines, _guard) = capture_access_log();
+    let statuses = answering_statuses().await;
+    let (addr, _) = start_proxy_with(statuses, |proxy| {
         proxy.h2_relay = true;
         proxy.access_log = true;
     })
     .await;
     let mut sender = client(addr).await;
-    let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    for path in ["/status/201?q=1", "/status/404"] {
+        let (status, _, _, _) = exchange(&mut sender, request(Method::GET, path, empty())).await;
+        assert!(status == 201 || status == 404);
+    }
+    // A request the upstream resets before its head: logged when the reset passes, status 0.
+    let (target, _) = refusing(1).await;
+    let (addr, _) = start_proxy_with(target, |proxy| {
+        proxy.h2_relay = true;
+        proxy.access_log = true;
+    })
+    .await;
+    refused(
+        &mut client(addr).await,
+        request(Method::POST, "/upload", full("x")),
+    )
+    .await;
+    let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+    let logged: Vec<&str> = text.lines().collect();
+    assert_eq!(logged.len(), 3, "{text}");
+    for (line, expected) in logged.iter().zip([
+        [
+            "method=GET",
+            "authority=example.test",
+            "path=/status/201 ",
+            "status=201",
+            "bytes=11",
+        ],
+        [
+            "method=GET",
+            "authority=example.test",
+            "path=/status/404 ",
+            "status=404",
+            "bytes=11",
+        ],
+        [
+            "method=POST",
+            "authority=example.test",
+            "path=/upload ",
+            "status=0",
+            "bytes=0",
+        ],
+    ]) {
+        for field in expected {
+            assert!(line.contains(field), "{field} not in {line}");
+        }
+        assert!(line.contains("protocol=h2"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn relayed_websocket_over_http2_works_where_the_upstream_offers_it() {
+    // Extended CONNECT (RFC 8441): the upstream announces it in its SETTINGS, which the relay
+    // passes on, and the tunnel's bytes pass both ways.
+    RELAY.set(true);
+    let upstream = upstream(
+        |builder| {
+            builder.enable_connect_protocol();
+        },
+        |mut request: Request<Incoming>| async move {
+            let protocol = request.extensions().get::<hyper::ext::Protocol>().cloned();
+            if request.method() != Method::CONNECT || protocol.is_none() {
+                return Response::new(full("fine"));
+            }
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(upgrade.await.expect("the tunnel"));
+                let mut buf = [0u8; 64];
+                let n = io.read(&mut buf).await.unwrap();
+                io.write_all(&[b"echo: ", &buf[..n]].concat())
+                    .await
+                    .unwrap();
+                io.shutdown().await.unwrap();
+            });
+            Response::new(empty())
+        },
+    )
+    .await;
+    let (mut sender, _) = client_of(&upstream).await;
+    // A first request, so that the upstream's SETTINGS have come before the CONNECT is built.
+    let (status, _, _, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, b"answered");
-    assert_eq!(streams.load(Ordering::SeqCst), 2);
+    let mut websocket = Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://example.test/chat")
+        .body(empty())
+        .unwrap();
+    websocket
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = within("the answer", sender.send_request(websocket))
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(
+        within("the tunnel", hyper::upgrade::on(response))
+            .await
+            .expect("a tunnel"),
+    );
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut echoed = Vec::new();
+    within("the echo", tunnel.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"echo: hello");
 }
 
 #[tokio::test]
