@@ -44,7 +44,7 @@ pub enum SchedPolicy {
 pub enum H2Mode {
     /// Each request decoded and sent again on the upstream connection.
     Terminate,
-    /// The connection's frames passed on unchanged, read only for the metrics.
+    /// The connection's frames passed on unchanged, read for the metrics and the access log.
     Relay,
 }
 
@@ -119,14 +119,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "normal", value_name = "POLICY")]
     pub sched_policy: SchedPolicy,
 
-    /// How prior-knowledge HTTP/2 is carried. `terminate`: the proxy ends the client's HTTP/2
-    /// connection and sends each request on its own upstream connection, so it can retry a
-    /// stream the upstream left unprocessed and answer 502 for one that failed. `relay`: the
-    /// client's frames go to an upstream connection of its own unchanged, and back, and the
-    /// proxy reads only frame heads and response statuses: far less CPU per request, while
-    /// flow control, stream limits, GOAWAY and retries stay with the two ends, as without the
-    /// proxy. With --access-log, or when the destination cannot be reached, HTTP/2 is terminated.
-    #[arg(long, value_enum, default_value = "terminate", value_name = "MODE")]
+    /// How prior-knowledge HTTP/2 is carried. `relay`: the client's frames go unchanged to an
+    /// upstream connection of its own, and back; the proxy reads frame heads and response
+    /// statuses (request heads too with --access-log) for the metrics and the log, at far less
+    /// CPU per request. Settings, flow control, stream limits, GOAWAY and retries stay with the
+    /// two ends, as without the proxy; a connection that fails is reset. `terminate`: the proxy
+    /// ends the client's HTTP/2 and sends each request on its own upstream connection: it queues
+    /// streams under the upstream's limit, sends a stream the upstream left unprocessed again
+    /// when it can, and answers 502 for one that fails. An unreachable destination gets 502s
+    /// either way.
+    #[arg(long, value_enum, default_value = "relay", value_name = "MODE")]
     pub h2_mode: H2Mode,
 }
 
