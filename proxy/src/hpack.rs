@@ -410,7 +410,28 @@ mod huffman {
         symbols: [u16; 257],
     }
 
-    pub(super) const CODE: Code = build();
+    pub(super) static CODE: Code = build();
+
+    /// The code length of the symbol whose code begins with a byte, where it is 8 bits or fewer
+    /// (the common symbols: letters, digits, most punctuation), else 0.
+    static SHORT: [u8; 256] = short();
+
+    const fn short() -> [u8; 256] {
+        let mut table = [0u8; 256];
+        let mut byte = 0;
+        while byte < 256 {
+            let mut len = MIN;
+            while len <= 8 {
+                if (byte >> (8 - len)) < CODE.end[len] as usize {
+                    table[byte] = len as u8;
+                    break;
+                }
+                len += 1;
+            }
+            byte += 1;
+        }
+        table
+    }
 
     const fn build() -> Code {
         let mut count = [0u32; MAX + 1];
@@ -446,33 +467,59 @@ mod huffman {
         code
     }
 
+    /// Encodes `text` with the code (for tests: the proxy never encodes).
+    #[cfg(test)]
+    pub(super) fn encode(text: &[u8]) -> Vec<u8> {
+        let (mut out, mut acc, mut bits) = (Vec::new(), 0u64, 0u32);
+        for &byte in text {
+            let len = LENGTHS[usize::from(byte)] as usize;
+            let rank = CODE.symbols[usize::from(CODE.offset[len])..]
+                .iter()
+                .position(|&symbol| symbol == u16::from(byte))
+                .unwrap() as u32;
+            acc = (acc << len) | u64::from(CODE.first[len] + rank);
+            bits += len as u32;
+            while bits >= 8 {
+                out.push((acc >> (bits - 8)) as u8);
+                bits -= 8;
+            }
+        }
+        if bits > 0 {
+            out.push(((acc << (8 - bits)) as u8) | ((1u8 << (8 - bits)) - 1));
+        }
+        out
+    }
+
     /// Decodes `bytes`, handing each symbol to `out`. The padding must be at most 7 bits of
     /// the EOS code's leading ones (§5.2); EOS itself is an error.
     pub(super) fn decode(bytes: &[u8], mut out: impl FnMut(u8)) -> Result<(), Malformed> {
-        let (mut acc, mut bits, mut next) = (0u64, 0usize, 0usize);
+        // The bits not yet decoded, the next one topmost.
+        let (mut acc, mut bits, mut rest) = (0u64, 0u32, bytes);
         loop {
-            while bits <= 56 - 8 && next < bytes.len() {
-                acc = (acc << 8) | u64::from(bytes[next]);
+            while bits <= 56 {
+                let Some((&byte, tail)) = rest.split_first() else {
+                    break;
+                };
+                acc |= u64::from(byte) << (56 - bits);
                 bits += 8;
-                next += 1;
+                rest = tail;
             }
             if bits == 0 {
                 return Ok(());
             }
             // The next 30 bits, padded with ones past the end, as EOS would continue.
-            let window = if bits >= MAX {
-                (acc >> (bits - MAX)) as u32
-            } else {
-                ((acc << (MAX - bits)) as u32) | ((1u32 << (MAX - bits)) - 1)
-            } & ((1u32 << MAX) - 1);
-            let mut len = MIN;
-            while len <= MAX && (window >> (MAX - len)) >= CODE.end[len] {
-                len += 1;
+            let pad = u64::MAX.checked_shr(bits).unwrap_or(0);
+            let window = ((acc | pad) >> (64 - MAX)) as u32;
+            let mut len = usize::from(SHORT[(window >> (MAX - 8)) as usize]);
+            if len == 0 {
+                len = 9;
+                while len <= MAX && (window >> (MAX - len)) >= CODE.end[len] {
+                    len += 1;
+                }
             }
-            if len > bits {
+            if len as u32 > bits {
                 // What is left is padding: fewer than 8 bits, all ones.
-                let rest = acc & ((1u64 << bits) - 1);
-                return if bits < 8 && rest == (1u64 << bits) - 1 {
+                return if bits < 8 && acc >> (64 - bits) == (1 << bits) - 1 {
                     Ok(())
                 } else {
                     Err(Malformed("bad Huffman padding"))
@@ -485,8 +532,8 @@ mod huffman {
                 return Err(Malformed("EOS in a Huffman string"));
             }
             out(symbol as u8);
-            bits -= len;
-            acc &= (1u64 << bits) - 1;
+            acc <<= len;
+            bits -= len as u32;
         }
     }
 }
@@ -544,6 +591,46 @@ mod tests {
         ];
         for (coded, text) in cases {
             assert_eq!(huffman(&hex(coded)).unwrap(), text.as_bytes(), "{text}");
+        }
+    }
+
+    /// A small deterministic generator, for inputs of every byte value.
+    fn bytes(seed: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (*seed >> 56) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_byte_value_round_trips_through_the_code() {
+        let mut seed = 1;
+        for len in 0..300 {
+            let text = bytes(&mut seed, len);
+            assert_eq!(huffman(&huffman::encode(&text)).unwrap(), text, "{text:?}");
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(huffman(&huffman::encode(&all)).unwrap(), all);
+        // The RFC's own example, as encoded here.
+        assert_eq!(
+            huffman::encode(b"www.example.com"),
+            hex("f1e3 c2e5 f23a 6ba0 ab90 f4ff")
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder() {
+        let mut seed = 7;
+        for len in 0..2000 {
+            let block = bytes(&mut seed, len % 97);
+            let _ = huffman(&block);
+            for side in [Side::Requests, Side::Responses] {
+                let _ = Decoder::new(side).decode(&block);
+            }
         }
     }
 
