@@ -195,6 +195,27 @@ async fn next_stream_is_served_on_the_same_upstream_connection(
     assert_eq!(upstream.accepts.load(Ordering::SeqCst), 1);
 }
 
+/// The body of a GET of `path`, once its head has come.
+async fn body_of(sender: &mut client_h2::SendRequest<Body>, path: &str) -> Incoming {
+    within(
+        "the response head",
+        sender.send_request(request(Method::GET, path, empty())),
+    )
+    .await
+    .expect("a response")
+    .into_body()
+}
+
+/// After the drain's GOAWAY the client may open no more streams on its connection.
+async fn a_stream_after_the_drain_is_not_served(sender: &mut client_h2::SendRequest<Body>) {
+    let next = within(
+        "the answer to a stream after the drain",
+        sender.send_request(request(Method::GET, "/late", empty())),
+    )
+    .await;
+    assert!(next.is_err(), "a stream opened after the drain was served");
+}
+
 /// An upstream that answers each request with its method, path and `:authority`.
 async fn describing() -> Upstream {
     upstream(defaults, |request: Request<Incoming>| async move {
@@ -663,13 +684,7 @@ async fn a_client_that_cancels_a_stream_cancels_it_upstream_too() {
     })
     .await;
     let (mut sender, _) = client_of(&upstream).await;
-    let response = within(
-        "the endless head",
-        sender.send_request(request(Method::GET, "/endless", empty())),
-    )
-    .await
-    .unwrap();
-    let mut body = response.into_body();
+    let mut body = body_of(&mut sender, "/endless").await;
     let first = within("the first chunk", body.frame()).await;
     assert!(matches!(first, Some(Ok(frame)) if frame.is_data()));
     drop(body);
@@ -694,13 +709,7 @@ async fn a_drain_lets_open_streams_finish_then_closes_the_connection() {
     let (status, _, body, _) = within("the open stream", open).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"finished");
-    // After the GOAWAY the client may open no more streams on this connection.
-    let next = within(
-        "the answer to a stream after the drain",
-        sender.send_request(request(Method::GET, "/late", empty())),
-    )
-    .await;
-    assert!(next.is_err(), "a stream opened after the drain was served");
+    a_stream_after_the_drain_is_not_served(&mut sender).await;
 }
 
 #[tokio::test]
@@ -1364,13 +1373,7 @@ async fn a_relayed_drain_during_a_download_goes_between_frames_and_the_download_
     })
     .await;
     let (mut sender, proxy) = client_of(&upstream).await;
-    let response = within(
-        "the download's head",
-        sender.send_request(request(Method::GET, "/download", empty())),
-    )
-    .await
-    .unwrap();
-    let mut body = response.into_body();
+    let mut body = body_of(&mut sender, "/download").await;
     let mut received = within("the first chunk", body.frame())
         .await
         .unwrap()
@@ -1387,12 +1390,7 @@ async fn a_relayed_drain_during_a_download_goes_between_frames_and_the_download_
     }
     let expected: usize = (0..128).map(|i| 64 * 1024 + i).sum();
     assert_eq!(received, expected);
-    let next = within(
-        "the answer to a stream after the drain",
-        sender.send_request(request(Method::GET, "/late", empty())),
-    )
-    .await;
-    assert!(next.is_err(), "a stream opened after the drain was served");
+    a_stream_after_the_drain_is_not_served(&mut sender).await;
 }
 
 #[tokio::test]
