@@ -36,6 +36,10 @@ use crate::{h2_relay, h2_upstream};
 const POOL_IDLE: Duration = Duration::from_secs(4);
 /// Idle upstream connections kept per destination.
 const POOL_PER_TARGET: usize = 32;
+/// How long a failed dial answers for the next one on the same HTTP/2 client connection: long
+/// enough for its first streams, which come at once, short enough that a client that connected
+/// early (a gRPC channel) and sends its first call later finds a destination that has come up.
+const FAILED_DIAL_HOLDS: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// This worker thread's idle upstream HTTP/1 connections by original destination. Each
@@ -243,9 +247,9 @@ pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
         match connect(target, &cx).await {
             Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
             Err(error) => {
-                // The first stream gets its 502 from this failure; later ones dial again.
+                // A stream that comes at once gets its 502 from this failure; later ones dial.
                 cx.metrics.connect_errors.inc();
-                failed = Some(error);
+                failed = Some((error, Instant::now()));
             }
         }
     }
@@ -466,9 +470,9 @@ struct H2Upstream {
     /// Held across the dial so that a burst of first streams opens one connection, not many;
     /// afterwards each stream holds it only to clone the handle.
     current: tokio::sync::Mutex<Option<h2_upstream::Sender>>,
-    /// A dial that failed before the connection was served (the relay's); the next dial fails
-    /// with it instead of trying again at once.
-    failed: std::sync::Mutex<Option<std::io::Error>>,
+    /// A dial that failed before the connection was served (the relay's), and when: a dial
+    /// within [`FAILED_DIAL_HOLDS`] of it fails with it instead of trying again at once.
+    failed: std::sync::Mutex<Option<(std::io::Error, Instant)>>,
 }
 
 impl H2Upstream {
@@ -627,8 +631,10 @@ impl H2Upstream {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(error) = failed {
-            return Err(Failure::Connect(error));
+        if let Some((error, at)) = failed {
+            if at.elapsed() < FAILED_DIAL_HOLDS {
+                return Err(Failure::Connect(error));
+            }
         }
         let io = self.route.dial().await?;
         h2_upstream::handshake(io, MAX_H2_HEADER_LIST)
@@ -778,9 +784,7 @@ impl AccessLog {
             bytes: 0,
         }
     }
-}
 
-impl AccessLog {
     /// The line of a relayed HTTP/2 request (see [`crate::h2_relay`]), from the fields its
     /// header block had: the same fields as a terminated request's.
     pub(crate) fn relayed(

@@ -1360,6 +1360,26 @@ async fn relayed_websocket_over_http2_works_where_the_upstream_offers_it() {
 }
 
 #[tokio::test]
+async fn a_relayed_connection_whose_dial_failed_dials_again_for_a_later_stream() {
+    // A client that connects early (a gRPC channel) and sends its first call later gets the
+    // answer of a dial made then, not the failure from when it connected.
+    RELAY.set(true);
+    let (addr, proxy) = start_proxy(closed_port().await).await;
+    let mut sender = client(addr).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, _, _, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    // The relay's dial when the client connected, and the stream's own.
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_connect_errors_total{direction=\"outbound\"}"
+        ),
+        Some(2)
+    );
+}
+
+#[tokio::test]
 async fn a_relayed_drain_during_a_download_goes_between_frames_and_the_download_completes() {
     // 64 KiB chunks for 8 MiB: the drain's GOAWAY must go in at a frame boundary of a stream
     // of full reads, or the client would read a broken frame.
