@@ -837,18 +837,26 @@ fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     }
     let mut mesh = Mesh::new(&[], &["--drain-timeout", "5s"]);
     http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
-    let slow = mesh
-        .pod
-        .pod
-        .command("curl")
-        .args(["-sS", "--max-time", "5", "http://198.18.0.2:8080/slow"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Over HTTP/1.1 and over relayed HTTP/2, whose client gets a GOAWAY and then closes.
+    let slow = ["--http1.1", "--http2-prior-knowledge"].map(|version| {
+        mesh.pod
+            .pod
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                version,
+                "http://198.18.0.2:8080/slow",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
     let open = "remora_proxy_tcp_open_connections{direction=\"outbound\"}";
-    assert!(wait_until(Duration::from_secs(2), || mesh.metric(open) == 1.0));
+    assert!(wait_until(Duration::from_secs(2), || mesh.metric(open) == 2.0));
     let start = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(mesh.proxy.pid()),
@@ -857,13 +865,18 @@ fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     .unwrap();
     // Not ready at once; the request still completes.
     assert!(wait_until(Duration::from_millis(500), || mesh.ready() == Some(503)));
-    let out = slow.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello /slow HTTP/1.1",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (curl, answer) in slow
+        .into_iter()
+        .zip(["hello /slow HTTP/1.1", "hello /slow HTTP/2.0"])
+    {
+        let out = curl.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            answer,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let status = (0..100)
         .find_map(|_| {
             let status = mesh.proxy.child.try_wait().unwrap();
