@@ -517,10 +517,9 @@ async fn refused_destination_is_a_502_naming_it_and_the_connection_stays_usable(
     );
 }
 
-#[tokio::test]
-async fn upstream_closing_its_connection_between_requests_is_not_a_502() {
-    // Each upstream connection serves one request, then the server shuts it down gracefully
-    // (GOAWAY) as a restarting server does.
+/// An upstream whose every connection serves one request, answered `conn N`, and then shuts
+/// down gracefully (GOAWAY), as a restarting server does; and how many connections it took.
+async fn one_request_per_connection() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = listener.local_addr().unwrap();
     let accepts = Arc::new(AtomicUsize::new(0));
@@ -549,6 +548,12 @@ async fn upstream_closing_its_connection_between_requests_is_not_a_502() {
             });
         }
     });
+    (target, accepts)
+}
+
+#[tokio::test]
+async fn upstream_closing_its_connection_between_requests_is_not_a_502() {
+    let (target, accepts) = one_request_per_connection().await;
     let (addr, _) = start_proxy(target).await;
     let mut sender = client(addr).await;
     for expected in ["conn 0", "conn 1", "conn 2"] {
@@ -1376,6 +1381,84 @@ async fn a_relayed_connection_whose_dial_failed_dials_again_for_a_later_stream()
             "remora_proxy_connect_errors_total{direction=\"outbound\"}"
         ),
         Some(2)
+    );
+}
+
+#[tokio::test]
+async fn a_relayed_upstream_goaway_reaches_the_client_which_reconnects() {
+    // The client sees its server's graceful shutdown itself, as without the proxy: its
+    // connection takes no more streams, and a new one reaches a new upstream connection.
+    RELAY.set(true);
+    let (target, accepts) = one_request_per_connection().await;
+    let (addr, _) = start_proxy(target).await;
+    for expected in ["conn 0", "conn 1"] {
+        let mut sender = client(addr).await;
+        let (status, _, body, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, expected.as_bytes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let next = within(
+            "the answer to a stream after the upstream's GOAWAY",
+            sender.send_request(request(Method::GET, "/", empty())),
+        )
+        .await;
+        assert!(next.is_err(), "a stream after the GOAWAY was served");
+    }
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn garbage_either_way_through_the_relay_costs_only_its_connection() {
+    // An upstream that answers the preface with HTTP/1.1, and a client whose frames are
+    // nonsense: each connection fails at its other end, the proxy keeps serving.
+    RELAY.set(true);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http1_only = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let (addr, _) = start_proxy(http1_only).await;
+    let mut sender = client(addr).await;
+    let answer = within(
+        "the failure",
+        sender.send_request(request(Method::GET, "/", empty())),
+    )
+    .await;
+    assert!(answer.is_err(), "{answer:?}");
+
+    let upstream = describing().await;
+    let (addr, proxy) = start_proxy(upstream.addr).await;
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // A HEADERS frame of 40 bytes of garbage on stream 1, then a frame head claiming 16 MiB.
+    let mut garbage = vec![0, 0, 40, 1, 5, 0, 0, 0, 1];
+    garbage.extend(pattern(40));
+    garbage.extend([0xff, 0xff, 0xff, 1, 0, 0, 0, 0, 3]);
+    let _ = raw.write_all(&garbage).await;
+    let mut rest = Vec::new();
+    let _ = within("the upstream's end of it", raw.read_to_end(&mut rest)).await;
+    // The proxy still serves a well-behaved client, and counted nothing for the garbage.
+    let mut sender = client(addr).await;
+    let (status, _, _, _) = exchange(&mut sender, request(Method::GET, "/", empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = proxy.metrics.encode();
+    assert_eq!(
+        metric(
+            proxy,
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+        ),
+        Some(1),
+        "{text}"
     );
 }
 
