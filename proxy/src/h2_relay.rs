@@ -311,10 +311,12 @@ impl Head {
 }
 
 /// What is kept of the payload of the frame being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Payload {
     /// Not wanted: passed by.
     Skip,
-    Keep(Vec<u8>),
+    /// Wanted: gathered in `Frames::kept`.
+    Keep,
     /// Wanted, but larger than `MAX_BLOCK`.
     TooLarge,
 }
@@ -329,8 +331,11 @@ struct Frames {
     /// The frame whose payload is being read, and how much of it is still to come.
     current: Option<Head>,
     remaining: usize,
-    /// The current frame's payload, as far as it is wanted.
+    /// Whether the current frame's payload is wanted.
     payload: Payload,
+    /// The wanted payload so far; kept from frame to frame so that reading one costs no
+    /// allocation.
+    kept: Vec<u8>,
     /// A header block has begun and a `CONTINUATION` must end it: no frame may come between.
     in_block: bool,
     /// A whole frame has passed: the first (the upstream's `SETTINGS`) must come before any
@@ -347,6 +352,7 @@ impl Frames {
             current: None,
             remaining: 0,
             payload: Payload::Skip,
+            kept: Vec::new(),
             in_block: false,
             begun: false,
         }
@@ -358,8 +364,8 @@ impl Frames {
     }
 
     /// Reads `bytes`, calling `frame` with each frame that ends in them and its payload when
-    /// `wants` asked for it (empty when not, `None` if it was too large to keep). Returns the offset of the last
-    /// frame boundary in `bytes`, if there is one.
+    /// `wants` asked for it (empty when not, `None` if it was too large to keep). Returns the
+    /// offset of the last frame boundary in `bytes`, if there is one.
     fn feed(
         &mut self,
         bytes: &[u8],
@@ -376,8 +382,8 @@ impl Frames {
                 at += n;
             } else if self.current.is_some() {
                 let n = self.remaining.min(rest.len());
-                if let Payload::Keep(payload) = &mut self.payload {
-                    payload.extend_from_slice(&rest[..n]);
+                if self.payload == Payload::Keep {
+                    self.kept.extend_from_slice(&rest[..n]);
                 }
                 self.remaining -= n;
                 at += n;
@@ -393,9 +399,10 @@ impl Frames {
                     self.remaining = head.len;
                     self.payload = match (wants(&head), head.len <= MAX_BLOCK) {
                         (false, _) => Payload::Skip,
-                        (true, true) => Payload::Keep(Vec::with_capacity(head.len)),
+                        (true, true) => Payload::Keep,
                         (true, false) => Payload::TooLarge,
                     };
+                    self.kept.clear();
                 }
             }
             if let (Some(head), 0) = (self.current, self.remaining) {
@@ -407,10 +414,14 @@ impl Frames {
                     }
                     _ => {}
                 }
-                match std::mem::replace(&mut self.payload, Payload::Skip) {
+                match self.payload {
                     Payload::Skip => frame(head, Some(&[])),
-                    Payload::Keep(payload) => frame(head, Some(&payload)),
+                    Payload::Keep => frame(head, Some(&self.kept)),
                     Payload::TooLarge => frame(head, None),
+                }
+                if self.kept.capacity() > BUF {
+                    // A large header block was read: its memory goes back.
+                    self.kept = Vec::new();
                 }
             }
             if self.at_boundary() {
