@@ -2,6 +2,8 @@
 //! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
 //! thread across client connections; upgrades and CONNECT become byte tunnels. The upstream side
 //! of HTTP/1 is [`crate::h1`]; hyper serves the client side and carries tunnels and HTTP/2.
+//! HTTP/2 comes here only with `--h2-mode terminate`, or when the relay ([`crate::h2_relay`],
+//! the default) could not reach the destination.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
