@@ -86,7 +86,6 @@ pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx
     let n = first.len();
     relay.up.buf[..n].copy_from_slice(&first);
     relay.up.end = n;
-    cx.metrics.rx.inc_by(n as u64);
     relay.observe_client(n);
 
     let mut drain = pin!(cx.proxy.drain.signaled());
@@ -225,7 +224,6 @@ impl Relay {
                 return Poll::Ready(Ok(()));
             }
             let n = ready!(self.up.poll_read(task, client))?;
-            self.book.cx.metrics.rx.inc_by(n as u64);
             self.observe_client(n);
         }
     }
@@ -261,8 +259,9 @@ impl Relay {
         self.draining && !self.told_goaway && !self.book.upstream_goaway
     }
 
-    /// Follows the frames of the `n` bytes just read from the client.
+    /// Counts and follows the frames of the `n` bytes just read from the client.
     fn observe_client(&mut self, n: usize) {
+        self.book.cx.metrics.rx.inc_by(n as u64);
         let book = &mut self.book;
         let blocks = book.requests.is_some();
         self.client_frames.feed(
@@ -506,7 +505,7 @@ impl Blocks {
         let of = self.of.take().expect("a block has begun");
         match self.decoder.decode(block) {
             Ok(fields) => Ok(Some((of, fields))),
-            Err(_) => Err("a malformed header block"),
+            Err(hpack::Malformed(why)) => Err(why),
         }
     }
 }

@@ -14,12 +14,12 @@ use std::collections::VecDeque;
 /// blocks on the connection; the two ends check the blocks themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed header block: {0}")]
-pub struct Malformed(&'static str);
+pub struct Malformed(pub &'static str);
 
 /// The largest table the decoder follows. The receiving end allows the sender what it announced
 /// in `SETTINGS_HEADER_TABLE_SIZE` (4096 unless it says otherwise) and checks the limit itself;
 /// a larger table is not followed, so that a peer cannot make the proxy keep an unbounded one.
-pub const MAX_TABLE_SIZE: usize = 1 << 20;
+const MAX_TABLE_SIZE: usize = 1 << 20;
 
 /// Whose header blocks a decoder reads, which decides the fields it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -636,11 +636,10 @@ async fn a_32_kib_header_passes_both_ways() {
     assert_eq!(headers["x-big-echo"], value.as_str());
 }
 
-#[tokio::test]
-async fn an_upstream_that_does_not_speak_http2_is_a_502() {
-    // An HTTP/1-only server answers the connection preface with a 400 and closes.
+/// An HTTP/1-only server: it answers the HTTP/2 connection preface with a 400 and closes.
+async fn http1_only() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = listener.local_addr().unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -652,6 +651,12 @@ async fn an_upstream_that_does_not_speak_http2_is_a_502() {
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_speak_http2_is_a_502() {
+    let target = http1_only().await;
     let (addr, _) = start_proxy(target).await;
     let mut sender = client(addr).await;
     for _ in 0..2 {
@@ -1412,20 +1417,7 @@ async fn garbage_either_way_through_the_relay_costs_only_its_connection() {
     // An upstream that answers the preface with HTTP/1.1, and a client whose frames are
     // nonsense: each connection fails at its other end, the proxy keeps serving.
     RELAY.set(true);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http1_only = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0; 1024];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    let (addr, _) = start_proxy(http1_only).await;
+    let (addr, _) = start_proxy(http1_only().await).await;
     let mut sender = client(addr).await;
     let answer = within(
         "the failure",
