@@ -1,29 +1,6 @@
 //! `remora-proxy`: the remora sidecar. Accepts the pod's redirected connections and carries them
 //! to their original destinations, measuring what passes.
-// Unsafe code only where a syscall has no safe wrapper (`sched`) and in the allocator (`alloc`).
 #![deny(unsafe_code)]
-
-mod admin;
-mod alloc;
-mod balance;
-mod config;
-mod connect;
-mod detect;
-mod drain;
-mod h1;
-mod h2_relay;
-mod h2_upstream;
-mod hpack;
-mod http;
-#[cfg(test)]
-mod http2_tests;
-#[cfg(test)]
-mod http_tests;
-mod listen;
-mod metrics;
-mod opaque;
-mod orig_dst;
-mod sched;
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -34,16 +11,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Args, H2Mode, LogFormat, SchedPolicy};
-use crate::connect::Keepalive;
-use crate::listen::{Context, Proxy};
-use crate::metrics::{Direction, Metrics};
+use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
+use remora_proxy::connect::Keepalive;
+use remora_proxy::listen::{self, Context, Proxy};
+use remora_proxy::metrics::{self, Direction, Metrics};
+use remora_proxy::{admin, alloc, balance, http, sched};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
-
-/// The error of a body or task that may fail in any of several ways.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();

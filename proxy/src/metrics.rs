@@ -227,6 +227,12 @@ pub struct Metrics {
     pub outbound: DirectionMetrics,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("remora_proxy");
