@@ -2,11 +2,14 @@
 //! chosen protocol handler gets them back first through [`Rewound`], so a connection costs one
 //! read of its first segment instead of a peek and a read.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -70,20 +73,51 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     }
 }
 
+/// What decided a connection's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// The client's first bytes, or its close.
+    Client,
+    /// The client sent nothing within [`DETECT_TIMEOUT`]: its destination speaks first.
+    Silence,
+    /// Nothing had arrived yet and the destination was known to speak first, so detection did
+    /// not wait.
+    Memory,
+}
+
 /// Reads the client's first bytes until they decide the protocol, the client closes, or
 /// [`DETECT_TIMEOUT`] passes. Returns what was read with the verdict: the handler must see those
 /// bytes first (opaque connections included).
 pub async fn detect(stream: &TcpStream) -> io::Result<(Detected, Bytes)> {
+    let (detected, first, _) = detect_unless_known(stream, || false).await?;
+    Ok((detected, first))
+}
+
+/// [`detect`], except that when no bytes have arrived by the first read and
+/// `known_server_first` says the destination speaks first, the connection is opaque at once
+/// instead of after [`DETECT_TIMEOUT`]. `known_server_first` is only asked then: a client whose
+/// first bytes are already here is classified by them alone, so the cache costs it nothing.
+pub async fn detect_unless_known(
+    stream: &TcpStream,
+    known_server_first: impl FnOnce() -> bool,
+) -> io::Result<(Detected, Bytes, DecidedBy)> {
     // A client-first protocol's bytes are usually here by the time the connection is accepted:
     // one non-blocking read then decides without arming a timer or waiting for the reactor.
     let mut seen = read_now(stream)?;
     if let Some(detected) = classify(&seen) {
-        return Ok((detected, seen.freeze()));
+        return Ok((detected, seen.freeze(), DecidedBy::Client));
+    }
+    if seen.is_empty() && known_server_first() {
+        return Ok((Detected::Opaque, seen.freeze(), DecidedBy::Memory));
     }
     let deadline = Instant::now() + DETECT_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, stream.readable()).await {
-            Err(_elapsed) => return Ok((Detected::Opaque, seen.freeze())),
+            // Undecided bytes and then silence are still the client speaking first.
+            Err(_elapsed) if !seen.is_empty() => {
+                return Ok((Detected::Opaque, seen.freeze(), DecidedBy::Client))
+            }
+            Err(_elapsed) => return Ok((Detected::Opaque, seen.freeze(), DecidedBy::Silence)),
             Ok(ready) => ready?,
         }
         if seen.capacity() == seen.len() {
@@ -91,10 +125,10 @@ pub async fn detect(stream: &TcpStream) -> io::Result<(Detected, Bytes)> {
         }
         match stream.try_read_buf(&mut seen) {
             // Closed before the bytes decided: whatever came is still carried, as opaque TCP.
-            Ok(0) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(0) => return Ok((Detected::Opaque, seen.freeze(), DecidedBy::Client)),
             Ok(_) => {
                 if let Some(detected) = classify(&seen) {
-                    return Ok((detected, seen.freeze()));
+                    return Ok((detected, seen.freeze(), DecidedBy::Client));
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -117,6 +151,110 @@ fn read_now(stream: &TcpStream) -> io::Result<BytesMut> {
         // Nothing yet; an EOF (zero bytes) is seen again by the waiting path, which reports it.
         Err(Errno::EAGAIN | Errno::EINTR) => Ok(BytesMut::new()),
         Err(errno) => Err(errno.into()),
+    }
+}
+
+/// How long a destination stays known as server-first. A verdict runs out rather than being
+/// extended by use, and is then learned again: one connection to the destination waits
+/// [`DETECT_TIMEOUT`] once more. That re-check is how a wrong verdict goes: a port that has begun
+/// to carry a client-first protocol (a pod IP reused by an HTTP server, say) is carried as
+/// opaque TCP, intact but without per-request metrics, for at most this long. Contrary evidence
+/// is not looked for sooner because it only shows on the fast path (a client whose bytes are
+/// already here), which must not pay a lookup. Five minutes costs a database client one 100 ms
+/// wait per destination in 300 s (0.03 % of the time), yet a changed destination is measured
+/// again within minutes, not only after a restart.
+pub const SERVER_FIRST_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// How many server-first destinations are remembered per direction; when full, the one learned
+/// longest ago goes. A pod talks to a few databases and mail servers, not hundreds; the bound
+/// keeps an app that dials many silent destinations from growing the proxy (at most about
+/// 25 KiB per direction).
+pub const SERVER_FIRST_CAPACITY: usize = 256;
+
+/// The destinations known at one moment to speak first, each with when it was learned. A value:
+/// [`ServerFirst`] replaces it whole on each change, and every function takes the time, so the
+/// rules are tested without a clock.
+#[derive(Debug, Default, Clone)]
+pub struct SilentDestinations {
+    learned: HashMap<SocketAddr, StdInstant>,
+}
+
+impl SilentDestinations {
+    /// Whether `destination` is known to speak first; `now` is only read for a destination
+    /// that is held, so a lookup in an empty set costs no clock read and no hash.
+    pub fn knows(&self, destination: &SocketAddr, now: impl FnOnce() -> StdInstant) -> bool {
+        match self.learned.get(destination) {
+            Some(&learned) => now().saturating_duration_since(learned) < SERVER_FIRST_TTL,
+            None => false,
+        }
+    }
+
+    /// These destinations and `destination`, learned at `now`; those expired by `now` are left
+    /// out, and the one learned longest ago too if the set would grow past
+    /// [`SERVER_FIRST_CAPACITY`].
+    pub fn with(&self, destination: SocketAddr, now: StdInstant) -> Self {
+        let mut learned: HashMap<SocketAddr, StdInstant> = self
+            .learned
+            .iter()
+            .filter(|(_, &at)| now.saturating_duration_since(at) < SERVER_FIRST_TTL)
+            .map(|(&destination, &at)| (destination, at))
+            .collect();
+        if learned.len() >= SERVER_FIRST_CAPACITY && !learned.contains_key(&destination) {
+            let oldest = learned.iter().min_by_key(|(_, &at)| at).map(|(&d, _)| d);
+            if let Some(oldest) = oldest {
+                learned.remove(&oldest);
+            }
+        }
+        learned.insert(destination, now);
+        Self { learned }
+    }
+
+    /// How many destinations are held, expired ones included until the next change.
+    pub fn len(&self) -> usize {
+        self.learned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.learned.is_empty()
+    }
+}
+
+/// The server-first destinations of one direction, shared by every worker: a lookup loads the
+/// current [`SilentDestinations`] without a lock (every worker learns from any connection, so
+/// only the first connection to a destination waits, whichever worker serves the next), and
+/// learning copies the set, which happens only after a connection has already waited
+/// [`DETECT_TIMEOUT`].
+#[derive(Debug, Default)]
+pub struct ServerFirst {
+    current: ArcSwap<SilentDestinations>,
+}
+
+impl ServerFirst {
+    /// See [`SilentDestinations::knows`].
+    pub fn knows(&self, destination: &SocketAddr, now: impl FnOnce() -> StdInstant) -> bool {
+        self.current.load().knows(destination, now)
+    }
+
+    /// Remembers that `destination`'s client sent nothing first, at `now`. Returns by how much
+    /// the number of destinations held changed (a gauge's step; 0 or negative when expired or
+    /// evicted entries went).
+    pub fn learn(&self, destination: SocketAddr, now: StdInstant) -> i64 {
+        let mut held = 0;
+        let before = self.current.rcu(|current| {
+            let next = current.with(destination, now);
+            held = next.len();
+            next
+        });
+        // The set is bounded by SERVER_FIRST_CAPACITY, far inside i64.
+        held as i64 - before.len() as i64
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.load().is_empty()
     }
 }
 
@@ -317,9 +455,129 @@ mod tests {
     async fn a_silent_client_is_opaque_after_the_timeout_with_nothing_read() {
         let (_client, accepted) = pair().await;
         let started = Instant::now();
-        let (detected, first) = detect(&accepted).await.unwrap();
-        assert_eq!(detected, Detected::Opaque);
+        let (detected, first, decided_by) = detect_unless_known(&accepted, || false).await.unwrap();
+        assert_eq!(
+            (detected, decided_by),
+            (Detected::Opaque, DecidedBy::Silence)
+        );
         assert!(first.is_empty());
         assert!(started.elapsed() >= DETECT_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_of_a_known_server_first_destination_is_opaque_without_the_wait() {
+        let (_client, accepted) = pair().await;
+        let (detected, first, decided_by) = detect_unless_known(&accepted, || true).await.unwrap();
+        // Memory, not Silence: the verdict came before any timer was armed.
+        assert_eq!(
+            (detected, decided_by),
+            (Detected::Opaque, DecidedBy::Memory)
+        );
+        assert!(first.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_speaks_first_is_judged_by_its_bytes_alone() {
+        // Bytes already here decide without asking the memory, even for a known destination.
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        accepted.readable().await.unwrap();
+        let asked = std::cell::Cell::new(false);
+        let (detected, _, decided_by) = detect_unless_known(&accepted, || {
+            asked.set(true);
+            true
+        })
+        .await
+        .unwrap();
+        assert_eq!((detected, decided_by), (Detected::Http1, DecidedBy::Client));
+        assert!(
+            !asked.get(),
+            "the memory was asked although the bytes were here"
+        );
+
+        // Undecided bytes and then silence: the client spoke, so nothing is learned from it.
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"GE").await.unwrap();
+        accepted.readable().await.unwrap();
+        let (detected, first, decided_by) = detect_unless_known(&accepted, || {
+            asked.set(true);
+            true
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (detected, decided_by),
+            (Detected::Opaque, DecidedBy::Client)
+        );
+        assert_eq!(&first[..], b"GE");
+        assert!(!asked.get());
+    }
+
+    fn destination(port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, 2], port))
+    }
+
+    #[test]
+    fn a_server_first_destination_is_known_until_its_verdict_expires() {
+        let start = StdInstant::now();
+        let set = SilentDestinations::default();
+        let at = |secs| start + Duration::from_secs(secs);
+        assert!(!set.knows(&destination(3307), || start));
+        let set = set.with(destination(3307), start);
+        assert!(set.knows(&destination(3307), || start));
+        assert!(!set.knows(&destination(3308), || start));
+        let ttl = SERVER_FIRST_TTL.as_secs();
+        assert!(set.knows(&destination(3307), || at(ttl - 1)));
+        assert!(!set.knows(&destination(3307), || at(ttl)));
+        // Expired entries go with the next change.
+        let set = set.with(destination(3308), at(ttl));
+        assert_eq!(set.len(), 1);
+        assert!(set.knows(&destination(3308), || at(ttl)));
+        // Learning again restarts the time; knowing does not.
+        let set = set.with(destination(3308), at(ttl + 100));
+        assert!(set.knows(&destination(3308), || at(2 * ttl + 99)));
+    }
+
+    #[test]
+    fn a_full_set_drops_expired_destinations_then_the_one_learned_longest_ago() {
+        let start = StdInstant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut set = SilentDestinations::default();
+        for i in 0..SERVER_FIRST_CAPACITY {
+            set = set.with(destination(10_000 + i as u16), at(i as u64));
+        }
+        assert_eq!(set.len(), SERVER_FIRST_CAPACITY);
+        // Full: the newcomer displaces the oldest (learned at `start`), no one else.
+        let now = at(SERVER_FIRST_CAPACITY as u64);
+        let set = set.with(destination(9_999), now);
+        assert_eq!(set.len(), SERVER_FIRST_CAPACITY);
+        assert!(set.knows(&destination(9_999), || now));
+        assert!(!set.knows(&destination(10_000), || now));
+        assert!(set.knows(&destination(10_001), || now));
+        // Learning one already held again replaces it rather than evicting another.
+        let set = set.with(destination(10_001), now);
+        assert_eq!(set.len(), SERVER_FIRST_CAPACITY);
+        assert!(set.knows(&destination(10_002), || now));
+        // When entries have expired, they make the room and the live ones stay.
+        let later = at(SERVER_FIRST_TTL.as_secs() + 9);
+        let set = set.with(destination(9_998), later);
+        assert!(set.len() < SERVER_FIRST_CAPACITY);
+        assert!(set.knows(&destination(9_998), || later));
+        assert!(set.knows(&destination(9_999), || later));
+    }
+
+    #[test]
+    fn learning_reports_how_the_number_held_changed() {
+        let start = StdInstant::now();
+        let shared = ServerFirst::default();
+        assert!(shared.is_empty());
+        assert_eq!(shared.learn(destination(3307), start), 1);
+        assert_eq!(shared.learn(destination(3307), start), 0);
+        assert_eq!(shared.learn(destination(3308), start), 1);
+        assert!(shared.knows(&destination(3308), || start));
+        // Both expired: one in, two out.
+        let later = start + SERVER_FIRST_TTL;
+        assert_eq!(shared.learn(destination(3309), later), -1);
+        assert_eq!(shared.len(), 1);
     }
 }

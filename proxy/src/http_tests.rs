@@ -41,6 +41,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         access_log: false,
         h2_relay: false,
         metrics: Metrics::new(),
+        server_first: Default::default(),
         drain: Default::default(),
         balance: crate::balance::Balance::new(1).0,
         ready: Default::default(),

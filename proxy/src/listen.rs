@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use crate::balance::{Assigned, Balance, Handoff};
 use crate::connect::{reset, Keepalive};
-use crate::detect::{detect, Detected, Rewound};
+use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound, ServerFirst};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::{http, opaque, orig_dst};
@@ -38,6 +38,8 @@ pub struct Proxy {
     /// Prior-knowledge HTTP/2 is relayed frame by frame (`--h2-mode relay`).
     pub h2_relay: bool,
     pub metrics: Metrics,
+    /// Destinations whose clients sent nothing first, inbound then outbound (see [`Context`]).
+    pub server_first: [ServerFirst; 2],
     pub drain: Drain,
     /// Spreads connections over the workers.
     pub balance: Balance,
@@ -50,13 +52,19 @@ pub struct Proxy {
 pub struct Context {
     pub proxy: &'static Proxy,
     pub metrics: &'static DirectionMetrics,
+    pub server_first: &'static ServerFirst,
 }
 
 impl Context {
     pub fn new(proxy: &'static Proxy, direction: Direction) -> Self {
+        let [inbound, outbound] = &proxy.server_first;
         Self {
             proxy,
             metrics: proxy.metrics.direction(direction),
+            server_first: match direction {
+                Direction::Inbound => inbound,
+                Direction::Outbound => outbound,
+            },
         }
     }
 
@@ -256,7 +264,7 @@ async fn handle(stream: TcpStream, accepted: Accepted) {
     let (protocol, first) = if cx.proxy.opaque_ports.contains(target.port()) {
         (Detected::Opaque, Bytes::new())
     } else {
-        match detect(&stream).await {
+        match detect_remembering(&stream, target, &cx).await {
             Ok(detected) => detected,
             Err(error) => {
                 debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
@@ -273,9 +281,102 @@ async fn handle(stream: TcpStream, accepted: Accepted) {
     }
 }
 
+/// Detects the protocol of a connection to `target`. A destination whose client sent nothing
+/// within the detection wait is remembered as server-first, and its later connections are
+/// opaque at once instead of waiting again. The cost to a client whose first bytes are here at
+/// accept (HTTP, mostly) is nothing; one that is not here yet costs a lock-free load of the
+/// shared set and, unless the set is empty, one hash lookup.
+async fn detect_remembering(
+    stream: &TcpStream,
+    target: SocketAddr,
+    cx: &Context,
+) -> io::Result<(Detected, Bytes)> {
+    let server_first = cx.server_first;
+    let known = || server_first.knows(&target, std::time::Instant::now);
+    let (protocol, first, decided_by) = detect_unless_known(stream, known).await?;
+    match decided_by {
+        DecidedBy::Client => {}
+        DecidedBy::Memory => {
+            cx.metrics.detect_skipped.inc();
+        }
+        DecidedBy::Silence => {
+            cx.metrics.detect_timeouts.inc();
+            let change = server_first.learn(target, std::time::Instant::now());
+            cx.metrics.server_first_destinations.inc_by(change);
+        }
+    }
+    Ok((protocol, first))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair over loopback: (client, accepted).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_silent_destination_waits_once_then_its_connections_skip_the_wait() {
+        use tokio::io::AsyncWriteExt;
+        let proxy = crate::http_tests::new_proxy();
+        let outbound = Context::new(proxy, Direction::Outbound);
+        let mariadb: SocketAddr = "198.18.0.2:3307".parse().unwrap();
+        let counts = |cx: &Context| {
+            (
+                cx.metrics.detect_timeouts.get(),
+                cx.metrics.detect_skipped.get(),
+                cx.metrics.server_first_destinations.get(),
+            )
+        };
+
+        // The first connection waits out detection, and the destination is remembered.
+        let (_client, accepted) = pair().await;
+        let (protocol, first) = detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(protocol, Detected::Opaque);
+        assert!(first.is_empty());
+        assert_eq!(counts(&outbound), (1, 0, 1));
+        assert!(outbound
+            .server_first
+            .knows(&mariadb, std::time::Instant::now));
+
+        // The next ones do not wait: counted as skipped, not as another timeout.
+        for n in 1..=2 {
+            let (_client, accepted) = pair().await;
+            let (protocol, _) = detect_remembering(&accepted, mariadb, &outbound)
+                .await
+                .unwrap();
+            assert_eq!(protocol, Detected::Opaque);
+            assert_eq!(counts(&outbound), (1, n, 1));
+        }
+
+        // A client that speaks first is still read, known destination or not.
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        accepted.readable().await.unwrap();
+        let (protocol, _) = detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(protocol, Detected::Http1);
+        assert_eq!(counts(&outbound), (1, 2, 1));
+
+        // Each direction learns for itself: an inbound connection to that address still waits.
+        let inbound = Context::new(proxy, Direction::Inbound);
+        let (_client, accepted) = pair().await;
+        detect_remembering(&accepted, mariadb, &inbound)
+            .await
+            .unwrap();
+        assert_eq!(counts(&inbound), (1, 0, 1));
+        assert_eq!(counts(&outbound), (1, 2, 1));
+    }
 
     #[test]
     fn accepted_connections_inherit_tcp_nodelay() {

@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         access_log: args.access_log,
         h2_relay: args.h2_mode == H2Mode::Relay,
         metrics: Metrics::new(),
+        server_first: Default::default(),
         drain: Default::default(),
         balance,
         ready: Default::default(),

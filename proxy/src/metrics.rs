@@ -190,6 +190,13 @@ pub struct DirectionMetrics {
     pub rx: HotCounter,
     pub tx: HotCounter,
     pub connect_errors: Counter,
+    /// Connections whose client sent nothing within the detection wait.
+    pub detect_timeouts: Counter,
+    /// Connections carried as opaque without the wait: their destination was known to speak
+    /// first.
+    pub detect_skipped: Counter,
+    /// Destinations remembered as speaking first (see `detect::ServerFirst`).
+    pub server_first_destinations: Gauge,
     pub latency: Arc<LatencyHistogram>,
     requests: Family<RequestLabels, HotCounter>,
     /// `requests_total` handles per protocol and status code 100..=599, made on first use and
@@ -242,6 +249,9 @@ impl Metrics {
         let requests = Family::<RequestLabels, HotCounter>::default();
         let latency = Family::<DirectionLabels, SharedHistogram>::default();
         let connect_errors = Family::<DirectionLabels, Counter>::default();
+        let detect_timeouts = Family::<DirectionLabels, Counter>::default();
+        let detect_skipped = Family::<DirectionLabels, Counter>::default();
+        let server_first = Family::<DirectionLabels, Gauge>::default();
         registry.register(
             "tcp_connections",
             "TCP connections accepted",
@@ -272,6 +282,24 @@ impl Metrics {
             "Connections to a destination that failed or timed out",
             connect_errors.clone(),
         );
+        // Beyond the SPEC's list: what server-first protocols on unlisted ports cost.
+        registry.register(
+            "detect_timeouts",
+            "Connections whose client sent nothing within the protocol-detection wait (carried \
+             as opaque TCP, the destination then remembered as server-first)",
+            detect_timeouts.clone(),
+        );
+        registry.register(
+            "detect_skipped",
+            "Connections carried as opaque TCP without the protocol-detection wait, their \
+             destination remembered as server-first",
+            detect_skipped.clone(),
+        );
+        registry.register(
+            "server_first_destinations",
+            "Destinations remembered as server-first (held a few minutes, a bounded number)",
+            server_first.clone(),
+        );
         // One `let` per handle: get_or_create returns a lock guard, and guards kept alive as
         // temporaries of one struct expression would deadlock on the same family.
         let direction_metrics = |direction| {
@@ -282,6 +310,9 @@ impl Metrics {
             let rx = bytes.get_or_create(&flow(Flow::rx)).clone();
             let tx = bytes.get_or_create(&flow(Flow::tx)).clone();
             let connect_errors_handle = connect_errors.get_or_create(&labels).clone();
+            let detect_timeouts_handle = detect_timeouts.get_or_create(&labels).clone();
+            let detect_skipped_handle = detect_skipped.get_or_create(&labels).clone();
+            let server_first_handle = server_first.get_or_create(&labels).clone();
             let latency_handle = latency.get_or_create(&labels).0.clone();
             DirectionMetrics {
                 direction,
@@ -290,6 +321,9 @@ impl Metrics {
                 rx,
                 tx,
                 connect_errors: connect_errors_handle,
+                detect_timeouts: detect_timeouts_handle,
+                detect_skipped: detect_skipped_handle,
+                server_first_destinations: server_first_handle,
                 latency: latency_handle,
                 requests: requests.clone(),
                 by_status: std::array::from_fn(|_| (100..600).map(|_| OnceLock::new()).collect()),
@@ -471,6 +505,9 @@ mod tests {
             "remora_proxy_request_duration_seconds_bucket{le=\"+Inf\",direction=\"inbound\"} 2",
             "remora_proxy_request_duration_seconds_count{direction=\"inbound\"} 2",
             "remora_proxy_connect_errors_total{direction=\"inbound\"} 0",
+            "remora_proxy_detect_timeouts_total{direction=\"outbound\"} 0",
+            "remora_proxy_detect_skipped_total{direction=\"inbound\"} 0",
+            "remora_proxy_server_first_destinations{direction=\"outbound\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -407,6 +407,85 @@ fn a_server_first_protocol_answers_without_a_stall() {
     assert_eq!(mesh.metric(OUT_CONNS), 2.0);
 }
 
+/// The start of a MariaDB server's handshake packet: what its clients wait for before they write.
+const MARIADB_GREETING: &[u8] = b"\x4a\x00\x00\x00\x0a5.5.5-11.4.2-MariaDB\x00";
+
+/// From inside `ns`: how long from the start of connect() until the server's greeting has
+/// arrived, timed on the connecting thread itself; then the connection, greeting read.
+fn time_to_greeting(ns: &NetNs, addr: SocketAddr) -> (Duration, TcpStream) {
+    ns.run_in(move || {
+        let start = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(3)));
+        let mut greeting = vec![0; MARIADB_GREETING.len()];
+        stream
+            .read_exact(&mut greeting)
+            .unwrap_or_else(|e| panic!("reading {addr}'s greeting: {e}"));
+        let elapsed = start.elapsed();
+        assert_eq!(greeting, MARIADB_GREETING, "{addr}");
+        (elapsed, stream)
+    })
+    .unwrap()
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+const OUT_DETECT_TIMEOUTS: &str = "remora_proxy_detect_timeouts_total{direction=\"outbound\"}";
+const OUT_DETECT_SKIPPED: &str = "remora_proxy_detect_skipped_total{direction=\"outbound\"}";
+const OUT_SERVER_FIRST: &str = "remora_proxy_server_first_destinations{direction=\"outbound\"}";
+
+#[test]
+fn a_server_first_protocol_on_an_unlisted_port_waits_for_detection_only_once() {
+    if !can_run() {
+        return;
+    }
+    // The same server on 198.18.0.3, which the rules leave alone, is the direct baseline.
+    let mesh = Mesh::new(&["--exclude-outbound-cidrs", "198.18.0.3/32"], &[]);
+    let (meshed, direct) = (addr(REMOTE_V4, 3307), addr(REMOTE2_V4, 3307));
+    tcp_server(&mesh.pod.remote, meshed, MARIADB_GREETING);
+    tcp_server(&mesh.pod.remote, direct, MARIADB_GREETING);
+
+    // The first connection through the proxy waits out detection, and works.
+    let (first, mut stream) = time_to_greeting(&mesh.pod.pod, meshed);
+    stream.write_all(b"\x01\x00\x00\x01\x01").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let echoed = read_until_closed_or(&mut stream, "\u{0}never");
+    assert_eq!(echoed.as_bytes(), b"\x01\x00\x00\x01\x01");
+    assert_eq!(mesh.metric(OUT_DETECT_TIMEOUTS), 1.0);
+    assert_eq!(mesh.metric(OUT_SERVER_FIRST), 1.0);
+
+    // The next ones, whichever worker serves them, skip the wait: within 10 ms of direct.
+    const ROUNDS: usize = 5;
+    let (mut via_mesh, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        without.push(time_to_greeting(&mesh.pod.pod, direct).0);
+        via_mesh.push(time_to_greeting(&mesh.pod.pod, meshed).0);
+    }
+    let (via_mesh, without) = (median(via_mesh), median(without));
+    eprintln!(
+        "time to greeting: first via the mesh {first:?}; median of {ROUNDS} after it \
+         {via_mesh:?}, direct {without:?}"
+    );
+    assert!(
+        via_mesh <= without + Duration::from_millis(10),
+        "median time to greeting via the mesh {via_mesh:?}, direct {without:?}"
+    );
+    let metrics = mesh.metrics();
+    assert_eq!(value(&metrics, OUT_DETECT_TIMEOUTS), 1.0, "{metrics}");
+    assert_eq!(
+        value(&metrics, OUT_DETECT_SKIPPED),
+        ROUNDS as f64,
+        "{metrics}"
+    );
+    assert_eq!(value(&metrics, OUT_SERVER_FIRST), 1.0, "{metrics}");
+    assert_eq!(value(&metrics, OUT_CONNS), 1.0 + ROUNDS as f64, "{metrics}");
+}
+
 #[test]
 fn a_client_first_protocol_reaches_the_server_byte_for_byte() {
     if !can_run() {
