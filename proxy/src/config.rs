@@ -1,10 +1,11 @@
 //! The command line of `remora-proxy`, and the derived runtime settings (listeners, worker threads).
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 use remora_init::PortList;
 
 use crate::connect::Keepalive;
@@ -13,6 +14,15 @@ use crate::connect::Keepalive;
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy
 /// behaves like an injected one.
 pub use remora_init::config::DEFAULT_OPAQUE_PORTS;
+
+/// The listeners' defaults: the ports remora-init redirects to (and leaves open for the
+/// kubelet's probes), so the proxy listens where the rules send traffic without a flag.
+pub const DEFAULT_OUTBOUND_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_OUTBOUND_PORT);
+pub const DEFAULT_INBOUND_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_INBOUND_PORT);
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ADMIN_PORT);
 
 /// The most worker threads the proxy starts unless `--workers` says otherwise: a sidecar shares
 /// the pod's CPU with the application, and two threads already carry well over what one pod needs.
@@ -59,15 +69,15 @@ pub enum LogFormat {
 #[command(version, about)]
 pub struct Args {
     /// Listener for the pod's outbound traffic. 127.0.0.1 also listens on [::1] where the pod has IPv6.
-    #[arg(long, default_value = "127.0.0.1:15001", value_name = "ADDR")]
+    #[arg(long, default_value_t = DEFAULT_OUTBOUND_LISTEN, value_name = "ADDR")]
     pub outbound_listen: SocketAddr,
 
     /// Listener for the pod's inbound traffic. 0.0.0.0 also listens on [::] (IPv6 only) where the pod has IPv6.
-    #[arg(long, default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    #[arg(long, default_value_t = DEFAULT_INBOUND_LISTEN, value_name = "ADDR")]
     pub inbound_listen: SocketAddr,
 
     /// Listener for /live, /ready and /metrics. 0.0.0.0 also listens on [::] where the pod has IPv6.
-    #[arg(long, default_value = "0.0.0.0:15020", value_name = "ADDR")]
+    #[arg(long, default_value_t = DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
     pub admin_listen: SocketAddr,
 
     /// Destination ports carried as plain TCP without protocol detection (e.g. 25,3306,9000-9100).
@@ -329,6 +339,28 @@ mod tests {
         let args =
             Args::try_parse_from(["remora-proxy", "--outbound-listen", "198.18.0.1:9"]).unwrap();
         assert_eq!(text(args.outbound_addrs()), "198.18.0.1:9");
+    }
+
+    #[test]
+    fn the_listener_defaults_are_the_ports_remora_init_redirects_to_and_help_shows_them() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert_eq!(args.outbound_listen.port(), DEFAULT_OUTBOUND_PORT);
+        assert_eq!(args.inbound_listen.port(), DEFAULT_INBOUND_PORT);
+        assert_eq!(args.admin_listen.port(), ADMIN_PORT);
+        assert!(args.outbound_listen.ip().is_loopback());
+        assert!(
+            args.inbound_listen.ip().is_unspecified() && args.admin_listen.ip().is_unspecified()
+        );
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for default in [
+            format!("[default: 127.0.0.1:{DEFAULT_OUTBOUND_PORT}]"),
+            format!("[default: 0.0.0.0:{DEFAULT_INBOUND_PORT}]"),
+            format!("[default: 0.0.0.0:{ADMIN_PORT}]"),
+        ] {
+            assert!(help.contains(&default), "{default} missing from\n{help}");
+        }
     }
 
     #[test]
