@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
@@ -156,11 +157,10 @@ fn read_now(stream: &TcpStream) -> io::Result<BytesMut> {
 
 /// How long a destination stays known as server-first. A verdict runs out rather than being
 /// extended by use, and is then learned again: one connection to the destination waits
-/// [`DETECT_TIMEOUT`] once more. That re-check is how a wrong verdict goes: a port that has begun
-/// to carry a client-first protocol (a pod IP reused by an HTTP server, say) is carried as
-/// opaque TCP, intact but without per-request metrics, for at most this long. Contrary evidence
-/// is not looked for sooner because it only shows on the fast path (a client whose bytes are
-/// already here), which must not pay a lookup. Five minutes costs a database client one 100 ms
+/// [`DETECT_TIMEOUT`] once more. That re-check bounds a wrong verdict that no client corrects
+/// (see [`ServerFirst::forget`]): a destination whose clients are slow to speak, or a port that
+/// has begun to carry a client-first protocol, is carried as opaque TCP, intact but without
+/// per-request metrics, for at most this long. Five minutes costs a database client one 100 ms
 /// wait per destination in 300 s (0.03 % of the time), yet a changed destination is measured
 /// again within minutes, not only after a restart.
 pub const SERVER_FIRST_TTL: Duration = Duration::from_secs(5 * 60);
@@ -209,6 +209,22 @@ impl SilentDestinations {
         Self { learned }
     }
 
+    /// These destinations without `destination`.
+    pub fn without(&self, destination: &SocketAddr) -> Self {
+        let mut learned = self.learned.clone();
+        learned.remove(destination);
+        Self { learned }
+    }
+
+    pub fn contains(&self, destination: &SocketAddr) -> bool {
+        self.learned.contains_key(destination)
+    }
+
+    /// The ports held, as [`port_bit`]s.
+    fn port_bits(&self) -> u64 {
+        self.learned.keys().fold(0, |bits, d| bits | port_bit(d))
+    }
+
     /// How many destinations are held, expired ones included until the next change.
     pub fn len(&self) -> usize {
         self.learned.len()
@@ -227,6 +243,14 @@ impl SilentDestinations {
 #[derive(Debug, Default)]
 pub struct ServerFirst {
     current: ArcSwap<SilentDestinations>,
+    /// A hint for [`ServerFirst::may_hold`]: the [`port_bit`]s of the destinations held.
+    ports: AtomicU64,
+}
+
+/// A destination's bit in [`ServerFirst`]'s port hint: its port modulo 64, so a pod's HTTP
+/// ports rarely share a bit with its server-first ones.
+fn port_bit(destination: &SocketAddr) -> u64 {
+    1 << (destination.port() % 64)
 }
 
 impl ServerFirst {
@@ -245,7 +269,38 @@ impl ServerFirst {
             held = next.len();
             next
         });
+        self.ports
+            .fetch_or(port_bit(&destination), Ordering::Relaxed);
         // The set is bounded by SERVER_FIRST_CAPACITY, far inside i64.
+        held as i64 - before.len() as i64
+    }
+
+    /// Whether `destination` may be held: one relaxed load and a bit test, so that every
+    /// connection whose client spoke first can ask it. False means surely not held (but for a
+    /// destination learned at this very moment).
+    pub fn may_hold(&self, destination: &SocketAddr) -> bool {
+        self.ports.load(Ordering::Relaxed) & port_bit(destination) != 0
+    }
+
+    /// Drops `destination`, whose client has just spoken first: evidence that it is not
+    /// server-first after all (a client-first protocol whose first connection was slow to speak,
+    /// say), so its next connections are detected again instead of carried unmeasured until
+    /// the verdict expires. Returns the gauge's step, as [`ServerFirst::learn`] does. Copies the
+    /// set only when it holds `destination`, which a correct verdict never makes happen.
+    pub fn forget(&self, destination: &SocketAddr) -> i64 {
+        if !self.current.load().contains(destination) {
+            return 0;
+        }
+        let mut held = 0;
+        let before = self.current.rcu(|current| {
+            let next = current.without(destination);
+            held = next.len();
+            next
+        });
+        // A learn racing with this may lose its bit until the next change; its verdict then
+        // only waits for expiry instead of being corrected sooner.
+        self.ports
+            .store(self.current.load().port_bits(), Ordering::Relaxed);
         held as i64 - before.len() as i64
     }
 
@@ -579,5 +634,26 @@ mod tests {
         let later = start + SERVER_FIRST_TTL;
         assert_eq!(shared.learn(destination(3309), later), -1);
         assert_eq!(shared.len(), 1);
+    }
+
+    #[test]
+    fn a_destination_whose_client_spoke_first_is_forgotten_and_others_pay_no_lookup() {
+        let now = StdInstant::now();
+        let shared = ServerFirst::default();
+        assert!(!shared.may_hold(&destination(3307)));
+        shared.learn(destination(3307), now);
+        shared.learn(destination(25), now);
+        assert!(shared.may_hold(&destination(3307)));
+        // 8080 and 3307 fall on different bits: an HTTP client of 8080 skips the lookup.
+        assert!(!shared.may_hold(&destination(8080)));
+        // 3307 + 64 shares 3307's bit: it may ask, and finds nothing to forget.
+        assert!(shared.may_hold(&destination(3371)));
+        assert_eq!(shared.forget(&destination(3371)), 0);
+        assert_eq!(shared.len(), 2);
+        assert_eq!(shared.forget(&destination(3307)), -1);
+        assert!(!shared.knows(&destination(3307), || now));
+        assert!(!shared.may_hold(&destination(3307)));
+        assert!(shared.knows(&destination(25), || now) && shared.may_hold(&destination(25)));
+        assert_eq!(shared.forget(&destination(3307)), 0);
     }
 }

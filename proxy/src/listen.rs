@@ -283,9 +283,11 @@ async fn handle(stream: TcpStream, accepted: Accepted) {
 
 /// Detects the protocol of a connection to `target`. A destination whose client sent nothing
 /// within the detection wait is remembered as server-first, and its later connections are
-/// opaque at once instead of waiting again. The cost to a client whose first bytes are here at
-/// accept (HTTP, mostly) is nothing; one that is not here yet costs a lock-free load of the
-/// shared set and, unless the set is empty, one hash lookup.
+/// opaque at once instead of waiting again; one whose client speaks first is forgotten. The
+/// cost to a client whose first bytes are here at accept (HTTP, mostly) is a relaxed load and a
+/// bit test (plus a set lookup when its port shares a bit with a remembered destination's);
+/// one whose bytes are not here yet costs a lock-free load of the shared set and, unless the
+/// set is empty, one hash lookup.
 async fn detect_remembering(
     stream: &TcpStream,
     target: SocketAddr,
@@ -295,7 +297,12 @@ async fn detect_remembering(
     let known = || server_first.knows(&target, std::time::Instant::now);
     let (protocol, first, decided_by) = detect_unless_known(stream, known).await?;
     match decided_by {
-        DecidedBy::Client => {}
+        DecidedBy::Client => {
+            if !first.is_empty() && server_first.may_hold(&target) {
+                let change = server_first.forget(&target);
+                cx.metrics.server_first_destinations.inc_by(change);
+            }
+        }
         DecidedBy::Memory => {
             cx.metrics.detect_skipped.inc();
         }
@@ -358,7 +365,8 @@ mod tests {
             assert_eq!(counts(&outbound), (1, n, 1));
         }
 
-        // A client that speaks first is still read, known destination or not.
+        // A client that speaks first is still read, and is evidence enough to forget the
+        // destination: the next silent client waits again.
         let (mut client, accepted) = pair().await;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         accepted.readable().await.unwrap();
@@ -366,7 +374,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(protocol, Detected::Http1);
-        assert_eq!(counts(&outbound), (1, 2, 1));
+        assert_eq!(counts(&outbound), (1, 2, 0));
+        assert!(!outbound
+            .server_first
+            .knows(&mariadb, std::time::Instant::now));
+        let (_client, accepted) = pair().await;
+        detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(counts(&outbound), (2, 2, 1));
 
         // Each direction learns for itself: an inbound connection to that address still waits.
         let inbound = Context::new(proxy, Direction::Inbound);
@@ -375,7 +391,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counts(&inbound), (1, 0, 1));
-        assert_eq!(counts(&outbound), (1, 2, 1));
+        assert_eq!(counts(&outbound), (2, 2, 1));
     }
 
     #[test]
