@@ -34,10 +34,16 @@ pub enum OfflineError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot parse document {document} (line {line}): {message} (expected YAML or JSON Kubernetes objects separated by ---)")]
+    /// `line` and `column` are counted in the whole input, as an editor shows them; `message`
+    /// is the parser's, without its own positions (which count from the document's start).
+    #[error(
+        "cannot parse document {document} at line {line}{}: {message} (expected YAML or JSON Kubernetes objects separated by ---)",
+        column.map(|column| format!(" column {column}")).unwrap_or_default()
+    )]
     Parse {
         document: usize,
         line: usize,
+        column: Option<usize>,
         message: String,
     },
     #[error("document {document} (line {line}), {object}: {message}")]
@@ -95,6 +101,8 @@ pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
 struct Document<'a> {
     number: usize,
     line: usize,
+    /// Where `text` starts in its first line: 3 after a `---` marker, else 0.
+    column: usize,
     text: &'a str,
 }
 
@@ -104,9 +112,13 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
     let mut documents = Vec::new();
     let mut start = 0; // byte offset where the current document starts
     let mut start_line = 1;
+    let mut start_column = 0;
     let mut end: Option<usize> = None; // set by a `...` marker
     let mut offset = 0;
-    let push = |from: usize, to: usize, line: usize, documents: &mut Vec<Document<'a>>| {
+    let push = |from: usize,
+                to: usize,
+                (line, column): (usize, usize),
+                documents: &mut Vec<Document<'a>>| {
         let text = &input[from..to];
         let blank = text.lines().all(|l| {
             let l = l.trim();
@@ -116,6 +128,7 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
             documents.push(Document {
                 number: documents.len() + 1,
                 line,
+                column,
                 text,
             });
         }
@@ -127,25 +140,37 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
         };
         if is_marker("---") {
-            push(start, end.unwrap_or(offset), start_line, &mut documents);
+            push(
+                start,
+                end.unwrap_or(offset),
+                (start_line, start_column),
+                &mut documents,
+            );
             // Content after the marker on the same line (`--- {…}`) belongs to the new document.
             start = offset + 3;
             start_line = index + 1;
+            start_column = 3;
             end = None;
         } else if is_marker("...") && end.is_none() {
             end = Some(offset);
         }
         offset += line.len();
     }
-    push(start, end.unwrap_or(offset), start_line, &mut documents);
+    push(
+        start,
+        end.unwrap_or(offset),
+        (start_line, start_column),
+        &mut documents,
+    );
     documents
 }
 
 fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
     let text = document.text;
-    let error = |line: usize, message: String| OfflineError::Parse {
+    let at_start = |message: String| OfflineError::Parse {
         document: document.number,
-        line: document.line + line.saturating_sub(1),
+        line: document.line,
+        column: None,
         message,
     };
     // JSON first where it looks like JSON: YAML would balk at JSON's tab indentation.
@@ -154,15 +179,66 @@ fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
             return Ok(value);
         }
     }
+    // The parser counts lines and columns from the document's start; the user's editor counts
+    // them in the file.
     let located = |err: serde_yaml_ng::Error| {
-        let line = err.location().map_or(1, |location| location.line());
-        error(line, err.to_string())
+        let message = without_positions(&err.to_string());
+        match err.location() {
+            Some(location) => OfflineError::Parse {
+                document: document.number,
+                line: document.line + location.line().saturating_sub(1),
+                column: Some(if location.line() <= 1 {
+                    location.column() + document.column
+                } else {
+                    location.column()
+                }),
+                message,
+            },
+            None => at_start(message),
+        }
     };
     let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(located)?;
     // kubectl honours `<<: *anchor` merge keys; without this the output would carry a literal
     // `<<` field, which no Kubernetes object has.
     yaml.apply_merge().map_err(located)?;
-    to_json(yaml).map_err(|message| error(1, message))
+    to_json(yaml).map_err(at_start)
+}
+
+/// The parser's message without the ` at line L column C` (or ` at position P`) it puts after
+/// the problem and after its context: those count from the document's start.
+fn without_positions(message: &str) -> String {
+    let digits =
+        |text: &str| text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" at ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " at ".len()..];
+        let skip = if let Some(line) = after.strip_prefix("line ") {
+            let line_digits = digits(line);
+            let column = line[line_digits..].strip_prefix(" column ");
+            match column.map(digits) {
+                Some(column_digits) if line_digits > 0 && column_digits > 0 => {
+                    "line ".len() + line_digits + " column ".len() + column_digits
+                }
+                _ => 0,
+            }
+        } else if let Some(position) = after.strip_prefix("position ") {
+            match digits(position) {
+                0 => 0,
+                position_digits => "position ".len() + position_digits,
+            }
+        } else {
+            0
+        };
+        if skip == 0 {
+            // Not a position: keep the words.
+            out.push_str(" at ");
+        }
+        rest = &after[skip..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A YAML value as JSON, turning scalar keys into strings as kubectl's decoder does (`8080: x`
@@ -422,13 +498,17 @@ mod tests {
     #[test]
     fn splits_at_document_markers() {
         let input = "a: 1\n---\n\n# only a comment\n---   \nb: 2\n--- {c: 3}\n...\nignored: after end\n---\n";
-        let documents: Vec<(usize, usize, &str)> = split_documents(input)
+        let documents: Vec<(usize, usize, usize, &str)> = split_documents(input)
             .iter()
-            .map(|d| (d.number, d.line, d.text))
+            .map(|d| (d.number, d.line, d.column, d.text))
             .collect();
         assert_eq!(
             documents,
-            [(1, 1, "a: 1\n"), (2, 5, "   \nb: 2\n"), (3, 7, " {c: 3}\n")]
+            [
+                (1, 1, 0, "a: 1\n"),
+                (2, 5, 3, "   \nb: 2\n"),
+                (3, 7, 3, " {c: 3}\n")
+            ]
         );
         assert!(split_documents("").is_empty());
         assert!(split_documents("# nothing\n---\n").is_empty());
@@ -462,19 +542,84 @@ mod tests {
     }
 
     #[test]
-    fn parse_errors_name_the_document_and_the_line() {
-        let input = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {}\n";
-        let err = inject(input).unwrap_err();
-        let OfflineError::Parse { document, line, .. } = &err else {
-            panic!("expected a parse error, got {err:?}");
-        };
-        assert_eq!(*document, 2);
-        assert!((8..=9).contains(line), "line {line}: {err}");
-        let message = err.to_string();
-        assert!(
-            message.starts_with("cannot parse document 2 (line "),
-            "{message}"
-        );
+    fn parse_errors_name_the_document_and_one_line_counted_in_the_input() {
+        // (input, document, line and column in the input, as an editor shows them)
+        let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+        let cases = [
+            // Linkerd's inject_gettest_deployment.bad.input.yml: `spec` less indented than
+            // the `metadata` before it, in the second document.
+            (
+                format!("{config_map}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\nspec:\n  template:\n      metadata:\n            labels: {{app: d}}\n    spec:\n      containers: []\n"),
+                2,
+                12,
+                5,
+            ),
+            // An unclosed flow sequence, found where the next key starts.
+            (
+                format!("{config_map}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {{}}\n"),
+                2,
+                9,
+                5,
+            ),
+            // A bad first document: lines count from the top.
+            (
+                format!("a: b\n c: d\n---\n{config_map}"),
+                1,
+                2,
+                3,
+            ),
+            // Content on the marker's own line: columns count from the line's start.
+            (
+                format!("{config_map}--- {{a: [}}\n"),
+                2,
+                4,
+                10,
+            ),
+        ];
+        for (input, want_document, want_line, want_column) in cases {
+            let err = inject(&input).unwrap_err();
+            let message = err.to_string();
+            let OfflineError::Parse {
+                document,
+                line,
+                column,
+                ..
+            } = &err
+            else {
+                panic!("expected a parse error, got {err:?}");
+            };
+            assert_eq!(
+                (*document, *line, *column),
+                (want_document, want_line, Some(want_column)),
+                "{message}\n{input}"
+            );
+            assert!(
+                message.starts_with(&format!(
+                    "cannot parse document {want_document} at line {want_line} column {want_column}: "
+                )),
+                "{message}"
+            );
+            assert_eq!(message.matches("line").count(), 1, "{message}");
+            assert_eq!(message.matches("column").count(), 1, "{message}");
+            crate::inject::tests::assert_tidy(&message);
+        }
+    }
+
+    #[test]
+    fn only_positions_are_taken_out_of_parser_messages() {
+        let cases = [
+            (
+                "did not find expected key at line 16 column 5, while parsing a block mapping at line 8 column 3",
+                "did not find expected key, while parsing a block mapping",
+            ),
+            ("found unexpected end of stream at position 12", "found unexpected end of stream"),
+            ("spec: invalid type: map at line 2 column 1", "spec: invalid type: map"),
+            ("look at line 5 and at position x", "look at line 5 and at position x"),
+            ("at line 3 column 4", "at line 3 column 4"),
+        ];
+        for (message, want) in cases {
+            assert_eq!(without_positions(message), want, "{message}");
+        }
     }
 
     #[test]

@@ -121,7 +121,13 @@ fn unparsable_input_exits_1_naming_document_and_line() {
     assert_eq!(output.status.code(), Some(1));
     assert!(output.stdout.is_empty(), "nothing is written on error");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("document 2 (line "), "{stderr}");
+    // One position, counted in the input: the flow mapping opened on line 9 is still open at
+    // the end, line 10.
+    assert!(
+        stderr.starts_with("remora-injector: cannot parse document 2 at line 10 column 1: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("line").count(), 1, "{stderr}");
 }
 
 #[test]
