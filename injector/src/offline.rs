@@ -1,9 +1,10 @@
 //! `remora-injector inject`: manifests in, injected manifests out, by the webhook's own decision.
 //!
-//! Every pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and
-//! the items of a `List`) goes through [`decide`] with the `/inject` semantics, and its patch is
-//! applied to the template exactly as the API server would apply it to the pod. Documents that
-//! nothing changes are written back as they were read, comments and all.
+//! Every pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController,
+//! Job, CronJob, and the items of a `List`) goes through [`decide`] with the `/inject` semantics,
+//! and its patch is applied to the template exactly as the API server would apply it to the pod.
+//! Documents that nothing changes are written back as they were read, comments and all; one of
+//! another kind that carries a pod template (a CRD's, OpenShift's) draws a warning.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -87,8 +88,9 @@ pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
         input = std::fs::read_to_string(&args.file).map_err(read_error)?;
     }
     let injected = inject_documents(&input, &config)?;
+    let source = if name == "-" { "standard input" } else { &name };
     for warning in &injected.warnings {
-        eprintln!("warning: {warning}");
+        eprintln!("warning: {source}: {warning}");
     }
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -104,6 +106,22 @@ struct Document<'a> {
     /// Where `text` starts in its first line: 3 after a `---` marker, else 0.
     column: usize,
     text: &'a str,
+}
+
+impl Document<'_> {
+    /// The line the object itself starts on, past the marker and any comments before it: the
+    /// line messages about the object name.
+    fn object_line(&self) -> usize {
+        let offset = self
+            .text
+            .split('\n')
+            .position(|line| {
+                let line = line.trim();
+                !line.is_empty() && !line.starts_with('#')
+            })
+            .unwrap_or(0);
+        self.line + offset
+    }
 }
 
 /// Splits a YAML stream at its `---` markers. A marker can't occur inside a scalar at column 0
@@ -169,7 +187,7 @@ fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
     let text = document.text;
     let at_start = |message: String| OfflineError::Parse {
         document: document.number,
-        line: document.line,
+        line: document.object_line(),
         column: None,
         message,
     };
@@ -326,6 +344,36 @@ struct Context<'a, 'd> {
     warnings: &'a mut Vec<String>,
 }
 
+impl Context<'_, '_> {
+    /// A warning about `object` (as [`describe`] names it), saying where its document starts.
+    fn warn(&mut self, object: &str, warning: &str) {
+        self.warnings.push(format!(
+            "document {} (line {}), {object}: {warning}",
+            self.document.number,
+            self.document.object_line()
+        ));
+    }
+}
+
+/// Where an object of a kind `inject` does not know carries a pod spec, as a workload would,
+/// and what its pods then depend on: `spec.template.spec` (OpenShift's DeploymentConfig, Argo's
+/// Rollout, Knative's Service, …), `spec.jobTemplate.spec.template.spec`, or, for a `Pod` under
+/// an apiVersion that has none, `spec.containers`.
+fn unknown_pod_template(object: &Value) -> Option<(&'static str, &'static str)> {
+    const WEBHOOK: &str =
+        "its pods are meshed only if the webhook injects them when they are created";
+    let spec = &object["spec"];
+    if spec["template"]["spec"].is_object() {
+        Some(("pod template (spec.template)", WEBHOOK))
+    } else if spec["jobTemplate"]["spec"]["template"]["spec"].is_object() {
+        Some(("pod template (spec.jobTemplate.spec.template)", WEBHOOK))
+    } else if object["kind"] == "Pod" && spec["containers"].is_array() {
+        Some(("pod spec (spec)", "a Pod is apiVersion v1"))
+    } else {
+        None
+    }
+}
+
 /// `Deployment shop/web`, for messages.
 fn describe(object: &Value) -> String {
     let kind = object["kind"].as_str().unwrap_or("object");
@@ -349,7 +397,8 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
     let template: &[&str] = match (group, kind.as_str()) {
         ("", "Pod") => &[],
-        ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        ("", "ReplicationController")
+        | ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
         | ("batch", "Job") => &["spec", "template"],
         ("batch", "CronJob") => &["spec", "jobTemplate", "spec", "template"],
         (_, "List") => {
@@ -361,7 +410,25 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
             }
             return Ok(changed);
         }
-        _ => return Ok(false),
+        _ => {
+            // Piped to `kubectl apply`, such a workload would run unmeshed: say so.
+            if let Some((template, consequence)) = unknown_pod_template(object) {
+                let named = |field: &str| match field {
+                    "" => "(none)".to_string(),
+                    field => field.to_string(),
+                };
+                context.warn(
+                    &describe(object),
+                    &format!(
+                        "remora: not injected: inject knows no kind {} of apiVersion {}, so its \
+                         {template} passes through unchanged; {consequence}",
+                        named(&kind),
+                        named(&api_version)
+                    ),
+                );
+            }
+            return Ok(false);
+        }
     };
     let description = describe(object);
     let mut target = &mut *object;
@@ -372,7 +439,7 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
                 let path = template.join(".");
                 return Err(OfflineError::Invalid {
                     document: context.document.number,
-                    line: context.document.line,
+                    line: context.document.object_line(),
                     object: description,
                     message: format!("has no {path} object (expected a pod template there)"),
                 });
@@ -417,7 +484,7 @@ fn inject_pod_template(
         if let Some((key, value)) = unquoted {
             return Err(OfflineError::Invalid {
                 document: context.document.number,
-                line: context.document.line,
+                line: context.document.object_line(),
                 object: description.to_string(),
                 message: format!(
                     "{kind} {key}: {value} is not a string (quote {kind} values in YAML, e.g. \"{value}\")"
@@ -429,7 +496,7 @@ fn inject_pod_template(
     let pod: Pod = serde_path_to_error::deserialize(pod_value.clone()).map_err(|err| {
         OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message: format!("the pod template is not a valid pod: {err}"),
         }
@@ -437,7 +504,7 @@ fn inject_pod_template(
     if pod.spec.is_none() {
         return Err(OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message: "the pod template has no spec".to_string(),
         });
@@ -446,22 +513,19 @@ fn inject_pod_template(
         Decision::Inject { patch, warnings } => {
             json_patch::patch(&mut pod_value, &patch).map_err(|err| OfflineError::Invalid {
                 document: context.document.number,
-                line: context.document.line,
+                line: context.document.object_line(),
                 object: description.to_string(),
                 message: format!("the injection patch does not apply: {err}"),
             })?;
-            context.warnings.extend(warnings.into_iter().map(|warning| {
-                format!(
-                    "document {}, {description}: {warning}",
-                    context.document.number
-                )
-            }));
+            for warning in warnings {
+                context.warn(description, &warning);
+            }
             // `insert` keeps an existing key where it was, so the output reads like the input.
             let object = template
                 .as_object_mut()
                 .ok_or_else(|| OfflineError::Invalid {
                     document: context.document.number,
-                    line: context.document.line,
+                    line: context.document.object_line(),
                     object: description.to_string(),
                     message: "the pod template is not an object".to_string(),
                 })?;
@@ -471,16 +535,13 @@ fn inject_pod_template(
         }
         Decision::Skip { warning, .. } => {
             if let Some(warning) = warning {
-                context.warnings.push(format!(
-                    "document {}, {description}: {warning}",
-                    context.document.number
-                ));
+                context.warn(description, &warning);
             }
             Ok(false)
         }
         Decision::Deny { message } => Err(OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message,
         }),
@@ -528,6 +589,69 @@ mod tests {
         let injected = inject(input).unwrap();
         assert_eq!(injected.output, input);
         assert!(injected.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_kinds_with_a_pod_template_pass_through_with_a_warning() {
+        let template = "{metadata: {labels: {a: b}}, spec: {containers: [{name: c, image: i}]}}";
+        let cases = [
+            (
+                "apps.openshift.io/v1",
+                "DeploymentConfig",
+                format!("spec: {{replicas: 1, template: {template}}}"),
+                "pod template (spec.template)",
+            ),
+            (
+                "argoproj.io/v1alpha1",
+                "Rollout",
+                format!("spec:\n  template: {template}  # keep me"),
+                "pod template (spec.template)",
+            ),
+            (
+                "example.com/v1",
+                "ScheduledTask",
+                format!("spec: {{jobTemplate: {{spec: {{template: {template}}}}}}}"),
+                "pod template (spec.jobTemplate.spec.template)",
+            ),
+            (
+                "apps/v1",
+                "Pod",
+                "spec: {containers: [{name: c, image: i}]}".to_string(),
+                "pod spec (spec)",
+            ),
+        ];
+        for (api_version, kind, spec, template) in cases {
+            let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n";
+            let input = format!(
+                "{config_map}---\n# {kind}\n\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: w, namespace: n}}\n{spec}\n"
+            );
+            let injected = inject(&input).unwrap();
+            assert_eq!(injected.output, input, "{kind}: not byte for byte");
+            assert_eq!(
+                injected.warnings.len(),
+                1,
+                "{kind}: {:?}",
+                injected.warnings
+            );
+            let warning = &injected.warnings[0];
+            // The document, the line its object starts on (past the marker and the comment),
+            // the object, and why.
+            let want = format!(
+                "document 2 (line 7), {kind} n/w: remora: not injected: inject knows no kind {kind} of apiVersion {api_version}, so its {template} passes through unchanged; "
+            );
+            assert!(warning.starts_with(&want), "{warning}");
+            crate::inject::tests::assert_tidy(warning);
+        }
+        // Within a List: the item is named.
+        let input = format!("apiVersion: v1\nkind: List\nitems:\n- apiVersion: serving.knative.dev/v1\n  kind: Service\n  metadata: {{name: k}}\n  spec: {{template: {template}}}\n");
+        let injected = inject(&input).unwrap();
+        assert_eq!(injected.output, input);
+        assert_eq!(injected.warnings.len(), 1, "{:?}", injected.warnings);
+        assert!(
+            injected.warnings[0].starts_with("document 1 (line 1), Service k: remora: not injected: inject knows no kind Service of apiVersion serving.knative.dev/v1"),
+            "{:?}",
+            injected.warnings
+        );
     }
 
     #[test]
@@ -677,6 +801,11 @@ mod tests {
             ),
             ("batch/v1", "Job", format!("spec: {{template: {template}}}")),
             (
+                "v1",
+                "ReplicationController",
+                format!("spec: {{template: {template}}}"),
+            ),
+            (
                 "batch/v1",
                 "CronJob",
                 format!("spec: {{jobTemplate: {{spec: {{template: {template}}}}}}}"),
@@ -786,7 +915,7 @@ mod tests {
         assert_eq!(injected.output, input);
         assert_eq!(injected.warnings.len(), 1);
         assert!(
-            injected.warnings[0].starts_with("document 1, Pod n/p: remora: not injected"),
+            injected.warnings[0].starts_with("document 1 (line 1), Pod n/p: remora: not injected"),
             "{:?}",
             injected.warnings
         );
