@@ -4,9 +4,12 @@
 
 use std::path::PathBuf;
 
+use base64::Engine as _;
+
 use remora_injector::config::Config;
 use remora_injector::offline::{inject_documents, OfflineError};
-use serde_json::Value;
+use remora_injector::review::{review, Outcome, WebhookPath};
+use serde_json::{json, Value};
 
 const FIXTURES: &str = "shared/peer-data/injector-fixtures";
 
@@ -55,6 +58,118 @@ fn described(object: &Value) -> String {
         Some(namespace) => format!("{kind} {namespace}/{name}"),
         None => format!("{kind} {name}"),
     }
+}
+
+/// The pod an object's controller would create from its pod spec.
+fn created_pod(object: &Value, spec: &Value) -> Value {
+    let template = &object["spec"]["template"];
+    let metadata = if object["kind"] == "Pod" || !template["spec"].is_object() {
+        &object["metadata"]
+    } else {
+        &template["metadata"]
+    };
+    let metadata = if metadata.is_object() {
+        metadata.clone()
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
+}
+
+/// The pod's creation as the API server sends it to the webhook.
+fn admission_review(pod: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "5b0c51d2-0000-4000-8000-000000000003",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "peer",
+            "operation": "CREATE",
+            "object": pod,
+        }
+    }))
+    .unwrap()
+}
+
+/// The same workloads' pods through the webhook: each is injected (and a second review of the
+/// result leaves it alone, silently), left alone with a warning, or denied with a message.
+#[test]
+fn every_peer_pod_is_decided_by_the_webhook() {
+    let Some(dir) = fixtures_dir() else {
+        eprintln!(
+            "skipped: no {FIXTURES} above {}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        return;
+    };
+    let config = Config::default();
+    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
+    for project in ["istio", "linkerd"] {
+        for entry in std::fs::read_dir(dir.join(project)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.display();
+            let input = std::fs::read_to_string(&path).unwrap();
+            // Linkerd's deliberately broken input is the offline test's business.
+            if inject_documents(&input, &config).is_err() {
+                continue;
+            }
+            for object in objects(&input) {
+                let Some(spec) = pod_spec(&object) else {
+                    continue;
+                };
+                let described = described(&object);
+                let mut pod = created_pod(&object, spec);
+                // The API server refuses a non-string annotation or label before admission.
+                let strings_only = ["annotations", "labels"].iter().all(|map| {
+                    pod["metadata"][*map]
+                        .as_object()
+                        .is_none_or(|entries| entries.values().all(Value::is_string))
+                });
+                if !strings_only {
+                    *outcomes.entry("refused by the API server").or_default() += 1;
+                    continue;
+                }
+                let decide = |pod: &Value| {
+                    review(&admission_review(pod), WebhookPath::Inject, &config)
+                        .unwrap_or_else(|err| panic!("{name}: {described}: {err}"))
+                };
+                let reviewed = decide(&pod);
+                let response = &reviewed.response["response"];
+                match reviewed.outcome {
+                    Outcome::Injected => {
+                        let patch = base64::engine::general_purpose::STANDARD
+                            .decode(response["patch"].as_str().unwrap())
+                            .unwrap();
+                        let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+                        json_patch::patch(&mut pod, &patch)
+                            .unwrap_or_else(|err| panic!("{name}: {described}: {err}"));
+                        let again = decide(&pod);
+                        assert_eq!(again.outcome, Outcome::Skipped, "{name}: {described}");
+                        assert!(
+                            again.response["response"].get("warnings").is_none(),
+                            "{name}: {described}: {}",
+                            again.response
+                        );
+                    }
+                    Outcome::Skipped => assert!(
+                        response["warnings"].is_array(),
+                        "{name}: {described} left alone without a warning"
+                    ),
+                    Outcome::Denied => assert!(
+                        response["status"]["message"].is_string(),
+                        "{name}: {described}"
+                    ),
+                }
+                *outcomes.entry(reviewed.outcome.as_str()).or_default() += 1;
+            }
+        }
+    }
+    eprintln!("webhook outcomes: {outcomes:?}");
+    assert!(
+        outcomes.get("injected").copied().unwrap_or(0) > 100,
+        "{outcomes:?}"
+    );
 }
 
 #[test]
