@@ -95,7 +95,8 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
             // A near miss such as `remora.io/Inject` would otherwise leave the pod out silently.
             let warning = misspelled_inject(metadata).map(|(kind, key)| {
                 format!(
-                    "remora: not injected: the pod does not opt in; its {kind} {key} is not                      read (did you mean {}?)",
+                    "remora: not injected: the pod does not opt in; its {kind} {key} is not \
+                     read (did you mean {}?)",
                     annotations::INJECT
                 )
             });
@@ -114,7 +115,8 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
     {
         let warning = remora_name_taken(spec).is_none().then(|| {
             format!(
-                "remora: not injected: the pod carries the {} annotation but no remora                  containers (copied from an injected pod?); remove the annotation to inject it",
+                "remora: not injected: the pod carries the {} annotation but no remora \
+                 containers (copied from an injected pod?); remove the annotation to inject it",
                 annotations::STATUS
             )
         });
@@ -523,7 +525,7 @@ fn proxy_container(settings: &PodSettings) -> Container {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use pretty_assertions::assert_eq;
     use serde_json::json;
 
@@ -580,8 +582,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn decision_table() {
+    /// One row per case of the decision table: name, webhook path, pod, wanted outcome.
+    fn decision_cases() -> Vec<(&'static str, WebhookPath, Pod, Want)> {
         use SkipReason::*;
         use WebhookPath::{Inject as Enabled, OptIn};
         let windows_affinity = |terms: Value| {
@@ -592,7 +594,7 @@ mod tests {
             }
         };
         let os_in = |values: &[&str]| json!({"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": values}]});
-        let cases: Vec<(&str, WebhookPath, Pod, Want)> = vec![
+        vec![
             (
                 "enabled namespace, pod says nothing",
                 Enabled,
@@ -857,8 +859,12 @@ mod tests {
                 ])),
                 Want::Skip(OptedOut, false),
             ),
-        ];
-        for (name, path, pod, want) in cases {
+        ]
+    }
+
+    #[test]
+    fn decision_table() {
+        for (name, path, pod, want) in decision_cases() {
             let decision = decide(&pod, path, &Config::default());
             assert_eq!(summary(&decision), want, "case {name}: {decision:?}");
             if let Decision::Skip {
@@ -869,6 +875,119 @@ mod tests {
                 assert_short(warning);
             }
         }
+    }
+
+    /// Every warning and deny message in `decision`.
+    fn messages(decision: &Decision) -> Vec<&str> {
+        match decision {
+            Decision::Inject { warnings, .. } => warnings.iter().map(String::as_str).collect(),
+            Decision::Skip { warning, .. } => warning.iter().map(String::as_str).collect(),
+            Decision::Deny { message } => vec![message.as_str()],
+        }
+    }
+
+    /// A warning or deny message is one line of single-spaced words: `kubectl` prints warnings
+    /// as they are, and a message broken by a lost `\` continuation reads as garbage there.
+    pub(crate) fn assert_tidy(message: &str) {
+        assert!(
+            !message.contains("  ") && !message.contains(['\n', '\r', '\t']),
+            "a run of spaces or a line break in {message:?}"
+        );
+    }
+
+    /// Pods that draw each warning `decide` can give while injecting.
+    fn warned_pods() -> Vec<(&'static str, Pod)> {
+        vec![
+            (
+                "runs as the proxy uid, declares a proxy port",
+                pod_with(|p| {
+                    p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337});
+                    p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 15001}]);
+                }),
+            ),
+            (
+                "runs as the proxy gid",
+                pod_with(|p| p["spec"]["securityContext"] = json!({"runAsGroup": 1337})),
+            ),
+            (
+                "unknown annotations, with and without a near key",
+                pod_with(annotate(&[
+                    ("remora.io/proxy-cpu-limits", "2"),
+                    ("remora.io/sidecar", "x"),
+                ])),
+            ),
+            (
+                "misspelled inject label",
+                pod_with(label(&[("remora.io/Inject", "true")])),
+            ),
+        ]
+    }
+
+    /// Values that every `remora.io/` annotation refuses at least one of; a line break in the
+    /// value must come out escaped.
+    const BAD_VALUES: [&str; 11] = [
+        "",
+        "x y",
+        "-1",
+        "0",
+        "lots",
+        "99999",
+        "*,80",
+        "10.0.0.0/33",
+        "9100-9000",
+        "True",
+        "80\n90",
+    ];
+
+    #[test]
+    fn no_message_has_a_run_of_spaces_or_a_line_break() {
+        let config = Config::default();
+        let mut checked = 0;
+        let mut check = |name: &str, decision: &Decision| {
+            for message in messages(decision) {
+                assert_tidy(message);
+                assert!(!message.is_empty(), "case {name}");
+                checked += 1;
+            }
+        };
+        for (name, path, pod, _) in decision_cases() {
+            check(name, &decide(&pod, path, &config));
+        }
+        for (name, pod) in warned_pods() {
+            let decision = decide(&pod, WebhookPath::Inject, &config);
+            assert!(!messages(&decision).is_empty(), "case {name}: no warning");
+            check(name, &decision);
+        }
+        // Each annotation's deny messages (and the label's), and requests against limits.
+        for key in annotations::KNOWN
+            .iter()
+            .filter(|k| **k != annotations::STATUS)
+        {
+            let mut denied = false;
+            for value in BAD_VALUES {
+                let edit = |p: &mut Value| p["metadata"]["annotations"][*key] = json!(value);
+                let decision = decide(&pod_with(edit), WebhookPath::Inject, &config);
+                denied |= matches!(decision, Decision::Deny { .. });
+                check(key, &decision);
+            }
+            assert!(denied, "{key}: none of {BAD_VALUES:?} is denied");
+        }
+        for (name, pod) in [
+            ("bad label", pod_with(label(&[("remora.io/inject", "on")]))),
+            (
+                "request above limit",
+                pod_with(annotate(&[("remora.io/proxy-cpu-request", "3")])),
+            ),
+            (
+                "limit below request",
+                pod_with(annotate(&[("remora.io/proxy-memory-limit", "1Mi")])),
+            ),
+        ] {
+            let decision = decide(&pod, WebhookPath::Inject, &config);
+            assert!(matches!(decision, Decision::Deny { .. }), "case {name}");
+            check(name, &decision);
+        }
+        assert!(checked > 40, "only {checked} messages checked");
     }
 
     /// The API server may truncate a warning past 256 characters.

@@ -1,5 +1,7 @@
 //! remora-injector as a library: the pure injection core and the faces (webhook, offline) on it.
 
+#![forbid(unsafe_code)]
+
 pub mod annotations;
 pub mod certs;
 pub mod config;

@@ -69,11 +69,13 @@ enum Command {
     #[command(
         long_about = "Inject the pod templates of manifests read from a file or stdin, and \
         write the manifests as YAML to standard output, ready for `kubectl apply -f -`.\n\n\
-        Reads YAML or JSON: Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, \
-        a List of them, several documents separated by ---. Every pod template is injected \
-        exactly as the webhook's /inject path would (unless it opts out with remora.io/inject: \
-        \"false\"); other kinds and already-injected templates come out unchanged. Warnings go \
-        to standard error. A document that cannot be parsed, or an invalid remora.io/ \
+        Reads YAML or JSON: Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, \
+        ReplicationController, Job, CronJob, a List of them, several documents separated by ---. \
+        Every pod template is injected exactly as the webhook's /inject path would (unless it \
+        opts out with remora.io/inject: \"false\"); other kinds and already-injected templates \
+        come out unchanged. Warnings go to standard error, among them one for each object of \
+        another kind that carries a pod template (a custom resource's, say), which is not \
+        injected. A document that cannot be parsed, or an invalid remora.io/ \
         annotation, stops the run with exit status 1 and nothing written."
     )]
     Inject(InjectArgs),

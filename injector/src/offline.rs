@@ -1,9 +1,10 @@
 //! `remora-injector inject`: manifests in, injected manifests out, by the webhook's own decision.
 //!
-//! Every pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and
-//! the items of a `List`) goes through [`decide`] with the `/inject` semantics, and its patch is
-//! applied to the template exactly as the API server would apply it to the pod. Documents that
-//! nothing changes are written back as they were read, comments and all.
+//! Every pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController,
+//! Job, CronJob, and the items of a `List`) goes through [`decide`] with the `/inject` semantics,
+//! and its patch is applied to the template exactly as the API server would apply it to the pod.
+//! Documents that nothing changes are written back as they were read, comments and all; one of
+//! another kind that carries a pod template (a CRD's, OpenShift's) draws a warning.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -34,10 +35,16 @@ pub enum OfflineError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot parse document {document} (line {line}): {message} (expected YAML or JSON Kubernetes objects separated by ---)")]
+    /// `line` and `column` are counted in the whole input, as an editor shows them; `message`
+    /// is the parser's, without its own positions (which count from the document's start).
+    #[error(
+        "cannot parse document {document} at line {line}{}: {message} (expected YAML or JSON Kubernetes objects separated by ---)",
+        column.map(|column| format!(" column {column}")).unwrap_or_default()
+    )]
     Parse {
         document: usize,
         line: usize,
+        column: Option<usize>,
         message: String,
     },
     #[error("document {document} (line {line}), {object}: {message}")]
@@ -81,8 +88,9 @@ pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
         input = std::fs::read_to_string(&args.file).map_err(read_error)?;
     }
     let injected = inject_documents(&input, &config)?;
+    let source = if name == "-" { "standard input" } else { &name };
     for warning in &injected.warnings {
-        eprintln!("warning: {warning}");
+        eprintln!("warning: {source}: {warning}");
     }
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -95,7 +103,25 @@ pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
 struct Document<'a> {
     number: usize,
     line: usize,
+    /// Where `text` starts in its first line: 3 after a `---` marker, else 0.
+    column: usize,
     text: &'a str,
+}
+
+impl Document<'_> {
+    /// The line the object itself starts on, past the marker and any comments before it: the
+    /// line messages about the object name.
+    fn object_line(&self) -> usize {
+        let offset = self
+            .text
+            .split('\n')
+            .position(|line| {
+                let line = line.trim();
+                !line.is_empty() && !line.starts_with('#')
+            })
+            .unwrap_or(0);
+        self.line + offset
+    }
 }
 
 /// Splits a YAML stream at its `---` markers. A marker can't occur inside a scalar at column 0
@@ -104,9 +130,13 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
     let mut documents = Vec::new();
     let mut start = 0; // byte offset where the current document starts
     let mut start_line = 1;
+    let mut start_column = 0;
     let mut end: Option<usize> = None; // set by a `...` marker
     let mut offset = 0;
-    let push = |from: usize, to: usize, line: usize, documents: &mut Vec<Document<'a>>| {
+    let push = |from: usize,
+                to: usize,
+                (line, column): (usize, usize),
+                documents: &mut Vec<Document<'a>>| {
         let text = &input[from..to];
         let blank = text.lines().all(|l| {
             let l = l.trim();
@@ -116,6 +146,7 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
             documents.push(Document {
                 number: documents.len() + 1,
                 line,
+                column,
                 text,
             });
         }
@@ -127,25 +158,37 @@ fn split_documents<'a>(input: &'a str) -> Vec<Document<'a>> {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
         };
         if is_marker("---") {
-            push(start, end.unwrap_or(offset), start_line, &mut documents);
+            push(
+                start,
+                end.unwrap_or(offset),
+                (start_line, start_column),
+                &mut documents,
+            );
             // Content after the marker on the same line (`--- {…}`) belongs to the new document.
             start = offset + 3;
             start_line = index + 1;
+            start_column = 3;
             end = None;
         } else if is_marker("...") && end.is_none() {
             end = Some(offset);
         }
         offset += line.len();
     }
-    push(start, end.unwrap_or(offset), start_line, &mut documents);
+    push(
+        start,
+        end.unwrap_or(offset),
+        (start_line, start_column),
+        &mut documents,
+    );
     documents
 }
 
 fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
     let text = document.text;
-    let error = |line: usize, message: String| OfflineError::Parse {
+    let at_start = |message: String| OfflineError::Parse {
         document: document.number,
-        line: document.line + line.saturating_sub(1),
+        line: document.object_line(),
+        column: None,
         message,
     };
     // JSON first where it looks like JSON: YAML would balk at JSON's tab indentation.
@@ -154,15 +197,66 @@ fn parse(document: &Document<'_>) -> Result<Value, OfflineError> {
             return Ok(value);
         }
     }
+    // The parser counts lines and columns from the document's start; the user's editor counts
+    // them in the file.
     let located = |err: serde_yaml_ng::Error| {
-        let line = err.location().map_or(1, |location| location.line());
-        error(line, err.to_string())
+        let message = without_positions(&err.to_string());
+        match err.location() {
+            Some(location) => OfflineError::Parse {
+                document: document.number,
+                line: document.line + location.line().saturating_sub(1),
+                column: Some(if location.line() <= 1 {
+                    location.column() + document.column
+                } else {
+                    location.column()
+                }),
+                message,
+            },
+            None => at_start(message),
+        }
     };
     let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(located)?;
     // kubectl honours `<<: *anchor` merge keys; without this the output would carry a literal
     // `<<` field, which no Kubernetes object has.
     yaml.apply_merge().map_err(located)?;
-    to_json(yaml).map_err(|message| error(1, message))
+    to_json(yaml).map_err(at_start)
+}
+
+/// The parser's message without the ` at line L column C` (or ` at position P`) it puts after
+/// the problem and after its context: those count from the document's start.
+fn without_positions(message: &str) -> String {
+    let digits =
+        |text: &str| text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" at ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " at ".len()..];
+        let skip = if let Some(line) = after.strip_prefix("line ") {
+            let line_digits = digits(line);
+            let column = line[line_digits..].strip_prefix(" column ");
+            match column.map(digits) {
+                Some(column_digits) if line_digits > 0 && column_digits > 0 => {
+                    "line ".len() + line_digits + " column ".len() + column_digits
+                }
+                _ => 0,
+            }
+        } else if let Some(position) = after.strip_prefix("position ") {
+            match digits(position) {
+                0 => 0,
+                position_digits => "position ".len() + position_digits,
+            }
+        } else {
+            0
+        };
+        if skip == 0 {
+            // Not a position: keep the words.
+            out.push_str(" at ");
+        }
+        rest = &after[skip..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A YAML value as JSON, turning scalar keys into strings as kubectl's decoder does (`8080: x`
@@ -250,6 +344,36 @@ struct Context<'a, 'd> {
     warnings: &'a mut Vec<String>,
 }
 
+impl Context<'_, '_> {
+    /// A warning about `object` (as [`describe`] names it), saying where its document starts.
+    fn warn(&mut self, object: &str, warning: &str) {
+        self.warnings.push(format!(
+            "document {} (line {}), {object}: {warning}",
+            self.document.number,
+            self.document.object_line()
+        ));
+    }
+}
+
+/// Where an object of a kind `inject` does not know carries a pod spec, as a workload would,
+/// and what its pods then depend on: `spec.template.spec` (OpenShift's DeploymentConfig, Argo's
+/// Rollout, Knative's Service, …), `spec.jobTemplate.spec.template.spec`, or, for a `Pod` under
+/// an apiVersion that has none, `spec.containers`.
+fn unknown_pod_template(object: &Value) -> Option<(&'static str, &'static str)> {
+    const WEBHOOK: &str =
+        "its pods are meshed only if the webhook injects them when they are created";
+    let spec = &object["spec"];
+    if spec["template"]["spec"].is_object() {
+        Some(("pod template (spec.template)", WEBHOOK))
+    } else if spec["jobTemplate"]["spec"]["template"]["spec"].is_object() {
+        Some(("pod template (spec.jobTemplate.spec.template)", WEBHOOK))
+    } else if object["kind"] == "Pod" && spec["containers"].is_array() {
+        Some(("pod spec (spec)", "a Pod is apiVersion v1"))
+    } else {
+        None
+    }
+}
+
 /// `Deployment shop/web`, for messages.
 fn describe(object: &Value) -> String {
     let kind = object["kind"].as_str().unwrap_or("object");
@@ -273,7 +397,8 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
     let template: &[&str] = match (group, kind.as_str()) {
         ("", "Pod") => &[],
-        ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        ("", "ReplicationController")
+        | ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
         | ("batch", "Job") => &["spec", "template"],
         ("batch", "CronJob") => &["spec", "jobTemplate", "spec", "template"],
         (_, "List") => {
@@ -285,7 +410,25 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
             }
             return Ok(changed);
         }
-        _ => return Ok(false),
+        _ => {
+            // Piped to `kubectl apply`, such a workload would run unmeshed: say so.
+            if let Some((template, consequence)) = unknown_pod_template(object) {
+                let named = |field: &str| match field {
+                    "" => "(none)".to_string(),
+                    field => field.to_string(),
+                };
+                context.warn(
+                    &describe(object),
+                    &format!(
+                        "remora: not injected: inject knows no kind {} of apiVersion {}, so its \
+                         {template} passes through unchanged; {consequence}",
+                        named(&kind),
+                        named(&api_version)
+                    ),
+                );
+            }
+            return Ok(false);
+        }
     };
     let description = describe(object);
     let mut target = &mut *object;
@@ -296,7 +439,7 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
                 let path = template.join(".");
                 return Err(OfflineError::Invalid {
                     document: context.document.number,
-                    line: context.document.line,
+                    line: context.document.object_line(),
                     object: description,
                     message: format!("has no {path} object (expected a pod template there)"),
                 });
@@ -341,7 +484,7 @@ fn inject_pod_template(
         if let Some((key, value)) = unquoted {
             return Err(OfflineError::Invalid {
                 document: context.document.number,
-                line: context.document.line,
+                line: context.document.object_line(),
                 object: description.to_string(),
                 message: format!(
                     "{kind} {key}: {value} is not a string (quote {kind} values in YAML, e.g. \"{value}\")"
@@ -353,7 +496,7 @@ fn inject_pod_template(
     let pod: Pod = serde_path_to_error::deserialize(pod_value.clone()).map_err(|err| {
         OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message: format!("the pod template is not a valid pod: {err}"),
         }
@@ -361,7 +504,7 @@ fn inject_pod_template(
     if pod.spec.is_none() {
         return Err(OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message: "the pod template has no spec".to_string(),
         });
@@ -370,22 +513,19 @@ fn inject_pod_template(
         Decision::Inject { patch, warnings } => {
             json_patch::patch(&mut pod_value, &patch).map_err(|err| OfflineError::Invalid {
                 document: context.document.number,
-                line: context.document.line,
+                line: context.document.object_line(),
                 object: description.to_string(),
                 message: format!("the injection patch does not apply: {err}"),
             })?;
-            context.warnings.extend(warnings.into_iter().map(|warning| {
-                format!(
-                    "document {}, {description}: {warning}",
-                    context.document.number
-                )
-            }));
+            for warning in warnings {
+                context.warn(description, &warning);
+            }
             // `insert` keeps an existing key where it was, so the output reads like the input.
             let object = template
                 .as_object_mut()
                 .ok_or_else(|| OfflineError::Invalid {
                     document: context.document.number,
-                    line: context.document.line,
+                    line: context.document.object_line(),
                     object: description.to_string(),
                     message: "the pod template is not an object".to_string(),
                 })?;
@@ -395,16 +535,13 @@ fn inject_pod_template(
         }
         Decision::Skip { warning, .. } => {
             if let Some(warning) = warning {
-                context.warnings.push(format!(
-                    "document {}, {description}: {warning}",
-                    context.document.number
-                ));
+                context.warn(description, &warning);
             }
             Ok(false)
         }
         Decision::Deny { message } => Err(OfflineError::Invalid {
             document: context.document.number,
-            line: context.document.line,
+            line: context.document.object_line(),
             object: description.to_string(),
             message,
         }),
@@ -422,13 +559,17 @@ mod tests {
     #[test]
     fn splits_at_document_markers() {
         let input = "a: 1\n---\n\n# only a comment\n---   \nb: 2\n--- {c: 3}\n...\nignored: after end\n---\n";
-        let documents: Vec<(usize, usize, &str)> = split_documents(input)
+        let documents: Vec<(usize, usize, usize, &str)> = split_documents(input)
             .iter()
-            .map(|d| (d.number, d.line, d.text))
+            .map(|d| (d.number, d.line, d.column, d.text))
             .collect();
         assert_eq!(
             documents,
-            [(1, 1, "a: 1\n"), (2, 5, "   \nb: 2\n"), (3, 7, " {c: 3}\n")]
+            [
+                (1, 1, 0, "a: 1\n"),
+                (2, 5, 3, "   \nb: 2\n"),
+                (3, 7, 3, " {c: 3}\n")
+            ]
         );
         assert!(split_documents("").is_empty());
         assert!(split_documents("# nothing\n---\n").is_empty());
@@ -451,6 +592,69 @@ mod tests {
     }
 
     #[test]
+    fn unknown_kinds_with_a_pod_template_pass_through_with_a_warning() {
+        let template = "{metadata: {labels: {a: b}}, spec: {containers: [{name: c, image: i}]}}";
+        let cases = [
+            (
+                "apps.openshift.io/v1",
+                "DeploymentConfig",
+                format!("spec: {{replicas: 1, template: {template}}}"),
+                "pod template (spec.template)",
+            ),
+            (
+                "argoproj.io/v1alpha1",
+                "Rollout",
+                format!("spec:\n  template: {template}  # keep me"),
+                "pod template (spec.template)",
+            ),
+            (
+                "example.com/v1",
+                "ScheduledTask",
+                format!("spec: {{jobTemplate: {{spec: {{template: {template}}}}}}}"),
+                "pod template (spec.jobTemplate.spec.template)",
+            ),
+            (
+                "apps/v1",
+                "Pod",
+                "spec: {containers: [{name: c, image: i}]}".to_string(),
+                "pod spec (spec)",
+            ),
+        ];
+        for (api_version, kind, spec, template) in cases {
+            let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n";
+            let input = format!(
+                "{config_map}---\n# {kind}\n\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: w, namespace: n}}\n{spec}\n"
+            );
+            let injected = inject(&input).unwrap();
+            assert_eq!(injected.output, input, "{kind}: not byte for byte");
+            assert_eq!(
+                injected.warnings.len(),
+                1,
+                "{kind}: {:?}",
+                injected.warnings
+            );
+            let warning = &injected.warnings[0];
+            // The document, the line its object starts on (past the marker and the comment),
+            // the object, and why.
+            let want = format!(
+                "document 2 (line 7), {kind} n/w: remora: not injected: inject knows no kind {kind} of apiVersion {api_version}, so its {template} passes through unchanged; "
+            );
+            assert!(warning.starts_with(&want), "{warning}");
+            crate::inject::tests::assert_tidy(warning);
+        }
+        // Within a List: the item is named.
+        let input = format!("apiVersion: v1\nkind: List\nitems:\n- apiVersion: serving.knative.dev/v1\n  kind: Service\n  metadata: {{name: k}}\n  spec: {{template: {template}}}\n");
+        let injected = inject(&input).unwrap();
+        assert_eq!(injected.output, input);
+        assert_eq!(injected.warnings.len(), 1, "{:?}", injected.warnings);
+        assert!(
+            injected.warnings[0].starts_with("document 1 (line 1), Service k: remora: not injected: inject knows no kind Service of apiVersion serving.knative.dev/v1"),
+            "{:?}",
+            injected.warnings
+        );
+    }
+
+    #[test]
     fn json_documents_with_tabs_are_read() {
         let input = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"Pod\",\n\t\"metadata\": {\"name\": \"p\"},\n\t\"spec\": {\"containers\": [{\"name\": \"a\", \"image\": \"b\"}]}\n}\n";
         let injected = inject(input).unwrap();
@@ -462,19 +666,84 @@ mod tests {
     }
 
     #[test]
-    fn parse_errors_name_the_document_and_the_line() {
-        let input = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {}\n";
-        let err = inject(input).unwrap_err();
-        let OfflineError::Parse { document, line, .. } = &err else {
-            panic!("expected a parse error, got {err:?}");
-        };
-        assert_eq!(*document, 2);
-        assert!((8..=9).contains(line), "line {line}: {err}");
-        let message = err.to_string();
-        assert!(
-            message.starts_with("cannot parse document 2 (line "),
-            "{message}"
-        );
+    fn parse_errors_name_the_document_and_one_line_counted_in_the_input() {
+        // (input, document, line and column in the input, as an editor shows them)
+        let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+        let cases = [
+            // Linkerd's inject_gettest_deployment.bad.input.yml: `spec` less indented than
+            // the `metadata` before it, in the second document.
+            (
+                format!("{config_map}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\nspec:\n  template:\n      metadata:\n            labels: {{app: d}}\n    spec:\n      containers: []\n"),
+                2,
+                12,
+                5,
+            ),
+            // An unclosed flow sequence, found where the next key starts.
+            (
+                format!("{config_map}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {{}}\n"),
+                2,
+                9,
+                5,
+            ),
+            // A bad first document: lines count from the top.
+            (
+                format!("a: b\n c: d\n---\n{config_map}"),
+                1,
+                2,
+                3,
+            ),
+            // Content on the marker's own line: columns count from the line's start.
+            (
+                format!("{config_map}--- {{a: [}}\n"),
+                2,
+                4,
+                10,
+            ),
+        ];
+        for (input, want_document, want_line, want_column) in cases {
+            let err = inject(&input).unwrap_err();
+            let message = err.to_string();
+            let OfflineError::Parse {
+                document,
+                line,
+                column,
+                ..
+            } = &err
+            else {
+                panic!("expected a parse error, got {err:?}");
+            };
+            assert_eq!(
+                (*document, *line, *column),
+                (want_document, want_line, Some(want_column)),
+                "{message}\n{input}"
+            );
+            assert!(
+                message.starts_with(&format!(
+                    "cannot parse document {want_document} at line {want_line} column {want_column}: "
+                )),
+                "{message}"
+            );
+            assert_eq!(message.matches("line").count(), 1, "{message}");
+            assert_eq!(message.matches("column").count(), 1, "{message}");
+            crate::inject::tests::assert_tidy(&message);
+        }
+    }
+
+    #[test]
+    fn only_positions_are_taken_out_of_parser_messages() {
+        let cases = [
+            (
+                "did not find expected key at line 16 column 5, while parsing a block mapping at line 8 column 3",
+                "did not find expected key, while parsing a block mapping",
+            ),
+            ("found unexpected end of stream at position 12", "found unexpected end of stream"),
+            ("spec: invalid type: map at line 2 column 1", "spec: invalid type: map"),
+            ("look at line 5 and at position x", "look at line 5 and at position x"),
+            ("at line 3 column 4", "at line 3 column 4"),
+        ];
+        for (message, want) in cases {
+            assert_eq!(without_positions(message), want, "{message}");
+        }
     }
 
     #[test]
@@ -531,6 +800,11 @@ mod tests {
                 format!("spec: {{template: {template}}}"),
             ),
             ("batch/v1", "Job", format!("spec: {{template: {template}}}")),
+            (
+                "v1",
+                "ReplicationController",
+                format!("spec: {{template: {template}}}"),
+            ),
             (
                 "batch/v1",
                 "CronJob",
@@ -641,7 +915,7 @@ mod tests {
         assert_eq!(injected.output, input);
         assert_eq!(injected.warnings.len(), 1);
         assert!(
-            injected.warnings[0].starts_with("document 1, Pod n/p: remora: not injected"),
+            injected.warnings[0].starts_with("document 1 (line 1), Pod n/p: remora: not injected"),
             "{:?}",
             injected.warnings
         );

@@ -71,3 +71,8 @@ fn golden_multi_document() {
 fn golden_list() {
     check("list");
 }
+
+#[test]
+fn golden_other_workloads() {
+    check("other-workloads");
+}

@@ -121,7 +121,13 @@ fn unparsable_input_exits_1_naming_document_and_line() {
     assert_eq!(output.status.code(), Some(1));
     assert!(output.stdout.is_empty(), "nothing is written on error");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("document 2 (line "), "{stderr}");
+    // One position, counted in the input: the flow mapping opened on line 9 is still open at
+    // the end, line 10.
+    assert!(
+        stderr.starts_with("remora-injector: cannot parse document 2 at line 10 column 1: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("line").count(), 1, "{stderr}");
 }
 
 #[test]
@@ -149,6 +155,44 @@ fn warnings_go_to_stderr() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), input);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("hostNetwork"), "{stderr}");
+}
+
+/// `inject | kubectl apply` must never leave a workload unmeshed without a word: a
+/// ReplicationController is injected, a kind inject does not know is named on stderr.
+#[test]
+fn a_replication_controller_is_injected_and_an_unknown_workload_is_named() {
+    let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata: {name: rc}\nspec:\n  selector: {app: rc}\n  template:\n    metadata: {labels: {app: rc}}\n    spec:\n      containers: [{name: app, image: busybox}]\n";
+    let rollout = "apiVersion: argoproj.io/v1alpha1\nkind: Rollout\nmetadata: {name: canary, namespace: shop}\nspec:\n  template:\n    spec:\n      containers: [{name: app, image: busybox}]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("workloads.yaml");
+    std::fs::write(&file, format!("{rc}---\n{rollout}")).unwrap();
+    let output = injector(&["inject", "-f", file.to_str().unwrap()], &[], "");
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
+        .map(|document| serde::Deserialize::deserialize(document).unwrap())
+        .collect();
+    assert_eq!(
+        documents[0]["spec"]["template"]["spec"]["initContainers"][1]["name"], "remora-proxy",
+        "{stdout}"
+    );
+    assert!(stdout.ends_with(&format!("---\n{rollout}")), "{stdout}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let want = format!(
+        "warning: {}: document 2 (line 11), Rollout shop/canary: remora: not injected: inject knows no kind Rollout of apiVersion argoproj.io/v1alpha1",
+        file.display()
+    );
+    assert!(stderr.starts_with(&want), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // From standard input, the warning says so.
+    let output = injector(&["inject", "-f", "-"], &[], rollout);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), rollout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("warning: standard input: document 1 (line 1), Rollout shop/canary: "),
+        "{stderr}"
+    );
 }
 
 #[test]

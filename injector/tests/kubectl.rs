@@ -470,6 +470,43 @@ fn offline_output_is_read_by_kubectl() {
     }
 }
 
+/// A ReplicationController (core v1) is injected offline like the apps/v1 workloads, and the
+/// pods its controller creates are injected by the webhook, which sees pods, not their owners.
+#[test]
+fn a_replication_controller_is_injected_offline_and_its_pods_by_the_webhook() {
+    let input = "apiVersion: v1\nkind: ReplicationController\nmetadata: {name: legacy, namespace: shop}\nspec:\n  replicas: 2\n  selector: {app: legacy}\n  template:\n    metadata: {labels: {app: legacy}}\n    spec:\n      containers: [{name: web, image: nginx, ports: [{containerPort: 80}]}]\n";
+    let injected = remora_injector::offline::inject_documents(input, &Config::default()).unwrap();
+    let items = kubectl_read(&injected.output);
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["kind"], "ReplicationController");
+    let mut pod = items[0]["spec"]["template"].clone();
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["remora-init", "remora-proxy"]
+    );
+    assert_kubernetes_accepts(&pod);
+
+    // The controller's pod, as the API server hands it to the webhook.
+    let created = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "generateName": "legacy-", "namespace": "shop", "labels": {"app": "legacy"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ReplicationController", "name": "legacy",
+                "uid": "6f1c1d9e-0000-4000-8000-000000000002", "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": {"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}]},
+    });
+    let out = kubectl_patch(&created, &webhook_patch(&created));
+    assert_eq!(
+        names(&out["spec"]["initContainers"]),
+        ["remora-init", "remora-proxy"]
+    );
+    assert_kubernetes_accepts(&out);
+    assert_reinvocation_is_a_no_op(&out);
+}
+
 /// kubectl reads YAML 1.1, where plain `yes`, `on`, `n` or `1_000` are not strings: every string
 /// the output re-writes must come back from kubectl as the same string.
 #[test]
