@@ -9,18 +9,24 @@
 //!
 //! What this side decides (RFC 9112):
 //! - Requests go out as HTTP/1.1, with a `Host` added when an HTTP/1.0 client sent none. Their
-//!   body keeps its framing: `Content-Length` bytes as they come, or chunked (re-encoded from
-//!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`. The
-//!   response is read while the body goes out: a server may answer before the body ends.
+//!   framing is the one hyper decoded the body with, never read again from the client's header
+//!   lines (which a client can list in `Connection`, repeat or pad): a `Content-Length` the
+//!   proxy writes itself for a body of known length, else chunked (re-encoded from what hyper
+//!   decoded, trailers included). The head then always frames exactly the bytes sent after it,
+//!   so no byte of a body can reach the server as a request of its own (RFC 9112 §6.3, §11.2).
+//!   The response is read while the body goes out: a server may answer before the body ends.
 //! - The response's hop-by-hop headers (`Connection`, the headers it lists, `Keep-Alive`,
 //!   `Proxy-Connection`) are read and dropped with its head: the client's hop has its own.
 //! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
 //!   itself. A `101` outside an upgrade is an error.
 //! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
-//!   the server closes; HEAD, 204 and 304 have none.
+//!   the server closes; HEAD, 204 and 304 have none. The client gets one framing in one value:
+//!   a `Content-Length` list of one repeated number becomes that number, a `Content-Length`
+//!   next to `Transfer-Encoding` is dropped, and a chunked coding that is not applied once and
+//!   last is refused.
 //! - A connection is reused only after a complete HTTP/1.1 response without `Connection:
 //!   close`, nothing unread behind it, no body framed by the close, and the whole request body
-//!   sent.
+//!   sent before the response came (a server that answered early may not read the rest).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -115,6 +121,15 @@ pub enum Error {
     Invalid(String),
     #[error("reading the request body: {0}")]
     RequestBody(hyper::Error),
+    #[error("invalid request: {0}")]
+    Request(&'static str),
+}
+
+impl Error {
+    /// Whether the client is at fault (a 400), not the server (a 502).
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, Self::Request(_))
+    }
 }
 
 fn invalid(what: impl Into<String>) -> Error {
@@ -137,9 +152,14 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// Writes `parts` as an HTTP/1.1 request head. Hop-by-hop headers are already gone.
-    pub fn new(parts: &request::Parts, target: SocketAddr) -> Self {
-        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    /// Writes `parts` as an HTTP/1.1 request head. Hop-by-hop headers are already gone. `body`
+    /// is the size hint of the body as hyper decoded it: an exact size for a `Content-Length`
+    /// body (0 for none), none for a chunked one. The framing written follows it, not the
+    /// client's framing headers. Fails on a chunked coding applied more than once or not last,
+    /// which servers read differently.
+    pub fn new(parts: &request::Parts, body: &SizeHint, target: SocketAddr) -> Result<Self, Error> {
+        let length = body.exact();
+        let chunked = length.is_none();
         let mut bytes = Vec::with_capacity(256);
         bytes.extend_from_slice(parts.method.as_str().as_bytes());
         bytes.push(b' ');
@@ -152,15 +172,42 @@ impl RequestHead {
             bytes.extend_from_slice(target.as_bytes());
         }
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut host = false;
+        let (mut host, mut had_length) = (false, false);
+        // Whether the Transfer-Encoding lines so far end with chunked.
+        let mut codings = None;
         for (name, value) in &parts.headers {
-            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); sending both would let
-            // the server pick the other one.
-            if chunked && name == header::CONTENT_LENGTH {
+            if name == header::CONTENT_LENGTH {
+                // Written below from the decoded length: one value, as hyper counted it.
+                had_length = true;
                 continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                if !chunked {
+                    continue;
+                }
+                // hyper decoded one chunked layer, the last coding: a chunked coding before it
+                // would be a second layer, which servers read differently.
+                codings =
+                    Some(chunked_last(value, codings).map_err(|_| {
+                        Error::Request("chunked applied more than once, or not last")
+                    })?);
             }
             host |= name == header::HOST;
             put_field(&mut bytes, name, value);
+        }
+        match length {
+            // hyper decodes chunked only after a Transfer-Encoding ending with it, which is
+            // forwarded as it came: this is a safeguard.
+            None if codings != Some(true) => {
+                bytes.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
+            None => {}
+            Some(0) if !had_length => {}
+            Some(length) => {
+                use std::io::Write as _;
+                // Into the Vec: no allocation of its own.
+                let _ = write!(bytes, "content-length: {length}\r\n");
+            }
         }
         if !host {
             // HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.
@@ -172,11 +219,11 @@ impl RequestHead {
             bytes.extend_from_slice(b"\r\n");
         }
         bytes.extend_from_slice(b"\r\n");
-        Self {
+        Ok(Self {
             bytes,
             chunked,
             method: parts.method.clone(),
-        }
+        })
     }
 }
 
@@ -238,7 +285,10 @@ type Parsed = Result<(Response<()>, State, bool), (Error, bool)>;
 /// body (RFC 9112 §9.5: a 413, a 401), so the rest is not sent; writing it all first would have
 /// turned that answer into a 502 when the server closes, or a stall once the socket buffers fill
 /// when it does not. After any other early answer the server may still read on, so the body
-/// goes out in full first. Also says whether it did.
+/// goes out in full first. Also says whether the server can take another request on the
+/// connection as far as this request goes: the body went out in full before the response came.
+/// A server that answers before the end of the body may not read the rest; if it does not, the
+/// rest would be read as the next request.
 async fn exchange(
     conn: &mut Conn,
     head: &RequestHead,
@@ -264,6 +314,7 @@ async fn exchange(
             parsed = &mut reading => break parsed,
         }
     };
+    let early = sent.is_none();
     let refused = match &parsed {
         Ok((response, _, keep_alive)) => {
             response.status().is_client_error()
@@ -275,7 +326,7 @@ async fn exchange(
     if sent.is_none() && !refused {
         sent = Some(outcome(sending.await)?);
     }
-    Ok((parsed, sent == Some(true)))
+    Ok((parsed, sent == Some(true) && !early))
 }
 
 /// Writes a request body in its framing: as it comes for `Content-Length`, re-encoded when
@@ -438,10 +489,20 @@ fn head_from(
             continue;
         }
         if name == header::TRANSFER_ENCODING {
-            // Only the last coding counts: chunked must be it for the chunks to frame the body.
-            chunked = Some(last_token(&value).eq_ignore_ascii_case("chunked"));
+            chunked = Some(chunked_last(&value, chunked)?);
         } else if name == header::CONTENT_LENGTH {
-            length = Some(content_length(&value, length)?);
+            let first = length.is_none();
+            let parsed = content_length(&value, length)?;
+            length = Some(parsed);
+            // One value reaches the client: a repeated line adds nothing, and a list of one
+            // repeated number (RFC 9110 §8.6) becomes that number.
+            if !first {
+                continue;
+            }
+            if !value.as_bytes().iter().all(u8::is_ascii_digit) {
+                headers.append(name, HeaderValue::from(parsed));
+                continue;
+            }
         }
         headers.append(name, value);
     }
@@ -450,18 +511,20 @@ fn head_from(
             headers.remove(option);
         }
     }
+    if chunked.is_some() && length.is_some() {
+        // Transfer-Encoding wins (RFC 9112 §6.3). Next to a Content-Length it is a smuggling
+        // pattern: the length is dropped, so the client never sees both (for HEAD, 204 and 304
+        // too: hyper refuses to send both), and the connection is not reused.
+        headers.remove(header::CONTENT_LENGTH);
+        length = None;
+        close = true;
+    }
     let state = if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         State::Length(0)
     } else if let Some(chunked) = chunked {
-        // Transfer-Encoding wins. Next to a Content-Length it is a smuggling pattern: the length
-        // is dropped, so the client never sees both, and the connection is not reused.
-        if length.is_some() {
-            headers.remove(header::CONTENT_LENGTH);
-            close = true;
-        }
         if chunked {
             State::Chunked(Chunk::Size)
         } else {
@@ -505,8 +568,24 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn last_token(value: &HeaderValue) -> &str {
-    tokens(value).filter(|t| !t.is_empty()).last().unwrap_or("")
+/// Whether a message's transfer codings, `value` and the `earlier` lines', end with chunked.
+/// Chunked frames the body only when applied once and last (RFC 9112 §6.1): before another
+/// coding or after itself it would let a recipient that reads it otherwise find another end.
+fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Error> {
+    let mut chunked = earlier == Some(true);
+    let mut any = false;
+    for coding in tokens(value).filter(|t| !t.is_empty()) {
+        if chunked {
+            return Err(invalid("a transfer coding after chunked"));
+        }
+        chunked = coding.eq_ignore_ascii_case("chunked");
+        any = true;
+    }
+    if any {
+        Ok(chunked)
+    } else {
+        Err(invalid("a Transfer-Encoding without a coding"))
+    }
 }
 
 /// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
@@ -800,7 +879,7 @@ mod tests {
             }
         });
         let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        let head = RequestHead::new(&parts, addr);
+        let head = RequestHead::new(&parts, &SizeHint::with_exact(0), addr).unwrap();
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let slot = Slot::default();
         let mut body = send(conn, &head, None, &slot).await.unwrap().into_body();

@@ -117,6 +117,13 @@ enum Failure {
 }
 
 /// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
+impl Failure {
+    /// A request the client got wrong (its body, its framing), which no upstream could answer.
+    fn is_client_error(&self) -> bool {
+        matches!(self, Self::Http1(error) if error.is_client_error())
+    }
+}
+
 fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
     texts.join(": ")
@@ -161,10 +168,18 @@ impl Route {
         let response = match result {
             Ok(response) => response,
             Err(failure) => {
-                warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
+                let status = if failure.is_client_error() {
+                    // The client's own fault, so not worth a warning (an inbound client may be
+                    // anyone); hyper closes its connection, whose request was never complete.
+                    debug!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 400");
+                    StatusCode::BAD_REQUEST
+                } else {
+                    warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
+                    StatusCode::BAD_GATEWAY
+                };
                 let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
                 let mut response = Response::new(Inner::Local(Some(body)));
-                *response.status_mut() = StatusCode::BAD_GATEWAY;
+                *response.status_mut() = status;
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -312,7 +327,8 @@ impl Http1Upstream {
     /// fails before answering (the server closed it as the request went out).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
-        let head = RequestHead::new(&parts, self.route.target);
+        let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
+            .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
         let mut reused = self.take();
@@ -376,6 +392,12 @@ impl Http1Upstream {
         }
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(response.headers_mut());
+        }
+        if is_connect && accepted {
+            // A 2xx to CONNECT has no body (RFC 9110 §9.3.6): the tunnel's bytes follow the head.
+            // hyper refuses to send one with a length, and the client would get nothing.
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+            response.headers_mut().remove(header::TRANSFER_ENCODING);
         }
         Ok(response.map(Inner::Hyper))
     }
@@ -662,11 +684,15 @@ fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
         }
     }
     if connection {
+        // Except the framing headers: a message's framing is never one hop's alone (RFC 9112
+        // §6.3), and the body that follows is forwarded. `h1` frames requests from what hyper
+        // decoded; this keeps their transfer codings other than chunked.
         let listed: Vec<header::HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(h1::connection_options)
             .filter_map(|option| header::HeaderName::from_bytes(option.as_bytes()).ok())
+            .filter(|name| name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING)
             .collect();
         headers.remove(header::CONNECTION);
         for name in listed {
