@@ -128,7 +128,7 @@ pub enum Error {
 impl Error {
     /// Whether the client is at fault (a 400), not the server (a 502).
     pub fn is_client_error(&self) -> bool {
-        matches!(self, Self::Request(_))
+        matches!(self, Self::RequestBody(_) | Self::Request(_))
     }
 }
 

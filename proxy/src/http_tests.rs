@@ -2157,6 +2157,55 @@ async fn connect_answered_200_with_a_length_opens_the_tunnel() {
     }
 }
 
+#[tokio::test]
+async fn an_invalid_chunk_size_is_the_clients_error_and_no_body_goes_on() {
+    let (received, mut upstream_got) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = upstream(move |mut conn| {
+        let received = received.clone();
+        async move {
+            let bytes = conn.wire.read_to_end().await;
+            let _ = received.send(bytes);
+        }
+    })
+    .await;
+    let (proxy, proxy_state) = start_proxy(upstream.addr, Direction::Inbound).await;
+    let mut client = Wire::connect(proxy).await;
+    // 18 hex digits: more than 64 bits.
+    let response = client
+        .exchange(
+            b"POST /bad HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              fffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.head.status(), 400, "{:?}", response.head.start);
+    assert!(client.closes_within(WAIT).await);
+    let status = |code: u16| {
+        metric(
+            proxy_state,
+            &format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"http1\",status_code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(status(400), Some(1));
+    assert_eq!(status(502), None, "counted as an upstream failure");
+    // The upstream may have got the head, which goes out before the body is read, never a
+    // byte of the body nor a complete request: the connection closes after the head.
+    if upstream.accepts() > 0 {
+        let got = within("the upstream connection closing", upstream_got.recv())
+            .await
+            .unwrap();
+        let head_end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|end| end + 4);
+        assert_eq!(
+            head_end,
+            Some(got.len()),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mutation test: no mutated request or response makes the proxy send a byte past the end of the
 // message it framed, or frame a message two ways
