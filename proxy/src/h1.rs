@@ -15,10 +15,13 @@
 //!   decoded, trailers included). The head then always frames exactly the bytes sent after it,
 //!   so no byte of a body can reach the server as a request of its own (RFC 9112 §6.3, §11.2).
 //!   The response is read while the body goes out: a server may answer before the body ends.
+//! - `Expect: 100-continue` goes to the server, and the body waits for its `100 Continue`
+//!   (which hyper then passes on to the client as it reads the body) or is never sent when
+//!   the server answers at once (RFC 9110 §10.1.1). A server that says nothing for
+//!   [`CONTINUE_WAIT`] gets the body anyway, as a client that stops waiting would send it.
 //! - The response's hop-by-hop headers (`Connection`, the headers it lists, `Keep-Alive`,
 //!   `Proxy-Connection`) are read and dropped with its head: the client's hop has its own.
-//! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
-//!   itself. A `101` outside an upgrade is an error.
+//! - Other interim 1xx responses are skipped. A `101` outside an upgrade is an error.
 //! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
 //!   the server closes; HEAD, 204 and 304 have none. The client gets one framing in one value:
 //!   a `Content-Length` list of one repeated number becomes that number, a `Content-Length`
@@ -52,6 +55,9 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// What a read asks the socket for at least, and at most.
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
+/// How long a request body that expects `100 Continue` waits for the server's answer before it
+/// goes anyway: curl's wait, so a server that ignores `Expect` costs no more than without us.
+pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a finished response puts its connection back: the client connection's slot.
 pub type Slot = Arc<Mutex<Option<Conn>>>;
@@ -148,6 +154,8 @@ pub struct Failed {
 pub struct RequestHead {
     bytes: Vec<u8>,
     chunked: bool,
+    /// The body waits for the server's `100 Continue`.
+    expect_continue: bool,
     method: Method,
 }
 
@@ -172,7 +180,7 @@ impl RequestHead {
             bytes.extend_from_slice(target.as_bytes());
         }
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let (mut host, mut had_length) = (false, false);
+        let (mut host, mut had_length, mut expect) = (false, false, false);
         // Whether the Transfer-Encoding lines so far end with chunked.
         let mut codings = None;
         for (name, value) in &parts.headers {
@@ -191,6 +199,9 @@ impl RequestHead {
                     Some(chunked_last(value, codings).map_err(|_| {
                         Error::Request("chunked applied more than once, or not last")
                     })?);
+            } else if name == header::EXPECT {
+                // As hyper reads it: it then sends `100 Continue` on the first read of the body.
+                expect = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             }
             host |= name == header::HOST;
             put_field(&mut bytes, name, value);
@@ -222,6 +233,8 @@ impl RequestHead {
         Ok(Self {
             bytes,
             chunked,
+            // hyper waits for the read only when there is a body and the client speaks 1.1.
+            expect_continue: expect && length != Some(0) && parts.version > http::Version::HTTP_10,
             method: parts.method.clone(),
         })
     }
@@ -250,6 +263,14 @@ pub async fn send(
         return Err(failed(Error::Io(error), true));
     }
     let (parsed, body_sent) = match body.filter(|body| !body.is_end_stream()) {
+        Some(body) if head.expect_continue => match continue_or_final(&mut conn, head).await {
+            None => exchange(&mut conn, head, body).await?,
+            // Answered without the body: it is dropped unread, so hyper does not send the
+            // client `100 Continue` either, and closes the client connection after the response
+            // unless the body was there already to be drained. The server may still expect it:
+            // the connection is not reused.
+            Some(parsed) => (parsed, false),
+        },
         Some(body) => exchange(&mut conn, head, body).await?,
         None => {
             if head.chunked {
@@ -258,7 +279,7 @@ pub async fn send(
                 }
             }
             let Conn { io, buf } = &mut conn;
-            (read_head(io, buf, &head.method).await, true)
+            (read_head(io, buf, &head.method, false).await, true)
         }
     };
     let (response, framing, keep_alive) = parsed.map_err(|(error, none)| failed(error, none))?;
@@ -279,6 +300,18 @@ pub async fn send(
 
 /// The response head, or the error and whether nothing at all was received.
 type Parsed = Result<(Response<()>, State, bool), (Error, bool)>;
+
+/// Waits for the server's answer to `Expect: 100-continue`: `None` once it asks for the body
+/// with `100 Continue` (or has said nothing for [`CONTINUE_WAIT`]), else its final response.
+async fn continue_or_final(conn: &mut Conn, head: &RequestHead) -> Option<Parsed> {
+    let Conn { io, buf } = conn;
+    // Cancelling the read on the timeout loses nothing: what came in is in `buf`.
+    match tokio::time::timeout(CONTINUE_WAIT, read_head(io, buf, &head.method, true)).await {
+        Ok(Ok((response, ..))) if response.status() == StatusCode::CONTINUE => None,
+        Ok(parsed) => Some(parsed),
+        Err(_elapsed) => None,
+    }
+}
 
 /// Streams the request body while reading the response head: a server may answer before the
 /// body is complete. An early error status or `Connection: close` means it wants no more of the
@@ -305,7 +338,7 @@ async fn exchange(
     };
     let (mut reader, mut writer) = conn.io.split();
     let sending = write_body(&mut writer, head.chunked, body);
-    let reading = read_head(&mut reader, &mut conn.buf, &head.method);
+    let reading = read_head(&mut reader, &mut conn.buf, &head.method, false);
     tokio::pin!(sending, reading);
     let mut sent = None;
     let parsed = loop {
@@ -366,12 +399,14 @@ async fn write_body<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads the final response head (skipping interim 1xx ones); the error says whether nothing
-/// at all was received.
+/// Reads the final response head (skipping interim 1xx ones), or a `100 Continue` if
+/// `until_continue` (as a response of that status, no body, no reuse); the error says whether
+/// nothing at all was received.
 async fn read_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     method: &Method,
+    until_continue: bool,
 ) -> Parsed {
     let mut received = false;
     loop {
@@ -406,6 +441,11 @@ async fn read_head<R: AsyncRead + Unpin>(
                         .map_err(|error| (error, false))?;
                     if let Some(response) = response {
                         return Ok(response);
+                    }
+                    if until_continue && code == Some(100) {
+                        let mut response = Response::new(());
+                        *response.status_mut() = StatusCode::CONTINUE;
+                        return Ok((response, State::Done, false));
                     }
                     continue;
                 }

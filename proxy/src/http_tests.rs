@@ -809,19 +809,27 @@ async fn post_chunked_body_reaches_the_upstream_decoded() {
 }
 
 /// Sends an `Expect: 100-continue` POST, waits for `100 Continue` before the body, and returns
-/// the final response.
+/// the final response. An upstream that sends `100 Continue` does so after a pause, and the
+/// client's must come after it: the proxy passes the upstream's on rather than answering itself.
 async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Upstream) {
-    let upstream = upstream(move |mut conn| async move {
-        while let Some(head) = conn.wire.read_head().await {
-            if upstream_sends_continue {
-                conn.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    let continued = Arc::new(AtomicUsize::new(0));
+    let sent = continued.clone();
+    let upstream = upstream(move |mut conn| {
+        let sent = sent.clone();
+        async move {
+            while let Some(head) = conn.wire.read_head().await {
+                if upstream_sends_continue {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    conn.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                }
+                let request = conn.wire.body(head, false).await;
+                conn.seen.lock().unwrap().push(Seen {
+                    conn: conn.index,
+                    request: request.clone(),
+                });
+                conn.send(&ok(&format!("got {}", request.text()))).await;
             }
-            let request = conn.wire.body(head, false).await;
-            conn.seen.lock().unwrap().push(Seen {
-                conn: conn.index,
-                request: request.clone(),
-            });
-            conn.send(&ok(&format!("got {}", request.text()))).await;
         }
     })
     .await;
@@ -831,6 +839,13 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
         .await;
     let interim = client.read_response("POST").await;
     assert_eq!(interim.head.start, "HTTP/1.1 100 Continue");
+    if upstream_sends_continue {
+        assert_eq!(
+            continued.load(Ordering::SeqCst),
+            1,
+            "the client got 100 Continue before the upstream sent it"
+        );
+    }
     client.write(b"hello world").await;
     let last = client.read_response("POST").await;
     assert!(
@@ -841,19 +856,26 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
     (last, upstream)
 }
 
+/// An upstream that ignores `Expect` (an HTTP/1.0 one, or a server that reads the body
+/// regardless) gets the body after [`crate::h1::CONTINUE_WAIT`], as from a client that stops
+/// waiting.
 #[tokio::test]
-async fn expect_continue_is_answered_then_the_body_is_forwarded() {
+async fn expect_continue_to_an_upstream_that_sends_no_100_goes_on_after_a_wait() {
     let (last, upstream) = post_expecting_continue(false).await;
     assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
     assert_eq!(last.text(), "got hello world");
     assert_eq!(upstream.seen()[0].request.body, b"hello world");
+    assert_eq!(
+        upstream.seen()[0].request.head.get("expect").as_deref(),
+        Some("100-continue")
+    );
     assert_eq!(upstream.accepts(), 1);
 }
 
 #[tokio::test]
-async fn expect_continue_with_an_upstream_100_gives_one_final_response() {
+async fn expect_continue_is_relayed_from_the_upstream_with_one_final_response() {
     let (last, upstream) = post_expecting_continue(true).await;
-    // The upstream's own 100 is not passed on as a second interim response.
+    // The upstream's 100 reaches the client once, then the final response.
     assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
     assert_eq!(last.text(), "got hello world");
     assert_eq!(upstream.seen()[0].request.body, b"hello world");
@@ -2204,6 +2226,68 @@ async fn an_invalid_chunk_size_is_the_clients_error_and_no_body_goes_on() {
             String::from_utf8_lossy(&got)
         );
     }
+}
+
+/// An upstream that reads a request head, answers `413` at once, and reports how many body bytes
+/// came after the head before the proxy closed the connection.
+async fn refusing_upload() -> (Upstream, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    let (counted, count) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = upstream(move |mut conn| {
+        let counted = counted.clone();
+        async move {
+            let Some(head) = conn.wire.read_head().await else {
+                return;
+            };
+            conn.seen.lock().unwrap().push(Seen {
+                conn: conn.index,
+                request: Message {
+                    head,
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                },
+            });
+            conn.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+                .await;
+            let _ = counted.send(conn.wire.read_to_end().await.len());
+        }
+    })
+    .await;
+    (upstream, count)
+}
+
+#[tokio::test]
+async fn expect_continue_goes_to_the_origin_which_refuses_before_any_body_byte() {
+    let (upstream, mut body_bytes) = refusing_upload().await;
+    let (mut client, _) = client_of(&upstream).await;
+    client
+        .write(
+            b"POST /upload HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n\
+              Content-Length: 1048576\r\n\r\n",
+        )
+        .await;
+    // As curl does: wait a second for 100 Continue or a final answer before sending the body.
+    let first = tokio::time::timeout(Duration::from_secs(1), client.read_response("POST"))
+        .await
+        .expect("an answer within a second");
+    assert_eq!(
+        first.head.status(),
+        413,
+        "the proxy answered {:?}",
+        first.head.start
+    );
+    assert_eq!(first.text(), "too large");
+    assert!(
+        client.closes_within(WAIT).await,
+        "a client that did not send the body it announced cannot send another request"
+    );
+    let request = &upstream.seen()[0].request;
+    assert_eq!(request.head.get("expect").as_deref(), Some("100-continue"));
+    let sent = within("the upstream connection closing", body_bytes.recv()).await;
+    assert_eq!(
+        sent,
+        Some(0),
+        "body bytes sent to an origin that refused them"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
