@@ -774,6 +774,51 @@ fn a_websocket_upgrade_is_tunneled_both_ways() {
     );
 }
 
+/// Issue 22's reproduction: a request naming its own framing header in `Connection` must not
+/// carry a second request to the app inside its body, one the proxy never saw or logged.
+#[test]
+fn a_request_body_never_reaches_the_app_as_a_request_of_its_own() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.pod, addr(POD_V4, 8080));
+    // The app counts requests for `/sleep/` paths as they arrive.
+    let smuggled = "GET /sleep/0/smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    for (connection, framing, body) in [
+        (
+            "content-length",
+            format!("Content-Length: {}", smuggled.len()),
+            smuggled.to_string(),
+        ),
+        (
+            "transfer-encoding",
+            "Transfer-Encoding: chunked".to_string(),
+            format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
+        ),
+    ] {
+        let mut stream = connect(&mesh.pod.remote, addr(POD_V4, 8080)).unwrap();
+        let request = format!(
+            "POST /front HTTP/1.1\r\nHost: app\r\nConnection: {connection}\r\n{framing}\r\n\r\n{body}"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let response = read_until_closed_or(&mut stream, "hello /front HTTP/1.1");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{connection}: {response:?}"
+        );
+        assert!(response.ends_with("hello /front HTTP/1.1"), "{response:?}");
+    }
+    // Time for a smuggled request to be served, had it reached the app.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        started("/sleep/0/smuggled"),
+        0,
+        "the app served a request inside a body"
+    );
+    assert_eq!(mesh.metric(IN_H1), 2.0);
+}
+
 #[test]
 fn connect_is_tunneled_and_upstream_connections_are_reused_across_clients() {
     if !can_run() {
