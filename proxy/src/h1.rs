@@ -608,6 +608,36 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
+/// Leaves a response's headers, as another reader (hyper's client) parsed them, with one
+/// framing in one value, as [`head_from`] does for the responses read here: Content-Length goes
+/// beside Transfer-Encoding, a Content-Length list or repeat becomes one number. Fails, for a
+/// 502, on what cannot be made unambiguous: chunked not once and last, differing lengths.
+pub fn one_framing(headers: &mut HeaderMap) -> Result<(), Error> {
+    let mut chunked = None;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        chunked = Some(chunked_last(value, chunked)?);
+    }
+    if chunked.is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(());
+    }
+    let mut length = None;
+    let mut values = 0;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        length = Some(content_length(value, length)?);
+        values += 1;
+    }
+    if let Some(length) = length {
+        let plain = headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|value| value.as_bytes().iter().all(u8::is_ascii_digit));
+        if values > 1 || !plain {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a message's transfer codings, `value` and the `earlier` lines', end with chunked.
 /// Chunked frames the body only when applied once and last (RFC 9112 §6.1): before another
 /// coding or after itself it would let a recipient that reads it otherwise find another end.

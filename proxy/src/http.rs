@@ -398,8 +398,13 @@ impl Http1Upstream {
             // hyper refuses to send one with a length, and the client would get nothing.
             response.headers_mut().remove(header::CONTENT_LENGTH);
             response.headers_mut().remove(header::TRANSFER_ENCODING);
+        } else if !accepted {
+            // A refusal goes back as an ordinary response, read by hyper's client, which keeps
+            // the framing headers as they came: hyper's server refuses to send both, or a
+            // length twice, and would pass a list on.
+            h1::one_framing(response.headers_mut()).map_err(Failure::Http1)?;
         }
-        Ok(response.map(Inner::Hyper))
+        Ok(response.map(|body| Inner::Hyper(body, None)))
     }
 
     /// The connection's current upstream connection or a pooled one, if usable.
@@ -717,8 +722,8 @@ enum Inner {
     Upstream(UpstreamBody),
     /// An HTTP/2 response read by [`crate::h2_upstream`].
     H2(h2_upstream::UpstreamBody),
-    /// A tunnel's response, read by hyper's client.
-    Hyper(Incoming),
+    /// A tunnel's response, read by hyper's client, and its error held back for one poll.
+    Hyper(Incoming, Option<hyper::Error>),
     /// A response the proxy makes itself (502).
     Local(Option<Bytes>),
 }
@@ -741,7 +746,18 @@ impl Body for ResponseBody {
         let poll = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Hyper(_, error @ Some(_)) => Poll::Ready(error.take().map(|e| Err(e.into()))),
+            Inner::Hyper(body, held) => match Pin::new(body).poll_frame(cx) {
+                // As `h1`'s body does: returned at once, the error would make hyper drop the
+                // connection before the head it has not flushed yet, and the client would get
+                // nothing where it should see a response cut short.
+                Poll::Ready(Some(Err(error))) => {
+                    *held = Some(error);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                poll => poll.map_err(Into::into),
+            },
             Inner::Local(body) => Poll::Ready(body.take().map(|data| Ok(Frame::data(data)))),
         };
         if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
@@ -756,7 +772,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::H2(body) => body.is_end_stream(),
-            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Hyper(body, _) => body.is_end_stream(),
             Inner::Local(body) => body.is_none(),
         }
     }
@@ -765,7 +781,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::H2(body) => body.size_hint(),
-            Inner::Hyper(body) => body.size_hint(),
+            Inner::Hyper(body, _) => body.size_hint(),
             Inner::Local(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))
             }

@@ -2147,6 +2147,53 @@ async fn a_head_response_with_both_framings_reaches_the_client_as_a_head() {
     }
 }
 
+/// A refused upgrade's response is read by hyper's client, which keeps the framing headers as
+/// they came: the client still gets one framing, and a body cut short shows as cut, not as
+/// nothing at all.
+#[tokio::test]
+async fn a_refused_upgrade_reaches_the_client_with_one_framing_even_cut_short() {
+    let upstream = upstream(|mut conn| async move {
+        let Some(request) = conn.next().await else {
+            return;
+        };
+        let response: &[u8] = match target_of(&request).as_str() {
+            "/both" => {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                         5\r\nhello\r\n0\r\n\r\n"
+            }
+            "/list" => b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+            _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+        };
+        conn.send(response).await;
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+             Connection: upgrade\r\n\r\n"
+        )
+    };
+    for path in ["/both", "/list"] {
+        let mut client = Wire::connect(proxy).await;
+        let response = client.exchange(upgrade(path).as_bytes()).await;
+        assert_eq!(response.head.status(), 200, "{path}");
+        assert_eq!(response.text(), "hello", "{path}");
+        assert!(
+            response.head.is_chunked() != response.head.has("content-length"),
+            "{path}: {:?}",
+            String::from_utf8_lossy(&response.head.raw)
+        );
+        assert!(response.head.all("content-length").len() <= 1, "{path}");
+    }
+    let mut client = Wire::connect(proxy).await;
+    client.write(upgrade("/cut").as_bytes()).await;
+    let Some(head) = client.read_head().await else {
+        panic!("a response cut short reached the client as nothing at all");
+    };
+    assert_eq!(head.status(), 200);
+}
+
 #[tokio::test]
 async fn connect_answered_200_with_a_length_opens_the_tunnel() {
     for framing in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
@@ -2852,14 +2899,17 @@ async fn no_mutated_response_reaches_the_client_ambiguous_or_not_at_all() {
     .await;
     let (proxy, _) = start_proxy(app.addr, Direction::Inbound).await;
     run_mutations("responses", &inputs, |i| async move {
-        let method = if i % 3 == 0 { "HEAD" } else { "GET" };
+        // A third go as HEAD, a third ask for an upgrade the app refuses (that response is
+        // read by hyper's client, not by `h1`).
+        let (method, upgrade) = match i % 3 {
+            0 => ("HEAD", ""),
+            1 => ("GET", ""),
+            _ => ("GET", "Upgrade: websocket\r\nConnection: upgrade\r\n"),
+        };
         let mut client = Wire::connect(proxy).await;
-        client
-            .write(
-                format!("{method} /r/{i} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await;
+        let request =
+            format!("{method} /r/{i} HTTP/1.1\r\nHost: app\r\n{upgrade}Connection: close\r\n\r\n");
+        client.write(request.as_bytes()).await;
         let got = client.read_to_end().await;
         if got.is_empty() {
             return Err(format!("{method}: the client got nothing at all"));
