@@ -2625,6 +2625,16 @@ async fn strict_app(mut wire: Wire) -> Result<(), String> {
 async fn strict_request(mut wire: Wire, raw: &[u8]) -> Result<(), String> {
     let head = strict_head(raw)?;
     let has_body = head.chunked || head.length.unwrap_or(0) > 0;
+    if head.expect_continue && has_body && head.start.contains("/refuse") {
+        // Refused at once: the body must never come (RFC 9110 §10.1.1).
+        let _ = wire
+            .stream
+            .write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        return nothing_after(&mut wire, "a refusal of the body").await;
+    }
     if head.expect_continue && has_body {
         let _ = wire
             .stream
@@ -2649,12 +2659,17 @@ async fn strict_request(mut wire: Wire, raw: &[u8]) -> Result<(), String> {
         .stream
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         .await;
+    nothing_after(&mut wire, "the end of the request").await
+}
+
+/// Fails if anything comes before the proxy closes the connection.
+async fn nothing_after(wire: &mut Wire, what: &str) -> Result<(), String> {
     let after = wire.read_to_end().await;
     if after.is_empty() {
         Ok(())
     } else {
         Err(format!(
-            "{} bytes after the end of the request: {:?}",
+            "{} bytes after {what}: {:?}",
             after.len(),
             String::from_utf8_lossy(&after)
         ))
@@ -2791,7 +2806,8 @@ where
 }
 
 /// The mutated requests, each with its own request target (`/m` becomes `/m/<index>`) so that
-/// the app can tell which one it reads.
+/// the app can tell which one it reads; one in two asks the app to refuse a body it expects
+/// (`/m/<index>/refuse`), which matters to those that say `Expect: 100-continue`.
 fn mutated_requests() -> Vec<Vec<u8>> {
     let mut rng = XorShift(MUTATION_SEED);
     (0..MUTATIONS)
@@ -2800,7 +2816,8 @@ fn mutated_requests() -> Vec<Vec<u8>> {
             let mutated = mutate(&mut rng, seed);
             let space = mutated.iter().position(|&b| b == b' ').unwrap_or(0);
             let mut out = mutated[..space].to_vec();
-            out.extend(format!(" /m/{i}").into_bytes());
+            let refuse = if i % 2 == 0 { "/refuse" } else { "" };
+            out.extend(format!(" /m/{i}{refuse}").into_bytes());
             out.extend(&mutated[space + 3..]);
             out
         })
