@@ -128,7 +128,7 @@ pub enum Error {
     #[error("reading the request body: {0}")]
     RequestBody(hyper::Error),
     #[error("invalid request: {0}")]
-    Request(&'static str),
+    Request(String),
 }
 
 impl Error {
@@ -195,10 +195,11 @@ impl RequestHead {
                 }
                 // hyper decoded one chunked layer, the last coding: a chunked coding before it
                 // would be a second layer, which servers read differently.
-                codings =
-                    Some(chunked_last(value, codings).map_err(|_| {
-                        Error::Request("chunked applied more than once, or not last")
-                    })?);
+                codings = Some(chunked_last(value, codings).map_err(|_| {
+                    Error::Request(format!(
+                        "Transfer-Encoding {value:?}: chunked must come once, as the last coding"
+                    ))
+                })?);
             } else if name == header::EXPECT {
                 // As hyper reads it: it then sends `100 Continue` on the first read of the body.
                 expect = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
@@ -646,7 +647,9 @@ fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Erro
     let mut any = false;
     for coding in tokens(value).filter(|t| !t.is_empty()) {
         if chunked {
-            return Err(invalid("a transfer coding after chunked"));
+            return Err(invalid(format!(
+                "Transfer-Encoding {value:?}: a coding after chunked (chunked must come once, last)"
+            )));
         }
         chunked = coding.eq_ignore_ascii_case("chunked");
         any = true;
@@ -654,7 +657,9 @@ fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Erro
     if any {
         Ok(chunked)
     } else {
-        Err(invalid("a Transfer-Encoding without a coding"))
+        Err(invalid(
+            "an empty Transfer-Encoding (expected codings ending with chunked)",
+        ))
     }
 }
 
@@ -1012,6 +1017,84 @@ mod tests {
         assert_eq!(chunk_size(b"0").unwrap(), 0);
         for bad in [&b"\r"[..], b"xyz\r", b"-1\r", b"1234567890abcdef0\r"] {
             assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_frames_a_body_only_once_and_last() {
+        let value = |s: &'static str| HeaderValue::from_static(s);
+        for (codings, earlier, chunked) in [
+            ("chunked", None, Some(true)),
+            ("gzip, Chunked", None, Some(true)),
+            ("chunked", Some(false), Some(true)),
+            ("gzip", None, Some(false)),
+            ("chunked, gzip", None, None),
+            ("chunked, chunked", None, None),
+            ("chunked", Some(true), None),
+            ("gzip", Some(true), None),
+            (" , ", None, None),
+        ] {
+            let got = chunked_last(&value(codings), earlier).ok();
+            assert_eq!(got, chunked, "{codings:?} after {earlier:?}");
+        }
+    }
+
+    #[test]
+    fn one_framing_leaves_one_value_or_fails() {
+        let headers = |fields: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let framing = |map: &HeaderMap| {
+            let all = |name| {
+                map.get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            (
+                all("content-length").collect::<Vec<_>>(),
+                all("transfer-encoding").collect::<Vec<_>>(),
+            )
+        };
+        for (fields, length, codings) in [
+            (&[("content-length", "5")][..], vec!["5"], vec![]),
+            (&[("content-length", "5, 5")], vec!["5"], vec![]),
+            (
+                &[("content-length", "5"), ("content-length", "5")],
+                vec!["5"],
+                vec![],
+            ),
+            (
+                &[("content-length", "5"), ("transfer-encoding", "chunked")],
+                vec![],
+                vec!["chunked"],
+            ),
+            (&[("transfer-encoding", "gzip")], vec![], vec!["gzip"]),
+        ] {
+            let mut map = headers(fields);
+            one_framing(&mut map).unwrap();
+            assert_eq!(
+                framing(&map),
+                (
+                    length.iter().map(|s| s.to_string()).collect(),
+                    codings.iter().map(|s| s.to_string()).collect()
+                ),
+                "{fields:?}"
+            );
+        }
+        for fields in [
+            &[("content-length", "5, 6")][..],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "gzip"),
+            ],
+        ] {
+            assert!(one_framing(&mut headers(fields)).is_err(), "{fields:?}");
         }
     }
 
