@@ -9,18 +9,27 @@
 //!
 //! What this side decides (RFC 9112):
 //! - Requests go out as HTTP/1.1, with a `Host` added when an HTTP/1.0 client sent none. Their
-//!   body keeps its framing: `Content-Length` bytes as they come, or chunked (re-encoded from
-//!   what hyper decoded, trailers included) when the client sent `Transfer-Encoding`. The
-//!   response is read while the body goes out: a server may answer before the body ends.
+//!   framing is the one hyper decoded the body with, never read again from the client's header
+//!   lines (which a client can list in `Connection`, repeat or pad): a `Content-Length` the
+//!   proxy writes itself for a body of known length, else chunked (re-encoded from what hyper
+//!   decoded, trailers included). The head then always frames exactly the bytes sent after it,
+//!   so no byte of a body can reach the server as a request of its own (RFC 9112 §6.3, §11.2).
+//!   The response is read while the body goes out: a server may answer before the body ends.
+//! - `Expect: 100-continue` goes to the server, and the body waits for its `100 Continue`
+//!   (which hyper then passes on to the client as it reads the body) or is never sent when
+//!   the server answers at once (RFC 9110 §10.1.1). A server that says nothing for
+//!   [`CONTINUE_WAIT`] gets the body anyway, as a client that stops waiting would send it.
 //! - The response's hop-by-hop headers (`Connection`, the headers it lists, `Keep-Alive`,
 //!   `Proxy-Connection`) are read and dropped with its head: the client's hop has its own.
-//! - Interim 1xx responses (`100 Continue`) are skipped; hyper answers `Expect` to the client
-//!   itself. A `101` outside an upgrade is an error.
+//! - Other interim 1xx responses are skipped. A `101` outside an upgrade is an error.
 //! - The response body ends at its `Content-Length`, at the end of its chunked coding, or when
-//!   the server closes; HEAD, 204 and 304 have none.
+//!   the server closes; HEAD, 204 and 304 have none. The client gets one framing in one value:
+//!   a `Content-Length` list of one repeated number becomes that number, a `Content-Length`
+//!   next to `Transfer-Encoding` is dropped, and a chunked coding that is not applied once and
+//!   last is refused.
 //! - A connection is reused only after a complete HTTP/1.1 response without `Connection:
 //!   close`, nothing unread behind it, no body framed by the close, and the whole request body
-//!   sent.
+//!   sent before the response came (a server that answered early may not read the rest).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -46,6 +55,9 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// What a read asks the socket for at least, and at most.
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
+/// How long a request body that expects `100 Continue` waits for the server's answer before it
+/// goes anyway: curl's wait, so a server that ignores `Expect` costs no more than without us.
+pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a finished response puts its connection back: the client connection's slot.
 pub type Slot = Arc<Mutex<Option<Conn>>>;
@@ -115,6 +127,15 @@ pub enum Error {
     Invalid(String),
     #[error("reading the request body: {0}")]
     RequestBody(hyper::Error),
+    #[error("invalid request: {0}")]
+    Request(String),
+}
+
+impl Error {
+    /// Whether the client is at fault (a 400), not the server (a 502).
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, Self::RequestBody(_) | Self::Request(_))
+    }
 }
 
 fn invalid(what: impl Into<String>) -> Error {
@@ -133,13 +154,20 @@ pub struct Failed {
 pub struct RequestHead {
     bytes: Vec<u8>,
     chunked: bool,
+    /// The body waits for the server's `100 Continue`.
+    expect_continue: bool,
     method: Method,
 }
 
 impl RequestHead {
-    /// Writes `parts` as an HTTP/1.1 request head. Hop-by-hop headers are already gone.
-    pub fn new(parts: &request::Parts, target: SocketAddr) -> Self {
-        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    /// Writes `parts` as an HTTP/1.1 request head. Hop-by-hop headers are already gone. `body`
+    /// is the size hint of the body as hyper decoded it: an exact size for a `Content-Length`
+    /// body (0 for none), none for a chunked one. The framing written follows it, not the
+    /// client's framing headers. Fails on a chunked coding applied more than once or not last,
+    /// which servers read differently.
+    pub fn new(parts: &request::Parts, body: &SizeHint, target: SocketAddr) -> Result<Self, Error> {
+        let length = body.exact();
+        let chunked = length.is_none();
         let mut bytes = Vec::with_capacity(256);
         bytes.extend_from_slice(parts.method.as_str().as_bytes());
         bytes.push(b' ');
@@ -152,15 +180,46 @@ impl RequestHead {
             bytes.extend_from_slice(target.as_bytes());
         }
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut host = false;
+        let (mut host, mut had_length, mut expect) = (false, false, false);
+        // Whether the Transfer-Encoding lines so far end with chunked.
+        let mut codings = None;
         for (name, value) in &parts.headers {
-            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); sending both would let
-            // the server pick the other one.
-            if chunked && name == header::CONTENT_LENGTH {
+            if name == header::CONTENT_LENGTH {
+                // Written below from the decoded length: one value, as hyper counted it.
+                had_length = true;
                 continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                if !chunked {
+                    continue;
+                }
+                // hyper decoded one chunked layer, the last coding: a chunked coding before it
+                // would be a second layer, which servers read differently.
+                codings = Some(chunked_last(value, codings).map_err(|_| {
+                    Error::Request(format!(
+                        "Transfer-Encoding {value:?}: chunked must come once, as the last coding"
+                    ))
+                })?);
+            } else if name == header::EXPECT {
+                // As hyper reads it: it then sends `100 Continue` on the first read of the body.
+                expect = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             }
             host |= name == header::HOST;
             put_field(&mut bytes, name, value);
+        }
+        match length {
+            // hyper decodes chunked only after a Transfer-Encoding ending with it, which is
+            // forwarded as it came: this is a safeguard.
+            None if codings != Some(true) => {
+                bytes.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
+            None => {}
+            Some(0) if !had_length => {}
+            Some(length) => {
+                use std::io::Write as _;
+                // Into the Vec: no allocation of its own.
+                let _ = write!(bytes, "content-length: {length}\r\n");
+            }
         }
         if !host {
             // HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.
@@ -172,11 +231,13 @@ impl RequestHead {
             bytes.extend_from_slice(b"\r\n");
         }
         bytes.extend_from_slice(b"\r\n");
-        Self {
+        Ok(Self {
             bytes,
             chunked,
+            // hyper waits for the read only when there is a body and the client speaks 1.1.
+            expect_continue: expect && length != Some(0) && parts.version > http::Version::HTTP_10,
             method: parts.method.clone(),
-        }
+        })
     }
 }
 
@@ -203,6 +264,14 @@ pub async fn send(
         return Err(failed(Error::Io(error), true));
     }
     let (parsed, body_sent) = match body.filter(|body| !body.is_end_stream()) {
+        Some(body) if head.expect_continue => match continue_or_final(&mut conn, head).await {
+            None => exchange(&mut conn, head, body).await?,
+            // Answered without the body: it is dropped unread, so hyper does not send the
+            // client `100 Continue` either, and closes the client connection after the response
+            // unless the body was there already to be drained. The server may still expect it:
+            // the connection is not reused.
+            Some(parsed) => (parsed, false),
+        },
         Some(body) => exchange(&mut conn, head, body).await?,
         None => {
             if head.chunked {
@@ -211,7 +280,7 @@ pub async fn send(
                 }
             }
             let Conn { io, buf } = &mut conn;
-            (read_head(io, buf, &head.method).await, true)
+            (read_head(io, buf, &head.method, false).await, true)
         }
     };
     let (response, framing, keep_alive) = parsed.map_err(|(error, none)| failed(error, none))?;
@@ -233,12 +302,27 @@ pub async fn send(
 /// The response head, or the error and whether nothing at all was received.
 type Parsed = Result<(Response<()>, State, bool), (Error, bool)>;
 
+/// Waits for the server's answer to `Expect: 100-continue`: `None` once it asks for the body
+/// with `100 Continue` (or has said nothing for [`CONTINUE_WAIT`]), else its final response.
+async fn continue_or_final(conn: &mut Conn, head: &RequestHead) -> Option<Parsed> {
+    let Conn { io, buf } = conn;
+    // Cancelling the read on the timeout loses nothing: what came in is in `buf`.
+    match tokio::time::timeout(CONTINUE_WAIT, read_head(io, buf, &head.method, true)).await {
+        Ok(Ok((response, ..))) if response.status() == StatusCode::CONTINUE => None,
+        Ok(parsed) => Some(parsed),
+        Err(_elapsed) => None,
+    }
+}
+
 /// Streams the request body while reading the response head: a server may answer before the
 /// body is complete. An early error status or `Connection: close` means it wants no more of the
 /// body (RFC 9112 §9.5: a 413, a 401), so the rest is not sent; writing it all first would have
 /// turned that answer into a 502 when the server closes, or a stall once the socket buffers fill
 /// when it does not. After any other early answer the server may still read on, so the body
-/// goes out in full first. Also says whether it did.
+/// goes out in full first. Also says whether the server can take another request on the
+/// connection as far as this request goes: the body went out in full before the response came.
+/// A server that answers before the end of the body may not read the rest; if it does not, the
+/// rest would be read as the next request.
 async fn exchange(
     conn: &mut Conn,
     head: &RequestHead,
@@ -255,7 +339,7 @@ async fn exchange(
     };
     let (mut reader, mut writer) = conn.io.split();
     let sending = write_body(&mut writer, head.chunked, body);
-    let reading = read_head(&mut reader, &mut conn.buf, &head.method);
+    let reading = read_head(&mut reader, &mut conn.buf, &head.method, false);
     tokio::pin!(sending, reading);
     let mut sent = None;
     let parsed = loop {
@@ -264,6 +348,7 @@ async fn exchange(
             parsed = &mut reading => break parsed,
         }
     };
+    let early = sent.is_none();
     let refused = match &parsed {
         Ok((response, _, keep_alive)) => {
             response.status().is_client_error()
@@ -275,7 +360,7 @@ async fn exchange(
     if sent.is_none() && !refused {
         sent = Some(outcome(sending.await)?);
     }
-    Ok((parsed, sent == Some(true)))
+    Ok((parsed, sent == Some(true) && !early))
 }
 
 /// Writes a request body in its framing: as it comes for `Content-Length`, re-encoded when
@@ -315,12 +400,14 @@ async fn write_body<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads the final response head (skipping interim 1xx ones); the error says whether nothing
-/// at all was received.
+/// Reads the final response head (skipping interim 1xx ones), or a `100 Continue` if
+/// `until_continue` (as a response of that status, no body, no reuse); the error says whether
+/// nothing at all was received.
 async fn read_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     method: &Method,
+    until_continue: bool,
 ) -> Parsed {
     let mut received = false;
     loop {
@@ -355,6 +442,11 @@ async fn read_head<R: AsyncRead + Unpin>(
                         .map_err(|error| (error, false))?;
                     if let Some(response) = response {
                         return Ok(response);
+                    }
+                    if until_continue && code == Some(100) {
+                        let mut response = Response::new(());
+                        *response.status_mut() = StatusCode::CONTINUE;
+                        return Ok((response, State::Done, false));
                     }
                     continue;
                 }
@@ -438,10 +530,20 @@ fn head_from(
             continue;
         }
         if name == header::TRANSFER_ENCODING {
-            // Only the last coding counts: chunked must be it for the chunks to frame the body.
-            chunked = Some(last_token(&value).eq_ignore_ascii_case("chunked"));
+            chunked = Some(chunked_last(&value, chunked)?);
         } else if name == header::CONTENT_LENGTH {
-            length = Some(content_length(&value, length)?);
+            let first = length.is_none();
+            let parsed = content_length(&value, length)?;
+            length = Some(parsed);
+            // One value reaches the client: a repeated line adds nothing, and a list of one
+            // repeated number (RFC 9110 §8.6) becomes that number.
+            if !first {
+                continue;
+            }
+            if !value.as_bytes().iter().all(u8::is_ascii_digit) {
+                headers.append(name, HeaderValue::from(parsed));
+                continue;
+            }
         }
         headers.append(name, value);
     }
@@ -450,18 +552,20 @@ fn head_from(
             headers.remove(option);
         }
     }
+    if chunked.is_some() && length.is_some() {
+        // Transfer-Encoding wins (RFC 9112 §6.3). Next to a Content-Length it is a smuggling
+        // pattern: the length is dropped, so the client never sees both (for HEAD, 204 and 304
+        // too: hyper refuses to send both), and the connection is not reused.
+        headers.remove(header::CONTENT_LENGTH);
+        length = None;
+        close = true;
+    }
     let state = if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         State::Length(0)
     } else if let Some(chunked) = chunked {
-        // Transfer-Encoding wins. Next to a Content-Length it is a smuggling pattern: the length
-        // is dropped, so the client never sees both, and the connection is not reused.
-        if length.is_some() {
-            headers.remove(header::CONTENT_LENGTH);
-            close = true;
-        }
         if chunked {
             State::Chunked(Chunk::Size)
         } else {
@@ -505,8 +609,58 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn last_token(value: &HeaderValue) -> &str {
-    tokens(value).filter(|t| !t.is_empty()).last().unwrap_or("")
+/// Leaves a response's headers, as another reader (hyper's client) parsed them, with one
+/// framing in one value, as [`head_from`] does for the responses read here: Content-Length goes
+/// beside Transfer-Encoding, a Content-Length list or repeat becomes one number. Fails, for a
+/// 502, on what cannot be made unambiguous: chunked not once and last, differing lengths.
+pub fn one_framing(headers: &mut HeaderMap) -> Result<(), Error> {
+    let mut chunked = None;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        chunked = Some(chunked_last(value, chunked)?);
+    }
+    if chunked.is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(());
+    }
+    let mut length = None;
+    let mut values = 0;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        length = Some(content_length(value, length)?);
+        values += 1;
+    }
+    if let Some(length) = length {
+        let plain = headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|value| value.as_bytes().iter().all(u8::is_ascii_digit));
+        if values > 1 || !plain {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a message's transfer codings, `value` and the `earlier` lines', end with chunked.
+/// Chunked frames the body only when applied once and last (RFC 9112 §6.1): before another
+/// coding or after itself it would let a recipient that reads it otherwise find another end.
+fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Error> {
+    let mut chunked = earlier == Some(true);
+    let mut any = false;
+    for coding in tokens(value).filter(|t| !t.is_empty()) {
+        if chunked {
+            return Err(invalid(format!(
+                "Transfer-Encoding {value:?}: a coding after chunked (chunked must come once, last)"
+            )));
+        }
+        chunked = coding.eq_ignore_ascii_case("chunked");
+        any = true;
+    }
+    if any {
+        Ok(chunked)
+    } else {
+        Err(invalid(
+            "an empty Transfer-Encoding (expected codings ending with chunked)",
+        ))
+    }
 }
 
 /// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
@@ -800,7 +954,7 @@ mod tests {
             }
         });
         let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        let head = RequestHead::new(&parts, addr);
+        let head = RequestHead::new(&parts, &SizeHint::with_exact(0), addr).unwrap();
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let slot = Slot::default();
         let mut body = send(conn, &head, None, &slot).await.unwrap().into_body();
@@ -863,6 +1017,84 @@ mod tests {
         assert_eq!(chunk_size(b"0").unwrap(), 0);
         for bad in [&b"\r"[..], b"xyz\r", b"-1\r", b"1234567890abcdef0\r"] {
             assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_frames_a_body_only_once_and_last() {
+        let value = |s: &'static str| HeaderValue::from_static(s);
+        for (codings, earlier, chunked) in [
+            ("chunked", None, Some(true)),
+            ("gzip, Chunked", None, Some(true)),
+            ("chunked", Some(false), Some(true)),
+            ("gzip", None, Some(false)),
+            ("chunked, gzip", None, None),
+            ("chunked, chunked", None, None),
+            ("chunked", Some(true), None),
+            ("gzip", Some(true), None),
+            (" , ", None, None),
+        ] {
+            let got = chunked_last(&value(codings), earlier).ok();
+            assert_eq!(got, chunked, "{codings:?} after {earlier:?}");
+        }
+    }
+
+    #[test]
+    fn one_framing_leaves_one_value_or_fails() {
+        let headers = |fields: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let framing = |map: &HeaderMap| {
+            let all = |name| {
+                map.get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            (
+                all("content-length").collect::<Vec<_>>(),
+                all("transfer-encoding").collect::<Vec<_>>(),
+            )
+        };
+        for (fields, length, codings) in [
+            (&[("content-length", "5")][..], vec!["5"], vec![]),
+            (&[("content-length", "5, 5")], vec!["5"], vec![]),
+            (
+                &[("content-length", "5"), ("content-length", "5")],
+                vec!["5"],
+                vec![],
+            ),
+            (
+                &[("content-length", "5"), ("transfer-encoding", "chunked")],
+                vec![],
+                vec!["chunked"],
+            ),
+            (&[("transfer-encoding", "gzip")], vec![], vec!["gzip"]),
+        ] {
+            let mut map = headers(fields);
+            one_framing(&mut map).unwrap();
+            assert_eq!(
+                framing(&map),
+                (
+                    length.iter().map(|s| s.to_string()).collect(),
+                    codings.iter().map(|s| s.to_string()).collect()
+                ),
+                "{fields:?}"
+            );
+        }
+        for fields in [
+            &[("content-length", "5, 6")][..],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "gzip"),
+            ],
+        ] {
+            assert!(one_framing(&mut headers(fields)).is_err(), "{fields:?}");
         }
     }
 

@@ -117,6 +117,13 @@ enum Failure {
 }
 
 /// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
+impl Failure {
+    /// A request the client got wrong (its body, its framing), which no upstream could answer.
+    fn is_client_error(&self) -> bool {
+        matches!(self, Self::Http1(error) if error.is_client_error())
+    }
+}
+
 fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
     texts.join(": ")
@@ -161,10 +168,18 @@ impl Route {
         let response = match result {
             Ok(response) => response,
             Err(failure) => {
-                warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
+                let status = if failure.is_client_error() {
+                    // The client's own fault, so not worth a warning (an inbound client may be
+                    // anyone); hyper closes its connection, whose request was never complete.
+                    debug!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 400");
+                    StatusCode::BAD_REQUEST
+                } else {
+                    warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
+                    StatusCode::BAD_GATEWAY
+                };
                 let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
                 let mut response = Response::new(Inner::Local(Some(body)));
-                *response.status_mut() = StatusCode::BAD_GATEWAY;
+                *response.status_mut() = status;
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -312,7 +327,8 @@ impl Http1Upstream {
     /// fails before answering (the server closed it as the request went out).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
-        let head = RequestHead::new(&parts, self.route.target);
+        let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
+            .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
         let mut reused = self.take();
@@ -377,7 +393,18 @@ impl Http1Upstream {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(response.headers_mut());
         }
-        Ok(response.map(Inner::Hyper))
+        if is_connect && accepted {
+            // A 2xx to CONNECT has no body (RFC 9110 §9.3.6): the tunnel's bytes follow the head.
+            // hyper refuses to send one with a length, and the client would get nothing.
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+            response.headers_mut().remove(header::TRANSFER_ENCODING);
+        } else if !accepted {
+            // A refusal goes back as an ordinary response, read by hyper's client, which keeps
+            // the framing headers as they came: hyper's server refuses to send both, or a
+            // length twice, and would pass a list on.
+            h1::one_framing(response.headers_mut()).map_err(Failure::Http1)?;
+        }
+        Ok(response.map(|body| Inner::Hyper(body, None)))
     }
 
     /// The connection's current upstream connection or a pooled one, if usable.
@@ -662,11 +689,15 @@ fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
         }
     }
     if connection {
+        // Except the framing headers: a message's framing is never one hop's alone (RFC 9112
+        // §6.3), and the body that follows is forwarded. `h1` frames requests from what hyper
+        // decoded; this keeps their transfer codings other than chunked.
         let listed: Vec<header::HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(h1::connection_options)
             .filter_map(|option| header::HeaderName::from_bytes(option.as_bytes()).ok())
+            .filter(|name| name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING)
             .collect();
         headers.remove(header::CONNECTION);
         for name in listed {
@@ -691,8 +722,8 @@ enum Inner {
     Upstream(UpstreamBody),
     /// An HTTP/2 response read by [`crate::h2_upstream`].
     H2(h2_upstream::UpstreamBody),
-    /// A tunnel's response, read by hyper's client.
-    Hyper(Incoming),
+    /// A tunnel's response, read by hyper's client, and its error held back for one poll.
+    Hyper(Incoming, Option<hyper::Error>),
     /// A response the proxy makes itself (502).
     Local(Option<Bytes>),
 }
@@ -715,7 +746,18 @@ impl Body for ResponseBody {
         let poll = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Hyper(_, error @ Some(_)) => Poll::Ready(error.take().map(|e| Err(e.into()))),
+            Inner::Hyper(body, held) => match Pin::new(body).poll_frame(cx) {
+                // As `h1`'s body does: returned at once, the error would make hyper drop the
+                // connection before the head it has not flushed yet, and the client would get
+                // nothing where it should see a response cut short.
+                Poll::Ready(Some(Err(error))) => {
+                    *held = Some(error);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                poll => poll.map_err(Into::into),
+            },
             Inner::Local(body) => Poll::Ready(body.take().map(|data| Ok(Frame::data(data)))),
         };
         if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
@@ -730,7 +772,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::H2(body) => body.is_end_stream(),
-            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Hyper(body, _) => body.is_end_stream(),
             Inner::Local(body) => body.is_none(),
         }
     }
@@ -739,7 +781,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::H2(body) => body.size_hint(),
-            Inner::Hyper(body) => body.size_hint(),
+            Inner::Hyper(body, _) => body.size_hint(),
             Inner::Local(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))
             }

@@ -810,19 +810,27 @@ async fn post_chunked_body_reaches_the_upstream_decoded() {
 }
 
 /// Sends an `Expect: 100-continue` POST, waits for `100 Continue` before the body, and returns
-/// the final response.
+/// the final response. An upstream that sends `100 Continue` does so after a pause, and the
+/// client's must come after it: the proxy passes the upstream's on rather than answering itself.
 async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Upstream) {
-    let upstream = upstream(move |mut conn| async move {
-        while let Some(head) = conn.wire.read_head().await {
-            if upstream_sends_continue {
-                conn.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    let continued = Arc::new(AtomicUsize::new(0));
+    let sent = continued.clone();
+    let upstream = upstream(move |mut conn| {
+        let sent = sent.clone();
+        async move {
+            while let Some(head) = conn.wire.read_head().await {
+                if upstream_sends_continue {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    conn.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                }
+                let request = conn.wire.body(head, false).await;
+                conn.seen.lock().unwrap().push(Seen {
+                    conn: conn.index,
+                    request: request.clone(),
+                });
+                conn.send(&ok(&format!("got {}", request.text()))).await;
             }
-            let request = conn.wire.body(head, false).await;
-            conn.seen.lock().unwrap().push(Seen {
-                conn: conn.index,
-                request: request.clone(),
-            });
-            conn.send(&ok(&format!("got {}", request.text()))).await;
         }
     })
     .await;
@@ -832,6 +840,13 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
         .await;
     let interim = client.read_response("POST").await;
     assert_eq!(interim.head.start, "HTTP/1.1 100 Continue");
+    if upstream_sends_continue {
+        assert_eq!(
+            continued.load(Ordering::SeqCst),
+            1,
+            "the client got 100 Continue before the upstream sent it"
+        );
+    }
     client.write(b"hello world").await;
     let last = client.read_response("POST").await;
     assert!(
@@ -842,19 +857,26 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
     (last, upstream)
 }
 
+/// An upstream that ignores `Expect` (an HTTP/1.0 one, or a server that reads the body
+/// regardless) gets the body after [`crate::h1::CONTINUE_WAIT`], as from a client that stops
+/// waiting.
 #[tokio::test]
-async fn expect_continue_is_answered_then_the_body_is_forwarded() {
+async fn expect_continue_to_an_upstream_that_sends_no_100_goes_on_after_a_wait() {
     let (last, upstream) = post_expecting_continue(false).await;
     assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
     assert_eq!(last.text(), "got hello world");
     assert_eq!(upstream.seen()[0].request.body, b"hello world");
+    assert_eq!(
+        upstream.seen()[0].request.head.get("expect").as_deref(),
+        Some("100-continue")
+    );
     assert_eq!(upstream.accepts(), 1);
 }
 
 #[tokio::test]
-async fn expect_continue_with_an_upstream_100_gives_one_final_response() {
+async fn expect_continue_is_relayed_from_the_upstream_with_one_final_response() {
     let (last, upstream) = post_expecting_continue(true).await;
-    // The upstream's own 100 is not passed on as a second interim response.
+    // The upstream's 100 reaches the client once, then the final response.
     assert_eq!(last.head.status(), 200, "{:?}", last.head.start);
     assert_eq!(last.text(), "got hello world");
     assert_eq!(upstream.seen()[0].request.body, b"hello world");
@@ -1949,4 +1971,968 @@ async fn drain_finishes_the_request_in_flight_then_closes() {
         busy.closes_within(WAIT).await,
         "a busy connection closes after its response"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing: the head the proxy writes frames exactly the bytes it sends after it
+
+/// 35 bytes that an upstream reading past the end of a request would take for a request of its
+/// own, one the proxy never saw, logged or counted.
+const SMUGGLED: &[u8] = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+
+#[tokio::test]
+async fn a_framing_header_listed_in_connection_cannot_smuggle_a_request() {
+    let upstream = replying(|_, request| ok(&target_of(request))).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Inbound).await;
+    for (connection, framing, body) in [
+        (
+            "content-length",
+            format!("Content-Length: {}", SMUGGLED.len()),
+            SMUGGLED.to_vec(),
+        ),
+        (
+            "Transfer-Encoding",
+            "Transfer-Encoding: chunked".to_string(),
+            chunk(SMUGGLED),
+        ),
+        (
+            "keep-alive, Content-Length",
+            format!("Content-Length: {}", SMUGGLED.len()),
+            SMUGGLED.to_vec(),
+        ),
+    ] {
+        let mut client = Wire::connect(proxy).await;
+        let mut request = format!(
+            "POST /front HTTP/1.1\r\nHost: example.test\r\nConnection: {connection}\r\n{framing}\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend(&body);
+        assert_eq!(
+            client.exchange(&request).await.text(),
+            "/front",
+            "{connection}"
+        );
+        assert_eq!(client.exchange(&get("/after")).await.text(), "/after");
+    }
+    let seen = upstream.seen();
+    let targets: Vec<String> = seen.iter().map(|seen| target_of(&seen.request)).collect();
+    assert_eq!(
+        targets,
+        ["/front", "/after"].repeat(3),
+        "the upstream read another request"
+    );
+    for seen in seen
+        .iter()
+        .filter(|seen| target_of(&seen.request) == "/front")
+    {
+        assert_eq!(
+            seen.request.body,
+            SMUGGLED,
+            "{:?}",
+            seen.request.head.names()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_goes_out_in_the_framing_hyper_decoded_it_in() {
+    // Whatever framing headers the client sent, the upstream gets exactly one framing, a single
+    // value, and the body hyper decoded; other transfer codings are kept.
+    let upstream = replying(|_, request| ok(&request.text())).await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"Content-Length: 035\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+            "content-length: 35",
+        ),
+        (
+            b"Transfer-Encoding: gzip, chunked\r\nConnection: transfer-encoding\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+            "transfer-encoding: gzip, chunked",
+        ),
+        (
+            b"Connection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+            "content-length: 5",
+        ),
+        (b"Content-Length: 0\r\n\r\n", "content-length: 0"),
+    ];
+    for (i, (rest, framing)) in cases.iter().enumerate() {
+        let mut client = Wire::connect(proxy).await;
+        let mut request = format!("POST /{i} HTTP/1.1\r\nHost: example.test\r\n").into_bytes();
+        request.extend(*rest);
+        let response = client.exchange(&request).await;
+        assert_eq!(response.head.status(), 200, "{framing}");
+        let seen = upstream.seen();
+        let head = &seen.last().unwrap().request.head;
+        let (name, value) = framing.split_once(": ").unwrap();
+        assert_eq!(
+            head.all(name),
+            [value],
+            "{:?}",
+            String::from_utf8_lossy(&head.raw)
+        );
+        assert!(
+            !(head.has("content-length") && head.has("transfer-encoding")),
+            "{:?}",
+            head.names()
+        );
+    }
+    assert_eq!(upstream.seen().len(), cases.len(), "no request more");
+    // Chunked applied twice, or before another coding: servers read such a body differently
+    // (hyper decodes one layer), so it goes nowhere.
+    for framing in [
+        "Transfer-Encoding: chunked, chunked",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked, gzip, chunked",
+    ] {
+        let mut client = Wire::connect(proxy).await;
+        let request = format!(
+            "POST /twice HTTP/1.1\r\nHost: example.test\r\n{framing}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let response = client.exchange(request.as_bytes()).await;
+        assert_eq!(response.head.status(), 400, "{framing}");
+    }
+    assert_eq!(upstream.seen().len(), cases.len(), "a request went on");
+}
+
+#[tokio::test]
+async fn a_content_length_list_reaches_the_client_as_one_value() {
+    let upstream = replying(|_, request| match target_of(request).as_str() {
+        "/list" => b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello".to_vec(),
+        "/lines" => {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello".to_vec()
+        }
+        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello".to_vec(),
+    })
+    .await;
+    let (mut client, _) = client_of(&upstream).await;
+    for path in ["/list", "/lines", "/list"] {
+        let response = client.exchange(&get(path)).await;
+        assert_eq!(response.head.all("content-length"), ["5"], "{path}");
+        assert_eq!(response.text(), "hello");
+    }
+    let conflicting = client.exchange(&get("/conflicting")).await;
+    assert_eq!(
+        conflicting.head.status(),
+        502,
+        "{:?}",
+        conflicting.head.start
+    );
+}
+
+#[tokio::test]
+async fn a_head_response_with_both_framings_reaches_the_client_as_a_head() {
+    let upstream = replying(|_, request| {
+        if request.head.start.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+        } else {
+            ok("next")
+        }
+    })
+    .await;
+    let (mut client, _) = client_of(&upstream).await;
+    for _ in 0..2 {
+        client
+            .write(b"HEAD /both HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            .await;
+        let Some(head) = client.read_head().await else {
+            panic!("the client got nothing at all");
+        };
+        assert_eq!(head.status(), 200);
+        assert!(
+            !(head.has("content-length") && head.has("transfer-encoding")),
+            "both framings reached the client: {:?}",
+            head.names()
+        );
+        assert_eq!(client.exchange(&get("/next")).await.text(), "next");
+    }
+}
+
+/// A refused upgrade's response is read by hyper's client, which keeps the framing headers as
+/// they came: the client still gets one framing, and a body cut short shows as cut, not as
+/// nothing at all.
+#[tokio::test]
+async fn a_refused_upgrade_reaches_the_client_with_one_framing_even_cut_short() {
+    let upstream = upstream(|mut conn| async move {
+        let Some(request) = conn.next().await else {
+            return;
+        };
+        let response: &[u8] = match target_of(&request).as_str() {
+            "/both" => {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                         5\r\nhello\r\n0\r\n\r\n"
+            }
+            "/list" => b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+            _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+        };
+        conn.send(response).await;
+    })
+    .await;
+    let (proxy, _) = start_proxy(upstream.addr, Direction::Outbound).await;
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+             Connection: upgrade\r\n\r\n"
+        )
+    };
+    for path in ["/both", "/list"] {
+        let mut client = Wire::connect(proxy).await;
+        let response = client.exchange(upgrade(path).as_bytes()).await;
+        assert_eq!(response.head.status(), 200, "{path}");
+        assert_eq!(response.text(), "hello", "{path}");
+        assert!(
+            response.head.is_chunked() != response.head.has("content-length"),
+            "{path}: {:?}",
+            String::from_utf8_lossy(&response.head.raw)
+        );
+        assert!(response.head.all("content-length").len() <= 1, "{path}");
+    }
+    let mut client = Wire::connect(proxy).await;
+    client.write(upgrade("/cut").as_bytes()).await;
+    let Some(head) = client.read_head().await else {
+        panic!("a response cut short reached the client as nothing at all");
+    };
+    assert_eq!(head.status(), 200);
+}
+
+#[tokio::test]
+async fn connect_answered_200_with_a_length_opens_the_tunnel() {
+    for framing in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
+        let upstream = upstream(move |mut conn| async move {
+            if conn.next().await.is_none() {
+                return;
+            }
+            let head = format!("HTTP/1.1 200 Connection Established\r\n{framing}\r\n\r\n");
+            conn.send(head.as_bytes()).await;
+            let hello = conn.wire.take(5).await;
+            conn.send(&hello).await;
+        })
+        .await;
+        let (proxy, _) = start_proxy(upstream.addr, Direction::Inbound).await;
+        let mut client = Wire::connect(proxy).await;
+        client
+            .write(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
+            .await;
+        let Some(head) = client.read_head().await else {
+            panic!("{framing}: the client got nothing at all");
+        };
+        assert_eq!(head.status(), 200, "{framing}");
+        assert!(
+            !head.has("content-length") && !head.has("transfer-encoding"),
+            "a 2xx to CONNECT has no body: {:?}",
+            head.names()
+        );
+        client.write(b"hello").await;
+        assert_eq!(client.take(5).await, b"hello", "{framing}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_chunk_size_is_the_clients_error_and_no_body_goes_on() {
+    let (received, mut upstream_got) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = upstream(move |mut conn| {
+        let received = received.clone();
+        async move {
+            let bytes = conn.wire.read_to_end().await;
+            let _ = received.send(bytes);
+        }
+    })
+    .await;
+    let (proxy, proxy_state) = start_proxy(upstream.addr, Direction::Inbound).await;
+    let mut client = Wire::connect(proxy).await;
+    // 18 hex digits: more than 64 bits.
+    let response = client
+        .exchange(
+            b"POST /bad HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              fffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+    assert_eq!(response.head.status(), 400, "{:?}", response.head.start);
+    assert!(client.closes_within(WAIT).await);
+    let status = |code: u16| {
+        metric(
+            proxy_state,
+            &format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"http1\",status_code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(status(400), Some(1));
+    assert_eq!(status(502), None, "counted as an upstream failure");
+    // The upstream may have got the head, which goes out before the body is read, never a
+    // byte of the body nor a complete request: the connection closes after the head.
+    if upstream.accepts() > 0 {
+        let got = within("the upstream connection closing", upstream_got.recv())
+            .await
+            .unwrap();
+        let head_end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|end| end + 4);
+        assert_eq!(
+            head_end,
+            Some(got.len()),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
+/// An upstream that reads a request head, answers `413` at once, and reports how many body bytes
+/// came after the head before the proxy closed the connection.
+async fn refusing_upload() -> (Upstream, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    let (counted, count) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = upstream(move |mut conn| {
+        let counted = counted.clone();
+        async move {
+            let Some(head) = conn.wire.read_head().await else {
+                return;
+            };
+            conn.seen.lock().unwrap().push(Seen {
+                conn: conn.index,
+                request: Message {
+                    head,
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                },
+            });
+            conn.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+                .await;
+            let _ = counted.send(conn.wire.read_to_end().await.len());
+        }
+    })
+    .await;
+    (upstream, count)
+}
+
+#[tokio::test]
+async fn expect_continue_goes_to_the_origin_which_refuses_before_any_body_byte() {
+    let (upstream, mut body_bytes) = refusing_upload().await;
+    let (mut client, _) = client_of(&upstream).await;
+    client
+        .write(
+            b"POST /upload HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n\
+              Content-Length: 1048576\r\n\r\n",
+        )
+        .await;
+    // As curl does: wait a second for 100 Continue or a final answer before sending the body.
+    let first = tokio::time::timeout(Duration::from_secs(1), client.read_response("POST"))
+        .await
+        .expect("an answer within a second");
+    assert_eq!(
+        first.head.status(),
+        413,
+        "the proxy answered {:?}",
+        first.head.start
+    );
+    assert_eq!(first.text(), "too large");
+    assert!(
+        client.closes_within(WAIT).await,
+        "a client that did not send the body it announced cannot send another request"
+    );
+    let request = &upstream.seen()[0].request;
+    assert_eq!(request.head.get("expect").as_deref(), Some("100-continue"));
+    let sent = within("the upstream connection closing", body_bytes.recv()).await;
+    assert_eq!(
+        sent,
+        Some(0),
+        "body bytes sent to an origin that refused them"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutation test: no mutated request or response makes the proxy send a byte past the end of the
+// message it framed, or frame a message two ways
+
+/// xorshift64 (Marsaglia): a fixed seed makes every run mutate the same inputs, so a failure
+/// names an input that fails again.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+/// Header lines that decide how a message is framed or which hop a header concerns.
+const FRAMING_LINES: &[&str] = &[
+    "Connection: content-length",
+    "Connection: Transfer-Encoding",
+    "Connection: keep-alive, Content-Length",
+    "Connection: close",
+    "Connection: expect",
+    "Connection: upgrade",
+    "Connection: keep-alive",
+    "Content-Length: 0",
+    "Content-Length: 5",
+    "Content-Length: 35",
+    "Content-Length: 5, 5",
+    "Content-Length: 35, 35",
+    "Content-Length: 035",
+    "Content-Length: 99",
+    "Transfer-Encoding: chunked",
+    "Transfer-Encoding: Chunked",
+    "Transfer-Encoding: gzip, chunked",
+    "Transfer-Encoding: chunked, chunked",
+    "Transfer-Encoding: chunked, gzip",
+    "Transfer-Encoding: identity",
+    "Transfer-Encoding: gzip",
+    "Expect: 100-continue",
+    "Expect: 100-Continue",
+    "Upgrade: h2c",
+    "Keep-Alive: timeout=5",
+    "Proxy-Connection: keep-alive",
+    "TE: trailers",
+    "Trailer: X-Sum",
+];
+
+const FRAMING_NAMES: &[&str] = &[
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "Expect",
+    "Upgrade",
+];
+
+/// One to three mutations of a message's header lines (never its start line) and body: framing
+/// lines added, lines duplicated, dropped, renamed, re-valued, re-cased, padded with
+/// whitespace, the body cut short.
+fn mutate(rng: &mut XorShift, message: &[u8]) -> Vec<u8> {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a seed has a head");
+    let head = String::from_utf8(message[..end].to_vec()).expect("an ASCII seed");
+    let mut lines: Vec<String> = head.split("\r\n").map(str::to_string).collect();
+    let mut body = message[end + 4..].to_vec();
+    for _ in 0..1 + rng.below(3) {
+        // Index of a header line, if there is one.
+        let line = 1 + rng.below(lines.len().max(2) - 1);
+        let have = line < lines.len();
+        match rng.below(8) {
+            0 => {
+                let at = 1 + rng.below(lines.len());
+                lines.insert(at, rng.pick(FRAMING_LINES).to_string());
+            }
+            1 if have => lines.insert(line, lines[line].clone()),
+            2 if have => {
+                lines.remove(line);
+            }
+            3 if have => {
+                let (name, value) = lines[line].split_once(':').unwrap_or((&lines[line], ""));
+                let name = match rng.below(3) {
+                    0 => name.to_ascii_uppercase(),
+                    1 => name.to_ascii_lowercase(),
+                    _ => name
+                        .chars()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            if i % 2 == 0 {
+                                c.to_ascii_uppercase()
+                            } else {
+                                c.to_ascii_lowercase()
+                            }
+                        })
+                        .collect(),
+                };
+                let value = if rng.below(2) == 0 {
+                    value.to_ascii_uppercase()
+                } else {
+                    value.to_string()
+                };
+                lines[line] = format!("{name}:{value}");
+            }
+            4 if have => {
+                let pad = *["\t", " ", "  ", " \t"].get(rng.below(4)).unwrap_or(&" ");
+                lines[line] = match lines[line].split_once(':') {
+                    Some((name, value)) if rng.below(2) == 0 => format!("{name}:{pad}{value}"),
+                    _ => format!("{}{pad}", lines[line]),
+                };
+            }
+            5 if have => {
+                let value = rng
+                    .pick(FRAMING_LINES)
+                    .split_once(": ")
+                    .map_or("", |(_, v)| v);
+                let name = lines[line]
+                    .split_once(':')
+                    .map_or(lines[line].clone(), |(n, _)| n.to_string());
+                lines[line] = format!("{name}: {value}");
+            }
+            6 if !body.is_empty() => {
+                let cut = 1 + rng.below(body.len());
+                body.truncate(body.len() - cut);
+            }
+            7 if have => {
+                let value = lines[line]
+                    .split_once(':')
+                    .map_or(String::new(), |(_, v)| v.to_string());
+                lines[line] = format!("{}:{value}", rng.pick(FRAMING_NAMES));
+            }
+            _ => {
+                let at = 1 + rng.below(lines.len());
+                lines.insert(at, rng.pick(FRAMING_LINES).to_string());
+            }
+        }
+    }
+    let mut out = lines.join("\r\n").into_bytes();
+    out.extend(b"\r\n\r\n");
+    out.extend(body);
+    out
+}
+
+/// A header section read the way a strict HTTP/1.1 recipient reads it, refusing what another
+/// recipient could read differently.
+#[derive(Debug, Default)]
+struct StrictHead {
+    start: String,
+    length: Option<usize>,
+    chunked: bool,
+    expect_continue: bool,
+}
+
+fn strict_head(raw: &[u8]) -> Result<StrictHead, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "a head that is not ASCII".to_string())?;
+    let mut lines = text.trim_end_matches("\r\n").split("\r\n");
+    let mut head = StrictHead {
+        start: lines.next().unwrap_or_default().to_string(),
+        ..StrictHead::default()
+    };
+    let (mut lengths, mut codings) = (Vec::new(), Vec::new());
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("a line without a colon: {line:?}"))?;
+        if name.is_empty() || name.contains([' ', '\t']) {
+            return Err(format!("a field name with whitespace: {line:?}"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            lengths.push(value.to_string());
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            codings.extend(value.split(',').map(|c| c.trim().to_ascii_lowercase()));
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        }
+    }
+    if !codings.is_empty() && !lengths.is_empty() {
+        return Err("both Transfer-Encoding and Content-Length".into());
+    }
+    if !codings.is_empty() {
+        let chunked = codings.iter().filter(|c| *c == "chunked").count();
+        if chunked != 1 || codings.last().map(String::as_str) != Some("chunked") {
+            return Err(format!(
+                "Transfer-Encoding {codings:?}: chunked not once and last"
+            ));
+        }
+        head.chunked = true;
+    }
+    match lengths.as_slice() {
+        [] => {}
+        [one] if !one.is_empty() && one.bytes().all(|b| b.is_ascii_digit()) => {
+            head.length = Some(one.parse().map_err(|_| format!("Content-Length {one:?}"))?);
+        }
+        more => return Err(format!("Content-Length {more:?}: not one number")),
+    }
+    Ok(head)
+}
+
+/// Reads from `wire` until its buffer holds `n` bytes; false if the stream ended first.
+async fn fill_to(wire: &mut Wire, n: usize) -> bool {
+    while wire.buf.len() < n {
+        if wire.fill().await == 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads a strict chunked body; false if the stream ended inside it. Trailers are skipped.
+async fn strict_chunked(wire: &mut Wire) -> Result<bool, String> {
+    loop {
+        let line = loop {
+            if let Some(end) = wire.buf.windows(2).position(|w| w == b"\r\n") {
+                break wire.buf.drain(..end + 2).take(end).collect::<Vec<u8>>();
+            }
+            if wire.fill().await == 0 {
+                return Ok(false);
+            }
+        };
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let digits = line.split(';').next().unwrap_or_default();
+        let size =
+            usize::from_str_radix(digits, 16).map_err(|_| format!("a chunk-size line {line:?}"))?;
+        if size == 0 {
+            // Trailers up to the empty line.
+            loop {
+                if let Some(end) = wire.buf.windows(2).position(|w| w == b"\r\n") {
+                    let field: Vec<u8> = wire.buf.drain(..end + 2).collect();
+                    if end == 0 {
+                        return Ok(true);
+                    }
+                    let _ = field;
+                } else if wire.fill().await == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        if !fill_to(wire, size + 2).await {
+            return Ok(false);
+        }
+        if &wire.buf[size..size + 2] != b"\r\n" {
+            return Err("chunk data not followed by CRLF".into());
+        }
+        wire.buf.drain(..size + 2);
+    }
+}
+
+/// Reads a head up to its blank line; None if the stream ended first.
+async fn raw_head(wire: &mut Wire) -> Option<Vec<u8>> {
+    loop {
+        if let Some(end) = wire.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(wire.buf.drain(..end + 4).collect());
+        }
+        if wire.fill().await == 0 {
+            return None;
+        }
+    }
+}
+
+/// The app behind the proxy: reads one request strictly (sending `100 Continue` first when it
+/// was asked for, as a server should), answers with `Connection: close`, and fails if the
+/// framing was ambiguous or anything came after the request's end.
+async fn strict_app(mut wire: Wire) -> Result<(), String> {
+    let Some(raw) = raw_head(&mut wire).await else {
+        return Ok(());
+    };
+    let start = raw.split(|&b| b == b'\r').next().unwrap_or_default();
+    let start = String::from_utf8_lossy(start).into_owned();
+    strict_request(wire, &raw)
+        .await
+        .map_err(|error| format!("{start:?}: {error}"))
+}
+
+async fn strict_request(mut wire: Wire, raw: &[u8]) -> Result<(), String> {
+    let head = strict_head(raw)?;
+    let has_body = head.chunked || head.length.unwrap_or(0) > 0;
+    if head.expect_continue && has_body && head.start.contains("/refuse") {
+        // Refused at once: the body must never come (RFC 9110 §10.1.1).
+        let _ = wire
+            .stream
+            .write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        return nothing_after(&mut wire, "a refusal of the body").await;
+    }
+    if head.expect_continue && has_body {
+        let _ = wire
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await;
+    }
+    let complete = if head.chunked {
+        strict_chunked(&mut wire).await?
+    } else {
+        let length = head.length.unwrap_or(0);
+        let complete = fill_to(&mut wire, length).await;
+        if complete {
+            wire.buf.drain(..length);
+        }
+        complete
+    };
+    if !complete {
+        // Cut short: the proxy gave up on the request, and the connection with it.
+        return Ok(());
+    }
+    let _ = wire
+        .stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        .await;
+    nothing_after(&mut wire, "the end of the request").await
+}
+
+/// Fails if anything comes before the proxy closes the connection.
+async fn nothing_after(wire: &mut Wire, what: &str) -> Result<(), String> {
+    let after = wire.read_to_end().await;
+    if after.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} bytes after {what}: {:?}",
+            after.len(),
+            String::from_utf8_lossy(&after)
+        ))
+    }
+}
+
+/// What the proxy's client got, read strictly: a head, unambiguous framing, nothing after the
+/// body. A body cut short is no failure (the upstream cut it).
+fn strict_response(bytes: &[u8], method: &str) -> Result<(), String> {
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            format!(
+                "no complete response head: {:?}",
+                String::from_utf8_lossy(bytes)
+            )
+        })?;
+    let head = strict_head(&bytes[..end + 4])?;
+    let status: u16 = head
+        .start
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("a status line {:?}", head.start))?;
+    let mut rest = &bytes[end + 4..];
+    if method == "HEAD" || status == 204 || status == 304 {
+        // No body whatever the framing says.
+    } else if head.chunked {
+        loop {
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                return Ok(());
+            };
+            let line = String::from_utf8_lossy(&rest[..eol]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or_default(), 16)
+                .map_err(|_| format!("a chunk-size line {line:?}"))?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(());
+                };
+                // No trailers are sent here: the empty line ends the body.
+                if end != 0 {
+                    let trailers_end = rest.windows(4).position(|w| w == b"\r\n\r\n");
+                    rest = trailers_end.map_or(&[][..], |end| &rest[end + 4..]);
+                } else {
+                    rest = &rest[2..];
+                }
+                break;
+            }
+            if rest.len() < size + 2 {
+                return Ok(());
+            }
+            rest = &rest[size + 2..];
+        }
+    } else if let Some(length) = head.length {
+        rest = rest.get(length..).unwrap_or_default();
+    } else {
+        rest = &[];
+    }
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} bytes after the end of the response: {:?}",
+            rest.len(),
+            String::from_utf8_lossy(rest)
+        ))
+    }
+}
+
+/// Mutations of each kind; a fixed seed keeps them the same from run to run.
+const MUTATIONS: usize = 300;
+const MUTATION_SEED: u64 = 0x5eed_0022_dead_beef;
+/// Mutations in flight at once.
+const MUTATIONS_AT_ONCE: usize = 8;
+
+const REQUEST_SEEDS: &[&[u8]] = &[
+    b"POST /m HTTP/1.1\r\nHost: app\r\nContent-Length: 35\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /m HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n\
+      23\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n\r\n0\r\n\r\n",
+    b"POST /m HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 35\r\n\r\n\
+      GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"PUT /m HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n\
+      5\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n",
+    b"GET /m HTTP/1.1\r\nHost: app\r\nConnection: content-length\r\nContent-Length: 35\r\n\r\n\
+      GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+];
+
+const RESPONSE_SEEDS: &[&[u8]] = &[
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close",
+];
+
+/// Runs `one(i)` for every mutation, a few at a time, and fails with every input that failed.
+async fn run_mutations<F, Fut>(what: &str, inputs: &[Vec<u8>], one: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    use futures_util::StreamExt;
+    let failures: Vec<String> = futures_util::stream::iter(0..inputs.len())
+        .map(|i| {
+            let run = one(i);
+            async move {
+                match tokio::time::timeout(WAIT, run).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(error)) => Some(format!(
+                        "{i}: {error}: {:?}",
+                        String::from_utf8_lossy(&inputs[i])
+                    )),
+                    Err(_) => Some(format!(
+                        "{i}: stuck for {WAIT:?}: {:?}",
+                        String::from_utf8_lossy(&inputs[i])
+                    )),
+                }
+            }
+        })
+        .buffer_unordered(MUTATIONS_AT_ONCE)
+        .filter_map(|failure| async move { failure })
+        .collect()
+        .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} mutated {what} failed:\n{}",
+        failures.len(),
+        inputs.len(),
+        failures.join("\n")
+    );
+}
+
+/// The mutated requests, each with its own request target (`/m` becomes `/m/<index>`) so that
+/// the app can tell which one it reads; one in two asks the app to refuse a body it expects
+/// (`/m/<index>/refuse`), which matters to those that say `Expect: 100-continue`.
+fn mutated_requests() -> Vec<Vec<u8>> {
+    let mut rng = XorShift(MUTATION_SEED);
+    (0..MUTATIONS)
+        .map(|i| {
+            let seed = REQUEST_SEEDS[i % REQUEST_SEEDS.len()];
+            let mutated = mutate(&mut rng, seed);
+            let space = mutated.iter().position(|&b| b == b' ').unwrap_or(0);
+            let mut out = mutated[..space].to_vec();
+            let refuse = if i % 2 == 0 { "/refuse" } else { "" };
+            out.extend(format!(" /m/{i}{refuse}").into_bytes());
+            out.extend(&mutated[space + 3..]);
+            out
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn no_mutated_request_puts_a_byte_past_the_end_of_the_request_the_proxy_wrote() {
+    let inputs = mutated_requests();
+    // Which request each failure came with: the app reads the index from the request target.
+    let app_failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let (failures, done) = (app_failures.clone(), finished.clone());
+    let app = upstream(move |conn| {
+        let (failures, done) = (failures.clone(), done.clone());
+        async move {
+            let result = tokio::time::timeout(WAIT, strict_app(conn.wire)).await;
+            let result = result.unwrap_or_else(|_| Err(format!("stuck for {WAIT:?}")));
+            if let Err(error) = result {
+                failures.lock().unwrap().push(error);
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(app.addr, Direction::Inbound).await;
+    run_mutations("requests", &inputs, |i| {
+        let input = inputs[i].clone();
+        async move {
+            let mut client = Wire::connect(proxy).await;
+            client.write(&input).await;
+            let _ = client.stream.shutdown().await;
+            // Any answer will do; what the app read is what counts.
+            let _ = client.read_to_end().await;
+            Ok(())
+        }
+    })
+    .await;
+    within("the app finishing every connection", async {
+        while finished.load(Ordering::SeqCst) < app.accepts() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Each failure with the client's input, found by the index in the request target.
+    let failures: Vec<String> = app_failures
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|error| {
+            let index = error.split("/m/").nth(1).and_then(|rest| {
+                let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+                digits.parse::<usize>().ok()
+            });
+            let input = index.and_then(|i| inputs.get(i));
+            let input = input.map(|input| String::from_utf8_lossy(input).into_owned());
+            format!("{error}\n    sent by the client: {input:?}")
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} upstream connections read something ambiguous or past the end:\n{}",
+        failures.len(),
+        app.accepts(),
+        failures.join("\n")
+    );
+    assert!(
+        app.accepts() > MUTATIONS / 4,
+        "too few mutations reached the app: {}",
+        app.accepts()
+    );
+}
+
+#[tokio::test]
+async fn no_mutated_response_reaches_the_client_ambiguous_or_not_at_all() {
+    let mut rng = XorShift(MUTATION_SEED ^ 0xffff);
+    let inputs: Vec<Vec<u8>> = (0..MUTATIONS)
+        .map(|i| mutate(&mut rng, RESPONSE_SEEDS[i % RESPONSE_SEEDS.len()]))
+        .collect();
+    let responses = Arc::new(inputs.clone());
+    let app = upstream(move |mut conn| {
+        let responses = responses.clone();
+        async move {
+            let Some(request) = conn.next().await else {
+                return;
+            };
+            let index: usize = target_of(&request)
+                .trim_start_matches("/r/")
+                .parse()
+                .unwrap_or(0);
+            conn.send(&responses[index]).await;
+            let _ = conn.wire.stream.shutdown().await;
+            let _ = tokio::time::timeout(WAIT, conn.wire.read_to_end()).await;
+        }
+    })
+    .await;
+    let (proxy, _) = start_proxy(app.addr, Direction::Inbound).await;
+    run_mutations("responses", &inputs, |i| async move {
+        // A third go as HEAD, a third ask for an upgrade the app refuses (that response is
+        // read by hyper's client, not by `h1`).
+        let (method, upgrade) = match i % 3 {
+            0 => ("HEAD", ""),
+            1 => ("GET", ""),
+            _ => ("GET", "Upgrade: websocket\r\nConnection: upgrade\r\n"),
+        };
+        let mut client = Wire::connect(proxy).await;
+        let request =
+            format!("{method} /r/{i} HTTP/1.1\r\nHost: app\r\n{upgrade}Connection: close\r\n\r\n");
+        client.write(request.as_bytes()).await;
+        let got = client.read_to_end().await;
+        if got.is_empty() {
+            return Err(format!("{method}: the client got nothing at all"));
+        }
+        strict_response(&got, method).map_err(|error| format!("{method}: {error}"))
+    })
+    .await;
 }

@@ -853,6 +853,129 @@ fn a_websocket_upgrade_is_tunneled_both_ways() {
     );
 }
 
+/// Issue 22's reproduction: a request naming its own framing header in `Connection` must not
+/// carry a second request to the app inside its body, one the proxy never saw or logged.
+#[test]
+fn a_request_body_never_reaches_the_app_as_a_request_of_its_own() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    http_server(&mesh.pod.pod, addr(POD_V4, 8080));
+    // The app counts requests for `/sleep/` paths as they arrive.
+    let smuggled = "GET /sleep/0/smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    for (connection, framing, body) in [
+        (
+            "content-length",
+            format!("Content-Length: {}", smuggled.len()),
+            smuggled.to_string(),
+        ),
+        (
+            "transfer-encoding",
+            "Transfer-Encoding: chunked".to_string(),
+            format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
+        ),
+    ] {
+        let mut stream = connect(&mesh.pod.remote, addr(POD_V4, 8080)).unwrap();
+        let request = format!(
+            "POST /front HTTP/1.1\r\nHost: app\r\nConnection: {connection}\r\n{framing}\r\n\r\n{body}"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let response = read_until_closed_or(&mut stream, "hello /front HTTP/1.1");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{connection}: {response:?}"
+        );
+        assert!(response.ends_with("hello /front HTTP/1.1"), "{response:?}");
+    }
+    // Time for a smuggled request to be served, had it reached the app.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        started("/sleep/0/smuggled"),
+        0,
+        "the app served a request inside a body"
+    );
+    assert_eq!(mesh.metric(IN_H1), 2.0);
+}
+
+/// Issue 22's measurement: curl uploads with `Expect: 100-continue` to a server that refuses at
+/// once. The proxy forwards the expectation, so curl gets the 413 before sending a body byte, as
+/// it does direct; it used to get the proxy's own 100 and send megabytes first.
+#[test]
+fn an_upload_refused_at_once_sends_no_body_byte_through_the_proxy() {
+    if !can_run() {
+        return;
+    }
+    let mesh = Mesh::new(&[], &[]);
+    let listener = mesh
+        .pod
+        .remote
+        .run_in(|| std::net::TcpListener::bind((REMOTE_V4, 8081)))
+        .unwrap()
+        .unwrap();
+    let (report, body_bytes) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let _ = stream.write_all(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+        );
+        // Whatever comes after the head until the proxy closes (or 3 s pass) is body.
+        let mut after = got.len() - head_end;
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            after += n;
+        }
+        let _ = report.send((
+            String::from_utf8_lossy(&got[..head_end]).into_owned(),
+            after,
+        ));
+    });
+    let upload = std::env::temp_dir().join(format!("{}-upload", mesh.pod.pod.name()));
+    std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
+    let out = curl(
+        &mesh.pod.pod,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_upload}",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &format!("@{}", upload.display()),
+            "http://198.18.0.2:8081/upload",
+        ],
+    );
+    let _ = std::fs::remove_file(&upload);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, after) = body_bytes
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server's report");
+    assert!(
+        head.to_ascii_lowercase().contains("expect: 100-continue"),
+        "{head:?}"
+    );
+    assert_eq!(
+        after, 0,
+        "body bytes reached a server that refused them; curl: {text}"
+    );
+    assert_eq!(text, "413 0", "curl's status and bytes uploaded");
+}
+
 #[test]
 fn connect_is_tunneled_and_upstream_connections_are_reused_across_clients() {
     if !can_run() {
