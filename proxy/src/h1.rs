@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http::{header, request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -260,19 +261,38 @@ pub async fn send(
         error,
         nothing_received,
     };
-    if let Err(error) = conn.io.write_all(&head.bytes).await {
-        return Err(failed(Error::Io(error), true));
+    let mut body = body.filter(|body| !body.is_end_stream());
+    // The body's first frame, when hyper has it already (it came in with the head, as most
+    // bodies do): a body the client framed wrongly is then refused before a byte reaches the
+    // server, and the head and the first data go out in one write. Not with `Expect`: reading
+    // the body is what makes hyper tell the client to send it.
+    let mut first = None;
+    if let (Some(incoming), false) = (body.as_mut(), head.expect_continue) {
+        match incoming.frame().now_or_never() {
+            Some(Some(Err(error))) => return Err(failed(Error::RequestBody(error), true)),
+            Some(Some(Ok(frame))) => first = Some(frame),
+            Some(None) => body = None,
+            None => {}
+        }
     }
-    let (parsed, body_sent) = match body.filter(|body| !body.is_end_stream()) {
+    let written = match first {
+        Some(frame) => write_frame(&mut conn.io, &head.bytes, frame, head.chunked).await,
+        None => conn.io.write_all(&head.bytes).await.map(|()| false),
+    };
+    let ended = match written {
+        Ok(ended) => ended,
+        Err(error) => return Err(failed(Error::Io(error), true)),
+    };
+    let (parsed, body_sent) = match body {
         Some(body) if head.expect_continue => match continue_or_final(&mut conn, head).await {
-            None => exchange(&mut conn, head, body).await?,
+            None => exchange(&mut conn, head, body, ended).await?,
             // Answered without the body: it is dropped unread, so hyper does not send the
             // client `100 Continue` either, and closes the client connection after the response
             // unless the body was there already to be drained. The server may still expect it:
             // the connection is not reused.
             Some(parsed) => (parsed, false),
         },
-        Some(body) => exchange(&mut conn, head, body).await?,
+        Some(body) => exchange(&mut conn, head, body, ended).await?,
         None => {
             if head.chunked {
                 if let Err(error) = conn.io.write_all(b"0\r\n\r\n").await {
@@ -327,6 +347,7 @@ async fn exchange(
     conn: &mut Conn,
     head: &RequestHead,
     body: Incoming,
+    ended: bool,
 ) -> Result<(Parsed, bool), Failed> {
     // Whether the body went out in full; the client's own failure ends the exchange. A write
     // error is the server closing: what it answered before is still read.
@@ -338,7 +359,7 @@ async fn exchange(
         result => Ok(Result::is_ok(&result)),
     };
     let (mut reader, mut writer) = conn.io.split();
-    let sending = write_body(&mut writer, head.chunked, body);
+    let sending = write_body(&mut writer, head.chunked, body, ended);
     let reading = read_head(&mut reader, &mut conn.buf, &head.method, false);
     tokio::pin!(sending, reading);
     let mut sent = None;
@@ -363,41 +384,60 @@ async fn exchange(
     Ok((parsed, sent == Some(true) && !early))
 }
 
-/// Writes a request body in its framing: as it comes for `Content-Length`, re-encoded when
-/// chunked (trailers included).
+/// Writes the rest of a request body in its framing: as it comes for `Content-Length`,
+/// re-encoded when chunked (a last chunk is added if the client's body ended without one).
+/// `ended` says whether the last chunk went out already (trailers as the first frame).
 async fn write_body<W: AsyncWrite + Unpin>(
     io: &mut W,
     chunked: bool,
     mut body: Incoming,
+    mut ended: bool,
 ) -> Result<(), Error> {
-    let mut ended = false;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Error::RequestBody)?;
-        match frame.into_data() {
-            Ok(data) if !chunked => io.write_all(&data).await?,
-            Ok(data) if data.is_empty() => {}
-            Ok(data) => {
-                let size = format!("{:x}\r\n", data.len());
-                let mut chunk = size.as_bytes().chain(data).chain(&b"\r\n"[..]);
-                io.write_all_buf(&mut chunk).await?;
-            }
-            Err(frame) => {
-                if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
-                    let mut last = b"0\r\n".to_vec();
-                    for (name, value) in &trailers {
-                        put_field(&mut last, name, value);
-                    }
-                    last.extend_from_slice(b"\r\n");
-                    io.write_all(&last).await?;
-                    ended = true;
-                }
-            }
-        }
+        ended |= write_frame(io, &[], frame, chunked).await?;
     }
     if chunked && !ended {
         io.write_all(b"0\r\n\r\n").await?;
     }
     Ok(())
+}
+
+/// Writes `prefix` (the request head, before the first frame) and one body frame in the
+/// request's framing, in one write where the socket takes it. Says whether the frame was the
+/// chunked body's last chunk (its trailers).
+async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    prefix: &[u8],
+    frame: Frame<Bytes>,
+    chunked: bool,
+) -> io::Result<bool> {
+    match frame.into_data() {
+        Ok(data) if !chunked => io.write_all_buf(&mut prefix.chain(data)).await?,
+        Ok(data) if data.is_empty() => io.write_all(prefix).await?,
+        Ok(data) => {
+            let size = format!("{:x}\r\n", data.len());
+            let mut chunk = prefix
+                .chain(size.as_bytes())
+                .chain(data)
+                .chain(&b"\r\n"[..]);
+            io.write_all_buf(&mut chunk).await?;
+        }
+        Err(frame) => match (frame.into_trailers(), chunked) {
+            (Ok(trailers), true) => {
+                let mut last = prefix.to_vec();
+                last.extend_from_slice(b"0\r\n");
+                for (name, value) in &trailers {
+                    put_field(&mut last, name, value);
+                }
+                last.extend_from_slice(b"\r\n");
+                io.write_all(&last).await?;
+                return Ok(true);
+            }
+            _ => io.write_all(prefix).await?,
+        },
+    }
+    Ok(false)
 }
 
 /// Reads the final response head (skipping interim 1xx ones), or a `100 Continue` if

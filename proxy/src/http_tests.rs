@@ -2257,22 +2257,13 @@ async fn an_invalid_chunk_size_is_the_clients_error_and_no_body_goes_on() {
     };
     assert_eq!(status(400), Some(1));
     assert_eq!(status(502), None, "counted as an upstream failure");
-    // The upstream may have got the head, which goes out before the body is read, never a
-    // byte of the body nor a complete request: the connection closes after the head.
+    // The body came with the head, so its first frame is read before the head goes out: the
+    // upstream, dialed already, gets nothing at all.
     if upstream.accepts() > 0 {
         let got = within("the upstream connection closing", upstream_got.recv())
             .await
             .unwrap();
-        let head_end = got
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|end| end + 4);
-        assert_eq!(
-            head_end,
-            Some(got.len()),
-            "{:?}",
-            String::from_utf8_lossy(&got)
-        );
+        assert_eq!(String::from_utf8_lossy(&got), "");
     }
 }
 
