@@ -1,0 +1,654 @@
+//! The Kubernetes objects remora-control reads, and reading them from `--objects` files.
+//!
+//! A file holds YAML documents separated by `---` (or one JSON value); a document is an object
+//! or a `List` of them. Services, EndpointSlices, HTTPRoutes, GRPCRoutes and Pods are kept;
+//! other kinds are skipped. A document that can't be read becomes a [`Problem`] naming the file
+//! and the document, and the rest of the file is still read, so one typo never empties the mesh.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::gateway::{GrpcRoute, HttpRoute};
+
+/// Every object read, whole: what the index is built from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ObjectSet {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
+    pub pods: Vec<Pod>,
+}
+
+impl ObjectSet {
+    /// How many objects of each kind, for logs and metrics.
+    pub fn counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("Service", self.services.len()),
+            ("EndpointSlice", self.endpoint_slices.len()),
+            ("HTTPRoute", self.http_routes.len()),
+            ("GRPCRoute", self.grpc_routes.len()),
+            ("Pod", self.pods.len()),
+        ]
+    }
+
+    fn extend(&mut self, other: ObjectSet) {
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.http_routes.extend(other.http_routes);
+        self.grpc_routes.extend(other.grpc_routes);
+        self.pods.extend(other.pods);
+    }
+}
+
+/// Where in the input something went wrong: a file, a document (1-based) and, inside a `List`,
+/// an item (0-based, as `items[N]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    pub document: Option<usize>,
+    pub item: Option<usize>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(document) = self.document {
+            write!(f, ", document {document}")?;
+        }
+        if let Some(item) = self.item {
+            write!(f, ", items[{item}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// Something in the input that was skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("{path}: cannot read: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{at}: not YAML or JSON: {message}")]
+    Syntax { at: Location, message: String },
+    #[error("{at}: {message} (expected an object with apiVersion and kind, or a List)")]
+    NotAnObject { at: Location, message: String },
+    #[error("{at}: {kind} {name}: field `{field}`: {message}")]
+    Invalid {
+        at: Location,
+        kind: String,
+        name: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Reads every path (a file, or a directory read recursively for `*.yaml`, `*.yml` and
+/// `*.json`) and returns what they hold and what had to be skipped.
+pub fn read_paths(paths: &[PathBuf]) -> (ObjectSet, Vec<Problem>) {
+    let mut objects = ObjectSet::default();
+    let mut problems = Vec::new();
+    for file in files(paths, &mut problems) {
+        match fs::read_to_string(&file) {
+            Ok(text) => {
+                let (read, skipped) = read_file_text(&file, &text);
+                objects.extend(read);
+                problems.extend(skipped);
+            }
+            Err(err) => problems.push(Problem::Io {
+                path: file,
+                message: err.to_string(),
+            }),
+        }
+    }
+    (objects, problems)
+}
+
+/// The files `paths` name, in a stable order: each path given that is a file (whatever its
+/// name), and under each directory every `*.yaml`, `*.yml` and `*.json` file.
+///
+/// Names starting with `.` are skipped: a ConfigMap volume keeps its real files under
+/// `..data/` and `..<timestamp>/` beside the symlinks named for the keys, so reading those
+/// too would read every object two or three times; editors' swap files start with `.` as well.
+pub fn files(paths: &[PathBuf], problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut seen_directories = HashSet::new();
+    for path in paths {
+        match fs::metadata(path) {
+            Ok(metadata) if metadata.is_dir() => {
+                walk(path, &mut seen_directories, &mut out, problems)
+            }
+            Ok(_) => out.push(path.clone()),
+            Err(err) => problems.push(Problem::Io {
+                path: path.clone(),
+                message: err.to_string(),
+            }),
+        }
+    }
+    out
+}
+
+fn walk(
+    directory: &Path,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+    problems: &mut Vec<Problem>,
+) {
+    // Symlinks are followed, so a link back up the tree must not loop for ever.
+    let real = fs::canonicalize(directory).unwrap_or_else(|_| directory.to_path_buf());
+    if !seen.insert(real) {
+        return;
+    }
+    let entries = match fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(err) => {
+            problems.push(Problem::Io {
+                path: directory.to_path_buf(),
+                message: err.to_string(),
+            });
+            return;
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| !name.starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    for path in paths {
+        match fs::metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => walk(&path, seen, out, problems),
+            Ok(_) if is_manifest(&path) => out.push(path),
+            Ok(_) => {}
+            // A dangling symlink, or a file removed while we looked: nothing to read.
+            Err(_) => {}
+        }
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|extension| extension.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// Reads one file's text: `path` only names it in problems, and says whether it is JSON.
+pub fn read_file_text(path: &Path, text: &str) -> (ObjectSet, Vec<Problem>) {
+    let mut objects = ObjectSet::default();
+    let mut problems = Vec::new();
+    let json = path
+        .extension()
+        .is_some_and(|extension| extension == "json");
+    let documents = if json {
+        vec![text]
+    } else {
+        split_documents(text)
+    };
+    for (index, document) in documents.into_iter().enumerate() {
+        let at = Location {
+            path: path.to_path_buf(),
+            document: Some(index + 1),
+            item: None,
+        };
+        match parse_document(document, json) {
+            Ok(Some(value)) => read_value(value, &at, &mut objects, &mut problems),
+            Ok(None) => {}
+            Err(message) => problems.push(Problem::Syntax { at, message }),
+        }
+    }
+    (objects, problems)
+}
+
+/// Splits a YAML stream at its `---` markers (YAML forbids `---` at column 0 inside a scalar,
+/// so a line-based split is exact). Splitting first lets a broken document be skipped alone,
+/// where the parser's own multi-document reader stops at the first error.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
+        if marker {
+            documents.push(&text[start..offset]);
+            // Content after the marker on its line (`--- {…}`) belongs to the next document.
+            start = offset + 3;
+        }
+        offset += line.len();
+    }
+    documents.push(&text[start..]);
+    // Only documents with content count, so the numbers match what a reader sees between
+    // markers (a leading `---` does not make an empty document 1).
+    documents
+        .into_iter()
+        .filter(|document| {
+            document.lines().any(|line| {
+                let line = line.trim();
+                !line.is_empty() && !line.starts_with('#') && !line.starts_with('%')
+            })
+        })
+        .collect()
+}
+
+/// A document as JSON; `None` for a YAML document that is empty or `null`.
+fn parse_document(text: &str, json: bool) -> Result<Option<Value>, String> {
+    if json {
+        return serde_json::from_str(text)
+            .map(Some)
+            .map_err(|err| err.to_string());
+    }
+    let mut yaml: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
+    // kubectl honours `<<: *anchor` merge keys; objects written with them should read the same.
+    yaml.apply_merge().map_err(|err| err.to_string())?;
+    if yaml.is_null() {
+        return Ok(None);
+    }
+    serde_json::to_value(yaml)
+        .map(Some)
+        .map_err(|err| err.to_string())
+}
+
+/// Files one parsed document (an object or a List) into `objects`.
+fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &mut Vec<Problem>) {
+    let Value::Object(mut map) = value else {
+        problems.push(Problem::NotAnObject {
+            at: at.clone(),
+            message: format!("a {} is not an object", json_type(&value)),
+        });
+        return;
+    };
+    let field = |name: &str| {
+        map.get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    // `kind: List` (kubectl) or a typed list such as `ServiceList` (the API), whose items carry
+    // no apiVersion and kind of their own.
+    if kind.ends_with("List") && at.item.is_none() {
+        let item_kind = kind.strip_suffix("List").filter(|kind| !kind.is_empty());
+        let item_kind = item_kind.map(str::to_string);
+        let items = match map.remove("items") {
+            Some(Value::Array(items)) => items,
+            Some(Value::Null) | None => Vec::new(),
+            Some(other) => {
+                problems.push(Problem::NotAnObject {
+                    at: at.clone(),
+                    message: format!("{kind} has `items` that is a {}", json_type(&other)),
+                });
+                return;
+            }
+        };
+        for (index, mut item) in items.into_iter().enumerate() {
+            if let (Some(item_kind), Value::Object(fields)) = (&item_kind, &mut item) {
+                fields
+                    .entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.clone()));
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.clone()));
+            }
+            let at = Location {
+                item: Some(index),
+                ..at.clone()
+            };
+            read_value(item, &at, objects, problems);
+        }
+        return;
+    }
+    if api_version.is_empty() || kind.is_empty() {
+        problems.push(Problem::NotAnObject {
+            at: at.clone(),
+            message: "an object without apiVersion or kind".to_string(),
+        });
+        return;
+    }
+    let value = Value::Object(map);
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.services.push(object);
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.endpoint_slices.push(object);
+            }
+        }
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.http_routes.push(Arc::new(object));
+            }
+        }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.grpc_routes.push(Arc::new(object));
+            }
+        }
+        ("v1", "Pod") => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.pods.push(object);
+            }
+        }
+        _ => {
+            tracing::debug!(%at, api_version, kind, "objects: a kind remora does not read, skipped")
+        }
+    }
+}
+
+/// An object with metadata: namespaced objects written without a namespace are in `default`,
+/// as `kubectl apply` would put them.
+trait Namespaced {
+    fn metadata_mut(&mut self) -> &mut ObjectMeta;
+}
+
+macro_rules! namespaced {
+    ($($type:ty),+) => {$(
+        impl Namespaced for $type {
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    )+};
+}
+
+namespaced!(Service, EndpointSlice, HttpRoute, GrpcRoute, Pod);
+
+fn typed<T: DeserializeOwned + Namespaced>(
+    value: Value,
+    at: &Location,
+    kind: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let invalid = |field: String, message: String| Problem::Invalid {
+        at: at.clone(),
+        kind: kind.to_string(),
+        name: name.clone().unwrap_or_else(|| "(unnamed)".to_string()),
+        field,
+        message,
+    };
+    let mut object: T = match serde_path_to_error::deserialize(value) {
+        Ok(object) => object,
+        Err(err) => {
+            problems.push(invalid(err.path().to_string(), err.inner().to_string()));
+            return None;
+        }
+    };
+    if name.as_deref().is_none_or(str::is_empty) {
+        problems.push(invalid(
+            "metadata.name".to_string(),
+            "missing (every object needs a name)".to_string(),
+        ));
+        return None;
+    }
+    let metadata = object.metadata_mut();
+    if metadata.namespace.as_deref().is_none_or(str::is_empty) {
+        metadata.namespace = Some("default".to_string());
+    }
+    Some(object)
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn read(name: &str, text: &str) -> (ObjectSet, Vec<Problem>) {
+        read_file_text(Path::new(name), text)
+    }
+
+    fn names<'a>(metadata: impl Iterator<Item = &'a ObjectMeta>) -> Vec<String> {
+        metadata
+            .map(|meta| {
+                format!(
+                    "{}/{}",
+                    meta.namespace.as_deref().unwrap_or("?"),
+                    meta.name.as_deref().unwrap_or("?")
+                )
+            })
+            .collect()
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn an_empty_list_holds_nothing_and_is_no_problem() {
+        for (case, text) in [
+            ("kubectl List", "apiVersion: v1\nkind: List\nitems: []\n"),
+            ("List without items", "apiVersion: v1\nkind: List\n"),
+            (
+                "typed list",
+                "apiVersion: v1\nkind: ServiceList\nitems: null\n",
+            ),
+        ] {
+            let (objects, problems) = read("a.yaml", text);
+            assert_eq!(objects, ObjectSet::default(), "{case}");
+            assert_eq!(problems, Vec::new(), "{case}");
+        }
+    }
+
+    #[test]
+    fn a_list_of_mixed_kinds_keeps_the_kinds_read_and_skips_the_others() {
+        let text = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: shop}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: web, namespace: shop}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.1.0.1]}]
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: r, namespace: shop}
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: GRPCRoute
+  metadata: {name: g, namespace: shop}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: p, namespace: shop}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: c}
+"#;
+        let (objects, problems) = read("list.yaml", text);
+        assert_eq!(problems, Vec::new());
+        assert_eq!(
+            objects.counts(),
+            [
+                ("Service", 1),
+                ("EndpointSlice", 1),
+                ("HTTPRoute", 1),
+                ("GRPCRoute", 1),
+                ("Pod", 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_typed_list_gives_its_items_their_kind() {
+        let text = "apiVersion: v1\nkind: ServiceList\nitems:\n- metadata: {name: a, namespace: x}\n- metadata: {name: b, namespace: x}\n";
+        let (objects, problems) = read("a.yaml", text);
+        assert_eq!(problems, Vec::new());
+        assert_eq!(
+            names(objects.services.iter().map(|s| &s.metadata)),
+            ["x/a", "x/b"]
+        );
+    }
+
+    #[test]
+    fn a_broken_document_is_reported_with_file_and_number_and_the_others_kept() {
+        let text = format!(
+            "# leading comment\n---\n{SERVICE}---\nkind: Service\nmetadata: [unclosed\n---\n{}",
+            SERVICE.replace("web", "api")
+        );
+        let (objects, problems) = read("dir/mesh.yaml", &text);
+        assert_eq!(
+            names(objects.services.iter().map(|s| &s.metadata)),
+            ["shop/web", "shop/api"]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let message = problems[0].to_string();
+        assert!(
+            message.starts_with("dir/mesh.yaml, document 2: not YAML or JSON"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_object_with_a_bad_field_is_named_with_its_field() {
+        let text = format!(
+            "{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {{ports: [{{port: eighty}}]}}\n"
+        );
+        let (objects, problems) = read("s.yaml", &text);
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(problems.len(), 1);
+        let Problem::Invalid {
+            at,
+            kind,
+            name,
+            field,
+            ..
+        } = &problems[0]
+        else {
+            panic!("{problems:?}");
+        };
+        assert_eq!(at.document, Some(2));
+        assert_eq!(
+            (kind.as_str(), name.as_str(), field.as_str()),
+            ("Service", "bad", "spec.ports[0].port")
+        );
+    }
+
+    #[test]
+    fn a_broken_list_item_names_its_index_and_the_other_items_are_kept() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}}\n- 42\n- {apiVersion: v1, kind: Service, metadata: {}}\n- {apiVersion: v1, kind: Service, metadata: {name: b}}\n";
+        let (objects, problems) = read("l.yaml", text);
+        assert_eq!(
+            names(objects.services.iter().map(|s| &s.metadata)),
+            ["default/a", "default/b"]
+        );
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "l.yaml, document 1, items[1]: a number is not an object (expected an object with apiVersion and kind, or a List)",
+                "l.yaml, document 1, items[2]: Service (unnamed): field `metadata.name`: missing (every object needs a name)",
+            ]
+        );
+    }
+
+    #[test]
+    fn objects_without_a_namespace_are_in_default() {
+        let (objects, _) = read(
+            "a.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+        );
+        assert_eq!(
+            objects.services[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn a_json_file_is_read_as_json_even_with_tabs() {
+        let text = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"List\",\n\t\"items\": [{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"a\"}}]\n}\n";
+        let (objects, problems) = read("a.json", text);
+        assert_eq!(problems, Vec::new());
+        assert_eq!(objects.services.len(), 1);
+    }
+
+    #[test]
+    fn documents_are_numbered_as_a_reader_counts_them() {
+        let cases = [
+            (
+                "leading marker",
+                "---\na: 1\n---\nb: 2\n",
+                vec!["\na: 1\n", "\nb: 2\n"],
+            ),
+            (
+                "content on the marker line",
+                "--- {a: 1}\n",
+                vec![" {a: 1}\n"],
+            ),
+            ("comments only", "# c\n---\n# d\n", vec![]),
+            ("marker-like text", "a: |\n  ---x\n", vec!["a: |\n  ---x\n"]),
+        ];
+        for (case, text, expected) in cases {
+            assert_eq!(split_documents(text), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_directory_tree_is_read_recursively_for_manifest_names_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::create_dir_all(root.join("..data")).unwrap();
+        fs::write(root.join("one.yaml"), SERVICE).unwrap();
+        fs::write(root.join("a/two.yml"), SERVICE.replace("web", "two")).unwrap();
+        fs::write(
+            root.join("a/b/three.json"),
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "three"}}"#,
+        )
+        .unwrap();
+        fs::write(root.join("a/notes.txt"), "kind: Service").unwrap();
+        fs::write(root.join("..data/dup.yaml"), SERVICE).unwrap();
+        fs::write(root.join(".hidden.yaml"), SERVICE).unwrap();
+        std::os::unix::fs::symlink(root, root.join("a/loop")).unwrap();
+        let (objects, problems) = read_paths(&[root.to_path_buf()]);
+        assert_eq!(problems, Vec::new());
+        assert_eq!(
+            names(objects.services.iter().map(|s| &s.metadata)),
+            ["default/three", "shop/two", "shop/web"]
+        );
+    }
+
+    #[test]
+    fn a_file_named_directly_is_read_whatever_its_name_and_a_missing_path_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("objects.txt");
+        fs::write(&file, SERVICE).unwrap();
+        let missing = dir.path().join("missing.yaml");
+        let (objects, problems) = read_paths(&[file, missing.clone()]);
+        assert_eq!(objects.services.len(), 1);
+        assert!(matches!(&problems[..], [Problem::Io { path, .. }] if *path == missing));
+    }
+}
