@@ -2,4 +2,5 @@
 #![forbid(unsafe_code)]
 
 pub mod gateway;
+pub mod index;
 pub mod objects;

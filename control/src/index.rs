@@ -1,0 +1,649 @@
+//! The index the proxies are answered from: ClusterIP:port → Service port → ready endpoints, and
+//! the routes attached to each Service. Pure: built whole from an [`ObjectSet`] on every change.
+//!
+//! Objects are read as the API server stores them:
+//! - Only TCP Service ports are indexed (the proxy carries TCP; a DNS Service's 53/UDP beside its
+//!   53/TCP must not shadow it). Headless (`clusterIP: None`) and ExternalName Services have no
+//!   ClusterIP and so no entry; `spec.clusterIPs` gives both families of a dual-stack Service.
+//! - Endpoints belong to a Service by the `kubernetes.io/service-name` label of their
+//!   EndpointSlice in the same namespace, and to a Service port by the slice port of the same
+//!   name (unnamed matches unnamed). A named `targetPort` that no slice port is named for is looked
+//!   up by that name instead, for slices written by hand. The slice port's number is the
+//!   endpoint's port; a slice port without one ("all ports") takes the Service port's
+//!   `targetPort`, or its `port` when it has none.
+//! - An endpoint is ready unless its `ready` condition is false or it is `terminating` (an
+//!   endpoint without conditions is ready, as the API documents). Its first address is used, as
+//!   kube-proxy does; only endpoints of the ClusterIP's family serve it. Several slices of one
+//!   Service are merged and the same address:port kept once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::gateway::{GrpcRoute, HttpRoute, ParentReference};
+use crate::objects::ObjectSet;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A Service by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a ClusterIP:port is: one port of one Service, and where it really is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub service: Arc<ServiceKey>,
+    pub port_name: Option<String>,
+    pub port: u16,
+    /// The Service port's `appProtocol` (`http`, `kubernetes.io/h2c`, `grpc`, `tcp`, …).
+    pub app_protocol: Option<String>,
+    /// Ready endpoints, sorted by address.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One ready endpoint of a Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The endpoint's address and the port the Service port targets on it.
+    pub addr: SocketAddr,
+    pub zone: Option<String>,
+    pub node: Option<String>,
+    /// The Pod behind it (`targetRef` of kind Pod), if any.
+    pub pod: Option<String>,
+}
+
+/// A route, whichever kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Http(Arc<HttpRoute>),
+    Grpc(Arc<GrpcRoute>),
+}
+
+impl Route {
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::Http(route) => &route.metadata,
+            Self::Grpc(route) => &route.metadata,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata().namespace.as_deref().unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+}
+
+/// Whose route it is, seen from the Service it attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteRole {
+    /// In the Service's namespace: applies to every client.
+    Producer,
+    /// In another namespace: applies to clients in that namespace only, before producer routes.
+    Consumer,
+}
+
+/// A route attached to a Service by one of its `parentRefs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedRoute {
+    pub route: Route,
+    pub role: RouteRole,
+    /// The `parentRefs[].port`: the Service port it governs; `None` for every port.
+    pub port: Option<u16>,
+    pub section_name: Option<String>,
+}
+
+impl AttachedRoute {
+    /// Whether this attachment governs the Service port `port`.
+    pub fn applies_to_port(&self, port: u16) -> bool {
+        self.port.is_none_or(|own| own == port)
+    }
+}
+
+/// ClusterIP:port → [`Target`], and Service → attached routes.
+#[derive(Debug, Default)]
+pub struct Index {
+    targets: HashMap<SocketAddr, Target>,
+    routes: HashMap<ServiceKey, Vec<AttachedRoute>>,
+}
+
+impl Index {
+    pub fn build(objects: &ObjectSet) -> Self {
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &objects.endpoint_slices {
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
+            if let Some(service) = service {
+                slices
+                    .entry((namespace, service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let mut targets = HashMap::new();
+        for service in &objects.services {
+            let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+            let name = service.metadata.name.as_deref().unwrap_or_default();
+            let own_slices = slices
+                .get(&(namespace, name))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let key = Arc::new(ServiceKey::new(namespace, name));
+            for (addr, target) in service_targets(service, &key, own_slices) {
+                if let Some(first) = targets.get(&addr) {
+                    let first: &Target = first;
+                    tracing::warn!(
+                        %addr, first = %first.service, ignored = %key,
+                        "two Services claim one ClusterIP and port; the first one read is used"
+                    );
+                    continue;
+                }
+                targets.insert(addr, target);
+            }
+        }
+        let mut routes: HashMap<ServiceKey, Vec<AttachedRoute>> = HashMap::new();
+        let http = objects.http_routes.iter().map(|route| {
+            (
+                Route::Http(Arc::clone(route)),
+                route.spec.parent_refs.as_slice(),
+            )
+        });
+        let grpc = objects.grpc_routes.iter().map(|route| {
+            (
+                Route::Grpc(Arc::clone(route)),
+                route.spec.parent_refs.as_slice(),
+            )
+        });
+        for (route, parents) in http.chain(grpc) {
+            for parent in parents.iter().filter(|parent| parent.is_service()) {
+                let (service, attached) = attach(&route, parent);
+                routes.entry(service).or_default().push(attached);
+            }
+        }
+        Self { targets, routes }
+    }
+
+    /// The Service port behind a ClusterIP:port, if it is one.
+    pub fn lookup(&self, addr: SocketAddr) -> Option<&Target> {
+        // A v4 destination may reach us written as a v4-mapped v6 address.
+        let addr = match addr {
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+                None => addr,
+            },
+            SocketAddr::V4(_) => addr,
+        };
+        self.targets.get(&addr)
+    }
+
+    /// Every route attached to a Service, producer and consumer, in the order read.
+    pub fn routes(&self, service: &ServiceKey) -> &[AttachedRoute] {
+        self.routes
+            .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// How many ClusterIP:port entries there are.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute) {
+    let route_namespace = route.namespace();
+    let namespace = parent.namespace.as_deref().unwrap_or(route_namespace);
+    let role = if namespace == route_namespace {
+        RouteRole::Producer
+    } else {
+        RouteRole::Consumer
+    };
+    (
+        ServiceKey::new(namespace, parent.name.as_str()),
+        AttachedRoute {
+            route: route.clone(),
+            role,
+            port: parent.port,
+            section_name: parent.section_name.clone(),
+        },
+    )
+}
+
+/// The ClusterIP:port entries of one Service.
+fn service_targets(
+    service: &Service,
+    key: &Arc<ServiceKey>,
+    slices: &[&EndpointSlice],
+) -> Vec<(SocketAddr, Target)> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Vec::new();
+    }
+    let written: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for text in written {
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        let Ok(ip) = text.parse::<IpAddr>() else {
+            tracing::warn!(service = %key, cluster_ip = text, "a ClusterIP that is not an IP address; skipped");
+            continue;
+        };
+        for port in spec.ports.iter().flatten() {
+            if !is_tcp(port.protocol.as_deref()) {
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            if number == 0 {
+                continue;
+            }
+            out.push((
+                SocketAddr::new(ip, number),
+                Target {
+                    service: Arc::clone(key),
+                    port_name: port.name.clone().filter(|name| !name.is_empty()),
+                    port: number,
+                    app_protocol: port.app_protocol.clone(),
+                    endpoints: endpoints(port, ip, slices),
+                },
+            ));
+        }
+    }
+    out
+}
+
+fn is_tcp(protocol: Option<&str>) -> bool {
+    protocol.is_none_or(|protocol| protocol == "TCP")
+}
+
+/// The ready endpoints of one Service port, in the family of `cluster_ip`.
+fn endpoints(port: &ServicePort, cluster_ip: IpAddr, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+    let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let mut out = Vec::new();
+    for slice in slices.iter().filter(|slice| slice.address_type == family) {
+        let Some(endpoint_port) = slice_port(port, slice) else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            let Some(ip) = endpoint
+                .addresses
+                .first()
+                .and_then(|address| address.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            if ip.is_ipv4() != cluster_ip.is_ipv4() {
+                continue;
+            }
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|target| target.kind.as_deref() == Some("Pod"))
+                .and_then(|target| target.name.clone());
+            out.push(Endpoint {
+                addr: SocketAddr::new(ip, endpoint_port),
+                zone: endpoint.zone.clone(),
+                node: endpoint.node_name.clone(),
+                pod,
+            });
+        }
+    }
+    out.sort_by_key(|endpoint| endpoint.addr);
+    out.dedup_by_key(|endpoint| endpoint.addr);
+    out
+}
+
+/// The port number the Service port targets on this slice's endpoints, if the slice serves it.
+fn slice_port(port: &ServicePort, slice: &EndpointSlice) -> Option<u16> {
+    let ports = slice.ports.as_deref().unwrap_or_default();
+    let name_of = |p: &EndpointPort| p.name.clone().unwrap_or_default();
+    let service_port_name = port.name.clone().unwrap_or_default();
+    let tcp = |p: &&EndpointPort| is_tcp(p.protocol.as_deref());
+    let by_name = |name: &str| ports.iter().filter(tcp).find(|p| name_of(p) == name);
+    let matched = by_name(&service_port_name).or_else(|| match &port.target_port {
+        Some(IntOrString::String(target_name)) => by_name(target_name),
+        _ => None,
+    })?;
+    let number = match matched.port {
+        Some(number) => number,
+        // "All ports": the Service port's own target.
+        None => match &port.target_port {
+            Some(IntOrString::Int(number)) => *number,
+            None => port.port,
+            Some(IntOrString::String(_)) => return None,
+        },
+    };
+    u16::try_from(number).ok().filter(|number| *number != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::read_file_text;
+    use pretty_assertions::assert_eq;
+    use std::path::Path;
+
+    fn index(yaml: &str) -> Index {
+        let (objects, problems) = read_file_text(Path::new("test.yaml"), yaml);
+        assert_eq!(problems, Vec::new());
+        Index::build(&objects)
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// The endpoint addresses the index gives for `at`, or None when `at` is no Service.
+    fn endpoints_at(index: &Index, at: &str) -> Option<Vec<String>> {
+        index.lookup(addr(at)).map(|target| {
+            target
+                .endpoints
+                .iter()
+                .map(|endpoint| endpoint.addr.to_string())
+                .collect()
+        })
+    }
+
+    fn service(spec: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {spec}\n---\n")
+    }
+
+    fn slice(name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n{extra}\n---\n"
+        )
+    }
+
+    #[test]
+    fn reading_rules() {
+        // (case, objects, lookup address, expected endpoints; None = not a Service address)
+        let cases: Vec<(&str, String, &str, Option<Vec<&str>>)> = vec![
+            (
+                "slice port number is the endpoint port",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80, targetPort: 8080}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:8080"]),
+            ),
+            (
+                "service port without targetPort targets its port",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:80"]),
+            ),
+            (
+                "slice port without number takes a numeric targetPort",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80, targetPort: 9090}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:9090"]),
+            ),
+            (
+                "named targetPort resolved by the slice port of the service port's name",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80, targetPort: web}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: http, port: 8081}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:8081"]),
+            ),
+            (
+                "named targetPort resolved by a slice port of its own name",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80, targetPort: web}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: web, port: 8082}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:8082"]),
+            ),
+            (
+                "named targetPort unresolvable without a number",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80, targetPort: web}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: http}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+            (
+                "ports match by name across a multi-port service",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80}, {name: admin, port: 9000}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: admin, port: 9901}, {name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:9000",
+                Some(vec!["10.1.0.1:9901"]),
+            ),
+            (
+                "a slice without the port's name serves nothing for it",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: other, port: 8080}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+            (
+                "a slice with no ports defines none",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+            (
+                "conditions: absent and ready count, not ready and terminating do not",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 80}]\nendpoints:\n- {addresses: [10.1.0.1]}\n- {addresses: [10.1.0.2], conditions: {}}\n- {addresses: [10.1.0.3], conditions: {ready: true, serving: true}}\n- {addresses: [10.1.0.4], conditions: {ready: false}}\n- {addresses: [10.1.0.5], conditions: {serving: true, terminating: true}}\n- {addresses: [10.1.0.6], conditions: {ready: false, serving: true, terminating: true}}"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"]),
+            ),
+            (
+                "slices of one service merge and deduplicate",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.2]}, {addresses: [10.1.0.1]}]")
+                    + &slice("b", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.3]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"]),
+            ),
+            (
+                "slices of another service or namespace do not count",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: o, namespace: shop, labels: {kubernetes.io/service-name: other}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.7]}]\n---\n"
+                    + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: n, namespace: elsewhere, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.8]}]\n---\n"
+                    + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: u, namespace: shop}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.9]}]\n",
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+            (
+                "dual stack: each ClusterIP gets its own family's endpoints",
+                service("{clusterIP: 10.0.0.1, clusterIPs: [10.0.0.1, 'fd00::1'], ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.1]}]")
+                    + &slice("b", "addressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00:1::1']}]"),
+                "[fd00::1]:80",
+                Some(vec!["[fd00:1::1]:80"]),
+            ),
+            (
+                "v4-mapped v6 destination finds the v4 ClusterIP",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "[::ffff:10.0.0.1]:80",
+                Some(vec!["10.1.0.1:80"]),
+            ),
+            (
+                "FQDN slices are not read",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: FQDN\nports: [{port: 80}]\nendpoints: [{addresses: [example.com]}]"),
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+            (
+                "headless service has no entry",
+                service("{clusterIP: None, ports: [{port: 80}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.1]}]"),
+                "10.0.0.1:80",
+                None,
+            ),
+            (
+                "ExternalName service has no entry",
+                service("{type: ExternalName, externalName: example.com, clusterIP: 10.0.0.1, ports: [{port: 80}]}"),
+                "10.0.0.1:80",
+                None,
+            ),
+            (
+                "UDP port is not indexed",
+                service("{clusterIP: 10.0.0.1, ports: [{name: dns, port: 53, protocol: UDP}]}"),
+                "10.0.0.1:53",
+                None,
+            ),
+            (
+                "another port of the ClusterIP is no Service address",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}"),
+                "10.0.0.1:81",
+                None,
+            ),
+            (
+                "a service with no slices has an entry with no endpoints",
+                service("{clusterIP: 10.0.0.1, ports: [{port: 80}]}"),
+                "10.0.0.1:80",
+                Some(vec![]),
+            ),
+        ];
+        for (case, yaml, at, expected) in cases {
+            let index = index(&yaml);
+            let expected = expected.map(|list| list.into_iter().map(str::to_string).collect());
+            assert_eq!(endpoints_at(&index, at), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_target_names_its_service_port_and_endpoint_details() {
+        let index = index(
+            &(service("{clusterIP: 10.0.0.1, ports: [{name: grpc, port: 9000, appProtocol: kubernetes.io/h2c}]}")
+                + &slice("a", "addressType: IPv4\nports: [{name: grpc, port: 9090}]\nendpoints: [{addresses: [10.1.0.1], zone: z1, nodeName: n1, targetRef: {kind: Pod, name: web-0, namespace: shop}}]")),
+        );
+        let target = index.lookup(addr("10.0.0.1:9000")).unwrap();
+        assert_eq!(
+            *target,
+            Target {
+                service: Arc::new(ServiceKey::new("shop", "web")),
+                port_name: Some("grpc".into()),
+                port: 9000,
+                app_protocol: Some("kubernetes.io/h2c".into()),
+                endpoints: vec![Endpoint {
+                    addr: addr("10.1.0.1:9090"),
+                    zone: Some("z1".into()),
+                    node: Some("n1".into()),
+                    pod: Some("web-0".into()),
+                }],
+            }
+        );
+    }
+
+    #[test]
+    fn routes_attach_to_their_parent_services_as_producer_or_consumer() {
+        let yaml = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: own, namespace: shop}
+spec:
+  parentRefs:
+  - {group: '', kind: Service, name: web, port: 80}
+  - {name: a-gateway}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mine, namespace: client}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, namespace: shop}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: rpc, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 9000}]
+";
+        let index = index(yaml);
+        let attached: Vec<(&str, &str, RouteRole, Option<u16>)> = index
+            .routes(&ServiceKey::new("shop", "web"))
+            .iter()
+            .map(|a| (a.route.namespace(), a.route.name(), a.role, a.port))
+            .collect();
+        assert_eq!(
+            attached,
+            [
+                ("shop", "own", RouteRole::Producer, Some(80)),
+                ("client", "mine", RouteRole::Consumer, None),
+                ("shop", "rpc", RouteRole::Producer, Some(9000)),
+            ]
+        );
+        let on_80: Vec<&str> = index
+            .routes(&ServiceKey::new("shop", "web"))
+            .iter()
+            .filter(|a| a.applies_to_port(80))
+            .map(|a| a.route.name())
+            .collect();
+        assert_eq!(on_80, ["own", "mine"]);
+        assert!(index
+            .routes(&ServiceKey::new("shop", "a-gateway"))
+            .is_empty());
+    }
+
+    #[test]
+    fn the_first_service_read_keeps_a_contested_cluster_ip() {
+        let yaml = "\
+apiVersion: v1
+kind: Service
+metadata: {name: first, namespace: a}
+spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: second, namespace: a}
+spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
+";
+        let index = index(yaml);
+        assert_eq!(index.len(), 1);
+        assert_eq!(
+            index.lookup(addr("10.0.0.1:80")).unwrap().service.name,
+            "first"
+        );
+    }
+}
