@@ -4,3 +4,4 @@
 pub mod gateway;
 pub mod index;
 pub mod objects;
+pub mod watch;
