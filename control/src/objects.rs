@@ -188,55 +188,93 @@ fn is_manifest(path: &Path) -> bool {
 pub fn read_file_text(path: &Path, text: &str) -> (ObjectSet, Vec<Problem>) {
     let mut objects = ObjectSet::default();
     let mut problems = Vec::new();
+    let at = |number: usize| Location {
+        path: path.to_path_buf(),
+        document: Some(number),
+        item: None,
+    };
     let json = path
         .extension()
         .is_some_and(|extension| extension == "json");
-    let documents = if json {
-        vec![text]
-    } else {
-        split_documents(text)
-    };
-    for (index, document) in documents.into_iter().enumerate() {
-        let at = Location {
-            path: path.to_path_buf(),
-            document: Some(index + 1),
-            item: None,
-        };
-        match parse_document(document, json) {
-            Ok(Some(value)) => read_value(value, &at, &mut objects, &mut problems),
+    if json {
+        // A JSON file may hold a stream of values, as kubectl reads it; after a syntax error
+        // there is no telling where the next value starts, so reading stops there.
+        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        for (index, value) in stream.enumerate() {
+            match value {
+                Ok(value) => read_value(value, &at(index + 1), &mut objects, &mut problems),
+                Err(err) => {
+                    problems.push(Problem::Syntax {
+                        at: at(index + 1),
+                        message: err.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        return (objects, problems);
+    }
+    for (index, document) in split_documents(text).into_iter().enumerate() {
+        match parse_yaml(&document) {
+            Ok(Some(value)) => read_value(value, &at(index + 1), &mut objects, &mut problems),
             Ok(None) => {}
-            Err(message) => problems.push(Problem::Syntax { at, message }),
+            Err(message) => problems.push(Problem::Syntax {
+                at: at(index + 1),
+                message,
+            }),
         }
     }
     (objects, problems)
 }
 
+/// One YAML document of a file, and where it starts there.
+#[derive(Debug, PartialEq)]
+struct Document<'a> {
+    /// 1-based line of the file the text starts on.
+    line: usize,
+    /// 0-based column the text starts at: 3 after a `---` marker, else 0.
+    column: usize,
+    text: &'a str,
+}
+
 /// Splits a YAML stream at its `---` markers (YAML forbids `---` at column 0 inside a scalar,
 /// so a line-based split is exact). Splitting first lets a broken document be skipped alone,
 /// where the parser's own multi-document reader stops at the first error.
-fn split_documents(text: &str) -> Vec<&str> {
+fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut documents = Vec::new();
+    let mut current = Document {
+        line: 1,
+        column: 0,
+        text: "",
+    };
     let mut start = 0;
     let mut offset = 0;
-    for line in text.split_inclusive('\n') {
+    for (index, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
         let marker = bare
             .strip_prefix("---")
             .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
         if marker {
-            documents.push(&text[start..offset]);
+            current.text = &text[start..offset];
+            documents.push(current);
             // Content after the marker on its line (`--- {…}`) belongs to the next document.
             start = offset + 3;
+            current = Document {
+                line: index + 1,
+                column: 3,
+                text: "",
+            };
         }
         offset += line.len();
     }
-    documents.push(&text[start..]);
+    current.text = &text[start..];
+    documents.push(current);
     // Only documents with content count, so the numbers match what a reader sees between
     // markers (a leading `---` does not make an empty document 1).
     documents
         .into_iter()
         .filter(|document| {
-            document.lines().any(|line| {
+            document.text.lines().any(|line| {
                 let line = line.trim();
                 !line.is_empty() && !line.starts_with('#') && !line.starts_with('%')
             })
@@ -244,15 +282,15 @@ fn split_documents(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// A document as JSON; `None` for a YAML document that is empty or `null`.
-fn parse_document(text: &str, json: bool) -> Result<Option<Value>, String> {
-    if json {
-        return serde_json::from_str(text)
-            .map(Some)
-            .map_err(|err| err.to_string());
-    }
+/// A YAML document as JSON; `None` when it is empty or `null`.
+fn parse_yaml(document: &Document<'_>) -> Result<Option<Value>, String> {
+    // Padded to its place in the file, so that the lines and columns the parser names are the
+    // ones the user's editor shows.
+    let mut padded = "\n".repeat(document.line - 1);
+    padded.extend(std::iter::repeat_n(' ', document.column));
+    padded.push_str(document.text);
     let mut yaml: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
+        serde_yaml_ng::from_str(&padded).map_err(|err| err.to_string())?;
     // kubectl honours `<<: *anchor` merge keys; objects written with them should read the same.
     yaml.apply_merge().map_err(|err| err.to_string())?;
     if yaml.is_null() {
@@ -597,23 +635,76 @@ items:
 
     #[test]
     fn documents_are_numbered_as_a_reader_counts_them() {
+        let document = |line, column, text| Document { line, column, text };
         let cases = [
             (
                 "leading marker",
                 "---\na: 1\n---\nb: 2\n",
-                vec!["\na: 1\n", "\nb: 2\n"],
+                vec![document(1, 3, "\na: 1\n"), document(3, 3, "\nb: 2\n")],
             ),
+            ("no marker", "a: 1\n", vec![document(1, 0, "a: 1\n")]),
             (
                 "content on the marker line",
-                "--- {a: 1}\n",
-                vec![" {a: 1}\n"],
+                "x: 0\n--- {a: 1}\n",
+                vec![document(1, 0, "x: 0\n"), document(2, 3, " {a: 1}\n")],
             ),
             ("comments only", "# c\n---\n# d\n", vec![]),
-            ("marker-like text", "a: |\n  ---x\n", vec!["a: |\n  ---x\n"]),
+            (
+                "marker-like text",
+                "a: |\n  ---x\n",
+                vec![document(1, 0, "a: |\n  ---x\n")],
+            ),
         ];
         for (case, text, expected) in cases {
             assert_eq!(split_documents(text), expected, "{case}");
         }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line_and_column_in_the_file() {
+        let text = "a: 1\n---\nb: 2\n---\nc: [1,\n--- {d: [}\n";
+        let (_, problems) = read("f.yaml", text);
+        // Documents 1 and 2 are read (and refused for want of a kind); 3 and 4 are not YAML.
+        let messages: Vec<String> = problems
+            .iter()
+            .filter(|problem| matches!(problem, Problem::Syntax { .. }))
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].starts_with("f.yaml, document 3: not YAML or JSON"),
+            "{messages:?}"
+        );
+        assert!(messages[0].contains("line 6 column 1"), "{messages:?}");
+        assert!(
+            messages[1].starts_with("f.yaml, document 4: not YAML or JSON"),
+            "{messages:?}"
+        );
+        assert!(messages[1].contains("line 6 column 10"), "{messages:?}");
+    }
+
+    #[test]
+    fn a_json_stream_is_read_until_its_first_syntax_error() {
+        let service = |name: &str| {
+            format!(
+                r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "{name}"}}}}"#
+            )
+        };
+        let text = format!(
+            "{}\n{}\n{{\"broken\": \n{}",
+            service("a"),
+            service("b"),
+            service("c")
+        );
+        let (objects, problems) = read("s.json", &text);
+        assert_eq!(
+            names(objects.services.iter().map(|s| &s.metadata)),
+            ["default/a", "default/b"]
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0]
+            .to_string()
+            .starts_with("s.json, document 3: not YAML or JSON"));
     }
 
     #[test]
