@@ -149,7 +149,7 @@ impl Index {
                     .push(slice);
             }
         }
-        let mut targets = HashMap::new();
+        let mut targets: HashMap<SocketAddr, Target> = HashMap::new();
         for service in &objects.services {
             let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
             let name = service.metadata.name.as_deref().unwrap_or_default();
@@ -160,7 +160,6 @@ impl Index {
             let key = Arc::new(ServiceKey::new(namespace, name));
             for (addr, target) in service_targets(service, &key, own_slices) {
                 if let Some(first) = targets.get(&addr) {
-                    let first: &Target = first;
                     tracing::warn!(
                         %addr, first = %first.service, ignored = %key,
                         "two Services claim one ClusterIP and port; the first one read is used"
@@ -439,6 +438,14 @@ mod tests {
                     + &slice("a", "addressType: IPv4\nports: [{name: web, port: 8082}]\nendpoints: [{addresses: [10.1.0.1]}]"),
                 "10.0.0.1:80",
                 Some(vec!["10.1.0.1:8082"]),
+            ),
+            (
+                "named targetPort with a different number per slice, as pods differ",
+                service("{clusterIP: 10.0.0.1, ports: [{name: http, port: 80, targetPort: web}]}")
+                    + &slice("a", "addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.1]}]")
+                    + &slice("b", "addressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints: [{addresses: [10.1.0.2]}]"),
+                "10.0.0.1:80",
+                Some(vec!["10.1.0.1:8080", "10.1.0.2:9090"]),
             ),
             (
                 "named targetPort unresolvable without a number",
