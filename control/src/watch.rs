@@ -218,6 +218,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replacement_with_the_same_size_and_mtime_is_seen() {
+        // As `cp -p`, `rsync -t` or `tar x` leave it: only the inode and ctime tell.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("objects.yaml");
+        fs::write(&file, service("one")).unwrap();
+        let modified = fs::metadata(&file).unwrap().modified().unwrap();
+        let mut receiver = watch_objects(vec![dir.path().to_path_buf()], INTERVAL);
+        until_names(&mut receiver, &["one"]).await;
+        let replacement = dir.path().join(".objects.yaml.new");
+        fs::write(&replacement, service("two")).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&replacement)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        fs::rename(&replacement, &file).unwrap();
+        until_names(&mut receiver, &["two"]).await;
+    }
+
+    #[tokio::test]
     async fn a_config_map_symlink_swap_is_seen() {
         // The layout kubelet writes for a ConfigMap volume: keys are symlinks through `..data`,
         // which is swapped to a new timestamped directory on update.
