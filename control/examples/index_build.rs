@@ -1,6 +1,7 @@
 //! Times `Index::build` for 10,000 Services × 10 endpoints (two ports each), the size the issue
-//! asks remora-control to rebuild on every change. `cargo run -p remora-control --example
-//! index_build [--release]` prints the times; a debug build is several times slower.
+//! asks remora-control to rebuild on every change, and reading the same objects back from one
+//! `--objects` YAML file. `cargo run -p remora-control --example index_build [--release]`
+//! prints the times; a debug build is several times slower.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use remora_control::index::{Index, SERVICE_NAME_LABEL};
-use remora_control::objects::ObjectSet;
+use remora_control::objects::{read_file_text, ObjectSet};
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
@@ -94,12 +95,29 @@ fn main() {
         found += usize::from(index.lookup(std::hint::black_box(probe)).is_some());
     }
     let lookup = start.elapsed() / lookups;
+    let mut yaml = String::new();
+    for service in &objects.services {
+        yaml.push_str(&serde_yaml_ng::to_string(service).unwrap_or_default());
+        yaml.push_str("---\n");
+    }
+    for slice in &objects.endpoint_slices {
+        yaml.push_str(&serde_yaml_ng::to_string(slice).unwrap_or_default());
+        yaml.push_str("---\n");
+    }
+    let start = Instant::now();
+    let (read, problems) = read_file_text(std::path::Path::new("bench.yaml"), &yaml);
+    let read_time = start.elapsed();
     println!(
         "Index::build, {SERVICES} Services x {ENDPOINTS} endpoints x 2 ports ({entries} entries, {}): \
-         min {:?}, median {:?}, max {:?} over {ROUNDS} rounds; lookup {lookup:?} ({found} hits)",
+         min {:?}, median {:?}, max {:?} over {ROUNDS} rounds; lookup {lookup:?} ({found} hits)\n\
+         reading them from {} MiB of YAML: {read_time:?} ({} Services, {} EndpointSlices, {} problems)",
         if cfg!(debug_assertions) { "debug build" } else { "optimised build" },
         times[0],
         times[ROUNDS / 2],
         times[ROUNDS - 1],
+        yaml.len() >> 20,
+        read.services.len(),
+        read.endpoint_slices.len(),
+        problems.len(),
     );
 }

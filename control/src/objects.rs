@@ -214,14 +214,18 @@ pub fn read_file_text(path: &Path, text: &str) -> (ObjectSet, Vec<Problem>) {
         }
         return (objects, problems);
     }
+    let mut syntax_errors = 0;
     for (index, document) in split_documents(text).into_iter().enumerate() {
-        match parse_yaml(&document) {
+        match parse_yaml(&document, syntax_errors < RECOUNTED_ERRORS) {
             Ok(Some(value)) => read_value(value, &at(index + 1), &mut objects, &mut problems),
             Ok(None) => {}
-            Err(message) => problems.push(Problem::Syntax {
-                at: at(index + 1),
-                message,
-            }),
+            Err(message) => {
+                syntax_errors += 1;
+                problems.push(Problem::Syntax {
+                    at: at(index + 1),
+                    message,
+                });
+            }
         }
     }
     (objects, problems)
@@ -282,17 +286,40 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
-/// A YAML document as JSON; `None` when it is empty or `null`.
-fn parse_yaml(document: &Document<'_>) -> Result<Option<Value>, String> {
-    // Padded to its place in the file, so that the lines and columns the parser names are the
-    // ones the user's editor shows.
-    let mut padded = "\n".repeat(document.line - 1);
-    padded.extend(std::iter::repeat_n(' ', document.column));
-    padded.push_str(document.text);
-    let mut yaml: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&padded).map_err(|err| err.to_string())?;
-    // kubectl honours `<<: *anchor` merge keys; objects written with them should read the same.
-    yaml.apply_merge().map_err(|err| err.to_string())?;
+/// Syntax errors per file whose positions are recounted in the file. Recounting parses the
+/// document again behind as many blank lines as precede it, so a file of many broken documents
+/// must not make the read quadratic.
+const RECOUNTED_ERRORS: usize = 20;
+
+/// A YAML document as JSON; `None` when it is empty or `null`. On an error, `recount` says
+/// whether to find the position in the file (else the message says where counting starts).
+fn parse_yaml(document: &Document<'_>, recount: bool) -> Result<Option<Value>, String> {
+    let parse = |text: &str| -> Result<serde_yaml_ng::Value, String> {
+        let mut yaml: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
+        // kubectl honours `<<: *anchor` merge keys; objects written with them should read the
+        // same.
+        yaml.apply_merge().map_err(|err| err.to_string())?;
+        Ok(yaml)
+    };
+    let yaml = match parse(document.text) {
+        Ok(yaml) => yaml,
+        Err(message) if !recount => {
+            return Err(format!(
+                "{message} (line 1 there is line {} of the file)",
+                document.line
+            ))
+        }
+        Err(message) => {
+            // Parsed again at its place in the file, so that the lines and columns the parser
+            // names are the ones the user's editor shows. Only on error: padding every
+            // document would make reading a large file quadratic.
+            let mut padded = "\n".repeat(document.line - 1);
+            padded.extend(std::iter::repeat_n(' ', document.column));
+            padded.push_str(document.text);
+            return Err(parse(&padded).err().unwrap_or(message));
+        }
+    };
     if yaml.is_null() {
         return Ok(None);
     }
@@ -681,6 +708,27 @@ items:
             "{messages:?}"
         );
         assert!(messages[1].contains("line 6 column 10"), "{messages:?}");
+    }
+
+    #[test]
+    fn past_the_recount_budget_syntax_errors_say_where_their_lines_count_from() {
+        let text = "a: [\n---\n".repeat(RECOUNTED_ERRORS + 1);
+        let (_, problems) = read("f.yaml", &text);
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), RECOUNTED_ERRORS + 1);
+        // Document N starts on line 2N - 2 (after its marker) and breaks at line 2N.
+        let recounted = &messages[RECOUNTED_ERRORS - 1];
+        let line = 2 * RECOUNTED_ERRORS;
+        assert!(
+            recounted.contains(&format!("line {line} column 1")),
+            "{recounted}"
+        );
+        let first_past = &messages[RECOUNTED_ERRORS];
+        let start = 2 * (RECOUNTED_ERRORS + 1) - 2;
+        assert!(
+            first_past.ends_with(&format!("at line 3 column 1, while parsing a flow node (line 1 there is line {start} of the file)")),
+            "{first_past}"
+        );
     }
 
     #[test]
