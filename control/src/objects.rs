@@ -41,12 +41,14 @@ impl ObjectSet {
         ]
     }
 
-    fn extend(&mut self, other: ObjectSet) {
-        self.services.extend(other.services);
-        self.endpoint_slices.extend(other.endpoint_slices);
-        self.http_routes.extend(other.http_routes);
-        self.grpc_routes.extend(other.grpc_routes);
-        self.pods.extend(other.pods);
+    /// Adds copies of `other`'s objects.
+    pub fn append(&mut self, other: &ObjectSet) {
+        self.services.extend_from_slice(&other.services);
+        self.endpoint_slices
+            .extend_from_slice(&other.endpoint_slices);
+        self.http_routes.extend_from_slice(&other.http_routes);
+        self.grpc_routes.extend_from_slice(&other.grpc_routes);
+        self.pods.extend_from_slice(&other.pods);
     }
 }
 
@@ -97,19 +99,25 @@ pub fn read_paths(paths: &[PathBuf]) -> (ObjectSet, Vec<Problem>) {
     let mut objects = ObjectSet::default();
     let mut problems = Vec::new();
     for file in files(paths, &mut problems) {
-        match fs::read_to_string(&file) {
-            Ok(text) => {
-                let (read, skipped) = read_file_text(&file, &text);
-                objects.extend(read);
-                problems.extend(skipped);
-            }
-            Err(err) => problems.push(Problem::Io {
-                path: file,
-                message: err.to_string(),
-            }),
-        }
+        let (read, skipped) = read_file(&file);
+        objects.append(&read);
+        problems.extend(skipped);
     }
     (objects, problems)
+}
+
+/// Reads one file, whatever its name: JSON if it ends in `.json`, else YAML.
+pub fn read_file(path: &Path) -> (ObjectSet, Vec<Problem>) {
+    match fs::read_to_string(path) {
+        Ok(text) => read_file_text(path, &text),
+        Err(err) => (
+            ObjectSet::default(),
+            vec![Problem::Io {
+                path: path.to_path_buf(),
+                message: err.to_string(),
+            }],
+        ),
+    }
 }
 
 /// The files `paths` name, in a stable order: each path given that is a file (whatever its
