@@ -302,13 +302,16 @@ const RECOUNTED_ERRORS: usize = 20;
 /// A YAML document as JSON; `None` when it is empty or `null`. On an error, `recount` says
 /// whether to find the position in the file (else the message says where counting starts).
 fn parse_yaml(document: &Document<'_>, recount: bool) -> Result<Option<Value>, String> {
-    let parse = |text: &str| -> Result<serde_yaml_ng::Value, String> {
+    let parse = |text: &str| -> Result<Value, String> {
+        // kubectl honours `<<: *anchor` merge keys; objects written with them should read the
+        // same. Merging needs the YAML tree, an extra copy of the document most never need.
+        if !text.contains("<<") {
+            return serde_yaml_ng::from_str(text).map_err(|err| err.to_string());
+        }
         let mut yaml: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
-        // kubectl honours `<<: *anchor` merge keys; objects written with them should read the
-        // same.
         yaml.apply_merge().map_err(|err| err.to_string())?;
-        Ok(yaml)
+        serde_json::to_value(yaml).map_err(|err| err.to_string())
     };
     let yaml = match parse(document.text) {
         Ok(yaml) => yaml,
@@ -328,12 +331,7 @@ fn parse_yaml(document: &Document<'_>, recount: bool) -> Result<Option<Value>, S
             return Err(parse(&padded).err().unwrap_or(message));
         }
     };
-    if yaml.is_null() {
-        return Ok(None);
-    }
-    serde_json::to_value(yaml)
-        .map(Some)
-        .map_err(|err| err.to_string())
+    Ok(Some(yaml).filter(|value| !value.is_null()))
 }
 
 /// Files one parsed document (an object or a List) into `objects`.
@@ -646,6 +644,40 @@ items:
                 "l.yaml, document 1, items[2]: Service (unnamed): field `metadata.name`: missing (every object needs a name)",
             ]
         );
+    }
+
+    #[test]
+    fn merge_keys_and_tags_read_as_kubectl_reads_them() {
+        let text = "\
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: x}
+spec:
+  ports:
+  - &http {name: http, port: 80, appProtocol: http}
+  - <<: *http
+    name: alt
+    port: 8080
+---
+apiVersion: v1
+kind: Service
+metadata: {name: !!str b, namespace: x}
+";
+        let (objects, problems) = read("m.yaml", text);
+        assert_eq!(problems, Vec::new());
+        let ports = objects.services[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap();
+        let alt = &ports[1];
+        assert_eq!(
+            (alt.name.as_deref(), alt.port, alt.app_protocol.as_deref()),
+            (Some("alt"), 8080, Some("http"))
+        );
+        assert_eq!(objects.services[1].metadata.name.as_deref(), Some("b"));
     }
 
     #[test]
