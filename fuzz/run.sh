@@ -45,8 +45,12 @@ dict_of() {
   esac
 }
 
+# Each sanitizer builds everything with other flags: a target directory of its own each, so
+# that a smoke run after a fuzz run (or the reverse) does not rebuild the whole tree.
+build=(--sanitizer "$sanitizer")
+[ "$sanitizer" = address ] || build+=(--target-dir "fuzz/target/$sanitizer")
 start=$(date +%s)
-$CARGO fuzz build --sanitizer "$sanitizer"
+$CARGO fuzz build "${build[@]}"
 echo "fuzz build ($sanitizer): $(($(date +%s) - start)) s"
 
 summary=()
@@ -55,20 +59,22 @@ for target in "${targets[@]}"; do
   mkdir -p "fuzz/work/$target" "fuzz/corpus/$target" "fuzz/regressions/$target" "fuzz/artifacts/$target"
   dict=$(dict_of "$target")
   log="fuzz/work/$target.log"
+  limits=(-timeout="${FUZZ_TIMEOUT:-5}" -rss_limit_mb="${FUZZ_RSS_MB:-2048}" -malloc_limit_mb="${FUZZ_MALLOC_MB:-512}")
   args=(
+    "${limits[@]}"
     -max_total_time="$seconds"
-    -timeout="${FUZZ_TIMEOUT:-5}"
-    -rss_limit_mb="${FUZZ_RSS_MB:-2048}"
-    -malloc_limit_mb="${FUZZ_MALLOC_MB:-512}"
     -max_len="${FUZZ_MAX_LEN:-16384}"
     -print_final_stats=1
     -artifact_prefix="fuzz/artifacts/$target/"
   )
   [ -z "$dict" ] || args+=(-dict="$dict")
-  # The first directory takes what the run finds; the seeds and regressions are only read.
-  if $CARGO fuzz run --sanitizer "$sanitizer" "$target" \
-    "fuzz/work/$target" "fuzz/corpus/$target" "fuzz/regressions/$target" -- "${args[@]}" \
-    >"$log" 2>&1; then
+  # Past failures first, each file whole (a corpus directory's inputs are cut at -max_len);
+  # then the run: its first directory takes what it finds, the seeds are only read.
+  regressions=("fuzz/regressions/$target"/*)
+  if { [ ! -e "${regressions[0]}" ] \
+    || $CARGO fuzz run "${build[@]}" "$target" "${regressions[@]}" -- "${limits[@]}"; } >"$log" 2>&1 \
+    && $CARGO fuzz run "${build[@]}" "$target" \
+      "fuzz/work/$target" "fuzz/corpus/$target" -- "${args[@]}" >>"$log" 2>&1; then
     status=ok
   else
     status=FAILED

@@ -331,6 +331,11 @@ pub async fn read_head<R: AsyncRead + Unpin>(
             let mut parsed = httparse::Response::new(&mut []);
             let config = httparse::ParserConfig::default();
             match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+                // The limit is the head's, not the buffer's: a head is refused by its length
+                // however the reads split it, not only when it came in small reads.
+                Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                    return Err((invalid("a response head over 64 KiB"), false))
+                }
                 Ok(httparse::Status::Complete(len)) => {
                     // Where each field lies in the buffer: the head is then split off as one
                     // shared `Bytes`, and header values become slices of it instead of copies.
@@ -695,7 +700,12 @@ pub fn body_step(state: &mut State, buf: &mut BytesMut) -> Result<BodyStep, Erro
                 }
                 return Ok(BodyStep::Frame(Frame::data(buf.split().freeze())));
             }
+            // The limits below are on the line and the section, wherever the reads split them:
+            // what the buffer holds without their end is already longer.
             State::Chunked(Chunk::Size) => match buf.iter().position(|&b| b == b'\n') {
+                Some(end) if end > MAX_CHUNK_LINE => {
+                    return Err(invalid("a chunk-size line over 4 KiB"))
+                }
                 Some(end) => {
                     let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 1);
@@ -740,13 +750,16 @@ pub fn body_step(state: &mut State, buf: &mut BytesMut) -> Result<BodyStep, Erro
                     return Ok(BodyStep::End);
                 }
                 match find(buf, b"\r\n\r\n") {
+                    Some(end) if end > MAX_HEAD => return Err(invalid("trailers over 64 KiB")),
                     Some(end) => {
                         let trailers = parse_trailers(&buf[..end + 4])?;
                         buf.advance(end + 4);
                         *state = State::Done;
                         return Ok(BodyStep::Frame(Frame::trailers(trailers)));
                     }
-                    None if buf.len() > MAX_HEAD => return Err(invalid("trailers over 64 KiB")),
+                    None if buf.len() > MAX_HEAD + 3 => {
+                        return Err(invalid("trailers over 64 KiB"))
+                    }
                     None => return Ok(BodyStep::More(READ_MIN)),
                 }
             }
@@ -893,5 +906,59 @@ mod tests {
         assert!(content_length(&value("42"), Some(41)).is_err());
         assert!(content_length(&value("+42"), None).is_err());
         assert!(content_length(&value(""), None).is_err());
+    }
+
+    /// Reads a response that comes in two reads at most (the first ends at `split`): its body
+    /// bytes, or the error it stopped at.
+    async fn read_in_two(response: &[u8], split: usize) -> Result<Vec<u8>, String> {
+        let (first, second) = response.split_at(split);
+        let mut io = AsyncReadExt::chain(first, second);
+        let mut buf = BytesMut::new();
+        let (_, mut state, _) = read_head(&mut io, &mut buf, &Method::GET)
+            .await
+            .map_err(|(error, _)| error.to_string())?;
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        buf.extend_from_slice(&rest);
+        let mut body = Vec::new();
+        loop {
+            match body_step(&mut state, &mut buf).map_err(|error| error.to_string())? {
+                BodyStep::Frame(frame) => body.extend(frame.into_data().unwrap_or_default()),
+                BodyStep::End => return Ok(body),
+                BodyStep::More(_) => return Err("more wanted".to_string()),
+            }
+        }
+    }
+
+    /// Found with the h1_response fuzz target's check that a response read in pieces reads as
+    /// it does whole (fuzz/regressions/h1_response): a head, chunk-size line or trailer section
+    /// over its limit was refused only when its reads split it finely; in larger reads it
+    /// passed. The limits are now on their length.
+    #[tokio::test]
+    async fn limits_hold_when_everything_comes_in_one_read() {
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let extension = format!("{chunked}5;{}\r\nhello\r\n0\r\n\r\n", "a".repeat(5000));
+        let trailers = format!("{chunked}0\r\nx: {}\r\n\r\n", "b".repeat(70_000));
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx: {}\r\ncontent-length: 0\r\n\r\n",
+            "c".repeat(66_000)
+        );
+        // The head in two reads: the first leaves the buffer just under the limit, and the
+        // second, into a buffer grown to twice that, completes it.
+        for (response, split, error) in [
+            (&extension, extension.len(), "a chunk-size line over 4 KiB"),
+            (&trailers, trailers.len(), "trailers over 64 KiB"),
+            (&head, 60_000, "a response head over 64 KiB"),
+        ] {
+            let read = read_in_two(response.as_bytes(), split).await;
+            assert_eq!(read, Err(format!("invalid response: {error}")), "{error}");
+        }
+        // Just within the limits, all pass.
+        let extension = format!("{chunked}5;{}\r\nhello\r\n0\r\n\r\n", "a".repeat(4000));
+        let read = read_in_two(extension.as_bytes(), extension.len()).await;
+        assert_eq!(read.unwrap(), b"hello");
+        let trailers = format!("{chunked}0\r\nx: {}\r\n\r\n", "b".repeat(60_000));
+        let read = read_in_two(trailers.as_bytes(), trailers.len()).await;
+        assert_eq!(read.unwrap(), b"");
     }
 }
