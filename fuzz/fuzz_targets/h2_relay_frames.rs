@@ -52,7 +52,7 @@ impl Splits {
 
     fn piece(&mut self) -> usize {
         let r = self.next();
-        if r % 8 == 0 {
+        if r.is_multiple_of(8) {
             (r >> 8) as usize % 4096 + 1
         } else {
             (r >> 8) as usize % 64 + 1
@@ -74,7 +74,8 @@ fuzz_target!(|data: &[u8]| {
     let mut follower = Follower::new(cx, TARGET);
     let (mut c, mut s) = (0, 0);
     while c < client.len() || s < server.len() {
-        let take_client = s == server.len() || (c < client.len() && splits.next() % 2 == 0);
+        let take_client =
+            s == server.len() || (c < client.len() && splits.next().is_multiple_of(2));
         if take_client {
             let end = (c + splits.piece()).min(client.len());
             follower.client(&client[c..end]);
