@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release fmt lint unit e2e test demo bench golden images deploy undeploy manifests-check
+.PHONY: all build release fmt lint unit e2e test demo bench golden images deploy undeploy manifests-check fuzz fuzz-smoke
 
 all: build
 
@@ -36,6 +36,23 @@ test:
 	$(MAKE) build
 	$(CARGO) test --workspace
 	@if [ -x scripts/check-manifests.sh ]; then scripts/check-manifests.sh; fi
+	$(MAKE) fuzz-smoke
+
+# The fuzz targets (fuzz/, its own crate outside the workspace; fuzz/README.md).
+#   make fuzz [FUZZ_SECONDS=60] [FUZZ_TARGETS="h1_response detect"]: each target that long, with
+#   AddressSanitizer; fails on a crash, a hang or an unbounded allocation, prints executions.
+#   make fuzz-smoke: each target over its seeds and past failures plus a few seconds (make test).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+export FUZZ_SECONDS
+
+fuzz:
+	scripts/install-deps.sh fuzz
+	CARGO=$(CARGO) fuzz/run.sh fuzz $(FUZZ_TARGETS)
+
+fuzz-smoke:
+	scripts/install-deps.sh fuzz
+	CARGO=$(CARGO) fuzz/run.sh smoke $(FUZZ_TARGETS)
 
 demo:
 	@if [ -x scripts/demo.sh ]; then scripts/demo.sh; else echo "the demo arrives with remora-proxy"; exit 1; fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a make target needs, only those that are missing.
-#   scripts/install-deps.sh test|demo|bench
+#   scripts/install-deps.sh test|demo|bench|fuzz
 # Each program is checked by name first, so a machine that has everything installs nothing.
 set -euo pipefail
 
@@ -24,6 +24,7 @@ case "${1:-test}" in
     need pip3 python3-pip
     ;;
   demo) ;;
+  fuzz) ;;
   bench)
     need ip iproute2
     need iptables iptables
@@ -35,7 +36,7 @@ case "${1:-test}" in
     need h2load nghttp2-client
     ;;
   *)
-    echo "usage: $0 test|demo|bench" >&2
+    echo "usage: $0 test|demo|bench|fuzz" >&2
     exit 2
     ;;
 esac
@@ -62,3 +63,14 @@ if ! command -v kubectl >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq kubectl >/dev/null 2>&1 || apt-get install -y -qq kubernetes-client >/dev/null
 fi
+
+# The fuzz targets (`make fuzz`, and their smoke run in `make test`) build with cargo-fuzz, from
+# crates.io like the project's crates; building it takes a few minutes, once.
+case "${1:-test}" in
+  test | fuzz)
+    if ! command -v cargo-fuzz >/dev/null 2>&1; then
+      echo "installing: cargo-fuzz"
+      cargo install cargo-fuzz --locked
+    fi
+    ;;
+esac

@@ -335,7 +335,8 @@ pub enum Backend {
     Legacy,
 }
 
-fn parse_id(value: &str) -> Result<u32, ParseError> {
+/// A `--proxy-uid` or `--proxy-gid` value. Public, as each value parser is, for the fuzz targets.
+pub fn parse_id(value: &str) -> Result<u32, ParseError> {
     match value.trim().parse::<u32>() {
         Ok(id) if id != u32::MAX => Ok(id),
         _ => Err(ParseError::Id {
@@ -344,7 +345,8 @@ fn parse_id(value: &str) -> Result<u32, ParseError> {
     }
 }
 
-fn parse_port_flag(value: &str) -> Result<u16, ParseError> {
+/// An `--inbound-port` or `--outbound-port` value.
+pub fn parse_port_flag(value: &str) -> Result<u16, ParseError> {
     parse_port(value, value)
 }
 

@@ -76,9 +76,7 @@ pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx
         up: Flow::new(BUF.max(first.len())),
         // Room behind a full read for a `GOAWAY` put in at a frame boundary.
         down: Flow::new(BUF + GOAWAY.len()),
-        client_frames: Frames::new(PREFACE_LEN),
-        server_frames: Frames::new(0),
-        book: Book::new(cx, target),
+        follower: Follower::new(cx, target),
         draining: false,
         told_goaway: false,
     };
@@ -98,7 +96,7 @@ pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx
     .await;
     if let Err(error) = result {
         // Requests in flight fail with it: worth a warning, as a 502 is on the terminating path.
-        let in_flight = relay.book.open.len();
+        let in_flight = relay.follower.in_flight();
         if in_flight > 0 {
             warn!(direction = cx.direction(), destination = %target, %error, in_flight, "relayed HTTP/2 connection failed; resetting both sides");
         } else {
@@ -189,9 +187,7 @@ struct Relay {
     up: Flow,
     /// Upstream to client.
     down: Flow,
-    client_frames: Frames,
-    server_frames: Frames,
-    book: Book,
+    follower: Follower,
     draining: bool,
     told_goaway: bool,
 }
@@ -235,7 +231,7 @@ impl Relay {
         client: &TcpStream,
         upstream: &TcpStream,
     ) -> Poll<io::Result<()>> {
-        let metrics = self.book.cx.metrics;
+        let metrics = self.follower.book.cx.metrics;
         loop {
             let written = |n: usize| {
                 metrics.tx.inc_by(n as u64);
@@ -243,7 +239,7 @@ impl Relay {
             if ready!(self.down.poll_write(task, client, written))? {
                 return Poll::Ready(Ok(()));
             }
-            if self.wants_goaway() && self.server_frames.at_boundary() {
+            if self.wants_goaway() && self.follower.server_frames.at_boundary() {
                 // Nothing pending and no frame begun: the GOAWAY goes alone.
                 self.down.buf[..GOAWAY.len()].copy_from_slice(&GOAWAY);
                 self.down.end = GOAWAY.len();
@@ -256,36 +252,81 @@ impl Relay {
     }
 
     fn wants_goaway(&self) -> bool {
-        self.draining && !self.told_goaway && !self.book.upstream_goaway
+        self.draining && !self.told_goaway && !self.follower.book.upstream_goaway
     }
 
     /// Counts and follows the frames of the `n` bytes just read from the client.
     fn observe_client(&mut self, n: usize) {
-        self.book.cx.metrics.rx.inc_by(n as u64);
-        let book = &mut self.book;
-        let blocks = book.requests.is_some();
-        self.client_frames.feed(
-            &self.up.buf[..n],
-            |head| blocks && matches!(head.kind, HEADERS | CONTINUATION),
-            |head, payload| book.client_frame(head, payload),
-        );
+        self.follower.book.cx.metrics.rx.inc_by(n as u64);
+        self.follower.client(&self.up.buf[..n]);
     }
 
     /// Follows the frames of the `n` bytes just read from the upstream, and puts the drain's
     /// `GOAWAY` in at the last frame boundary among them if it is due.
     fn observe_server(&mut self, n: usize) {
-        let book = &mut self.book;
-        let boundary = self.server_frames.feed(
-            &self.down.buf[..n],
-            |head| matches!(head.kind, HEADERS | PUSH_PROMISE | CONTINUATION),
-            |head, payload| book.server_frame(head, payload),
-        );
+        let boundary = self.follower.server(&self.down.buf[..n]);
         if let (true, Some(at)) = (self.wants_goaway(), boundary) {
             self.down.buf.copy_within(at..n, at + GOAWAY.len());
             self.down.buf[at..at + GOAWAY.len()].copy_from_slice(&GOAWAY);
             self.down.end = n + GOAWAY.len();
             self.told_goaway = true;
         }
+    }
+}
+
+/// What the relay reads of the bytes it carries: the frames of both directions and the header
+/// blocks that count and log requests. Apart from the sockets so that the fuzz targets can feed
+/// it bytes split as they like.
+pub struct Follower {
+    client_frames: Frames,
+    server_frames: Frames,
+    book: Book,
+}
+
+impl Follower {
+    pub fn new(cx: Context, target: SocketAddr) -> Self {
+        Self {
+            client_frames: Frames::new(PREFACE_LEN),
+            server_frames: Frames::new(0),
+            book: Book::new(cx, target),
+        }
+    }
+
+    /// Follows the next bytes from the client, the preface first.
+    pub fn client(&mut self, bytes: &[u8]) {
+        let book = &mut self.book;
+        let blocks = book.requests.is_some();
+        self.client_frames.feed(
+            bytes,
+            |head| blocks && matches!(head.kind, HEADERS | CONTINUATION),
+            |head, payload| book.client_frame(head, payload),
+        );
+    }
+
+    /// Follows the next bytes from the upstream. Returns the offset of the last frame boundary
+    /// in them where a frame of the proxy's may go, if there is one.
+    pub fn server(&mut self, bytes: &[u8]) -> Option<usize> {
+        let book = &mut self.book;
+        self.server_frames.feed(
+            bytes,
+            |head| matches!(head.kind, HEADERS | PUSH_PROMISE | CONTINUATION),
+            |head, payload| book.server_frame(head, payload),
+        )
+    }
+
+    /// Whether the upstream's bytes so far end where a frame of the proxy's may go.
+    pub fn at_server_boundary(&self) -> bool {
+        self.server_frames.at_boundary()
+    }
+
+    /// Requests tracked: awaiting their response head, or with an access log their end.
+    pub fn in_flight(&self) -> usize {
+        self.book.open.len()
+    }
+
+    /// Whether the upstream's requests are still counted (its header blocks could be followed).
+    pub fn counting(&self) -> bool {
+        self.book.counting
     }
 }
 
