@@ -43,7 +43,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         metrics: Metrics::new(),
         server_first: Default::default(),
         drain: Default::default(),
-        balance: crate::balance::Balance::new(1).0,
+        workers: crate::workers::Workers::new(1).0,
         ready: Default::default(),
     });
     configure(&mut proxy);

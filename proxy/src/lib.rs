@@ -5,7 +5,6 @@
 
 pub mod admin;
 pub mod alloc;
-pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
@@ -24,6 +23,7 @@ pub mod metrics;
 pub mod opaque;
 pub mod orig_dst;
 pub mod sched;
+pub mod workers;
 
 /// The error of a body or task that may fail in any of several ways.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

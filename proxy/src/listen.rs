@@ -15,11 +15,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::balance::{Assigned, Balance, Handoff};
 use crate::connect::{reset, Keepalive};
 use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound, ServerFirst};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::workers::{Assigned, Workers};
 use crate::{http, opaque, orig_dst};
 
 /// An accepted client connection, holding the first bytes that detection read.
@@ -41,8 +41,8 @@ pub struct Proxy {
     /// Destinations whose clients sent nothing first, inbound then outbound (see [`Context`]).
     pub server_first: [ServerFirst; 2],
     pub drain: Drain,
-    /// Spreads connections over the workers.
-    pub balance: Balance,
+    /// Spreads connections over the worker threads.
+    pub workers: Workers<Handoff>,
     /// Set once every required listener is bound.
     pub ready: AtomicBool,
 }
@@ -141,7 +141,7 @@ pub fn bind_all(
 
 /// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
 /// worker thread `worker`, which owns the listener; a connection stays on the thread that
-/// serves it, this one unless the balance hands it to a less busy worker. Sockets are accepted
+/// serves it, this one unless [`Workers::place`] hands it to a less busy worker. Sockets are accepted
 /// unregistered and join a reactor only on the worker that serves them, so a hand-over costs no
 /// `epoll_ctl` here (tokio's own listener registers each one, and handing it over then took two
 /// more calls to undo that).
@@ -176,7 +176,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
         tokio::task::consume_budget().await;
         match accepted {
             Ok((stream, peer)) => {
-                let placed = cx.proxy.balance.place(worker);
+                let placed = cx.proxy.workers.place(worker);
                 let to = placed.worker();
                 let accepted = Accepted {
                     peer,
@@ -200,6 +200,9 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
     }
 }
 
+/// A connection on its way to another worker.
+pub type Handoff = (std::net::TcpStream, Accepted);
+
 /// An accepted connection's peer and context, and what it holds while it is served: its
 /// place in the drain and in its worker's count.
 pub struct Accepted {
@@ -213,7 +216,7 @@ pub struct Accepted {
 fn hand_over(stream: std::net::TcpStream, accepted: Accepted, to: usize) {
     let (direction, peer) = (accepted.cx.direction(), accepted.peer);
     debug!(direction, %peer, worker = to, "handing the connection to a less busy worker");
-    if let Err(handoff) = accepted.cx.proxy.balance.hand_over(to, (stream, accepted)) {
+    if let Err(handoff) = accepted.cx.proxy.workers.hand_over(to, (stream, accepted)) {
         // That worker is gone (the process is exiting): serve it here after all.
         serve(handoff);
     }
