@@ -149,7 +149,7 @@ struct Route {
 
 impl Route {
     async fn dial(&self) -> Result<TcpStream, Failure> {
-        match connect(self.target, &self.cx).await {
+        match connect(self.target, self.cx.connect_params()).await {
             Ok(stream) => Ok(stream),
             Err(error) => {
                 self.cx.metrics.connect_errors.inc();
@@ -261,7 +261,7 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
     let mut failed = None;
     if cx.proxy.h2_relay {
-        match connect(target, &cx).await {
+        match connect(target, cx.connect_params()).await {
             Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
             Err(error) => {
                 // A stream that comes at once gets its 502 from this failure; later ones dial.

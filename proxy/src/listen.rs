@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::connect::{reset, Keepalive};
+use crate::connect::{reset, ConnectParams, Keepalive};
 use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound, ServerFirst};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
@@ -70,6 +70,18 @@ impl Context {
 
     pub fn direction(&self) -> &'static str {
         self.metrics.direction.as_str()
+    }
+
+    /// How this connection's upstream is dialed: an outbound destination is outside the pod, so
+    /// its socket gets the dead-peer detection; an inbound one is the pod's own app.
+    pub fn connect_params(&self) -> ConnectParams {
+        ConnectParams {
+            timeout: self.proxy.connect_timeout,
+            keepalive: match self.metrics.direction {
+                Direction::Outbound => self.proxy.keepalive,
+                Direction::Inbound => None,
+            },
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::listen::{ClientIo, Context};
 use crate::metrics::CountingIo;
 
 pub async fn forward(client: ClientIo, target: SocketAddr, cx: &Context) {
-    let upstream = match connect(target, cx).await {
+    let upstream = match connect(target, cx.connect_params()).await {
         Ok(upstream) => upstream,
         Err(error) => {
             cx.metrics.connect_errors.inc();
