@@ -37,8 +37,8 @@ use tracing::{debug, warn};
 use crate::connect::reset;
 use crate::hpack;
 use crate::http::AccessLog;
-use crate::listen::{ClientIo, Context};
 use crate::metrics::Protocol;
+use crate::proxy::{ClientIo, Context};
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which the client sends before its first frame.
 const PREFACE_LEN: usize = 24;

@@ -27,9 +27,8 @@ use tracing::{debug, info, warn};
 
 use crate::connect::connect;
 use crate::h1::{self, Conn, RequestHead, UpstreamBody};
-use crate::listen::{ClientIo, Context};
 use crate::metrics::{CountingIo, Direction, Protocol};
-use crate::BoxError;
+use crate::proxy::{BoxError, ClientIo, Context};
 use crate::{h2_relay, h2_upstream};
 
 /// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle

@@ -22,8 +22,6 @@ pub mod listen;
 pub mod metrics;
 pub mod opaque;
 pub mod orig_dst;
+pub mod proxy;
 pub mod sched;
 pub mod workers;
-
-/// The error of a body or task that may fail in any of several ways.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

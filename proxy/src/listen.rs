@@ -3,11 +3,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
-use remora_init::PortList;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -15,75 +13,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::connect::{reset, ConnectParams, Keepalive};
-use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound, ServerFirst};
-use crate::drain::{Drain, Guard};
-use crate::metrics::{Direction, DirectionMetrics, Metrics};
-use crate::workers::{Assigned, Workers};
+use crate::connect::{reset, Keepalive};
+use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound};
+use crate::metrics::DirectionMetrics;
+use crate::proxy::{Accepted, Context, Handoff};
 use crate::{http, opaque, orig_dst};
-
-/// An accepted client connection, holding the first bytes that detection read.
-pub type ClientIo = Rewound<TcpStream>;
-
-/// What every connection shares; lives for the whole process.
-#[derive(Debug)]
-pub struct Proxy {
-    pub connect_timeout: Duration,
-    /// Dead-peer detection for sockets whose peer is outside the pod; `None` when off.
-    pub keepalive: Option<Keepalive>,
-    pub opaque_ports: PortList,
-    /// The outbound and inbound listener ports: a destination on one of them is a loop.
-    pub proxy_ports: [u16; 2],
-    pub access_log: bool,
-    /// Prior-knowledge HTTP/2 is relayed frame by frame (`--h2-mode relay`).
-    pub h2_relay: bool,
-    pub metrics: Metrics,
-    /// Destinations whose clients sent nothing first, inbound then outbound (see [`Context`]).
-    pub server_first: [ServerFirst; 2],
-    pub drain: Drain,
-    /// Spreads connections over the worker threads.
-    pub workers: Workers<Handoff>,
-    /// Set once every required listener is bound.
-    pub ready: AtomicBool,
-}
-
-/// One connection's direction and the handles it updates.
-#[derive(Debug, Clone, Copy)]
-pub struct Context {
-    pub proxy: &'static Proxy,
-    pub metrics: &'static DirectionMetrics,
-    pub server_first: &'static ServerFirst,
-}
-
-impl Context {
-    pub fn new(proxy: &'static Proxy, direction: Direction) -> Self {
-        let [inbound, outbound] = &proxy.server_first;
-        Self {
-            proxy,
-            metrics: proxy.metrics.direction(direction),
-            server_first: match direction {
-                Direction::Inbound => inbound,
-                Direction::Outbound => outbound,
-            },
-        }
-    }
-
-    pub fn direction(&self) -> &'static str {
-        self.metrics.direction.as_str()
-    }
-
-    /// How this connection's upstream is dialed: an outbound destination is outside the pod, so
-    /// its socket gets the dead-peer detection; an inbound one is the pod's own app.
-    pub fn connect_params(&self) -> ConnectParams {
-        ConnectParams {
-            timeout: self.proxy.connect_timeout,
-            keepalive: match self.metrics.direction {
-                Direction::Outbound => self.proxy.keepalive,
-                Direction::Inbound => None,
-            },
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
@@ -193,8 +127,8 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
                 let accepted = Accepted {
                     peer,
                     cx,
-                    _guard: cx.proxy.drain.guard(),
-                    _placed: placed,
+                    guard: cx.proxy.drain.guard(),
+                    placed,
                 };
                 let stream = std::net::TcpStream::from(stream);
                 if to == worker {
@@ -210,18 +144,6 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
             }
         }
     }
-}
-
-/// A connection on its way to another worker.
-pub type Handoff = (std::net::TcpStream, Accepted);
-
-/// An accepted connection's peer and context, and what it holds while it is served: its
-/// place in the drain and in its worker's count.
-pub struct Accepted {
-    peer: SocketAddr,
-    cx: Context,
-    _guard: Guard,
-    _placed: Assigned,
 }
 
 /// Sends an accepted connection to worker `to`.
@@ -333,6 +255,7 @@ async fn detect_remembering(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Direction;
 
     /// A connected pair over loopback: (client, accepted).
     async fn pair() -> (TcpStream, TcpStream) {

@@ -13,8 +13,9 @@ use tracing_subscriber::EnvFilter;
 
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
 use remora_proxy::connect::Keepalive;
-use remora_proxy::listen::{self, Context, Proxy};
+use remora_proxy::listen;
 use remora_proxy::metrics::{self, Direction, Metrics};
+use remora_proxy::proxy::{Context, Proxy};
 use remora_proxy::workers::Workers;
 use remora_proxy::{admin, alloc, http, sched};
 

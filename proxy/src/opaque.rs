@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use tracing::{debug, warn};
 
 use crate::connect::{connect, reset};
-use crate::listen::{ClientIo, Context};
 use crate::metrics::CountingIo;
+use crate::proxy::{ClientIo, Context};
 
 pub async fn forward(client: ClientIo, target: SocketAddr, cx: &Context) {
     let upstream = match connect(target, cx.connect_params()).await {
