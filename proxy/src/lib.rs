@@ -24,4 +24,5 @@ pub mod opaque;
 pub mod orig_dst;
 pub mod proxy;
 pub mod sched;
+pub mod telemetry;
 pub mod workers;
