@@ -87,10 +87,10 @@ pub fn bind_all(
 
 /// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
 /// worker thread `worker`, which owns the listener; a connection stays on the thread that
-/// serves it, this one unless [`Workers::place`] hands it to a less busy worker. Sockets are accepted
-/// unregistered and join a reactor only on the worker that serves them, so a hand-over costs no
-/// `epoll_ctl` here (tokio's own listener registers each one, and handing it over then took two
-/// more calls to undo that).
+/// serves it, this one unless [`Workers`](crate::workers::Workers) hands it to a less busy
+/// worker. Sockets are accepted unregistered and join a reactor only on the worker that serves
+/// them, so a hand-over costs no `epoll_ctl` here (tokio's own listener registers each one, and
+/// handing it over then took two more calls to undo that).
 pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: usize) {
     let listener = mio::net::TcpListener::from_std(listener);
     // SAFETY: the mio listener owns its descriptor and keeps it open, unchanged, until the
