@@ -8,9 +8,6 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
-use crate::listen::Context;
-use crate::metrics::Direction;
-
 /// TCP keepalive probes, for a socket whose peer is outside the pod.
 ///
 /// A peer that is gone without a FIN or a reset (its node lost power, the network split) never
@@ -53,11 +50,19 @@ impl Keepalive {
     }
 }
 
-/// Connects to `target` for a connection in `cx`'s direction, or fails within
-/// `--connect-timeout`; a timeout is reported as `TimedOut`. An outbound destination is outside
-/// the pod, so its socket gets the dead-peer detection; an inbound one is the pod's own app.
-pub async fn connect(target: SocketAddr, cx: &Context) -> io::Result<TcpStream> {
-    let limit = cx.proxy.connect_timeout;
+/// How to dial a destination: within `timeout` (`--connect-timeout`), and with `keepalive`'s
+/// dead-peer detection when the peer is outside the pod (an outbound destination; an inbound one
+/// is the pod's own app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectParams {
+    pub timeout: Duration,
+    pub keepalive: Option<Keepalive>,
+}
+
+/// Connects to `target` as `params` say, or fails within `params.timeout`; a timeout is
+/// reported as `TimedOut`.
+pub async fn connect(target: SocketAddr, params: ConnectParams) -> io::Result<TcpStream> {
+    let limit = params.timeout;
     let stream = match tokio::time::timeout(limit, TcpStream::connect(target)).await {
         Ok(result) => result?,
         Err(_elapsed) => {
@@ -69,7 +74,7 @@ pub async fn connect(target: SocketAddr, cx: &Context) -> io::Result<TcpStream> 
     };
     // Requests and responses are written whole; Nagle would only add latency to the last segment.
     stream.set_nodelay(true)?;
-    if let (Direction::Outbound, Some(keepalive)) = (cx.metrics.direction, cx.proxy.keepalive) {
+    if let Some(keepalive) = params.keepalive {
         keepalive.apply(SockRef::from(&stream))?;
     }
     Ok(stream)

@@ -36,9 +36,9 @@ use tracing::{debug, warn};
 
 use crate::connect::reset;
 use crate::hpack;
-use crate::http::AccessLog;
-use crate::listen::{ClientIo, Context};
 use crate::metrics::Protocol;
+use crate::proxy::{ClientIo, Context};
+use crate::telemetry::access_log::AccessLog;
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which the client sends before its first frame.
 const PREFACE_LEN: usize = 24;
@@ -623,7 +623,8 @@ impl Book {
                 let (cx, target) = (self.cx, self.target);
                 if let Some(open) = self.find(block.stream) {
                     if open.log.is_none() {
-                        let log = AccessLog::relayed(cx, target, &fields, open.start);
+                        let log =
+                            AccessLog::relayed(cx.metrics.direction, target, &fields, open.start);
                         open.log = Some(Box::new(log));
                     }
                 }

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 use tracing::debug;
 
-use crate::BoxError;
+use crate::proxy::BoxError;
 
 /// The send half of an upstream HTTP/2 connection; clones share the connection.
 pub type Sender = SendRequest<Bytes>;

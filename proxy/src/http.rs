@@ -23,13 +23,13 @@ use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::connect::connect;
 use crate::h1::{self, Conn, RequestHead, UpstreamBody};
-use crate::listen::{ClientIo, Context};
 use crate::metrics::{CountingIo, Direction, Protocol};
-use crate::BoxError;
+use crate::proxy::{BoxError, ClientIo, Context};
+use crate::telemetry::access_log::AccessLog;
 use crate::{h2_relay, h2_upstream};
 
 /// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
@@ -149,7 +149,7 @@ struct Route {
 
 impl Route {
     async fn dial(&self) -> Result<TcpStream, Failure> {
-        match connect(self.target, &self.cx).await {
+        match connect(self.target, self.cx.connect_params()).await {
             Ok(stream) => Ok(stream),
             Err(error) => {
                 self.cx.metrics.connect_errors.inc();
@@ -209,10 +209,16 @@ impl Route {
     }
 
     fn access_log<B>(&self, request: &Request<B>, start: Instant) -> Option<Box<AccessLog>> {
-        self.cx
-            .proxy
-            .access_log
-            .then(|| Box::new(AccessLog::new(request, self, start)))
+        self.cx.proxy.access_log.then(|| {
+            let direction = self.cx.metrics.direction;
+            Box::new(AccessLog::new(
+                direction,
+                self.protocol,
+                self.target,
+                request,
+                start,
+            ))
+        })
     }
 }
 
@@ -261,7 +267,7 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
     let mut failed = None;
     if cx.proxy.h2_relay {
-        match connect(target, &cx).await {
+        match connect(target, cx.connect_params()).await {
             Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
             Err(error) => {
                 // A stream that comes at once gets its 502 from this failure; later ones dial.
@@ -786,93 +792,6 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(body.as_ref().map_or(0, |data| data.len() as u64))
             }
         }
-    }
-}
-
-/// One access-log line, written when the response body is finished or abandoned.
-pub struct AccessLog {
-    direction: &'static str,
-    protocol: Protocol,
-    target: SocketAddr,
-    method: Method,
-    authority: String,
-    path: String,
-    pub(crate) status: u16,
-    start: Instant,
-    pub(crate) bytes: u64,
-}
-
-impl AccessLog {
-    fn new<B>(request: &Request<B>, route: &Route, start: Instant) -> Self {
-        let authority = request
-            .uri()
-            .authority()
-            .map(|authority| authority.as_str())
-            .or_else(|| {
-                request
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|host| host.to_str().ok())
-            })
-            .unwrap_or("")
-            .to_string();
-        Self {
-            direction: route.cx.direction(),
-            protocol: route.protocol,
-            target: route.target,
-            method: request.method().clone(),
-            authority,
-            path: request.uri().path().to_string(),
-            status: 0,
-            start,
-            bytes: 0,
-        }
-    }
-
-    /// The line of a relayed HTTP/2 request (see [`crate::h2_relay`]), from the fields its
-    /// header block had: the same fields as a terminated request's.
-    pub(crate) fn relayed(
-        cx: Context,
-        target: SocketAddr,
-        fields: &crate::hpack::Fields,
-        start: Instant,
-    ) -> Self {
-        let text =
-            |value: Option<&[u8]>| String::from_utf8_lossy(value.unwrap_or_default()).into_owned();
-        let path = fields.path.as_deref().unwrap_or_default();
-        let path = path.split(|&byte| byte == b'?').next().unwrap_or_default();
-        Self {
-            direction: cx.direction(),
-            protocol: Protocol::h2,
-            target,
-            method: fields
-                .method
-                .as_deref()
-                .and_then(|method| Method::from_bytes(method).ok())
-                .unwrap_or_else(|| Method::from_bytes(b"-").expect("a token")),
-            authority: text(fields.authority.as_deref().or(fields.host.as_deref())),
-            path: text(Some(path)),
-            status: 0,
-            start,
-            bytes: 0,
-        }
-    }
-}
-
-impl Drop for AccessLog {
-    fn drop(&mut self) {
-        info!(
-            target: "remora_proxy::access",
-            direction = self.direction,
-            protocol = ?self.protocol,
-            destination = %self.target,
-            method = %self.method,
-            authority = %self.authority,
-            path = %self.path,
-            status = self.status,
-            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-            bytes = self.bytes,
-        );
     }
 }
 

@@ -32,9 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::detect::{detect, Rewound};
 use crate::http::serve_h2;
 use crate::http_tests::{closed_port, metric, pattern, proxy_with, within};
-use crate::listen::{Context, Proxy};
 use crate::metrics::Direction;
-use crate::BoxError;
+use crate::proxy::{BoxError, Context, Proxy};
 
 type Body = BoxBody<Bytes, BoxError>;
 type Handler = Arc<

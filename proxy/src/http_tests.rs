@@ -13,8 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::detect::{detect, Rewound};
 use crate::http::serve_http1;
-use crate::listen::{Context, Proxy};
 use crate::metrics::{Direction, Metrics};
+use crate::proxy::{Context, Proxy};
 
 /// The longest any single step may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(5);
@@ -43,7 +43,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         metrics: Metrics::new(),
         server_first: Default::default(),
         drain: Default::default(),
-        balance: crate::balance::Balance::new(1).0,
+        workers: crate::workers::Workers::new(1).0,
         ready: Default::default(),
     });
     configure(&mut proxy);

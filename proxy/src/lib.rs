@@ -5,7 +5,6 @@
 
 pub mod admin;
 pub mod alloc;
-pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
@@ -23,7 +22,7 @@ pub mod listen;
 pub mod metrics;
 pub mod opaque;
 pub mod orig_dst;
+pub mod proxy;
 pub mod sched;
-
-/// The error of a body or task that may fail in any of several ways.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub mod telemetry;
+pub mod workers;

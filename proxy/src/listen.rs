@@ -3,11 +3,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
-use remora_init::PortList;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -15,63 +13,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::balance::{Assigned, Balance, Handoff};
 use crate::connect::{reset, Keepalive};
-use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound, ServerFirst};
-use crate::drain::{Drain, Guard};
-use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound};
+use crate::metrics::DirectionMetrics;
+use crate::proxy::{Accepted, Context, Handoff};
 use crate::{http, opaque, orig_dst};
-
-/// An accepted client connection, holding the first bytes that detection read.
-pub type ClientIo = Rewound<TcpStream>;
-
-/// What every connection shares; lives for the whole process.
-#[derive(Debug)]
-pub struct Proxy {
-    pub connect_timeout: Duration,
-    /// Dead-peer detection for sockets whose peer is outside the pod; `None` when off.
-    pub keepalive: Option<Keepalive>,
-    pub opaque_ports: PortList,
-    /// The outbound and inbound listener ports: a destination on one of them is a loop.
-    pub proxy_ports: [u16; 2],
-    pub access_log: bool,
-    /// Prior-knowledge HTTP/2 is relayed frame by frame (`--h2-mode relay`).
-    pub h2_relay: bool,
-    pub metrics: Metrics,
-    /// Destinations whose clients sent nothing first, inbound then outbound (see [`Context`]).
-    pub server_first: [ServerFirst; 2],
-    pub drain: Drain,
-    /// Spreads connections over the workers.
-    pub balance: Balance,
-    /// Set once every required listener is bound.
-    pub ready: AtomicBool,
-}
-
-/// One connection's direction and the handles it updates.
-#[derive(Debug, Clone, Copy)]
-pub struct Context {
-    pub proxy: &'static Proxy,
-    pub metrics: &'static DirectionMetrics,
-    pub server_first: &'static ServerFirst,
-}
-
-impl Context {
-    pub fn new(proxy: &'static Proxy, direction: Direction) -> Self {
-        let [inbound, outbound] = &proxy.server_first;
-        Self {
-            proxy,
-            metrics: proxy.metrics.direction(direction),
-            server_first: match direction {
-                Direction::Inbound => inbound,
-                Direction::Outbound => outbound,
-            },
-        }
-    }
-
-    pub fn direction(&self) -> &'static str {
-        self.metrics.direction.as_str()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
@@ -141,10 +87,10 @@ pub fn bind_all(
 
 /// Accepts connections until the drain starts, then drops the listener (closing it). Runs on
 /// worker thread `worker`, which owns the listener; a connection stays on the thread that
-/// serves it, this one unless the balance hands it to a less busy worker. Sockets are accepted
-/// unregistered and join a reactor only on the worker that serves them, so a hand-over costs no
-/// `epoll_ctl` here (tokio's own listener registers each one, and handing it over then took two
-/// more calls to undo that).
+/// serves it, this one unless [`Workers`](crate::workers::Workers) hands it to a less busy
+/// worker. Sockets are accepted unregistered and join a reactor only on the worker that serves
+/// them, so a hand-over costs no `epoll_ctl` here (tokio's own listener registers each one, and
+/// handing it over then took two more calls to undo that).
 pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: usize) {
     let listener = mio::net::TcpListener::from_std(listener);
     // SAFETY: the mio listener owns its descriptor and keeps it open, unchanged, until the
@@ -176,13 +122,13 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
         tokio::task::consume_budget().await;
         match accepted {
             Ok((stream, peer)) => {
-                let placed = cx.proxy.balance.place(worker);
+                let placed = cx.proxy.workers.place(worker);
                 let to = placed.worker();
                 let accepted = Accepted {
                     peer,
                     cx,
-                    _guard: cx.proxy.drain.guard(),
-                    _placed: placed,
+                    guard: cx.proxy.drain.guard(),
+                    placed,
                 };
                 let stream = std::net::TcpStream::from(stream);
                 if to == worker {
@@ -200,20 +146,11 @@ pub async fn accept_loop(listener: std::net::TcpListener, cx: Context, worker: u
     }
 }
 
-/// An accepted connection's peer and context, and what it holds while it is served: its
-/// place in the drain and in its worker's count.
-pub struct Accepted {
-    peer: SocketAddr,
-    cx: Context,
-    _guard: Guard,
-    _placed: Assigned,
-}
-
 /// Sends an accepted connection to worker `to`.
 fn hand_over(stream: std::net::TcpStream, accepted: Accepted, to: usize) {
     let (direction, peer) = (accepted.cx.direction(), accepted.peer);
     debug!(direction, %peer, worker = to, "handing the connection to a less busy worker");
-    if let Err(handoff) = accepted.cx.proxy.balance.hand_over(to, (stream, accepted)) {
+    if let Err(handoff) = accepted.cx.proxy.workers.hand_over(to, (stream, accepted)) {
         // That worker is gone (the process is exiting): serve it here after all.
         serve(handoff);
     }
@@ -318,6 +255,7 @@ async fn detect_remembering(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Direction;
 
     /// A connected pair over loopback: (client, accepted).
     async fn pair() -> (TcpStream, TcpStream) {

@@ -13,9 +13,11 @@ use tracing_subscriber::EnvFilter;
 
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
 use remora_proxy::connect::Keepalive;
-use remora_proxy::listen::{self, Context, Proxy};
+use remora_proxy::listen;
 use remora_proxy::metrics::{self, Direction, Metrics};
-use remora_proxy::{admin, alloc, balance, http, sched};
+use remora_proxy::proxy::{Context, Proxy};
+use remora_proxy::workers::Workers;
+use remora_proxy::{admin, alloc, http, sched};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
@@ -28,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         sched::use_batch().context("--sched-policy batch: setting SCHED_BATCH")?;
     }
     let workers = config::worker_threads(args.workers);
-    let (balance, inboxes) = balance::Balance::new(workers);
+    let (placement, inboxes) = Workers::new(workers);
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
         keepalive: Keepalive::after(args.tcp_keepalive),
@@ -39,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         metrics: Metrics::new(),
         server_first: Default::default(),
         drain: Default::default(),
-        balance,
+        workers: placement,
         ready: Default::default(),
     }));
 

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use tracing::{debug, warn};
 
 use crate::connect::{connect, reset};
-use crate::listen::{ClientIo, Context};
 use crate::metrics::CountingIo;
+use crate::proxy::{ClientIo, Context};
 
 pub async fn forward(client: ClientIo, target: SocketAddr, cx: &Context) {
-    let upstream = match connect(target, cx).await {
+    let upstream = match connect(target, cx.connect_params()).await {
         Ok(upstream) => upstream,
         Err(error) => {
             cx.metrics.connect_errors.inc();

@@ -23,16 +23,21 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::listen::Accepted;
-
-/// A connection on its way to another worker.
-pub type Handoff = (std::net::TcpStream, Accepted);
-
-/// The connections each worker is serving or about to serve.
-#[derive(Debug)]
-pub struct Balance {
+/// The connections each worker is serving or about to serve, and each worker's inbox of the
+/// connections (`T`: a socket and what goes with it) handed over to it.
+pub struct Workers<T> {
     counts: Arc<[AtomicUsize]>,
-    inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
+    inboxes: Vec<mpsc::UnboundedSender<T>>,
+}
+
+// By hand: a derived `Debug` would ask the same of every `T`, which a socket hand-over needs not.
+impl<T> std::fmt::Debug for Workers<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("counts", &self.counts)
+            .field("inboxes", &self.inboxes.len())
+            .finish()
+    }
 }
 
 /// Counts one connection against its worker until dropped.
@@ -55,9 +60,9 @@ impl Assigned {
     }
 }
 
-impl Balance {
-    /// The balance and each worker's inbox of handed-over connections.
-    pub fn new(workers: usize) -> (Self, Vec<mpsc::UnboundedReceiver<Handoff>>) {
+impl<T> Workers<T> {
+    /// The workers' counts and each worker's inbox of handed-over connections.
+    pub fn new(workers: usize) -> (Self, Vec<mpsc::UnboundedReceiver<T>>) {
         let (inboxes, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let counts = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         (Self { counts, inboxes }, receivers)
@@ -81,7 +86,7 @@ impl Balance {
     }
 
     /// Sends a connection to `worker`'s inbox; gives it back if that worker is gone.
-    pub fn hand_over(&self, worker: usize, handoff: Handoff) -> Result<(), Handoff> {
+    pub fn hand_over(&self, worker: usize, handoff: T) -> Result<(), T> {
         self.inboxes[worker].send(handoff).map_err(|error| error.0)
     }
 }
@@ -96,17 +101,17 @@ mod tests {
 
     #[test]
     fn a_worker_keeps_a_connection_only_while_no_worker_serves_fewer() {
-        let (balance, _inboxes) = Balance::new(3);
+        let (placement, _inboxes) = Workers::<()>::new(3);
         // Every connection accepted by worker 0, as a skewed hash would have it.
         let (workers, held): (Vec<usize>, Vec<Assigned>) =
-            (0..9).map(|_| to(balance.place(0))).unzip();
+            (0..9).map(|_| to(placement.place(0))).unzip();
         assert_eq!(workers, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
         let counts: Vec<usize> = (0..3)
-            .map(|i| balance.counts[i].load(Ordering::Relaxed))
+            .map(|i| placement.counts[i].load(Ordering::Relaxed))
             .collect();
         assert_eq!(counts, [3, 3, 3]);
         drop(held);
-        assert!(balance
+        assert!(placement
             .counts
             .iter()
             .all(|c| c.load(Ordering::Relaxed) == 0));
@@ -114,20 +119,20 @@ mod tests {
 
     #[test]
     fn a_finished_connection_frees_its_place() {
-        let (balance, _inboxes) = Balance::new(2);
-        let (_, first) = to(balance.place(0));
-        let (second_worker, _second) = to(balance.place(0));
+        let (workers, _inboxes) = Workers::<()>::new(2);
+        let (_, first) = to(workers.place(0));
+        let (second_worker, _second) = to(workers.place(0));
         assert_eq!(second_worker, 1);
         drop(first);
         // Worker 0 serves none again, so worker 1 hands over its next connection.
-        let (next, _next) = to(balance.place(1));
+        let (next, _next) = to(workers.place(1));
         assert_eq!(next, 0);
     }
 
     #[test]
     fn one_worker_keeps_everything() {
-        let (balance, _inboxes) = Balance::new(1);
-        let held: Vec<_> = (0..5).map(|_| to(balance.place(0))).collect();
+        let (workers, _inboxes) = Workers::<()>::new(1);
+        let held: Vec<_> = (0..5).map(|_| to(workers.place(0))).collect();
         assert!(held.iter().all(|(worker, _)| *worker == 0));
     }
 }
