@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use remora_proxy::h2_relay::Follower;
-use remora_proxy::listen::{Context, Proxy};
+use remora_proxy::proxy::{Context, Proxy};
 use remora_proxy::metrics::{Direction, Metrics};
 
 const TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
@@ -31,8 +31,9 @@ fn proxy(access_log: bool) -> &'static Proxy {
             access_log,
             h2_relay: true,
             metrics: Metrics::new(),
+            server_first: Default::default(),
             drain: Default::default(),
-            balance: remora_proxy::balance::Balance::new(1).0,
+            workers: remora_proxy::workers::Workers::new(1).0,
             ready: Default::default(),
         }))
     })
