@@ -284,14 +284,18 @@ pub async fn send(
         Err(error) => return Err(failed(Error::Io(error), true)),
     };
     let (parsed, body_sent) = match body {
-        Some(body) if head.expect_continue => match continue_or_final(&mut conn, head).await {
-            None => exchange(&mut conn, head, body, ended).await?,
-            // Answered without the body: it is dropped unread, so hyper does not send the
-            // client `100 Continue` either, and closes the client connection after the response
-            // unless the body was there already to be drained. The server may still expect it:
-            // the connection is not reused.
-            Some(parsed) => (parsed, false),
-        },
+        // Boxed: the wait and its timer are rare, and inline they would grow every request's
+        // future.
+        Some(body) if head.expect_continue => {
+            match Box::pin(continue_or_final(&mut conn, head)).await {
+                None => exchange(&mut conn, head, body, ended).await?,
+                // Answered without the body: it is dropped unread, so hyper does not send the
+                // client `100 Continue` either, and closes the client connection after the response
+                // unless the body was there already to be drained. The server may still expect it:
+                // the connection is not reused.
+                Some(parsed) => (parsed, false),
+            }
+        }
         Some(body) => exchange(&mut conn, head, body, ended).await?,
         None => {
             if head.chunked {
