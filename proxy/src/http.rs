@@ -116,7 +116,6 @@ enum Failure {
     Http1(h1::Error),
 }
 
-/// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
 impl Failure {
     /// A request the client got wrong (its body, its framing), which no upstream could answer.
     fn is_client_error(&self) -> bool {
@@ -124,6 +123,7 @@ impl Failure {
     }
 }
 
+/// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
 fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
     texts.join(": ")
