@@ -5,9 +5,11 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
+pub mod discover;
 pub mod drain;
 pub mod h1;
 pub mod h2_relay;

@@ -61,6 +61,62 @@ struct DirectionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    namespace: String,
+    service: String,
+    route: String,
+    status_code: u16,
+}
+
+/// What the proxy knows from the control plane, and the requests it balanced.
+#[derive(Debug, Clone, Default)]
+pub struct ControlMetrics {
+    /// 1 while a watch is receiving from the control plane.
+    pub connected: Gauge,
+    endpoints: Family<ServiceLabels, Gauge>,
+    routes: Family<RouteLabels, Counter>,
+}
+
+impl ControlMetrics {
+    /// The `balancer_endpoints` handle of one Service port.
+    pub fn endpoints(&self, namespace: &str, service: &str, port: u32) -> Gauge {
+        self.endpoints
+            .get_or_create(&ServiceLabels {
+                namespace: namespace.to_string(),
+                service: service.to_string(),
+                port: u16::try_from(port).unwrap_or(0),
+            })
+            .clone()
+    }
+
+    /// The `route_requests_total` handle of one Service, route and status: made once per
+    /// status by the caller's cache, never hashed per request.
+    pub fn route_requests(
+        &self,
+        namespace: &str,
+        service: &str,
+        route: &str,
+        status_code: u16,
+    ) -> Counter {
+        self.routes
+            .get_or_create(&RouteLabels {
+                namespace: namespace.to_string(),
+                service: service.to_string(),
+                route: route.to_string(),
+                status_code,
+            })
+            .clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BytesLabels {
     direction: Direction,
     flow: Flow,
@@ -232,6 +288,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub inbound: DirectionMetrics,
     pub outbound: DirectionMetrics,
+    pub control: ControlMetrics,
 }
 
 impl Default for Metrics {
@@ -300,6 +357,22 @@ impl Metrics {
             "Destinations remembered as server-first (held a few minutes, a bounded number)",
             server_first.clone(),
         );
+        let control = ControlMetrics::default();
+        registry.register(
+            "control_connected",
+            "1 while the proxy receives from the control plane (remora-control), else 0",
+            control.connected.clone(),
+        );
+        registry.register(
+            "balancer_endpoints",
+            "Ready endpoints known for a Service port this pod sends to",
+            control.endpoints.clone(),
+        );
+        registry.register(
+            "route_requests",
+            "Outbound HTTP requests to Services, by route and status code",
+            control.routes.clone(),
+        );
         // One `let` per handle: get_or_create returns a lock guard, and guards kept alive as
         // temporaries of one struct expression would deadlock on the same family.
         let direction_metrics = |direction| {
@@ -332,6 +405,7 @@ impl Metrics {
         Self {
             inbound: direction_metrics(Direction::Inbound),
             outbound: direction_metrics(Direction::Outbound),
+            control,
             registry,
         }
     }

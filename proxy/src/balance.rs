@@ -1,0 +1,498 @@
+//! Per-request load balancing over one Service port's ready endpoints: the power of two choices
+//! over peak-EWMA latency × outstanding requests (Linkerd's defaults: 30 ms for an endpoint not
+//! yet measured, 10 s decay), per worker thread, so no state crosses cores.
+//!
+//! **How an idle endpoint's estimate ages.** Two random endpoints are compared and the cheaper
+//! one takes the request. Under a strictly sequential client nothing is ever outstanding, so the
+//! cost is the latency estimate alone, and the endpoint with the highest estimate loses every
+//! comparison it is drawn into: it never gets a new sample, and its estimate, made perhaps of one
+//! slow first request, keeps it out for ever (linkerd2#14086). Here an endpoint with nothing
+//! outstanding has its estimate halved for every [`AGE_PICKS`] × (endpoints) picks that passed it
+//! by; the halving is kept when the endpoint is next drawn, so one good sample then brings it
+//! back. Counting picks rather than seconds makes the ageing independent of how fast the
+//! endpoints are: among equally fast endpoints, one with an unlucky estimate is back within a few
+//! dozen requests, and an endpoint 50× slower than the rest is still probed only about once per
+//! `AGE_PICKS × n × log2(50)` requests (about 70 with three endpoints). An endpoint that is
+//! busy is never aged: its outstanding requests are its cost.
+//!
+//! A failed connect counts as a [`FAILURE_PENALTY`] sample, so a dead endpoint drops out of the
+//! choice at once and is probed again only as the ageing brings it back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The latency assumed for an endpoint that has not answered yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast older samples lose weight against newer ones.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// An idle endpoint's estimate halves every `AGE_PICKS` × (number of endpoints) picks without it.
+pub const AGE_PICKS: u64 = 4;
+/// The sample a failed connect counts as.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// One endpoint and what the worker knows of its load. Atomics only so that a [`Pick`] can be
+/// sent with a request's future; one worker thread reads and writes them (relaxed).
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Peak-EWMA latency, in nanoseconds (an f64's bits).
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last updated, in nanoseconds since the balancer's epoch.
+    updated_ns: AtomicU64,
+    /// Requests (or connections) sent and not yet answered (closed).
+    pending: AtomicU32,
+    /// The balancer's pick count when this endpoint was last drawn or answered.
+    seen_pick: AtomicU64,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, picks: u64) -> Self {
+        Self {
+            addr,
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            updated_ns: AtomicU64::new(0),
+            pending: AtomicU32::new(0),
+            seen_pick: AtomicU64::new(picks),
+        }
+    }
+
+    fn rtt(&self) -> f64 {
+        f64::from_bits(self.rtt_ns.load(Relaxed))
+    }
+
+    /// Requests outstanding (HTTP) or connections open (opaque TCP).
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Relaxed)
+    }
+
+    /// The estimate after ageing for the picks that passed it by, stored: see the module doc.
+    fn aged_rtt(&self, picks: u64, endpoints: usize) -> f64 {
+        let rtt = self.rtt();
+        let skipped = picks.saturating_sub(self.seen_pick.swap(picks, Relaxed));
+        if skipped == 0 || self.pending() > 0 {
+            return rtt;
+        }
+        let period = (AGE_PICKS * endpoints as u64).max(1) as f64;
+        let aged = rtt * (-(skipped as f64) / period).exp2();
+        self.rtt_ns.store(aged.to_bits(), Relaxed);
+        aged
+    }
+
+    /// Folds one latency sample into the estimate: a higher sample replaces it at once (peak),
+    /// a lower one is averaged in by how long it has been since the last ([`DECAY`]).
+    fn observe(&self, sample: Duration, now_ns: u64) {
+        let sample = sample.as_nanos() as f64;
+        let rtt = self.rtt();
+        let next = if sample >= rtt {
+            sample
+        } else {
+            let elapsed = now_ns.saturating_sub(self.updated_ns.load(Relaxed)) as f64;
+            let weight = (-elapsed / DECAY.as_nanos() as f64).exp();
+            rtt * weight + sample * (1.0 - weight)
+        };
+        self.rtt_ns.store(next.to_bits(), Relaxed);
+        self.updated_ns.store(now_ns, Relaxed);
+    }
+}
+
+/// One worker's balancer for one Service port.
+#[derive(Debug)]
+pub struct Balancer {
+    endpoints: Vec<Arc<Endpoint>>,
+    picks: u64,
+    rng: u64,
+    epoch: Instant,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Balancer {
+    pub fn new() -> Self {
+        // Seeded per balancer so that workers and targets don't draw in step.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self::with_seed(seed)
+    }
+
+    pub fn with_seed(seed: u64) -> Self {
+        Self {
+            endpoints: Vec::new(),
+            picks: 0,
+            rng: seed | 1,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The endpoints now ready, in any order. An endpoint that stays keeps what was learned of
+    /// it (and its requests in flight finish where they are); a new one starts at [`DEFAULT_RTT`].
+    pub fn update(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let mut next: Vec<Arc<Endpoint>> = addrs
+            .into_iter()
+            .map(|addr| {
+                self.endpoints
+                    .iter()
+                    .find(|e| e.addr == addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(addr, self.picks)))
+            })
+            .collect();
+        next.sort_by_key(|e| e.addr);
+        next.dedup_by_key(|e| e.addr);
+        self.endpoints = next;
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoints.iter().map(|e| e.addr)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: plenty for choosing among endpoints.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Chooses the endpoint for one request, skipping those in `tried` (whose connect failed for
+    /// this request). `None` when no endpoint is left.
+    pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<Pick> {
+        self.pick_at(tried, Instant::now())
+    }
+
+    /// [`Balancer::pick`] at a given time (tests drive a virtual clock).
+    pub fn pick_at(&mut self, tried: &[SocketAddr], now: Instant) -> Option<Pick> {
+        self.picks += 1;
+        let picks = self.picks;
+        let count = self.endpoints.len();
+        let candidates = self
+            .endpoints
+            .iter()
+            .filter(|e| !tried.contains(&e.addr))
+            .count();
+        let chosen = match candidates {
+            0 => return None,
+            1 => self
+                .endpoints
+                .iter()
+                .find(|e| !tried.contains(&e.addr))
+                .cloned()?,
+            _ => {
+                let a = self.draw(tried, None);
+                let b = self.draw(tried, Some(a));
+                let cost = |e: &Endpoint| e.aged_rtt(picks, count) * f64::from(e.pending() + 1);
+                let (a, b) = (&self.endpoints[a], &self.endpoints[b]);
+                if cost(b) < cost(a) {
+                    b.clone()
+                } else {
+                    a.clone()
+                }
+            }
+        };
+        chosen.seen_pick.store(picks, Relaxed);
+        chosen.pending.fetch_add(1, Relaxed);
+        Some(Pick {
+            endpoint: chosen,
+            sent: now,
+            epoch: self.epoch,
+            open: true,
+        })
+    }
+
+    /// A random index of an endpoint not in `tried` and not `other`; the caller made sure one exists.
+    fn draw(&mut self, tried: &[SocketAddr], other: Option<usize>) -> usize {
+        let count = self.endpoints.len() as u64;
+        loop {
+            let i = (self.next_random() % count) as usize;
+            if Some(i) != other && !tried.contains(&self.endpoints[i].addr) {
+                return i;
+            }
+        }
+    }
+
+    /// Chooses the endpoint for one opaque TCP connection: the fewest open (ties broken at
+    /// random), skipping those in `tried`.
+    pub fn pick_connection(&mut self, tried: &[SocketAddr]) -> Option<Pick> {
+        let start = if self.endpoints.is_empty() {
+            0
+        } else {
+            (self.next_random() % self.endpoints.len() as u64) as usize
+        };
+        let count = self.endpoints.len();
+        let chosen = (0..count)
+            .map(|i| &self.endpoints[(start + i) % count])
+            .filter(|e| !tried.contains(&e.addr))
+            .min_by_key(|e| e.pending())?
+            .clone();
+        chosen.pending.fetch_add(1, Relaxed);
+        Some(Pick {
+            endpoint: chosen,
+            sent: Instant::now(),
+            epoch: self.epoch,
+            open: true,
+        })
+    }
+}
+
+/// One request (or connection) on its way to an endpoint; outstanding until it is answered or
+/// dropped.
+#[derive(Debug)]
+pub struct Pick {
+    endpoint: Arc<Endpoint>,
+    sent: Instant,
+    epoch: Instant,
+    open: bool,
+}
+
+impl Pick {
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+
+    /// The response head arrived: its latency is a sample, and the request is no longer
+    /// outstanding.
+    pub fn answered(self) {
+        self.answered_at(Instant::now());
+    }
+
+    /// [`Pick::answered`] at a given time (tests drive a virtual clock).
+    pub fn answered_at(mut self, now: Instant) {
+        self.endpoint.observe(
+            now.saturating_duration_since(self.sent),
+            now.saturating_duration_since(self.epoch).as_nanos() as u64,
+        );
+        self.close();
+    }
+
+    /// The connect failed: the endpoint is penalised so that other requests avoid it.
+    pub fn failed(mut self) {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.endpoint.observe(FAILURE_PENALTY, now_ns);
+        self.close();
+    }
+
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.endpoint.pending.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([198, 18, 1, i], 8080)))
+            .collect()
+    }
+
+    /// A strictly sequential client on a virtual clock: each request answered after
+    /// `latency(endpoint, i)` before the next is sent. Returns requests per endpoint.
+    fn sequential(
+        balancer: &mut Balancer,
+        requests: usize,
+        latency: impl Fn(usize, usize) -> Duration,
+    ) -> Vec<usize> {
+        let endpoints: Vec<SocketAddr> = balancer.addrs().collect();
+        let mut counts = vec![0; endpoints.len()];
+        let mut now = Instant::now();
+        for i in 0..requests {
+            let pick = balancer.pick_at(&[], now).unwrap();
+            let index = endpoints.iter().position(|a| *a == pick.addr()).unwrap();
+            counts[index] += 1;
+            now += latency(index, i);
+            pick.answered_at(now);
+        }
+        counts
+    }
+
+    /// `in_flight` requests always outstanding, answered in order of completion time.
+    fn concurrent(
+        balancer: &mut Balancer,
+        requests: usize,
+        in_flight: usize,
+        latency: impl Fn(usize, usize) -> Duration,
+    ) -> Vec<usize> {
+        let endpoints: Vec<SocketAddr> = balancer.addrs().collect();
+        let mut counts = vec![0; endpoints.len()];
+        let start = Instant::now();
+        let mut now = start;
+        let mut outstanding: Vec<(Instant, Pick)> = Vec::new();
+        for i in 0..requests {
+            if outstanding.len() == in_flight {
+                let first = (0..outstanding.len())
+                    .min_by_key(|&k| outstanding[k].0)
+                    .unwrap();
+                let (done, pick) = outstanding.swap_remove(first);
+                now = now.max(done);
+                pick.answered_at(now);
+            }
+            let pick = balancer.pick_at(&[], now).unwrap();
+            let index = endpoints.iter().position(|a| *a == pick.addr()).unwrap();
+            counts[index] += 1;
+            outstanding.push((now + latency(index, i), pick));
+        }
+        counts
+    }
+
+    /// Jitter of ±20 % around `base`, deterministic per request.
+    fn jittered(base: Duration, i: usize) -> Duration {
+        let wobble = (i.wrapping_mul(2_654_435_761) % 41) as u32; // 0..=40
+        base * (80 + wobble) / 100
+    }
+
+    fn share(counts: &[usize]) -> Vec<f64> {
+        let total: usize = counts.iter().sum();
+        counts
+            .iter()
+            .map(|&c| c as f64 * 100.0 / total as f64)
+            .collect()
+    }
+
+    #[test]
+    fn equally_fast_endpoints_share_concurrent_load_within_five_points() {
+        for seed in 1..=20 {
+            let mut balancer = Balancer::with_seed(seed);
+            balancer.update(addrs(3));
+            let counts = concurrent(&mut balancer, 500, 10, |_, i| {
+                jittered(Duration::from_millis(1), i)
+            });
+            for share in share(&counts) {
+                assert!(
+                    (share - 100.0 / 3.0).abs() <= 5.0,
+                    "seed {seed}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequential_client_starves_no_equally_fast_endpoint() {
+        for seed in 1..=20 {
+            let mut balancer = Balancer::with_seed(seed);
+            balancer.update(addrs(3));
+            // The first request to each endpoint is slow (a cold connection), as in practice:
+            // without ageing, the endpoint whose slow first answer came last would never be
+            // chosen again.
+            let counts = sequential(&mut balancer, 500, |_, i| {
+                if i < 3 {
+                    Duration::from_millis(20)
+                } else {
+                    jittered(Duration::from_micros(300), i)
+                }
+            });
+            for share in share(&counts) {
+                assert!(share >= 10.0, "seed {seed}: {counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_fifty_milliseconds_slower_gets_under_ten_percent() {
+        for seed in 1..=20 {
+            for in_flight in [1, 10] {
+                let mut balancer = Balancer::with_seed(seed);
+                balancer.update(addrs(3));
+                let latency = |endpoint: usize, i: usize| {
+                    let base = jittered(Duration::from_millis(1), i);
+                    if endpoint == 2 {
+                        base + Duration::from_millis(50)
+                    } else {
+                        base
+                    }
+                };
+                let counts = concurrent(&mut balancer, 500, in_flight, latency);
+                assert!(
+                    share(&counts)[2] < 10.0,
+                    "seed {seed}, {in_flight} in flight: {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_connect_moves_the_request_and_keeps_others_away() {
+        let mut balancer = Balancer::with_seed(7);
+        balancer.update(addrs(3));
+        let dead = addrs(3)[0];
+        let mut now = Instant::now();
+        let mut to_dead = 0;
+        for _ in 0..100 {
+            let mut tried = Vec::new();
+            let pick = loop {
+                let pick = balancer.pick_at(&tried, now).unwrap();
+                if pick.addr() != dead {
+                    break pick;
+                }
+                to_dead += 1;
+                tried.push(pick.addr());
+                pick.failed();
+            };
+            now += Duration::from_millis(1);
+            pick.answered_at(now);
+        }
+        // Drawn again only as the ageing brings it back: a few probes in a hundred requests.
+        assert!(
+            to_dead <= 5,
+            "{to_dead} requests tried the dead endpoint first"
+        );
+        // Every endpoint tried: nothing left.
+        let all = addrs(3);
+        assert!(balancer.pick(&all).is_none());
+    }
+
+    #[test]
+    fn an_update_keeps_what_was_learned_and_in_flight_requests_finish() {
+        let mut balancer = Balancer::with_seed(3);
+        balancer.update(addrs(2));
+        let pick = balancer.pick(&[]).unwrap();
+        let kept = pick.addr();
+        balancer.update([kept]);
+        assert_eq!(balancer.len(), 1);
+        assert_eq!(
+            balancer.endpoints[0].pending(),
+            1,
+            "the request in flight still counts"
+        );
+        pick.answered();
+        assert_eq!(balancer.endpoints[0].pending(), 0);
+        balancer.update(Vec::new());
+        assert!(balancer.pick(&[]).is_none(), "no endpoint: no pick");
+    }
+
+    #[test]
+    fn connections_go_to_the_endpoint_with_fewest_open() {
+        let mut balancer = Balancer::with_seed(5);
+        balancer.update(addrs(3));
+        let open: Vec<Pick> = (0..30)
+            .map(|_| balancer.pick_connection(&[]).unwrap())
+            .collect();
+        for addr in addrs(3) {
+            assert_eq!(open.iter().filter(|p| p.addr() == addr).count(), 10);
+        }
+    }
+}

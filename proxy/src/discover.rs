@@ -1,0 +1,428 @@
+//! The proxy's side of the discovery API (SPEC: `remora-control`): one watch per target that
+//! this pod connects to, shared by all worker threads.
+//!
+//! - **Lazy**: a target is asked for on its first connection, and dropped once no connection
+//!   has used it for [`IDLE_EXPIRY`]. A pod that talks to ten Services holds ten watches however
+//!   many Services the cluster has.
+//! - **Fail open**: a connection waits for a target's first snapshot at most [`FIRST_SNAPSHOT_WAIT`],
+//!   and not at all once the control plane is known to be unreachable; without a snapshot it
+//!   goes to its original destination (kube-proxy still balances it per connection).
+//! - **Last snapshot kept**: a stream that fails keeps what it had and reconnects with backoff;
+//!   a restarted control plane sends whole snapshots again.
+//!
+//! The watches run on the admin thread's runtime; workers read them through `tokio::sync::watch`
+//! receivers, so a snapshot reaches a worker's next request without crossing a lock.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use remora_api::discovery::discovery_client::DiscoveryClient;
+use remora_api::discovery::{self as api, snapshot};
+use tokio::sync::watch;
+use tonic::transport::{Channel, ClientTlsConfig};
+use tracing::{debug, info, warn};
+
+use crate::metrics::ControlMetrics;
+
+/// How long a connection waits for its target's first snapshot before it is forwarded to its
+/// original destination (SPEC: at most 1 s).
+pub const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_millis(900);
+/// A target no connection used for this long is dropped (SPEC: 60 s).
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(60);
+/// Reconnect backoff after a failed stream: doubling from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// How long the control plane gets to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a Service port's traffic is recognised: its `appProtocol`, or detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// No `appProtocol`: detect as for any destination.
+    Detect,
+    /// `http`, `http2`, `kubernetes.io/h2c`, `grpc`: HTTP, the client speaks first.
+    Http,
+    /// `tcp` and every other value (`mysql`, `redis`, …): a byte stream, no detection.
+    Opaque,
+}
+
+impl AppProtocol {
+    pub fn of(app_protocol: &str) -> Self {
+        match app_protocol {
+            "" => Self::Detect,
+            "http" | "http2" | "kubernetes.io/h2c" | "grpc" | "kubernetes.io/h2" => Self::Http,
+            _ => Self::Opaque,
+        }
+    }
+}
+
+/// One Service port as the last snapshot described it.
+#[derive(Debug)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub protocol: AppProtocol,
+    /// Ready endpoints, sorted.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// What the proxy knows of one target.
+#[derive(Debug, Clone)]
+pub enum Known {
+    /// No snapshot yet; the control plane has not failed either.
+    Waiting,
+    /// No snapshot, and the control plane could not be reached: forward (fail open).
+    Unreachable,
+    /// Not a Service address: forward to the original destination.
+    Passthrough,
+    Service(Arc<Service>),
+}
+
+impl Known {
+    pub fn service(&self) -> Option<&Arc<Service>> {
+        match self {
+            Known::Service(service) => Some(service),
+            _ => None,
+        }
+    }
+}
+
+/// How the proxy reaches the control plane (from its flags).
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// `host:port`.
+    pub addr: String,
+    /// The name the control plane's certificate must carry.
+    pub name: String,
+    /// PEM trust anchors; `None` for plaintext.
+    pub trust_anchors: Option<Vec<u8>>,
+    /// The proxy's own pod.
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// One target's watch, shared by the workers.
+#[derive(Debug)]
+pub struct Watched {
+    pub known: watch::Receiver<Known>,
+    /// Connections using the target now.
+    active: AtomicU32,
+    /// When the last of them ended, in milliseconds since the discovery started.
+    released_ms: AtomicU64,
+}
+
+/// A connection's use of a target: keeps the target's watch from expiring while it is open.
+#[derive(Debug)]
+pub struct InUse {
+    watched: Arc<Watched>,
+    epoch: Instant,
+}
+
+impl InUse {
+    pub fn known(&self) -> &watch::Receiver<Known> {
+        &self.watched.known
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.watched
+            .released_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+        self.watched.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The process's discovery client.
+pub struct Discovery {
+    client: DiscoveryClient<Channel>,
+    config: ControlConfig,
+    targets: Mutex<HashMap<SocketAddr, Arc<Watched>>>,
+    /// Where the watches run (the admin thread's runtime).
+    runtime: tokio::runtime::Handle,
+    epoch: Instant,
+    metrics: ControlMetrics,
+    /// Streams that are receiving now: `control_connected` is 1 while any is.
+    connected_streams: AtomicU32,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("control", &self.config.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("--control {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("trust anchors: {0}")]
+    TrustAnchors(String),
+}
+
+impl Discovery {
+    /// Must be called inside `runtime` (the channel's tasks start there); connects lazily, on
+    /// the first watch.
+    pub fn new(
+        config: ControlConfig,
+        runtime: tokio::runtime::Handle,
+        metrics: ControlMetrics,
+    ) -> Result<Self, DiscoveryError> {
+        let scheme = if config.trust_anchors.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let uri = format!("{scheme}://{}", config.addr);
+        let address_error = |reason: String| DiscoveryError::Address {
+            addr: config.addr.clone(),
+            reason,
+        };
+        let mut endpoint = Channel::from_shared(uri)
+            .map_err(|error| address_error(error.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        if let Some(pem) = &config.trust_anchors {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                .domain_name(config.name.clone());
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|error| DiscoveryError::TrustAnchors(error.to_string()))?;
+        }
+        let channel = endpoint.connect_lazy();
+        Ok(Self {
+            client: DiscoveryClient::new(channel),
+            config,
+            targets: Mutex::new(HashMap::new()),
+            runtime,
+            epoch: Instant::now(),
+            metrics,
+            connected_streams: AtomicU32::new(0),
+        })
+    }
+
+    /// The watch of `target`, started on first use; the caller holds the returned [`InUse`]
+    /// while its connection is open.
+    pub fn watch(&'static self, target: SocketAddr) -> InUse {
+        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        let watched = targets.entry(target).or_insert_with(|| {
+            let (tx, known) = watch::channel(Known::Waiting);
+            let watched = Arc::new(Watched {
+                known,
+                active: AtomicU32::new(0),
+                released_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            });
+            self.runtime
+                .spawn(self.follow(target, tx, Arc::clone(&watched)));
+            watched
+        });
+        // Under the lock: `expired` sees either no use yet and a fresh release time, or this use.
+        watched.active.fetch_add(1, Relaxed);
+        InUse {
+            watched: Arc::clone(watched),
+            epoch: self.epoch,
+        }
+    }
+
+    /// Targets watched now.
+    pub fn len(&self) -> usize {
+        self.targets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn idle(&self, watched: &Watched) -> bool {
+        watched.active.load(Relaxed) == 0
+            && self.epoch.elapsed().as_millis() as u64
+                >= watched.released_ms.load(Relaxed) + IDLE_EXPIRY.as_millis() as u64
+    }
+
+    /// Follows one target until it expires: streams its snapshots, reconnecting with backoff.
+    async fn follow(
+        &'static self,
+        target: SocketAddr,
+        tx: watch::Sender<Known>,
+        watched: Arc<Watched>,
+    ) {
+        let request = api::WatchRequest {
+            target: target.to_string(),
+            namespace: self.config.namespace.clone(),
+            pod: self.config.pod.clone(),
+        };
+        let mut backoff = BACKOFF.0;
+        let mut gauge: Option<Gauge> = None;
+        while !self.expired(target, &watched) {
+            match self.client.clone().watch(request.clone()).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    let mut receiving = Receiving::new(self);
+                    loop {
+                        let next = tokio::select! {
+                            next = stream.message() => next,
+                            () = tokio::time::sleep(IDLE_EXPIRY / 4) => {
+                                if self.idle(&watched) {
+                                    break;
+                                }
+                                continue;
+                            }
+                        };
+                        match next {
+                            Ok(Some(snapshot)) => {
+                                receiving.started();
+                                backoff = BACKOFF.0;
+                                tx.send_replace(self.known(target, snapshot, &mut gauge));
+                            }
+                            Ok(None) => {
+                                debug!(%target, "control plane ended the watch");
+                                break;
+                            }
+                            Err(status) => {
+                                debug!(%target, %status, "watch failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => {
+                    if matches!(*tx.borrow(), Known::Waiting) {
+                        tx.send_replace(Known::Unreachable);
+                        warn!(%target, control = %self.config.addr, %status,
+                            "control plane unreachable: forwarding to the original destination until it answers");
+                    } else {
+                        debug!(%target, %status, "watch failed; keeping the last snapshot");
+                    }
+                }
+            }
+            if self.idle(&watched) {
+                continue;
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+        if let Some(gauge) = gauge {
+            gauge.set(0);
+        }
+        debug!(%target, "target unused, dropped");
+    }
+
+    /// Whether the target is unused and was dropped; checked under the map's lock so that a
+    /// connection taking the target at the same moment keeps it followed.
+    fn expired(&self, target: SocketAddr, watched: &Watched) -> bool {
+        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.idle(watched) {
+            targets.remove(&target);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn known(
+        &self,
+        target: SocketAddr,
+        snapshot: api::Snapshot,
+        gauge: &mut Option<Gauge>,
+    ) -> Known {
+        match snapshot.kind {
+            Some(snapshot::Kind::Service(service)) => {
+                let endpoints = endpoints(&service.endpoints, target);
+                let handle =
+                    self.metrics
+                        .endpoints(&service.namespace, &service.name, service.port);
+                handle.set(endpoints.len() as i64);
+                *gauge = Some(handle);
+                info!(%target, service = %format!("{}/{}:{}", service.namespace, service.name, service.port),
+                    endpoints = endpoints.len(), "snapshot");
+                Known::Service(Arc::new(Service {
+                    namespace: service.namespace,
+                    name: service.name,
+                    port: u16::try_from(service.port).unwrap_or(target.port()),
+                    protocol: AppProtocol::of(&service.app_protocol),
+                    endpoints,
+                }))
+            }
+            Some(snapshot::Kind::Passthrough(_)) | None => {
+                if let Some(gauge) = gauge.take() {
+                    gauge.set(0);
+                }
+                Known::Passthrough
+            }
+        }
+    }
+}
+
+/// A stream that is receiving: `control_connected` is 1 while any is.
+struct Receiving {
+    discovery: &'static Discovery,
+    started: bool,
+}
+
+impl Receiving {
+    fn new(discovery: &'static Discovery) -> Self {
+        Self {
+            discovery,
+            started: false,
+        }
+    }
+
+    fn started(&mut self) {
+        if !std::mem::replace(&mut self.started, true)
+            && self.discovery.connected_streams.fetch_add(1, Relaxed) == 0
+        {
+            self.discovery.metrics.connected.set(1);
+        }
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if self.started && self.discovery.connected_streams.fetch_sub(1, Relaxed) == 1 {
+            self.discovery.metrics.connected.set(0);
+        }
+    }
+}
+
+/// The snapshot's endpoints as addresses, sorted; one that does not parse is skipped (logged).
+fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = list
+        .iter()
+        .filter_map(|endpoint| {
+            let ip = endpoint.ip.parse::<IpAddr>().ok();
+            let port = u16::try_from(endpoint.port).ok().filter(|port| *port != 0);
+            match (ip, port) {
+                (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+                _ => {
+                    warn!(%target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
+                    None
+                }
+            }
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// `delay` ± up to a quarter, so that many watches that failed together don't retry together.
+fn jitter(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let quarter = delay / 4;
+    delay - quarter + quarter * 2 * (nanos % 1000) / 1000
+}
