@@ -9,6 +9,7 @@ use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_POR
 use remora_init::PortList;
 
 use crate::connect::Keepalive;
+use crate::discover::ControlConfig;
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy
@@ -32,6 +33,11 @@ const DEFAULT_MAX_WORKERS: usize = 2;
 pub enum ConfigError {
     #[error("{flag}: {value:?} is not a duration (expected e.g. 500ms, 2s or 1m)")]
     Duration { flag: &'static str, value: String },
+    #[error(
+        "--control: {value:?} is not host:port (a DNS name or an IP literal, IPv6 in \
+         brackets, and a port from 1 to 65535; e.g. remora-control.remora-system.svc:8090)"
+    )]
+    ControlAddr { value: String },
     #[error(
         "--tcp-keepalive: {value:?} is not a whole number of seconds from 1s to {max}s, or 0 \
          for off (the kernel counts keepalive in seconds)",
@@ -140,6 +146,30 @@ pub struct Args {
     /// either way.
     #[arg(long, value_enum, default_value = "relay", value_name = "MODE")]
     pub h2_mode: H2Mode,
+
+    /// The control plane, remora-control, as host:port (a DNS name or an IP literal, IPv6 in
+    /// brackets). With it, outbound connections to a Service's ClusterIP are balanced per
+    /// request over the Service's ready endpoints; without it, or while it cannot be reached
+    /// before a destination's first answer, every connection goes to its original destination.
+    #[arg(long, value_name = "ADDR", value_parser = parse_control_addr)]
+    pub control: Option<String>,
+
+    /// The name the control plane's certificate must carry.
+    #[arg(
+        long,
+        default_value = "remora-control.remora-system.svc",
+        value_name = "NAME"
+    )]
+    pub control_name: String,
+
+    /// PEM file of the certificate authorities that verify the control plane. Without it, the
+    /// environment variable REMORA_TRUST_ANCHORS holds the PEM text itself (the injector sets it).
+    #[arg(long, value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+
+    /// Talk to the control plane without TLS (tests, a laptop).
+    #[arg(long)]
+    pub control_plaintext: bool,
 }
 
 fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
@@ -164,6 +194,34 @@ fn parse_tcp_keepalive(value: &str) -> Result<Duration, ConfigError> {
         })
 }
 
+/// `host:port`: a DNS name, an IPv4 literal or a bracketed IPv6 literal, and a port.
+fn parse_control_addr(value: &str) -> Result<String, ConfigError> {
+    let error = || ConfigError::ControlAddr {
+        value: value.to_string(),
+    };
+    if value.parse::<SocketAddr>().is_ok() {
+        return Ok(value.to_string());
+    }
+    let (host, port) = value.rsplit_once(':').ok_or_else(error)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if port_ok && host_ok {
+        Ok(value.to_string())
+    } else {
+        Err(error())
+    }
+}
+
 /// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
 pub fn parse_duration(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -181,7 +239,61 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
+/// Why the control plane's settings can't be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "--control {addr} needs trust anchors to verify it: --trust-anchors FILE, or the PEM \
+         text in the environment variable REMORA_TRUST_ANCHORS (or --control-plaintext)"
+    )]
+    NoTrustAnchors { addr: String },
+    #[error("--trust-anchors {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{source_name}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)")]
+    NoCertificate { source_name: String },
+}
+
 impl Args {
+    /// How to reach the control plane, `None` without `--control`. `env` reads the process
+    /// environment (a parameter so tests need not change it): `REMORA_TRUST_ANCHORS`,
+    /// `POD_NAMESPACE`, `POD_NAME`.
+    pub fn control_config(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<ControlConfig>, ControlError> {
+        let Some(addr) = self.control.clone() else {
+            return Ok(None);
+        };
+        let trust_anchors = if self.control_plaintext {
+            None
+        } else {
+            let (pem, source_name) = match (&self.trust_anchors, env("REMORA_TRUST_ANCHORS")) {
+                (Some(path), _) => (
+                    std::fs::read(path).map_err(|error| ControlError::Read {
+                        path: path.display().to_string(),
+                        error,
+                    })?,
+                    format!("--trust-anchors {}", path.display()),
+                ),
+                (None, Some(text)) if !text.trim().is_empty() => {
+                    (text.into_bytes(), "REMORA_TRUST_ANCHORS".to_string())
+                }
+                (None, _) => return Err(ControlError::NoTrustAnchors { addr }),
+            };
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ControlError::NoCertificate { source_name });
+            }
+            Some(pem)
+        };
+        Ok(Some(ControlConfig {
+            addr,
+            name: self.control_name.clone(),
+            trust_anchors,
+            namespace: env("POD_NAMESPACE").unwrap_or_default(),
+            pod: env("POD_NAME").unwrap_or_default(),
+        }))
+    }
+
     /// The outbound listeners: the flag's address, plus `[::1]` for `127.0.0.1`.
     pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
         with_ipv6_companion(self.outbound_listen)
@@ -286,6 +398,95 @@ mod tests {
         for bad in ["", "s", "1h", "-1s", "fast"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn control_takes_host_and_port() {
+        for good in [
+            "remora-control.remora-system.svc:8090",
+            "127.0.0.1:8090",
+            "[::1]:8090",
+            "[2001:2::5]:443",
+            "localhost:1",
+        ] {
+            let args = Args::try_parse_from(["remora-proxy", "--control", good]).unwrap();
+            assert_eq!(args.control.as_deref(), Some(good));
+        }
+        for bad in [
+            "remora-control",
+            "host:",
+            ":8090",
+            "host:0",
+            "host:99999",
+            "::1:8090",
+            "a b:1",
+            "x-.svc:1",
+            "http://x:1",
+        ] {
+            let err = Args::try_parse_from(["remora-proxy", "--control", bad]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("--control") && text.contains("host:port"),
+                "{bad}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_control_plane_needs_trust_anchors_unless_plaintext() {
+        let none = |_: &str| None;
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert!(args.control_config(none).unwrap().is_none());
+
+        let args = Args::try_parse_from(["remora-proxy", "--control", "c:1"]).unwrap();
+        let err = args.control_config(none).unwrap_err().to_string();
+        assert!(
+            err.contains("REMORA_TRUST_ANCHORS") && err.contains("--trust-anchors"),
+            "{err}"
+        );
+
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let env = |name: &str| match name {
+            "REMORA_TRUST_ANCHORS" => Some(pem.to_string()),
+            "POD_NAMESPACE" => Some("shop".to_string()),
+            "POD_NAME" => Some("web-1".to_string()),
+            _ => None,
+        };
+        let config = args.control_config(env).unwrap().unwrap();
+        assert_eq!(config.trust_anchors.as_deref(), Some(pem.as_bytes()));
+        assert_eq!(
+            (config.namespace.as_str(), config.pod.as_str()),
+            ("shop", "web-1")
+        );
+        assert_eq!(config.name, "remora-control.remora-system.svc");
+
+        let not_pem = |name: &str| (name == "REMORA_TRUST_ANCHORS").then(|| "hello".to_string());
+        let err = args.control_config(not_pem).unwrap_err().to_string();
+        assert!(
+            err.contains("REMORA_TRUST_ANCHORS") && err.contains("BEGIN CERTIFICATE"),
+            "{err}"
+        );
+
+        let args =
+            Args::try_parse_from(["remora-proxy", "--control", "c:1", "--control-plaintext"])
+                .unwrap();
+        assert!(args
+            .control_config(none)
+            .unwrap()
+            .unwrap()
+            .trust_anchors
+            .is_none());
+
+        let args = Args::try_parse_from([
+            "remora-proxy",
+            "--control",
+            "c:1",
+            "--trust-anchors",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        let err = args.control_config(none).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]
