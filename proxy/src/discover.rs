@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,9 @@ pub struct Watched {
     active: AtomicU32,
     /// When the last of them ended, in milliseconds since the discovery started.
     released_ms: AtomicU64,
+    /// Set when the target is dropped for want of use; a worker holding it asks again.
+    expired: AtomicBool,
+    epoch: Instant,
 }
 
 /// A connection's use of a target: keeps the target's watch from expiring while it is open.
@@ -125,6 +128,25 @@ pub struct InUse {
 impl InUse {
     pub fn known(&self) -> &watch::Receiver<Known> {
         &self.watched.known
+    }
+
+    pub fn watched(&self) -> Arc<Watched> {
+        Arc::clone(&self.watched)
+    }
+
+    /// One more use of a target a worker already holds; `None` if it has just expired (then
+    /// [`Discovery::watch`] starts it again). Pairs with [`Discovery::expired`]: each side
+    /// writes its own flag, then reads the other's, so at least one of them sees the other.
+    pub fn again(watched: &Arc<Watched>) -> Option<InUse> {
+        watched.active.fetch_add(1, SeqCst);
+        if watched.expired.load(SeqCst) {
+            watched.active.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(InUse {
+            watched: Arc::clone(watched),
+            epoch: watched.epoch,
+        })
     }
 }
 
@@ -221,13 +243,15 @@ impl Discovery {
                 known,
                 active: AtomicU32::new(0),
                 released_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+                expired: AtomicBool::new(false),
+                epoch: self.epoch,
             });
             self.runtime
                 .spawn(self.follow(target, tx, Arc::clone(&watched)));
             watched
         });
         // Under the lock: `expired` sees either no use yet and a fresh release time, or this use.
-        watched.active.fetch_add(1, Relaxed);
+        watched.active.fetch_add(1, SeqCst);
         InUse {
             watched: Arc::clone(watched),
             epoch: self.epoch,
@@ -324,12 +348,17 @@ impl Discovery {
     /// connection taking the target at the same moment keeps it followed.
     fn expired(&self, target: SocketAddr, watched: &Watched) -> bool {
         let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.idle(watched) {
-            targets.remove(&target);
-            true
-        } else {
-            false
+        if !self.idle(watched) {
+            return false;
         }
+        watched.expired.store(true, SeqCst);
+        if watched.active.load(SeqCst) > 0 {
+            // A worker took it again at this very moment.
+            watched.expired.store(false, SeqCst);
+            return false;
+        }
+        targets.remove(&target);
+        true
     }
 
     fn known(

@@ -26,5 +26,6 @@ pub mod opaque;
 pub mod orig_dst;
 pub mod proxy;
 pub mod sched;
+pub mod service;
 pub mod telemetry;
 pub mod workers;

@@ -1,0 +1,162 @@
+//! Outbound connections to a Service: the worker's view of one target (its balancer and the
+//! control plane's latest snapshot) and the per-request choice of an endpoint.
+//!
+//! Each worker thread keeps its own balancer per target ([`WORKER_TARGETS`]), so the latency
+//! estimates and outstanding counts a choice reads are never shared across cores; the snapshot
+//! is shared through the discovery's watch, and a worker applies a new one on its next request.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use crate::balance::{Balancer, Pick};
+use crate::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
+
+/// One worker's state for one target, shared by its connections to that target.
+#[derive(Debug)]
+struct WorkerTarget {
+    watched: Arc<Watched>,
+    balancer: Arc<Mutex<Applied>>,
+}
+
+/// A worker's balancer for one target and the snapshot it was last brought up to date with.
+#[derive(Debug)]
+pub struct Applied {
+    balancer: Balancer,
+    /// This worker's reader of the target's snapshots.
+    known: watch::Receiver<Known>,
+}
+
+thread_local! {
+    /// This worker's targets: one map lookup per connection.
+    static WORKER_TARGETS: RefCell<HashMap<SocketAddr, WorkerTarget>> = RefCell::new(HashMap::new());
+}
+
+/// What an outbound connection was for when it started.
+#[derive(Debug)]
+pub enum Resolved {
+    /// To the original destination: not a Service, or no snapshot (fail open).
+    Forward,
+    Service(ServiceTarget),
+}
+
+/// An outbound connection's Service: held for the connection's life.
+#[derive(Debug)]
+pub struct ServiceTarget {
+    /// The original destination, the ClusterIP:port.
+    pub target: SocketAddr,
+    balancer: Arc<Mutex<Applied>>,
+    /// The snapshot when the connection started: its protocol and names.
+    pub service: Arc<Service>,
+    /// Held, not read: keeps the target's watch from expiring while the connection is open.
+    _in_use: InUse,
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEndpoint {
+    /// The Service has no ready endpoint (or it no longer is a Service).
+    NoneReady,
+    /// Every ready endpoint was tried for this request and failed.
+    AllFailed,
+}
+
+/// What `target` is, waiting for its first snapshot at most [`FIRST_SNAPSHOT_WAIT`].
+pub async fn resolve(discovery: &'static Discovery, target: SocketAddr) -> Resolved {
+    let (in_use, balancer) = worker_target(discovery, target);
+    let mut known = in_use.known().clone();
+    if matches!(*known.borrow(), Known::Waiting) {
+        // A closed watch (the target expired meanwhile) or the wait running out: fail open.
+        let _ = tokio::time::timeout(
+            FIRST_SNAPSHOT_WAIT,
+            known.wait_for(|known| !matches!(known, Known::Waiting)),
+        )
+        .await;
+    }
+    let service = known.borrow().service().cloned();
+    match service {
+        Some(service) => Resolved::Service(ServiceTarget {
+            target,
+            balancer,
+            service,
+            _in_use: in_use,
+        }),
+        None => Resolved::Forward,
+    }
+}
+
+/// This worker's entry for `target`, made or renewed (after the target expired) from the
+/// discovery; counts one more connection using it.
+fn worker_target(
+    discovery: &'static Discovery,
+    target: SocketAddr,
+) -> (InUse, Arc<Mutex<Applied>>) {
+    WORKER_TARGETS.with_borrow_mut(|targets| {
+        if let Some(entry) = targets.get(&target) {
+            if entry.watched.known.has_changed().is_ok() {
+                if let Some(in_use) = InUse::again(&entry.watched) {
+                    return (in_use, Arc::clone(&entry.balancer));
+                }
+            }
+        }
+        let in_use = discovery.watch(target);
+        let balancer = Arc::new(Mutex::new(Applied {
+            balancer: Balancer::new(),
+            known: in_use.known().clone(),
+        }));
+        targets.insert(
+            target,
+            WorkerTarget {
+                watched: in_use.watched(),
+                balancer: Arc::clone(&balancer),
+            },
+        );
+        (in_use, balancer)
+    })
+}
+
+/// Drops this worker's entries whose target expired. Called by the worker's periodic sweep.
+pub fn sweep() {
+    let _ = WORKER_TARGETS.try_with(|targets| {
+        targets
+            .borrow_mut()
+            .retain(|_, entry| entry.watched.known.has_changed().is_ok());
+    });
+}
+
+impl Applied {
+    /// Brings the balancer up to the latest snapshot, if a newer one came.
+    fn refresh(&mut self) {
+        if !self.known.has_changed().unwrap_or(false) {
+            return;
+        }
+        let endpoints = match &*self.known.borrow_and_update() {
+            Known::Service(service) => service.endpoints.clone(),
+            // No longer a Service: nothing to balance over.
+            _ => Vec::new(),
+        };
+        self.balancer.update(endpoints);
+    }
+}
+
+impl ServiceTarget {
+    /// The endpoint for one request (HTTP) or one connection (`per_connection`, opaque TCP),
+    /// skipping `tried`; a newer snapshot is applied first.
+    pub fn pick(&self, tried: &[SocketAddr], per_connection: bool) -> Result<Pick, NoEndpoint> {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        applied.refresh();
+        let balancer = &mut applied.balancer;
+        if balancer.is_empty() {
+            return Err(NoEndpoint::NoneReady);
+        }
+        let pick = if per_connection {
+            balancer.pick_connection(tried)
+        } else {
+            balancer.pick(tried)
+        };
+        pick.ok_or(NoEndpoint::AllFailed)
+    }
+}
