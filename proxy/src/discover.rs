@@ -455,3 +455,220 @@ fn jitter(delay: Duration) -> Duration {
     let quarter = delay / 4;
     delay - quarter + quarter * 2 * (nanos % 1000) / 1000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{Stream, StreamExt};
+    use remora_api::discovery::discovery_server::{Discovery as DiscoveryApi, DiscoveryServer};
+    use std::pin::Pin;
+    use tokio_stream::wrappers::WatchStream;
+
+    /// A control plane that answers every watch with the latest of `snapshots`, until `down`
+    /// says it is down: then its streams end with an error and new ones are refused.
+    struct Fake {
+        snapshots: watch::Receiver<api::Snapshot>,
+        down: watch::Receiver<bool>,
+    }
+
+    #[tonic::async_trait]
+    impl DiscoveryApi for Fake {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, tonic::Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            request: tonic::Request<api::WatchRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let request = request.into_inner();
+            assert_eq!(
+                (request.namespace.as_str(), request.pod.as_str()),
+                ("shop", "web-1")
+            );
+            if *self.down.borrow() {
+                return Err(tonic::Status::unavailable("down"));
+            }
+            let mut down = self.down.clone();
+            let stream = WatchStream::new(self.snapshots.clone())
+                .map(Ok)
+                .take_until(async move {
+                    let _ = down.wait_for(|down| *down).await;
+                })
+                .chain(futures_util::stream::once(async {
+                    Err(tonic::Status::unavailable("down"))
+                }));
+            Ok(tonic::Response::new(Box::pin(stream)))
+        }
+    }
+
+    fn service(endpoints: &[(&str, u32)]) -> api::Snapshot {
+        api::Snapshot {
+            kind: Some(snapshot::Kind::Service(api::Service {
+                namespace: "shop".into(),
+                name: "cart".into(),
+                port: 80,
+                app_protocol: "http".into(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|(ip, port)| api::Endpoint {
+                        ip: (*ip).into(),
+                        port: *port,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Serves `snapshots` on `addr` while `down` is false.
+    async fn serve(
+        addr: SocketAddr,
+        snapshots: watch::Receiver<api::Snapshot>,
+        down: watch::Receiver<bool>,
+    ) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DiscoveryServer::new(Fake { snapshots, down }))
+                .serve_with_incoming(incoming),
+        );
+    }
+
+    fn discovery(addr: SocketAddr) -> &'static Discovery {
+        let config = ControlConfig {
+            addr: addr.to_string(),
+            name: "unused".into(),
+            trust_anchors: None,
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+        };
+        let discovery = Discovery::new(
+            config,
+            tokio::runtime::Handle::current(),
+            ControlMetrics::default(),
+        )
+        .unwrap();
+        Box::leak(Box::new(discovery))
+    }
+
+    fn free_port() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    async fn until(known: &mut watch::Receiver<Known>, what: impl FnMut(&Known) -> bool) -> Known {
+        tokio::time::timeout(Duration::from_secs(10), known.wait_for(what))
+            .await
+            .expect("no such snapshot within 10 s")
+            .unwrap()
+            .clone()
+    }
+
+    fn endpoint_count(known: &Known) -> Option<usize> {
+        known.service().map(|service| service.endpoints.len())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_arrive_are_kept_while_the_control_plane_is_down_and_resume() {
+        let addr = free_port();
+        let (feed, snapshots) =
+            watch::channel(service(&[("198.18.0.2", 8080), ("198.18.0.3", 8080)]));
+        let (down, is_down) = watch::channel(false);
+        serve(addr, snapshots, is_down).await;
+        let discovery = discovery(addr);
+        let target: SocketAddr = "198.18.0.100:80".parse().unwrap();
+        let in_use = discovery.watch(target);
+        let mut known = in_use.known().clone();
+
+        let first = until(&mut known, |k| endpoint_count(k) == Some(2)).await;
+        let cart = first.service().unwrap();
+        assert_eq!(
+            (cart.name.as_str(), cart.protocol),
+            ("cart", AppProtocol::Http)
+        );
+        assert_eq!(discovery.metrics.connected.get(), 1);
+
+        feed.send_replace(service(&[("198.18.0.2", 8080)]));
+        until(&mut known, |k| endpoint_count(k) == Some(1)).await;
+
+        // Down: the last snapshot stays.
+        down.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while discovery.metrics.connected.get() != 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("control_connected back to 0");
+        assert_eq!(endpoint_count(&known.borrow()), Some(1));
+
+        // Back, with a change made while it was down.
+        feed.send_replace(service(&[("198.18.0.2", 8080), ("198.18.0.4", 8080)]));
+        down.send_replace(false);
+        until(&mut known, |k| endpoint_count(k) == Some(2)).await;
+        drop(in_use);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_control_plane_fails_open_at_once() {
+        let discovery = discovery(free_port());
+        let in_use = discovery.watch("198.18.0.100:80".parse().unwrap());
+        let mut known = in_use.known().clone();
+        let started = Instant::now();
+        until(&mut known, |k| matches!(k, Known::Unreachable)).await;
+        assert!(
+            started.elapsed() < FIRST_SNAPSHOT_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn app_protocols_name_the_path() {
+        for http in ["http", "http2", "kubernetes.io/h2c", "grpc"] {
+            assert_eq!(AppProtocol::of(http), AppProtocol::Http, "{http}");
+        }
+        for opaque in ["tcp", "mysql", "redis", "kubernetes.io/ws"] {
+            assert_eq!(AppProtocol::of(opaque), AppProtocol::Opaque, "{opaque}");
+        }
+        assert_eq!(AppProtocol::of(""), AppProtocol::Detect);
+    }
+
+    #[test]
+    fn endpoints_that_do_not_parse_are_skipped() {
+        let list = [
+            api::Endpoint {
+                ip: "198.18.0.3".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "nope".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 70000,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "2001:2::5".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 80,
+                ..Default::default()
+            },
+        ];
+        let target = "198.18.0.100:80".parse().unwrap();
+        let addrs: Vec<String> = endpoints(&list, target)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, ["198.18.0.2:80", "198.18.0.3:80", "[2001:2::5]:80"]);
+    }
+}
