@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::BytesMut;
 use http::{HeaderMap, Method, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::h1::{body_step, read_head, BodyStep, State};
+use remora_proxy::client::h1::{body_step, read_head, BodyStep, State};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// The response as the proxy would pass it on, or the error it stopped at.

@@ -34,7 +34,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::connect::reset;
+use crate::client::connect::reset;
 use crate::hpack;
 use crate::metrics::Protocol;
 use crate::proxy::{ClientIo, Context};

@@ -1,18 +1,16 @@
 //! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
 //! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
 //! thread across client connections; upgrades and CONNECT become byte tunnels. The upstream side
-//! of HTTP/1 is [`crate::h1`]; hyper serves the client side and carries tunnels and HTTP/2.
+//! of HTTP/1 is [`crate::client::h1`], of HTTP/2 [`crate::client::h2`]; hyper serves the client side and carries tunnels and HTTP/2.
 //! HTTP/2 comes here only with `--h2-mode terminate`, or when the relay ([`crate::h2_relay`],
 //! the default) could not reach the destination.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, PoisonError};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode, Version};
@@ -25,137 +23,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::connect::connect;
-use crate::h1::{self, Conn, RequestHead, UpstreamBody};
+use crate::client::connect::connect;
+use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
+use crate::client::{h2, pool, with_causes, Endpoint, Failure};
+use crate::h2_relay;
 use crate::metrics::{CountingIo, Direction, Protocol};
 use crate::proxy::{BoxError, ClientIo, Context};
 use crate::telemetry::access_log::AccessLog;
-use crate::{h2_relay, h2_upstream};
-
-/// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
-/// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
-/// requests that a closing connection never took).
-const POOL_IDLE: Duration = Duration::from_secs(4);
-/// Idle upstream connections kept per destination.
-const POOL_PER_TARGET: usize = 32;
-/// How long a failed dial answers for the next one on the same HTTP/2 client connection: long
-/// enough for its first streams, which come at once, short enough that a client that connected
-/// early (a gRPC channel) and sends its first call later finds a destination that has come up.
-const FAILED_DIAL_HOLDS: Duration = Duration::from_secs(1);
-
-thread_local! {
-    /// This worker thread's idle upstream HTTP/1 connections by original destination. Each
-    /// worker is a single-threaded runtime whose connections never leave it, so a per-worker
-    /// pool needs no lock and every connection it hands out is driven by the same thread.
-    /// Touched when a client connection needs its first upstream connection and when it
-    /// closes — never per request.
-    static POOL: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
-}
-
-/// An upstream connection waiting in the pool, and since when.
-type Idle = (Conn, Instant);
-
-/// A usable pooled connection to `target`, if this worker has one.
-fn checkout(target: SocketAddr) -> Option<Conn> {
-    POOL.with_borrow_mut(|idle| {
-        let list = idle.get_mut(&target)?;
-        let mut found = None;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < POOL_IDLE && conn.is_usable() {
-                found = Some(conn);
-                break;
-            }
-        }
-        if list.is_empty() {
-            idle.remove(&target);
-        }
-        found
-    })
-}
-
-fn checkin(target: SocketAddr, mut conn: Conn) {
-    if !conn.is_usable() {
-        return;
-    }
-    conn.shrink();
-    // `try_with`: a connection dropped while the thread exits finds the pool already gone.
-    let _ = POOL.try_with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let list = idle.entry(target).or_default();
-        if list.len() < POOL_PER_TARGET {
-            list.push((conn, Instant::now()));
-        }
-    });
-}
-
-/// Drops this worker's expired and closed pooled connections every [`POOL_IDLE`], so idle
-/// sockets do not linger. Runs on each worker thread.
-pub async fn sweep_pool_forever() {
-    let mut tick = tokio::time::interval(POOL_IDLE);
-    loop {
-        tick.tick().await;
-        POOL.with_borrow_mut(|idle| {
-            idle.retain(|_, list| {
-                list.retain(|(conn, since)| since.elapsed() < POOL_IDLE && conn.is_usable());
-                !list.is_empty()
-            });
-        });
-    }
-}
-
-/// Why a request got no upstream response.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
-    #[error("{}", with_causes(.0))]
-    Upstream(hyper::Error),
-    #[error("{}", with_causes(.0))]
-    H2(h2::Error),
-    #[error("{0}")]
-    Http1(h1::Error),
-}
-
-impl Failure {
-    /// A request the client got wrong (its body, its framing), which no upstream could answer.
-    fn is_client_error(&self) -> bool {
-        matches!(self, Self::Http1(error) if error.is_client_error())
-    }
-}
-
-/// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
-    texts.join(": ")
-}
-
-/// Whether the upstream left the stream unprocessed, so that sending it again is safe whatever
-/// its method: it refused it (`REFUSED_STREAM`, RFC 9113 §8.7), or its `GOAWAY` named a last
-/// stream below it (§6.8; the h2 crate fails only those streams with the `GOAWAY` itself, the
-/// others go on or fail with the connection). A server shutting down gracefully, as in a
-/// rolling update, does the latter to the streams in flight.
-fn unprocessed(error: &h2::Error) -> bool {
-    error.is_remote()
-        && (error.is_go_away()
-            || (error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM)))
-}
 
 /// One client connection's destination, shared by its requests.
 struct Route {
-    target: SocketAddr,
+    endpoint: Endpoint,
     cx: Context,
     protocol: Protocol,
 }
 
 impl Route {
     async fn dial(&self) -> Result<TcpStream, Failure> {
-        match connect(self.target, self.cx.connect_params()).await {
-            Ok(stream) => Ok(stream),
-            Err(error) => {
-                self.cx.metrics.connect_errors.inc();
-                Err(Failure::Connect(error))
-            }
-        }
+        self.cx.dialer().dial(&self.endpoint).await
     }
 
     /// Turns the upstream result into the client's response and records it.
@@ -171,13 +56,13 @@ impl Route {
                 let status = if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
                     // anyone); hyper closes its connection, whose request was never complete.
-                    debug!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 400");
+                    debug!(direction = self.cx.direction(), destination = %self.endpoint, error = %failure, "answering 400");
                     StatusCode::BAD_REQUEST
                 } else {
-                    warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
+                    warn!(direction = self.cx.direction(), destination = %self.endpoint, error = %failure, "answering 502");
                     StatusCode::BAD_GATEWAY
                 };
-                let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
+                let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.endpoint));
                 let mut response = Response::new(Inner::Local(Some(body)));
                 *response.status_mut() = status;
                 response.headers_mut().insert(
@@ -203,9 +88,9 @@ impl Route {
     /// processed; `REFUSED_STREAM` (RFC 9113 §8.7) tells it the truth, that nothing was, so it
     /// may send the request again, as it would have done without the proxy (gRPC clients retry
     /// such a stream on their own). It counts as no request; the access log shows status 0.
-    fn refused(&self, error: &h2::Error) -> h2::Error {
-        warn!(direction = self.cx.direction(), destination = %self.target, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
-        h2::Error::from(h2::Reason::REFUSED_STREAM)
+    fn refused(&self, error: &::h2::Error) -> ::h2::Error {
+        warn!(direction = self.cx.direction(), destination = %self.endpoint, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
+        ::h2::Error::from(::h2::Reason::REFUSED_STREAM)
     }
 
     fn access_log<B>(&self, request: &Request<B>, start: Instant) -> Option<Box<AccessLog>> {
@@ -214,7 +99,7 @@ impl Route {
             Box::new(AccessLog::new(
                 direction,
                 self.protocol,
-                self.target,
+                self.endpoint.addr,
                 request,
                 start,
             ))
@@ -226,7 +111,7 @@ impl Route {
 pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     let state = Arc::new(Http1Upstream {
         route: Route {
-            target,
+            endpoint: Endpoint::new(target),
             cx,
             protocol: Protocol::http1,
         },
@@ -276,20 +161,20 @@ pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
             }
         }
     }
+    let endpoint = Endpoint::new(target);
     let state = Arc::new(H2Upstream {
+        upstream: h2::Upstream::new(endpoint.clone(), cx.dialer(), failed),
         route: Route {
-            target,
+            endpoint,
             cx,
             protocol: Protocol::h2,
         },
-        current: tokio::sync::Mutex::new(None),
-        failed: std::sync::Mutex::new(failed),
     });
     let service = service_fn(move |request| H2Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut connection = pin!(server_h2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_header_list_size(h2::MAX_HEADER_LIST)
         .serve_connection(io, service));
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -333,7 +218,7 @@ impl Http1Upstream {
     /// fails before answering (the server closed it as the request went out).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
-        let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
+        let head = RequestHead::new(&parts, &body.size_hint(), self.route.endpoint.addr)
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
@@ -346,7 +231,7 @@ impl Http1Upstream {
             match h1::send(conn, &head, body.take(), &self.current).await {
                 Ok(response) => return Ok(response),
                 Err(failed) if !fresh && retryable && failed.nothing_received => {
-                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, error = %failed.error, "reused upstream connection failed; retrying on a new one");
+                    debug!(direction = self.route.cx.direction(), destination = %self.route.endpoint, error = %failed.error, "reused upstream connection failed; retrying on a new one");
                 }
                 Err(failed) => return Err(Failure::Http1(failed.error)),
             }
@@ -422,7 +307,7 @@ impl Http1Upstream {
             .take();
         current
             .filter(Conn::is_usable)
-            .or_else(|| checkout(self.route.target))
+            .or_else(|| pool::checkout(&self.route.endpoint))
     }
 }
 
@@ -436,16 +321,11 @@ impl Drop for Http1Upstream {
             .take();
         if let Some(conn) = current {
             if !self.route.cx.proxy.drain.is_draining() {
-                checkin(self.route.target, conn);
+                pool::checkin(&self.route.endpoint, conn);
             }
         }
     }
 }
-
-/// The largest header (or trailer) section taken over HTTP/2 from either side, as SETTINGS tell
-/// the peer: the HTTP/1 path's limit, not the 16 KiB hyper defaults to, so a request with a large
-/// cookie is not a 431 over one protocol only.
-const MAX_H2_HEADER_LIST: u32 = h1::MAX_HEAD as u32;
 
 /// How many times one HTTP/2 request is sent again after the upstream left it unprocessed.
 const MAX_REFUSALS: u32 = 2;
@@ -502,12 +382,8 @@ fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Opt
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
 struct H2Upstream {
     route: Route,
-    /// Held across the dial so that a burst of first streams opens one connection, not many;
-    /// afterwards each stream holds it only to clone the handle.
-    current: tokio::sync::Mutex<Option<h2_upstream::Sender>>,
-    /// A dial that failed before the connection was served (the relay's), and when: a dial
-    /// within [`FAILED_DIAL_HOLDS`] of it fails with it instead of trying again at once.
-    failed: std::sync::Mutex<Option<(std::io::Error, Instant)>>,
+    /// The destination's connection, whose first dial may have failed already (the relay's).
+    upstream: h2::Upstream,
 }
 
 impl H2Upstream {
@@ -520,7 +396,7 @@ impl H2Upstream {
     async fn forward(
         self: Arc<Self>,
         request: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, h2::Error> {
+    ) -> Result<Response<ResponseBody>, ::h2::Error> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         if request.method() == Method::CONNECT {
@@ -534,7 +410,7 @@ impl H2Upstream {
         let result = loop {
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
-            let (sender, fresh) = match self.sender(replace).await {
+            let (sender, fresh) = match self.upstream.sender(replace).await {
                 Ok(sender) => sender,
                 Err(failure) => break Err(failure),
             };
@@ -565,17 +441,15 @@ impl H2Upstream {
                 Err(error) => break Err(Failure::H2(error)),
             };
             if let Some(body) = body.take() {
-                tokio::spawn(h2_upstream::pipe(body, stream));
+                tokio::spawn(h2::pipe(body, stream));
             }
             let error = match response.await {
                 Ok(response) => {
-                    break Ok(
-                        response.map(|stream| Inner::H2(h2_upstream::UpstreamBody::new(stream)))
-                    )
+                    break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))))
                 }
                 Err(error) => error,
             };
-            if !unprocessed(&error) {
+            if !h2::unprocessed(&error) {
                 break Err(Failure::H2(error));
             }
             if resend.is_none() {
@@ -585,7 +459,7 @@ impl H2Upstream {
                 break Err(Failure::H2(error));
             }
             refusals += 1;
-            debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
+            debug!(direction = self.route.cx.direction(), destination = %self.route.endpoint, %error, "upstream left the stream unprocessed; sending the request again");
             // After a GOAWAY the connection takes no new stream: `ready` then fails on it, and
             // the next pass dials a new one unless another stream already has.
             replace = false;
@@ -600,13 +474,13 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let (mut sender, _) = self.ready_sender(false).await?;
+        let (mut sender, _) = self.upstream.ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
         if !parts.status.is_success() {
             // No tunnel: the request stream ends here, the answer goes back with its body.
             let _ = up.send_data(Bytes::new(), true);
-            let body = Inner::H2(h2_upstream::UpstreamBody::new(down));
+            let body = Inner::H2(h2::UpstreamBody::new(down));
             return Ok(Response::from_parts(parts, body));
         }
         // The tunnel's bytes are no body: hyper refuses a 2xx to `CONNECT` that has a length.
@@ -617,7 +491,7 @@ impl H2Upstream {
             let _guard = guard;
             match client_side.await {
                 Ok(client) => {
-                    if let Err(error) = h2_upstream::tunnel(TokioIo::new(client), up, down).await {
+                    if let Err(error) = h2::tunnel(TokioIo::new(client), up, down).await {
                         debug!(direction, %error, "tunnel ended with an error");
                     }
                 }
@@ -625,56 +499,6 @@ impl H2Upstream {
             }
         });
         Ok(Response::from_parts(parts, Inner::Local(None)))
-    }
-
-    /// A handle that can open a stream now, and whether its connection was just dialled: on
-    /// the current upstream connection (a new one if `replace`), or on a new one when the
-    /// current one turns out to be closing, since no stream has left yet. For the cold paths;
-    /// `forward` does the same inline.
-    async fn ready_sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
-        let (sender, fresh) = self.sender(replace).await?;
-        match sender.ready().await {
-            Ok(sender) => Ok((sender, fresh)),
-            Err(_) if !fresh => {
-                let (sender, _) = self.sender(true).await?;
-                Ok((sender.ready().await.map_err(Failure::H2)?, true))
-            }
-            Err(error) => Err(Failure::H2(error)),
-        }
-    }
-
-    /// The upstream connection's handle and whether it was just dialled.
-    async fn sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
-        let mut current = self.current.lock().await;
-        if let Some(sender) = current.as_ref() {
-            if !replace {
-                return Ok((sender.clone(), false));
-            }
-        }
-        // Boxed: the dial and the handshake are the cold path, and inline their state would
-        // make every stream's future larger, copied each time hyper and tokio move it into the
-        // stream's task.
-        let sender = Box::pin(self.connect()).await?;
-        *current = Some(sender.clone());
-        Ok((sender, true))
-    }
-
-    /// A new upstream HTTP/2 connection, driven by a task of its own.
-    async fn connect(&self) -> Result<h2_upstream::Sender, Failure> {
-        let failed = self
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((error, at)) = failed {
-            if at.elapsed() < FAILED_DIAL_HOLDS {
-                return Err(Failure::Connect(error));
-            }
-        }
-        let io = self.route.dial().await?;
-        h2_upstream::handshake(io, MAX_H2_HEADER_LIST)
-            .await
-            .map_err(Failure::H2)
     }
 }
 
@@ -724,10 +548,10 @@ fn wants_tunnel<B>(request: &Request<B>) -> bool {
 }
 
 enum Inner {
-    /// An HTTP/1 response read by [`crate::h1`].
+    /// An HTTP/1 response read by [`crate::client::h1`].
     Upstream(UpstreamBody),
-    /// An HTTP/2 response read by [`crate::h2_upstream`].
-    H2(h2_upstream::UpstreamBody),
+    /// An HTTP/2 response read by [`crate::client::h2`].
+    H2(h2::UpstreamBody),
     /// A tunnel's response, read by hyper's client, and its error held back for one poll.
     Hyper(Incoming, Option<hyper::Error>),
     /// A response the proxy makes itself (502).

@@ -858,7 +858,7 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
 }
 
 /// An upstream that ignores `Expect` (an HTTP/1.0 one, or a server that reads the body
-/// regardless) gets the body after [`crate::h1::CONTINUE_WAIT`], as from a client that stops
+/// regardless) gets the body after [`crate::client::h1::CONTINUE_WAIT`], as from a client that stops
 /// waiting.
 #[tokio::test]
 async fn expect_continue_to_an_upstream_that_sends_no_100_goes_on_after_a_wait() {

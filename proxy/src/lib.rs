@@ -5,13 +5,11 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod client;
 pub mod config;
-pub mod connect;
 pub mod detect;
 pub mod drain;
-pub mod h1;
 pub mod h2_relay;
-pub mod h2_upstream;
 pub mod hpack;
 pub mod http;
 #[cfg(test)]

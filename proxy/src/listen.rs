@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::connect::{reset, Keepalive};
+use crate::client::connect::{reset, Keepalive};
 use crate::detect::{detect_unless_known, DecidedBy, Detected, Rewound};
 use crate::metrics::DirectionMetrics;
 use crate::proxy::{Accepted, Context, Handoff};
@@ -354,6 +354,6 @@ mod tests {
         listener.set_nonblocking(false).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        crate::connect::assert_keepalive(socket2::SockRef::from(&accepted), idle);
+        crate::client::connect::assert_keepalive(socket2::SockRef::from(&accepted), idle);
     }
 }

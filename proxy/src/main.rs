@@ -11,13 +11,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use remora_proxy::client::connect::Keepalive;
+use remora_proxy::client::pool;
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
-use remora_proxy::connect::Keepalive;
 use remora_proxy::listen;
 use remora_proxy::metrics::{self, Direction, Metrics};
 use remora_proxy::proxy::{Context, Proxy};
 use remora_proxy::workers::Workers;
-use remora_proxy::{admin, alloc, http, sched};
+use remora_proxy::{admin, alloc, sched};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
@@ -86,7 +87,7 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || {
                 metrics::use_shard(worker);
                 runtime.block_on(async move {
-                    tokio::spawn(http::sweep_pool_forever());
+                    tokio::spawn(pool::sweep_forever());
                     tokio::spawn(listen::inbox_loop(inbox));
                     let loops: Vec<_> = listeners
                         .into_iter()

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use tracing::{debug, warn};
 
-use crate::connect::{connect, reset};
+use crate::client::connect::{connect, reset};
 use crate::metrics::CountingIo;
 use crate::proxy::{ClientIo, Context};
 

@@ -8,14 +8,14 @@ use std::time::Duration;
 use remora_init::PortList;
 use tokio::net::TcpStream;
 
-use crate::connect::{ConnectParams, Keepalive};
+use crate::client::connect::{ConnectParams, Keepalive};
+use crate::client::Dialer;
 use crate::detect::{Rewound, ServerFirst};
 use crate::drain::{Drain, Guard};
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::workers::{Assigned, Workers};
 
-/// The error of a body or task that may fail in any of several ways.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::client::BoxError;
 
 /// An accepted client connection, holding the first bytes that detection read.
 pub type ClientIo = Rewound<TcpStream>;
@@ -76,6 +76,14 @@ impl Context {
                 Direction::Outbound => self.proxy.keepalive,
                 Direction::Inbound => None,
             },
+        }
+    }
+
+    /// Dials as [`Self::connect_params`] say, counting failed dials in this direction.
+    pub fn dialer(&self) -> Dialer {
+        Dialer {
+            params: self.connect_params(),
+            errors: &self.metrics.connect_errors,
         }
     }
 }
