@@ -1,5 +1,6 @@
-//! How the proxy talks to one [`Endpoint`]: dialing it ([`connect`]), this worker's idle HTTP/1
-//! connections to it ([`pool`]), and the upstream side of HTTP/1 ([`h1`]) and HTTP/2 ([`h2`]).
+//! How the proxy talks to one [`Endpoint`]: dialing it ([`connect`](mod@connect)), this
+//! worker's idle HTTP/1 connections to it ([`pool`]), and the upstream side of HTTP/1 ([`h1`])
+//! and HTTP/2 ([`h2`]).
 //! Nothing here knows the client connection a request came on.
 
 use std::fmt;

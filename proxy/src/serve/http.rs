@@ -1,9 +1,10 @@
-//! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
-//! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
-//! thread across client connections; upgrades and CONNECT become byte tunnels. The upstream side
-//! of HTTP/1 is [`crate::client::h1`], of HTTP/2 [`crate::client::h2`]; hyper serves the client side and carries tunnels and HTTP/2.
-//! HTTP/2 comes here only with `--h2-mode terminate`, or when the relay ([`crate::h2_relay`],
-//! the default) could not reach the destination.
+//! HTTP/1.1 and HTTP/2 proxied request by request: each request goes to the endpoint its
+//! [`Destination`] picks, over that endpoint's connections. Upstream connections are reused for
+//! the whole client connection and, for HTTP/1, pooled per worker thread across client
+//! connections; upgrades and CONNECT become byte tunnels. The upstream side of HTTP/1 is
+//! [`crate::client::h1`], of HTTP/2 [`crate::client::h2`]; hyper serves the client side and
+//! carries tunnels. HTTP/2 comes here only with `--h2-mode terminate`, or when the relay
+//! ([`super::h2_relay`], the default) could not reach the destination (see [`super::serve_h2`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,24 +24,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::client::connect::connect;
+use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
-use crate::h2_relay;
-use crate::metrics::{CountingIo, Direction, Protocol};
-use crate::proxy::{BoxError, ClientIo, Context};
+use crate::metrics::{CountingIo, Protocol};
+use crate::outbound::Destination;
+use crate::proxy::{BoxError, Context};
 use crate::telemetry::access_log::AccessLog;
 
 /// One client connection's destination, shared by its requests.
 struct Route {
-    endpoint: Endpoint,
+    /// Where the client connected to: what the logs and 502s name.
+    target: SocketAddr,
+    destination: Destination,
     cx: Context,
     protocol: Protocol,
 }
 
 impl Route {
-    async fn dial(&self) -> Result<TcpStream, Failure> {
-        self.cx.dialer().dial(&self.endpoint).await
+    async fn dial(&self, endpoint: &Endpoint) -> Result<TcpStream, Failure> {
+        self.cx.dialer().dial(endpoint).await
     }
 
     /// Turns the upstream result into the client's response and records it.
@@ -56,13 +59,13 @@ impl Route {
                 let status = if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
                     // anyone); hyper closes its connection, whose request was never complete.
-                    debug!(direction = self.cx.direction(), destination = %self.endpoint, error = %failure, "answering 400");
+                    debug!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 400");
                     StatusCode::BAD_REQUEST
                 } else {
-                    warn!(direction = self.cx.direction(), destination = %self.endpoint, error = %failure, "answering 502");
+                    warn!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 502");
                     StatusCode::BAD_GATEWAY
                 };
-                let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.endpoint));
+                let body = Bytes::from(format!("remora-proxy: {}: {failure}\n", self.target));
                 let mut response = Response::new(Inner::Local(Some(body)));
                 *response.status_mut() = status;
                 response.headers_mut().insert(
@@ -89,7 +92,7 @@ impl Route {
     /// may send the request again, as it would have done without the proxy (gRPC clients retry
     /// such a stream on their own). It counts as no request; the access log shows status 0.
     fn refused(&self, error: &::h2::Error) -> ::h2::Error {
-        warn!(direction = self.cx.direction(), destination = %self.endpoint, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
+        warn!(direction = self.cx.direction(), destination = %self.target, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
         ::h2::Error::from(::h2::Reason::REFUSED_STREAM)
     }
 
@@ -99,7 +102,7 @@ impl Route {
             Box::new(AccessLog::new(
                 direction,
                 self.protocol,
-                self.endpoint.addr,
+                self.target,
                 request,
                 start,
             ))
@@ -108,10 +111,16 @@ impl Route {
 }
 
 /// Serves one HTTP/1 client connection until it closes or the drain asks it to.
-pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
+pub async fn serve_http1(
+    stream: ClientIo,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+) {
     let state = Arc::new(Http1Upstream {
         route: Route {
-            endpoint: Endpoint::new(target),
+            target,
+            destination,
             cx,
             protocol: Protocol::http1,
         },
@@ -127,9 +136,9 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     // A client may send its request and then shut down its write side (`curl -T`, `nc -N`): it
     // still waits for the response.
     builder.half_close(true);
-    // The header read timeout arms a timer for every request. Outbound clients are the pod's
-    // own app, which has no reason to trickle headers; inbound clients may be anyone.
-    if cx.metrics.direction == Direction::Outbound {
+    // The header read timeout arms a timer for every request: only for the directions whose
+    // clients may be anyone (see `inbound::context` and `outbound::context`).
+    if !cx.header_read_timeout {
         builder.header_read_timeout(None);
     }
     let mut connection = pin!(builder.serve_connection(io, service).with_upgrades());
@@ -145,27 +154,21 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     }
 }
 
-/// Serves one HTTP/2 client connection: relayed frame by frame (`--h2-mode relay`, see
-/// [`crate::h2_relay`]), or terminated, its streams sharing one upstream HTTP/2 connection. The
-/// relay cannot answer 502, so when its upstream connection cannot be made, the connection is
-/// terminated.
-pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
-    let mut failed = None;
-    if cx.proxy.h2_relay {
-        match connect(target, cx.connect_params()).await {
-            Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
-            Err(error) => {
-                // A stream that comes at once gets its 502 from this failure; later ones dial.
-                cx.metrics.connect_errors.inc();
-                failed = Some((error, Instant::now()));
-            }
-        }
-    }
-    let endpoint = Endpoint::new(target);
+/// Serves one HTTP/2 client connection terminated, request by request, its streams sharing one
+/// upstream HTTP/2 connection. `failed` is the relay's dial to the destination that just
+/// failed, if any (see [`super::serve_h2`]).
+pub async fn serve_h2(
+    stream: ClientIo,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+    failed: Option<(std::io::Error, Instant)>,
+) {
     let state = Arc::new(H2Upstream {
-        upstream: h2::Upstream::new(endpoint.clone(), cx.dialer(), failed),
+        upstream: h2::Upstream::new(destination.pick().clone(), cx.dialer(), failed),
         route: Route {
-            endpoint,
+            target,
+            destination,
             cx,
             protocol: Protocol::h2,
         },
@@ -218,20 +221,21 @@ impl Http1Upstream {
     /// fails before answering (the server closed it as the request went out).
     async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
-        let head = RequestHead::new(&parts, &body.size_hint(), self.route.endpoint.addr)
+        let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
-        let mut reused = self.take();
+        let endpoint = self.endpoint();
+        let mut reused = self.take(endpoint);
         loop {
             let (conn, fresh) = match reused.take() {
                 Some(conn) => (conn, false),
-                None => (Conn::new(self.route.dial().await?), true),
+                None => (Conn::new(self.route.dial(endpoint).await?), true),
             };
             match h1::send(conn, &head, body.take(), &self.current).await {
                 Ok(response) => return Ok(response),
                 Err(failed) if !fresh && retryable && failed.nothing_received => {
-                    debug!(direction = self.route.cx.direction(), destination = %self.route.endpoint, error = %failed.error, "reused upstream connection failed; retrying on a new one");
+                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, error = %failed.error, "reused upstream connection failed; retrying on a new one");
                 }
                 Err(failed) => return Err(Failure::Http1(failed.error)),
             }
@@ -243,9 +247,10 @@ impl Http1Upstream {
     async fn tunnel(&self, mut request: Request<Incoming>) -> Result<Response<Inner>, Failure> {
         let is_connect = request.method() == Method::CONNECT;
         let client_side = hyper::upgrade::on(&mut request);
-        let io = match self.take().and_then(Conn::into_stream) {
+        let endpoint = self.endpoint();
+        let io = match self.take(endpoint).and_then(Conn::into_stream) {
             Some(stream) => stream,
-            None => self.route.dial().await?,
+            None => self.route.dial(endpoint).await?,
         };
         let (mut sender, connection) = client_h1::handshake(TokioIo::new(io))
             .await
@@ -298,8 +303,16 @@ impl Http1Upstream {
         Ok(response.map(|body| Inner::Hyper(body, None)))
     }
 
-    /// The connection's current upstream connection or a pooled one, if usable.
-    fn take(&self) -> Option<Conn> {
+    /// The endpoint of this connection's next request: the one place where an HTTP/1 request's
+    /// upstream is chosen. Its connection is this client connection's current one, else one of
+    /// the endpoint's pooled ones, else a new one.
+    fn endpoint(&self) -> &Endpoint {
+        self.route.destination.pick()
+    }
+
+    /// The connection's current upstream connection (to `endpoint`, the destination's only one)
+    /// or a pooled one to `endpoint`, if usable.
+    fn take(&self, endpoint: &Endpoint) -> Option<Conn> {
         let current = self
             .current
             .lock()
@@ -307,7 +320,7 @@ impl Http1Upstream {
             .take();
         current
             .filter(Conn::is_usable)
-            .or_else(|| pool::checkout(&self.route.endpoint))
+            .or_else(|| pool::checkout(endpoint))
     }
 }
 
@@ -321,7 +334,7 @@ impl Drop for Http1Upstream {
             .take();
         if let Some(conn) = current {
             if !self.route.cx.proxy.drain.is_draining() {
-                pool::checkin(&self.route.endpoint, conn);
+                pool::checkin(self.endpoint(), conn);
             }
         }
     }
@@ -382,11 +395,21 @@ fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Opt
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
 struct H2Upstream {
     route: Route,
-    /// The destination's connection, whose first dial may have failed already (the relay's).
+    /// The connection to the destination's endpoint, whose first dial may have failed already
+    /// (the relay's).
     upstream: h2::Upstream,
 }
 
 impl H2Upstream {
+    /// The connection a stream goes on: the one place where an HTTP/2 stream's endpoint is
+    /// chosen. A [`Destination::Forward`] has one endpoint, whose connection is this client
+    /// connection's own.
+    fn upstream(&self) -> &h2::Upstream {
+        match &self.route.destination {
+            Destination::Forward(_) => &self.upstream,
+        }
+    }
+
     /// One stream from start to end. hyper runs each stream as a task of its own and moves this
     /// future into it, so it is kept small: one flat future (a nested one would hold the request
     /// a second time) whose cold path, the dial, is boxed.
@@ -410,7 +433,7 @@ impl H2Upstream {
         let result = loop {
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
-            let (sender, fresh) = match self.upstream.sender(replace).await {
+            let (sender, fresh) = match self.upstream().sender(replace).await {
                 Ok(sender) => sender,
                 Err(failure) => break Err(failure),
             };
@@ -459,7 +482,7 @@ impl H2Upstream {
                 break Err(Failure::H2(error));
             }
             refusals += 1;
-            debug!(direction = self.route.cx.direction(), destination = %self.route.endpoint, %error, "upstream left the stream unprocessed; sending the request again");
+            debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
             // After a GOAWAY the connection takes no new stream: `ready` then fails on it, and
             // the next pass dials a new one unless another stream already has.
             replace = false;
@@ -474,7 +497,7 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let (mut sender, _) = self.upstream.ready_sender(false).await?;
+        let (mut sender, _) = self.upstream().ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
         if !parts.status.is_success() {
