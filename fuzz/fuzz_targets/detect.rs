@@ -1,4 +1,4 @@
-//! Protocol detection on a connection's first bytes (`proxy/src/detect.rs`, `classify`).
+//! Protocol detection on a connection's first bytes (`proxy/src/serve/detect.rs`, `classify`).
 //!
 //! Checked: no panic, and a verdict never changes as more bytes come, since detection decides
 //! on the bytes seen so far: every prefix that `classify` decides is decided the same way by
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::detect::{classify, Detected};
+use remora_proxy::serve::detect::{classify, Detected};
 
 fuzz_target!(|data: &[u8]| {
     let whole = classify(data);

@@ -1,6 +1,6 @@
-//! The HTTP/1 upstream response reader (`proxy/src/h1.rs`): `read_head` (status line, headers,
-//! interim responses, framing) and `body_step` (length, chunked and close framing, trailers),
-//! the two functions the proxy reads every upstream response with.
+//! The HTTP/1 upstream response reader (`proxy/src/client/h1.rs`): `read_head` (status line,
+//! headers, interim responses, framing) and `body_step` (length, chunked and close framing,
+//! trailers), the two functions the proxy reads every upstream response with.
 //!
 //! Input: a flags byte (bit 0: the request was a HEAD), a byte seeding how the response is split
 //! into reads, then the response bytes. Checked: no panic, no hang; a length-framed body is as
@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::BytesMut;
 use http::{HeaderMap, Method, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::h1::{body_step, read_head, BodyStep, State};
+use remora_proxy::client::h1::{body_step, read_head, BodyStep, State};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// The response as the proxy would pass it on, or the error it stopped at.

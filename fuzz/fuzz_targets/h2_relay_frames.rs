@@ -1,5 +1,5 @@
-//! The HTTP/2 relay's frame follower (`proxy/src/h2_relay.rs`, `Follower`): the frame heads and
-//! header blocks of both directions, fed in arbitrary splits.
+//! The HTTP/2 relay's frame follower (`proxy/src/serve/h2_relay.rs`, `Follower`): the frame
+//! heads and header blocks of both directions, fed in arbitrary splits.
 //!
 //! Input: a flags byte (bit 0: with an access log, so the client's header blocks are decoded
 //! too), a byte seeding the splits, the client stream's length (two bytes, big-endian), the
@@ -14,9 +14,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::h2_relay::Follower;
-use remora_proxy::proxy::{Context, Proxy};
-use remora_proxy::metrics::{Direction, Metrics};
+use remora_proxy::serve::h2_relay::Follower;
+use remora_proxy::proxy::Proxy;
+use remora_proxy::metrics::Metrics;
 
 const TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 
@@ -33,7 +33,7 @@ fn proxy(access_log: bool) -> &'static Proxy {
             metrics: Metrics::new(),
             server_first: Default::default(),
             drain: Default::default(),
-            workers: remora_proxy::workers::Workers::new(1).0,
+            workers: remora_proxy::runtime::workers::Workers::new(1).0,
             ready: Default::default(),
         }))
     })
@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let split = (usize::from(*hi) << 8 | usize::from(*lo)).min(rest.len());
     let (client, server) = rest.split_at(split);
-    let cx = Context::new(proxy(flags & 1 != 0), Direction::Inbound);
+    let cx = remora_proxy::inbound::context(proxy(flags & 1 != 0));
     let boundaries = server_boundaries(server);
     let mut splits = Splits(u32::from(*seed) << 8 | 0x9e37_79b9);
 

@@ -1,4 +1,4 @@
-//! The HPACK decoder the HTTP/2 relay follows header blocks with (`proxy/src/hpack.rs`).
+//! The HPACK decoder the HTTP/2 relay follows header blocks with (`proxy/src/serve/hpack.rs`).
 //!
 //! Input: one byte choosing the side (even: responses, odd: requests), then header blocks, each
 //! after a two-byte big-endian length (the last one takes what is left), all through one decoder
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::hpack::{Decoder, Fields, Side};
+use remora_proxy::serve::hpack::{Decoder, Fields, Side};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&side, mut rest)) = data.split_first() else {

@@ -8,8 +8,8 @@ use clap::{Parser, ValueEnum};
 use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 use remora_init::PortList;
 
-use crate::connect::Keepalive;
-use crate::discover::ControlConfig;
+use crate::client::connect::Keepalive;
+use crate::outbound::discover::ControlConfig;
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy

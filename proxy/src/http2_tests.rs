@@ -29,11 +29,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::detect::{detect, Rewound};
-use crate::http::serve_h2;
+use crate::client::Endpoint;
 use crate::http_tests::{closed_port, metric, pattern, proxy_with, within};
-use crate::metrics::Direction;
-use crate::proxy::{BoxError, Context, Proxy};
+use crate::outbound::{self, Destination};
+use crate::proxy::{BoxError, Proxy};
+use crate::serve::detect::{detect, Rewound};
+use crate::serve::serve_h2;
 
 type Body = BoxBody<Bytes, BoxError>;
 type Handler = Arc<
@@ -127,7 +128,8 @@ async fn start_proxy_with(
                 // Through detection, as the listener does: the preface reaches hyper rewound.
                 if let Ok((_, first)) = detect(&stream).await {
                     let stream = Rewound::new(stream, first);
-                    serve_h2(stream, target, Context::new(proxy, Direction::Outbound)).await;
+                    let destination = Destination::Forward(Endpoint::new(target));
+                    serve_h2(stream, target, destination, outbound::context(proxy)).await;
                 }
             });
         }

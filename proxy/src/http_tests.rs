@@ -11,10 +11,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::detect::{detect, Rewound};
-use crate::http::serve_http1;
+use crate::client::Endpoint;
 use crate::metrics::{Direction, Metrics};
+use crate::outbound::Destination;
 use crate::proxy::{Context, Proxy};
+use crate::serve::detect::{detect, Rewound};
+use crate::serve::http::serve_http1;
 
 /// The longest any single step may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(5);
@@ -43,11 +45,19 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         metrics: Metrics::new(),
         server_first: Default::default(),
         drain: Default::default(),
-        workers: crate::workers::Workers::new(1).0,
+        workers: crate::runtime::workers::Workers::new(1).0,
         ready: Default::default(),
     });
     configure(&mut proxy);
     Box::leak(proxy)
+}
+
+/// The context of a connection in `direction`, as that side makes it.
+pub(crate) fn context(proxy: &'static Proxy, direction: Direction) -> Context {
+    match direction {
+        Direction::Outbound => crate::outbound::context(proxy),
+        Direction::Inbound => crate::inbound::context(proxy),
+    }
 }
 
 /// A loopback listener whose every connection `serve_http1` forwards to `target`.
@@ -62,7 +72,8 @@ async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &
                 // detection already read.
                 if let Ok((_, first)) = detect(&stream).await {
                     let stream = Rewound::new(stream, first);
-                    serve_http1(stream, target, Context::new(proxy, direction)).await;
+                    let destination = Destination::Forward(Endpoint::new(target));
+                    serve_http1(stream, target, destination, context(proxy, direction)).await;
                 }
             });
         }
@@ -858,8 +869,8 @@ async fn post_expecting_continue(upstream_sends_continue: bool) -> (Message, Ups
 }
 
 /// An upstream that ignores `Expect` (an HTTP/1.0 one, or a server that reads the body
-/// regardless) gets the body after [`crate::h1::CONTINUE_WAIT`], as from a client that stops
-/// waiting.
+/// regardless) gets the body after [`crate::client::h1::CONTINUE_WAIT`], as from a client that
+/// stops waiting.
 #[tokio::test]
 async fn expect_continue_to_an_upstream_that_sends_no_100_goes_on_after_a_wait() {
     let (last, upstream) = post_expecting_continue(false).await;

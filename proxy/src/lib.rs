@@ -1,31 +1,25 @@
 //! The remora sidecar proxy as a library: the binary `remora-proxy` wires these modules into
 //! worker threads, and the fuzz targets and tests reach the parsers through them.
+//!
+//! A connection goes down, never back up: [`runtime`] accepts it and places it on a worker;
+//! [`serve`] serves the client's side, asking [`outbound`] or [`inbound`] for its
+//! [`Destination`](outbound::Destination); [`client`] talks to each endpoint. [`proxy`] holds
+//! what they share, [`metrics`] and [`telemetry`] what they report.
 // Unsafe code only where a syscall has no safe wrapper (`sched`) and in the allocator (`alloc`).
 #![deny(unsafe_code)]
 
 pub mod admin;
-pub mod alloc;
-pub mod balance;
+pub mod client;
 pub mod config;
-pub mod connect;
-pub mod detect;
-pub mod discover;
-pub mod drain;
-pub mod h1;
-pub mod h2_relay;
-pub mod h2_upstream;
-pub mod hpack;
-pub mod http;
 #[cfg(test)]
 mod http2_tests;
 #[cfg(test)]
 mod http_tests;
-pub mod listen;
+pub mod inbound;
 pub mod metrics;
-pub mod opaque;
-pub mod orig_dst;
+pub mod outbound;
 pub mod proxy;
-pub mod sched;
-pub mod service;
+pub mod runtime;
+pub mod serve;
+pub mod server_first;
 pub mod telemetry;
-pub mod workers;

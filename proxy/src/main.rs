@@ -11,13 +11,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use remora_proxy::client::connect::Keepalive;
+use remora_proxy::client::pool;
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
-use remora_proxy::connect::Keepalive;
-use remora_proxy::listen;
-use remora_proxy::metrics::{self, Direction, Metrics};
-use remora_proxy::proxy::{Context, Proxy};
-use remora_proxy::workers::Workers;
-use remora_proxy::{admin, alloc, http, sched};
+use remora_proxy::metrics::{self, Metrics};
+use remora_proxy::proxy::Proxy;
+use remora_proxy::runtime::workers::Workers;
+use remora_proxy::runtime::{alloc, listen, sched};
+use remora_proxy::{admin, inbound, outbound, serve};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
@@ -52,19 +53,22 @@ fn main() -> anyhow::Result<()> {
     let mut worker_listeners = Vec::with_capacity(workers);
     for worker in 0..workers {
         let mut listeners = Vec::new();
-        // Inbound clients are outside the pod, so their sockets get the dead-peer detection;
-        // outbound clients are the pod's own app, whose end a crash still closes.
-        for (addrs, direction, what, keepalive) in [
-            (args.outbound_addrs(), Direction::Outbound, "outbound", None),
+        for (addrs, what, cx, keepalive) in [
+            (
+                args.outbound_addrs(),
+                "outbound",
+                outbound::context(proxy),
+                outbound::listener_keepalive(proxy),
+            ),
             (
                 args.inbound_addrs(),
-                Direction::Inbound,
                 "inbound",
-                proxy.keepalive,
+                inbound::context(proxy),
+                inbound::listener_keepalive(proxy),
             ),
         ] {
             for listener in listen::bind_all(&addrs, what, true, keepalive, worker == 0)? {
-                listeners.push((listener, direction));
+                listeners.push((listener, cx));
             }
         }
         worker_listeners.push(listeners);
@@ -86,16 +90,12 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || {
                 metrics::use_shard(worker);
                 runtime.block_on(async move {
-                    tokio::spawn(http::sweep_pool_forever());
-                    tokio::spawn(listen::inbox_loop(inbox));
+                    tokio::spawn(pool::sweep_forever());
+                    tokio::spawn(listen::inbox_loop(inbox, serve::start));
                     let loops: Vec<_> = listeners
                         .into_iter()
-                        .map(|(listener, direction)| {
-                            tokio::spawn(listen::accept_loop(
-                                listener,
-                                Context::new(proxy, direction),
-                                worker,
-                            ))
+                        .map(|(listener, cx)| {
+                            tokio::spawn(listen::accept_loop(listener, cx, worker, serve::start))
                         })
                         .collect();
                     for accept_loop in loops {

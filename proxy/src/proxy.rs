@@ -1,24 +1,20 @@
 //! What the whole proxy and each connection share: the process-wide [`Proxy`], a connection's
 //! [`Context`], and the types passed between the stages; nothing here knows a protocol.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use remora_init::PortList;
-use tokio::net::TcpStream;
 
-use crate::connect::{ConnectParams, Keepalive};
-use crate::detect::{Rewound, ServerFirst};
-use crate::drain::{Drain, Guard};
+use crate::client::connect::{ConnectParams, Keepalive};
+use crate::client::Dialer;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
-use crate::workers::{Assigned, Workers};
+use crate::runtime::drain::Drain;
+use crate::runtime::listen::{self, Listening};
+use crate::runtime::workers::Workers;
+use crate::server_first::ServerFirst;
 
-/// The error of a body or task that may fail in any of several ways.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// An accepted client connection, holding the first bytes that detection read.
-pub type ClientIo = Rewound<TcpStream>;
+pub use crate::client::BoxError;
 
 /// What every connection shares; lives for the whole process.
 #[derive(Debug)]
@@ -42,16 +38,26 @@ pub struct Proxy {
     pub ready: AtomicBool,
 }
 
-/// One connection's direction and the handles it updates.
+/// One connection's direction, the handles it updates, and how its direction dials and serves
+/// (made by `inbound::context` and `outbound::context`).
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
     pub proxy: &'static Proxy,
     pub metrics: &'static DirectionMetrics,
     pub server_first: &'static ServerFirst,
+    /// How this direction's upstreams are dialed.
+    pub connect_params: ConnectParams,
+    /// Whether a client's request head must come within hyper's header read timeout.
+    pub header_read_timeout: bool,
 }
 
 impl Context {
-    pub fn new(proxy: &'static Proxy, direction: Direction) -> Self {
+    pub fn new(
+        proxy: &'static Proxy,
+        direction: Direction,
+        connect_params: ConnectParams,
+        header_read_timeout: bool,
+    ) -> Self {
         let [inbound, outbound] = &proxy.server_first;
         Self {
             proxy,
@@ -60,6 +66,8 @@ impl Context {
                 Direction::Inbound => inbound,
                 Direction::Outbound => outbound,
             },
+            connect_params,
+            header_read_timeout,
         }
     }
 
@@ -67,29 +75,31 @@ impl Context {
         self.metrics.direction.as_str()
     }
 
-    /// How this connection's upstream is dialed: an outbound destination is outside the pod, so
-    /// its socket gets the dead-peer detection; an inbound one is the pod's own app.
-    pub fn connect_params(&self) -> ConnectParams {
-        ConnectParams {
-            timeout: self.proxy.connect_timeout,
-            keepalive: match self.metrics.direction {
-                Direction::Outbound => self.proxy.keepalive,
-                Direction::Inbound => None,
-            },
+    /// Dials as [`Self::connect_params`] say, counting failed dials in this direction.
+    pub fn dialer(&self) -> Dialer {
+        Dialer {
+            params: self.connect_params,
+            errors: &self.metrics.connect_errors,
         }
     }
 }
 
 /// A connection on its way to another worker.
-pub type Handoff = (std::net::TcpStream, Accepted);
+pub type Handoff = listen::Handoff<Context>;
 
-/// An accepted connection's peer and context, and what it holds while it is served: its
-/// place in the drain and in its worker's count.
-pub struct Accepted {
-    pub peer: SocketAddr,
-    pub cx: Context,
-    /// Held, not read: the drain waits for it.
-    pub guard: Guard,
-    /// Held, not read: counts the connection against its worker.
-    pub placed: Assigned,
+/// An accepted connection's peer and context, and what it holds while it is served.
+pub type Accepted = listen::Accepted<Context>;
+
+impl Listening for Context {
+    fn drain(&self) -> &'static Drain {
+        &self.proxy.drain
+    }
+
+    fn workers(&self) -> &'static Workers<Handoff> {
+        &self.proxy.workers
+    }
+
+    fn direction(&self) -> &'static str {
+        Context::direction(self)
+    }
 }

@@ -1233,7 +1233,7 @@ fn connections_spread_evenly_over_the_workers() {
             "--workers",
             "2",
             "--log-level",
-            "info,remora_proxy::listen=debug",
+            "info,remora_proxy::runtime::listen=debug",
         ],
     );
     http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));

@@ -7,7 +7,6 @@ use std::time::Instant;
 use http::{header, Method, Request};
 use tracing::info;
 
-use crate::hpack::Fields;
 use crate::metrics::{Direction, Protocol};
 
 /// One access-log line, written when the response body is finished or abandoned.
@@ -58,28 +57,29 @@ impl AccessLog {
         }
     }
 
-    /// The line of a relayed HTTP/2 request (see [`crate::h2_relay`]), from the fields its
-    /// header block had: the same fields as a terminated request's.
+    /// The line of a relayed HTTP/2 request (see `serve::h2_relay`), from the fields its header
+    /// block had (`authority`: `:authority`, else `Host`): the same fields as a terminated
+    /// request's.
     pub fn relayed(
         direction: Direction,
         target: SocketAddr,
-        fields: &Fields,
+        method: Option<&[u8]>,
+        authority: Option<&[u8]>,
+        path: Option<&[u8]>,
         start: Instant,
     ) -> Self {
         let text =
             |value: Option<&[u8]>| String::from_utf8_lossy(value.unwrap_or_default()).into_owned();
-        let path = fields.path.as_deref().unwrap_or_default();
+        let path = path.unwrap_or_default();
         let path = path.split(|&byte| byte == b'?').next().unwrap_or_default();
         Self {
             direction: direction.as_str(),
             protocol: Protocol::h2,
             target,
-            method: fields
-                .method
-                .as_deref()
+            method: method
                 .and_then(|method| Method::from_bytes(method).ok())
                 .unwrap_or_else(|| Method::from_bytes(b"-").expect("a token")),
-            authority: text(fields.authority.as_deref().or(fields.host.as_deref())),
+            authority: text(authority),
             path: text(Some(path)),
             status: 0,
             start,

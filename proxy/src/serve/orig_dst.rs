@@ -6,8 +6,6 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use nix::sys::socket::{getsockopt, sockopt, SockaddrIn, SockaddrIn6};
 use tokio::net::TcpStream;
 
-use crate::metrics::Direction;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     #[error("reading the local address: {0}")]
@@ -16,8 +14,6 @@ pub enum Refused {
     Itself(SocketAddr),
     #[error("the original destination {0} is a proxy listener port")]
     ProxyPort(SocketAddr),
-    #[error("inbound to loopback {0} (an app bound to loopback stays private)")]
-    InboundLoopback(SocketAddr),
 }
 
 /// The destination a client connected to before remora-init's REDIRECT rules sent it here.
@@ -36,20 +32,15 @@ pub fn original_dst(stream: &TcpStream, local: SocketAddr) -> nix::Result<Socket
 /// the client dialled the listener itself. A destination on one of the proxy's own ports at a
 /// local address would come straight back to a listener, so it is refused too rather than
 /// forwarded in a loop.
-pub fn target(
-    stream: &TcpStream,
-    direction: Direction,
-    proxy_ports: &[u16],
-) -> Result<SocketAddr, Refused> {
+pub fn target(stream: &TcpStream, proxy_ports: &[u16]) -> Result<SocketAddr, Refused> {
     let local = stream.local_addr().map_err(Refused::LocalAddr)?;
     let original = original_dst(stream, local).unwrap_or(local);
-    check(original, local, direction, proxy_ports)
+    check(original, local, proxy_ports)
 }
 
 fn check(
     original: SocketAddr,
     local: SocketAddr,
-    direction: Direction,
     proxy_ports: &[u16],
 ) -> Result<SocketAddr, Refused> {
     let ip = original.ip();
@@ -60,9 +51,6 @@ fn check(
         && (ip.is_loopback() || ip.is_unspecified() || ip == local.ip())
     {
         return Err(Refused::ProxyPort(original));
-    }
-    if direction == Direction::Inbound && ip.is_loopback() {
-        return Err(Refused::InboundLoopback(original));
     }
     Ok(original)
 }
@@ -79,87 +67,65 @@ mod tests {
 
     #[test]
     fn redirected_destinations_pass_and_loops_are_refused() {
-        use Direction::*;
-        for (name, original, local, direction, ok) in [
+        // Inbound to loopback is refused too, by `inbound::destination`.
+        for (name, original, local, ok) in [
             (
                 "outbound to a remote",
                 "198.18.0.2:80",
                 "127.0.0.1:15001",
-                Outbound,
                 true,
             ),
-            (
-                "outbound v6",
-                "[2001:2::2]:80",
-                "[::1]:15001",
-                Outbound,
-                true,
-            ),
+            ("outbound v6", "[2001:2::2]:80", "[::1]:15001", true),
             (
                 "inbound to the app",
                 "198.18.0.1:8080",
                 "198.18.0.1:15006",
-                Inbound,
                 true,
             ),
             (
                 "direct to outbound",
                 "127.0.0.1:15001",
                 "127.0.0.1:15001",
-                Outbound,
                 false,
             ),
             (
                 "direct to inbound",
                 "198.18.0.1:15006",
                 "198.18.0.1:15006",
-                Inbound,
                 false,
             ),
             (
                 "inbound to the inbound port",
                 "198.18.0.1:15006",
                 "198.18.0.1:15006",
-                Inbound,
                 false,
             ),
             (
                 "outbound to own outbound port",
                 "127.0.0.1:15006",
                 "127.0.0.1:15001",
-                Outbound,
                 false,
             ),
             (
                 "outbound to pod ip proxy port",
                 "198.18.0.1:15001",
                 "198.18.0.1:15006",
-                Inbound,
-                false,
-            ),
-            (
-                "inbound to loopback",
-                "127.0.0.1:8080",
-                "198.18.0.1:15006",
-                Inbound,
                 false,
             ),
             (
                 "outbound to loopback app",
                 "127.0.0.1:8080",
                 "127.0.0.1:15001",
-                Outbound,
                 true,
             ),
             (
                 "remote on a proxy port",
                 "198.18.0.2:15001",
                 "127.0.0.1:15001",
-                Outbound,
                 true,
             ),
         ] {
-            let result = check(sa(original), sa(local), direction, &PORTS);
+            let result = check(sa(original), sa(local), &PORTS);
             assert_eq!(result.is_ok(), ok, "{name}: {result:?}");
         }
     }

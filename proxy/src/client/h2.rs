@@ -1,4 +1,5 @@
-//! The upstream side of proxied HTTP/2, on the h2 crate's client directly.
+//! The upstream side of proxied HTTP/2, on the h2 crate's client directly: one [`Upstream`]
+//! connection to an endpoint, dialled when first needed, whose handle the streams share.
 //!
 //! hyper still serves the client side. Its client side would hand every request through a
 //! channel to the connection's task, spawn a task per request to wait for the response, and send
@@ -19,8 +20,11 @@
 //! - A `CONNECT` accepted with a 2xx ([`tunnel`]) carries its bytes the same two ways, the
 //!   client's side read into the request body's pipe; each side's end is the other's.
 
+use std::io;
 use std::pin::Pin;
+use std::sync::PoisonError;
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -33,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 use tracing::debug;
 
-use crate::proxy::BoxError;
+use super::{BoxError, Dialer, Endpoint, Failure};
 
 /// The send half of an upstream HTTP/2 connection; clones share the connection.
 pub type Sender = SendRequest<Bytes>;
@@ -69,6 +73,105 @@ where
         }
     });
     Ok(sender)
+}
+
+/// The largest header (or trailer) section taken over HTTP/2 from either side, as SETTINGS tell
+/// the peer: the HTTP/1 path's limit, not the 16 KiB hyper defaults to, so a request with a large
+/// cookie is not a 431 over one protocol only.
+pub const MAX_HEADER_LIST: u32 = super::h1::MAX_HEAD as u32;
+
+/// How long a failed dial answers for the next one on the same [`Upstream`]: long enough for
+/// the first streams of an HTTP/2 client connection, which come at once, short enough that a
+/// client that connected early (a gRPC channel) and sends its first call later finds a
+/// destination that has come up.
+const FAILED_DIAL_HOLDS: Duration = Duration::from_secs(1);
+
+/// Whether the upstream left the stream unprocessed, so that sending it again is safe whatever
+/// its method: it refused it (`REFUSED_STREAM`, RFC 9113 §8.7), or its `GOAWAY` named a last
+/// stream below it (§6.8; the h2 crate fails only those streams with the `GOAWAY` itself, the
+/// others go on or fail with the connection). A server shutting down gracefully, as in a
+/// rolling update, does the latter to the streams in flight.
+pub fn unprocessed(error: &h2::Error) -> bool {
+    error.is_remote()
+        && (error.is_go_away()
+            || (error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM)))
+}
+
+/// One multiplexed upstream HTTP/2 connection to one [`Endpoint`], dialled when first needed
+/// and again when it closes; its holders' streams share it.
+pub struct Upstream {
+    endpoint: Endpoint,
+    dialer: Dialer,
+    /// Held across the dial so that a burst of first streams opens one connection, not many;
+    /// afterwards each stream holds it only to clone the handle.
+    current: tokio::sync::Mutex<Option<Sender>>,
+    /// A dial that failed before, and when: a dial within [`FAILED_DIAL_HOLDS`] of it fails
+    /// with it instead of trying again at once.
+    failed: std::sync::Mutex<Option<(io::Error, Instant)>>,
+}
+
+impl Upstream {
+    /// No connection yet; `failed` is a dial to `endpoint` that just failed, if any.
+    pub fn new(endpoint: Endpoint, dialer: Dialer, failed: Option<(io::Error, Instant)>) -> Self {
+        Self {
+            endpoint,
+            dialer,
+            current: tokio::sync::Mutex::new(None),
+            failed: std::sync::Mutex::new(failed),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// A handle that can open a stream now, and whether its connection was just dialled: on
+    /// the current upstream connection (a new one if `replace`), or on a new one when the
+    /// current one turns out to be closing, since no stream has left yet. For the cold paths;
+    /// the per-stream path does the same inline.
+    pub async fn ready_sender(&self, replace: bool) -> Result<(Sender, bool), Failure> {
+        let (sender, fresh) = self.sender(replace).await?;
+        match sender.ready().await {
+            Ok(sender) => Ok((sender, fresh)),
+            Err(_) if !fresh => {
+                let (sender, _) = self.sender(true).await?;
+                Ok((sender.ready().await.map_err(Failure::H2)?, true))
+            }
+            Err(error) => Err(Failure::H2(error)),
+        }
+    }
+
+    /// The upstream connection's handle and whether it was just dialled.
+    pub async fn sender(&self, replace: bool) -> Result<(Sender, bool), Failure> {
+        let mut current = self.current.lock().await;
+        if let Some(sender) = current.as_ref() {
+            if !replace {
+                return Ok((sender.clone(), false));
+            }
+        }
+        // Boxed: the dial and the handshake are the cold path, and inline their state would
+        // make every stream's future larger, copied each time hyper and tokio move it into the
+        // stream's task.
+        let sender = Box::pin(self.connect()).await?;
+        *current = Some(sender.clone());
+        Ok((sender, true))
+    }
+
+    /// A new upstream HTTP/2 connection, driven by a task of its own.
+    async fn connect(&self) -> Result<Sender, Failure> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((error, at)) = failed {
+            if at.elapsed() < FAILED_DIAL_HOLDS {
+                return Err(Failure::Connect(error));
+            }
+        }
+        let io = self.dialer.dial(&self.endpoint).await?;
+        handshake(io, MAX_HEADER_LIST).await.map_err(Failure::H2)
+    }
 }
 
 /// Sends a request body up `stream` until it ends, the client side fails (the upstream stream
@@ -212,7 +315,7 @@ where
 }
 
 /// An upstream response body as the client side reads it (the HTTP/2 counterpart of
-/// [`crate::h1::UpstreamBody`]).
+/// [`crate::client::h1::UpstreamBody`]).
 pub struct UpstreamBody {
     stream: RecvStream,
     data_done: bool,

@@ -1,4 +1,4 @@
-//! Just enough HPACK (RFC 7541) for [`crate::h2_relay`], which carries header blocks without
+//! Just enough HPACK (RFC 7541) for [`super::h2_relay`], which carries header blocks without
 //! re-encoding them: the `:status` of responses, and for the access log the `:method`,
 //! `:authority` (or `Host`) and `:path` of requests.
 //!

@@ -4,12 +4,21 @@ use std::net::SocketAddr;
 
 use tracing::{debug, warn};
 
-use crate::connect::{connect, reset};
+use super::ClientIo;
+use crate::client::connect::{connect, reset};
 use crate::metrics::CountingIo;
-use crate::proxy::{ClientIo, Context};
+use crate::outbound::Destination;
+use crate::proxy::Context;
 
-pub async fn forward(client: ClientIo, target: SocketAddr, cx: &Context) {
-    let upstream = match connect(target, cx.connect_params()).await {
+/// Carries `client`'s bytes, the connection to `target`, to where `destination` says.
+pub async fn forward(
+    client: ClientIo,
+    target: SocketAddr,
+    destination: &Destination,
+    cx: &Context,
+) {
+    let endpoint = destination.pick();
+    let upstream = match connect(endpoint.addr, cx.connect_params).await {
         Ok(upstream) => upstream,
         Err(error) => {
             cx.metrics.connect_errors.inc();

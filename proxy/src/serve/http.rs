@@ -1,18 +1,17 @@
-//! HTTP/1.1 and HTTP/2 proxied request by request to the original destination: upstream
-//! connections are reused for the whole client connection and, for HTTP/1, pooled per worker
-//! thread across client connections; upgrades and CONNECT become byte tunnels. The upstream side
-//! of HTTP/1 is [`crate::h1`]; hyper serves the client side and carries tunnels and HTTP/2.
-//! HTTP/2 comes here only with `--h2-mode terminate`, or when the relay ([`crate::h2_relay`],
-//! the default) could not reach the destination.
+//! HTTP/1.1 and HTTP/2 proxied request by request: each request goes to the endpoint its
+//! [`Destination`] picks, over that endpoint's connections. Upstream connections are reused for
+//! the whole client connection and, for HTTP/1, pooled per worker thread across client
+//! connections; upgrades and CONNECT become byte tunnels. The upstream side of HTTP/1 is
+//! [`crate::client::h1`], of HTTP/2 [`crate::client::h2`]; hyper serves the client side and
+//! carries tunnels. HTTP/2 comes here only with `--h2-mode terminate`, or when the relay
+//! ([`super::h2_relay`], the default) could not reach the destination (see [`super::serve_h2`]).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, PoisonError};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode, Version};
@@ -25,137 +24,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::connect::connect;
-use crate::h1::{self, Conn, RequestHead, UpstreamBody};
-use crate::metrics::{CountingIo, Direction, Protocol};
-use crate::proxy::{BoxError, ClientIo, Context};
+use super::ClientIo;
+use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
+use crate::client::{h2, pool, with_causes, Endpoint, Failure};
+use crate::metrics::{CountingIo, Protocol};
+use crate::outbound::Destination;
+use crate::proxy::{BoxError, Context};
 use crate::telemetry::access_log::AccessLog;
-use crate::{h2_relay, h2_upstream};
-
-/// How long an idle upstream HTTP/1 connection stays in the shared pool. Below the idle
-/// timeouts of common servers (nginx 75 s, Go 90 s; Node.js 5 s is covered by the retry of
-/// requests that a closing connection never took).
-const POOL_IDLE: Duration = Duration::from_secs(4);
-/// Idle upstream connections kept per destination.
-const POOL_PER_TARGET: usize = 32;
-/// How long a failed dial answers for the next one on the same HTTP/2 client connection: long
-/// enough for its first streams, which come at once, short enough that a client that connected
-/// early (a gRPC channel) and sends its first call later finds a destination that has come up.
-const FAILED_DIAL_HOLDS: Duration = Duration::from_secs(1);
-
-thread_local! {
-    /// This worker thread's idle upstream HTTP/1 connections by original destination. Each
-    /// worker is a single-threaded runtime whose connections never leave it, so a per-worker
-    /// pool needs no lock and every connection it hands out is driven by the same thread.
-    /// Touched when a client connection needs its first upstream connection and when it
-    /// closes — never per request.
-    static POOL: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
-}
-
-/// An upstream connection waiting in the pool, and since when.
-type Idle = (Conn, Instant);
-
-/// A usable pooled connection to `target`, if this worker has one.
-fn checkout(target: SocketAddr) -> Option<Conn> {
-    POOL.with_borrow_mut(|idle| {
-        let list = idle.get_mut(&target)?;
-        let mut found = None;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < POOL_IDLE && conn.is_usable() {
-                found = Some(conn);
-                break;
-            }
-        }
-        if list.is_empty() {
-            idle.remove(&target);
-        }
-        found
-    })
-}
-
-fn checkin(target: SocketAddr, mut conn: Conn) {
-    if !conn.is_usable() {
-        return;
-    }
-    conn.shrink();
-    // `try_with`: a connection dropped while the thread exits finds the pool already gone.
-    let _ = POOL.try_with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let list = idle.entry(target).or_default();
-        if list.len() < POOL_PER_TARGET {
-            list.push((conn, Instant::now()));
-        }
-    });
-}
-
-/// Drops this worker's expired and closed pooled connections every [`POOL_IDLE`], so idle
-/// sockets do not linger. Runs on each worker thread.
-pub async fn sweep_pool_forever() {
-    let mut tick = tokio::time::interval(POOL_IDLE);
-    loop {
-        tick.tick().await;
-        POOL.with_borrow_mut(|idle| {
-            idle.retain(|_, list| {
-                list.retain(|(conn, since)| since.elapsed() < POOL_IDLE && conn.is_usable());
-                !list.is_empty()
-            });
-        });
-    }
-}
-
-/// Why a request got no upstream response.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
-    #[error("{}", with_causes(.0))]
-    Upstream(hyper::Error),
-    #[error("{}", with_causes(.0))]
-    H2(h2::Error),
-    #[error("{0}")]
-    Http1(h1::Error),
-}
-
-impl Failure {
-    /// A request the client got wrong (its body, its framing), which no upstream could answer.
-    fn is_client_error(&self) -> bool {
-        matches!(self, Self::Http1(error) if error.is_client_error())
-    }
-}
-
-/// `error` and what caused it: hyper's own text (`http2 error`) names only the layer.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
-    texts.join(": ")
-}
-
-/// Whether the upstream left the stream unprocessed, so that sending it again is safe whatever
-/// its method: it refused it (`REFUSED_STREAM`, RFC 9113 §8.7), or its `GOAWAY` named a last
-/// stream below it (§6.8; the h2 crate fails only those streams with the `GOAWAY` itself, the
-/// others go on or fail with the connection). A server shutting down gracefully, as in a
-/// rolling update, does the latter to the streams in flight.
-fn unprocessed(error: &h2::Error) -> bool {
-    error.is_remote()
-        && (error.is_go_away()
-            || (error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM)))
-}
 
 /// One client connection's destination, shared by its requests.
 struct Route {
+    /// Where the client connected to: what the logs and 502s name.
     target: SocketAddr,
+    destination: Destination,
     cx: Context,
     protocol: Protocol,
 }
 
 impl Route {
-    async fn dial(&self) -> Result<TcpStream, Failure> {
-        match connect(self.target, self.cx.connect_params()).await {
-            Ok(stream) => Ok(stream),
-            Err(error) => {
-                self.cx.metrics.connect_errors.inc();
-                Err(Failure::Connect(error))
-            }
-        }
+    async fn dial(&self, endpoint: &Endpoint) -> Result<TcpStream, Failure> {
+        self.cx.dialer().dial(endpoint).await
     }
 
     /// Turns the upstream result into the client's response and records it.
@@ -203,9 +91,9 @@ impl Route {
     /// processed; `REFUSED_STREAM` (RFC 9113 §8.7) tells it the truth, that nothing was, so it
     /// may send the request again, as it would have done without the proxy (gRPC clients retry
     /// such a stream on their own). It counts as no request; the access log shows status 0.
-    fn refused(&self, error: &h2::Error) -> h2::Error {
+    fn refused(&self, error: &::h2::Error) -> ::h2::Error {
         warn!(direction = self.cx.direction(), destination = %self.target, error = %with_causes(error), "the upstream left a request with a body unprocessed; refusing the client's stream so that it can send it again");
-        h2::Error::from(h2::Reason::REFUSED_STREAM)
+        ::h2::Error::from(::h2::Reason::REFUSED_STREAM)
     }
 
     fn access_log<B>(&self, request: &Request<B>, start: Instant) -> Option<Box<AccessLog>> {
@@ -223,10 +111,16 @@ impl Route {
 }
 
 /// Serves one HTTP/1 client connection until it closes or the drain asks it to.
-pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
+pub async fn serve_http1(
+    stream: ClientIo,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+) {
     let state = Arc::new(Http1Upstream {
         route: Route {
             target,
+            destination,
             cx,
             protocol: Protocol::http1,
         },
@@ -242,9 +136,9 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     // A client may send its request and then shut down its write side (`curl -T`, `nc -N`): it
     // still waits for the response.
     builder.half_close(true);
-    // The header read timeout arms a timer for every request. Outbound clients are the pod's
-    // own app, which has no reason to trickle headers; inbound clients may be anyone.
-    if cx.metrics.direction == Direction::Outbound {
+    // The header read timeout arms a timer for every request: only for the directions whose
+    // clients may be anyone (see `inbound::context` and `outbound::context`).
+    if !cx.header_read_timeout {
         builder.header_read_timeout(None);
     }
     let mut connection = pin!(builder.serve_connection(io, service).with_upgrades());
@@ -260,36 +154,30 @@ pub async fn serve_http1(stream: ClientIo, target: SocketAddr, cx: Context) {
     }
 }
 
-/// Serves one HTTP/2 client connection: relayed frame by frame (`--h2-mode relay`, see
-/// [`crate::h2_relay`]), or terminated, its streams sharing one upstream HTTP/2 connection. The
-/// relay cannot answer 502, so when its upstream connection cannot be made, the connection is
-/// terminated.
-pub async fn serve_h2(stream: ClientIo, target: SocketAddr, cx: Context) {
-    let mut failed = None;
-    if cx.proxy.h2_relay {
-        match connect(target, cx.connect_params()).await {
-            Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
-            Err(error) => {
-                // A stream that comes at once gets its 502 from this failure; later ones dial.
-                cx.metrics.connect_errors.inc();
-                failed = Some((error, Instant::now()));
-            }
-        }
-    }
+/// Serves one HTTP/2 client connection terminated, request by request, its streams sharing one
+/// upstream HTTP/2 connection. `failed` is the relay's dial to the destination that just
+/// failed, if any (see [`super::serve_h2`]).
+pub async fn serve_h2(
+    stream: ClientIo,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+    failed: Option<(std::io::Error, Instant)>,
+) {
     let state = Arc::new(H2Upstream {
+        upstream: h2::Upstream::new(destination.pick().clone(), cx.dialer(), failed),
         route: Route {
             target,
+            destination,
             cx,
             protocol: Protocol::h2,
         },
-        current: tokio::sync::Mutex::new(None),
-        failed: std::sync::Mutex::new(failed),
     });
     let service = service_fn(move |request| H2Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut connection = pin!(server_h2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_header_list_size(h2::MAX_HEADER_LIST)
         .serve_connection(io, service));
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -337,11 +225,12 @@ impl Http1Upstream {
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
-        let mut reused = self.take();
+        let endpoint = self.endpoint();
+        let mut reused = self.take(endpoint);
         loop {
             let (conn, fresh) = match reused.take() {
                 Some(conn) => (conn, false),
-                None => (Conn::new(self.route.dial().await?), true),
+                None => (Conn::new(self.route.dial(endpoint).await?), true),
             };
             match h1::send(conn, &head, body.take(), &self.current).await {
                 Ok(response) => return Ok(response),
@@ -358,9 +247,10 @@ impl Http1Upstream {
     async fn tunnel(&self, mut request: Request<Incoming>) -> Result<Response<Inner>, Failure> {
         let is_connect = request.method() == Method::CONNECT;
         let client_side = hyper::upgrade::on(&mut request);
-        let io = match self.take().and_then(Conn::into_stream) {
+        let endpoint = self.endpoint();
+        let io = match self.take(endpoint).and_then(Conn::into_stream) {
             Some(stream) => stream,
-            None => self.route.dial().await?,
+            None => self.route.dial(endpoint).await?,
         };
         let (mut sender, connection) = client_h1::handshake(TokioIo::new(io))
             .await
@@ -413,8 +303,16 @@ impl Http1Upstream {
         Ok(response.map(|body| Inner::Hyper(body, None)))
     }
 
-    /// The connection's current upstream connection or a pooled one, if usable.
-    fn take(&self) -> Option<Conn> {
+    /// The endpoint of this connection's next request: the one place where an HTTP/1 request's
+    /// upstream is chosen. Its connection is this client connection's current one, else one of
+    /// the endpoint's pooled ones, else a new one.
+    fn endpoint(&self) -> &Endpoint {
+        self.route.destination.pick()
+    }
+
+    /// The connection's current upstream connection (to `endpoint`, the destination's only one)
+    /// or a pooled one to `endpoint`, if usable.
+    fn take(&self, endpoint: &Endpoint) -> Option<Conn> {
         let current = self
             .current
             .lock()
@@ -422,7 +320,7 @@ impl Http1Upstream {
             .take();
         current
             .filter(Conn::is_usable)
-            .or_else(|| checkout(self.route.target))
+            .or_else(|| pool::checkout(endpoint))
     }
 }
 
@@ -436,16 +334,11 @@ impl Drop for Http1Upstream {
             .take();
         if let Some(conn) = current {
             if !self.route.cx.proxy.drain.is_draining() {
-                checkin(self.route.target, conn);
+                pool::checkin(self.endpoint(), conn);
             }
         }
     }
 }
-
-/// The largest header (or trailer) section taken over HTTP/2 from either side, as SETTINGS tell
-/// the peer: the HTTP/1 path's limit, not the 16 KiB hyper defaults to, so a request with a large
-/// cookie is not a 431 over one protocol only.
-const MAX_H2_HEADER_LIST: u32 = h1::MAX_HEAD as u32;
 
 /// How many times one HTTP/2 request is sent again after the upstream left it unprocessed.
 const MAX_REFUSALS: u32 = 2;
@@ -502,15 +395,21 @@ fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Opt
 /// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
 struct H2Upstream {
     route: Route,
-    /// Held across the dial so that a burst of first streams opens one connection, not many;
-    /// afterwards each stream holds it only to clone the handle.
-    current: tokio::sync::Mutex<Option<h2_upstream::Sender>>,
-    /// A dial that failed before the connection was served (the relay's), and when: a dial
-    /// within [`FAILED_DIAL_HOLDS`] of it fails with it instead of trying again at once.
-    failed: std::sync::Mutex<Option<(std::io::Error, Instant)>>,
+    /// The connection to the destination's endpoint, whose first dial may have failed already
+    /// (the relay's).
+    upstream: h2::Upstream,
 }
 
 impl H2Upstream {
+    /// The connection a stream goes on: the one place where an HTTP/2 stream's endpoint is
+    /// chosen. A [`Destination::Forward`] has one endpoint, whose connection is this client
+    /// connection's own.
+    fn upstream(&self) -> &h2::Upstream {
+        match &self.route.destination {
+            Destination::Forward(_) => &self.upstream,
+        }
+    }
+
     /// One stream from start to end. hyper runs each stream as a task of its own and moves this
     /// future into it, so it is kept small: one flat future (a nested one would hold the request
     /// a second time) whose cold path, the dial, is boxed.
@@ -520,7 +419,7 @@ impl H2Upstream {
     async fn forward(
         self: Arc<Self>,
         request: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, h2::Error> {
+    ) -> Result<Response<ResponseBody>, ::h2::Error> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         if request.method() == Method::CONNECT {
@@ -534,7 +433,7 @@ impl H2Upstream {
         let result = loop {
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
-            let (sender, fresh) = match self.sender(replace).await {
+            let (sender, fresh) = match self.upstream().sender(replace).await {
                 Ok(sender) => sender,
                 Err(failure) => break Err(failure),
             };
@@ -565,17 +464,15 @@ impl H2Upstream {
                 Err(error) => break Err(Failure::H2(error)),
             };
             if let Some(body) = body.take() {
-                tokio::spawn(h2_upstream::pipe(body, stream));
+                tokio::spawn(h2::pipe(body, stream));
             }
             let error = match response.await {
                 Ok(response) => {
-                    break Ok(
-                        response.map(|stream| Inner::H2(h2_upstream::UpstreamBody::new(stream)))
-                    )
+                    break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))))
                 }
                 Err(error) => error,
             };
-            if !unprocessed(&error) {
+            if !h2::unprocessed(&error) {
                 break Err(Failure::H2(error));
             }
             if resend.is_none() {
@@ -600,13 +497,13 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let (mut sender, _) = self.ready_sender(false).await?;
+        let (mut sender, _) = self.upstream().ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
         if !parts.status.is_success() {
             // No tunnel: the request stream ends here, the answer goes back with its body.
             let _ = up.send_data(Bytes::new(), true);
-            let body = Inner::H2(h2_upstream::UpstreamBody::new(down));
+            let body = Inner::H2(h2::UpstreamBody::new(down));
             return Ok(Response::from_parts(parts, body));
         }
         // The tunnel's bytes are no body: hyper refuses a 2xx to `CONNECT` that has a length.
@@ -617,7 +514,7 @@ impl H2Upstream {
             let _guard = guard;
             match client_side.await {
                 Ok(client) => {
-                    if let Err(error) = h2_upstream::tunnel(TokioIo::new(client), up, down).await {
+                    if let Err(error) = h2::tunnel(TokioIo::new(client), up, down).await {
                         debug!(direction, %error, "tunnel ended with an error");
                     }
                 }
@@ -625,56 +522,6 @@ impl H2Upstream {
             }
         });
         Ok(Response::from_parts(parts, Inner::Local(None)))
-    }
-
-    /// A handle that can open a stream now, and whether its connection was just dialled: on
-    /// the current upstream connection (a new one if `replace`), or on a new one when the
-    /// current one turns out to be closing, since no stream has left yet. For the cold paths;
-    /// `forward` does the same inline.
-    async fn ready_sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
-        let (sender, fresh) = self.sender(replace).await?;
-        match sender.ready().await {
-            Ok(sender) => Ok((sender, fresh)),
-            Err(_) if !fresh => {
-                let (sender, _) = self.sender(true).await?;
-                Ok((sender.ready().await.map_err(Failure::H2)?, true))
-            }
-            Err(error) => Err(Failure::H2(error)),
-        }
-    }
-
-    /// The upstream connection's handle and whether it was just dialled.
-    async fn sender(&self, replace: bool) -> Result<(h2_upstream::Sender, bool), Failure> {
-        let mut current = self.current.lock().await;
-        if let Some(sender) = current.as_ref() {
-            if !replace {
-                return Ok((sender.clone(), false));
-            }
-        }
-        // Boxed: the dial and the handshake are the cold path, and inline their state would
-        // make every stream's future larger, copied each time hyper and tokio move it into the
-        // stream's task.
-        let sender = Box::pin(self.connect()).await?;
-        *current = Some(sender.clone());
-        Ok((sender, true))
-    }
-
-    /// A new upstream HTTP/2 connection, driven by a task of its own.
-    async fn connect(&self) -> Result<h2_upstream::Sender, Failure> {
-        let failed = self
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((error, at)) = failed {
-            if at.elapsed() < FAILED_DIAL_HOLDS {
-                return Err(Failure::Connect(error));
-            }
-        }
-        let io = self.route.dial().await?;
-        h2_upstream::handshake(io, MAX_H2_HEADER_LIST)
-            .await
-            .map_err(Failure::H2)
     }
 }
 
@@ -724,10 +571,10 @@ fn wants_tunnel<B>(request: &Request<B>) -> bool {
 }
 
 enum Inner {
-    /// An HTTP/1 response read by [`crate::h1`].
+    /// An HTTP/1 response read by [`crate::client::h1`].
     Upstream(UpstreamBody),
-    /// An HTTP/2 response read by [`crate::h2_upstream`].
-    H2(h2_upstream::UpstreamBody),
+    /// An HTTP/2 response read by [`crate::client::h2`].
+    H2(h2::UpstreamBody),
     /// A tunnel's response, read by hyper's client, and its error held back for one poll.
     Hyper(Incoming, Option<hyper::Error>),
     /// A response the proxy makes itself (502).

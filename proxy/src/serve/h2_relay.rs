@@ -2,14 +2,14 @@
 //! one upstream connection of its own exchange their frames through the proxy unchanged, and the
 //! proxy reads only what the metrics and the access log need.
 //!
-//! Terminating HTTP/2 ([`crate::http::serve_h2`] with `--h2-mode terminate`) decodes every
+//! Terminating HTTP/2 ([`crate::serve::http::serve_h2`] with `--h2-mode terminate`) decodes every
 //! request and response, keeps two sets of stream state and encodes everything again; that is
 //! most of what an HTTP/2 request costs a proxy. Here each direction is copied as it is read.
 //! The frame heads are followed in both directions: a `HEADERS` from the client on a new stream
 //! starts a request, and the first final `:status` the upstream sends on that stream answers it.
 //! That is one request in `requests_total` and `request_duration_seconds`, measured as the
 //! terminating path measures it (to the response head). The upstream's header blocks are
-//! decoded only as far as [`crate::hpack`] needs to follow its dynamic table and read
+//! decoded only as far as [`super::hpack`] needs to follow its dynamic table and read
 //! `:status`; the client's only with `--access-log`, for the method, authority and path. The
 //! log line is written when the response ends or either side resets the stream (status 0 if it
 //! had no response head), as the terminating path writes it when the response body ends.
@@ -34,10 +34,11 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::connect::reset;
-use crate::hpack;
+use super::hpack;
+use super::ClientIo;
+use crate::client::connect::reset;
 use crate::metrics::Protocol;
-use crate::proxy::{ClientIo, Context};
+use crate::proxy::Context;
 use crate::telemetry::access_log::AccessLog;
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which the client sends before its first frame.
@@ -623,8 +624,14 @@ impl Book {
                 let (cx, target) = (self.cx, self.target);
                 if let Some(open) = self.find(block.stream) {
                     if open.log.is_none() {
-                        let log =
-                            AccessLog::relayed(cx.metrics.direction, target, &fields, open.start);
+                        let log = AccessLog::relayed(
+                            cx.metrics.direction,
+                            target,
+                            fields.method.as_deref(),
+                            fields.authority.as_deref().or(fields.host.as_deref()),
+                            fields.path.as_deref(),
+                            open.start,
+                        );
                         open.log = Some(Box::new(log));
                     }
                 }

@@ -1,0 +1,60 @@
+//! Where connections from outside the pod go: the pod's own app, at the original destination,
+//! unless that is loopback. The inbound side's settings are here too: its clients may be anyone
+//! outside the pod, and its upstream is the pod's own app.
+
+use std::net::SocketAddr;
+
+use crate::client::connect::{ConnectParams, Keepalive};
+use crate::client::Endpoint;
+use crate::metrics::Direction;
+use crate::outbound::Destination;
+use crate::proxy::{Context, Proxy};
+
+/// An inbound connection to loopback, refused.
+#[derive(Debug, thiserror::Error)]
+#[error("inbound to loopback {0} (an app bound to loopback stays private)")]
+pub struct Loopback(pub SocketAddr);
+
+/// Where an inbound connection to `original` goes, or why it is refused: an app bound to
+/// loopback stays private.
+pub fn destination(original: SocketAddr) -> Result<Destination, Loopback> {
+    if original.ip().is_loopback() {
+        return Err(Loopback(original));
+    }
+    Ok(Destination::Forward(Endpoint::new(original)))
+}
+
+/// The context of an inbound connection. Its upstream is the pod's own app: no dead-peer
+/// detection. Its client may be anyone, so a request head must come within hyper's header read
+/// timeout.
+pub fn context(proxy: &'static Proxy) -> Context {
+    let connect = ConnectParams {
+        timeout: proxy.connect_timeout,
+        keepalive: None,
+    };
+    Context::new(proxy, Direction::Inbound, connect, true)
+}
+
+/// The dead-peer detection on the inbound listeners' accepted sockets: their clients are outside
+/// the pod (set on the listener, which its accepted sockets inherit).
+pub fn listener_keepalive(proxy: &Proxy) -> Option<Keepalive> {
+    proxy.keepalive
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_app_is_reached_unless_it_is_bound_to_loopback() {
+        for (original, ok) in [
+            ("198.18.0.1:8080", true),
+            ("[2001:2::1]:8080", true),
+            ("127.0.0.1:8080", false),
+            ("[::1]:8080", false),
+        ] {
+            let result = destination(original.parse().unwrap());
+            assert_eq!(result.is_ok(), ok, "{original}: {result:?}");
+        }
+    }
+}

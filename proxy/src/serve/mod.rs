@@ -1,0 +1,227 @@
+//! The client's side of one connection: where it was going, which protocol it speaks, where it
+//! goes ([`Destination`], from [`crate::outbound`] or [`crate::inbound`]), and the path that
+//! carries it: [`opaque`] bytes, [`http`] (HTTP/1, and HTTP/2 terminated), or the HTTP/2
+//! [`h2_relay`], only for a [`Destination::Forward`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::client::connect::{connect, reset};
+use crate::metrics::{Direction, DirectionMetrics};
+use crate::outbound::Destination;
+use crate::proxy::{Accepted, Context, Handoff};
+use crate::{inbound, outbound};
+use detect::{detect_unless_known, DecidedBy, Detected, Rewound};
+
+pub mod detect;
+pub mod h2_relay;
+pub mod hpack;
+pub mod http;
+pub mod opaque;
+pub mod orig_dst;
+
+/// An accepted client connection, holding the first bytes that detection read.
+pub type ClientIo = Rewound<TcpStream>;
+
+/// Registers an accepted connection with this worker's reactor and serves it here.
+pub fn start((stream, accepted): Handoff) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => drop(tokio::spawn(connection(stream, accepted))),
+        Err(error) => {
+            let (direction, peer) = (accepted.cx.direction(), accepted.peer);
+            warn!(direction, %peer, %error, "cannot register an accepted connection");
+        }
+    }
+}
+
+/// Decrements the open-connections gauge however the connection ends.
+struct Open(&'static DirectionMetrics);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
+}
+
+/// Serves one connection: its original destination, its protocol, where it goes, then the path
+/// for that protocol. `accepted` holds its place in the drain and its worker's count until this
+/// returns.
+async fn connection(stream: TcpStream, accepted: Accepted) {
+    let (peer, cx) = (accepted.peer, accepted.cx);
+    cx.metrics.connections.inc();
+    cx.metrics.open.inc();
+    let _open = Open(cx.metrics);
+    let refuse = |stream: TcpStream, refused: &dyn std::fmt::Display| {
+        warn!(direction = cx.direction(), %peer, reason = %refused, "connection refused");
+        reset(stream);
+    };
+    let target = match orig_dst::target(&stream, &cx.proxy.proxy_ports) {
+        Ok(target) => target,
+        Err(refused) => return refuse(stream, &refused),
+    };
+    let destination = match cx.metrics.direction {
+        Direction::Outbound => outbound::destination(target),
+        Direction::Inbound => match inbound::destination(target) {
+            Ok(destination) => destination,
+            Err(refused) => return refuse(stream, &refused),
+        },
+    };
+    let (protocol, first) = if cx.proxy.opaque_ports.contains(target.port()) {
+        (Detected::Opaque, Bytes::new())
+    } else {
+        match detect_remembering(&stream, target, &cx).await {
+            Ok(detected) => detected,
+            Err(error) => {
+                debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
+                return;
+            }
+        }
+    };
+    debug!(direction = cx.direction(), %peer, destination = %target, ?protocol, "connection");
+    let stream = Rewound::new(stream, first);
+    match protocol {
+        Detected::Opaque => opaque::forward(stream, target, &destination, &cx).await,
+        Detected::Http1 => http::serve_http1(stream, target, destination, cx).await,
+        Detected::H2 => serve_h2(stream, target, destination, cx).await,
+    }
+}
+
+/// Serves one HTTP/2 client connection: relayed frame by frame when its destination is
+/// [`Destination::Forward`] and `--h2-mode relay` (see [`h2_relay`]), else terminated, request
+/// by request ([`http::serve_h2`]). The relay cannot answer 502, so when its upstream
+/// connection cannot be made, the connection is terminated.
+pub async fn serve_h2(stream: ClientIo, target: SocketAddr, destination: Destination, cx: Context) {
+    let failed = match &destination {
+        Destination::Forward(endpoint) if cx.proxy.h2_relay => {
+            match connect(endpoint.addr, cx.connect_params).await {
+                Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
+                Err(error) => {
+                    // A stream that comes at once gets its 502 from this failure; later ones dial.
+                    cx.metrics.connect_errors.inc();
+                    Some((error, Instant::now()))
+                }
+            }
+        }
+        _ => None,
+    };
+    http::serve_h2(stream, target, destination, cx, failed).await
+}
+
+/// Detects the protocol of a connection to `target`. A destination whose client sent nothing
+/// within the detection wait is remembered as server-first, and its later connections are
+/// opaque at once instead of waiting again; one whose client speaks first is forgotten. The
+/// cost to a client whose first bytes are here at accept (HTTP, mostly) is a relaxed load and a
+/// bit test (plus a set lookup when its port shares a bit with a remembered destination's);
+/// one whose bytes are not here yet costs a lock-free load of the shared set and, unless the
+/// set is empty, one hash lookup.
+async fn detect_remembering(
+    stream: &TcpStream,
+    target: SocketAddr,
+    cx: &Context,
+) -> io::Result<(Detected, Bytes)> {
+    let server_first = cx.server_first;
+    let known = || server_first.knows(&target, std::time::Instant::now);
+    let (protocol, first, decided_by) = detect_unless_known(stream, known).await?;
+    match decided_by {
+        DecidedBy::Client => {
+            if !first.is_empty() && server_first.may_hold(&target) {
+                let change = server_first.forget(&target);
+                cx.metrics.server_first_destinations.inc_by(change);
+            }
+        }
+        DecidedBy::Memory => {
+            cx.metrics.detect_skipped.inc();
+        }
+        DecidedBy::Silence => {
+            cx.metrics.detect_timeouts.inc();
+            let change = server_first.learn(target, std::time::Instant::now());
+            cx.metrics.server_first_destinations.inc_by(change);
+        }
+    }
+    Ok((protocol, first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair over loopback: (client, accepted).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_silent_destination_waits_once_then_its_connections_skip_the_wait() {
+        use tokio::io::AsyncWriteExt;
+        let proxy = crate::http_tests::new_proxy();
+        let outbound = outbound::context(proxy);
+        let mariadb: SocketAddr = "198.18.0.2:3307".parse().unwrap();
+        let counts = |cx: &Context| {
+            (
+                cx.metrics.detect_timeouts.get(),
+                cx.metrics.detect_skipped.get(),
+                cx.metrics.server_first_destinations.get(),
+            )
+        };
+
+        // The first connection waits out detection, and the destination is remembered.
+        let (_client, accepted) = pair().await;
+        let (protocol, first) = detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(protocol, Detected::Opaque);
+        assert!(first.is_empty());
+        assert_eq!(counts(&outbound), (1, 0, 1));
+        assert!(outbound
+            .server_first
+            .knows(&mariadb, std::time::Instant::now));
+
+        // The next ones do not wait: counted as skipped, not as another timeout.
+        for n in 1..=2 {
+            let (_client, accepted) = pair().await;
+            let (protocol, _) = detect_remembering(&accepted, mariadb, &outbound)
+                .await
+                .unwrap();
+            assert_eq!(protocol, Detected::Opaque);
+            assert_eq!(counts(&outbound), (1, n, 1));
+        }
+
+        // A client that speaks first is still read, and is evidence enough to forget the
+        // destination: the next silent client waits again.
+        let (mut client, accepted) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        accepted.readable().await.unwrap();
+        let (protocol, _) = detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(protocol, Detected::Http1);
+        assert_eq!(counts(&outbound), (1, 2, 0));
+        assert!(!outbound
+            .server_first
+            .knows(&mariadb, std::time::Instant::now));
+        let (_client, accepted) = pair().await;
+        detect_remembering(&accepted, mariadb, &outbound)
+            .await
+            .unwrap();
+        assert_eq!(counts(&outbound), (2, 2, 1));
+
+        // Each direction learns for itself: an inbound connection to that address still waits.
+        let inbound = inbound::context(proxy);
+        let (_client, accepted) = pair().await;
+        detect_remembering(&accepted, mariadb, &inbound)
+            .await
+            .unwrap();
+        assert_eq!(counts(&inbound), (1, 0, 1));
+        assert_eq!(counts(&outbound), (2, 2, 1));
+    }
+}
