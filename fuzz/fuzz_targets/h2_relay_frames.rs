@@ -35,6 +35,7 @@ fn proxy(access_log: bool) -> &'static Proxy {
             drain: Default::default(),
             workers: remora_proxy::runtime::workers::Workers::new(1).0,
             ready: Default::default(),
+        discovery: None,
         }))
     })
 }

@@ -47,6 +47,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         drain: Default::default(),
         workers: crate::runtime::workers::Workers::new(1).0,
         ready: Default::default(),
+        discovery: None,
     });
     configure(&mut proxy);
     Box::leak(proxy)

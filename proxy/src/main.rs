@@ -15,6 +15,7 @@ use remora_proxy::client::connect::Keepalive;
 use remora_proxy::client::pool;
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
 use remora_proxy::metrics::{self, Metrics};
+use remora_proxy::outbound::discover::Discovery;
 use remora_proxy::proxy::Proxy;
 use remora_proxy::runtime::workers::Workers;
 use remora_proxy::runtime::{alloc, listen, sched};
@@ -32,6 +33,28 @@ fn main() -> anyhow::Result<()> {
     }
     let workers = config::worker_threads(args.workers);
     let (placement, inboxes) = Workers::new(workers);
+    // The admin thread's runtime also runs the control plane's watches: made first, so the
+    // discovery client's channel starts on it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    let metrics = Metrics::new();
+    let discovery = match args.control_config(|name| std::env::var(name).ok())? {
+        Some(control) => {
+            let _entered = runtime.enter();
+            info!(control = %control.addr, tls = control.trust_anchors.is_some(), namespace = %control.namespace, pod = %control.pod, "control plane");
+            if control.namespace.is_empty() || control.pod.is_empty() {
+                warn!("POD_NAMESPACE or POD_NAME is not set: the control plane cannot apply per-namespace routes to this pod");
+            }
+            Some(Discovery::new(
+                control,
+                runtime.handle().clone(),
+                metrics.control.clone(),
+            )?)
+        }
+        None => None,
+    };
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
         keepalive: Keepalive::after(args.tcp_keepalive),
@@ -39,11 +62,12 @@ fn main() -> anyhow::Result<()> {
         proxy_ports: [args.outbound_listen.port(), args.inbound_listen.port()],
         access_log: args.access_log,
         h2_relay: args.h2_mode == H2Mode::Relay,
-        metrics: Metrics::new(),
+        metrics,
         server_first: Default::default(),
         drain: Default::default(),
         workers: placement,
         ready: Default::default(),
+        discovery,
     }));
 
     // Thread per core: each worker is a single-threaded runtime with its own listener sockets
@@ -91,6 +115,9 @@ fn main() -> anyhow::Result<()> {
                 metrics::use_shard(worker);
                 runtime.block_on(async move {
                     tokio::spawn(pool::sweep_forever());
+                    if proxy.discovery.is_some() {
+                        tokio::spawn(outbound::sweep_forever());
+                    }
                     tokio::spawn(listen::inbox_loop(inbox, serve::start));
                     let loops: Vec<_> = listeners
                         .into_iter()
@@ -109,10 +136,6 @@ fn main() -> anyhow::Result<()> {
             .context("starting a worker thread")?;
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the admin runtime")?;
     runtime.block_on(run(args, workers, proxy, admin, accepting))
 }
 

@@ -9,6 +9,7 @@ use remora_init::PortList;
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Dialer;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::outbound::discover::Discovery;
 use crate::runtime::drain::Drain;
 use crate::runtime::listen::{self, Listening};
 use crate::runtime::workers::Workers;
@@ -36,6 +37,8 @@ pub struct Proxy {
     pub workers: Workers<Handoff>,
     /// Set once every required listener is bound.
     pub ready: AtomicBool,
+    /// The control plane's client (`--control`); `None` forwards every connection as it came.
+    pub discovery: Option<Discovery>,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves

@@ -20,9 +20,11 @@
 //! - A `CONNECT` accepted with a 2xx ([`tunnel`]) carries its bytes the same two ways, the
 //!   client's side read into the request body's pipe; each side's end is the other's.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -172,6 +174,38 @@ impl Upstream {
         let io = self.dialer.dial(&self.endpoint).await?;
         handshake(io, MAX_HEADER_LIST).await.map_err(Failure::H2)
     }
+}
+
+/// How long a worker keeps its shared connection to an endpoint that no stream has used.
+const SHARED_IDLE: Duration = Duration::from_secs(30);
+
+thread_local! {
+    /// This worker's HTTP/2 connections to Service endpoints, shared by the streams of every
+    /// client connection on the worker, and when each was last handed out.
+    static SHARED: RefCell<HashMap<Endpoint, (Arc<Upstream>, Instant)>> = RefCell::new(HashMap::new());
+}
+
+/// This worker's connection to `endpoint`, shared across client connections (a Service's
+/// endpoints, where each stream may go to another endpoint).
+pub fn shared(endpoint: &Endpoint, dialer: Dialer) -> Arc<Upstream> {
+    SHARED.with_borrow_mut(|shared| {
+        let now = Instant::now();
+        let (upstream, used) = shared
+            .entry(endpoint.clone())
+            .or_insert_with(|| (Arc::new(Upstream::new(endpoint.clone(), dialer, None)), now));
+        *used = now;
+        Arc::clone(upstream)
+    })
+}
+
+/// Drops this worker's shared connections unused for [`SHARED_IDLE`] (an endpoint that left
+/// its Service among them); streams still on one finish first.
+pub fn sweep_shared() {
+    let _ = SHARED.try_with(|shared| {
+        shared
+            .borrow_mut()
+            .retain(|_, (_, used)| used.elapsed() < SHARED_IDLE);
+    });
 }
 
 /// Sends a request body up `stream` until it ends, the client side fails (the upstream stream

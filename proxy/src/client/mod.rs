@@ -69,6 +69,9 @@ pub enum Failure {
     H2(::h2::Error),
     #[error("{0}")]
     Http1(h1::Error),
+    /// A Service with no ready endpoint.
+    #[error("no ready endpoint")]
+    NoEndpoint,
 }
 
 impl Failure {

@@ -72,5 +72,6 @@ pub async fn sweep_forever() {
                 !list.is_empty()
             });
         });
+        super::h2::sweep_shared();
     }
 }

@@ -258,6 +258,10 @@ impl Discovery {
         }
     }
 
+    pub fn metrics(&'static self) -> &'static ControlMetrics {
+        &self.metrics
+    }
+
     /// Targets watched now.
     pub fn len(&self) -> usize {
         self.targets

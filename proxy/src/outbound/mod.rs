@@ -1,10 +1,14 @@
 //! Where the pod's own outbound connections and requests go: a [`Destination`] obtained from the
-//! original destination. Today every destination is [`Destination::Forward`] to it.
+//! original destination. Without a control plane, or for an address that is not a Service's,
+//! that is [`Destination::Forward`] to it; for a Service's ClusterIP:port it is
+//! [`Destination::Service`], whose requests are balanced over its ready endpoints
+//! ([`service`], [`balance`], fed by [`discover`]).
 //!
 //! The outbound side's settings are here too: its clients are the pod's own app, and its
 //! upstreams are outside the pod.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 pub mod balance;
 pub mod discover;
@@ -14,28 +18,49 @@ use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Endpoint;
 use crate::metrics::Direction;
 use crate::proxy::{Context, Proxy};
+use discover::AppProtocol;
+use service::{Resolved, ServiceTarget};
 
 /// Where a connection, or each of its requests, goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Destination {
     /// To the one endpoint the client connected to, as it would have gone without the proxy.
     /// Only such a destination may have its HTTP/2 relayed frame by frame.
     Forward(Endpoint),
+    /// To one of a Service's ready endpoints, chosen per request (per connection for opaque
+    /// TCP) by [`ServiceTarget::pick`].
+    Service(Arc<ServiceTarget>),
 }
 
 impl Destination {
-    /// The endpoint the next request (or a connection's bytes) goes to: the one place where an
-    /// upstream is chosen.
-    pub fn pick(&self) -> &Endpoint {
+    /// How the Service's port says its traffic is to be carried; `Detect` for a forward.
+    pub fn app_protocol(&self) -> AppProtocol {
         match self {
-            Self::Forward(endpoint) => endpoint,
+            Self::Forward(_) => AppProtocol::Detect,
+            Self::Service(service) => service.service.protocol,
         }
     }
 }
 
-/// Where an outbound connection to `original` goes.
-pub fn destination(original: SocketAddr) -> Destination {
-    Destination::Forward(Endpoint::new(original))
+/// Where an outbound connection to `original` goes: asked of the control plane when there is
+/// one (at most [`discover::FIRST_SNAPSHOT_WAIT`] for a target not seen before), else forward.
+pub async fn destination(proxy: &'static Proxy, original: SocketAddr) -> Destination {
+    let Some(discovery) = &proxy.discovery else {
+        return Destination::Forward(Endpoint::new(original));
+    };
+    match service::resolve(discovery, original).await {
+        Resolved::Service(service) => Destination::Service(Arc::new(service)),
+        Resolved::Forward => Destination::Forward(Endpoint::new(original)),
+    }
+}
+
+/// Drops this worker's state for targets that expired, now and then. Runs on each worker.
+pub async fn sweep_forever() {
+    let mut tick = tokio::time::interval(discover::IDLE_EXPIRY / 4);
+    loop {
+        tick.tick().await;
+        service::sweep();
+    }
 }
 
 /// The context of an outbound connection. Its upstream is outside the pod, so its socket gets the

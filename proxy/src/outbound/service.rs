@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
+
+use crate::metrics::ControlMetrics;
 
 use crate::outbound::balance::{Balancer, Pick};
 use crate::outbound::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
@@ -28,7 +31,12 @@ pub struct Applied {
     balancer: Balancer,
     /// This worker's reader of the target's snapshots.
     known: watch::Receiver<Known>,
+    /// `route_requests_total` handles by status code, made on first use.
+    counters: Vec<(u16, Counter)>,
 }
+
+/// The route label of requests no HTTPRoute matched (routes are honoured in a later version).
+pub const DEFAULT_ROUTE: &str = "default";
 
 thread_local! {
     /// This worker's targets: one map lookup per connection.
@@ -51,6 +59,7 @@ pub struct ServiceTarget {
     balancer: Arc<Mutex<Applied>>,
     /// The snapshot when the connection started: its protocol and names.
     pub service: Arc<Service>,
+    metrics: &'static ControlMetrics,
     /// Held, not read: keeps the target's watch from expiring while the connection is open.
     _in_use: InUse,
 }
@@ -82,6 +91,7 @@ pub async fn resolve(discovery: &'static Discovery, target: SocketAddr) -> Resol
             target,
             balancer,
             service,
+            metrics: discovery.metrics(),
             _in_use: in_use,
         }),
         None => Resolved::Forward,
@@ -106,6 +116,7 @@ fn worker_target(
         let balancer = Arc::new(Mutex::new(Applied {
             balancer: Balancer::new(),
             known: in_use.known().clone(),
+            counters: Vec::new(),
         }));
         targets.insert(
             target,
@@ -143,6 +154,35 @@ impl Applied {
 }
 
 impl ServiceTarget {
+    /// `namespace/name:port`, for logs.
+    pub fn name(&self) -> String {
+        format!(
+            "{}/{}:{}",
+            self.service.namespace, self.service.name, self.service.port
+        )
+    }
+
+    /// Counts one answered request in `route_requests_total`.
+    pub fn count_request(&self, status: u16) {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        let counters = &mut applied.counters;
+        match counters.iter().find(|(code, _)| *code == status) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let counter = self.metrics.route_requests(
+                    &self.service.namespace,
+                    &self.service.name,
+                    DEFAULT_ROUTE,
+                    status,
+                );
+                counter.inc();
+                counters.push((status, counter));
+            }
+        }
+    }
+
     /// The endpoint for one request (HTTP) or one connection (`per_connection`, opaque TCP),
     /// skipping `tried`; a newer snapshot is applied first.
     pub fn pick(&self, tried: &[SocketAddr], per_connection: bool) -> Result<Pick, NoEndpoint> {

@@ -134,6 +134,28 @@ pub async fn detect_unless_known(
     }
 }
 
+/// Reads the first bytes of a client known to speak first (a Service port whose appProtocol is
+/// HTTP): as [`detect`], but without [`DETECT_TIMEOUT`], so a client slow to send its first
+/// request is not taken for a server-first protocol. Bytes that decide nothing are opaque.
+pub async fn detect_client_first(stream: &TcpStream) -> io::Result<(Detected, Bytes)> {
+    let mut seen = read_now(stream)?;
+    loop {
+        if let Some(detected) = classify(&seen) {
+            return Ok((detected, seen.freeze()));
+        }
+        stream.readable().await?;
+        if seen.capacity() == seen.len() {
+            seen.reserve(FIRST_READ);
+        }
+        match stream.try_read_buf(&mut seen) {
+            Ok(0) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Reads what has already arrived, without waiting. Tokio only attempts a read once its reactor
 /// has reported the socket readable, which a just-accepted socket has not been yet, so this reads
 /// the descriptor directly. Reading behind tokio's back is safe: its readiness is a hint that

@@ -28,6 +28,8 @@ use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
 use crate::metrics::{CountingIo, Protocol};
+use crate::outbound::balance::Pick;
+use crate::outbound::service::{NoEndpoint, ServiceTarget};
 use crate::outbound::Destination;
 use crate::proxy::{BoxError, Context};
 use crate::telemetry::access_log::AccessLog;
@@ -56,7 +58,10 @@ impl Route {
         let response = match result {
             Ok(response) => response,
             Err(failure) => {
-                let status = if failure.is_client_error() {
+                let status = if matches!(failure, Failure::NoEndpoint) {
+                    warn!(direction = self.cx.direction(), destination = %self.target, "no ready endpoint: answering 503");
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
                     // anyone); hyper closes its connection, whose request was never complete.
                     debug!(direction = self.cx.direction(), destination = %self.target, error = %failure, "answering 400");
@@ -78,6 +83,9 @@ impl Route {
         let status = response.status().as_u16();
         self.cx.metrics.latency.observe(start.elapsed());
         self.cx.metrics.count_request(self.protocol, status);
+        if let Destination::Service(service) = &self.destination {
+            service.count_request(status);
+        }
         let log = log.map(|mut log| {
             log.status = status;
             log
@@ -125,6 +133,7 @@ pub async fn serve_http1(
             protocol: Protocol::http1,
         },
         current: h1::Slot::default(),
+        current_at: std::sync::Mutex::new(None),
     });
     let service = service_fn(move |request| {
         let state = state.clone();
@@ -165,7 +174,12 @@ pub async fn serve_h2(
     failed: Option<(std::io::Error, Instant)>,
 ) {
     let state = Arc::new(H2Upstream {
-        upstream: h2::Upstream::new(destination.pick().clone(), cx.dialer(), failed),
+        upstream: match &destination {
+            Destination::Forward(endpoint) => {
+                Some(h2::Upstream::new(endpoint.clone(), cx.dialer(), failed))
+            }
+            Destination::Service(_) => None,
+        },
         route: Route {
             target,
             destination,
@@ -197,6 +211,9 @@ struct Http1Upstream {
     /// The upstream connection of this client connection, between its requests. HTTP/1 serves
     /// one request at a time, so this per-connection mutex is never contended.
     current: h1::Slot,
+    /// For a Service, the endpoint `current` is connected to (the last request's); a request
+    /// that goes to another endpoint leaves it in the pool. A forward has only its endpoint.
+    current_at: std::sync::Mutex<Option<Endpoint>>,
 }
 
 impl Http1Upstream {
@@ -216,23 +233,78 @@ impl Http1Upstream {
         self.route.respond(start, log, result)
     }
 
-    /// Sends on this connection's upstream connection, else a pooled one, else a new one. An
-    /// idempotent request without a body is retried once on a new connection when a reused one
-    /// fails before answering (the server closed it as the request went out).
+    /// Sends to the destination's endpoint, or to the Service endpoint the balancer picks.
     async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
         let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
-        let endpoint = self.endpoint();
+        match &self.route.destination {
+            Destination::Forward(endpoint) => {
+                self.send_to(endpoint, &head, &mut body, retryable).await
+            }
+            // Boxed: its state would otherwise enlarge every forwarded request's future too.
+            Destination::Service(service) => {
+                Box::pin(self.send_balanced(service, &head, &mut body, retryable)).await
+            }
+        }
+    }
+
+    /// The balancer picks the endpoint; one that cannot be connected to is skipped for another
+    /// (nothing has been sent yet, so this is safe for any request). The response head ends the
+    /// request's latency sample.
+    async fn send_balanced(
+        &self,
+        service: &ServiceTarget,
+        head: &RequestHead,
+        body: &mut Option<Incoming>,
+        retryable: bool,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let mut tried = Vec::new();
+        let mut last_failure = None;
+        loop {
+            let pick = match service.pick(&tried, false) {
+                Ok(pick) => pick,
+                Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
+                Err(NoEndpoint::AllFailed) => {
+                    return Err(last_failure.unwrap_or(Failure::NoEndpoint))
+                }
+            };
+            let endpoint = Endpoint::new(pick.addr());
+            match self.send_to(&endpoint, head, body, retryable).await {
+                Ok(response) => {
+                    pick.answered();
+                    return Ok(response);
+                }
+                Err(failure @ Failure::Connect(_)) => {
+                    debug!(direction = self.route.cx.direction(), destination = %self.route.target, %endpoint, error = %failure, "endpoint refused; trying another");
+                    tried.push(endpoint.addr);
+                    pick.failed();
+                    last_failure = Some(failure);
+                }
+                Err(failure) => return Err(failure),
+            }
+        }
+    }
+
+    /// Sends on this connection's upstream connection to `endpoint`, else a pooled one, else a
+    /// new one. An idempotent request without a body is retried once on a new connection when a
+    /// reused one fails before answering (the server closed it as the request went out).
+    async fn send_to(
+        &self,
+        endpoint: &Endpoint,
+        head: &RequestHead,
+        body: &mut Option<Incoming>,
+        retryable: bool,
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let mut reused = self.take(endpoint);
         loop {
             let (conn, fresh) = match reused.take() {
                 Some(conn) => (conn, false),
                 None => (Conn::new(self.route.dial(endpoint).await?), true),
             };
-            match h1::send(conn, &head, body.take(), &self.current).await {
+            match h1::send(conn, head, body.take(), &self.current).await {
                 Ok(response) => return Ok(response),
                 Err(failed) if !fresh && retryable && failed.nothing_received => {
                     debug!(direction = self.route.cx.direction(), destination = %self.route.target, error = %failed.error, "reused upstream connection failed; retrying on a new one");
@@ -247,7 +319,19 @@ impl Http1Upstream {
     async fn tunnel(&self, mut request: Request<Incoming>) -> Result<Response<Inner>, Failure> {
         let is_connect = request.method() == Method::CONNECT;
         let client_side = hyper::upgrade::on(&mut request);
-        let endpoint = self.endpoint();
+        // A Service's tunnel goes to one endpoint, chosen as a request's is.
+        let pick = match &self.route.destination {
+            Destination::Forward(_) => None,
+            Destination::Service(service) => {
+                Some(service.pick(&[], false).map_err(|_| Failure::NoEndpoint)?)
+            }
+        };
+        let picked = pick.as_ref().map(|pick| Endpoint::new(pick.addr()));
+        let endpoint = match (&picked, &self.route.destination) {
+            (Some(picked), _) => picked,
+            (None, Destination::Forward(endpoint)) => endpoint,
+            (None, Destination::Service(_)) => unreachable!("a Service tunnel has picked"),
+        };
         let io = match self.take(endpoint).and_then(Conn::into_stream) {
             Some(stream) => stream,
             None => self.route.dial(endpoint).await?,
@@ -303,21 +387,28 @@ impl Http1Upstream {
         Ok(response.map(|body| Inner::Hyper(body, None)))
     }
 
-    /// The endpoint of this connection's next request: the one place where an HTTP/1 request's
-    /// upstream is chosen. Its connection is this client connection's current one, else one of
-    /// the endpoint's pooled ones, else a new one.
-    fn endpoint(&self) -> &Endpoint {
-        self.route.destination.pick()
-    }
-
-    /// The connection's current upstream connection (to `endpoint`, the destination's only one)
-    /// or a pooled one to `endpoint`, if usable.
+    /// The connection's current upstream connection, if it goes to `endpoint` and is usable,
+    /// else a pooled one to `endpoint`. For a Service, a current connection to another endpoint
+    /// goes to the pool.
     fn take(&self, endpoint: &Endpoint) -> Option<Conn> {
         let current = self
             .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        if let Destination::Service(_) = &self.route.destination {
+            let mut at = self
+                .current_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if at.as_ref() != Some(endpoint) {
+                if let (Some(conn), Some(previous)) = (current, at.take()) {
+                    pool::checkin(&previous, conn);
+                }
+                *at = Some(endpoint.clone());
+                return pool::checkout(endpoint);
+            }
+        }
         current
             .filter(Conn::is_usable)
             .or_else(|| pool::checkout(endpoint))
@@ -332,9 +423,21 @@ impl Drop for Http1Upstream {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(conn) = current {
-            if !self.route.cx.proxy.drain.is_draining() {
-                pool::checkin(self.endpoint(), conn);
+        let Some(conn) = current else { return };
+        if self.route.cx.proxy.drain.is_draining() {
+            return;
+        }
+        match &self.route.destination {
+            Destination::Forward(endpoint) => pool::checkin(endpoint, conn),
+            Destination::Service(_) => {
+                let at = self
+                    .current_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(endpoint) = at {
+                    pool::checkin(&endpoint, conn);
+                }
             }
         }
     }
@@ -392,21 +495,40 @@ fn prepare_h2(request: Request<Incoming>) -> (Request<()>, Option<Incoming>, Opt
     (Request::from_parts(parts, ()), body, resend)
 }
 
-/// The upstream side of one HTTP/2 client connection: one multiplexed upstream connection.
+/// The upstream side of one HTTP/2 client connection: for a forward, one multiplexed upstream
+/// connection of its own; for a Service, each stream on the worker's shared connection to the
+/// endpoint the balancer picks.
 struct H2Upstream {
     route: Route,
-    /// The connection to the destination's endpoint, whose first dial may have failed already
-    /// (the relay's).
-    upstream: h2::Upstream,
+    /// A forward's connection to its endpoint, whose first dial may have failed already (the
+    /// relay's); `None` for a Service.
+    upstream: Option<h2::Upstream>,
 }
+
+/// A Service stream's endpoint: the worker's connection to it and the balancer's pick.
+type Chosen = (Arc<h2::Upstream>, Pick);
 
 impl H2Upstream {
     /// The connection a stream goes on: the one place where an HTTP/2 stream's endpoint is
-    /// chosen. A [`Destination::Forward`] has one endpoint, whose connection is this client
-    /// connection's own.
-    fn upstream(&self) -> &h2::Upstream {
+    /// chosen. A forward has one endpoint, whose connection is this client connection's own; a
+    /// Service stream takes the endpoint the balancer picks (skipping `tried`, where a connect
+    /// failed for it) and the worker's connection to it.
+    fn choose(&self, tried: &[SocketAddr]) -> Result<Option<Chosen>, NoEndpoint> {
         match &self.route.destination {
-            Destination::Forward(_) => &self.upstream,
+            Destination::Forward(_) => Ok(None),
+            Destination::Service(service) => {
+                let pick = service.pick(tried, false)?;
+                let endpoint = Endpoint::new(pick.addr());
+                Ok(Some((h2::shared(&endpoint, self.route.cx.dialer()), pick)))
+            }
+        }
+    }
+
+    fn upstream<'a>(&'a self, chosen: &'a Option<Chosen>) -> &'a h2::Upstream {
+        match (chosen, &self.upstream) {
+            (Some((shared, _)), _) => shared,
+            (None, Some(own)) => own,
+            (None, None) => unreachable!("a Service stream has chosen its endpoint"),
         }
     }
 
@@ -430,11 +552,31 @@ impl H2Upstream {
         let (head, mut body, resend) = prepare_h2(request);
         let mut head = Some(head);
         let (mut replace, mut refusals) = (false, 0);
+        // A Service stream's endpoint, and those whose connect failed for it.
+        let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
         let result = loop {
+            if chosen.is_none() {
+                match self.choose(&tried) {
+                    Ok(choice) => chosen = choice,
+                    Err(NoEndpoint::NoneReady) => break Err(Failure::NoEndpoint),
+                    Err(NoEndpoint::AllFailed) => {
+                        break Err(last_failure.take().unwrap_or(Failure::NoEndpoint))
+                    }
+                }
+            }
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
-            let (sender, fresh) = match self.upstream().sender(replace).await {
+            let (sender, fresh) = match self.upstream(&chosen).sender(replace).await {
                 Ok(sender) => sender,
+                // Nothing went to that endpoint: another one takes the stream.
+                Err(failure @ Failure::Connect(_)) if chosen.is_some() => {
+                    if let Some((_, pick)) = chosen.take() {
+                        tried.push(pick.addr());
+                        pick.failed();
+                    }
+                    last_failure = Some(failure);
+                    continue;
+                }
                 Err(failure) => break Err(failure),
             };
             let mut sender = match sender.ready().await {
@@ -468,7 +610,10 @@ impl H2Upstream {
             }
             let error = match response.await {
                 Ok(response) => {
-                    break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))))
+                    if let Some((_, pick)) = chosen.take() {
+                        pick.answered();
+                    }
+                    break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))));
                 }
                 Err(error) => error,
             };
@@ -484,8 +629,10 @@ impl H2Upstream {
             refusals += 1;
             debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
             // After a GOAWAY the connection takes no new stream: `ready` then fails on it, and
-            // the next pass dials a new one unless another stream already has.
+            // the next pass dials a new one unless another stream already has. A Service stream
+            // is balanced again.
             replace = false;
+            chosen = None;
         };
         Ok(self.route.respond(start, log, result))
     }
@@ -497,7 +644,8 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let (mut sender, _) = self.upstream().ready_sender(false).await?;
+        let chosen = self.choose(&[]).map_err(|_| Failure::NoEndpoint)?;
+        let (mut sender, _) = self.upstream(&chosen).ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();
         if !parts.status.is_success() {

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 
 use crate::client::connect::{connect, reset};
 use crate::metrics::{Direction, DirectionMetrics};
+use crate::outbound::discover::AppProtocol;
 use crate::outbound::Destination;
 use crate::proxy::{Accepted, Context, Handoff};
 use crate::{inbound, outbound};
@@ -65,21 +66,27 @@ async fn connection(stream: TcpStream, accepted: Accepted) {
         Err(refused) => return refuse(stream, &refused),
     };
     let destination = match cx.metrics.direction {
-        Direction::Outbound => outbound::destination(target),
+        Direction::Outbound => outbound::destination(cx.proxy, target).await,
         Direction::Inbound => match inbound::destination(target) {
             Ok(destination) => destination,
             Err(refused) => return refuse(stream, &refused),
         },
     };
-    let (protocol, first) = if cx.proxy.opaque_ports.contains(target.port()) {
-        (Detected::Opaque, Bytes::new())
-    } else {
-        match detect_remembering(&stream, target, &cx).await {
-            Ok(detected) => detected,
-            Err(error) => {
-                debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
-                return;
-            }
+    // A Service port's appProtocol, where there is one, says what the port carries, ahead of
+    // --opaque-ports (which guesses by port number alone) and without detection's wait.
+    let detected = match destination.app_protocol() {
+        AppProtocol::Opaque => Ok((Detected::Opaque, Bytes::new())),
+        AppProtocol::Http => detect::detect_client_first(&stream).await,
+        AppProtocol::Detect if cx.proxy.opaque_ports.contains(target.port()) => {
+            Ok((Detected::Opaque, Bytes::new()))
+        }
+        AppProtocol::Detect => detect_remembering(&stream, target, &cx).await,
+    };
+    let (protocol, first) = match detected {
+        Ok(detected) => detected,
+        Err(error) => {
+            debug!(direction = cx.direction(), %peer, %error, "client gone during detection");
+            return;
         }
     };
     debug!(direction = cx.direction(), %peer, destination = %target, ?protocol, "connection");

@@ -1,12 +1,17 @@
 //! Opaque TCP: bytes copied both ways until each side has closed, half-closes preserved.
 
+use std::io;
 use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
 
 use tracing::{debug, warn};
 
 use super::ClientIo;
 use crate::client::connect::{connect, reset};
 use crate::metrics::CountingIo;
+use crate::outbound::balance::Pick;
+use crate::outbound::service::NoEndpoint;
 use crate::outbound::Destination;
 use crate::proxy::Context;
 
@@ -17,12 +22,11 @@ pub async fn forward(
     destination: &Destination,
     cx: &Context,
 ) {
-    let endpoint = destination.pick();
-    let upstream = match connect(endpoint.addr, cx.connect_params).await {
+    // Held while the connection is open: a Service endpoint's open connections are its load.
+    let (upstream, _pick) = match dial(target, destination, cx).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            cx.metrics.connect_errors.inc();
-            warn!(direction = cx.direction(), destination = %target, %error, "connect failed; resetting the client");
+            warn!(direction = cx.direction(), destination = %target, %error, "no upstream; resetting the client");
             reset(client.into_inner());
             return;
         }
@@ -35,5 +39,53 @@ pub async fn forward(
         debug!(direction = cx.direction(), destination = %target, %error, "opaque connection ended with an error; resetting both sides");
         reset(client.into_inner().into_inner());
         reset(upstream);
+    }
+}
+
+/// The upstream connection: to the original destination, or to the Service endpoint with the
+/// fewest open connections, moving on to the next when a connect fails (nothing was sent yet).
+async fn dial(
+    target: SocketAddr,
+    destination: &Destination,
+    cx: &Context,
+) -> io::Result<(TcpStream, Option<Pick>)> {
+    let service = match destination {
+        Destination::Forward(endpoint) => {
+            return match connect(endpoint.addr, cx.connect_params).await {
+                Ok(upstream) => Ok((upstream, None)),
+                Err(error) => {
+                    cx.metrics.connect_errors.inc();
+                    Err(error)
+                }
+            }
+        }
+        Destination::Service(service) => service,
+    };
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    loop {
+        let pick = match service.pick(&tried, true) {
+            Ok(pick) => pick,
+            Err(NoEndpoint::NoneReady) => {
+                cx.metrics.connect_errors.inc();
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("{}: no ready endpoint", service.name()),
+                ));
+            }
+            Err(NoEndpoint::AllFailed) => {
+                return Err(last_error.unwrap_or_else(|| io::Error::other("every endpoint failed")))
+            }
+        };
+        match connect(pick.addr(), cx.connect_params).await {
+            Ok(upstream) => return Ok((upstream, Some(pick))),
+            Err(error) => {
+                cx.metrics.connect_errors.inc();
+                debug!(direction = cx.direction(), destination = %target, endpoint = %pick.addr(), %error, "endpoint refused; trying another");
+                tried.push(pick.addr());
+                pick.failed();
+                last_error = Some(error);
+            }
+        }
     }
 }
