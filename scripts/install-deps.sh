@@ -23,7 +23,10 @@ case "${1:-test}" in
   test)
     need pip3 python3-pip
     ;;
-  demo) ;;
+  demo)
+    # The demo's HTTP/2 client (curl 7.88 cannot reuse a prior-knowledge connection).
+    need nghttp nghttp2-client
+    ;;
   fuzz) ;;
   bench)
     need ip iproute2
