@@ -4,6 +4,10 @@
 #   -> JSON patch applied with `kubectl patch --local` -> remora-init and remora-proxy run with
 #   exactly the args the patched pod carries, in a pod built from network namespaces
 #   -> traffic both ways -> what the proxy saw, from its /metrics.
+# With remora-control built: remora-control --objects serves a Service whose three endpoints are
+#   three more namespaces ("pods"); one keep-alive client and one HTTP/2 client spread their
+#   requests over all three, an endpoint removed from the file stops getting requests, and the
+#   control plane stopped leaves traffic flowing.
 # Only 198.18.0.0/15 and 2001:2::/48 are used, inside namespaces this script creates and deletes.
 set -euo pipefail
 
@@ -25,20 +29,34 @@ id=$$
 pod=rmdemo$id-pod
 remote=rmdemo$id-remote
 api=rmdemo$id-api
+endpoints=(rmdemo$id-ep1 rmdemo$id-ep2 rmdemo$id-ep3)
 work=$(mktemp -d /tmp/remora-demo.XXXXXX)
 POD_V4=198.18.10.1 REMOTE_V4=198.18.10.2 POD_V6=2001:2:0:10::1 REMOTE_V6=2001:2:0:10::2
+# The Service: a ClusterIP no host has, and its endpoints' network behind the remote host.
+CLUSTER_IP=198.18.20.10 ENDPOINTS_NET=198.18.11 CONTROL_NAME=remora-control.remora-system.svc
+
+# The Service part needs remora-control, and an injector and a proxy that know about it.
+service=0
+injector_help=$("$bin/remora-injector" serve --help 2>/dev/null || true)
+proxy_help=$("$bin/remora-proxy" --help 2>/dev/null || true)
+if [ -x "$bin/remora-control" ] && grep -q -- '--control-addr' <<<"$injector_help" &&
+  grep -q -- '--control ' <<<"$proxy_help"; then
+  service=1
+else
+  echo "note: remora-control, or --control in the injector or the proxy, is not built: the Service part is skipped" >&2
+fi
 
 cleanup() {
   local status=${1:-$?}
   trap - EXIT INT TERM
-  for ns in "$pod" "$remote" "$api"; do
+  for ns in "$pod" "$remote" "$api" "${endpoints[@]}"; do
     if ip netns list | grep -qw "$ns"; then
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$ns" 2>/dev/null || true
     fi
   done
   rm -rf "$work"
-  echo "cleaned up: namespaces $pod, $remote, $api and $work removed"
+  echo "cleaned up: namespaces $pod, $remote, $api, ${endpoints[*]} and $work removed"
   exit "$status"
 }
 trap cleanup EXIT
@@ -63,8 +81,25 @@ in_ns "$api" ip link set lo up
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -keyout "$work/tls.key" -out "$work/tls.crt" \
   -subj "/CN=remora-injector.remora-system.svc" \
   -addext "subjectAltName=DNS:remora-injector.remora-system.svc,IP:127.0.0.1" 2>/dev/null
+control_flags=()
+if [ "$service" = 1 ]; then
+  # A throwaway CA and remora-control's serving certificate from it: the injector hands the CA
+  # to the proxy (REMORA_TRUST_ANCHORS), which checks the control plane's name against it.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -keyout "$work/control-ca.key" -out "$work/control-ca.crt" -subj "/CN=remora demo CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" 2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$work/control.key" -out "$work/control.csr" -subj "/CN=$CONTROL_NAME" 2>/dev/null
+  printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+    "$CONTROL_NAME" >"$work/control.ext"
+  openssl x509 -req -in "$work/control.csr" -CA "$work/control-ca.crt" -CAkey "$work/control-ca.key" \
+    -CAcreateserial -days 1 -extfile "$work/control.ext" -out "$work/control.crt" 2>/dev/null
+  # In a cluster: remora-control.remora-system.svc:8090. Here: the remote host.
+  control_flags=(--control-addr "$REMOTE_V4:8090" --trust-anchors "$work/control-ca.crt")
+fi
 in_ns "$api" "$bin/remora-injector" serve --listen 127.0.0.1:8443 \
-  --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" --log-format plain 2>"$work/injector.log" &
+  --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" --log-format plain "${control_flags[@]}" \
+  2>"$work/injector.log" &
 disown
 wait_port "$api" 127.0.0.1 8443
 
@@ -112,6 +147,17 @@ PY
 }
 mapfile -t init_args < <(args_of remora-init)
 mapfile -t proxy_args < <(args_of remora-proxy)
+# The proxy's literal env values (REMORA_TRUST_ANCHORS); POD_* come from the downward API, below.
+mapfile -d '' -t proxy_env < <(
+  python3 - "$work/patched.json" <<'PY'
+import json, sys
+pod = json.load(open(sys.argv[1]))
+c = next(c for c in pod["spec"]["initContainers"] if c["name"] == "remora-proxy")
+for var in c.get("env", []):
+    if "value" in var:
+        sys.stdout.write(f"{var['name']}={var['value']}\0")
+PY
+)
 proxy_uid=$(python3 -c '
 import json, sys
 pod = json.load(open(sys.argv[1]))
@@ -120,6 +166,7 @@ print(c["securityContext"]["runAsUser"])' "$work/patched.json")
 echo "patched pod: initContainers = $(python3 -c 'import json,sys; print([c["name"] for c in json.load(open(sys.argv[1]))["spec"]["initContainers"]])' "$work/patched.json")"
 echo "  remora-init  ${init_args[*]}"
 echo "  remora-proxy ${proxy_args[*]}   (as uid $proxy_uid)"
+for var in "${proxy_env[@]}"; do echo "    env ${var%%=*} ($(printf '%s' "${var#*=}" | wc -c) bytes)"; done
 
 say "the pod: network namespaces $pod and $remote joined by a veth pair"
 ip netns add "$pod"
@@ -134,11 +181,77 @@ for spec in "$pod $POD_V4 $POD_V6" "$remote $REMOTE_V4 $REMOTE_V6"; do
 done
 echo "pod $POD_V4 $POD_V6    remote $REMOTE_V4 $REMOTE_V6"
 
+if [ "$service" = 1 ]; then
+  say "three more pods, ${endpoints[*]}: the endpoints of a Service, behind the remote host"
+  # The remote host routes between the pod's network and theirs, as a node and its CNI would.
+  in_ns "$remote" sysctl -qw net.ipv4.ip_forward=1
+  ip -n "$remote" link add br0 type bridge
+  ip -n "$remote" addr add "$ENDPOINTS_NET.254/24" dev br0
+  ip -n "$remote" link set br0 up
+  for n in 1 2 3; do
+    ns=${endpoints[$((n - 1))]}
+    ip netns add "$ns"
+    ip -n "$remote" link add "ep$n" type veth peer name eth0 netns "$ns"
+    ip -n "$remote" link set "ep$n" master br0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$ENDPOINTS_NET.$n/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" route add default via "$ENDPOINTS_NET.254"
+    # remora-echo answers every request, HTTP/1.1 or HTTP/2, with its pod's name.
+    in_ns "$ns" "$bin/remora-echo" "$ENDPOINTS_NET.$n:8080" "echo-$n" >/dev/null 2>&1 &
+    disown
+    echo "pod echo-$n: $ENDPOINTS_NET.$n:8080 in namespace $ns"
+  done
+  # Like any pod, ours has a default route (the ClusterIP is reached only through it).
+  ip -n "$pod" route add default via "$REMOTE_V4"
+  for n in 1 2 3; do wait_port "$remote" "$ENDPOINTS_NET.$n" 8080; done
+
+  objects() { # objects ENDPOINT_NUMBER...: the Service and its EndpointSlice, as the API stores them
+    cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  clusterIP: $CLUSTER_IP
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-6xq2m
+  namespace: demo
+  labels: {kubernetes.io/service-name: echo}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+EOF
+    for n in "$@"; do
+      echo "- {addresses: [\"$ENDPOINTS_NET.$n\"], conditions: {ready: true}, targetRef: {kind: Pod, namespace: demo, name: echo-$n}}"
+    done
+  }
+  # Written whole and renamed into place, as a ConfigMap volume changes.
+  write_objects() { objects "$@" >"$work/echo.yaml.new" && mv "$work/echo.yaml.new" "$work/objects/echo.yaml"; }
+  mkdir -p "$work/objects"
+  write_objects 1 2 3
+
+  say "remora-control serve --objects (on the remote host, TLS with the demo CA's certificate)"
+  start_control() {
+    in_ns "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
+      --tls-cert "$work/control.crt" --tls-key "$work/control.key" --objects "$work/objects" \
+      --log-format plain 2>>"$work/control.log" &
+    control_pid=$!
+    wait_port "$remote" "$REMOTE_V4" 9990
+    echo "remora-control (pid $control_pid) /ready: $(in_ns "$remote" curl -sS --max-time 2 "http://$REMOTE_V4:9990/ready")"
+  }
+  start_control
+  echo "Service demo/echo: ClusterIP $CLUSTER_IP port 80 -> endpoints $ENDPOINTS_NET.{1,2,3}:8080 ($work/objects/echo.yaml)"
+fi
+
 say "remora-init (as root, like the init container)"
 in_ns "$pod" "$bin/remora-init" "${init_args[@]}"
 
 say "remora-proxy (uid $proxy_uid, like the native sidecar)"
-ip netns exec "$pod" env POD_NAME=demo-app POD_NAMESPACE=demo POD_IP=$POD_V4 \
+ip netns exec "$pod" env POD_NAME=demo-app POD_NAMESPACE=demo POD_IP=$POD_V4 "${proxy_env[@]}" \
   setpriv --reuid="$proxy_uid" --regid="$proxy_uid" --clear-groups \
   "$bin/remora-proxy" "${proxy_args[@]}" 2>"$work/proxy.log" &
 proxy_pid=$! # ip netns exec and setpriv exec in place: this is remora-proxy itself
@@ -174,9 +287,50 @@ for i in 1 2 3; do
     "$(in_ns "$remote" curl -sS --max-time 5 "http://$POD_V4:8080/")"
 done
 
+metric() { # metric SERIES: its value on the proxy's /metrics (0 when absent)
+  in_ns "$pod" curl -sS --max-time 2 http://127.0.0.1:15020/metrics |
+    awk -v series="$1" '$1 == series { value = $2 } END { print value + 0 }'
+}
+
+if [ "$service" = 1 ]; then
+  outbound='remora_proxy_tcp_connections_total{direction="outbound"}'
+  # spread COMMAND...: one client run in the pod, its answers counted per endpoint, and the
+  # client connections it made.
+  spread() {
+    local before after
+    before=$(metric "$outbound")
+    in_ns "$pod" timeout 20 "$@" | sort | uniq -c | awk '{ printf "  %-8s %3d requests\n", $2, $1 }'
+    after=$(metric "$outbound")
+    echo "  client connections the proxy accepted: $((after - before))"
+  }
+
+  urls() { for i in $(seq "$2"); do echo "http://$CLUSTER_IP/$1/$i"; done; }
+
+  say "one keep-alive HTTP/1.1 client: curl, 30 requests on one connection to http://$CLUSTER_IP/"
+  spread curl -sS "http://$CLUSTER_IP/keep-alive/[1-30]"
+
+  # nghttp, not curl: curl 7.88 (Debian 12) cannot reuse a prior-knowledge connection (curl#10634).
+  say "one HTTP/2 client: nghttp (h2c prior knowledge), 30 requests multiplexed on one connection"
+  spread nghttp $(urls h2 30)
+
+  say "echo-3 removed from the EndpointSlice file"
+  write_objects 1 2
+  sleep 1.5
+  echo "the proxy now knows $(metric 'remora_proxy_balancer_endpoints{namespace="demo",service="echo",port="80"}') ready endpoints"
+  spread curl -sS "http://$CLUSTER_IP/after-removal/[1-30]"
+
+  say "the control plane stopped (SIGKILL): the proxy keeps its last snapshot"
+  kill -KILL "$control_pid"
+  wait "$control_pid" 2>/dev/null || true
+  sleep 0.5
+  echo "remora_proxy_control_connected: $(metric remora_proxy_control_connected)"
+  spread curl -sS "http://$CLUSTER_IP/control-down/[1-20]"
+  spread nghttp $(urls control-down-h2 20)
+fi
+
 say "what remora-proxy saw (its /metrics)"
 in_ns "$pod" curl -sS --max-time 2 http://127.0.0.1:15020/metrics |
-  grep -E '^remora_proxy_(requests_total|tcp_connections_total|tcp_bytes_total|connect_errors_total)' |
+  grep -E '^remora_proxy_(requests_total|tcp_connections_total|tcp_bytes_total|connect_errors_total|balancer_endpoints|control_connected)' |
   grep -v ' 0$'
 
 say "SIGTERM to remora-proxy (what the kubelet sends when the pod stops)"

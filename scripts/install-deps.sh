@@ -23,7 +23,10 @@ case "${1:-test}" in
   test)
     need pip3 python3-pip
     ;;
-  demo) ;;
+  demo)
+    # The demo's HTTP/2 client (curl 7.88 cannot reuse a prior-knowledge connection).
+    need nghttp nghttp2-client
+    ;;
   fuzz) ;;
   bench)
     need ip iproute2
@@ -63,6 +66,20 @@ if ! command -v kubectl >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq kubectl >/dev/null 2>&1 || apt-get install -y -qq kubernetes-client >/dev/null
 fi
+
+# The Service tests' gRPC client and server (tests/grpc_echo.py) are Python grpcio: pip first (the
+# python3 on PATH may not be Debian's), then Debian's package for Debian's own python3.
+case "${1:-test}" in
+  test)
+    if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+      echo "installing: grpcio (Python)"
+      python3 -m pip install --quiet grpcio >/dev/null 2>&1 ||
+        { [ "$(id -u)" = 0 ] && apt-get install -y -qq python3-grpcio >/dev/null 2>&1; } ||
+        python3 -m pip install --quiet --break-system-packages grpcio
+      python3 -c 'import grpc' || { echo "grpcio is still missing for $(command -v python3)" >&2; exit 1; }
+    fi
+    ;;
+esac
 
 # The fuzz targets (`make fuzz`, and their smoke run in `make test`) build with cargo-fuzz, from
 # crates.io like the project's crates; building it takes a few minutes, once.

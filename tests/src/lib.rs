@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod echo;
+
 pub const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const REMOTE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// A second remote address (on the remote host's `eth0` too), for exclusion tests.
@@ -35,27 +37,45 @@ pub fn can_run() -> bool {
     false
 }
 
-/// The path of one of the workspace's binaries, built by `cargo build` before the tests run
+/// The directory of the workspace's binaries, built by `cargo build` before the tests run
 /// (`make test` does). They sit in the profile directory above the test executable's `deps/`,
 /// wherever the target directory is (`CARGO_TARGET_DIR`); `REMORA_BIN_DIR` overrides it, e.g.
 /// for a release build.
-pub fn bin(name: &str) -> PathBuf {
+fn bin_dir() -> PathBuf {
     let beside_tests = || {
         let exe = std::env::current_exe().ok()?;
         let deps = exe.parent().filter(|dir| dir.ends_with("deps"))?;
         deps.parent().map(PathBuf::from)
     };
-    let dir = std::env::var_os("REMORA_BIN_DIR")
+    std::env::var_os("REMORA_BIN_DIR")
         .map(PathBuf::from)
         .or_else(beside_tests)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
-    let path = dir.join(name);
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+/// The path of one of the workspace's binaries (see [`bin_dir`]); fails when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` first (make test does)",
         path.display()
     );
     path
+}
+
+/// The path of one of the workspace's binaries, or `None` after a loud message when it has not
+/// been built: for tests of a program that may not exist yet in a branch.
+pub fn built(name: &str) -> Option<PathBuf> {
+    let path = bin_dir().join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    eprintln!(
+        "\n!!! SKIPPED: {} is missing. Run `cargo build --workspace --bins` first (make test does).\n",
+        path.display()
+    );
+    None
 }
 
 /// Runs a command to completion and fails with its stderr if it exits non-zero.
@@ -272,6 +292,14 @@ pub fn wait_for_listener(ns: &NetNs, addr: std::net::SocketAddr, limit: Duration
         })
         .unwrap_or(false)
     })
+}
+
+/// The value of one series in Prometheus text, `name{labels}` exactly as exposed; 0 when absent.
+pub fn series_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The address family helper for tests that run the same case on both families.
