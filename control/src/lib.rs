@@ -3,5 +3,7 @@
 
 pub mod gateway;
 pub mod index;
+#[cfg(feature = "cluster")]
+pub mod kube_source;
 pub mod objects;
 pub mod watch;

@@ -91,6 +91,16 @@ pub enum Problem {
         field: String,
         message: String,
     },
+    /// An object from the API server (the cluster source, which has no file to name) that does
+    /// not read as its kind.
+    #[error("{kind} {namespace}/{name}: field `{field}`: {message}")]
+    Object {
+        kind: String,
+        namespace: String,
+        name: String,
+        field: String,
+        message: String,
+    },
 }
 
 /// Reads every path (a file, or a directory read recursively for `*.yaml`, `*.yml` and
