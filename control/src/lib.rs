@@ -1,7 +1,11 @@
 //! remora-control's core: Kubernetes objects read from files or the API, indexed for the proxies.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod gateway;
 pub mod index;
+pub mod metrics;
 pub mod objects;
+pub mod server;
+pub mod tls;
 pub mod watch;
