@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod gateway;
 pub mod index;
+pub mod kube_source;
 pub mod metrics;
 pub mod objects;
 pub mod server;
