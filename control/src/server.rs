@@ -461,3 +461,37 @@ where
         tracing::debug!(%peer, %error, "connection closed with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_ip_and_port_with_v6_in_brackets() {
+        // (case, text, expected; None = InvalidArgument)
+        let cases: [(&str, &str, Option<&str>); 8] = [
+            ("v4", "10.96.0.10:80", Some("10.96.0.10:80")),
+            ("v6 in brackets", "[fd00::10]:8080", Some("[fd00::10]:8080")),
+            (
+                "v4-mapped v6",
+                "[::ffff:10.0.0.1]:80",
+                Some("[::ffff:10.0.0.1]:80"),
+            ),
+            ("no port", "10.96.0.10", None),
+            ("v6 without brackets", "fd00::10:80", None),
+            ("a name", "web.shop.svc:80", None),
+            ("port out of range", "10.96.0.10:65536", None),
+            ("empty", "", None),
+        ];
+        for (case, text, expected) in cases {
+            match (parse_target(text), expected) {
+                (Ok(addr), Some(expected)) => assert_eq!(addr.to_string(), expected, "{case}"),
+                (Err(status), None) => {
+                    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{case}");
+                    assert!(status.message().contains(&format!("{text:?}")), "{case}");
+                }
+                (got, _) => panic!("{case}: {got:?}"),
+            }
+        }
+    }
+}
