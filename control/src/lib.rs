@@ -1,9 +1,13 @@
 //! remora-control's core: Kubernetes objects read from files or the API, indexed for the proxies.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod gateway;
 pub mod index;
 #[cfg(feature = "cluster")]
 pub mod kube_source;
+pub mod metrics;
 pub mod objects;
+pub mod server;
+pub mod tls;
 pub mod watch;

@@ -1,0 +1,282 @@
+//! `remora-control`: discovery for remora's proxies over gRPC.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use remora_control::admin::{self, Health};
+use remora_control::metrics::Metrics;
+use remora_control::server::{self, Hub};
+use remora_control::tls::{self, CertReloader, CertResolver, TlsFiles};
+use remora_control::watch;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "remora-control",
+    version,
+    about,
+    after_help = "Examples:\n  \
+      remora-control serve --tls-cert tls.crt --tls-key tls.key\n  \
+      remora-control serve --plaintext --objects ./objects/"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve discovery snapshots to the proxies over gRPC (remora.discovery.v1).
+    #[command(
+        long_about = "Serve discovery snapshots to the proxies over gRPC (remora.discovery.v1).\n\n\
+        A proxy calls Watch with a target (the IP:port its pod connected to) and gets a whole \
+        snapshot for it at once and after every change: passthrough when the target is not a \
+        Service's ClusterIP and port, else the Service port, its ready endpoints and the routes \
+        that apply to the proxy's namespace.\n\n\
+        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes) come from the Kubernetes \
+        API (in-cluster configuration or kubeconfig), or with --objects from files re-read within \
+        a second of a change.\n\n\
+        The admin listener answers GET /live, /ready (once the objects have been read and the \
+        gRPC listener is bound) and /metrics (Prometheus text). The TLS certificate and key are \
+        re-read when their files change, without a restart."
+    )]
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address and port of the gRPC listener.
+    #[arg(
+        long,
+        env = "REMORA_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:8090"
+    )]
+    listen: SocketAddr,
+
+    /// Address and port of the admin listener (/live, /ready, /metrics; plain HTTP).
+    #[arg(
+        long,
+        env = "REMORA_ADMIN_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:9990"
+    )]
+    admin_listen: SocketAddr,
+
+    /// PEM certificate chain for the gRPC listener, server certificate first. Re-read when it
+    /// changes. Requires --tls-key; either both or --plaintext.
+    #[arg(long, env = "REMORA_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert. Re-read when it changes.
+    #[arg(long, env = "REMORA_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve gRPC without TLS (tests, demos, a laptop). Excludes --tls-cert and --tls-key.
+    #[arg(long)]
+    plaintext: bool,
+
+    /// Read the objects from this file or directory (recursively: *.yaml, *.yml, *.json)
+    /// instead of the Kubernetes API, and re-read them when they change. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    objects: Vec<PathBuf>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `remora_control=debug,info`.
+    #[arg(long, env = "REMORA_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+
+    /// Log line format, written to standard error.
+    #[arg(long, env = "REMORA_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Json,
+    Plain,
+}
+
+impl ServeArgs {
+    /// The TLS files, or `None` for --plaintext; a usage error when the flags don't say which.
+    fn transport(&self) -> Result<Option<TlsFiles>, clap::Error> {
+        let usage = |message: &str| {
+            let mut command = Cli::command();
+            // Built, the subcommand knows its full name for the usage line.
+            command.build();
+            match command.find_subcommand_mut("serve") {
+                Some(serve) => serve.error(clap::error::ErrorKind::ArgumentConflict, message),
+                None => command.error(clap::error::ErrorKind::ArgumentConflict, message),
+            }
+        };
+        match (&self.tls_cert, &self.tls_key, self.plaintext) {
+            (Some(cert), Some(key), false) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            (None, None, true) => Ok(None),
+            (None, None, false) => Err(usage(
+                "choose the gRPC transport: --tls-cert FILE --tls-key FILE, or --plaintext",
+            )),
+            (Some(_), None, false) => Err(usage("--tls-cert needs --tls-key (or use --plaintext)")),
+            (None, Some(_), false) => Err(usage("--tls-key needs --tls-cert (or use --plaintext)")),
+            (_, _, true) => Err(usage(
+                "--plaintext excludes --tls-cert and --tls-key: give either both files or --plaintext",
+            )),
+        }
+    }
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let expected = || {
+        format!(
+            "--log-level {level:?}: expected one of {} or tracing directives such as remora_control=debug,info",
+            LEVELS.join(", ")
+        )
+    };
+    // A lone word would parse as a target name and quietly log nothing: allow only levels there.
+    let is_directives = level.contains('=') || level.contains(',');
+    if !is_directives && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+        anyhow::bail!(expected());
+    }
+    let filter = EnvFilter::try_new(level).with_context(expected)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: exiting"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: exiting"),
+        }
+    })
+}
+
+async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal().await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+
+    // The admin listener first: /live answers while the cluster is still being listed.
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+
+    let acceptor = match tls_files {
+        None => None,
+        Some(files) => {
+            let resolver = Arc::new(CertResolver::default());
+            let mut reloader = CertReloader::new(files.clone(), Arc::clone(&resolver));
+            if let tls::Reload::Failed(error) = reloader.poll() {
+                return Err(error).context("loading the TLS certificate");
+            }
+            tracing::info!(cert = %files.cert.display(), key = %files.key.display(), "loaded the TLS certificate");
+            tokio::spawn(reloader.run(tls::RELOAD_INTERVAL));
+            Some(TlsAcceptor::from(Arc::new(tls::server_config(resolver)?)))
+        }
+    };
+
+    let source = if args.objects.is_empty() {
+        tracing::info!("reading objects from the Kubernetes API");
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+        remora_control::kube_source::watch_cluster(client).await?
+    } else {
+        tracing::info!(paths = ?args.objects, "reading objects from files");
+        watch::watch_objects(args.objects.clone(), watch::POLL_INTERVAL)
+    };
+    let hub = Hub::start(source, Arc::clone(&metrics)).await;
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
+    tracing::info!(
+        listen = %args.listen,
+        admin = %args.admin_listen,
+        tls = acceptor.is_some(),
+        "serving"
+    );
+    health.ready.store(true, Ordering::SeqCst);
+    server::serve(listener, hub, acceptor, shutdown).await;
+    health.ready.store(false, Ordering::SeqCst);
+    let _ = stop_admin.send(());
+    // The admin server only holds idle scrapes: it stops at once.
+    if let Ok(Err(error)) = admin.await {
+        tracing::warn!(%error, "admin listener");
+    }
+    Ok(())
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            let tls_files = args.transport().unwrap_or_else(|error| error.exit());
+            init_logging(&args.log_level, args.log_format)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(serve(args, tls_files))?;
+            // Streams never end on their own: don't wait for their connections' tasks.
+            runtime.shutdown_background();
+        }
+    }
+    Ok(())
+}
+
+/// The error with its causes, each once.
+fn report(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("remora-control: {}", report(&error));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! The `remora-control` binary as a process: its flags, TLS with a certificate rotated under it,
+//! the admin endpoints, a malformed `--objects` document, and SIGTERM.
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use remora_api::discovery::discovery_client::DiscoveryClient;
+use remora_api::discovery::{self as pb, snapshot::Kind};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_remora-control");
+const STARTUP: Duration = Duration::from_secs(10);
+/// The name the test certificates are issued for.
+const SERVER_NAME: &str = "remora-control.test";
+
+const OBJECTS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+";
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `remora-control`, killed when dropped; its standard error goes to a file.
+struct Process {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `remora-control serve` on fresh loopback ports with `args` added.
+    fn start(args: &[&str]) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(BINARY)
+            .arg("serve")
+            .args(["--listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--log-level", "debug"])
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut process = Process {
+            child,
+            grpc,
+            admin,
+            log,
+            _dir: dir,
+        };
+        process.until_ready();
+        process
+    }
+
+    fn until_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("remora-control exited with {status}:\n{}", self.log());
+            }
+            if get(self.admin, "/ready").is_some_and(|(status, _)| status == 200) {
+                return;
+            }
+            assert!(
+                start.elapsed() < STARTUP,
+                "not ready within {STARTUP:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit.
+    fn stop(&mut self, signal: &str) -> (ExitStatus, Duration) {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, sent.elapsed());
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(10),
+                "still running 10 s after SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET: the status code and the body, or `None` when nothing answers.
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Runs the binary with `args` to its end: exit code and standard error.
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(BINARY)
+        .args(args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn objects_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+async fn first_snapshot(channel: Channel, target: &str) -> pb::Snapshot {
+    let mut client = DiscoveryClient::new(channel);
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            target: target.into(),
+            namespace: "client".into(),
+            pod: "client-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a first snapshot within 5 s")
+        .unwrap()
+        .expect("a snapshot, not the end")
+}
+
+fn service_name(snapshot: &pb::Snapshot) -> &str {
+    match &snapshot.kind {
+        Some(Kind::Service(service)) => &service.name,
+        other => panic!("expected a service snapshot, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_flags_are_usage_errors_naming_the_flags() {
+    // (case, args, expected exit code, words the message must hold)
+    let cases: [(&str, &[&str], i32, &[&str]); 7] = [
+        (
+            "no transport",
+            &["serve"],
+            2,
+            &["--tls-cert", "--plaintext"],
+        ),
+        (
+            "both transports",
+            &["serve", "--plaintext", "--tls-cert", "c", "--tls-key", "k"],
+            2,
+            &["--plaintext", "excludes"],
+        ),
+        (
+            "a cert without key",
+            &["serve", "--tls-cert", "c"],
+            2,
+            &["--tls-key"],
+        ),
+        (
+            "a key without cert",
+            &["serve", "--tls-key", "k"],
+            2,
+            &["--tls-cert"],
+        ),
+        (
+            "a listen address without port",
+            &["serve", "--plaintext", "--listen", "0.0.0.0"],
+            2,
+            &["--listen", "0.0.0.0"],
+        ),
+        (
+            "an unknown log format",
+            &["serve", "--plaintext", "--log-format", "xml"],
+            2,
+            &["--log-format", "json", "plain"],
+        ),
+        (
+            "a log level that is none",
+            &["serve", "--plaintext", "--log-level", "loud"],
+            1,
+            &["--log-level", "loud", "debug"],
+        ),
+    ];
+    for (case, args, code, words) in cases {
+        let (got, stderr) = run(args);
+        assert_eq!(got, Some(code), "{case}: {stderr}");
+        for word in words {
+            assert!(stderr.contains(word), "{case}: {word:?} not in {stderr}");
+        }
+    }
+}
+
+#[test]
+fn missing_certificate_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    let (code, stderr) = run(&[
+        "serve",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--objects",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("tls.crt"), "{stderr}");
+}
+
+#[test]
+fn help_describes_serve() {
+    let (code, _) = run(&["serve", "--help"]);
+    assert_eq!(code, Some(0));
+    let output = Command::new(BINARY)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--admin-listen",
+        "--tls-cert",
+        "--tls-key",
+        "--plaintext",
+        "--objects",
+        "--log-level",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn admin_endpoints_a_malformed_document_and_sigterm() {
+    let dir = objects_dir(&[
+        ("good.yaml", OBJECTS),
+        (
+            "bad.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: x}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n---\nkind: [\n",
+        ),
+    ]);
+    let mut process = Process::start(&["--plaintext", "--objects", dir.path().to_str().unwrap()]);
+
+    let log = process.log();
+    let named = log.lines().any(|line| {
+        line.contains("bad.yaml") && line.contains("document 2") && line.contains("WARN")
+    });
+    assert!(named, "no warning naming bad.yaml, document 2 in:\n{log}");
+
+    assert_eq!(get(process.admin, "/live").map(|r| r.0), Some(200));
+    assert_eq!(get(process.admin, "/ready").map(|r| r.0), Some(200));
+
+    let channel = Endpoint::from_shared(format!("http://{}", process.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // The objects of both files are served, the good document of the bad file included.
+    let web = first_snapshot(channel.clone(), "10.96.0.10:80").await;
+    assert_eq!(service_name(&web), "web");
+    let ok = first_snapshot(channel.clone(), "10.96.0.11:80").await;
+    assert_eq!(service_name(&ok), "ok");
+
+    let (status, metrics) = get(process.admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "remora_control_objects{kind=\"Service\"} 2",
+        "remora_control_objects{kind=\"EndpointSlice\"} 1",
+        "remora_control_snapshots_sent_total 2",
+        "remora_control_push_duration_seconds_count 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    // The streams were dropped with their calls; the channel is still open.
+    let start = Instant::now();
+    loop {
+        let metrics = get(process.admin, "/metrics").unwrap().1;
+        if metrics.contains("remora_control_watches 0") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SIGTERM with a stream open: exit 0, promptly.
+    let mut client = DiscoveryClient::new(channel);
+    let _open = client
+        .watch(pb::WatchRequest {
+            target: "10.96.0.10:80".into(),
+            ..pb::WatchRequest::default()
+        })
+        .await
+        .unwrap();
+    let (status, took) = process.stop("TERM");
+    assert!(status.success(), "{status}:\n{}", process.log());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
+fn sigint_exits_zero() {
+    let dir = objects_dir(&[("good.yaml", OBJECTS)]);
+    let mut process = Process::start(&["--plaintext", "--objects", dir.path().to_str().unwrap()]);
+    let (status, _) = process.stop("INT");
+    assert!(status.success(), "{status}");
+}
+
+/// A CA and a server certificate for [`SERVER_NAME`] it signed, as PEM.
+struct Pki {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn pki(ca_name: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    Pki {
+        ca: ca.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+fn write_pair(dir: &Path, pki: &Pki) {
+    // Key first, then certificate: the server may see a mismatched pair for a moment, which it
+    // must ride out with the old one.
+    fs::write(dir.join("tls.key.tmp"), &pki.key).unwrap();
+    fs::rename(dir.join("tls.key.tmp"), dir.join("tls.key")).unwrap();
+    fs::write(dir.join("tls.crt.tmp"), &pki.cert).unwrap();
+    fs::rename(dir.join("tls.crt.tmp"), dir.join("tls.crt")).unwrap();
+}
+
+async fn tls_channel(addr: SocketAddr, ca: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(SERVER_NAME),
+        )?
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn tls_verified_by_the_ca_and_a_rotated_certificate_served_to_new_connections() {
+    let certs = tempfile::tempdir().unwrap();
+    let first = pki("first CA");
+    write_pair(certs.path(), &first);
+    let objects = objects_dir(&[("good.yaml", OBJECTS)]);
+    let cert = certs.path().join("tls.crt");
+    let key = certs.path().join("tls.key");
+    let process = Process::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--objects",
+        objects.path().to_str().unwrap(),
+    ]);
+
+    let channel = tls_channel(process.grpc, &first.ca).await.unwrap();
+    let mut client = DiscoveryClient::new(channel);
+    let mut open = client
+        .watch(pb::WatchRequest {
+            target: "10.96.0.10:80".into(),
+            ..pb::WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = tokio::time::timeout(Duration::from_secs(5), open.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(service_name(&snapshot), "web");
+
+    // Plaintext HTTP/2 on the TLS port gets nowhere.
+    let plain = Endpoint::from_shared(format!("http://{}", process.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = DiscoveryClient::new(plain)
+        .watch(pb::WatchRequest {
+            target: "10.96.0.10:80".into(),
+            ..pb::WatchRequest::default()
+        })
+        .await;
+    assert!(refused.is_err(), "plaintext served on the TLS port");
+    // A client trusting another CA is refused.
+    let stranger = pki("a stranger's CA");
+    assert!(tls_channel(process.grpc, &stranger.ca).await.is_err());
+
+    // Rotate to a certificate from a second CA: new connections get it within the reload
+    // interval (1 s) plus slack.
+    let second = pki("second CA");
+    write_pair(certs.path(), &second);
+    let start = Instant::now();
+    let rotated = loop {
+        if let Ok(channel) = tls_channel(process.grpc, &second.ca).await {
+            break channel;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the new certificate was not served within 5 s:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        service_name(&first_snapshot(rotated, "10.96.0.10:80").await),
+        "web"
+    );
+    // The old CA no longer verifies new connections.
+    assert!(tls_channel(process.grpc, &first.ca).await.is_err());
+    // The stream opened before the rotation is still there.
+    let still = tokio::time::timeout(Duration::from_millis(300), open.message()).await;
+    assert!(
+        still.is_err(),
+        "the old stream ended or got data: {still:?}"
+    );
+}

@@ -1,0 +1,486 @@
+//! The Discovery service in process, over real loopback sockets, fed by `--objects` files: the
+//! snapshots it answers, how fast a file edit reaches open streams, and what bad peers can't do.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remora_api::discovery::discovery_client::DiscoveryClient;
+use remora_api::discovery::{self as pb, snapshot::Kind};
+use remora_control::metrics::Metrics;
+use remora_control::server::{self, Hub};
+use remora_control::watch::watch_objects;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+/// The SPEC's bound for a change to reach a stream.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(50);
+
+const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, 'fd00::10']
+  ports:
+  - {name: http, port: 80, targetPort: 8080, appProtocol: http}
+  - {name: grpc, port: 9000, appProtocol: kubernetes.io/h2c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+";
+
+const ROUTES: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: own, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}, {group: '', kind: Service, name: web}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mine, namespace: client}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, namespace: shop}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: rpc, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 9000}]
+";
+
+/// The EndpointSlice of `web` with the given last octets as ready endpoints (10.1.0.N).
+fn slice(octets: &[u8]) -> String {
+    let mut endpoints = String::new();
+    for n in octets {
+        endpoints.push_str(&format!(
+            "- {{addresses: [10.1.0.{n}], zone: zone-{n}, nodeName: node-{n}, targetRef: {{kind: Pod, name: web-{n}, namespace: shop}}}}\n"
+        ));
+    }
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: grpc, port: 9090}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+/// Replaces a file the way an editor or `kubectl cp` would: whole, by rename.
+fn write_atomically(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, text).unwrap();
+    fs::rename(&temporary, path).unwrap();
+}
+
+struct Server {
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// A plaintext server on loopback reading a fresh directory holding `files`.
+    async fn start(files: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        let source = watch_objects(vec![dir.path().to_path_buf()], POLL);
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::start(source, Arc::clone(&metrics)).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(server::serve(listener, hub, None, std::future::pending()));
+        Server { addr, metrics, dir }
+    }
+
+    async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> DiscoveryClient<Channel> {
+        DiscoveryClient::new(self.channel().await)
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Waits (bounded) until `remora_control_watches` is `expected`.
+    async fn until_watches(&self, expected: i64, within: Duration) {
+        let start = Instant::now();
+        while self.metrics.watches() != expected {
+            assert!(
+                start.elapsed() < within,
+                "remora_control_watches is {} after {within:?}, expected {expected}",
+                self.metrics.watches()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn watch(
+    client: &mut DiscoveryClient<Channel>,
+    target: &str,
+    namespace: &str,
+) -> Streaming<pb::Snapshot> {
+    client
+        .watch(pb::WatchRequest {
+            target: target.into(),
+            namespace: namespace.into(),
+            pod: "client-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next snapshot on `stream`, which must come within `within`.
+async fn next(stream: &mut Streaming<pb::Snapshot>, within: Duration) -> pb::Snapshot {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("no snapshot within {within:?}"))
+        .unwrap()
+        .expect("the stream ended")
+}
+
+fn service(snapshot: &pb::Snapshot) -> &pb::Service {
+    match &snapshot.kind {
+        Some(Kind::Service(service)) => service,
+        other => panic!("expected a service snapshot, got {other:?}"),
+    }
+}
+
+fn endpoint_ips(snapshot: &pb::Snapshot) -> Vec<String> {
+    service(snapshot)
+        .endpoints
+        .iter()
+        .map(|endpoint| format!("{}:{}", endpoint.ip, endpoint.port))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_service_target_gets_its_port_endpoints_and_routes() {
+    let server = Server::start(&[
+        ("services.yaml", SERVICE),
+        ("slice.yaml", &slice(&[3, 1, 2])),
+        ("routes.yaml", ROUTES),
+    ])
+    .await;
+    let mut client = server.client().await;
+
+    let mut stream = watch(&mut client, "10.96.0.10:80", "client").await;
+    let first = next(&mut stream, CHANGE_DEADLINE).await;
+    let got = service(&first);
+    assert_eq!(
+        (
+            got.namespace.as_str(),
+            got.name.as_str(),
+            got.port,
+            got.port_name.as_str(),
+            got.app_protocol.as_str()
+        ),
+        ("shop", "web", 80, "http", "http")
+    );
+    assert_eq!(
+        got.endpoints[0],
+        pb::Endpoint {
+            ip: "10.1.0.1".into(),
+            port: 8080,
+            zone: "zone-1".into(),
+            node: "node-1".into(),
+            pod: "web-1".into(),
+        }
+    );
+    assert_eq!(
+        endpoint_ips(&first),
+        ["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+        "sorted by address"
+    );
+    // The consumer route of the client's namespace first, then the producer route, once though
+    // two of its parentRefs name port 80; not the GRPCRoute of port 9000.
+    let routes: Vec<(&str, &str, &str, &str)> = got
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.kind.as_str(),
+                r.namespace.as_str(),
+                r.name.as_str(),
+                r.role.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("HTTPRoute", "client", "mine", "consumer"),
+            ("HTTPRoute", "shop", "own", "producer"),
+        ]
+    );
+    let json: serde_json::Value = serde_json::from_str(&got.routes[1].json).unwrap();
+    assert_eq!(json["kind"], "HTTPRoute");
+    assert_eq!(json["metadata"]["name"], "own");
+
+    // Another namespace does not see the consumer route.
+    let mut stream = watch(&mut client, "10.96.0.10:80", "elsewhere").await;
+    let names: Vec<String> = service(&next(&mut stream, CHANGE_DEADLINE).await)
+        .routes
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(names, ["own"]);
+
+    // The other port, its own endpoint port, protocol and route.
+    let mut stream = watch(&mut client, "10.96.0.10:9000", "elsewhere").await;
+    let grpc = next(&mut stream, CHANGE_DEADLINE).await;
+    assert_eq!(service(&grpc).app_protocol, "kubernetes.io/h2c");
+    assert_eq!(endpoint_ips(&grpc)[0], "10.1.0.1:9090");
+    // `own` has a parentRef without a port, which governs every port.
+    let names: Vec<&str> = service(&grpc)
+        .routes
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, ["own", "rpc"]);
+
+    // The v6 ClusterIP in brackets: the Service, with no v6 endpoints.
+    let mut stream = watch(&mut client, "[fd00::10]:80", "client").await;
+    let v6 = next(&mut stream, CHANGE_DEADLINE).await;
+    assert_eq!(service(&v6).name, "web");
+    assert!(service(&v6).endpoints.is_empty());
+}
+
+#[tokio::test]
+async fn a_target_that_is_no_service_is_passthrough() {
+    let server = Server::start(&[("services.yaml", SERVICE)]).await;
+    let mut client = server.client().await;
+    for target in ["10.96.0.10:81", "192.0.2.1:443", "[2001:db8::1]:80"] {
+        let mut stream = watch(&mut client, target, "client").await;
+        let snapshot = next(&mut stream, CHANGE_DEADLINE).await;
+        assert_eq!(
+            snapshot.kind,
+            Some(Kind::Passthrough(pb::Passthrough {})),
+            "{target}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bad_target_is_an_invalid_argument_naming_it() {
+    let server = Server::start(&[("services.yaml", SERVICE)]).await;
+    let mut client = server.client().await;
+    for target in ["10.96.0.10", "fd00::10:80", "web.shop:80", ""] {
+        let status = client
+            .watch(pb::WatchRequest {
+                target: target.into(),
+                ..pb::WatchRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{target}");
+        assert!(
+            status.message().contains(&format!("{target:?}"))
+                && status.message().contains("[fd00::10]:80"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(server.metrics.watches(), 0);
+}
+
+#[tokio::test]
+async fn an_endpoint_removed_and_added_in_the_file_reaches_open_streams_within_a_second() {
+    let server = Server::start(&[
+        ("services.yaml", SERVICE),
+        ("slice.yaml", &slice(&[1, 2, 3])),
+    ])
+    .await;
+    let mut client = server.client().await;
+    let mut streams = Vec::new();
+    for namespace in ["a", "b", "c"] {
+        let mut stream = watch(&mut client, "10.96.0.10:80", namespace).await;
+        assert_eq!(
+            endpoint_ips(&next(&mut stream, CHANGE_DEADLINE).await).len(),
+            3
+        );
+        streams.push(stream);
+    }
+    let mut unaffected = watch(&mut client, "10.96.0.20:80", "a").await;
+    next(&mut unaffected, CHANGE_DEADLINE).await;
+    let pushes_before = server.metrics.encode();
+
+    let started = Instant::now();
+    write_atomically(&server.path("slice.yaml"), &slice(&[1, 3]));
+    for stream in &mut streams {
+        let snapshot = next(stream, CHANGE_DEADLINE).await;
+        assert_eq!(endpoint_ips(&snapshot), ["10.1.0.1:8080", "10.1.0.3:8080"]);
+    }
+    let removed = started.elapsed();
+
+    let started = Instant::now();
+    write_atomically(&server.path("slice.yaml"), &slice(&[1, 3, 4]));
+    for stream in &mut streams {
+        let snapshot = next(stream, CHANGE_DEADLINE).await;
+        assert_eq!(
+            endpoint_ips(&snapshot),
+            ["10.1.0.1:8080", "10.1.0.3:8080", "10.1.0.4:8080"]
+        );
+    }
+    let added = started.elapsed();
+    assert!(
+        removed < CHANGE_DEADLINE && added < CHANGE_DEADLINE,
+        "{removed:?} {added:?}"
+    );
+
+    // The other Service's stream got nothing: its snapshot did not change.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), unaffected.message()).await;
+    assert!(quiet.is_err(), "an unchanged snapshot was sent: {quiet:?}");
+    // 4 first snapshots, then 3 + 3 changes.
+    assert_eq!(server.metrics.snapshots_sent(), 10);
+    // Every change was timed from the file read to the last stream's write.
+    let count = |text: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("remora_control_push_duration_seconds_count "))
+            .map(|n| n.parse::<u64>().unwrap())
+            .unwrap()
+    };
+    assert_eq!(count(&pushes_before), 0);
+    let deadline = Instant::now() + CHANGE_DEADLINE;
+    while count(&server.metrics.encode()) < 2 {
+        assert!(Instant::now() < deadline, "{}", server.metrics.encode());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_touch_without_a_change_sends_nothing() {
+    let server = Server::start(&[("services.yaml", SERVICE), ("slice.yaml", &slice(&[1]))]).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "a").await;
+    next(&mut stream, CHANGE_DEADLINE).await;
+    // A change elsewhere rebuilds the index; this stream's snapshot is the same.
+    fs::write(
+        server.path("more.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: new, namespace: x}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(600), stream.message()).await;
+    assert!(quiet.is_err(), "a duplicate snapshot was sent: {quiet:?}");
+    // A Service appearing at a watched address turns passthrough into service.
+    let mut later = watch(&mut client, "10.96.0.77:80", "a").await;
+    assert!(matches!(
+        next(&mut later, CHANGE_DEADLINE).await.kind,
+        Some(Kind::Passthrough(_))
+    ));
+    fs::write(
+        server.path("later.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: later, namespace: x}\nspec: {clusterIP: 10.96.0.77, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        service(&next(&mut later, CHANGE_DEADLINE).await).name,
+        "later"
+    );
+}
+
+#[tokio::test]
+async fn garbage_on_the_grpc_port_does_not_hurt_other_streams() {
+    let server =
+        Server::start(&[("services.yaml", SERVICE), ("slice.yaml", &slice(&[1, 2]))]).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "a").await;
+    next(&mut stream, CHANGE_DEADLINE).await;
+
+    // Garbage that closes, garbage that stays open, a half HTTP/2 preface that stalls, and
+    // an HTTP/1 request.
+    let mut closed = TcpStream::connect(server.addr).await.unwrap();
+    closed.write_all(&[0xff; 4096]).await.unwrap();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), closed.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the server kept a garbage connection open");
+    let mut open = TcpStream::connect(server.addr).await.unwrap();
+    open.write_all(b"\x16\x03\x01\x00\xffgarbage")
+        .await
+        .unwrap();
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut http1 = TcpStream::connect(server.addr).await.unwrap();
+    http1
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+
+    // The open stream still gets changes, and new streams open.
+    write_atomically(&server.path("slice.yaml"), &slice(&[2]));
+    assert_eq!(
+        endpoint_ips(&next(&mut stream, CHANGE_DEADLINE).await),
+        ["10.1.0.2:8080"]
+    );
+    let mut fresh = server.client().await;
+    let mut stream = watch(&mut fresh, "10.96.0.10:80", "a").await;
+    assert_eq!(
+        endpoint_ips(&next(&mut stream, CHANGE_DEADLINE).await),
+        ["10.1.0.2:8080"]
+    );
+    drop((open, stalled, http1));
+}
+
+#[tokio::test]
+async fn a_thousand_streams_opened_and_abandoned_leave_no_watch_behind() {
+    let server =
+        Server::start(&[("services.yaml", SERVICE), ("slice.yaml", &slice(&[1, 2]))]).await;
+    // 500 streams on one connection, then dropped one by one (a reset each, connection kept).
+    let mut client = server.client().await;
+    let mut streams = Vec::new();
+    for n in 0..500 {
+        let target = if n % 2 == 0 {
+            "10.96.0.10:80"
+        } else {
+            "10.0.0.1:80"
+        };
+        streams.push(watch(&mut client, target, "a").await);
+    }
+    // 500 more over 10 connections, abandoned by dropping the connections.
+    let mut connections = Vec::new();
+    for _ in 0..10 {
+        let mut client = server.client().await;
+        let mut on_it = Vec::new();
+        for _ in 0..50 {
+            on_it.push(watch(&mut client, "10.96.0.10:9000", "b").await);
+        }
+        connections.push((client, on_it));
+    }
+    server.until_watches(1000, Duration::from_secs(5)).await;
+    // Read a first snapshot on some, not on others.
+    for stream in streams.iter_mut().step_by(7) {
+        next(stream, CHANGE_DEADLINE).await;
+    }
+    // A change while they are all open.
+    write_atomically(&server.path("slice.yaml"), &slice(&[1]));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    drop(streams);
+    server.until_watches(500, Duration::from_secs(5)).await;
+    drop(client);
+    drop(connections);
+    server.until_watches(0, Duration::from_secs(5)).await;
+
+    // A change after they are gone costs nothing and the server still serves.
+    write_atomically(&server.path("slice.yaml"), &slice(&[2]));
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "a").await;
+    let first = next(&mut stream, CHANGE_DEADLINE).await;
+    assert!(matches!(first.kind, Some(Kind::Service(_))));
+}
