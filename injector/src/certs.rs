@@ -513,7 +513,7 @@ pub fn plan(
     }
     let ca_bundle: String = bundle
         .iter()
-        .map(|info| to_pem(&info.der))
+        .map(|info| certificate_pem(&info.der))
         .collect::<Vec<_>>()
         .concat();
     if stored.ca_bundle.as_deref() != Some(ca_bundle.as_str())
@@ -572,7 +572,8 @@ pub fn plan(
     })
 }
 
-fn to_pem(der: &[u8]) -> String {
+/// One certificate as a PEM block, 64 columns, as `openssl` writes it.
+pub(crate) fn certificate_pem(der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
