@@ -513,7 +513,8 @@ fn log_control_plane(config: &Config, trust_anchors_file: Option<&std::path::Pat
 /// binds the listener and serves until SIGTERM or SIGINT.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let (mut config, trust_anchors_file) = args.config.resolve()?;
-    // --manage-certs: the files are written from the Secret before anything below reads them.
+    // --manage-certs: the files are written from the Secret before anything below reads them,
+    // the CA bundle (ca.crt, which --trust-anchors may name) included.
     let _cert_manager = certs::start_if_enabled(&args.certs, &args.tls.cert, &args.tls.key).await?;
     if let Some(path) = &trust_anchors_file {
         config.trust_anchors = Some(TrustAnchors::read(path).map_err(ConfigError::from)?);
