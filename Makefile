@@ -15,7 +15,7 @@ build:
 # fallback into every tracing span of the proxy's hot path (h2, hyper): 4% more instructions per
 # HTTP/2 request. `lint` checks that the proxy alone does not ask for it.
 release:
-	$(CARGO) build --release -p remora-injector -p remora-init --bins
+	$(CARGO) build --release -p remora-injector -p remora-control -p remora-init --bins
 	$(CARGO) build --release -p remora-proxy --bins
 
 fmt:
@@ -75,7 +75,7 @@ KUBECTL ?= kubectl
 DEPLOY ?= manifests
 
 images:
-	@for image in injector proxy init; do \
+	@for image in injector control proxy init; do \
 	  echo "building $(REGISTRY)/remora-$$image:$(TAG)"; \
 	  DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --target $$image -t $(REGISTRY)/remora-$$image:$(TAG) . || exit 1; \
 	  if [ -n "$(PUSH)" ]; then $(DOCKER) push $(REGISTRY)/remora-$$image:$(TAG) || exit 1; fi; \
@@ -88,6 +88,7 @@ deploy:
 	  | sed -e 's#ghcr\.io/remora-mesh/\(remora-[a-z]*\):[A-Za-z0-9._-]*#$(REGISTRY)/\1:$(TAG)#g' \
 	  | $(KUBECTL) apply -f -
 	$(KUBECTL) -n remora-system rollout status deployment/remora-injector --timeout=180s
+	$(KUBECTL) -n remora-system rollout status deployment/remora-control --timeout=180s
 
 # The webhook registration goes first: with failurePolicy Fail, pods in opted-in namespaces
 # could not be created between the injector's removal and the registration's.

@@ -3,8 +3,8 @@
 
 usage: check-manifests.py BASE.yaml CERT_MANAGER.yaml EXAMPLES.yaml VERSION [REMORA_INJECTOR]
 Each file is the `kubectl kustomize` output of manifests/, manifests/cert-manager and
-manifests/examples. With the path of a built remora-injector, also checks that it accepts the
-Deployments' arguments and environment. Prints one line per check group and exits 1 on the
+manifests/examples: the injector and remora-control. With the path of a built remora-injector,
+also checks that it accepts the Deployments' arguments and environment. Prints one line per check group and exits 1 on the
 first failure.
 """
 
@@ -19,6 +19,20 @@ OWN_NAMESPACE = "remora-system"
 NAME = "remora-injector"
 SECRET = "remora-injector-tls"
 INJECT_LABEL = "remora.io/inject"
+CONTROL = "remora-control"
+CONTROL_SECRET = "remora-control-tls"
+# SPEC "Fixed numbers": gRPC 8090 behind the Service of that name, admin 9990.
+CONTROL_GRPC_PORT = 9990 - 1900
+CONTROL_ADMIN_PORT = 9990
+CONTROL_ADDR = f"{CONTROL}.{OWN_NAMESPACE}.svc:{CONTROL_GRPC_PORT}"
+# SPEC "remora-control": list+watch of these kinds, and nothing else (Pods as metadata).
+CONTROL_READS = {
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("gateway.networking.k8s.io", "httproutes"),
+    ("gateway.networking.k8s.io", "grpcroutes"),
+    ("", "pods"),
+}
 
 
 class CheckFailed(Exception):
@@ -131,6 +145,145 @@ def container(deployment, name="injector"):
     return found[0]
 
 
+def check_hardened(c, pod, what):
+    """Resources set; non-root, no privilege escalation, read-only root, no capability, seccomp."""
+    resources = c.get("resources") or {}
+    for kind in ("requests", "limits"):
+        check({"cpu", "memory"} <= set(resources.get(kind) or {}), f"{what}: resources.{kind} needs cpu and memory")
+    sc, psc = c.get("securityContext") or {}, pod.get("securityContext") or {}
+    check(sc.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation must be false")
+    check(sc.get("readOnlyRootFilesystem") is True, f"{what}: readOnlyRootFilesystem must be true")
+    check((sc.get("capabilities") or {}).get("drop") == ["ALL"], f"{what}: capabilities must drop ALL")
+    check(sc.get("runAsNonRoot") or psc.get("runAsNonRoot"), f"{what}: runAsNonRoot must be true")
+    check((sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+          f"{what}: seccompProfile must be RuntimeDefault")
+    check(not (sc.get("capabilities") or {}).get("add"), f"{what} needs no capability")
+
+
+def check_spread(pod, labels, what):
+    spread = pod.get("topologySpreadConstraints") or []
+    anti = ((pod.get("affinity") or {}).get("podAntiAffinity") or {})
+    terms = anti.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    check(any(t["topologyKey"] == "kubernetes.io/hostname" and selector_matches(t["labelSelector"], labels) for t in spread),
+          f"{what}: replicas are not spread across nodes")
+    check(any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+              and selector_matches(t["podAffinityTerm"]["labelSelector"], labels) for t in terms),
+          f"{what}: no podAntiAffinity keeping replicas on different nodes")
+
+
+def arg_value(args, flag):
+    return next((a.split("=", 1)[1] for a in args if a.startswith(flag + "=")), None)
+
+
+def mounted_volume(deployment, c, path):
+    """The volume mounted at the directory holding `path`, or None."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes") or []}
+    for mount in c.get("volumeMounts") or []:
+        if path is not None and path.rsplit("/", 1)[0] == mount["mountPath"]:
+            return volumes.get(mount["name"])
+    return None
+
+
+def check_control(docs, version):
+    """remora-control (SPEC "remora-control", issue 23): Deployment, Service, PDB."""
+    deployment = one(docs, "Deployment", CONTROL)
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    c = container(deployment, "control")
+    where = f"Deployment {CONTROL}"
+    check(deployment["metadata"]["namespace"] == OWN_NAMESPACE, f"{where} must be in remora-system")
+    check(spec["replicas"] == 2, f"{where}: replicas {spec['replicas']}, the issue says 2")
+    labels = spec["template"]["metadata"]["labels"]
+    check(selector_matches(spec["selector"], labels), f"{where}: the selector does not match its pods")
+    check(pod.get("serviceAccountName") == CONTROL, f"{where} must run as its own ServiceAccount {CONTROL}")
+    check_spread(pod, labels, where)
+    image = f"ghcr.io/remora-mesh/remora-control:{version}"
+    check(c["image"] == image, f"{where}: image {c['image']}, expected {image} (the workspace version)")
+    args = c.get("args") or []
+    check(args[:1] == ["serve"] and "--plaintext" not in args, f"{where} runs `serve` over TLS, got {args}")
+    for flag, file in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        value = arg_value(args, flag)
+        check(value is not None and value.endswith("/" + file), f"{where}: {flag} must name {file}, got {value}")
+        volume = mounted_volume(deployment, c, value)
+        check(volume is not None and (volume.get("secret") or {}).get("secretName") == CONTROL_SECRET,
+              f"{where}: {flag} must be read from Secret {CONTROL_SECRET}, mounted, got {volume}")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    check(ports.get("grpc") == CONTROL_GRPC_PORT and ports.get("admin") == CONTROL_ADMIN_PORT,
+          f"{where}: ports grpc {CONTROL_GRPC_PORT} and admin {CONTROL_ADMIN_PORT} (SPEC), got {ports}")
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/live")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        port = ports.get(get.get("port"), get.get("port"))
+        check((get.get("path"), port, get.get("scheme", "HTTP")) == (path, CONTROL_ADMIN_PORT, "HTTP"),
+              f"{where}: {probe}: expected GET {path} on {CONTROL_ADMIN_PORT}, got {get}")
+    check_hardened(c, pod, where)
+
+    service = one(docs, "Service", CONTROL)
+    check(service["metadata"]["namespace"] == OWN_NAMESPACE, f"Service {CONTROL} must be in remora-system")
+    check(selector_matches({"matchLabels": service["spec"]["selector"]}, labels), f"Service {CONTROL} does not select its pods")
+    sports = service["spec"]["ports"]
+    check(len(sports) == 1, f"Service {CONTROL}: one port, got {sports}")
+    sport = sports[0]
+    check((sport["port"], sport.get("name"), sport.get("appProtocol"), ports.get(sport["targetPort"], sport["targetPort"]))
+          == (CONTROL_GRPC_PORT, "grpc", "grpc", CONTROL_GRPC_PORT),
+          f"Service {CONTROL}: port {CONTROL_GRPC_PORT} named grpc, appProtocol grpc, to {CONTROL_GRPC_PORT}; got {sport}")
+    pdb = one(docs, "PodDisruptionBudget", CONTROL)
+    check(selector_matches(pdb["spec"]["selector"], labels), f"PodDisruptionBudget {CONTROL} does not select its pods")
+    check(pdb["spec"].get("minAvailable") == 1 or pdb["spec"].get("maxUnavailable") == 1,
+          f"PodDisruptionBudget {CONTROL} must keep one replica up")
+    print("ok: remora-control Deployment, Service, PodDisruptionBudget")
+
+
+def check_control_rbac(docs):
+    """remora-control may list and watch what it indexes, and nothing else anywhere."""
+    account = one(docs, "ServiceAccount", CONTROL)
+    check(account["metadata"]["namespace"] == OWN_NAMESPACE, f"ServiceAccount {CONTROL} must be in remora-system")
+    role = one(docs, "ClusterRole", CONTROL)
+    granted = set()
+    for rule in role["rules"]:
+        check(set(rule) <= {"apiGroups", "resources", "verbs"},
+              f"ClusterRole {CONTROL}: no resourceNames or nonResourceURLs expected: {rule}")
+        check(sorted(rule["verbs"]) == ["list", "watch"], f"ClusterRole {CONTROL}: only list and watch, got {rule}")
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                check("*" not in (group, resource), f"ClusterRole {CONTROL}: no wildcards: {rule}")
+                granted.add((group, resource))
+    check(granted == CONTROL_READS,
+          f"ClusterRole {CONTROL} grants list/watch on {sorted(granted)}, SPEC says exactly {sorted(CONTROL_READS)}")
+    subject = {"kind": "ServiceAccount", "name": CONTROL, "namespace": OWN_NAMESPACE}
+    binding = one(docs, "ClusterRoleBinding", CONTROL)
+    check(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONTROL},
+          f"ClusterRoleBinding {CONTROL} must bind ClusterRole {CONTROL}")
+    check(binding["subjects"] == [subject], f"ClusterRoleBinding {CONTROL} must bind only {subject}")
+    # Nothing else grants it anything, and its role is bound to nobody else.
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        for other in find(docs, kind):
+            if other is binding:
+                continue
+            check(subject not in (other.get("subjects") or []), f"{kind} {other['metadata']['name']} also binds {CONTROL}")
+            check(other["roleRef"]["name"] != CONTROL, f"{kind} {other['metadata']['name']} binds ClusterRole {CONTROL}")
+    print(f"ok: remora-control RBAC (list/watch on {len(CONTROL_READS)} kinds, nothing else)")
+
+
+def check_injector_control_flags(docs, what):
+    """The injector gives proxies the Service's address and trust anchors from its mounted files."""
+    deployment = one(docs, "Deployment", NAME)
+    c = container(deployment)
+    args = c.get("args") or []
+    service = one(docs, "Service", CONTROL)
+    grpc = service["spec"]["ports"][0]["port"]
+    want = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{grpc}"
+    check(want == CONTROL_ADDR, f"{what}: Service {CONTROL} is at {want}, SPEC says {CONTROL_ADDR}")
+    check(arg_value(args, "--control-addr") in (None, want),
+          f"{what}: the injector's --control-addr {arg_value(args, '--control-addr')} is not {want}")
+    anchors = arg_value(args, "--trust-anchors")
+    cert = arg_value(args, "--tls-cert")
+    check(anchors is not None and cert is not None and anchors.rsplit("/", 1)[0] == cert.rsplit("/", 1)[0]
+          and anchors.endswith("/ca.crt"),
+          f"{what}: --trust-anchors must be the ca.crt beside --tls-cert ({cert}), got {anchors}")
+    check(mounted_volume(deployment, c, anchors) is not None, f"{what}: --trust-anchors {anchors} is in no mounted volume")
+    print(f"ok: {what}: the injector gives proxies --control {want} and the CA bundle beside its certificate")
+
+
 def check_deployment(docs, version):
     deployment = one(docs, "Deployment", NAME)
     spec = deployment["spec"]
@@ -159,17 +312,7 @@ def check_deployment(docs, version):
         port = ports.get(get.get("port"), get.get("port"))
         check((get.get("path"), port, get.get("scheme")) == (path, 8443, "HTTPS"),
               f"{probe}: expected HTTPS GET {path} on 8443, got {get}")
-    resources = c.get("resources") or {}
-    for kind in ("requests", "limits"):
-        check({"cpu", "memory"} <= set(resources.get(kind) or {}), f"resources.{kind} needs cpu and memory")
-    sc, psc = c.get("securityContext") or {}, pod.get("securityContext") or {}
-    check(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false")
-    check(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true")
-    check((sc.get("capabilities") or {}).get("drop") == ["ALL"], "capabilities must drop ALL")
-    check(sc.get("runAsNonRoot") or psc.get("runAsNonRoot"), "runAsNonRoot must be true")
-    check((sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
-          "seccompProfile must be RuntimeDefault")
-    check(not (sc.get("capabilities") or {}).get("add"), "the injector needs no capability")
+    check_hardened(c, pod, NAME)
 
     service = one(docs, "Service", NAME)
     check(selector_matches({"matchLabels": service["spec"]["selector"]}, labels), "the Service does not select the pods")
@@ -193,7 +336,8 @@ def check_rbac(docs):
         check(rule.get("apiGroups") == [""] and rule.get("resources") == ["secrets"], f"Role grants more than Secrets: {rule}")
         check("*" not in rule["verbs"], f"Role uses a wildcard verb: {rule}")
         if rule.get("resourceNames"):
-            check(rule["resourceNames"] == [SECRET], f"Role names other Secrets: {rule}")
+            check(sorted(rule["resourceNames"]) == sorted([SECRET, CONTROL_SECRET]),
+                  f"Role must name its own Secret and remora-control's, nothing else: {rule}")
         else:
             # create cannot be limited by name; nothing else may be unrestricted.
             check(rule["verbs"] == ["create"], f"only create may be granted on every Secret: {rule}")
@@ -211,7 +355,7 @@ def check_rbac(docs):
               f"{kind} must bind only the injector's ServiceAccount")
     deployment = one(docs, "Deployment", NAME)
     check(deployment["spec"]["template"]["spec"].get("serviceAccountName") == NAME, "the Deployment must use its ServiceAccount")
-    print("ok: RBAC (own Secret, own registration)")
+    print("ok: RBAC (own Secret and remora-control's, own registration)")
 
 
 def check_self_managed(docs):
@@ -238,6 +382,16 @@ def check_cert_manager(docs, version):
     source = (config["metadata"].get("annotations") or {}).get("cert-manager.io/inject-ca-from", "")
     ns, _, cert_name = source.partition("/")
     cert = one(docs, "Certificate", cert_name)
+    control_certs = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == CONTROL_SECRET]
+    check(len(control_certs) == 1, f"the cert-manager overlay needs one Certificate writing Secret {CONTROL_SECRET}")
+    control_cert = control_certs[0]
+    check(f"{CONTROL}.{OWN_NAMESPACE}.svc" in control_cert["spec"]["dnsNames"],
+          f"Certificate {control_cert['metadata']['name']} must name {CONTROL}.{OWN_NAMESPACE}.svc, as proxies dial it")
+    # Same issuer: the ca.crt cert-manager writes into the injector's Secret verifies it.
+    check(control_cert["spec"]["issuerRef"] == cert["spec"]["issuerRef"],
+          f"Certificate {control_cert['metadata']['name']} must come from the injector's issuer {cert['spec']['issuerRef']}, "
+          "whose ca.crt the injector gives proxies")
+    check(control_cert["metadata"]["namespace"] == OWN_NAMESPACE, "the control plane's Certificate must be in remora-system")
     check(cert["metadata"]["namespace"] == ns == OWN_NAMESPACE, f"inject-ca-from {source!r} names no Certificate here")
     check(cert["spec"]["secretName"] == SECRET, f"Certificate {cert_name} must write Secret {SECRET}")
     check(f"{NAME}.{OWN_NAMESPACE}.svc" in cert["spec"]["dnsNames"], "the Certificate must name the Service as the API server dials it")
@@ -245,6 +399,8 @@ def check_cert_manager(docs, version):
     one(docs, issuer.get("kind", "Issuer"), issuer["name"])
     for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
         check(not find(docs, kind, NAME), f"file mode needs no {kind}")
+    items = ((mounted_volume(deployment, c, arg_value(args, "--trust-anchors")) or {}).get("secret") or {}).get("items")
+    check(not items or any(i["key"] == "ca.crt" for i in items), "the injector's Secret volume must include ca.crt")
     print("ok: cert-manager overlay (file mode, Certificate, inject-ca-from, no RBAC)")
 
 
@@ -300,7 +456,14 @@ if __name__ == "__main__":
         check_deployment(base, version)
         check_rbac(base)
         check_self_managed(base)
-        check_cert_manager(load(cert_manager_file), version)
+        check_control(base, version)
+        check_control_rbac(base)
+        check_injector_control_flags(base, "manifests")
+        cert_manager = load(cert_manager_file)
+        check_cert_manager(cert_manager, version)
+        check_control(cert_manager, version)
+        check_control_rbac(cert_manager)
+        check_injector_control_flags(cert_manager, "manifests/cert-manager")
         check_examples(load(examples_file))
         if len(sys.argv) > 5:
             check_binary_accepts(one(load(base_file), "Deployment", NAME), sys.argv[5], "manifests")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Renders every kustomization under manifests/, validates it strictly against the Kubernetes
 # 1.33 schemas (kubernetes-validate, from PyPI), and checks the webhook registration, RBAC and
-# Deployment say what SPEC and the install docs say (scripts/check-manifests.py); also validates
-# the injected golden outputs of `remora-injector inject` (injector/tests/golden/*.out.yaml).
+# Deployments (the injector's and remora-control's, whose ClusterRole must grant exactly list and
+# watch on what it indexes) say what SPEC and the install docs say (scripts/check-manifests.py);
+# also validates the injected golden outputs of `remora-injector inject`
+# (injector/tests/golden/*.out.yaml).
 # Installs kubernetes-validate into target/ on first use; `make test` runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."

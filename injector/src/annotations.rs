@@ -13,7 +13,8 @@ use remora_init::{
     quoted, CidrList, CidrSelection, InitConfig, PortList, PortRange, PortSelection,
 };
 
-use crate::config::Config;
+use crate::config::{Config, ControlAddr};
+use crate::trust::TrustAnchors;
 
 /// Every remora annotation and label starts with this.
 pub const PREFIX: &str = "remora.io/";
@@ -359,6 +360,9 @@ pub struct PodSettings {
     pub opaque_ports: PortList,
     /// The args of `remora-init`, as `remora-init` itself parses them.
     pub init: InitConfig,
+    /// The proxy's `--control` and `REMORA_TRUST_ANCHORS`: injector settings, not per pod.
+    pub control_addr: Option<ControlAddr>,
+    pub trust_anchors: Option<TrustAnchors>,
 }
 
 /// Parses every `remora.io/*` config annotation over the injector's defaults. Also returns a
@@ -496,6 +500,8 @@ pub fn pod_settings(
             proxy_log_level,
             opaque_ports,
             init,
+            control_addr: config.control_addr.clone(),
+            trust_anchors: config.trust_anchors.clone(),
         },
         warnings,
     ))

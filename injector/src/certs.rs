@@ -1,4 +1,4 @@
-//! Self-managed webhook certificates: a CA and a serving certificate kept in a Secret, written to the files the server serves, and the webhook's `caBundle` kept in sync.
+//! Self-managed certificates: a CA and the webhook's serving certificate kept in a Secret, written to the files the server serves, the webhook's `caBundle` kept in sync, and remora-control's serving certificate issued by the same CA.
 //!
 //! Every replica runs the same loop, and the Secret is the only shared state:
 //! - it is created only if absent; a replica that loses the create race (409 AlreadyExists)
@@ -10,6 +10,11 @@
 //!   certificate is not re-issued on rotation: it still chains to the old CA, and its next regular
 //!   renewal uses the new one. The API server therefore trusts the new CA long before any
 //!   certificate signed by it is served.
+//!
+//! The same CA signs remora-control's serving certificate, kept by the same rules in a Secret of
+//! its own (`remora-control-tls`, which the control plane mounts), and the CA bundle is written
+//! beside the webhook's files as `ca.crt`: the trust anchors the injector gives every proxy
+//! (`--trust-anchors`), which therefore trust a new CA before remora-control serves from it.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -39,6 +44,9 @@ pub const KEY_CA_BUNDLE: &str = "ca-bundle.crt";
 pub const KEY_TLS_CERT: &str = "tls.crt";
 pub const KEY_TLS_KEY: &str = "tls.key";
 
+/// The CA bundle's file name beside the serving certificate, as in a `kubernetes.io/tls` Secret.
+pub const CA_FILE_NAME: &str = "ca.crt";
+
 /// How many times one pass re-reads and retries after losing a race to another replica.
 const MAX_ATTEMPTS: u32 = 5;
 /// Backdating new certificates tolerates clocks a little behind ours (API server, other nodes).
@@ -64,6 +72,18 @@ pub struct CertOptions {
     pub serving_lifetime: Duration,
     /// How often each replica re-checks the Secret and the webhook registration.
     pub resync_period: Duration,
+    /// Where the CA bundle is written (`ca.crt` beside the certificate), if anywhere.
+    pub ca_file: Option<PathBuf>,
+    /// Another Service whose serving certificate the CA issues: remora-control's.
+    pub service_cert: Option<ServiceCert>,
+}
+
+/// A serving certificate for another Service in the same namespace, kept in its own Secret
+/// (`kubernetes.io/tls`: `tls.crt`, `tls.key`, and `ca.crt`, the CA bundle).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCert {
+    pub secret_name: String,
+    pub service_name: String,
 }
 
 impl CertOptions {
@@ -90,19 +110,25 @@ impl CertOptions {
             ca_lifetime: Self::DEFAULT_CA_LIFETIME,
             serving_lifetime: Self::DEFAULT_SERVING_LIFETIME,
             resync_period: Self::DEFAULT_RESYNC_PERIOD,
+            ca_file: None,
+            service_cert: None,
         }
     }
 
     /// The names the API server may use for the Service: it dials `<service>.<namespace>.svc`.
     pub fn dns_names(&self) -> Vec<String> {
-        let (svc, ns) = (&self.service_name, &self.namespace);
-        vec![
-            svc.clone(),
-            format!("{svc}.{ns}"),
-            format!("{svc}.{ns}.svc"),
-            format!("{svc}.{ns}.svc.cluster.local"),
-        ]
+        service_dns_names(&self.service_name, &self.namespace)
     }
+}
+
+/// The names a client in the cluster may dial a Service by.
+pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        service.to_string(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
 }
 
 /// The `serve` flags that turn the certificate manager on.
@@ -141,6 +167,26 @@ pub struct ManageCertsArgs {
     )]
     pub service_name: String,
 
+    /// The Secret that gets remora-control's serving certificate, signed by the same CA (whose
+    /// bundle --manage-certs writes as ca.crt beside --tls-cert: point --trust-anchors at it).
+    /// Empty: none.
+    #[arg(
+        long,
+        env = "REMORA_CONTROL_TLS_SECRET",
+        value_name = "NAME",
+        default_value = "remora-control-tls"
+    )]
+    pub control_tls_secret: String,
+
+    /// The Service in front of remora-control, in the same namespace; its certificate names it.
+    #[arg(
+        long,
+        env = "REMORA_CONTROL_SERVICE_NAME",
+        value_name = "NAME",
+        default_value = "remora-control"
+    )]
+    pub control_service_name: String,
+
     /// The injector's namespace (the Secret's and the Service's), from the downward API.
     #[arg(
         long,
@@ -156,6 +202,11 @@ impl ManageCertsArgs {
     pub fn options(&self, cert_file: &Path, key_file: &Path) -> Option<CertOptions> {
         self.manage_certs.then(|| CertOptions {
             secret_name: self.tls_secret.clone(),
+            ca_file: Some(cert_file.with_file_name(CA_FILE_NAME)),
+            service_cert: (!self.control_tls_secret.trim().is_empty()).then(|| ServiceCert {
+                secret_name: self.control_tls_secret.trim().to_string(),
+                service_name: self.control_service_name.clone(),
+            }),
             ..CertOptions::new(
                 &self.namespace,
                 &self.service_name,
@@ -513,7 +564,7 @@ pub fn plan(
     }
     let ca_bundle: String = bundle
         .iter()
-        .map(|info| to_pem(&info.der))
+        .map(|info| certificate_pem(&info.der))
         .collect::<Vec<_>>()
         .concat();
     if stored.ca_bundle.as_deref() != Some(ca_bundle.as_str())
@@ -524,29 +575,8 @@ pub fn plan(
         changes.push(Change::Bundle);
     }
 
-    // The serving certificate: keep it while it verifies for every name against the bundle
-    // and is younger than two thirds of its lifetime.
     let bundle_der: Vec<Vec<u8>> = bundle.iter().map(|b| b.der.clone()).collect();
-    let stored_serving = stored.tls_cert.as_deref().and_then(CertInfo::parse_pem);
-    let serving_problem = match (&stored_serving, stored.tls_key.as_deref()) {
-        (None, _) => Some("absent or unreadable"),
-        (Some(_), None) => Some("its key is absent"),
-        (Some(info), Some(key)) if !info.key_matches(key) => Some("its key does not match"),
-        (Some(_), Some(_))
-            if !verifies(
-                stored.tls_cert.as_deref().unwrap_or_default(),
-                &bundle_der,
-                dns_names,
-                now,
-            ) =>
-        {
-            Some("it does not verify against the CA bundle for every Service name")
-        }
-        (Some(info), Some(_)) if now_s >= info.renew_at() => {
-            Some("two thirds of its lifetime passed")
-        }
-        _ => None,
-    };
+    let serving_problem = serving_problem(stored, &bundle_der, dns_names, now);
     let (tls_cert, tls_key) = match serving_problem {
         None => (
             stored.tls_cert.clone().unwrap_or_default(),
@@ -572,7 +602,101 @@ pub fn plan(
     })
 }
 
-fn to_pem(der: &[u8]) -> String {
+/// Why the stored serving certificate must be re-issued, if it must: it is kept while it
+/// verifies for every name against the bundle and is younger than two thirds of its lifetime.
+fn serving_problem(
+    stored: &Stored,
+    bundle_der: &[Vec<u8>],
+    dns_names: &[String],
+    now: SystemTime,
+) -> Option<&'static str> {
+    let stored_serving = stored.tls_cert.as_deref().and_then(CertInfo::parse_pem);
+    match (&stored_serving, stored.tls_key.as_deref()) {
+        (None, _) => Some("absent or unreadable"),
+        (Some(_), None) => Some("its key is absent"),
+        (Some(info), Some(key)) if !info.key_matches(key) => Some("its key does not match"),
+        (Some(_), Some(_))
+            if !verifies(
+                stored.tls_cert.as_deref().unwrap_or_default(),
+                bundle_der,
+                dns_names,
+                now,
+            ) =>
+        {
+            Some("it does not verify against the CA bundle for every Service name")
+        }
+        (Some(info), Some(_)) if unix_seconds(now) >= info.renew_at() => {
+            Some("two thirds of its lifetime passed")
+        }
+        _ => None,
+    }
+}
+
+/// What another Service's Secret holds: its serving pair and the CA bundle that verifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceMaterial {
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// The CA bundle, as in the webhook's Secret.
+    pub ca_cert: String,
+}
+
+impl ServiceMaterial {
+    fn secret_data(&self) -> BTreeMap<String, ByteString> {
+        [
+            (KEY_TLS_CERT, &self.tls_cert),
+            (KEY_TLS_KEY, &self.tls_key),
+            (KEY_CA_CERT, &self.ca_cert),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
+        .collect()
+    }
+}
+
+/// Decides what another Service's Secret should hold, given the webhook's current `material`
+/// (whose CA signs and whose bundle verifies): the stored pair while it is sound, else a new
+/// one from the signing CA. Pure apart from key generation.
+pub fn plan_service(
+    stored: &Stored,
+    material: &Material,
+    dns_names: &[String],
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<(ServiceMaterial, Vec<Change>), CertError> {
+    let mut changes = Vec::new();
+    let (tls_cert, tls_key) =
+        match serving_problem(stored, &pem_certs(&material.ca_bundle), dns_names, now) {
+            None => (
+                stored.tls_cert.clone().unwrap_or_default(),
+                stored.tls_key.clone().unwrap_or_default(),
+            ),
+            Some(reason) => {
+                changes.push(Change::NewServing {
+                    reason: reason.to_string(),
+                });
+                let ca = CaPair {
+                    cert: material.ca_cert.clone(),
+                    key: material.ca_key.clone(),
+                };
+                issue_serving(&ca, dns_names, now, lifetime)?
+            }
+        };
+    if stored.ca_cert.as_deref() != Some(material.ca_bundle.as_str()) && changes.is_empty() {
+        changes.push(Change::Bundle);
+    }
+    Ok((
+        ServiceMaterial {
+            tls_cert,
+            tls_key,
+            ca_cert: material.ca_bundle.clone(),
+        },
+        changes,
+    ))
+}
+
+/// One certificate as a PEM block, 64 columns, as `openssl` writes it.
+pub(crate) fn certificate_pem(der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -640,9 +764,26 @@ pub struct Reconciled {
     /// The Secret was created by this replica.
     pub created: bool,
     pub webhook: WebhookSync,
-    /// The certificate or key file was rewritten.
+    /// The certificate, key or CA bundle file was rewritten.
     pub files_written: bool,
     pub material: Material,
+    pub service: ServiceSync,
+}
+
+/// What happened to the other Service's Secret (remora-control's) in one pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceSync {
+    /// Not managed (`--control-tls-secret ''`).
+    Off,
+    /// Holds a sound certificate; `changes` are what this replica wrote.
+    Done {
+        material: ServiceMaterial,
+        changes: Vec<Change>,
+        created: bool,
+    },
+    /// Could not be brought up to date. The webhook does not depend on it, so this is logged
+    /// and retried at the next pass rather than failing the pass.
+    Failed(String),
 }
 
 fn api_error(
@@ -676,14 +817,33 @@ pub async fn ensure_at(
 ) -> Result<Reconciled, CertError> {
     let (material, changes, created) = ensure_secret(client, opts, now).await?;
     let webhook = sync_webhook(client, opts, material.ca_bundle.as_bytes()).await?;
+    let service = match &opts.service_cert {
+        None => ServiceSync::Off,
+        Some(service) => match ensure_service_secret(client, opts, service, &material, now).await {
+            Ok((material, changes, created)) => ServiceSync::Done {
+                material,
+                changes,
+                created,
+            },
+            Err(error) => {
+                warn!(secret = %service.secret_name, %error, "could not update the control plane's certificate; will retry");
+                ServiceSync::Failed(error.to_string())
+            }
+        },
+    };
     let key_written = write_if_changed(&opts.key_file, material.tls_key.as_bytes(), 0o600)?;
     let cert_written = write_if_changed(&opts.cert_file, material.tls_cert.as_bytes(), 0o644)?;
+    let ca_written = match &opts.ca_file {
+        Some(path) => write_if_changed(path, material.ca_bundle.as_bytes(), 0o644)?,
+        None => false,
+    };
     Ok(Reconciled {
         changes,
         created,
         webhook,
-        files_written: key_written || cert_written,
+        files_written: key_written || cert_written || ca_written,
         material,
+        service,
     })
 }
 
@@ -692,35 +852,75 @@ async fn ensure_secret(
     opts: &CertOptions,
     now: SystemTime,
 ) -> Result<(Material, Vec<Change>, bool), CertError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
-    let object = format!("Secret {}/{}", opts.namespace, opts.secret_name);
     let dns_names = opts.dns_names();
+    reconcile_secret(client, &opts.namespace, &opts.secret_name, |stored| {
+        let plan = plan(
+            stored,
+            &dns_names,
+            now,
+            opts.ca_lifetime,
+            opts.serving_lifetime,
+        )?;
+        let data = plan.material.secret_data();
+        Ok((plan.material, data, plan.changes))
+    })
+    .await
+}
+
+/// One pass over another Service's Secret (remora-control's), signed by `material`'s CA.
+async fn ensure_service_secret(
+    client: &Client,
+    opts: &CertOptions,
+    service: &ServiceCert,
+    material: &Material,
+    now: SystemTime,
+) -> Result<(ServiceMaterial, Vec<Change>, bool), CertError> {
+    let dns_names = service_dns_names(&service.service_name, &opts.namespace);
+    reconcile_secret(client, &opts.namespace, &service.secret_name, |stored| {
+        let (wanted, changes) =
+            plan_service(stored, material, &dns_names, now, opts.serving_lifetime)?;
+        let data = wanted.secret_data();
+        Ok((wanted, data, changes))
+    })
+    .await
+}
+
+/// Brings one Secret to what `plan` wants from what it holds: created if absent (a lost create
+/// race re-reads and adopts the winner's), replaced with the `resourceVersion` read (a lost
+/// update race re-reads and re-plans). Returns what it holds now, the changes this replica
+/// wrote, and whether it created the Secret.
+async fn reconcile_secret<T>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    mut plan: impl FnMut(&Stored) -> Result<(T, BTreeMap<String, ByteString>, Vec<Change>), CertError>,
+) -> Result<(T, Vec<Change>, bool), CertError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let object = format!("Secret {namespace}/{name}");
     for attempt in 1..=MAX_ATTEMPTS {
         let existing = secrets
-            .get_opt(&opts.secret_name)
+            .get_opt(name)
             .await
             .map_err(api_error("reading", &object))?;
         let stored = existing
             .as_ref()
             .map(Stored::from_secret)
             .unwrap_or_default();
-        let plan = plan(
-            &stored,
-            &dns_names,
-            now,
-            opts.ca_lifetime,
-            opts.serving_lifetime,
-        )?;
-        if plan.changes.is_empty() && Stored::from(&plan.material) == stored {
+        let (wanted, data, changes) = plan(&stored)?;
+        let held = existing.as_ref().and_then(|secret| secret.data.as_ref());
+        let current = data
+            .iter()
+            .all(|(key, value)| held.and_then(|held| held.get(key)) == Some(value));
+        if changes.is_empty() && current {
             debug!(%object, "certificates are current");
-            return Ok((plan.material, Vec::new(), false));
+            return Ok((wanted, Vec::new(), false));
         }
         let result = match existing {
             None => {
                 let secret = Secret {
                     metadata: ObjectMeta {
-                        name: Some(opts.secret_name.clone()),
-                        namespace: Some(opts.namespace.clone()),
+                        name: Some(name.to_string()),
+                        namespace: Some(namespace.to_string()),
                         labels: Some(BTreeMap::from([(
                             "app.kubernetes.io/managed-by".to_string(),
                             "remora-injector".to_string(),
@@ -728,7 +928,7 @@ async fn ensure_secret(
                         ..ObjectMeta::default()
                     },
                     type_: Some("kubernetes.io/tls".to_string()),
-                    data: Some(plan.material.secret_data()),
+                    data: Some(data),
                     ..Secret::default()
                 };
                 secrets
@@ -738,21 +938,21 @@ async fn ensure_secret(
             }
             Some(mut secret) => {
                 // Keep the read resourceVersion: a concurrent writer makes this a 409 Conflict.
-                let mut data = secret.data.take().unwrap_or_default();
-                data.extend(plan.material.secret_data());
-                secret.data = Some(data);
+                let mut held = secret.data.take().unwrap_or_default();
+                held.extend(data);
+                secret.data = Some(held);
                 secrets
-                    .replace(&opts.secret_name, &PostParams::default(), &secret)
+                    .replace(name, &PostParams::default(), &secret)
                     .await
                     .map(|_| false)
             }
         };
         match result {
             Ok(created) => {
-                for change in &plan.changes {
-                    info!(%object, ?change, created, "wrote webhook certificates");
+                for change in &changes {
+                    info!(%object, ?change, created, "wrote certificates");
                 }
-                return Ok((plan.material, plan.changes, created));
+                return Ok((wanted, changes, created));
             }
             Err(err) if is_status(&err, |s| s.is_already_exists() || s.is_conflict()) => {
                 info!(%object, attempt, "another replica wrote the Secret first; re-reading to adopt its certificates");
@@ -957,6 +1157,8 @@ mod tests {
         race_on_update: Option<(String, Value)>,
         /// Stored under the path just before the next PATCH is answered: an edit in between.
         race_on_patch: Option<(String, Value)>,
+        /// Paths answered 403 Forbidden, as RBAC would.
+        forbidden: Vec<String>,
     }
 
     #[derive(Clone, Default)]
@@ -1027,6 +1229,19 @@ mod tests {
             } else {
                 "mutatingwebhookconfigurations"
             };
+            if state.forbidden.iter().any(|p| path.starts_with(p.as_str())) {
+                let name = path.rsplit('/').next().unwrap_or_default();
+                return (
+                    StatusCode::FORBIDDEN,
+                    status(
+                        403,
+                        "Forbidden",
+                        format!("{kind} \"{name}\" is forbidden"),
+                        kind,
+                        name,
+                    ),
+                );
+            }
             let Ok(mut sent) =
                 serde_json::from_slice::<Value>(if body.is_empty() { b"null" } else { body })
             else {
@@ -1252,6 +1467,168 @@ mod tests {
 
     fn not_after(pem: &str) -> i64 {
         CertInfo::parse_pem(pem).unwrap().not_after
+    }
+
+    const CONTROL_SECRET: &str = "/api/v1/namespaces/remora-system/secrets/remora-control-tls";
+
+    /// As `serve --manage-certs` runs by default: also remora-control's Secret and `ca.crt`.
+    fn options_with_control(dir: &tempfile::TempDir) -> CertOptions {
+        CertOptions {
+            ca_file: Some(dir.path().join("tls/ca.crt")),
+            service_cert: Some(ServiceCert {
+                secret_name: "remora-control-tls".into(),
+                service_name: "remora-control".into(),
+            }),
+            ..options(dir)
+        }
+    }
+
+    fn control_material(api: &FakeApi) -> ServiceMaterial {
+        let stored =
+            Stored::from_secret(&serde_json::from_value(api.get(CONTROL_SECRET).unwrap()).unwrap());
+        ServiceMaterial {
+            tls_cert: stored.tls_cert.unwrap(),
+            tls_key: stored.tls_key.unwrap(),
+            ca_cert: stored.ca_cert.unwrap(),
+        }
+    }
+
+    fn control_names() -> Vec<String> {
+        service_dns_names("remora-control", NS)
+    }
+
+    #[tokio::test]
+    async fn the_same_ca_issues_the_control_planes_certificate_and_its_bundle_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options_with_control(&dir);
+        let api = FakeApi::default();
+        api.put(MWC, webhook_config([None, None]));
+        let now = SystemTime::now();
+
+        let done = ensure_at(&api.client(), &opts, now).await.unwrap();
+
+        let ServiceSync::Done {
+            material: control,
+            changes,
+            created: true,
+        } = &done.service
+        else {
+            panic!("{:?}", done.service);
+        };
+        assert!(
+            matches!(&changes[..], [Change::NewServing { .. }]),
+            "{changes:?}"
+        );
+        assert_eq!(&control_material(&api), control);
+        let secret = api.get(CONTROL_SECRET).unwrap();
+        assert_eq!(secret["type"], "kubernetes.io/tls");
+        // The proxies' trust anchors (the bundle, in ca.crt) verify remora-control by the name
+        // they dial; the webhook's own certificate is not one remora-control could present.
+        let anchors = std::fs::read_to_string(opts.ca_file.as_ref().unwrap()).unwrap();
+        assert_eq!(anchors, done.material.ca_bundle);
+        assert_eq!(control.ca_cert, anchors);
+        assert!(verifies(
+            &control.tls_cert,
+            &pem_certs(&anchors),
+            &control_names(),
+            now
+        ));
+        assert!(!verifies(
+            &done.material.tls_cert,
+            &pem_certs(&anchors),
+            &control_names()[2..3],
+            now
+        ));
+        assert!(!verifies(
+            &control.tls_cert,
+            &pem_certs(&anchors),
+            &opts.dns_names()[2..3],
+            now
+        ));
+
+        api.clear_log();
+        let again = ensure_at(&api.client(), &opts, now).await.unwrap();
+        assert_eq!(api.writes(), vec![]);
+        assert!(!again.files_written);
+        assert!(
+            matches!(&again.service, ServiceSync::Done { changes, created: false, .. } if changes.is_empty())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_aging_control_certificate_is_renewed_and_a_rotated_ca_reaches_its_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options_with_control(&dir);
+        let api = FakeApi::default();
+        api.put(MWC, webhook_config([None, None]));
+        let start = SystemTime::now() - 70 * DAY;
+        ensure_at(&api.client(), &opts, start).await.unwrap();
+        let (webhook_before, control_before) = (stored(&api), control_material(&api));
+
+        // 70 days on: both serving certificates are past two thirds; the CA stays.
+        let now = SystemTime::now();
+        let done = ensure_at(&api.client(), &opts, now).await.unwrap();
+        let control = control_material(&api);
+        assert_ne!(control.tls_cert, control_before.tls_cert);
+        assert_eq!(done.material.ca_cert, webhook_before.ca_cert.unwrap());
+        assert!(verifies(
+            &control.tls_cert,
+            &pem_certs(&control.ca_cert),
+            &control_names(),
+            now
+        ));
+
+        // Years on, the CA rotates: remora-control keeps its certificate (the old CA is still in
+        // the bundle) and its Secret's ca.crt gets the bundle with both.
+        let later = now + 7 * 365 * DAY;
+        let config = CertOptions {
+            serving_lifetime: 3000 * DAY,
+            ..opts.clone()
+        };
+        let long = ensure_at(&api.client(), &config, now + 6 * 365 * DAY)
+            .await
+            .unwrap();
+        assert!(
+            (long.changes.iter()).all(|c| !matches!(c, Change::RotatedCa | Change::NewCa { .. })),
+            "{:?}",
+            long.changes
+        );
+        assert!(matches!(long.service, ServiceSync::Done { .. }));
+        let before_rotation = control_material(&api);
+        let rotated = ensure_at(&api.client(), &config, later).await.unwrap();
+        assert_eq!(rotated.changes, vec![Change::RotatedCa]);
+        let after = control_material(&api);
+        assert_eq!(after.tls_cert, before_rotation.tls_cert);
+        assert_eq!(after.ca_cert, rotated.material.ca_bundle);
+        assert_eq!(pem_certs(&after.ca_cert).len(), 2);
+        assert!(
+            matches!(&rotated.service, ServiceSync::Done { changes, .. } if changes == &[Change::Bundle])
+        );
+        assert_eq!(
+            std::fs::read_to_string(opts.ca_file.as_ref().unwrap()).unwrap(),
+            rotated.material.ca_bundle
+        );
+    }
+
+    #[tokio::test]
+    async fn a_control_secret_the_injector_may_not_write_does_not_stop_the_webhook() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options_with_control(&dir);
+        let api = FakeApi::default();
+        api.put(MWC, webhook_config([None, None]));
+        api.0.lock().unwrap().forbidden.push(CONTROL_SECRET.into());
+
+        let done = ensure_at(&api.client(), &opts, SystemTime::now())
+            .await
+            .unwrap();
+
+        assert!(
+            matches!(&done.service, ServiceSync::Failed(error) if error.contains("remora-control-tls")),
+            "{:?}",
+            done.service
+        );
+        assert!(done.created && done.files_written);
+        assert!(opts.cert_file.exists() && opts.ca_file.as_ref().unwrap().exists());
     }
 
     #[tokio::test]
@@ -1726,6 +2103,17 @@ mod tests {
         let opts = on
             .options(Path::new("/t/tls.crt"), Path::new("/t/tls.key"))
             .unwrap();
+        assert_eq!(opts.ca_file.as_deref(), Some(Path::new("/t/ca.crt")));
+        assert_eq!(
+            opts.service_cert,
+            Some(ServiceCert {
+                secret_name: "remora-control-tls".into(),
+                service_name: "remora-control".into()
+            })
+        );
+        let without = Cli::parse_from(["x", "--manage-certs", "--control-tls-secret", ""]).certs;
+        let without = without.options(Path::new("c"), Path::new("k")).unwrap();
+        assert_eq!(without.service_cert, None);
         assert_eq!(
             (opts.secret_name.as_str(), opts.webhook_config_name.as_str()),
             ("remora-injector-tls", "remora-injector")

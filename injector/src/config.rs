@@ -1,15 +1,19 @@
-//! Injector defaults (images, resources, proxy uid, log level, opaque ports) from flags, environment and a config file.
+//! Injector defaults (images, resources, proxy uid, log level, opaque ports, control plane) from flags, environment and a config file.
 //!
 //! Precedence, per setting: command-line flag > `REMORA_*` environment variable > `--config` YAML
 //! file > built-in default. Every value is validated once here, with the same parsers the
 //! per-pod annotations use, so a bad default fails at startup rather than on the first pod.
 
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use remora_init::PortList;
 use serde::Deserialize;
 
 use crate::annotations::{self, LogLevel, Quantity, Resources};
+use crate::trust::{TrustAnchors, TrustAnchorsError};
 
 /// The injector's own version: the default image tags and the `remora.io/status` annotation use it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -19,6 +23,9 @@ pub use remora_init::config::DEFAULT_OPAQUE_PORTS;
 
 /// The proxy's default log level.
 pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
+
+/// Where remora-control is in the standard install (SPEC "Fixed numbers").
+pub const DEFAULT_CONTROL_ADDR: &str = "remora-control.remora-system.svc:8090";
 
 /// The flags shared by `serve` and `inject` that set the injector's defaults.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -80,6 +87,20 @@ pub struct ConfigArgs {
     /// [default: 21,25,110,143,587,3306,4222 — server-first protocols].
     #[arg(long, env = "REMORA_OPAQUE_PORTS", value_name = "LIST")]
     pub opaque_ports: Option<String>,
+
+    /// Where injected proxies reach remora-control (their --control): host:port, the host a DNS
+    /// name or an IP address, IPv6 in brackets. Empty: proxies get no --control and forward to
+    /// original destinations only [default: remora-control.remora-system.svc:8090].
+    #[arg(long, env = "REMORA_CONTROL_ADDR", value_name = "HOST:PORT")]
+    pub control_addr: Option<String>,
+
+    /// PEM file of the CA certificates that verify remora-control; injected proxies get them
+    /// in their REMORA_TRUST_ANCHORS variable. Checked at startup (at least one certificate, no
+    /// private key); `serve` re-reads it when it changes. Empty: none [default: none].
+    // Not REMORA_TRUST_ANCHORS: that is the proxy's variable, and holds the PEM itself.
+    // An OsString, not a PathBuf, so that an empty value (none) parses.
+    #[arg(long, env = "REMORA_TRUST_ANCHORS_FILE", value_name = "FILE")]
+    pub trust_anchors: Option<std::ffi::OsString>,
 }
 
 /// The same settings as the flags, read from the `--config` YAML file.
@@ -99,6 +120,8 @@ struct ConfigFile {
     proxy_uid: Option<ScalarString>,
     proxy_log_level: Option<String>,
     opaque_ports: Option<ScalarString>,
+    control_addr: Option<String>,
+    trust_anchors: Option<PathBuf>,
 }
 
 /// A YAML scalar taken as its text, so `proxy-uid: 1337` and `proxy-cpu-limit: 1` work unquoted.
@@ -130,6 +153,10 @@ pub struct Config {
     pub proxy_uid: u32,
     pub proxy_log_level: LogLevel,
     pub opaque_ports: PortList,
+    /// The proxy's `--control`; `None` leaves the flag out.
+    pub control_addr: Option<ControlAddr>,
+    /// The proxy's `REMORA_TRUST_ANCHORS`; `None` leaves the variable out.
+    pub trust_anchors: Option<TrustAnchors>,
 }
 
 impl Default for Config {
@@ -154,6 +181,144 @@ impl Default for Config {
             proxy_uid: remora_init::config::DEFAULT_PROXY_UID,
             proxy_log_level: DEFAULT_LOG_LEVEL,
             opaque_ports: DEFAULT_OPAQUE_PORTS.parse().unwrap_or_default(),
+            control_addr: DEFAULT_CONTROL_ADDR.parse().ok(),
+            trust_anchors: None,
+        }
+    }
+}
+
+/// Where a proxy reaches remora-control: `host:port`, the host a DNS name or an IP literal
+/// (SPEC "What the proxy does with it"). Shown as the proxy reads it, IPv6 in brackets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlAddr {
+    host: ControlHost,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ControlHost {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+const CONTROL_ADDR_FORM: &str =
+    "expected host:port, e.g. remora-control.remora-system.svc:8090, 10.96.0.20:8090 or [fd00::20]:8090";
+
+impl ControlAddr {
+    /// `None` for an empty value: no control plane.
+    pub fn parse_optional(text: &str) -> Result<Option<Self>, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl FromStr for ControlAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let quoted = format!("{text:?}");
+        if text.contains("://") {
+            return Err(format!(
+                "{quoted} has a scheme; give the address alone ({CONTROL_ADDR_FORM})"
+            ));
+        }
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let Some((ip, after)) = rest.split_once(']') else {
+                return Err(format!("{quoted} has no closing ] ({CONTROL_ADDR_FORM})"));
+            };
+            let Ok(ip) = ip.parse::<Ipv6Addr>() else {
+                return Err(format!(
+                    "{quoted}: {ip:?} in brackets is not an IPv6 address ({CONTROL_ADDR_FORM})"
+                ));
+            };
+            let Some(port) = after.strip_prefix(':') else {
+                return Err(format!("{quoted} has no :port ({CONTROL_ADDR_FORM})"));
+            };
+            (ControlHost::Ip(IpAddr::V6(ip)), port)
+        } else {
+            let Some((host, port)) = text.rsplit_once(':') else {
+                return Err(format!("{quoted} has no :port ({CONTROL_ADDR_FORM})"));
+            };
+            if host.contains(':') {
+                return Err(format!(
+                    "{quoted}: an IPv6 address goes in brackets, as in [fd00::20]:8090 ({CONTROL_ADDR_FORM})"
+                ));
+            }
+            let host = match host.parse::<Ipv4Addr>() {
+                Ok(ip) => ControlHost::Ip(IpAddr::V4(ip)),
+                Err(_) => ControlHost::Dns(
+                    check_dns_name(host)
+                        .map_err(|problem| format!("{quoted}: {problem} ({CONTROL_ADDR_FORM})"))?,
+                ),
+            };
+            (host, port)
+        };
+        let port = match port.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => {
+                return Err(format!(
+                    "{quoted}: port {port:?} is not a number from 1 to 65535 ({CONTROL_ADDR_FORM})"
+                ))
+            }
+        };
+        Ok(ControlAddr { host, port })
+    }
+}
+
+/// A DNS name as a proxy can dial it and verify a certificate for: dot-separated labels of
+/// letters, digits and `-` (not first or last), 1 to 63 characters each, 253 in all, and a
+/// last label that is not all digits (that would be a mistyped IPv4 address).
+fn check_dns_name(host: &str) -> Result<String, String> {
+    let problem = if host.is_empty() {
+        Some("the host is empty".to_string())
+    } else if host.len() > 253 {
+        Some(format!(
+            "the host is {} characters long, more than a DNS name's 253",
+            host.len()
+        ))
+    } else if let Some(label) = host.split('.').find(|label| {
+        label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    }) {
+        Some(format!(
+            "{host:?} is not a DNS name or an IP address (label {label:?}: DNS labels are 1 to 63 \
+             letters, digits and '-', not starting or ending with '-')"
+        ))
+    } else if host
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Some(format!(
+            "{host:?} is neither an IPv4 address nor a DNS name"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(problem),
+        None => Ok(host.to_string()),
+    }
+}
+
+impl fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            ControlHost::Dns(name) => write!(f, "{name}:{}", self.port),
+            ControlHost::Ip(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
+            ControlHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
         }
     }
 }
@@ -179,6 +344,8 @@ pub enum ConfigError {
         setting: &'static str,
         message: String,
     },
+    #[error(transparent)]
+    TrustAnchors(#[from] TrustAnchorsError),
 }
 
 /// The environment variable of a setting: `proxy-cpu-limit` is `REMORA_PROXY_CPU_LIMIT`.
@@ -187,8 +354,19 @@ fn env_variable(setting: &str) -> String {
 }
 
 impl ConfigArgs {
-    /// Resolves every setting (flag > environment > file > built-in) and validates it.
+    /// Resolves every setting (flag > environment > file > built-in) and validates it, the
+    /// trust anchors file included.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        let (mut config, trust_anchors) = self.resolve()?;
+        if let Some(path) = trust_anchors {
+            config.trust_anchors = Some(TrustAnchors::read(&path)?);
+        }
+        Ok(config)
+    }
+
+    /// Resolves and validates every setting but the trust anchors, whose file is only named:
+    /// `serve --manage-certs` writes that file itself before reading it.
+    pub fn resolve(&self) -> Result<(Config, Option<PathBuf>), ConfigError> {
         let file = match &self.config_file {
             Some(path) => read_config_file(path)?,
             None => ConfigFile::default(),
@@ -295,7 +473,23 @@ impl ConfigArgs {
             }
         };
 
-        Ok(Config {
+        let control_addr = match self.control_addr.clone().or(file.control_addr) {
+            None => defaults.control_addr,
+            Some(value) => {
+                ControlAddr::parse_optional(&value).map_err(|message| ConfigError::Invalid {
+                    setting: "control-addr",
+                    message,
+                })?
+            }
+        };
+        let trust_anchors = self
+            .trust_anchors
+            .clone()
+            .map(PathBuf::from)
+            .or(file.trust_anchors)
+            .filter(|path| !path.as_os_str().is_empty());
+
+        let config = Config {
             proxy_image: image(
                 "proxy-image",
                 self.proxy_image.clone().or(file.proxy_image),
@@ -311,7 +505,10 @@ impl ConfigArgs {
             proxy_uid,
             proxy_log_level,
             opaque_ports,
-        })
+            control_addr,
+            trust_anchors: None,
+        };
+        Ok((config, trust_anchors))
     }
 }
 
@@ -391,7 +588,11 @@ mod tests {
             let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
                 continue;
             };
-            if long != "config" {
+            // The trust anchors' errors name their file, not the variable; and the proxy's
+            // REMORA_TRUST_ANCHORS holds the PEM itself, so the injector's path is another name.
+            if long == "trust-anchors" {
+                assert_eq!(env.to_string_lossy(), "REMORA_TRUST_ANCHORS_FILE");
+            } else if long != "config" {
                 assert_eq!(env_variable(long), env.to_string_lossy(), "--{long}");
             }
         }
@@ -510,6 +711,120 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn control_addresses_the_proxy_can_dial() {
+        let good = [
+            ("the default", DEFAULT_CONTROL_ADDR, DEFAULT_CONTROL_ADDR),
+            ("short name", "remora-control:8090", "remora-control:8090"),
+            ("IPv4", "10.96.0.20:8090", "10.96.0.20:8090"),
+            ("IPv6 in brackets", "[fd00:0::20]:8090", "[fd00::20]:8090"),
+            ("spaces around", " remora-control:1 ", "remora-control:1"),
+            (
+                "digits in labels",
+                "cp-2.mesh-1.svc:65535",
+                "cp-2.mesh-1.svc:65535",
+            ),
+        ];
+        for (name, text, shown) in good {
+            let parsed = ControlAddr::parse_optional(text)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .unwrap_or_else(|| panic!("{name}: empty"));
+            assert_eq!(parsed.to_string(), shown, "{name}");
+        }
+        assert_eq!(ControlAddr::parse_optional("").unwrap(), None);
+        assert_eq!(ControlAddr::parse_optional("  ").unwrap(), None);
+
+        let bad = [
+            ("no port", "remora-control", "has no :port"),
+            ("port zero", "remora-control:0", "1 to 65535"),
+            ("port too big", "remora-control:65536", "1 to 65535"),
+            ("port not a number", "remora-control:grpc", "\"grpc\""),
+            ("bare IPv6", "fd00::20:8090", "goes in brackets"),
+            ("bracketed non-IPv6", "[remora]:8090", "not an IPv6 address"),
+            ("unclosed bracket", "[fd00::20:8090", "no closing ]"),
+            ("bracketed without port", "[fd00::20]", "has no :port"),
+            ("a scheme", "https://remora-control:8090", "has a scheme"),
+            (
+                "underscore",
+                "remora_control:8090",
+                "label \"remora_control\"",
+            ),
+            (
+                "leading hyphen",
+                "-remora:8090",
+                "not starting or ending with '-'",
+            ),
+            ("empty label", "remora..svc:8090", "label \"\""),
+            ("trailing dot", "remora.svc.:8090", "label \"\""),
+            (
+                "bad IPv4",
+                "10.96.0.256:8090",
+                "neither an IPv4 address nor a DNS name",
+            ),
+            ("empty host", ":8090", "the host is empty"),
+            (
+                "long label",
+                &format!("{}.svc:8090", "a".repeat(64)),
+                "1 to 63",
+            ),
+        ];
+        for (name, text, needle) in bad {
+            let error = ControlAddr::parse_optional(text).expect_err(name);
+            assert!(error.contains(needle), "{name}: {error:?} lacks {needle:?}");
+            assert!(error.contains("expected host:port"), "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn control_addr_and_trust_anchors_from_flags_and_file() {
+        assert_eq!(
+            load(&[]).unwrap().control_addr.map(|a| a.to_string()),
+            Some(DEFAULT_CONTROL_ADDR.to_string())
+        );
+        assert_eq!(load(&["--control-addr", ""]).unwrap().control_addr, None);
+        let err = load(&["--control-addr", "remora-control"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--control-addr") && err.contains("REMORA_CONTROL_ADDR"),
+            "{err}"
+        );
+
+        let anchors = crate::trust::tests::anchors(1);
+        let pem = config_file(anchors.pem());
+        let file = config_file(&format!(
+            "control-addr: \"[fd00::20]:8090\"\ntrust-anchors: {}\n",
+            pem.path().display()
+        ));
+        let config = load(&["--config", file.path().to_str().unwrap()]).unwrap();
+        assert_eq!(config.control_addr.unwrap().to_string(), "[fd00::20]:8090");
+        assert_eq!(config.trust_anchors, Some(anchors));
+        // A flag empties what the file set.
+        let config = load(&[
+            "--config",
+            file.path().to_str().unwrap(),
+            "--control-addr=",
+            "--trust-anchors=",
+        ])
+        .unwrap();
+        assert_eq!((config.control_addr, config.trust_anchors), (None, None));
+
+        let err = load(&["--trust-anchors", "/nonexistent/ca.crt"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+        // `serve --manage-certs` writes the file after resolving: only its name is taken then.
+        let (config, path) = Cli::try_parse_from(["t", "--trust-anchors", "/later/ca.crt"])
+            .unwrap()
+            .config
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (config.trust_anchors, path),
+            (None, Some(PathBuf::from("/later/ca.crt")))
+        );
     }
 
     #[test]

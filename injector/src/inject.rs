@@ -34,6 +34,8 @@ const PROXY_PORTS: [u16; 3] = [
     ADMIN_PORT,
 ];
 const OS_LABEL: &str = "kubernetes.io/os";
+/// The proxy's variable for the PEM CA certificates that verify remora-control.
+pub const TRUST_ANCHORS_ENV: &str = "REMORA_TRUST_ANCHORS";
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -477,6 +479,37 @@ fn admin_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Optio
     })
 }
 
+fn proxy_args(settings: &PodSettings) -> Vec<String> {
+    let mut args = vec![
+        "--log-level".to_string(),
+        settings.proxy_log_level.to_string(),
+        "--opaque-ports".to_string(),
+        settings.opaque_ports.to_string(),
+    ];
+    if let Some(control) = &settings.control_addr {
+        args.extend(["--control".to_string(), control.to_string()]);
+    }
+    args
+}
+
+/// The pod's identity from the downward API (the proxy names itself to the control plane with
+/// it), and the CAs that verify the control plane.
+fn proxy_env(settings: &PodSettings) -> Vec<EnvVar> {
+    let mut env = vec![
+        downward_env("POD_NAME", "metadata.name"),
+        downward_env("POD_NAMESPACE", "metadata.namespace"),
+        downward_env("POD_IP", "status.podIP"),
+    ];
+    if let Some(anchors) = &settings.trust_anchors {
+        env.push(EnvVar {
+            name: TRUST_ANCHORS_ENV.to_string(),
+            value: Some(anchors.pem().to_string()),
+            ..EnvVar::default()
+        });
+    }
+    env
+}
+
 /// `remora-proxy`: a native sidecar (an init container with `restartPolicy: Always`), so it
 /// starts before — and, through its startup probe, is ready before — the pod's own containers.
 fn proxy_container(settings: &PodSettings) -> Container {
@@ -484,12 +517,7 @@ fn proxy_container(settings: &PodSettings) -> Container {
     Container {
         name: PROXY_CONTAINER_NAME.to_string(),
         image: Some(settings.proxy_image.clone()),
-        args: Some(vec![
-            "--log-level".to_string(),
-            settings.proxy_log_level.to_string(),
-            "--opaque-ports".to_string(),
-            settings.opaque_ports.to_string(),
-        ]),
+        args: Some(proxy_args(settings)),
         restart_policy: Some("Always".to_string()),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.to_string()),
@@ -497,11 +525,7 @@ fn proxy_container(settings: &PodSettings) -> Container {
             protocol: Some("TCP".to_string()),
             ..ContainerPort::default()
         }]),
-        env: Some(vec![
-            downward_env("POD_NAME", "metadata.name"),
-            downward_env("POD_NAMESPACE", "metadata.namespace"),
-            downward_env("POD_IP", "status.podIP"),
-        ]),
+        env: Some(proxy_env(settings)),
         // Checked every second for up to two minutes: the pod's own containers wait for it.
         startup_probe: admin_probe("/ready", 1, 120),
         readiness_probe: admin_probe("/ready", 5, 3),
@@ -1134,7 +1158,10 @@ pub(crate) mod tests {
         assert_eq!(
             out["spec"]["initContainers"][1],
             json!({
-                "args": ["--log-level", "info", "--opaque-ports", "21,25,110,143,587,3306,4222"],
+                "args": [
+                    "--log-level", "info", "--opaque-ports", "21,25,110,143,587,3306,4222",
+                    "--control", "remora-control.remora-system.svc:8090",
+                ],
                 "env": [
                     env("POD_NAME", "metadata.name"),
                     env("POD_NAMESPACE", "metadata.namespace"),
@@ -1166,6 +1193,80 @@ pub(crate) mod tests {
             out["spec"]["volumes"],
             json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
         );
+    }
+
+    /// The proxy container of `base_pod` injected with `config`.
+    fn proxy_with(config: &Config) -> Value {
+        let Decision::Inject { patch, .. } = decide(&pod(base_pod()), WebhookPath::Inject, config)
+        else {
+            panic!("expected an injection");
+        };
+        let mut out = base_pod();
+        json_patch::patch(&mut out, &patch).expect("patch applies");
+        out["spec"]["initContainers"][1].clone()
+    }
+
+    #[test]
+    fn control_plane_flag_and_trust_anchors_are_there_only_when_configured() {
+        let anchors = crate::trust::tests::anchors(2);
+        // Name, the injector's control address, whether it has trust anchors.
+        let cases = [
+            ("neither", None, false),
+            (
+                "address only",
+                Some("remora-control.remora-system.svc:8090"),
+                false,
+            ),
+            ("IPv6 address", Some("[fd00::20]:8090"), false),
+            ("both", Some("10.96.0.20:8090"), true),
+            ("anchors only", None, true),
+        ];
+        for (name, control, with_anchors) in cases {
+            let want_pem = with_anchors.then(|| anchors.pem());
+            let config = Config {
+                control_addr: control.map(|addr| addr.parse().unwrap()),
+                trust_anchors: with_anchors.then(|| anchors.clone()),
+                ..Config::default()
+            };
+            let proxy = proxy_with(&config);
+            let args: Vec<&str> = proxy["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let control_args: Vec<&str> = args
+                .iter()
+                .position(|a| *a == "--control")
+                .map(|at| args[at..].to_vec())
+                .unwrap_or_default();
+            match control {
+                Some(addr) => assert_eq!(control_args, ["--control", addr], "{name}"),
+                None => assert!(control_args.is_empty(), "{name}: {args:?}"),
+            }
+            let env = proxy["env"].as_array().unwrap();
+            let anchors_env: Vec<&Value> = env
+                .iter()
+                .filter(|e| e["name"] == TRUST_ANCHORS_ENV)
+                .collect();
+            match want_pem {
+                Some(pem) => assert_eq!(
+                    anchors_env,
+                    [&json!({"name": "REMORA_TRUST_ANCHORS", "value": pem})],
+                    "{name}"
+                ),
+                None => assert!(anchors_env.is_empty(), "{name}: {env:?}"),
+            }
+            // The downward API variables are there either way.
+            assert_eq!(
+                env[..3]
+                    .iter()
+                    .map(|e| e["name"].as_str().unwrap())
+                    .collect::<Vec<_>>(),
+                ["POD_NAME", "POD_NAMESPACE", "POD_IP"],
+                "{name}"
+            );
+        }
     }
 
     #[test]

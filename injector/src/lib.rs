@@ -11,4 +11,5 @@ pub mod offline;
 pub mod review;
 pub mod server;
 pub mod tls;
+pub mod trust;
 pub mod yaml;

@@ -92,11 +92,31 @@ pub fn run(args: &InjectArgs) -> Result<(), OfflineError> {
     for warning in &injected.warnings {
         eprintln!("warning: {source}: {warning}");
     }
+    // Documents nothing changed come out as they went in: a difference means a pod was injected.
+    if injected.output != input {
+        if let Some(warning) = missing_trust_anchors(&config) {
+            eprintln!("warning: {warning}");
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(injected.output.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(OfflineError::Write)
+}
+
+/// Proxies told to use a control plane they have no certificates to verify cannot use it.
+fn missing_trust_anchors(config: &Config) -> Option<String> {
+    let control = config.control_addr.as_ref()?;
+    config.trust_anchors.is_none().then(|| {
+        format!(
+            "the proxies get --control {control} but no trust anchors to verify it with, so \
+             they forward to original destinations only; pass --trust-anchors with the \
+             control plane's CA, e.g. from `kubectl -n remora-system get secret \
+             remora-control-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > ca.crt`, or \
+             --control-addr '' for no control plane"
+        )
+    })
 }
 
 /// One document of the input stream, with the line it starts on (1-based).

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -29,6 +30,7 @@ use crate::config::{Config, ConfigArgs, ConfigError};
 use crate::metrics::{self, Metrics, ReviewResult};
 use crate::review::{self, Outcome, WebhookPath};
 use crate::tls::{self, CertReloader, CertResolver, TlsArgs, TlsError};
+use crate::trust::{AnchorsReloader, TrustAnchors};
 
 /// The largest request body accepted; the API server never sends anything near it.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -109,7 +111,8 @@ impl Default for Timeouts {
 /// What the handlers share.
 #[derive(Debug)]
 struct AppState {
-    config: Config,
+    /// Swapped whole when the trust anchors file changes.
+    config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
     certs: Arc<CertResolver>,
     draining: AtomicBool,
@@ -134,7 +137,7 @@ impl Server {
     ) -> Result<Self, TlsError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
         let state = Arc::new(AppState {
-            config,
+            config: Arc::new(ArcSwap::from_pointee(config)),
             metrics,
             certs,
             draining: AtomicBool::new(false),
@@ -153,6 +156,12 @@ impl Server {
             acceptor,
             timeouts: Timeouts::default(),
         })
+    }
+
+    /// The configuration the server answers with: whatever is stored here is used from the
+    /// next review on.
+    pub fn config(&self) -> Arc<ArcSwap<Config>> {
+        self.state.config.clone()
     }
 
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
@@ -378,12 +387,12 @@ async fn answer_review(
             return rejection.into_response();
         }
     };
+    let config = state.config.load_full();
     let reviewed = if body.len() <= INLINE_REVIEW_BYTES {
-        review::review(&body, path, &state.config)
+        review::review(&body, path, &config)
     } else {
-        let (shared, body) = (state.clone(), body.clone());
-        match tokio::task::spawn_blocking(move || review::review(&body, path, &shared.config)).await
-        {
+        let body = body.clone();
+        match tokio::task::spawn_blocking(move || review::review(&body, path, &config)).await {
             Ok(reviewed) => reviewed,
             Err(error) => {
                 // Only a panic in the review gets here; answer rather than drop the connection.
@@ -476,12 +485,41 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>, ServeError> {
     })
 }
 
+/// Says at startup what injected proxies will be told about the control plane.
+fn log_control_plane(config: &Config, trust_anchors_file: Option<&std::path::Path>) {
+    match (
+        &config.control_addr,
+        &config.trust_anchors,
+        trust_anchors_file,
+    ) {
+        (Some(control), Some(anchors), Some(file)) => tracing::info!(
+            %control,
+            trust_anchors = %file.display(),
+            certificates = anchors.count(),
+            "injected proxies get --control and REMORA_TRUST_ANCHORS"
+        ),
+        (Some(control), _, _) => tracing::warn!(
+            %control,
+            "injected proxies get --control but no trust anchors (--trust-anchors): they cannot \
+             verify remora-control and forward to original destinations"
+        ),
+        (None, _, _) => tracing::info!(
+            "no --control-addr: injected proxies forward to original destinations only"
+        ),
+    }
+}
+
 /// `remora-injector serve`: loads the configuration, starts watching the certificate files,
 /// binds the listener and serves until SIGTERM or SIGINT.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    let config = args.config.load()?;
-    // --manage-certs: the files are written from the Secret before the first load below.
+    let (mut config, trust_anchors_file) = args.config.resolve()?;
+    // --manage-certs: the files are written from the Secret before anything below reads them,
+    // the CA bundle (ca.crt, which --trust-anchors may name) included.
     let _cert_manager = certs::start_if_enabled(&args.certs, &args.tls.cert, &args.tls.key).await?;
+    if let Some(path) = &trust_anchors_file {
+        config.trust_anchors = Some(TrustAnchors::read(path).map_err(ConfigError::from)?);
+    }
+    log_control_plane(&config, trust_anchors_file.as_deref());
     let metrics = Arc::new(Metrics::new());
     let certs = Arc::new(CertResolver::default());
     let mut reloader =
@@ -492,6 +530,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     tokio::spawn(reloader.run(tls::RELOAD_INTERVAL));
 
     let server = Server::new(config, certs, metrics)?;
+    if let Some(path) = trust_anchors_file {
+        let mut anchors = AnchorsReloader::new(path, server.config());
+        // The first look only records the content just read.
+        anchors.poll_and_log();
+        tokio::spawn(anchors.run(tls::RELOAD_INTERVAL));
+    }
     let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(args.listen)
         .await

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use remora_injector::config::Config;
 use remora_injector::offline::inject_documents;
+use remora_injector::trust::TrustAnchors;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -13,9 +14,14 @@ fn golden_dir() -> PathBuf {
 /// Injects `NAME.in.yaml` and compares with `NAME.out.yaml` (and the warnings with
 /// `NAME.warnings.txt` when there are any).
 fn check(name: &str) {
+    check_with(name, &Config::default());
+}
+
+/// As [`check`], with an injector configured otherwise than by default.
+fn check_with(name: &str, config: &Config) {
     let dir = golden_dir();
     let input = std::fs::read_to_string(dir.join(format!("{name}.in.yaml"))).unwrap();
-    let injected = inject_documents(&input, &Config::default()).unwrap();
+    let injected = inject_documents(&input, config).unwrap();
     // The version is part of the images and the status annotation; keep the files stable
     // across releases.
     let version = env!("CARGO_PKG_VERSION");
@@ -48,7 +54,7 @@ fn check(name: &str) {
     pretty_assertions::assert_eq!(warnings, expected_warnings, "{name} warnings");
 
     // Feeding the output back in changes nothing: already injected input comes out unchanged.
-    let again = inject_documents(&injected.output, &Config::default()).unwrap();
+    let again = inject_documents(&injected.output, config).unwrap();
     pretty_assertions::assert_eq!(again.output, injected.output, "{name}: not idempotent");
 }
 
@@ -75,4 +81,16 @@ fn golden_list() {
 #[test]
 fn golden_other_workloads() {
     check("other-workloads");
+}
+
+/// The control plane's address and the CAs that verify it, as the proxy gets them.
+#[test]
+fn golden_control_plane() {
+    let anchors = golden_dir().join("control-plane.trust-anchors.pem");
+    let config = Config {
+        control_addr: Some("[fd00:10:96::20]:8090".parse().unwrap()),
+        trust_anchors: Some(TrustAnchors::read(&anchors).unwrap()),
+        ..Config::default()
+    };
+    check_with("control-plane", &config);
 }

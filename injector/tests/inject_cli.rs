@@ -166,7 +166,9 @@ fn a_replication_controller_is_injected_and_an_unknown_workload_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("workloads.yaml");
     std::fs::write(&file, format!("{rc}---\n{rollout}")).unwrap();
-    let output = injector(&["inject", "-f", file.to_str().unwrap()], &[], "");
+    // No control plane, so that the one warning is the Rollout's.
+    let no_control = [("REMORA_CONTROL_ADDR", "")];
+    let output = injector(&["inject", "-f", file.to_str().unwrap()], &no_control, "");
     assert!(output.status.success());
     let stdout = String::from_utf8(output.stdout).unwrap();
     let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
@@ -229,4 +231,133 @@ fn help_explains_each_command() {
     assert!(position("--opaque-ports") < position("--log-level"));
     let top = help(&["--help"]);
     assert!(top.contains("remora-injector inject -f"), "{top}");
+}
+
+/// The proxy's `--control` and `REMORA_TRUST_ANCHORS` from the injector's settings; a trust
+/// anchors file that would put a key into pods, or an address the proxy could not dial, stops
+/// the run.
+#[test]
+fn control_plane_settings_reach_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    let anchors = dir.path().join("ca.crt");
+    std::fs::write(&anchors, &ca_pem).unwrap();
+    let anchors = anchors.to_str().unwrap();
+
+    let proxy = |output: &Output| -> serde_json::Value {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let pod: serde_json::Value = serde_yaml_ng::from_slice(&output.stdout).unwrap();
+        pod["spec"]["initContainers"][1].clone()
+    };
+    let anchors_env = |proxy: &serde_json::Value| {
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "REMORA_TRUST_ANCHORS")
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    let args = |proxy: &serde_json::Value| -> Vec<String> {
+        serde_json::from_value(proxy["args"].clone()).unwrap()
+    };
+
+    // Flags.
+    let output = injector(
+        &[
+            "inject",
+            "-f",
+            "-",
+            "--control-addr",
+            "[fd00::20]:8090",
+            "--trust-anchors",
+            anchors,
+        ],
+        &[],
+        POD,
+    );
+    let injected = proxy(&output);
+    assert!(args(&injected).ends_with(&["--control".into(), "[fd00::20]:8090".into()]));
+    assert_eq!(anchors_env(&injected).as_deref(), Some(ca_pem.as_str()));
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Environment.
+    let output = injector(
+        &["inject", "-f", "-"],
+        &[
+            ("REMORA_CONTROL_ADDR", "10.96.0.20:8090"),
+            ("REMORA_TRUST_ANCHORS_FILE", anchors),
+        ],
+        POD,
+    );
+    let injected = proxy(&output);
+    assert!(args(&injected).ends_with(&["--control".into(), "10.96.0.20:8090".into()]));
+    assert_eq!(anchors_env(&injected).as_deref(), Some(ca_pem.as_str()));
+
+    // Defaults: the standard install's address, no anchors, and a warning saying what to do.
+    let output = injector(&["inject", "-f", "-"], &[], POD);
+    let injected = proxy(&output);
+    assert!(args(&injected).ends_with(&[
+        "--control".into(),
+        "remora-control.remora-system.svc:8090".into()
+    ]));
+    assert_eq!(anchors_env(&injected), None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--trust-anchors") && stderr.contains("remora-control-tls"),
+        "{stderr}"
+    );
+
+    // Empty: neither.
+    let output = injector(&["inject", "-f", "-", "--control-addr="], &[], POD);
+    let injected = proxy(&output);
+    assert!(!args(&injected).contains(&"--control".to_string()));
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A key beside the certificate, and an address without a port: exit 1, naming them.
+    let with_key = dir.path().join("bundle.pem");
+    std::fs::write(&with_key, format!("{ca_pem}{}", ca_key.serialize_pem())).unwrap();
+    let output = injector(
+        &[
+            "inject",
+            "-f",
+            "-",
+            "--trust-anchors",
+            with_key.to_str().unwrap(),
+        ],
+        &[],
+        POD,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bundle.pem") && stderr.contains("private key"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+    let output = injector(
+        &["inject", "-f", "-", "--control-addr", "remora-control"],
+        &[],
+        POD,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--control-addr") && stderr.contains("has no :port"),
+        "{stderr}"
+    );
 }

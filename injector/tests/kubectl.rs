@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use remora_injector::annotations::Quantity;
 use remora_injector::config::Config;
 use remora_injector::review::{review, Outcome, WebhookPath};
+use remora_injector::trust::TrustAnchors;
 use serde_json::{json, Value};
 
 const KUBECTL: &str = "kubectl";
@@ -38,12 +39,12 @@ fn admission_review(pod: &Value) -> Vec<u8> {
 
 /// The patch the webhook answers with, as the text the API server would decode.
 fn webhook_patch(pod: &Value) -> String {
-    let reviewed = review(
-        &admission_review(pod),
-        WebhookPath::Inject,
-        &Config::default(),
-    )
-    .unwrap();
+    webhook_patch_with(pod, &Config::default())
+}
+
+/// The patch of a webhook configured with `config`.
+fn webhook_patch_with(pod: &Value, config: &Config) -> String {
+    let reviewed = review(&admission_review(pod), WebhookPath::Inject, config).unwrap();
     assert_eq!(
         reviewed.outcome,
         Outcome::Injected,
@@ -196,6 +197,54 @@ fn assert_reinvocation_is_a_no_op(pod: &Value) {
     assert_eq!(response["allowed"], true);
     assert!(!response.contains_key("patch") && !response.contains_key("patchType"));
     assert!(!response.contains_key("warnings"), "{response:?}");
+}
+
+/// The control plane's address and a two-CA bundle (a rotation) as kubectl applies them: the
+/// PEM arrives in the variable byte for byte, and the reinvoked webhook leaves the pod alone.
+#[test]
+fn control_plane_address_and_trust_anchors_patch_cleanly() {
+    let ca = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    };
+    let bundle = format!("{}{}", ca(), ca());
+    let config = Config {
+        control_addr: Some("[fd00:10:96::20]:8090".parse().unwrap()),
+        trust_anchors: Some(
+            TrustAnchors::parse(std::path::Path::new("ca.crt"), bundle.as_bytes()).unwrap(),
+        ),
+        ..Config::default()
+    };
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cart", "namespace": "shop"},
+        "spec": {"containers": [{"image": "cart:1", "name": "cart",
+                  "env": [{"name": "REMORA_TRUST_ANCHORS", "value": "the app's own"}]}]},
+    });
+    let out = kubectl_patch(&pod, &webhook_patch_with(&pod, &config));
+    assert_kubernetes_accepts(&out);
+    let proxy = &out["spec"]["initContainers"][1];
+    let args = proxy["args"].as_array().unwrap();
+    assert_eq!(
+        args[args.len() - 2..],
+        [json!("--control"), json!("[fd00:10:96::20]:8090")]
+    );
+    let env = proxy["env"].as_array().unwrap();
+    assert_eq!(
+        env.last().unwrap(),
+        &json!({"name": "REMORA_TRUST_ANCHORS", "value": bundle})
+    );
+    // The app's variable of the same name is its own.
+    assert_eq!(
+        out["spec"]["containers"][0]["env"],
+        pod["spec"]["containers"][0]["env"]
+    );
+
+    let reviewed = review(&admission_review(&out), WebhookPath::Inject, &config).unwrap();
+    assert_eq!(reviewed.outcome, Outcome::Skipped);
 }
 
 #[test]
@@ -365,7 +414,14 @@ fn annotations_shape_the_injected_containers() {
     assert_eq!(proxy["image"], "registry.example/remora-proxy:dev");
     assert_eq!(
         proxy["args"],
-        json!(["--log-level", "debug", "--opaque-ports", "5432"])
+        json!([
+            "--log-level",
+            "debug",
+            "--opaque-ports",
+            "5432",
+            "--control",
+            "remora-control.remora-system.svc:8090"
+        ])
     );
     assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
     assert_eq!(proxy["securityContext"]["runAsGroup"], 2102);

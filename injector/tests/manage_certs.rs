@@ -21,6 +21,9 @@ const NS: &str = "remora-system";
 const SECRET: &str = "/api/v1/namespaces/remora-system/secrets/remora-injector-tls";
 const MWC: &str =
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/remora-injector";
+const CONTROL_SECRET: &str = "/api/v1/namespaces/remora-system/secrets/remora-control-tls";
+/// The name proxies dial remora-control by (SPEC "Fixed numbers").
+const CONTROL_DNS: &str = "remora-control.remora-system.svc";
 /// The name the API server dials, and so the one it verifies.
 const SERVICE_DNS: &str = "remora-injector.remora-system.svc";
 
@@ -181,6 +184,9 @@ fn start_replica(kubeconfig: &std::path::Path, tls_dir: &std::path::Path) -> (Ru
         .arg(tls_dir.join("tls.crt"))
         .arg("--tls-key")
         .arg(tls_dir.join("tls.key"))
+        // The CA bundle the manager writes beside the pair: the proxies' trust anchors.
+        .arg("--trust-anchors")
+        .arg(tls_dir.join("ca.crt"))
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAMESPACE", NS)
         .stdin(Stdio::null())
@@ -259,8 +265,12 @@ async fn healthz(addr: SocketAddr, ca_bundle: &str) -> (String, CertificateDer<'
 }
 
 fn secret_entry(objects: &Arc<Mutex<Objects>>, key: &str) -> String {
+    entry_of(objects, SECRET, key)
+}
+
+fn entry_of(objects: &Arc<Mutex<Objects>>, secret: &str, key: &str) -> String {
     let objects = objects.lock().unwrap();
-    let encoded = objects.by_path[SECRET]["data"][key]
+    let encoded = objects.by_path[secret]["data"][key]
         .as_str()
         .unwrap()
         .to_string();
@@ -270,6 +280,111 @@ fn secret_entry(objects: &Arc<Mutex<Objects>>, key: &str) -> String {
             .unwrap(),
     )
     .unwrap()
+}
+
+/// What a proxy injected by the replica at `addr` gets in REMORA_TRUST_ANCHORS.
+async fn injected_trust_anchors(addr: SocketAddr, ca_bundle: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_bundle.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from(SERVICE_DNS).unwrap(), tcp)
+        .await
+        .unwrap();
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "1", "operation": "CREATE", "namespace": "shop",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"containers": [{"name": "app", "image": "app"}]}}}
+    })
+    .to_string();
+    tls.write_all(
+        format!(
+            "POST /inject HTTP/1.1\r\nhost: {SERVICE_DNS}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{review}",
+            review.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(body["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: Value = serde_json::from_slice(&patch).unwrap();
+    let containers = patch
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|op| op["path"] == "/spec/initContainers")
+        .unwrap()["value"]
+        .clone();
+    containers[1]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "REMORA_TRUST_ANCHORS")
+        .expect("REMORA_TRUST_ANCHORS")["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A real TLS handshake with a server presenting `cert`/`key`, from a client that trusts only
+/// `anchors` and dials `name`, as a proxy dials remora-control.
+async fn handshake(cert: &str, key: &str, anchors: &str, name: &str) -> Result<(), String> {
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pemfile::private_key(&mut key.as_bytes())
+        .unwrap()
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(tcp).await;
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut anchors.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let result = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    served.abort();
+    result
 }
 
 #[test]
@@ -334,4 +449,36 @@ fn replicas_create_then_adopt_one_secret_register_its_ca_and_serve_for_the_servi
         rv_before, rv_after,
         "the second replica rewrote a valid Secret"
     );
+
+    // remora-control's Secret, from the same CA: the trust anchors both replicas inject verify
+    // it for the name proxies dial, and not the webhook's certificate under that name.
+    let (control_cert, control_key) = (
+        entry_of(&objects, CONTROL_SECRET, "tls.crt"),
+        entry_of(&objects, CONTROL_SECRET, "tls.key"),
+    );
+    assert_eq!(entry_of(&objects, CONTROL_SECRET, "ca.crt"), bundle);
+    for addr in [first_addr, second_addr] {
+        let anchors = runtime.block_on(injected_trust_anchors(addr, &bundle));
+        assert_eq!(anchors, bundle);
+        runtime
+            .block_on(handshake(
+                &control_cert,
+                &control_key,
+                &anchors,
+                CONTROL_DNS,
+            ))
+            .expect("remora-control's certificate verifies with the injected anchors");
+        let webhook_cert = secret_entry(&objects, "tls.crt");
+        let webhook_key = secret_entry(&objects, "tls.key");
+        assert!(runtime
+            .block_on(handshake(
+                &webhook_cert,
+                &webhook_key,
+                &anchors,
+                CONTROL_DNS
+            ))
+            .is_err());
+    }
+    let objects = objects.lock().unwrap();
+    assert_eq!(objects.by_path[CONTROL_SECRET]["type"], "kubernetes.io/tls");
 }

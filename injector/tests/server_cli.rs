@@ -125,6 +125,183 @@ fn serve_answers_over_https_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// Starts `serve` with `extra` flags on an ephemeral port; returns it, its address, and its log
+/// lines (JSON) from then on.
+fn start_serve(
+    dir: &std::path::Path,
+    pki: &Pki,
+    extra: &[&str],
+) -> (Running, SocketAddr, mpsc::Receiver<String>) {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, &pki.cert_pem).expect("write cert");
+    std::fs::write(&key, &pki.key_pem).expect("write key");
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REMORA_") {
+            command.env_remove(name);
+        }
+    }
+    let child = command
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start remora-injector serve");
+    let mut server = Running(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            panic!(
+                "no 'serving' log line within 20 s; it said:\n{}",
+                seen.join("\n")
+            );
+        };
+        let entry: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if entry["message"] == "serving the admission webhook over HTTPS" {
+            break entry["addr"]
+                .as_str()
+                .expect("addr")
+                .parse()
+                .expect("ip:port");
+        }
+        seen.push(line);
+    };
+    (server, addr, lines)
+}
+
+/// The REMORA_TRUST_ANCHORS value in the patch the webhook answers for a new pod, if any.
+async fn injected_trust_anchors(client: &Client) -> Option<String> {
+    use base64::Engine as _;
+    let answer = client
+        .post(
+            "/inject",
+            admission_review("anchors", &pod("anchors", 1)).to_string(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let patch = answer.json()["response"]["patch"]
+        .as_str()
+        .expect("patch")
+        .to_owned();
+    let patch: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .expect("base64"),
+    )
+    .expect("JSON patch");
+    let proxy = patch
+        .as_array()
+        .expect("operations")
+        .iter()
+        .find_map(|op| match op["value"].as_array() {
+            Some(containers) => containers
+                .iter()
+                .find(|c| c["name"] == "remora-proxy")
+                .cloned(),
+            None => (op["value"]["name"] == "remora-proxy").then(|| op["value"].clone()),
+        })
+        .expect("the proxy container");
+    proxy["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "REMORA_TRUST_ANCHORS")
+        .map(|e| e["value"].as_str().expect("value").to_owned())
+}
+
+#[test]
+fn serve_checks_the_trust_anchors_at_start_and_rereads_them_when_they_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("serving CA");
+    let anchors = dir.path().join("ca.crt");
+    let anchors_flag = format!("--trust-anchors={}", anchors.display());
+
+    // Missing at start: refused, naming the file.
+    let mut missing = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", anchors_flag.as_str()])
+        .args([
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            "--tls-key",
+            "/nonexistent/tls.key",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let status = wait_exit(&mut missing, Duration::from_secs(15)).expect("exits at once");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut missing.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&anchors.display().to_string()) && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+
+    // Replaced as a Secret volume or the certificate manager replaces it: a rename.
+    let replace = |pem: &str| {
+        let staged = dir.path().join(".ca.crt.tmp");
+        std::fs::write(&staged, pem).expect("write");
+        std::fs::rename(&staged, &anchors).expect("rename");
+    };
+    let (first, second) = (
+        Pki::new("control CA 1").ca_pem,
+        Pki::new("control CA 2").ca_pem,
+    );
+    replace(&first);
+    let (_server, addr, _lines) = start_serve(dir.path(), &pki, &[anchors_flag.as_str()]);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(40), async {
+            let client = Client::new(addr, &pki.ca_pem, Version::Http1);
+            assert_eq!(
+                injected_trust_anchors(&client).await.as_deref(),
+                Some(first.as_str())
+            );
+
+            let both = format!("{second}{first}");
+            replace(&both);
+            let changed = Instant::now();
+            while injected_trust_anchors(&client).await.as_deref() != Some(both.as_str()) {
+                assert!(
+                    changed.elapsed() < Duration::from_secs(10),
+                    "not re-read within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            // A broken file keeps what was injected.
+            replace("not a certificate\n");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(
+                injected_trust_anchors(&client).await.as_deref(),
+                Some(both.as_str())
+            );
+        })
+        .await
+        .expect("within 40 s");
+    });
+}
+
 #[test]
 fn serve_refuses_a_listen_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
