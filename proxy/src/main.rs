@@ -40,18 +40,28 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the admin runtime")?;
     let metrics = Metrics::new();
-    let discovery = match args.control_config(|name| std::env::var(name).ok())? {
+    // A control plane that can't be used is loud in the log but never stops the pod: every
+    // connection then goes to its original destination, as without --control (fail open).
+    let control = args
+        .control_config(|name| std::env::var(name).ok())
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "not using the control plane: every connection goes to its original destination");
+            None
+        });
+    let discovery = match control {
         Some(control) => {
             let _entered = runtime.enter();
             info!(control = %control.addr, tls = control.trust_anchors.is_some(), namespace = %control.namespace, pod = %control.pod, "control plane");
             if control.namespace.is_empty() || control.pod.is_empty() {
                 warn!("POD_NAMESPACE or POD_NAME is not set: the control plane cannot apply per-namespace routes to this pod");
             }
-            Some(Discovery::new(
-                control,
-                runtime.handle().clone(),
-                metrics.control.clone(),
-            )?)
+            match Discovery::new(control, runtime.handle().clone(), metrics.control.clone()) {
+                Ok(discovery) => Some(discovery),
+                Err(error) => {
+                    tracing::error!(%error, "not using the control plane: every connection goes to its original destination");
+                    None
+                }
+            }
         }
         None => None,
     };
