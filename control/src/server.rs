@@ -96,7 +96,10 @@ impl Hub {
                 let seen = Instant::now();
                 let objects = source.borrow_and_update().clone();
                 let index = build(objects, &indexer.metrics).await;
-                indexer.publish(index, seen);
+                let previous = indexer.publish(index, seen);
+                // Freeing a large index takes milliseconds: not on the workers the streams
+                // need now.
+                tokio::task::spawn_blocking(move || drop(previous));
             }
         });
         hub
@@ -106,7 +109,8 @@ impl Hub {
         self.rounds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn publish(&self, index: Index, seen: Instant) {
+    /// Publishes a new index; returns the previous one, to be dropped outside the lock.
+    fn publish(&self, index: Index, seen: Instant) -> Arc<Published> {
         let mut rounds = self.rounds();
         rounds.generation += 1;
         // A stream that had not yet caught up with the last change gets it with this one: the
@@ -120,7 +124,7 @@ impl Hub {
         }
         let generation = rounds.generation;
         self.published
-            .send_replace(Arc::new(Published { index, generation }));
+            .send_replace(Arc::new(Published { index, generation }))
     }
 
     /// The newest index.
