@@ -9,7 +9,7 @@ use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_POR
 use remora_init::PortList;
 
 use crate::client::connect::Keepalive;
-use crate::outbound::discover::ControlConfig;
+use crate::discover::ControlConfig;
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy

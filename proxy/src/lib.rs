@@ -3,14 +3,16 @@
 //!
 //! A connection goes down, never back up: [`runtime`] accepts it and places it on a worker;
 //! [`serve`] serves the client's side, asking [`outbound`] or [`inbound`] for its
-//! [`Destination`](outbound::Destination); [`client`] talks to each endpoint. [`proxy`] holds
-//! what they share, [`metrics`] and [`telemetry`] what they report.
+//! [`Destination`](outbound::Destination) (for a Service, balanced per request over endpoints
+//! the control plane named through [`discover`]); [`client`] talks to each endpoint. [`proxy`]
+//! holds what they share, [`metrics`] and [`telemetry`] what they report.
 // Unsafe code only where a syscall has no safe wrapper (`sched`) and in the allocator (`alloc`).
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod discover;
 #[cfg(test)]
 mod http2_tests;
 #[cfg(test)]

@@ -8,8 +8,8 @@ use remora_init::PortList;
 
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Dialer;
+use crate::discover::Discovery;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
-use crate::outbound::discover::Discovery;
 use crate::runtime::drain::Drain;
 use crate::runtime::listen::{self, Listening};
 use crate::runtime::workers::Workers;

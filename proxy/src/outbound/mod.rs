@@ -2,7 +2,7 @@
 //! original destination. Without a control plane, or for an address that is not a Service's,
 //! that is [`Destination::Forward`] to it; for a Service's ClusterIP:port it is
 //! [`Destination::Service`], whose requests are balanced over its ready endpoints
-//! ([`service`], [`balance`], fed by [`discover`]).
+//! ([`service`], [`balance`], fed by [`crate::discover`]).
 //!
 //! The outbound side's settings are here too: its clients are the pod's own app, and its
 //! upstreams are outside the pod.
@@ -11,14 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub mod balance;
-pub mod discover;
 pub mod service;
 
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Endpoint;
+use crate::discover::{self, AppProtocol};
 use crate::metrics::Direction;
 use crate::proxy::{Context, Proxy};
-use discover::AppProtocol;
 use service::{Resolved, ServiceTarget};
 
 /// Where a connection, or each of its requests, goes.

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::metrics::ControlMetrics;
 
+use crate::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
 use crate::outbound::balance::{Balancer, Pick};
-use crate::outbound::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
 
 /// One worker's state for one target, shared by its connections to that target.
 #[derive(Debug)]

@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::client::connect::{connect, reset};
+use crate::discover::AppProtocol;
 use crate::metrics::{Direction, DirectionMetrics};
-use crate::outbound::discover::AppProtocol;
 use crate::outbound::Destination;
 use crate::proxy::{Accepted, Context, Handoff};
 use crate::{inbound, outbound};
