@@ -177,7 +177,7 @@ impl Upstream {
 }
 
 /// How long a worker keeps its shared connection to an endpoint that no stream has used.
-const SHARED_IDLE: Duration = Duration::from_secs(30);
+pub const SHARED_IDLE: Duration = Duration::from_secs(30);
 
 thread_local! {
     /// This worker's HTTP/2 connections to Service endpoints, shared by the streams of every
