@@ -316,11 +316,11 @@ impl Discovery {
                                 tx.send_replace(self.known(target, snapshot, &mut gauge));
                             }
                             Ok(None) => {
-                                debug!(%target, "control plane ended the watch");
+                                debug!(destination = %target, "control plane ended the watch");
                                 break;
                             }
                             Err(status) => {
-                                debug!(%target, %status, "watch failed");
+                                debug!(destination = %target, %status, "watch failed");
                                 break;
                             }
                         }
@@ -329,10 +329,10 @@ impl Discovery {
                 Err(status) => {
                     if matches!(*tx.borrow(), Known::Waiting) {
                         tx.send_replace(Known::Unreachable);
-                        warn!(%target, control = %self.config.addr, %status,
+                        warn!(destination = %target, control = %self.config.addr, %status,
                             "control plane unreachable: forwarding to the original destination until it answers");
                     } else {
-                        debug!(%target, %status, "watch failed; keeping the last snapshot");
+                        debug!(destination = %target, %status, "watch failed; keeping the last snapshot");
                     }
                 }
             }
@@ -345,7 +345,7 @@ impl Discovery {
         if let Some(gauge) = gauge {
             gauge.set(0);
         }
-        debug!(%target, "target unused, dropped");
+        debug!(destination = %target, "target unused, dropped");
     }
 
     /// Whether the target is unused and was dropped; checked under the map's lock so that a
@@ -379,7 +379,7 @@ impl Discovery {
                         .endpoints(&service.namespace, &service.name, service.port);
                 handle.set(endpoints.len() as i64);
                 *gauge = Some(handle);
-                info!(%target, service = %format!("{}/{}:{}", service.namespace, service.name, service.port),
+                info!(destination = %target, service = %format!("{}/{}:{}", service.namespace, service.name, service.port),
                     endpoints = endpoints.len(), "snapshot");
                 Known::Service(Arc::new(Service {
                     namespace: service.namespace,
@@ -440,7 +440,7 @@ fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
             match (ip, port) {
                 (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
                 _ => {
-                    warn!(%target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
+                    warn!(destination = %target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
                     None
                 }
             }

@@ -138,15 +138,21 @@ endpoints:{endpoints}
     )
 }
 
+/// One pod at a time: the spread figures compare endpoints' latencies, and pods of other tests
+/// running beside one (each with its proxy, three endpoint threads and a load) make some of its
+/// endpoints slower than others, which a latency-aware balancer then rightly sends less.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// A meshed pod whose proxy asks remora-control about its destinations.
 struct ServiceMesh {
-    // Field order: the processes go before the namespaces.
+    // Field order: the processes go before the namespaces, and the turn is given up last.
     control: Option<Proc>,
     proxy: Proc,
     control_bin: PathBuf,
     /// Logs, and `objects/` (what remora-control reads).
     dir: PathBuf,
     pod: Pod,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl ServiceMesh {
@@ -160,6 +166,9 @@ impl ServiceMesh {
         let control_bin = built("remora-control")?;
         let proxy_bin = built("remora-proxy")?;
         let init_bin = built("remora-init")?;
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
 
         let pod = Pod::new().expect("building the pod");
         pod.remote
@@ -197,6 +206,7 @@ impl ServiceMesh {
         )
         .expect("spawning remora-proxy");
         let mut mesh = Self {
+            _turn: turn,
             control: None,
             proxy,
             control_bin,
