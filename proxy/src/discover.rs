@@ -170,6 +170,8 @@ pub struct Discovery {
     metrics: ControlMetrics,
     /// Streams that are receiving now: `control_connected` is 1 while any is.
     connected_streams: AtomicU32,
+    /// [`IDLE_EXPIRY`], shorter in tests.
+    idle_expiry: Duration,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -230,6 +232,7 @@ impl Discovery {
             epoch: Instant::now(),
             metrics,
             connected_streams: AtomicU32::new(0),
+            idle_expiry: IDLE_EXPIRY,
         })
     }
 
@@ -277,7 +280,7 @@ impl Discovery {
     fn idle(&self, watched: &Watched) -> bool {
         watched.active.load(Relaxed) == 0
             && self.epoch.elapsed().as_millis() as u64
-                >= watched.released_ms.load(Relaxed) + IDLE_EXPIRY.as_millis() as u64
+                >= watched.released_ms.load(Relaxed) + self.idle_expiry.as_millis() as u64
     }
 
     /// Follows one target until it expires: streams its snapshots, reconnecting with backoff.
@@ -302,7 +305,7 @@ impl Discovery {
                     loop {
                         let next = tokio::select! {
                             next = stream.message() => next,
-                            () = tokio::time::sleep(IDLE_EXPIRY / 4) => {
+                            () = tokio::time::sleep(self.idle_expiry / 4) => {
                                 if self.idle(&watched) {
                                     break;
                                 }
@@ -540,6 +543,10 @@ mod tests {
     }
 
     fn discovery(addr: SocketAddr) -> &'static Discovery {
+        discovery_expiring(addr, IDLE_EXPIRY)
+    }
+
+    fn discovery_expiring(addr: SocketAddr, idle_expiry: Duration) -> &'static Discovery {
         let config = ControlConfig {
             addr: addr.to_string(),
             name: "unused".into(),
@@ -547,12 +554,13 @@ mod tests {
             namespace: "shop".into(),
             pod: "web-1".into(),
         };
-        let discovery = Discovery::new(
+        let mut discovery = Discovery::new(
             config,
             tokio::runtime::Handle::current(),
             ControlMetrics::default(),
         )
         .unwrap();
+        discovery.idle_expiry = idle_expiry;
         Box::leak(Box::new(discovery))
     }
 
@@ -612,6 +620,47 @@ mod tests {
         down.send_replace(false);
         until(&mut known, |k| endpoint_count(k) == Some(2)).await;
         drop(in_use);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_is_dropped_once_unused_and_asked_for_again_on_its_next_connection() {
+        let addr = free_port();
+        let (_feed, snapshots) = watch::channel(service(&[("198.18.0.2", 8080)]));
+        let (_down, is_down) = watch::channel(false);
+        serve(addr, snapshots, is_down).await;
+        let expiry = Duration::from_millis(400);
+        let discovery = discovery_expiring(addr, expiry);
+        let target: SocketAddr = "198.18.0.100:80".parse().unwrap();
+        let gauge = || discovery.metrics.endpoints("shop", "cart", 80).get();
+
+        let first = discovery.watch(target);
+        let mut known = first.known().clone();
+        until(&mut known, |k| endpoint_count(k) == Some(1)).await;
+        assert_eq!((discovery.len(), gauge()), (1, 1));
+
+        // In use for longer than the expiry: kept.
+        tokio::time::sleep(expiry * 3).await;
+        assert_eq!(discovery.len(), 1, "a target in use never expires");
+        let again = InUse::again(&first.watched()).expect("still followed");
+        drop(first);
+        drop(again);
+
+        // Unused: dropped after the expiry, and its gauge with it.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !discovery.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the unused target dropped");
+        assert_eq!(gauge(), 0);
+        assert!(known.has_changed().is_err(), "its watch is closed");
+
+        // The next connection asks again.
+        let next = discovery.watch(target);
+        let mut known = next.known().clone();
+        until(&mut known, |k| endpoint_count(k) == Some(1)).await;
+        assert_eq!(discovery.len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
