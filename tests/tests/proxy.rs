@@ -1329,3 +1329,39 @@ fn sched_policy_batch_covers_every_thread_and_the_default_none() {
         "{policies:?}"
     );
 }
+
+#[test]
+fn a_control_plane_that_cannot_be_used_leaves_the_proxy_forwarding() {
+    if !can_run() {
+        return;
+    }
+    // What an injector without --trust-anchors gives every proxy: --control and no anchors.
+    // Also a control plane that is not there at all (nothing listens on 198.18.0.2:8090).
+    for args in [
+        &["--control", "remora-control.remora-system.svc:8090"][..],
+        &["--control", "198.18.0.2:8090", "--control-plaintext"][..],
+    ] {
+        let mesh = Mesh::new(&[], args);
+        http_server(&mesh.pod.remote, addr(REMOTE_V4, 8080));
+        let started = Instant::now();
+        let (code, body) = get(&mesh.pod.pod, &["http://198.18.0.2:8080/plain"]);
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "hello /plain HTTP/1.1"),
+            "{args:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{args:?}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(mesh.metric("remora_proxy_control_connected"), 0.0);
+        if args.len() == 2 {
+            assert!(
+                mesh.log().contains("not using the control plane"),
+                "{}",
+                mesh.log()
+            );
+        }
+    }
+}
