@@ -381,9 +381,13 @@ impl Discovery {
                     self.metrics
                         .endpoints(&service.namespace, &service.name, service.port);
                 handle.set(endpoints.len() as i64);
-                *gauge = Some(handle);
-                info!(destination = %target, service = %format!("{}/{}:{}", service.namespace, service.name, service.port),
-                    endpoints = endpoints.len(), "snapshot");
+                let name = format!("{}/{}:{}", service.namespace, service.name, service.port);
+                // Once per target at info: later snapshots (endpoint churn) at debug.
+                if gauge.replace(handle).is_none() {
+                    info!(destination = %target, service = %name, endpoints = endpoints.len(), "balancing over the Service's endpoints");
+                } else {
+                    debug!(destination = %target, service = %name, endpoints = endpoints.len(), "snapshot");
+                }
                 Known::Service(Arc::new(Service {
                     namespace: service.namespace,
                     name: service.name,
