@@ -298,16 +298,14 @@ impl Stores {
     }
 
     fn snapshot(&self) -> Snapshot {
+        // Pointers only: the objects are shared with the stores (and with the index, which
+        // tells by them what changed).
         let objects = ObjectSet {
-            services: self.services.readable().map(|s| (**s).clone()).collect(),
-            endpoint_slices: self
-                .endpoint_slices
-                .readable()
-                .map(|s| (**s).clone())
-                .collect(),
+            services: self.services.readable().cloned().collect(),
+            endpoint_slices: self.endpoint_slices.readable().cloned().collect(),
             http_routes: self.http_routes.readable().cloned().collect(),
             grpc_routes: self.grpc_routes.readable().cloned().collect(),
-            pods: self.pods.readable().map(|p| (**p).clone()).collect(),
+            pods: self.pods.readable().cloned().collect(),
         };
         let problems = self
             .services

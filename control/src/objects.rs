@@ -19,14 +19,33 @@ use serde_json::Value;
 use crate::gateway::{GrpcRoute, HttpRoute};
 
 /// Every object read, whole: what the index is built from.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Objects are shared, not copied: a set published after one change holds the same `Arc`s as
+/// the one before for everything else, which is how the index tells what changed (and a copy of
+/// the set is a copy of pointers).
+#[derive(Debug, Clone, Default)]
 pub struct ObjectSet {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub http_routes: Vec<Arc<HttpRoute>>,
     pub grpc_routes: Vec<Arc<GrpcRoute>>,
     /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<Pod>>,
+}
+
+/// Equal when every object is, in the same order; objects shared by both sets are not compared
+/// field by field.
+impl PartialEq for ObjectSet {
+    fn eq(&self, other: &Self) -> bool {
+        fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+        }
+        same(&self.services, &other.services)
+            && same(&self.endpoint_slices, &other.endpoint_slices)
+            && same(&self.http_routes, &other.http_routes)
+            && same(&self.grpc_routes, &other.grpc_routes)
+            && same(&self.pods, &other.pods)
+    }
 }
 
 impl ObjectSet {
@@ -41,7 +60,7 @@ impl ObjectSet {
         ]
     }
 
-    /// Adds copies of `other`'s objects.
+    /// Adds `other`'s objects (shared, not copied).
     pub fn append(&mut self, other: &ObjectSet) {
         self.services.extend_from_slice(&other.services);
         self.endpoint_slices
@@ -404,12 +423,12 @@ fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &m
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.services.push(object);
+                objects.services.push(Arc::new(object));
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.endpoint_slices.push(object);
+                objects.endpoint_slices.push(Arc::new(object));
             }
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
@@ -424,7 +443,7 @@ fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &m
         }
         ("v1", "Pod") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.pods.push(object);
+                objects.pods.push(Arc::new(object));
             }
         }
         _ => {
