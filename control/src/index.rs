@@ -30,7 +30,7 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::gateway::{GrpcRoute, HttpRoute, ParentReference};
-use crate::objects::ObjectSet;
+use crate::objects::{ObjectSet, Stored};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -83,8 +83,8 @@ pub struct Endpoint {
 /// A route, whichever kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
-    Http(Arc<HttpRoute>),
-    Grpc(Arc<GrpcRoute>),
+    Http(Arc<Stored<HttpRoute>>),
+    Grpc(Arc<Stored<GrpcRoute>>),
 }
 
 impl Route {
@@ -101,6 +101,14 @@ impl Route {
 
     pub fn name(&self) -> &str {
         self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// The route as stored, as JSON (see [`crate::objects::stored_json`]).
+    pub fn json(&self) -> &Arc<str> {
+        match self {
+            Self::Http(route) => &route.json,
+            Self::Grpc(route) => &route.json,
+        }
     }
 }
 

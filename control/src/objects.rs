@@ -27,8 +27,8 @@ use crate::gateway::{GrpcRoute, HttpRoute};
 pub struct ObjectSet {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    pub http_routes: Vec<Arc<HttpRoute>>,
-    pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    pub http_routes: Vec<Arc<Stored<HttpRoute>>>,
+    pub grpc_routes: Vec<Arc<Stored<GrpcRoute>>>,
     /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
     pub pods: Vec<Arc<Pod>>,
 }
@@ -46,6 +46,49 @@ impl PartialEq for ObjectSet {
             && same(&self.grpc_routes, &other.grpc_routes)
             && same(&self.pods, &other.pods)
     }
+}
+
+/// An object read, and the JSON it was read from: what is sent of a route is the object as
+/// stored, which remora's own (read-only, partial) types could not write back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored<T> {
+    pub object: T,
+    /// The object as compact JSON, as [`stored_json`] keeps it.
+    pub json: Arc<str>,
+}
+
+impl<T> std::ops::Deref for Stored<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
+/// An object's JSON as it is kept beside the object: whole, but without `status` and the
+/// metadata that changes on every write (`resourceVersion`, `managedFields`), so that only a
+/// change of the object itself is one to publish; with its `apiVersion` and `kind` first (the
+/// items of a list may have been sent without them); namespaced in `default` when it names no
+/// namespace, as the object read from it is.
+pub fn stored_json(value: &Value, api_version: &str, kind: &str) -> Arc<str> {
+    let mut object = serde_json::Map::new();
+    object.insert("apiVersion".to_string(), Value::from(api_version));
+    object.insert("kind".to_string(), Value::from(kind));
+    for (field, value) in value.as_object().into_iter().flatten() {
+        if matches!(field.as_str(), "apiVersion" | "kind" | "status") {
+            continue;
+        }
+        object.insert(field.clone(), value.clone());
+    }
+    if let Some(Value::Object(metadata)) = object.get_mut("metadata") {
+        metadata.remove("resourceVersion");
+        metadata.remove("managedFields");
+        let namespace = metadata.get("namespace").and_then(Value::as_str);
+        if namespace.is_none_or(str::is_empty) {
+            metadata.insert("namespace".to_string(), Value::from("default"));
+        }
+    }
+    Arc::from(Value::Object(object).to_string())
 }
 
 impl ObjectSet {
@@ -432,13 +475,15 @@ fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &m
             }
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            let json = stored_json(&value, &api_version, &kind);
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.http_routes.push(Arc::new(object));
+                objects.http_routes.push(Arc::new(Stored { object, json }));
             }
         }
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            let json = stored_json(&value, &api_version, &kind);
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.grpc_routes.push(Arc::new(object));
+                objects.grpc_routes.push(Arc::new(Stored { object, json }));
             }
         }
         ("v1", "Pod") => {

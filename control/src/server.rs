@@ -276,7 +276,7 @@ fn routes(attached: &[AttachedRoute], port: u16, client_namespace: &str) -> Vec<
                 RouteRole::Consumer => "consumer",
             }
             .to_string(),
-            json: route_json(&a.route),
+            json: a.route.json().to_string(),
         });
     }
     out
@@ -287,21 +287,6 @@ fn route_kind(route: &Route) -> &'static str {
         Route::Http(_) => "HTTPRoute",
         Route::Grpc(_) => "GRPCRoute",
     }
-}
-
-/// The route as JSON. The Gateway API types are read-only (Deserialize) so far, so this is the
-/// object's identity and metadata; its spec follows once those types can be written back.
-fn route_json(route: &Route) -> String {
-    let metadata = match route {
-        Route::Http(route) => &route.metadata,
-        Route::Grpc(route) => &route.metadata,
-    };
-    let object = serde_json::json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": route_kind(route),
-        "metadata": metadata,
-    });
-    object.to_string()
 }
 
 /// The Discovery gRPC service.
