@@ -225,7 +225,15 @@ impl<T: PartialEq> Store<T> {
                 false
             }
             Event::InitDone => {
-                let listed = self.listing.take().unwrap_or_default();
+                let mut listed = self.listing.take().unwrap_or_default();
+                // What the relist finds unchanged stays the object it was, so that the index
+                // keeps what it computed for it.
+                for (key, entry) in &mut listed {
+                    match self.objects.get(key) {
+                        Some(kept) if kept == entry => *entry = kept.clone(),
+                        _ => {}
+                    }
+                }
                 let changed = self.phase != Phase::Synced || listed != self.objects;
                 self.objects = listed;
                 self.phase = Phase::Synced;
@@ -847,9 +855,13 @@ mod tests {
         again["metadata"]["resourceVersion"] = Value::from("8");
         assert!(!store.apply(Event::Apply(entry(again))));
         // `b` was deleted while no watch was open: the relist does not name it.
+        let a = store.objects[&("ns".to_string(), "a".to_string())].clone();
         store.apply(Event::Init);
         store.apply(Event::InitApply(entry(slice("a", r#"["10.0.0.1"]"#))));
         assert!(store.apply(Event::InitDone));
+        // `a` did not change: it is still the same object, not an equal copy.
+        let kept = &store.objects[&("ns".to_string(), "a".to_string())];
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), kept.as_ref().unwrap()));
         let names: Vec<&str> = store
             .objects
             .keys()
