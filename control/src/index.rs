@@ -2,9 +2,10 @@
 //! the routes attached to each Service. Pure: a function of an [`ObjectSet`] alone.
 //!
 //! Built whole once ([`Index::build`]), then from the previous index on each change
-//! ([`Index::update`]): a Service whose object and EndpointSlices are the same `Arc`s as last time
-//! keeps the entries computed then, so a change costs the Services it touches plus a pass of
-//! pointer comparisons and map inserts over the rest. The answers are those of a whole build.
+//! ([`Index::update`]). The common change, EndpointSlices edited in place, computes the Services
+//! of those slices alone and copies the rest of the index (pointers). Any other change makes a
+//! pass over every Service, in which a Service whose object and EndpointSlices are the same
+//! `Arc`s as last time keeps the entries computed then. The answers are those of a whole build.
 //!
 //! Objects are read as the API server stores them:
 //! - Only TCP Service ports are indexed (the proxy carries TCP; a DNS Service's 53/UDP beside its
@@ -142,7 +143,9 @@ impl AttachedRoute {
 #[derive(Debug, Default)]
 pub struct Index {
     targets: HashMap<SocketAddr, Arc<Target>>,
-    routes: HashMap<ServiceKey, Vec<AttachedRoute>>,
+    routes: Arc<HashMap<ServiceKey, Vec<AttachedRoute>>>,
+    /// The objects it answers for (pointers), to tell what the next [`Index::update`] changes.
+    objects: ObjectSet,
     /// What each Service object gave, by the address of its `Arc` (kept alive by the entry, so
     /// no other object can have it), for the next [`Index::update`] to reuse.
     computed: HashMap<usize, Arc<Computed>>,
@@ -186,23 +189,112 @@ impl Index {
     /// EndpointSlices are the same `Arc`s as in the set this one was built from. Equal to
     /// `Index::build(objects)`.
     pub fn update(&self, objects: &ObjectSet) -> Self {
-        Self::build_from(objects, Some(self))
+        self.slices_edited(objects)
+            .unwrap_or_else(|| Self::build_from(objects, Some(self)))
+    }
+
+    /// Most changes are an EndpointSlice edited in place: the same Services, the same routes,
+    /// each changed slice at its place and of the same Service. Then only the Services of those
+    /// slices are computed again, and their entries swapped in; their ClusterIP:ports (from the
+    /// Service alone) and which Service a contested one goes to are as before. `None` for any
+    /// other change.
+    fn slices_edited(&self, objects: &ObjectSet) -> Option<Self> {
+        /// More changes at once than this are left to the pass over every Service.
+        const MOST: usize = 64;
+        let old = &self.objects;
+        if !same(&old.services, &objects.services)
+            || !same(&old.http_routes, &objects.http_routes)
+            || !same(&old.grpc_routes, &objects.grpc_routes)
+            || old.endpoint_slices.len() != objects.endpoint_slices.len()
+        {
+            return None;
+        }
+        let mut edits: Vec<(&Arc<EndpointSlice>, &Arc<EndpointSlice>)> = Vec::new();
+        for (before, after) in old.endpoint_slices.iter().zip(&objects.endpoint_slices) {
+            if !Arc::ptr_eq(before, after) {
+                if edits.len() == MOST || owner(before) != owner(after) {
+                    return None;
+                }
+                edits.push((before, after));
+            }
+        }
+        // A slice held twice would be edited at one place only.
+        let once = |list: &[Arc<EndpointSlice>], slice: &Arc<EndpointSlice>| {
+            list.iter().filter(|held| Arc::ptr_eq(held, slice)).count() == 1
+        };
+        if !edits.iter().all(|(before, after)| {
+            once(&old.endpoint_slices, before) && once(&objects.endpoint_slices, after)
+        }) {
+            return None;
+        }
+        let owners: Vec<(&str, &str)> =
+            edits.iter().filter_map(|(slice, _)| owner(slice)).collect();
+        let mut index = Self {
+            targets: self.targets.clone(),
+            routes: Arc::clone(&self.routes),
+            objects: objects.clone(),
+            computed: self.computed.clone(),
+        };
+        for service in &objects.services {
+            let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+            let name = service.metadata.name.as_deref().unwrap_or_default();
+            if !owners.contains(&(namespace, name)) {
+                continue;
+            }
+            let id = Arc::as_ptr(service) as usize;
+            let kept = Arc::clone(index.computed.get(&id)?);
+            let slices: Vec<Arc<EndpointSlice>> = kept
+                .slices
+                .iter()
+                .map(|slice| {
+                    let edit = edits.iter().find(|(before, _)| Arc::ptr_eq(before, slice));
+                    Arc::clone(edit.map_or(slice, |(_, after)| after))
+                })
+                .collect();
+            if slices
+                .iter()
+                .zip(&kept.slices)
+                .all(|(slice, held)| Arc::ptr_eq(slice, held))
+            {
+                // Done already: the same object twice in the list.
+                continue;
+            }
+            let key = match kept.targets.first() {
+                Some((_, target)) => Arc::clone(&target.service),
+                None => Arc::new(ServiceKey::new(namespace, name)),
+            };
+            let own: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
+            let targets = service_targets(service, &key, &own);
+            if targets.len() != kept.targets.len() {
+                return None;
+            }
+            for ((addr, target), (kept_addr, kept_target)) in targets.iter().zip(&kept.targets) {
+                if addr != kept_addr {
+                    return None;
+                }
+                if let Some(held) = index.targets.get_mut(addr) {
+                    if Arc::ptr_eq(held, kept_target) {
+                        *held = Arc::clone(target);
+                    }
+                }
+            }
+            index.computed.insert(
+                id,
+                Arc::new(Computed {
+                    service: Arc::clone(service),
+                    slices,
+                    targets,
+                }),
+            );
+        }
+        Some(index)
     }
 
     fn build_from(objects: &ObjectSet, previous: Option<&Index>) -> Self {
         let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
         for slice in &objects.endpoint_slices {
-            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
-            if let Some(service) = service {
-                slices
-                    .entry((namespace, service.as_str()))
-                    .or_default()
-                    .push(slice);
+            if let Some(owner) = owner(slice) {
+                slices.entry(owner).or_default().push(slice);
             }
         }
         let mut targets: HashMap<SocketAddr, Arc<Target>> =
@@ -263,7 +355,8 @@ impl Index {
         }
         Self {
             targets,
-            routes,
+            routes: Arc::new(routes),
+            objects: objects.clone(),
             computed,
         }
     }
@@ -297,6 +390,19 @@ impl Index {
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
+}
+
+/// Whether two lists hold the same objects (not equal copies) in the same order.
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// The namespace and name of the Service an EndpointSlice belongs to, if it names one.
+fn owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+    let labels = slice.metadata.labels.as_ref()?;
+    let service = labels.get(SERVICE_NAME_LABEL)?;
+    Some((namespace, service.as_str()))
 }
 
 fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute) {
@@ -866,6 +972,7 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
 
     #[test]
     fn an_update_answers_as_a_whole_build_over_random_changes() {
+        let mut edited_only = 0;
         for seed in 1..=6u64 {
             let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut objects = ObjectSet::default();
@@ -873,9 +980,24 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
             for step in 0..400 {
                 // Usually one change, as a source publishes; sometimes a burst.
                 for _ in 0..1 + random.below(3) * random.below(2) {
-                    match random.below(11) {
+                    match random.below(15) {
                         0..=2 => change(&mut random, &mut objects.services, random_service),
                         3..=6 => change(&mut random, &mut objects.endpoint_slices, random_slice),
+                        // A slice edited in place, as an EndpointSlice controller does.
+                        11..=13 if !objects.endpoint_slices.is_empty() => {
+                            let at = random.below(objects.endpoint_slices.len());
+                            let held = &objects.endpoint_slices[at];
+                            let mut edited = (*random_slice(&mut random)).clone();
+                            edited.metadata.namespace = held.metadata.namespace.clone();
+                            edited.metadata.labels = held.metadata.labels.clone();
+                            objects.endpoint_slices[at] = Arc::new(edited);
+                        }
+                        // One slice object held twice.
+                        14 if !objects.endpoint_slices.is_empty() => {
+                            let at = random.below(objects.endpoint_slices.len());
+                            let again = Arc::clone(&objects.endpoint_slices[at]);
+                            objects.endpoint_slices.push(again);
+                        }
                         7 => change(&mut random, &mut objects.http_routes, |random| {
                             random_route(random, "HTTPRoute").http_routes.remove(0)
                         }),
@@ -903,12 +1025,15 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
                         _ => {}
                     }
                 }
+                edited_only += usize::from(index.slices_edited(&objects).is_some());
                 let updated = index.update(&objects);
                 let whole = Index::build(&objects);
                 assert_eq!(updated, whole, "seed {seed}, step {step}: {objects:#?}");
                 index = updated;
             }
         }
+        // Both ways of updating were taken, many times.
+        assert!(edited_only > 300, "{edited_only}");
     }
 
     #[test]
