@@ -4,6 +4,7 @@
 //! prints the times; a debug build is several times slower.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -36,7 +37,7 @@ fn objects() -> ObjectSet {
             target_port: Some(IntOrString::Int(target)),
             ..ServicePort::default()
         };
-        objects.services.push(Service {
+        objects.services.push(Arc::new(Service {
             metadata: meta(name.clone(), None),
             spec: Some(ServiceSpec {
                 cluster_ip: Some(format!("10.96.{}.{}", n / 250, n % 250 + 1)),
@@ -44,7 +45,7 @@ fn objects() -> ObjectSet {
                 ..ServiceSpec::default()
             }),
             ..Service::default()
-        });
+        }));
         let endpoints = (0..ENDPOINTS)
             .map(|e| Endpoint {
                 addresses: vec![format!("10.{}.{}.{}", 1 + e, n / 250, n % 250 + 1)],
@@ -62,7 +63,7 @@ fn objects() -> ObjectSet {
             port: Some(port),
             ..EndpointPort::default()
         };
-        objects.endpoint_slices.push(EndpointSlice {
+        objects.endpoint_slices.push(Arc::new(EndpointSlice {
             metadata: meta(
                 format!("{name}-abcde"),
                 Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), name)])),
@@ -70,7 +71,7 @@ fn objects() -> ObjectSet {
             address_type: "IPv4".to_string(),
             endpoints: Some(endpoints),
             ports: Some(vec![slice_port("http", 8080), slice_port("admin", 9090)]),
-        });
+        }));
     }
     objects
 }
@@ -86,7 +87,27 @@ fn main() {
         entries = index.len();
     }
     times.sort();
-    let index = Index::build(&objects);
+    let mut index = Index::build(&objects);
+    // One EndpointSlice changed per round, the index updated from the last one.
+    let mut changed = objects.clone();
+    let mut updates: Vec<Duration> = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let slice = Arc::make_mut(&mut changed.endpoint_slices[round * 997]);
+        if let Some(endpoint) = slice.endpoints.as_mut().and_then(|e| e.first_mut()) {
+            endpoint.addresses = vec![format!("10.200.0.{}", round + 1)];
+        }
+        let start = Instant::now();
+        let updated = index.update(&changed);
+        updates.push(start.elapsed());
+        index = updated;
+    }
+    updates.sort();
+    println!(
+        "Index::update after one EndpointSlice change: min {:?}, median {:?}, max {:?} over {ROUNDS} rounds",
+        updates[0],
+        updates[ROUNDS / 2],
+        updates[ROUNDS - 1],
+    );
     let probe: std::net::SocketAddr = "10.96.20.1:80".parse().unwrap_or_else(|_| unreachable!());
     let lookups = 1_000_000;
     let start = Instant::now();
@@ -97,11 +118,11 @@ fn main() {
     let lookup = start.elapsed() / lookups;
     let mut yaml = String::new();
     for service in &objects.services {
-        yaml.push_str(&serde_yaml_ng::to_string(service).unwrap_or_default());
+        yaml.push_str(&serde_yaml_ng::to_string(&**service).unwrap_or_default());
         yaml.push_str("---\n");
     }
     for slice in &objects.endpoint_slices {
-        yaml.push_str(&serde_yaml_ng::to_string(slice).unwrap_or_default());
+        yaml.push_str(&serde_yaml_ng::to_string(&**slice).unwrap_or_default());
         yaml.push_str("---\n");
     }
     let start = Instant::now();

@@ -50,7 +50,7 @@ fn objects(services: u32) -> ObjectSet {
             labels,
             ..ObjectMeta::default()
         };
-        objects.services.push(Service {
+        objects.services.push(Arc::new(Service {
             metadata: meta(name.clone(), None),
             spec: Some(ServiceSpec {
                 cluster_ip: Some(cluster_ip(n)),
@@ -64,7 +64,7 @@ fn objects(services: u32) -> ObjectSet {
                 ..ServiceSpec::default()
             }),
             ..Service::default()
-        });
+        }));
         let endpoints = (0..ENDPOINTS)
             .map(|e| Endpoint {
                 addresses: vec![format!("10.{}.{}.{}", 1 + e, n / 250, n % 250 + 1)],
@@ -73,7 +73,7 @@ fn objects(services: u32) -> ObjectSet {
                 ..Endpoint::default()
             })
             .collect();
-        objects.endpoint_slices.push(EndpointSlice {
+        objects.endpoint_slices.push(Arc::new(EndpointSlice {
             metadata: meta(
                 format!("{name}-abcde"),
                 Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), name)])),
@@ -85,14 +85,15 @@ fn objects(services: u32) -> ObjectSet {
                 port: Some(8080),
                 ..EndpointPort::default()
             }]),
-        });
+        }));
     }
     objects
 }
 
-/// Moves the first endpoint of Service `n` to an address unique to `round`.
+/// Moves the first endpoint of Service `n` to an address unique to `round`: a new EndpointSlice
+/// object, as a source makes one for each change, the others shared with the last set.
 fn change_endpoint(objects: &mut ObjectSet, n: u32, round: u32) {
-    let slice = &mut objects.endpoint_slices[n as usize];
+    let slice = Arc::make_mut(&mut objects.endpoint_slices[n as usize]);
     if let Some(endpoint) = slice.endpoints.as_mut().and_then(|e| e.first_mut()) {
         endpoint.addresses = vec![format!("10.200.{}.{}", round / 250, round % 250 + 1)];
     }

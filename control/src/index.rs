@@ -1,5 +1,11 @@
 //! The index the proxies are answered from: ClusterIP:port → Service port → ready endpoints, and
-//! the routes attached to each Service. Pure: built whole from an [`ObjectSet`] on every change.
+//! the routes attached to each Service. Pure: a function of an [`ObjectSet`] alone.
+//!
+//! Built whole once ([`Index::build`]), then from the previous index on each change
+//! ([`Index::update`]). The common change, EndpointSlices edited in place, computes the Services
+//! of those slices alone and copies the rest of the index (pointers). Any other change makes a
+//! pass over every Service, in which a Service whose object and EndpointSlices are the same
+//! `Arc`s as last time keeps the entries computed then. The answers are those of a whole build.
 //!
 //! Objects are read as the API server stores them:
 //! - Only TCP Service ports are indexed (the proxy carries TCP; a DNS Service's 53/UDP beside its
@@ -25,7 +31,7 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::gateway::{GrpcRoute, HttpRoute, ParentReference};
-use crate::objects::ObjectSet;
+use crate::objects::{ObjectSet, Stored};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -78,8 +84,8 @@ pub struct Endpoint {
 /// A route, whichever kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
-    Http(Arc<HttpRoute>),
-    Grpc(Arc<GrpcRoute>),
+    Http(Arc<Stored<HttpRoute>>),
+    Grpc(Arc<Stored<GrpcRoute>>),
 }
 
 impl Route {
@@ -96,6 +102,14 @@ impl Route {
 
     pub fn name(&self) -> &str {
         self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// The route as stored, as JSON (see [`crate::objects::stored_json`]).
+    pub fn json(&self) -> &Arc<str> {
+        match self {
+            Self::Http(route) => &route.json,
+            Self::Grpc(route) => &route.json,
+        }
     }
 }
 
@@ -128,28 +142,164 @@ impl AttachedRoute {
 /// ClusterIP:port → [`Target`], and Service → attached routes.
 #[derive(Debug, Default)]
 pub struct Index {
-    targets: HashMap<SocketAddr, Target>,
-    routes: HashMap<ServiceKey, Vec<AttachedRoute>>,
+    targets: HashMap<SocketAddr, Arc<Target>>,
+    routes: Arc<HashMap<ServiceKey, Vec<AttachedRoute>>>,
+    /// The objects it answers for (pointers), to tell what the next [`Index::update`] changes.
+    objects: ObjectSet,
+    /// What each Service object gave, by the address of its `Arc` (kept alive by the entry, so
+    /// no other object can have it), for the next [`Index::update`] to reuse.
+    computed: HashMap<usize, Arc<Computed>>,
+}
+
+/// Equal when they answer the same (what was kept for reuse aside).
+impl PartialEq for Index {
+    fn eq(&self, other: &Self) -> bool {
+        self.targets == other.targets && self.routes == other.routes
+    }
+}
+
+/// One Service's entries and the objects they were computed from.
+#[derive(Debug)]
+struct Computed {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    targets: Vec<(SocketAddr, Arc<Target>)>,
+}
+
+impl Computed {
+    /// Whether these entries are the ones `service` with `slices` gives.
+    fn holds(&self, service: &Arc<Service>, slices: &[&Arc<EndpointSlice>]) -> bool {
+        Arc::ptr_eq(&self.service, service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(kept, slice)| Arc::ptr_eq(kept, slice))
+    }
 }
 
 impl Index {
+    /// The index of `objects`, computed whole.
     pub fn build(objects: &ObjectSet) -> Self {
-        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for slice in &objects.endpoint_slices {
-            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
-            if let Some(service) = service {
-                slices
-                    .entry((namespace, service.as_str()))
-                    .or_default()
-                    .push(slice);
+        Self::build_from(objects, None)
+    }
+
+    /// The index of `objects`, reusing this one's entries for every Service whose object and
+    /// EndpointSlices are the same `Arc`s as in the set this one was built from. Equal to
+    /// `Index::build(objects)`.
+    pub fn update(&self, objects: &ObjectSet) -> Self {
+        self.slices_edited(objects)
+            .unwrap_or_else(|| Self::build_from(objects, Some(self)))
+    }
+
+    /// Most changes are an EndpointSlice edited in place: the same Services, the same routes,
+    /// each changed slice at its place and of the same Service. Then only the Services of those
+    /// slices are computed again, and their entries swapped in; their ClusterIP:ports (from the
+    /// Service alone) and which Service a contested one goes to are as before. `None` for any
+    /// other change.
+    fn slices_edited(&self, objects: &ObjectSet) -> Option<Self> {
+        /// More changes at once than this are left to the pass over every Service.
+        const MOST: usize = 64;
+        let old = &self.objects;
+        if !same(&old.services, &objects.services)
+            || !same(&old.http_routes, &objects.http_routes)
+            || !same(&old.grpc_routes, &objects.grpc_routes)
+            || old.endpoint_slices.len() != objects.endpoint_slices.len()
+        {
+            return None;
+        }
+        let mut edits: Vec<(&Arc<EndpointSlice>, &Arc<EndpointSlice>)> = Vec::new();
+        for (before, after) in old.endpoint_slices.iter().zip(&objects.endpoint_slices) {
+            if !Arc::ptr_eq(before, after) {
+                if edits.len() == MOST || owner(before) != owner(after) {
+                    return None;
+                }
+                edits.push((before, after));
             }
         }
-        let mut targets: HashMap<SocketAddr, Target> = HashMap::new();
+        // A slice held twice would be edited at one place only.
+        let once = |list: &[Arc<EndpointSlice>], slice: &Arc<EndpointSlice>| {
+            list.iter().filter(|held| Arc::ptr_eq(held, slice)).count() == 1
+        };
+        if !edits.iter().all(|(before, after)| {
+            once(&old.endpoint_slices, before) && once(&objects.endpoint_slices, after)
+        }) {
+            return None;
+        }
+        let owners: Vec<(&str, &str)> =
+            edits.iter().filter_map(|(slice, _)| owner(slice)).collect();
+        let mut index = Self {
+            targets: self.targets.clone(),
+            routes: Arc::clone(&self.routes),
+            objects: objects.clone(),
+            computed: self.computed.clone(),
+        };
+        for service in &objects.services {
+            let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+            let name = service.metadata.name.as_deref().unwrap_or_default();
+            if !owners.contains(&(namespace, name)) {
+                continue;
+            }
+            let id = Arc::as_ptr(service) as usize;
+            let kept = Arc::clone(index.computed.get(&id)?);
+            let slices: Vec<Arc<EndpointSlice>> = kept
+                .slices
+                .iter()
+                .map(|slice| {
+                    let edit = edits.iter().find(|(before, _)| Arc::ptr_eq(before, slice));
+                    Arc::clone(edit.map_or(slice, |(_, after)| after))
+                })
+                .collect();
+            if slices
+                .iter()
+                .zip(&kept.slices)
+                .all(|(slice, held)| Arc::ptr_eq(slice, held))
+            {
+                // Done already: the same object twice in the list.
+                continue;
+            }
+            let key = match kept.targets.first() {
+                Some((_, target)) => Arc::clone(&target.service),
+                None => Arc::new(ServiceKey::new(namespace, name)),
+            };
+            let own: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
+            let targets = service_targets(service, &key, &own);
+            if targets.len() != kept.targets.len() {
+                return None;
+            }
+            for ((addr, target), (kept_addr, kept_target)) in targets.iter().zip(&kept.targets) {
+                if addr != kept_addr {
+                    return None;
+                }
+                if let Some(held) = index.targets.get_mut(addr) {
+                    if Arc::ptr_eq(held, kept_target) {
+                        *held = Arc::clone(target);
+                    }
+                }
+            }
+            index.computed.insert(
+                id,
+                Arc::new(Computed {
+                    service: Arc::clone(service),
+                    slices,
+                    targets,
+                }),
+            );
+        }
+        Some(index)
+    }
+
+    fn build_from(objects: &ObjectSet, previous: Option<&Index>) -> Self {
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for slice in &objects.endpoint_slices {
+            if let Some(owner) = owner(slice) {
+                slices.entry(owner).or_default().push(slice);
+            }
+        }
+        let mut targets: HashMap<SocketAddr, Arc<Target>> =
+            HashMap::with_capacity(previous.map_or(0, |previous| previous.targets.len()));
+        let mut computed = HashMap::with_capacity(objects.services.len());
         for service in &objects.services {
             let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
             let name = service.metadata.name.as_deref().unwrap_or_default();
@@ -157,17 +307,32 @@ impl Index {
                 .get(&(namespace, name))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let key = Arc::new(ServiceKey::new(namespace, name));
-            for (addr, target) in service_targets(service, &key, own_slices) {
-                if let Some(first) = targets.get(&addr) {
+            let id = Arc::as_ptr(service) as usize;
+            let kept = previous
+                .and_then(|previous| previous.computed.get(&id))
+                .filter(|kept| kept.holds(service, own_slices));
+            let entry = match kept {
+                Some(kept) => Arc::clone(kept),
+                None => {
+                    let key = Arc::new(ServiceKey::new(namespace, name));
+                    Arc::new(Computed {
+                        service: Arc::clone(service),
+                        slices: own_slices.iter().map(|slice| Arc::clone(slice)).collect(),
+                        targets: service_targets(service, &key, own_slices),
+                    })
+                }
+            };
+            for (addr, target) in &entry.targets {
+                if let Some(first) = targets.get(addr) {
                     tracing::warn!(
-                        %addr, first = %first.service, ignored = %key,
+                        %addr, first = %first.service, ignored = %target.service,
                         "two Services claim one ClusterIP and port; the first one read is used"
                     );
                     continue;
                 }
-                targets.insert(addr, target);
+                targets.insert(*addr, Arc::clone(target));
             }
+            computed.insert(id, entry);
         }
         let mut routes: HashMap<ServiceKey, Vec<AttachedRoute>> = HashMap::new();
         let http = objects.http_routes.iter().map(|route| {
@@ -188,7 +353,12 @@ impl Index {
                 routes.entry(service).or_default().push(attached);
             }
         }
-        Self { targets, routes }
+        Self {
+            targets,
+            routes: Arc::new(routes),
+            objects: objects.clone(),
+            computed,
+        }
     }
 
     /// The Service port behind a ClusterIP:port, if it is one.
@@ -201,7 +371,7 @@ impl Index {
             },
             SocketAddr::V4(_) => addr,
         };
-        self.targets.get(&addr)
+        self.targets.get(&addr).map(|target| &**target)
     }
 
     /// Every route attached to a Service, producer and consumer, in the order read.
@@ -220,6 +390,19 @@ impl Index {
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
+}
+
+/// Whether two lists hold the same objects (not equal copies) in the same order.
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// The namespace and name of the Service an EndpointSlice belongs to, if it names one.
+fn owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+    let labels = slice.metadata.labels.as_ref()?;
+    let service = labels.get(SERVICE_NAME_LABEL)?;
+    Some((namespace, service.as_str()))
 }
 
 fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute) {
@@ -245,8 +428,8 @@ fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute
 fn service_targets(
     service: &Service,
     key: &Arc<ServiceKey>,
-    slices: &[&EndpointSlice],
-) -> Vec<(SocketAddr, Target)> {
+    slices: &[&Arc<EndpointSlice>],
+) -> Vec<(SocketAddr, Arc<Target>)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
     };
@@ -279,13 +462,13 @@ fn service_targets(
             }
             out.push((
                 SocketAddr::new(ip, number),
-                Target {
+                Arc::new(Target {
                     service: Arc::clone(key),
                     port_name: port.name.clone().filter(|name| !name.is_empty()),
                     port: number,
                     app_protocol: port.app_protocol.clone(),
                     endpoints: endpoints(port, ip, slices),
-                },
+                }),
             ));
         }
     }
@@ -297,7 +480,11 @@ fn is_tcp(protocol: Option<&str>) -> bool {
 }
 
 /// The ready endpoints of one Service port, in the family of `cluster_ip`.
-fn endpoints(port: &ServicePort, cluster_ip: IpAddr, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+fn endpoints(
+    port: &ServicePort,
+    cluster_ip: IpAddr,
+    slices: &[&Arc<EndpointSlice>],
+) -> Vec<Endpoint> {
     let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
     for slice in slices.iter().filter(|slice| slice.address_type == family) {
@@ -651,6 +838,227 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
         assert_eq!(
             index.lookup(addr("10.0.0.1:80")).unwrap().service.name,
             "first"
+        );
+    }
+
+    /// A small deterministic generator (xorshift64*), so that a failing sequence can be replayed.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[self.below(from.len())]
+        }
+    }
+
+    /// One object read from YAML.
+    fn object(yaml: &str) -> ObjectSet {
+        let (objects, problems) = read_file_text(Path::new("random.yaml"), yaml);
+        assert_eq!(problems, Vec::new(), "{yaml}");
+        objects
+    }
+
+    /// A Service from a small pool of names and addresses, so that they collide: two objects of
+    /// one Service, two Services of one ClusterIP, dual stack, headless, ExternalName, UDP.
+    fn random_service(random: &mut Random) -> Arc<Service> {
+        let namespace = random.pick(&["a", "b"]);
+        let name = random.pick(&["s0", "s1", "s2", "s3"]);
+        let ips = random.pick(&[
+            "clusterIP: 10.0.0.1",
+            "clusterIP: 10.0.0.2",
+            "clusterIP: 10.0.0.3",
+            "clusterIP: None",
+            "clusterIPs: [10.0.0.1, 'fd00::1']",
+            "clusterIPs: ['fd00::2']",
+            "type: ExternalName, externalName: x.example, clusterIP: 10.0.0.2",
+        ]);
+        let ports = random.pick(&[
+            "[{name: http, port: 80, targetPort: 8080}]",
+            "[{name: http, port: 80, targetPort: web}, {port: 81, name: plain}]",
+            "[{port: 80}]",
+            "[{name: dns, port: 53, protocol: UDP}, {name: dnst, port: 53}]",
+            "[{name: http, port: 80, appProtocol: http}, {name: grpc, port: 9000, appProtocol: grpc}]",
+        ]);
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{{ips}, ports: {ports}}}\n"
+        );
+        object(&yaml).services.remove(0)
+    }
+
+    fn random_slice(random: &mut Random) -> Arc<EndpointSlice> {
+        let namespace = random.pick(&["a", "b"]);
+        let name = random.pick(&["e0", "e1", "e2", "e3", "e4"]);
+        let labels = random.pick(&[
+            "{kubernetes.io/service-name: s0}",
+            "{kubernetes.io/service-name: s1}",
+            "{kubernetes.io/service-name: s2}",
+            "{kubernetes.io/service-name: s3}",
+            "{}",
+        ]);
+        let (family, addresses) = if random.below(4) == 0 {
+            ("IPv6", ["'fd00:1::1'", "'fd00:1::2'", "'fd00:1::3'"])
+        } else {
+            ("IPv4", ["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+        };
+        let ports = random.pick(&[
+            "[{name: http, port: 8080}]",
+            "[{name: web, port: 9090}, {name: plain, port: 8081}]",
+            "[{}]",
+            "[{name: dnst, port: 5353}, {name: grpc, port: 9090}]",
+            "[]",
+        ]);
+        let mut endpoints = String::new();
+        for _ in 0..random.below(4) {
+            let address = addresses[random.below(addresses.len())];
+            let conditions = random.pick(&[
+                "{}",
+                "{ready: false}",
+                "{ready: true, terminating: true}",
+                "{ready: true}",
+            ]);
+            let zone = random.pick(&["z1", "z2"]);
+            endpoints.push_str(&format!(
+                "- {{addresses: [{address}], conditions: {conditions}, zone: {zone}, targetRef: {{kind: Pod, name: p-{zone}}}}}\n"
+            ));
+        }
+        let yaml = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\naddressType: {family}\nports: {ports}\nendpoints:\n{endpoints}"
+        );
+        object(&yaml).endpoint_slices.remove(0)
+    }
+
+    fn random_route(random: &mut Random, kind: &str) -> ObjectSet {
+        let namespace = random.pick(&["a", "b", "c"]);
+        let name = random.pick(&["r0", "r1", "r2"]);
+        let parents = random.pick(&[
+            "[{group: '', kind: Service, name: s0}]",
+            "[{group: '', kind: Service, name: s1, port: 80}, {name: a-gateway}]",
+            "[{group: '', kind: Service, name: s2, namespace: a}]",
+            "[]",
+        ]);
+        object(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{parentRefs: {parents}}}\n"
+        ))
+    }
+
+    /// Removes, replaces or inserts one element at random.
+    fn change<T>(random: &mut Random, list: &mut Vec<T>, new: impl FnOnce(&mut Random) -> T) {
+        match random.below(3) {
+            0 if !list.is_empty() => {
+                let at = random.below(list.len());
+                list.remove(at);
+            }
+            1 if !list.is_empty() => {
+                let at = random.below(list.len());
+                list[at] = new(random);
+            }
+            _ => {
+                let at = random.below(list.len() + 1);
+                let object = new(random);
+                list.insert(at, object);
+            }
+        }
+    }
+
+    #[test]
+    fn an_update_answers_as_a_whole_build_over_random_changes() {
+        let mut edited_only = 0;
+        for seed in 1..=6u64 {
+            let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut objects = ObjectSet::default();
+            let mut index = Index::build(&objects);
+            for step in 0..400 {
+                // Usually one change, as a source publishes; sometimes a burst.
+                for _ in 0..1 + random.below(3) * random.below(2) {
+                    match random.below(15) {
+                        0..=2 => change(&mut random, &mut objects.services, random_service),
+                        3..=6 => change(&mut random, &mut objects.endpoint_slices, random_slice),
+                        // A slice edited in place, as an EndpointSlice controller does.
+                        11..=13 if !objects.endpoint_slices.is_empty() => {
+                            let at = random.below(objects.endpoint_slices.len());
+                            let held = &objects.endpoint_slices[at];
+                            let mut edited = (*random_slice(&mut random)).clone();
+                            edited.metadata.namespace = held.metadata.namespace.clone();
+                            edited.metadata.labels = held.metadata.labels.clone();
+                            objects.endpoint_slices[at] = Arc::new(edited);
+                        }
+                        // One slice object held twice.
+                        14 if !objects.endpoint_slices.is_empty() => {
+                            let at = random.below(objects.endpoint_slices.len());
+                            let again = Arc::clone(&objects.endpoint_slices[at]);
+                            objects.endpoint_slices.push(again);
+                        }
+                        7 => change(&mut random, &mut objects.http_routes, |random| {
+                            random_route(random, "HTTPRoute").http_routes.remove(0)
+                        }),
+                        8 => change(&mut random, &mut objects.grpc_routes, |random| {
+                            random_route(random, "GRPCRoute").grpc_routes.remove(0)
+                        }),
+                        // The order decides a contested ClusterIP.
+                        9 if objects.services.len() > 1 => {
+                            let (i, j) = (
+                                random.below(objects.services.len()),
+                                random.below(objects.services.len()),
+                            );
+                            objects.services.swap(i, j);
+                        }
+                        // The same object twice (a file named twice), or an equal copy.
+                        _ if !objects.services.is_empty() => {
+                            let at = random.below(objects.services.len());
+                            let again = if random.below(2) == 0 {
+                                Arc::clone(&objects.services[at])
+                            } else {
+                                Arc::new((*objects.services[at]).clone())
+                            };
+                            objects.services.push(again);
+                        }
+                        _ => {}
+                    }
+                }
+                edited_only += usize::from(index.slices_edited(&objects).is_some());
+                let updated = index.update(&objects);
+                let whole = Index::build(&objects);
+                assert_eq!(updated, whole, "seed {seed}, step {step}: {objects:#?}");
+                index = updated;
+            }
+        }
+        // Both ways of updating were taken, many times.
+        assert!(edited_only > 300, "{edited_only}");
+    }
+
+    #[test]
+    fn an_update_reuses_the_entries_of_unchanged_services_only() {
+        let yaml = (0..3)
+            .map(|n| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{n}, namespace: a}}\nspec: {{clusterIP: 10.0.0.{n}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{n}, namespace: a, labels: {{kubernetes.io/service-name: s{n}}}}}\naddressType: IPv4\nports: [{{}}]\nendpoints: [{{addresses: [10.1.0.{n}]}}]\n---\n"
+                )
+            })
+            .collect::<String>();
+        let mut objects = object(&yaml);
+        let index = Index::build(&objects);
+        let slice = Arc::make_mut(&mut objects.endpoint_slices[1]);
+        slice.endpoints.as_mut().unwrap()[0].addresses = vec!["10.1.0.9".to_string()];
+        let updated = index.update(&objects);
+        assert_eq!(updated, Index::build(&objects));
+        let shared = |n: u8| {
+            let at = SocketAddr::from(([10, 0, 0, n], 80));
+            Arc::ptr_eq(&index.targets[&at], &updated.targets[&at])
+        };
+        assert_eq!((shared(0), shared(1), shared(2)), (true, false, true));
+        assert_eq!(
+            endpoints_at(&updated, "10.0.0.1:80"),
+            Some(vec!["10.1.0.9:80".to_string()])
         );
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::gateway::{GrpcRoute, HttpRoute, GATEWAY_GROUP};
-use crate::objects::{ObjectSet, Problem};
+use crate::objects::{stored_json, ObjectSet, Problem, Stored};
 use crate::watch::Snapshot;
 
 /// How long a change waits for the ones following it before a snapshot is published: a relist
@@ -106,7 +106,7 @@ pub async fn watch_cluster_with(
         tokio::spawn(run_kind(
             Kind::HttpRoute,
             Api::<Checked<HttpRoute>>::all(client.clone()),
-            checked::<HttpRoute>,
+            checked_stored::<HttpRoute>,
             |stores| &mut stores.http_routes,
             Arc::clone(&shared),
             retry,
@@ -114,7 +114,7 @@ pub async fn watch_cluster_with(
         tokio::spawn(run_kind(
             Kind::GrpcRoute,
             Api::<Checked<GrpcRoute>>::all(client.clone()),
-            checked::<GrpcRoute>,
+            checked_stored::<GrpcRoute>,
             |stores| &mut stores.grpc_routes,
             Arc::clone(&shared),
             retry,
@@ -225,7 +225,15 @@ impl<T: PartialEq> Store<T> {
                 false
             }
             Event::InitDone => {
-                let listed = self.listing.take().unwrap_or_default();
+                let mut listed = self.listing.take().unwrap_or_default();
+                // What the relist finds unchanged stays the object it was, so that the index
+                // keeps what it computed for it.
+                for (key, entry) in &mut listed {
+                    match self.objects.get(key) {
+                        Some(kept) if kept == entry => *entry = kept.clone(),
+                        _ => {}
+                    }
+                }
                 let changed = self.phase != Phase::Synced || listed != self.objects;
                 self.objects = listed;
                 self.phase = Phase::Synced;
@@ -272,8 +280,8 @@ impl<T: PartialEq> Store<T> {
 struct Stores {
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
-    http_routes: Store<HttpRoute>,
-    grpc_routes: Store<GrpcRoute>,
+    http_routes: Store<Stored<HttpRoute>>,
+    grpc_routes: Store<Stored<GrpcRoute>>,
     pods: Store<Pod>,
 }
 
@@ -298,16 +306,14 @@ impl Stores {
     }
 
     fn snapshot(&self) -> Snapshot {
+        // Pointers only: the objects are shared with the stores (and with the index, which
+        // tells by them what changed).
         let objects = ObjectSet {
-            services: self.services.readable().map(|s| (**s).clone()).collect(),
-            endpoint_slices: self
-                .endpoint_slices
-                .readable()
-                .map(|s| (**s).clone())
-                .collect(),
+            services: self.services.readable().cloned().collect(),
+            endpoint_slices: self.endpoint_slices.readable().cloned().collect(),
             http_routes: self.http_routes.readable().cloned().collect(),
             grpc_routes: self.grpc_routes.readable().cloned().collect(),
-            pods: self.pods.readable().map(|p| (**p).clone()).collect(),
+            pods: self.pods.readable().cloned().collect(),
         };
         let problems = self
             .services
@@ -547,6 +553,27 @@ struct Checked<K> {
     /// Read on its own, so that the watch can resume past the object and the store name it.
     metadata: ObjectMeta,
     object: Result<K, Unreadable>,
+    /// The object's JSON as [`stored_json`] keeps it, for the kinds whose JSON is sent.
+    json: Option<Arc<str>>,
+}
+
+/// Whether a kind's JSON is kept beside it (routes: the snapshots carry them as stored), and
+/// its apiVersion and kind, which the items of a list may come without.
+trait KeepsJson {
+    const KEEPS_JSON_AS: Option<(&'static str, &'static str)> = None;
+}
+
+impl KeepsJson for Service {}
+impl KeepsJson for EndpointSlice {}
+
+impl KeepsJson for HttpRoute {
+    const KEEPS_JSON_AS: Option<(&'static str, &'static str)> =
+        Some(("gateway.networking.k8s.io/v1", "HTTPRoute"));
+}
+
+impl KeepsJson for GrpcRoute {
+    const KEEPS_JSON_AS: Option<(&'static str, &'static str)> =
+        Some(("gateway.networking.k8s.io/v1", "GRPCRoute"));
 }
 
 /// Why an object does not read as its kind.
@@ -556,7 +583,7 @@ struct Unreadable {
     message: String,
 }
 
-impl<'de, K: DeserializeOwned> Deserialize<'de> for Checked<K> {
+impl<'de, K: DeserializeOwned + KeepsJson> Deserialize<'de> for Checked<K> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Value::deserialize(deserializer)?;
         // Not an object at all: a broken event rather than an object to name in a problem.
@@ -567,11 +594,17 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Checked<K> {
             ));
         }
         let metadata = metadata_of(&value);
+        let json =
+            K::KEEPS_JSON_AS.map(|(api_version, kind)| stored_json(&value, api_version, kind));
         let object = serde_path_to_error::deserialize(value).map_err(|err| Unreadable {
             field: err.path().to_string(),
             message: err.inner().to_string(),
         });
-        Ok(Self { metadata, object })
+        Ok(Self {
+            metadata,
+            object,
+            json,
+        })
     }
 }
 
@@ -675,11 +708,31 @@ fn tidy(metadata: &mut ObjectMeta) {
 }
 
 fn checked<K: Resource<DynamicType = ()>>(checked: Checked<K>) -> (Key, Entry<K>) {
+    let (key, read) = read(checked);
+    (key, read.map(|(object, _)| Arc::new(object)))
+}
+
+/// A route, kept with its JSON.
+fn checked_stored<K: Resource<DynamicType = ()>>(checked: Checked<K>) -> (Key, Entry<Stored<K>>) {
+    let (key, read) = read(checked);
+    let entry = read.map(|(object, json)| {
+        Arc::new(Stored {
+            object,
+            json: json.unwrap_or_else(|| Arc::from("{}")),
+        })
+    });
+    (key, entry)
+}
+
+/// An object (tidied) and its JSON if kept, or the problem naming it.
+type Read<K> = Result<(K, Option<Arc<str>>), Problem>;
+
+fn read<K: Resource<DynamicType = ()>>(checked: Checked<K>) -> (Key, Read<K>) {
     let key = key_of(&checked.metadata);
-    let entry = match checked.object {
+    let read = match checked.object {
         Ok(mut object) => {
             tidy(object.meta_mut());
-            Ok(Arc::new(object))
+            Ok((object, checked.json))
         }
         Err(Unreadable { field, message }) => {
             let problem = Problem::Object {
@@ -693,7 +746,7 @@ fn checked<K: Resource<DynamicType = ()>>(checked: Checked<K>) -> (Key, Entry<K>
             Err(problem)
         }
     };
-    (key, entry)
+    (key, read)
 }
 
 /// A Pod from its metadata alone: only its annotations matter to remora.
@@ -748,6 +801,46 @@ mod tests {
         assert!(checked.object.is_err());
     }
 
+    fn route(status: &str) -> Value {
+        serde_json::from_str(&format!(
+            r#"{{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {{"name": "r", "namespace": "ns", "resourceVersion": "9",
+                              "managedFields": [{{"manager": "kubectl"}}]}},
+                "spec": {{"parentRefs": [{{"group": "", "kind": "Service", "name": "web"}}],
+                          "rules": [{{"backendRefs": [{{"name": "web", "port": 80, "weight": 3}}],
+                                      "notModelled": {{"kept": 1}}}}]}},
+                "status": {{"parents": [{status}]}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_route_keeps_its_json_as_stored_but_for_status_and_write_stamps() {
+        let (key, entry) = checked_stored(Checked::<HttpRoute>::deserialize(route("")).unwrap());
+        assert_eq!(key, ("ns".to_string(), "r".to_string()));
+        let route_read = entry.unwrap();
+        assert_eq!(route_read.spec.parent_refs[0].name, "web");
+        let json: Value = serde_json::from_str(&route_read.json).unwrap();
+        let mut expected = route("");
+        expected.as_object_mut().unwrap().remove("status");
+        let metadata = expected["metadata"].as_object_mut().unwrap();
+        metadata.remove("resourceVersion");
+        metadata.remove("managedFields");
+        assert_eq!(json, expected);
+
+        // A status written by a controller is no change to publish; a spec edit is.
+        let mut store = Store::<Stored<HttpRoute>>::default();
+        store.apply(Event::Init);
+        store.apply(Event::InitApply((key, Ok(route_read))));
+        store.apply(Event::InitDone);
+        let status = route(r#"{"controllerName": "example.com/x"}"#);
+        let read = |value| checked_stored(Checked::<HttpRoute>::deserialize(value).unwrap());
+        assert!(!store.apply(Event::Apply(read(status))));
+        let mut edited = route("");
+        edited["spec"]["rules"][0]["notModelled"]["kept"] = Value::from(2);
+        assert!(store.apply(Event::Apply(read(edited))));
+    }
+
     #[test]
     fn a_relist_replaces_the_objects_whole() {
         let mut store = Store::<EndpointSlice>::default();
@@ -762,9 +855,13 @@ mod tests {
         again["metadata"]["resourceVersion"] = Value::from("8");
         assert!(!store.apply(Event::Apply(entry(again))));
         // `b` was deleted while no watch was open: the relist does not name it.
+        let a = store.objects[&("ns".to_string(), "a".to_string())].clone();
         store.apply(Event::Init);
         store.apply(Event::InitApply(entry(slice("a", r#"["10.0.0.1"]"#))));
         assert!(store.apply(Event::InitDone));
+        // `a` did not change: it is still the same object, not an equal copy.
+        let kept = &store.objects[&("ns".to_string(), "a".to_string())];
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), kept.as_ref().unwrap()));
         let names: Vec<&str> = store
             .objects
             .keys()

@@ -19,14 +19,76 @@ use serde_json::Value;
 use crate::gateway::{GrpcRoute, HttpRoute};
 
 /// Every object read, whole: what the index is built from.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Objects are shared, not copied: a set published after one change holds the same `Arc`s as
+/// the one before for everything else, which is how the index tells what changed (and a copy of
+/// the set is a copy of pointers).
+#[derive(Debug, Clone, Default)]
 pub struct ObjectSet {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub http_routes: Vec<Arc<HttpRoute>>,
-    pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub http_routes: Vec<Arc<Stored<HttpRoute>>>,
+    pub grpc_routes: Vec<Arc<Stored<GrpcRoute>>>,
     /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<Pod>>,
+}
+
+/// Equal when every object is, in the same order; objects shared by both sets are not compared
+/// field by field.
+impl PartialEq for ObjectSet {
+    fn eq(&self, other: &Self) -> bool {
+        fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+        }
+        same(&self.services, &other.services)
+            && same(&self.endpoint_slices, &other.endpoint_slices)
+            && same(&self.http_routes, &other.http_routes)
+            && same(&self.grpc_routes, &other.grpc_routes)
+            && same(&self.pods, &other.pods)
+    }
+}
+
+/// An object read, and the JSON it was read from: what is sent of a route is the object as
+/// stored, which remora's own (read-only, partial) types could not write back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored<T> {
+    pub object: T,
+    /// The object as compact JSON, as [`stored_json`] keeps it.
+    pub json: Arc<str>,
+}
+
+impl<T> std::ops::Deref for Stored<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
+/// An object's JSON as it is kept beside the object: whole, but without `status` and the
+/// metadata that changes on every write (`resourceVersion`, `managedFields`), so that only a
+/// change of the object itself is one to publish; with its `apiVersion` and `kind` first (the
+/// items of a list may have been sent without them); namespaced in `default` when it names no
+/// namespace, as the object read from it is.
+pub fn stored_json(value: &Value, api_version: &str, kind: &str) -> Arc<str> {
+    let mut object = serde_json::Map::new();
+    object.insert("apiVersion".to_string(), Value::from(api_version));
+    object.insert("kind".to_string(), Value::from(kind));
+    for (field, value) in value.as_object().into_iter().flatten() {
+        if matches!(field.as_str(), "apiVersion" | "kind" | "status") {
+            continue;
+        }
+        object.insert(field.clone(), value.clone());
+    }
+    if let Some(Value::Object(metadata)) = object.get_mut("metadata") {
+        metadata.remove("resourceVersion");
+        metadata.remove("managedFields");
+        let namespace = metadata.get("namespace").and_then(Value::as_str);
+        if namespace.is_none_or(str::is_empty) {
+            metadata.insert("namespace".to_string(), Value::from("default"));
+        }
+    }
+    Arc::from(Value::Object(object).to_string())
 }
 
 impl ObjectSet {
@@ -41,7 +103,7 @@ impl ObjectSet {
         ]
     }
 
-    /// Adds copies of `other`'s objects.
+    /// Adds `other`'s objects (shared, not copied).
     pub fn append(&mut self, other: &ObjectSet) {
         self.services.extend_from_slice(&other.services);
         self.endpoint_slices
@@ -404,27 +466,29 @@ fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &m
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.services.push(object);
+                objects.services.push(Arc::new(object));
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.endpoint_slices.push(object);
+                objects.endpoint_slices.push(Arc::new(object));
             }
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            let json = stored_json(&value, &api_version, &kind);
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.http_routes.push(Arc::new(object));
+                objects.http_routes.push(Arc::new(Stored { object, json }));
             }
         }
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            let json = stored_json(&value, &api_version, &kind);
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.grpc_routes.push(Arc::new(object));
+                objects.grpc_routes.push(Arc::new(Stored { object, json }));
             }
         }
         ("v1", "Pod") => {
             if let Some(object) = typed(value, at, &kind, problems) {
-                objects.pods.push(object);
+                objects.pods.push(Arc::new(object));
             }
         }
         _ => {

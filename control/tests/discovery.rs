@@ -263,6 +263,67 @@ async fn a_service_target_gets_its_port_endpoints_and_routes() {
     assert!(service(&v6).endpoints.is_empty());
 }
 
+/// A route with what remora's Gateway API types do not model (a filter's fields, an
+/// extension's, a status), without a namespace.
+const FULL_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: full
+  labels: {team: web}
+  annotations: {example.com/note: kept}
+  resourceVersion: '41'
+  managedFields: [{manager: kubectl, operation: Apply}]
+spec:
+  parentRefs: [{group: '', kind: Service, name: other, namespace: shop, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: 'yes'}]}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-from, value: remora}]}
+    backendRefs:
+    - {name: other, port: 80, weight: 90}
+    - {name: other-canary, port: 80, weight: 10}
+    timeouts: {request: 10s}
+    futureField: {kept: true}
+status:
+  parents: [{parentRef: {name: other}, controllerName: example.com/x, conditions: []}]
+";
+
+#[tokio::test]
+async fn a_route_is_sent_as_stored_and_an_edit_of_its_spec_is_pushed() {
+    let server = Server::start(&[("services.yaml", SERVICE), ("route.yaml", FULL_ROUTE)]).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.20:80", "default").await;
+    let first = next(&mut stream, CHANGE_DEADLINE).await;
+    let routes = &service(&first).routes;
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(
+        (routes[0].namespace.as_str(), routes[0].role.as_str()),
+        ("default", "consumer")
+    );
+    let sent: serde_json::Value = serde_json::from_str(&routes[0].json).unwrap();
+    // The object as written, but for what changes on every write or is not the route's own:
+    // status, resourceVersion, managedFields; and in the namespace it was read into.
+    let mut expected: serde_json::Value = serde_yaml_ng::from_str(FULL_ROUTE).unwrap();
+    expected.as_object_mut().unwrap().remove("status");
+    let metadata = expected["metadata"].as_object_mut().unwrap();
+    metadata.remove("resourceVersion");
+    metadata.remove("managedFields");
+    metadata.insert("namespace".into(), "default".into());
+    assert_eq!(sent, expected);
+
+    // A change to the spec alone (a weight) reaches the open stream with the new JSON.
+    write_atomically(
+        &server.path("route.yaml"),
+        &FULL_ROUTE.replace("weight: 90", "weight: 50"),
+    );
+    let second = next(&mut stream, CHANGE_DEADLINE).await;
+    let sent: serde_json::Value = serde_json::from_str(&service(&second).routes[0].json).unwrap();
+    assert_eq!(sent["spec"]["rules"][0]["backendRefs"][0]["weight"], 50);
+    assert_eq!(sent["spec"]["rules"][0]["futureField"]["kept"], true);
+}
+
 #[tokio::test]
 async fn a_target_that_is_no_service_is_passthrough() {
     let server = Server::start(&[("services.yaml", SERVICE)]).await;
