@@ -427,7 +427,10 @@ def parse_h2load(out):
 
 def wants_endpoints():
     """Whether this run needs the Service endpoints' addresses on the remote host."""
-    return any(s in SERVICE_SEATS for s in SEATS) or "rss" in PARTS
+    seats = SEATS
+    if os.environ.get("BENCH_MODE") == "count":
+        seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
+    return any(s in SERVICE_SEATS for s in seats) or "rss" in PARTS
 
 
 def server_addrs():
@@ -631,6 +634,12 @@ def service_objects(namespace, name, cluster_ip, endpoints, ports):
                                       "name": f"{name}-{i}"}}
                        for i, a in enumerate(endpoints)]},
     ]
+
+
+def bench_service_objects():
+    """The Service of the Service seats: ports 80 and 81 on the three endpoints."""
+    return service_objects(SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS,
+                           [("http", H1_PORT, H1_PORT), ("h2", H2_PORT, H2_PORT)])
 
 
 def start_control(pod, work, objects, tag):
@@ -1521,11 +1530,11 @@ def drop_work(work, kept):
 COUNT_LOADS = {
     # h2load sends an exact number of requests; --h1 keeps its HTTP/1.1 connections alive.
     "keepalive": ("HTTP/1.1 keep-alive, 4 connections",
-                  lambda n: ["h2load", "--h1", "-n", str(n), "-c", "4", "-t", "1",
-                             f"http://{REMOTE_V4}:{H1_PORT}/"]),
+                  lambda n, host: ["h2load", "--h1", "-n", str(n), "-c", "4", "-t", "1",
+                                   f"http://{host}:{H1_PORT}/"]),
     "h2": ("prior-knowledge h2c, 4 connections x 10 streams",
-           lambda n: ["h2load", "-n", str(n), "-c", "4", "-m", "10", "-t", "1",
-                      f"http://{REMOTE_V4}:{H2_PORT}/"]),
+           lambda n, host: ["h2load", "-n", str(n), "-c", "4", "-m", "10", "-t", "1",
+                            f"http://{host}:{H2_PORT}/"]),
 }
 
 
@@ -1553,8 +1562,9 @@ def count():
                          "0 < small < large")
     seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     for name in seats:
-        if name not in ("remora", "haproxy") and not name.startswith("remora@"):
-            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL or haproxy")
+        if name not in ("remora", "haproxy", "remora-svc") and not name.startswith("remora@"):
+            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL, "
+                             "remora-svc or haproxy")
     loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
     for load in loads:
         if load not in COUNT_LOADS:
@@ -1570,6 +1580,8 @@ def count():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
+        if "remora-svc" in seats:
+            start_control(pod, work, bench_service_objects(), "service")
         for load in loads:
             what, argv_of = COUNT_LOADS[load]
             for name in seats:
@@ -1580,7 +1592,16 @@ def count():
                         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
                     seat.start()
                     try:
-                        res = parse_h2load(run(seat.client(argv_of(n)), timeout=600).stdout)
+                        if name == "remora-svc":
+                            # The first connection asks remora-control (see run_load).
+                            for _ in range(5):
+                                if "hello" in run(seat.client(
+                                        ["curl", "-sS", "-m", "5",
+                                         f"http://{CLUSTER_IP}:{H1_PORT}/"]),
+                                        check=False).stdout:
+                                    break
+                        res = parse_h2load(run(seat.client(argv_of(n, seat.host)),
+                                               timeout=600).stdout)
                         if res["errors"] or res["requests"] != n:
                             raise BenchError(f"{seat_label(name)}, {load}: {res['requests']:,} "
                                              f"of {n:,} requests answered 2xx")
@@ -1948,9 +1969,7 @@ def main():
         if "proxy" in PARTS:
             control = None
             if "remora-svc" in SEATS:
-                control = start_control(pod, work, service_objects(
-                    SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS,
-                    [("http", H1_PORT, H1_PORT), ("h2", H2_PORT, H2_PORT)]), "service")
+                control = start_control(pod, work, bench_service_objects(), "service")
             rounds = []
             for r in range(ROUNDS):
                 order = SEATS[r % len(SEATS):] + SEATS[:r % len(SEATS)]
