@@ -70,6 +70,14 @@ CONTROL_LISTEN, CONTROL_ADMIN = "127.0.0.1:8090", "127.0.0.1:9990"
 # Who the proxy's pod is, as the downward API would tell it (env POD_NAMESPACE, POD_NAME).
 POD_IDENTITY = {"POD_NAMESPACE": "bench-client", "POD_NAME": "bench-client-0"}
 SERVICE_NS, SERVICE_NAME = "bench", "nginx"
+# The pod's source address toward the ClusterIPs. The proxy's accepted sockets linger in
+# TIME_WAIT for 60 s, keyed by the client's address and port; a new SYN that lands on one is
+# accepted only if its TCP timestamp is newer (PAWS), and the kernel offsets a connection's
+# timestamps by a hash of its source and destination. A client port last used toward REMOTE_V4
+# (passthrough seats) and now toward a ClusterIP then had its SYN dropped about half the time:
+# 1 s retransmits and a new-connection load at a tenth of its rate, depending on the seats'
+# order. From an address of their own, the Service seats' clients never meet those sockets.
+POD_SERVICE_SRC_V4 = "198.18.0.254"
 
 
 def seat_label(seat):
@@ -456,10 +464,15 @@ def make_pod():
                        "net.ipv4.ip_local_reserved_ports=15000-15099"]))
     for addr in server_addrs()[1:]:
         run(["ip", "-n", remote, "addr", "add", f"{addr}/24", "dev", "eth0"])
-    if "rss" in PARTS:
-        # The rss part's ClusterIPs are in 198.19.0.0/16: a route there, as a pod's default
-        # route would give (without one, connect() fails before the rules redirect it).
-        run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0"])
+    if wants_endpoints():
+        # See POD_SERVICE_SRC_V4. The rss part's ClusterIPs are in 198.19.0.0/16: a route there
+        # too, as a pod's default route would give (without one, connect() fails before the
+        # rules redirect it).
+        run(["ip", "-n", pod, "addr", "add", f"{POD_SERVICE_SRC_V4}/24", "dev", "eth0"])
+        run(["ip", "-n", pod, "route", "add", f"{CLUSTER_IP}/32", "dev", "eth0",
+             "src", POD_SERVICE_SRC_V4])
+        run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0",
+             "src", POD_SERVICE_SRC_V4])
     return pod, remote
 
 
