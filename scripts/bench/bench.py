@@ -5,8 +5,10 @@ injector and remora-init, in throwaway network namespaces. Writes results/bench-
 Knobs (environment):
   BENCH_ROUNDS=3       rounds; the seats run interleaved and in a rotated order in each round
   BENCH_SECONDS=10     length of each timed load
-  BENCH_SEATS=direct,haproxy,remora
-  BENCH_PARTS=proxy,injector,init
+  BENCH_SEATS=direct,haproxy,remora   also haproxy-lb and remora-svc: a Service's ClusterIP balanced
+                       over three endpoints (HAProxy leastconn; remora-proxy --control)
+  BENCH_PARTS=proxy,injector,init     also rss: remora-proxy's RSS with 10,000 Services in
+                       remora-control and traffic to 10 of them
   BENCH_LOADS=throughput,latency,newconn,h2   the proxy loads
   BENCH_REMORA_ARGS_X, BENCH_REMORA_BIN_X     flags / binary of a `remora@X` seat
   BENCH_LAYOUT=flat    or `pod`: client, proxy seat and nginx each in a CPU cgroup weighted like
@@ -50,7 +52,32 @@ H1_PORT, H2_PORT = 80, 81
 OUTBOUND_PORT, ADMIN_PORT = 15001, 15020
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy"}
+SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy",
+              "haproxy-lb": "HAProxy (Service)", "remora-svc": "remora-proxy (Service)"}
+
+# The Service seats: the client sends to a ClusterIP that no host has, and the seat balances
+# each request over the Service's endpoints (nginx on three addresses of the remote namespace).
+# HAProxy lists the endpoints statically (`balance leastconn`, its best case); remora-proxy
+# learns them from remora-control (`--control`), which runs on the pod's loopback.
+SERVICE_SEATS = ("haproxy-lb", "remora-svc")
+CLUSTER_IP = "198.18.0.100"
+# The remote namespace's addresses nginx listens on when a Service seat or the rss part runs:
+# the first three are the benchmarked Service's endpoints, all ten those of the rss part's
+# Services. REMOTE_V4 is the first, so the passthrough seats reach the same server.
+REAL_ENDPOINTS = [f"198.18.0.{i}" for i in range(2, 12)]
+SERVICE_ENDPOINTS = REAL_ENDPOINTS[:3]
+CONTROL_LISTEN, CONTROL_ADMIN = "127.0.0.1:8090", "127.0.0.1:9990"
+# Who the proxy's pod is, as the downward API would tell it (env POD_NAMESPACE, POD_NAME).
+POD_IDENTITY = {"POD_NAMESPACE": "bench-client", "POD_NAME": "bench-client-0"}
+SERVICE_NS, SERVICE_NAME = "bench", "nginx"
+# The pod's source address toward the ClusterIPs. The proxy's accepted sockets linger in
+# TIME_WAIT for 60 s, keyed by the client's address and port; a new SYN that lands on one is
+# accepted only if its TCP timestamp is newer (PAWS), and the kernel offsets a connection's
+# timestamps by a hash of its source and destination. A client port last used toward REMOTE_V4
+# (passthrough seats) and now toward a ClusterIP then had its SYN dropped about half the time:
+# 1 s retransmits and a new-connection load at a tenth of its rate, depending on the seats'
+# order. From an address of their own, the Service seats' clients never meet those sockets.
+POD_SERVICE_SRC_V4 = "198.18.0.254"
 
 
 def seat_label(seat):
@@ -64,7 +91,7 @@ def seat_known(seat):
     base, _, variant = seat.partition("@")
     return base in SEAT_NAMES and (not variant or (base == "remora" and variant.isidentifier()))
 
-KNOWN_PARTS = {"proxy", "injector", "init"}
+KNOWN_PARTS = {"proxy", "injector", "init", "rss"}
 KNOWN_LOADS = ["throughput", "latency", "newconn", "h2"]
 LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split(",") if x]
 
@@ -406,6 +433,20 @@ def parse_h2load(out):
 # The pod: two namespaces joined by a veth pair, the remote host runs nginx.
 
 
+def wants_endpoints():
+    """Whether this run needs the Service endpoints' addresses on the remote host."""
+    seats = SEATS
+    if os.environ.get("BENCH_MODE") == "count":
+        seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
+    return any(s in SERVICE_SEATS for s in seats) or "rss" in PARTS
+
+
+def server_addrs():
+    """The remote addresses nginx listens on: REMOTE_V4 alone, as ever, unless a Service seat
+    or the rss part runs."""
+    return REAL_ENDPOINTS if wants_endpoints() else [REMOTE_V4]
+
+
 def make_pod():
     CGROUPS.setup()
     pod, remote = JANITOR.netns(f"{PREFIX}-pod"), JANITOR.netns(REMOTE_NS)
@@ -421,20 +462,33 @@ def make_pod():
         run(in_ns(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
                        "net.ipv4.ip_local_port_range=1024 65000",
                        "net.ipv4.ip_local_reserved_ports=15000-15099"]))
+    for addr in server_addrs()[1:]:
+        run(["ip", "-n", remote, "addr", "add", f"{addr}/24", "dev", "eth0"])
+    if wants_endpoints():
+        # See POD_SERVICE_SRC_V4. The rss part's ClusterIPs are in 198.19.0.0/16: a route there
+        # too, as a pod's default route would give (without one, connect() fails before the
+        # rules redirect it).
+        run(["ip", "-n", pod, "addr", "add", f"{POD_SERVICE_SRC_V4}/24", "dev", "eth0"])
+        run(["ip", "-n", pod, "route", "add", f"{CLUSTER_IP}/32", "dev", "eth0",
+             "src", POD_SERVICE_SRC_V4])
+        run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0",
+             "src", POD_SERVICE_SRC_V4])
     return pod, remote
 
 
 def start_nginx(remote, work):
     conf = (HERE / "nginx.conf.in").read_text()
-    conf = conf.replace("@WORK@", str(work)).replace("@ADDR@", REMOTE_V4) \
-        .replace("@H1_PORT@", str(H1_PORT)).replace("@H2_PORT@", str(H2_PORT))
+    addrs = server_addrs()
+    listen = lambda port, extra: "\n".join(f"    listen {a}:{port}{extra} reuseport;" for a in addrs)
+    conf = conf.replace("@WORK@", str(work)).replace("@LISTEN_H1@", listen(H1_PORT, "")) \
+        .replace("@LISTEN_H2@", listen(H2_PORT, " http2"))
     path = work / "nginx.conf"
     path.write_text(conf)
     proc = JANITOR.spawn(CGROUPS.wrap("server", in_ns(remote, ["nginx", "-c", path, "-g",
                                                                "daemon off;"])),
                          log_path=work / "nginx.log")
-    if not wait_until(10, lambda: listening(remote, H1_PORT, REMOTE_V4)
-                      and listening(remote, H2_PORT, REMOTE_V4)):
+    if not wait_until(10, lambda: all(listening(remote, H1_PORT, a) and
+                                      listening(remote, H2_PORT, a) for a in addrs)):
         raise BenchError(f"nginx did not start; see {work}/nginx.log and {work}/nginx-error.log")
     return proc
 
@@ -491,6 +545,11 @@ class Seat:
         self.proc = None
 
     @property
+    def host(self):
+        """Where the client sends: the ClusterIP for a Service seat, else nginx's address."""
+        return CLUSTER_IP if self.name in SERVICE_SEATS else REMOTE_V4
+
+    @property
     def client_uid(self):
         # The direct path runs the client as the proxy uid: the rules exempt it, so the very
         # same ruleset stays in place for every seat.
@@ -507,6 +566,18 @@ class Seat:
             path.write_text(conf)
             argv = self.wrapper + ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
+        elif self.name == "haproxy-lb":
+            servers = lambda port, extra: "\n".join(
+                f"  server e{i} {a}:{port}{extra}" for i, a in enumerate(SERVICE_ENDPOINTS))
+            conf = (HERE / "haproxy-lb.cfg.in").read_text() \
+                .replace("@LISTEN@", f"127.0.0.1:{OUTBOUND_PORT}") \
+                .replace("@H2_PORT@", str(H2_PORT)) \
+                .replace("@SERVERS_H1@", servers(H1_PORT, "")) \
+                .replace("@SERVERS_H2@", servers(H2_PORT, " proto h2"))
+            path = self.work / "haproxy-lb.cfg"
+            path.write_text(conf)
+            argv = self.wrapper + ["haproxy", "-db", "-f", path]
+            ready = lambda: listening(self.pod, OUTBOUND_PORT)
         else:
             variant = self.name.partition("@")[2]
             # A variant may also be another build (a branch's binary) compared in the same run.
@@ -517,13 +588,19 @@ class Seat:
                 raise BenchError(f"{binary} is missing (make release)")
             check_own_build(binary)
             flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
+            if self.name == "remora-svc":
+                flags = f"--control {CONTROL_LISTEN} --control-plaintext " + \
+                    os.environ.get("BENCH_REMORA_ARGS_svc", "")
             argv = self.wrapper + [binary] + flags.split()
             ready = lambda: listening(self.pod, OUTBOUND_PORT) and run(
                 in_ns(self.pod, ["curl", "-sf", "-m", "1",
                                  f"http://127.0.0.1:{ADMIN_PORT}/ready"]), check=False
             ).returncode == 0
+        # POD_NAMESPACE and POD_NAME: the pod's identity for remora-control (the others ignore
+        # them); `ip netns exec` and setpriv pass the environment on.
         self.proc = JANITOR.spawn(CGROUPS.wrap("proxy", in_ns(self.pod, argv, uid=PROXY_UID)),
-                                  log_path=self.work / f"{self.name}.log")
+                                  log_path=self.work / f"{self.name}.log",
+                                  env={**os.environ, **POD_IDENTITY})
         if not wait_until(60 if self.wrapper else 15,
                           lambda: self.proc.poll() is not None or ready()) \
                 or self.proc.poll() is not None:
@@ -549,6 +626,60 @@ class Seat:
         return CGROUPS.wrap("client", in_ns(self.pod, argv, uid=self.client_uid))
 
 
+def service_objects(namespace, name, cluster_ip, endpoints, ports):
+    """A Service and its EndpointSlice as the API server would store them (remora-control
+    reads them with --objects): `ports` as (name, port, targetPort), every endpoint ready."""
+    return [
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": name, "namespace": namespace},
+         "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                  "selector": {"app": name},
+                  "ports": [{"name": n, "protocol": "TCP", "port": p, "targetPort": t}
+                            for n, p, t in ports]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": f"{name}-abcde", "namespace": namespace,
+                      "labels": {"kubernetes.io/service-name": name}},
+         "addressType": "IPv4",
+         "ports": [{"name": n, "protocol": "TCP", "port": t} for n, _, t in ports],
+         "endpoints": [{"addresses": [a],
+                        "conditions": {"ready": True, "serving": True, "terminating": False},
+                        "targetRef": {"kind": "Pod", "namespace": namespace,
+                                      "name": f"{name}-{i}"}}
+                       for i, a in enumerate(endpoints)]},
+    ]
+
+
+def bench_service_objects():
+    """The Service of the Service seats: ports 80 and 81 on the three endpoints."""
+    return service_objects(SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS,
+                           [("http", H1_PORT, H1_PORT), ("h2", H2_PORT, H2_PORT)])
+
+
+def start_control(pod, work, objects, tag):
+    """remora-control serving `objects` (written as one JSON object a line) on the pod's
+    loopback, ready; the seats' proxies are uid 1337, so the rules leave their connections to
+    it alone. Runs outside the proxy's CPU accounting: it is idle while the loads run."""
+    binary = BIN_DIR / "remora-control"
+    if not binary.exists():
+        raise BenchError(f"{binary} is missing (make release)")
+    directory = work / f"objects-{tag}"
+    directory.mkdir(exist_ok=True)
+    with open(directory / "objects.json", "w") as f:
+        for obj in objects:
+            f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    proc = JANITOR.spawn(in_ns(pod, [binary, "serve", "--plaintext", "--log-format", "plain",
+                                     "--objects", directory, "--listen", CONTROL_LISTEN,
+                                     "--admin-listen", CONTROL_ADMIN]),
+                         log_path=work / f"control-{tag}.log")
+    ok = lambda: run(in_ns(pod, ["curl", "-sf", "-m", "1", f"http://{CONTROL_ADMIN}/ready"]),
+                     check=False).returncode == 0
+    if not wait_until(120, lambda: proc.poll() is not None or ok()) or proc.poll() is not None:
+        JANITOR.stop(proc)
+        tail = (work / f"control-{tag}.log").read_text(errors="replace")[-600:]
+        raise BenchError(f"remora-control did not become ready: {tail.strip()}")
+    return proc
+
+
 def server_spread(port):
     """How nginx's workers share the load's connections to `port`: established connections per
     worker, most first ([8, 2], or [10, 0] when one worker holds them all). With them all on one
@@ -568,13 +699,49 @@ def server_spread(port):
     return sorted(workers.values(), reverse=True)
 
 
+def endpoint_spread(port):
+    """The Service seats: established connections to `port` per endpoint address, in the order
+    of SERVICE_ENDPOINTS (how the seat spread its upstream connections)."""
+    sockets = run(in_ns(REMOTE_NS, ["ss", "-tnH", "state", "established",
+                                    f"( sport = :{port} )"]), check=False).stdout
+    local = [line.split()[2].rpartition(":")[0] for line in sockets.splitlines()
+             if len(line.split()) >= 3]
+    return [local.count(a) for a in SERVICE_ENDPOINTS]
+
+
+def service_metrics(seat):
+    """remora-proxy's /metrics, as text."""
+    return run(in_ns(seat.pod, ["curl", "-sS", "-m", "2",
+                                f"http://127.0.0.1:{ADMIN_PORT}/metrics"]), check=False).stdout
+
+
+def check_balanced(seat):
+    """The Service seat of remora-proxy really balances: connected to remora-control, and both
+    Service ports known with their three endpoints once a request went to each."""
+    run(seat.client(["curl", "-sS", "-m", "5", "--http2-prior-knowledge",
+                     f"http://{CLUSTER_IP}:{H2_PORT}/"]), check=False)
+    text = service_metrics(seat)
+    for port in (H1_PORT, H2_PORT):
+        series = (f'remora_proxy_balancer_endpoints{{namespace="{SERVICE_NS}",'
+                  f'service="{SERVICE_NAME}",port="{port}"}} {len(SERVICE_ENDPOINTS)}')
+        if series not in text:
+            raise BenchError(f"remora-proxy (Service) does not balance port {port} over the "
+                             f"{len(SERVICE_ENDPOINTS)} endpoints; its metrics: "
+                             + " ".join(l for l in text.splitlines() if "balancer" in l
+                                        or "control" in l)[:600])
+
+
 def measure(seat, argv, parser, timeout, spread_port=None):
     """One load through `seat`: the client's figures, the seat's CPU per request and, with
-    `spread_port`, nginx's connections per worker sampled a moment into the load."""
+    `spread_port`, nginx's connections per worker sampled a moment into the load (and, for a
+    Service seat, per endpoint)."""
     spread, sampler = [], None
     if spread_port:
-        sampler = threading.Timer(min(2.0, SECONDS / 2),
-                                  lambda: spread.append(server_spread(spread_port)))
+        def sample():
+            spread.append(server_spread(spread_port))
+            if seat.name in SERVICE_SEATS:
+                spread.append(endpoint_spread(spread_port))
+        sampler = threading.Timer(min(2.0, SECONDS / 2), sample)
         sampler.start()
     cpu0, host0 = seat.cpu(), host_ticks()
     try:
@@ -593,20 +760,22 @@ def measure(seat, argv, parser, timeout, spread_port=None):
     res.update(host_share(host0, host1, res.get("requests")))
     if spread:
         res["server_spread"] = spread[0]
+    if len(spread) > 1:
+        res["endpoint_spread"] = spread[1]
     return res
 
 
-def load_argv(load, seconds):
+def load_argv(load, seconds, host=REMOTE_V4):
     """The client command of one proxy load: the same in the timed run, the profile and the
-    trace."""
-    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    trace. `host`: the ClusterIP for the Service seats."""
+    url = f"http://{host}:{H1_PORT}/"
     oha = ["oha", "-z", f"{seconds}s", "-c", "10", "--no-tui", "--output-format", "json"]
     return {
         "throughput": ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", url],
         "latency": oha + ["-q", "1000", "--latency-correction", url],
         "newconn": oha + ["--disable-keepalive", url],
         "h2": ["h2load", "-D", str(seconds), "-c", "10", "-m", "10", "-t", "1",
-               f"http://{REMOTE_V4}:{H2_PORT}/"],
+               f"http://{host}:{H2_PORT}/"],
     }[load]
 
 
@@ -626,17 +795,25 @@ SPREAD_PORTS = {"throughput": H1_PORT, "latency": H1_PORT, "h2": H2_PORT}
 def run_load(seat, load, into):
     """One load through a fresh process of `seat`, its figures added to `into`: the idle RSS of
     the first process, the peak after the 50-connection load, and the highest peak of any."""
-    url = f"http://{REMOTE_V4}:{H1_PORT}/"
+    url = f"http://{seat.host}:{H1_PORT}/"
     key, parser = LOAD_RESULTS[load]
     seat.start()
     try:
         into.setdefault("idle_rss_kib", seat.rss_kib("VmRSS"))
-        # One request proves the path (a proxy seat refuses if the proxy is not in it).
-        check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
+        # One request proves the path (a proxy seat refuses if the proxy is not in it; no host
+        # has the ClusterIP, so only a balancing seat answers it).
+        # remora-proxy asks remora-control about the ClusterIP on its first connection there
+        # and, without an answer within a second, fails open: a few tries, not one.
+        for _ in range(5 if seat.name == "remora-svc" else 1):
+            check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
+            if "hello" in check.stdout:
+                break
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
+        if seat.name == "remora-svc":
+            check_balanced(seat)
         try:
-            into[key] = measure(seat, load_argv(load, SECONDS), parser, SECONDS + 30,
+            into[key] = measure(seat, load_argv(load, SECONDS, seat.host), parser, SECONDS + 30,
                                 spread_port=SPREAD_PORTS.get(load))
         except BenchError as e:
             if load != "h2":
@@ -754,6 +931,12 @@ def proxy_table(summary):
         ratio_cols.append(("haproxy", "direct", "HAProxy / direct"))
     if "remora" in seats and "direct" in seats:
         ratio_cols.append(("remora", "direct", "remora / direct"))
+    if "remora-svc" in seats:
+        for base in ("haproxy-lb", "remora", "direct"):
+            if base in seats:
+                ratio_cols.append(("remora-svc", base, f"remora-svc / {seat_label(base)}"))
+    if "haproxy-lb" in seats and "direct" in seats:
+        ratio_cols.append(("haproxy-lb", "direct", "HAProxy (Service) / direct"))
     for seat in seats:
         if seat.startswith("remora@"):
             for base in ("haproxy", "remora"):
@@ -783,7 +966,7 @@ def text_table(head, rows):
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def targets(summary, injector, init):
+def targets(summary, injector, init, rss=None):
     """The issue's targets, checked against this run's medians."""
     out = []
 
@@ -820,6 +1003,36 @@ def targets(summary, injector, init):
         check("idle RSS <= 5 MiB", a, a is not None and a <= 5, f"{fmt(a, 'MiB')} MiB")
         a = r.get("peak_rss")
         check("peak RSS (50 conns) <= 20 MiB", a, a is not None and a <= 20, f"{fmt(a, 'MiB')} MiB")
+    sv, hl, rp = summary.get("remora-svc", {}), summary.get("haproxy-lb", {}), summary.get("remora")
+    if sv:
+        # Issue 23: the Service path against HAProxy balancing the same endpoints, and against
+        # remora-proxy's own passthrough.
+        rh = ratio(sv.get("rps"), hl.get("rps"))
+        check("Service: throughput >= 1.0x HAProxy (Service)", rh,
+              None if rh is None else rh >= 1.0, f"{rh:.3f}x" if rh is not None else "n/a")
+        if rp is not None:
+            rr = ratio(sv.get("rps"), rp.get("rps"))
+            check("Service: throughput >= 0.9x remora-proxy passthrough", rr,
+                  None if rr is None else rr >= 0.9, f"{rr:.3f}x" if rr is not None else "n/a")
+        for pct in ("p50", "p99"):
+            a, b = sv.get(f"added_{pct}_1000"), hl.get(f"added_{pct}_1000")
+            shown = f"{fmt(a, 'ms')} ms vs {fmt(b, 'ms')} ms"
+            if ratio(a, b) is not None:
+                shown += f" ({ratio(a, b):.3f}x)"
+            check(f"Service: added {pct} at 1000 rps <= HAProxy (Service)'s", a,
+                  None if a is None or b is None else a <= b, shown)
+        for key, load in (("cpu_per_1k", "wrk"), ("cpu_per_1k_1000rps", "1000 rps"),
+                          ("cpu_per_1k_newconn", "new conn"), ("cpu_per_1k_h2", "h2")):
+            a, b = sv.get(key), hl.get(key)
+            if a is None and b is None:
+                continue
+            check(f"Service: CPU s / 1000 req ({load}) <= HAProxy (Service)'s", a,
+                  None if a is None or b is None else a <= b,
+                  f"{fmt(a, 's')} vs {fmt(b, 's')}")
+    if rss and "error" not in rss:
+        a = rss.get("growth_over_idle_mib")
+        check("RSS with 10,000 Services, 10 used: within 1 MiB of idle (no --control)", a,
+              None if a is None else a <= 1.0, f"{a:+.2f} MiB" if a is not None else "n/a")
     if injector and "error" not in injector:
         a = injector.get("reviews_per_s")
         check("injector >= 5000 reviews/s", a, a is not None and a >= 5000, fmt(a, "req/s"))
@@ -938,6 +1151,126 @@ def bench_injector(work):
     finally:
         JANITOR.stop(proc)
         JANITOR.delete_netns(ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# rss: remora-proxy's memory with a large cluster in remora-control and a pod using 10 Services.
+
+RSS_SERVICES = int(os.environ.get("BENCH_RSS_SERVICES", "10000"))
+RSS_ENDPOINTS = 10
+RSS_USED = len(REAL_ENDPOINTS)
+RSS_REQUESTS = int(os.environ.get("BENCH_RSS_REQUESTS", "2000"))
+
+
+def rss_cluster_ip(i):
+    """Service i's ClusterIP: 198.19.200.1 on, 250 a /24 (10,000 end at 198.19.239.250)."""
+    return f"198.19.{200 + i // 250}.{i % 250 + 1}"
+
+
+def rss_fake_endpoint(k):
+    """The k-th endpoint of the Services no one uses: 198.18.16.0 on, no host has them
+    (100,000 end at 198.19.150.159, below the ClusterIPs)."""
+    n = (198 << 24) + (18 << 16) + (16 << 8) + k
+    return ".".join(str((n >> shift) & 255) for shift in (24, 16, 8, 0))
+
+
+def rss_used():
+    """The indices of the Services the pod talks to, spread over the set and its namespaces."""
+    if RSS_SERVICES < RSS_USED:
+        raise BenchError(f"BENCH_RSS_SERVICES={RSS_SERVICES}: at least {RSS_USED} needed")
+    step = RSS_SERVICES // RSS_USED
+    return [i * step + i % step for i in range(RSS_USED)]
+
+
+def rss_objects():
+    """RSS_SERVICES Services in 100 namespaces, each with RSS_ENDPOINTS ready endpoints on port
+    80; the used ones have the ten addresses nginx listens on, the others addresses no host has."""
+    used = set(rss_used())
+    objects = []
+    for i in range(RSS_SERVICES):
+        endpoints = REAL_ENDPOINTS if i in used else \
+            [rss_fake_endpoint(i * RSS_ENDPOINTS + j) for j in range(RSS_ENDPOINTS)]
+        objects += service_objects(f"team-{i % 100:02d}", f"svc-{i:05d}", rss_cluster_ip(i),
+                                   endpoints, [("http", H1_PORT, H1_PORT)])
+    return objects
+
+
+def rss_drive(seat, hosts):
+    """RSS_REQUESTS keep-alive HTTP/1.1 requests to each of `hosts` in turn, all answered.
+    First one request alone, tried up to five times: remora-proxy asks remora-control about a
+    ClusterIP on its first connection there and fails open without an answer within a second
+    (no host has these ClusterIPs). Returns how many of those first tries failed."""
+    misses = 0
+    for host in hosts:
+        for _ in range(5):
+            check = run(seat.client(["curl", "-sS", "-m", "5", f"http://{host}:{H1_PORT}/"]),
+                        check=False)
+            if "hello" in check.stdout:
+                break
+            misses += 1
+        else:
+            raise BenchError(f"{seat_label(seat.name)}: no answer from {host}: "
+                             f"{check.stderr.strip()[:300]}")
+        out = run(seat.client(["h2load", "--h1", "-n", str(RSS_REQUESTS), "-c", "4", "-t", "1",
+                               f"http://{host}:{H1_PORT}/"]), timeout=120, check=False)
+        res = parse_h2load(out.stdout)
+        if res["errors"] or res["requests"] != RSS_REQUESTS:
+            raise BenchError(f"{seat_label(seat.name)} to {host}: {res['requests']:,} of "
+                             f"{RSS_REQUESTS:,} requests answered 2xx")
+    return misses
+
+
+def bench_rss(pod, work):
+    """remora-proxy's VmRSS, per round in fresh processes: idle without --control; after the
+    same traffic to the ten endpoint addresses directly (passthrough); idle with --control; and
+    with --control after RSS_REQUESTS requests to each of ten of RSS_SERVICES Services
+    (10 endpoints each) that remora-control serves. Lazy discovery should keep the last within
+    1 MiB of idle: the proxy holds the ten Services it uses, not the cluster."""
+    t0 = time.monotonic()
+    control = start_control(pod, work, rss_objects(), "rss")
+    res = {"services": RSS_SERVICES, "endpoints_per_service": RSS_ENDPOINTS,
+           "services_used": RSS_USED, "requests_per_service": RSS_REQUESTS,
+           "control_ready_s": round(time.monotonic() - t0, 1), "rounds": []}
+    used = [rss_cluster_ip(i) for i in rss_used()]
+    try:
+        for _ in range(ROUNDS):
+            r = {}
+            for name, hosts, prefix in (("remora", REAL_ENDPOINTS, "plain"),
+                                        ("remora-svc", used, "control")):
+                seat = Seat(name, pod, work)
+                seat.start()
+                try:
+                    time.sleep(0.5)
+                    r[f"{prefix}_idle_kib"] = seat.rss_kib("VmRSS")
+                    r[f"{prefix}_first_misses"] = rss_drive(seat, hosts)
+                    time.sleep(1)
+                    r[f"{prefix}_after_kib"] = seat.rss_kib("VmRSS")
+                    r[f"{prefix}_peak_kib"] = seat.rss_kib("VmHWM")
+                    if name == "remora-svc":
+                        text = service_metrics(seat)
+                        known = [l for l in text.splitlines()
+                                 if l.startswith("remora_proxy_balancer_endpoints{")]
+                        full = [l for l in known if l.split()[-1] == str(len(REAL_ENDPOINTS))]
+                        r["services_known"] = len(known)
+                        if len(full) != RSS_USED:
+                            raise BenchError(f"remora-proxy balances {len(full)} of the "
+                                             f"{RSS_USED} Services it used: {known[:3]}")
+                    if seat.proc.poll() is not None:
+                        raise BenchError(f"{seat_label(name)} exited ({seat.proc.returncode})")
+                finally:
+                    seat.stop()
+            res["rounds"].append(r)
+        res["control_rss_kib"] = proc_status_kib(control.pid, "VmRSS")
+    finally:
+        JANITOR.stop(control)
+    keys = ("plain_idle_kib", "plain_after_kib", "control_idle_kib", "control_after_kib",
+            "control_peak_kib")
+    for key in keys:
+        res[key] = median([r[key] for r in res["rounds"]])
+    res["growth_over_idle_mib"] = (res["control_after_kib"] - res["plain_idle_kib"]) / 1024
+    res["growth_over_control_idle_mib"] = (res["control_after_kib"] - res["control_idle_kib"]) / 1024
+    res["growth_over_passthrough_mib"] = (res["control_after_kib"] - res["plain_after_kib"]) / 1024
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1210,11 +1543,11 @@ def drop_work(work, kept):
 COUNT_LOADS = {
     # h2load sends an exact number of requests; --h1 keeps its HTTP/1.1 connections alive.
     "keepalive": ("HTTP/1.1 keep-alive, 4 connections",
-                  lambda n: ["h2load", "--h1", "-n", str(n), "-c", "4", "-t", "1",
-                             f"http://{REMOTE_V4}:{H1_PORT}/"]),
+                  lambda n, host: ["h2load", "--h1", "-n", str(n), "-c", "4", "-t", "1",
+                                   f"http://{host}:{H1_PORT}/"]),
     "h2": ("prior-knowledge h2c, 4 connections x 10 streams",
-           lambda n: ["h2load", "-n", str(n), "-c", "4", "-m", "10", "-t", "1",
-                      f"http://{REMOTE_V4}:{H2_PORT}/"]),
+           lambda n, host: ["h2load", "-n", str(n), "-c", "4", "-m", "10", "-t", "1",
+                            f"http://{host}:{H2_PORT}/"]),
 }
 
 
@@ -1242,8 +1575,9 @@ def count():
                          "0 < small < large")
     seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     for name in seats:
-        if name not in ("remora", "haproxy") and not name.startswith("remora@"):
-            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL or haproxy")
+        if name not in ("remora", "haproxy", "remora-svc") and not name.startswith("remora@"):
+            raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL, "
+                             "remora-svc or haproxy")
     loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
     for load in loads:
         if load not in COUNT_LOADS:
@@ -1259,6 +1593,8 @@ def count():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
+        if "remora-svc" in seats:
+            start_control(pod, work, bench_service_objects(), "service")
         for load in loads:
             what, argv_of = COUNT_LOADS[load]
             for name in seats:
@@ -1269,7 +1605,16 @@ def count():
                         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
                     seat.start()
                     try:
-                        res = parse_h2load(run(seat.client(argv_of(n)), timeout=600).stdout)
+                        if name == "remora-svc":
+                            # The first connection asks remora-control (see run_load).
+                            for _ in range(5):
+                                if "hello" in run(seat.client(
+                                        ["curl", "-sS", "-m", "5",
+                                         f"http://{CLUSTER_IP}:{H1_PORT}/"]),
+                                        check=False).stdout:
+                                    break
+                        res = parse_h2load(run(seat.client(argv_of(n, seat.host)),
+                                               timeout=600).stdout)
                         if res["errors"] or res["requests"] != n:
                             raise BenchError(f"{seat_label(name)}, {load}: {res['requests']:,} "
                                              f"of {n:,} requests answered 2xx")
@@ -1437,7 +1782,12 @@ def render_markdown(report, head, rows):
                "50 keep-alive connections. Latency: oha at a fixed 1000 rps, 10 connections, "
                "--latency-correction; added = seat minus direct, paired per round. New conn: "
                "oha --disable-keepalive, 10 concurrent. HTTP/2: h2load prior-knowledge h2c. "
-               "CPU and RSS: the proxy process, from /proc.", "",
+               "CPU and RSS: the proxy process, from /proc."
+               + (" Service seats: the client sends to the ClusterIP " + CLUSTER_IP
+                  + ", balanced per request over nginx on " + ", ".join(SERVICE_ENDPOINTS)
+                  + " by HAProxy (leastconn, endpoints listed statically) or by remora-proxy "
+                  "with --control (remora-control on the pod's loopback, not counted)."
+                  if any(s in SERVICE_SEATS for s in SEATS) else ""), "",
                markdown_table(head, rows), ""]
         md += spread_lines(report.get("proxy_rounds", []))
         md += h2_split_lines(report.get("proxy_rounds", []))
@@ -1468,6 +1818,15 @@ def spread_lines(rounds):
         if cells:
             out.append(f"- nginx's connections per worker under the {load} load, by round: "
                        + "; ".join(cells))
+        cells = []
+        for seat in SERVICE_SEATS:
+            spreads = ["/".join(map(str, s)) for r in rounds
+                       if (s := get(r.get(seat, {}), f"{key}.endpoint_spread"))]
+            if spreads:
+                cells.append(f"{seat_label(seat)} {', '.join(spreads)}")
+        if cells:
+            out.append(f"- upstream connections per Service endpoint ({', '.join(SERVICE_ENDPOINTS)}) "
+                       f"under the {load} load, by round: " + "; ".join(cells))
     return out
 
 
@@ -1538,6 +1897,29 @@ def render_other_parts(report):
                    + " / ".join(fmt(v) for v in (inj.get("steal_pct") or {}).values()) + " |",
                    "", f"Medians over {len(inj['rounds'])} round(s); the 200-container review is "
                    f"{inj['pod200_body_bytes']:,} bytes, sent one at a time.", ""]
+    rss = report.get("rss")
+    if rss:
+        md += ["## remora-proxy RSS with a large cluster", ""]
+        if "error" in rss:
+            md += [f"not measured: {rss['error']}", ""]
+        else:
+            mib = lambda kib: fmt(kib / 1024, "MiB")
+            md += ["| remora-proxy | VmRSS (MiB) |", "|---|---|",
+                   f"| idle, without --control | {mib(rss['plain_idle_kib'])} |",
+                   f"| without --control, after {rss['requests_per_service']:,} requests to each "
+                   f"of the {rss['services_used']} endpoint addresses | {mib(rss['plain_after_kib'])} |",
+                   f"| idle, with --control | {mib(rss['control_idle_kib'])} |",
+                   f"| with --control, after {rss['requests_per_service']:,} requests to each of "
+                   f"{rss['services_used']} of {rss['services']:,} Services | "
+                   f"{mib(rss['control_after_kib'])} (peak {mib(rss['control_peak_kib'])}) |",
+                   "",
+                   f"Growth over idle without --control: {fmt(rss['growth_over_idle_mib'], 'MiB')} "
+                   f"MiB; over idle with --control: {fmt(rss['growth_over_control_idle_mib'], 'MiB')} "
+                   f"MiB; over the passthrough after the same traffic: "
+                   f"{fmt(rss['growth_over_passthrough_mib'], 'MiB')} MiB. remora-control with "
+                   f"{rss['services']:,} Services x {rss['endpoints_per_service']} endpoints: "
+                   f"{mib(rss['control_rss_kib'])} MiB RSS, ready {rss['control_ready_s']} s after "
+                   f"its start. Medians over {len(rss['rounds'])} round(s), fresh proxies each.", ""]
     init = report.get("init")
     if init:
         md += ["## remora-init apply time", ""]
@@ -1555,7 +1937,7 @@ def render_other_parts(report):
                           f"| {fmt(c['whole_process_median_ms'], 'ms')} | {c['runs']} |")
             md += ["", f"Spawning a process with nsenter alone: {fmt(init['spawn_overhead_ms'], 'ms')} ms.", ""]
     if report.get("targets"):
-        md += ["## Targets (issue 6)", "", "| target | this run | met |", "|---|---|---|"]
+        md += ["## Targets (issue 6; those marked Service and RSS: issue 23)", "", "| target | this run | met |", "|---|---|---|"]
         for t in report["targets"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             md.append(f"| {t['target']} | {t['value']} | {met} |")
@@ -1592,11 +1974,15 @@ def main():
     head, rows = [], []
     t_start = time.monotonic()
     try:
-        if "proxy" in PARTS:
+        if "proxy" in PARTS or "rss" in PARTS:
             pod, remote = make_pod()
             nginx = start_nginx(remote, work)
             report["rules"] = apply_rules(pod)
             report["layout"] = CGROUPS.describe()
+        if "proxy" in PARTS:
+            control = None
+            if "remora-svc" in SEATS:
+                control = start_control(pod, work, bench_service_objects(), "service")
             rounds = []
             for r in range(ROUNDS):
                 order = SEATS[r % len(SEATS):] + SEATS[:r % len(SEATS)]
@@ -1626,6 +2012,15 @@ def main():
             report["proxy_rounds"] = rounds
             report["proxy"] = summarize_proxy(rounds)
             head, rows = proxy_table(report["proxy"])
+            if control:
+                JANITOR.stop(control)
+        if "rss" in PARTS:
+            log(f"rss: remora-proxy with {RSS_SERVICES:,} Services in remora-control")
+            try:
+                report["rss"] = bench_rss(pod, work)
+            except BenchError as e:
+                report["rss"] = {"error": str(e)[:1000]}
+        if "proxy" in PARTS or "rss" in PARTS:
             JANITOR.stop(nginx, signal.SIGQUIT)
         if "injector" in PARTS:
             log("injector")
@@ -1642,7 +2037,8 @@ def main():
     finally:
         JANITOR.cleanup()
         drop_work(work, f"logs kept in {work}")
-    report["targets"] = targets(report.get("proxy", {}), report.get("injector"), report.get("init"))
+    report["targets"] = targets(report.get("proxy", {}), report.get("injector"), report.get("init"),
+                                report.get("rss"))
     report["duration_s"] = round(time.monotonic() - t_start, 1)
     md = render_markdown(report, head, rows)
     print()
