@@ -63,6 +63,16 @@ pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1)
 /// Where a finished response puts its connection back: the client connection's slot.
 pub type Slot = Arc<Mutex<Option<Conn>>>;
 
+/// Where a connection goes when its response has ended cleanly and it can serve again.
+#[derive(Debug, Clone)]
+pub enum Home {
+    /// The client connection's slot: its next request, which goes to the same place, takes it.
+    Slot(Slot),
+    /// Handed to `put` with the endpoint's address: for a Service, whose next request may go
+    /// anywhere, the worker's pool, where any client connection's request to it finds it.
+    Pool(SocketAddr, fn(SocketAddr, Conn)),
+}
+
 /// An upstream connection and what was read from it but not used yet.
 #[derive(Debug)]
 pub struct Conn {
@@ -250,12 +260,12 @@ fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 }
 
 /// Sends one request on `conn` and reads the response head. The response body reads the rest
-/// and, when it ends cleanly on a reusable connection, puts the connection back in `slot`.
+/// and, when it ends cleanly on a reusable connection, sends the connection `home`.
 pub async fn send(
     mut conn: Conn,
     head: &RequestHead,
     body: Option<Incoming>,
-    slot: &Slot,
+    home: Home,
 ) -> Result<Response<UpstreamBody>, Failed> {
     let failed = |error, nothing_received| Failed {
         error,
@@ -314,7 +324,7 @@ pub async fn send(
         // The server answered before the whole request body went out: it expects the rest (or
         // has stopped reading), so the connection cannot carry another request.
         keep_alive: keep_alive && body_sent,
-        slot: Some(slot.clone()),
+        home: Some(home),
         error: None,
     };
     if matches!(body.state, State::Length(0)) {
@@ -764,17 +774,22 @@ pub struct UpstreamBody {
     conn: Option<Conn>,
     state: State,
     keep_alive: bool,
-    slot: Option<Slot>,
+    home: Option<Home>,
     error: Option<Error>,
 }
 
 impl UpstreamBody {
-    /// The body is complete: the connection goes back to its slot if it can serve again.
+    /// The body is complete: the connection goes home if it can serve again.
     fn finish(&mut self) {
         self.state = State::Done;
-        if let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) {
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) {
             if self.keep_alive && conn.buf.is_empty() {
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+                match home {
+                    Home::Slot(slot) => {
+                        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn)
+                    }
+                    Home::Pool(addr, put) => put(addr, conn),
+                }
             }
         }
     }
@@ -1032,7 +1047,10 @@ mod tests {
         let head = RequestHead::new(&parts, &SizeHint::with_exact(0), addr).unwrap();
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let slot = Slot::default();
-        let mut body = send(conn, &head, None, &slot).await.unwrap().into_body();
+        let mut body = send(conn, &head, None, Home::Slot(slot.clone()))
+            .await
+            .unwrap()
+            .into_body();
         let mut frames = Vec::new();
         while let Some(frame) = body.frame().await {
             frames.push(frame.unwrap());
