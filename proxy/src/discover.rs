@@ -53,7 +53,7 @@ impl AppProtocol {
     pub fn of(app_protocol: &str) -> Self {
         match app_protocol {
             "" => Self::Detect,
-            "http" | "http2" | "kubernetes.io/h2c" | "grpc" | "kubernetes.io/h2" => Self::Http,
+            "http" | "http2" | "kubernetes.io/h2c" | "grpc" => Self::Http,
             _ => Self::Opaque,
         }
     }
@@ -686,7 +686,13 @@ mod tests {
         for http in ["http", "http2", "kubernetes.io/h2c", "grpc"] {
             assert_eq!(AppProtocol::of(http), AppProtocol::Http, "{http}");
         }
-        for opaque in ["tcp", "mysql", "redis", "kubernetes.io/ws"] {
+        for opaque in [
+            "tcp",
+            "mysql",
+            "redis",
+            "kubernetes.io/ws",
+            "kubernetes.io/h2",
+        ] {
             assert_eq!(AppProtocol::of(opaque), AppProtocol::Opaque, "{opaque}");
         }
         assert_eq!(AppProtocol::of(""), AppProtocol::Detect);

@@ -54,8 +54,6 @@ pub enum Resolved {
 /// An outbound connection's Service: held for the connection's life.
 #[derive(Debug)]
 pub struct ServiceTarget {
-    /// The original destination, the ClusterIP:port.
-    pub target: SocketAddr,
     balancer: Arc<Mutex<Applied>>,
     /// The snapshot when the connection started: its protocol and names.
     pub service: Arc<Service>,
@@ -88,7 +86,6 @@ pub async fn resolve(discovery: &'static Discovery, target: SocketAddr) -> Resol
     let service = known.borrow().service().cloned();
     match service {
         Some(service) => Resolved::Service(ServiceTarget {
-            target,
             balancer,
             service,
             metrics: discovery.metrics(),
