@@ -242,6 +242,7 @@ fn service(index: &Index, target: &Target, client_namespace: &str) -> pb::Servic
         app_protocol: target.app_protocol.clone().unwrap_or_default(),
         endpoints,
         routes: routes(index.routes(&target.service), target.port, client_namespace),
+        route_table: None,
     }
 }
 
