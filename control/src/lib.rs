@@ -9,5 +9,4 @@ pub mod kube_source;
 pub mod metrics;
 pub mod objects;
 pub mod server;
-pub mod tls;
 pub mod watch;

@@ -9,15 +9,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use remora_control::admin::{self, Health};
 use remora_control::metrics::Metrics;
 use remora_control::server::{self, Hub};
-use remora_control::tls::{self, CertReloader, CertResolver, TlsFiles};
 use remora_control::watch;
+use remora_serving::logging::{self, LogFormat};
+use remora_serving::tls::{self, CertReloader, CertResolver, TlsFiles};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,12 +100,6 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Json,
-    Plain,
-}
-
 impl ServeArgs {
     /// The TLS files, or `None` for --plaintext; a usage error when the flags don't say which.
     fn transport(&self) -> Result<Option<TlsFiles>, clap::Error> {
@@ -134,31 +128,6 @@ impl ServeArgs {
             )),
         }
     }
-}
-
-const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let expected = || {
-        format!(
-            "--log-level {level:?}: expected one of {} or tracing directives such as remora_control=debug,info",
-            LEVELS.join(", ")
-        )
-    };
-    // A lone word would parse as a target name and quietly log nothing: allow only levels there.
-    let is_directives = level.contains('=') || level.contains(',');
-    if !is_directives && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-        anyhow::bail!(expected());
-    }
-    let filter = EnvFilter::try_new(level).with_context(expected)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.init(),
-    }
-    Ok(())
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -204,7 +173,12 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
             }
             tracing::info!(cert = %files.cert.display(), key = %files.key.display(), "loaded the TLS certificate");
             tokio::spawn(reloader.run(tls::RELOAD_INTERVAL));
-            Some(TlsAcceptor::from(Arc::new(tls::server_config(resolver)?)))
+            // HTTP/2 alone: gRPC runs on nothing else, and a client that requires ALPN `h2`
+            // (tonic's does) fails its handshake without it.
+            Some(TlsAcceptor::from(Arc::new(tls::server_config(
+                resolver,
+                &[b"h2"],
+            )?)))
         }
     };
 
@@ -244,7 +218,11 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             let tls_files = args.transport().unwrap_or_else(|error| error.exit());
-            init_logging(&args.log_level, args.log_format)?;
+            logging::init(
+                &args.log_level,
+                args.log_format,
+                "remora_control=debug,info",
+            )?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -5,10 +5,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use remora_injector::offline::{self, InjectArgs};
 use remora_injector::server::{self, ServeArgs};
-use tracing_subscriber::EnvFilter;
+use remora_serving::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,12 +46,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Json,
-    Plain,
-}
-
 // Parsed once per run: the size of `serve`'s flags costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -83,35 +77,14 @@ enum Command {
     Inject(InjectArgs),
 }
 
-const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let expected = || {
-        format!(
-            "--log-level {level:?}: expected one of {} or tracing directives such as remora_injector=debug,info",
-            LEVELS.join(", ")
-        )
-    };
-    // A lone word would parse as a target name and quietly log nothing: allow only levels there.
-    let is_directives = level.contains('=') || level.contains(',');
-    if !is_directives && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-        anyhow::bail!(expected());
-    }
-    let filter = EnvFilter::try_new(level).with_context(expected)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.init(),
-    }
-    Ok(())
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging(&cli.log_level, cli.log_format.unwrap_or(LogFormat::Json))?;
+            logging::init(
+                &cli.log_level,
+                cli.log_format.unwrap_or(LogFormat::Json),
+                "remora_injector=debug,info",
+            )?;
             // A worker per core. One worker spent 8-28% less CPU per review at 1000/s (no idle
             // sibling woken per request), but every review then waits behind the one being
             // reviewed, and full-speed reviews/s fell from about 17,000 to 10,000-11,500 (bench
@@ -123,7 +96,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(server::serve(args))?;
         }
         Command::Inject(args) => {
-            init_logging(&cli.log_level, cli.log_format.unwrap_or(LogFormat::Plain))?;
+            logging::init(
+                &cli.log_level,
+                cli.log_format.unwrap_or(LogFormat::Plain),
+                "remora_injector=debug,info",
+            )?;
             offline::run(&args)?;
         }
     }

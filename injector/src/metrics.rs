@@ -1,6 +1,7 @@
 //! The webhook's Prometheus metrics: reviews by result and how long they took.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -11,6 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::review::Outcome;
+use crate::tls::ReloadEvent;
 
 /// The content type of what [`Metrics::encode`] writes (prometheus-client emits OpenMetrics text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -167,6 +169,18 @@ impl Metrics {
             .inc();
         if let Some(expires) = expires {
             self.tls_expiration.set(expires);
+        }
+    }
+
+    /// What counts the reloads of a [`CertReloader`](crate::tls::CertReloader), for its
+    /// `with_observer`.
+    pub fn reload_observer(self: &Arc<Self>) -> impl Fn(ReloadEvent) + Send + 'static {
+        let metrics = Arc::clone(self);
+        move |event| match event {
+            ReloadEvent::Loaded { not_after } => {
+                metrics.record_reload(ReloadResult::Loaded, not_after)
+            }
+            ReloadEvent::Rejected => metrics.record_reload(ReloadResult::Rejected, None),
         }
     }
 

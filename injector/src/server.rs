@@ -135,7 +135,7 @@ impl Server {
         certs: Arc<CertResolver>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsError> {
-        let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
+        let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone(), tls::ALPN)?));
         let state = Arc::new(AppState {
             config: Arc::new(ArcSwap::from_pointee(config)),
             metrics,
@@ -523,7 +523,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let certs = Arc::new(CertResolver::default());
     let mut reloader =
-        CertReloader::new(args.tls.clone(), certs.clone()).with_metrics(metrics.clone());
+        CertReloader::new(args.tls.files(), certs.clone()).with_observer(metrics.reload_observer());
     // The first load is synchronous so a good certificate is served from the first connection;
     // a missing one is logged and waited for (readiness says so).
     reloader.poll_and_log(true);

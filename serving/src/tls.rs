@@ -1,8 +1,9 @@
-//! The webhook's TLS certificate: read from PEM files and re-read whenever they change.
+//! A server's TLS certificate: read from PEM files and re-read whenever they change.
 //!
-//! The files are the single source of the certificate: a mounted Secret today, and whatever later
-//! writes a certificate into the same files. Kubernetes updates a Secret volume by swapping a
-//! `..data` symlink, so the files are polled and their *content* compared rather than watched.
+//! The files are the single source of the certificate: a mounted Secret, or whatever writes a
+//! certificate into the same files (cert-manager, a script). Kubernetes updates a Secret volume by
+//! swapping a `..data` symlink, so the files are polled and their *content* compared rather than
+//! watched.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,30 +17,15 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use crate::metrics::{Metrics, ReloadResult};
-
-/// How often the certificate files are re-read by [`serve`](crate::server::serve).
+/// How often the certificate files are re-read.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where the webhook's certificate and key are.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TlsArgs {
-    /// PEM certificate chain, server certificate first. Re-read when it changes.
-    #[arg(
-        long = "tls-cert",
-        env = "REMORA_TLS_CERT",
-        value_name = "FILE",
-        default_value = "/etc/remora/tls/tls.crt"
-    )]
+/// Where the certificate and key are.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain, server certificate first.
     pub cert: PathBuf,
-
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the certificate. Re-read when it changes.
-    #[arg(
-        long = "tls-key",
-        env = "REMORA_TLS_KEY",
-        value_name = "FILE",
-        default_value = "/etc/remora/tls/tls.key"
-    )]
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
 }
 
@@ -98,20 +84,23 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// A rustls server configuration that takes its certificate from `resolver` on every handshake
-/// and offers HTTP/2 and HTTP/1.1 (the API server speaks either).
-pub fn server_config(resolver: Arc<CertResolver>) -> Result<ServerConfig, TlsError> {
+/// and offers the ALPN protocols `alpn`, most preferred first.
+pub fn server_config(
+    resolver: Arc<CertResolver>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(config)
 }
 
 /// Parses a PEM certificate chain and key and checks that they belong together.
 pub fn load_pair(
-    files: &TlsArgs,
+    files: &TlsFiles,
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<CertifiedKey, TlsError> {
@@ -166,33 +155,53 @@ pub enum Reload {
     Failed(TlsError),
 }
 
+/// What [`CertReloader::poll_and_log`] tells its observer (a server's metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadEvent {
+    /// New files were loaded and are being served; the certificate's notAfter in Unix seconds.
+    Loaded { not_after: Option<i64> },
+    /// New files could not be used; the previous certificate, if any, stays.
+    Rejected,
+}
+
+type Observer = Box<dyn Fn(ReloadEvent) + Send>;
+
 /// Re-reads the certificate files and installs a new pair into the resolver when their content
 /// changes. A bad pair is reported and the old certificate kept.
-#[derive(Debug)]
 pub struct CertReloader {
-    files: TlsArgs,
+    files: TlsFiles,
     resolver: Arc<CertResolver>,
     /// The file contents behind the certificate being served.
     installed: Option<(Vec<u8>, Vec<u8>)>,
     /// The last failure seen and whether it was logged, so a lasting problem is logged once.
     last_failure: Option<(String, bool)>,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertReloader")
+            .field("files", &self.files)
+            .field("loaded", &self.installed.is_some())
+            .field("last_failure", &self.last_failure)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertReloader {
-    pub fn new(files: TlsArgs, resolver: Arc<CertResolver>) -> Self {
+    pub fn new(files: TlsFiles, resolver: Arc<CertResolver>) -> Self {
         Self {
             files,
             resolver,
             installed: None,
             last_failure: None,
-            metrics: None,
+            observer: None,
         }
     }
 
-    /// Also count reloads and export the served certificate's expiry.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Also tells `observer` of every logged reload and rejection (to count them, say).
+    pub fn with_observer(mut self, observer: impl Fn(ReloadEvent) + Send + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
         self
     }
 
@@ -234,8 +243,8 @@ impl CertReloader {
                     not_after = expires,
                     "loaded the TLS certificate"
                 );
-                if let Some(metrics) = &self.metrics {
-                    metrics.record_reload(ReloadResult::Loaded, expires);
+                if let Some(observer) = &self.observer {
+                    observer(ReloadEvent::Loaded { not_after: expires });
                 }
                 true
             }
@@ -247,8 +256,8 @@ impl CertReloader {
                 };
                 let log_now = !logged && (eager || seen_before);
                 if log_now {
-                    if let Some(metrics) = &self.metrics {
-                        metrics.record_reload(ReloadResult::Rejected, None);
+                    if let Some(observer) = &self.observer {
+                        observer(ReloadEvent::Rejected);
                     }
                     if self.resolver.is_loaded() {
                         tracing::warn!(%error, "TLS certificate files changed but can't be used; still serving the previous certificate");
@@ -288,15 +297,15 @@ mod tests {
         (cert.pem(), key.serialize_pem())
     }
 
-    fn files(dir: &Path) -> TlsArgs {
-        TlsArgs {
+    fn files(dir: &Path) -> TlsFiles {
+        TlsFiles {
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
         }
     }
 
     /// Writes a fresh self-signed pair for `name` to `files`; returns the certificate PEM.
-    fn write_pair(files: &TlsArgs, name: &str) -> String {
+    fn write_pair(files: &TlsFiles, name: &str) -> String {
         let (cert, key) = self_signed(name);
         std::fs::write(&files.cert, &cert).expect("write cert");
         std::fs::write(&files.key, &key).expect("write key");
@@ -352,6 +361,33 @@ mod tests {
             Reload::Failed(TlsError::Read { .. })
         ));
         assert_eq!(resolver.current().expect("kept").cert, served);
+    }
+
+    #[test]
+    fn the_observer_hears_of_loads_and_of_lasting_rejections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = files(dir.path());
+        write_pair(&files, "one.test");
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&events);
+        let mut reloader = CertReloader::new(files.clone(), Arc::new(CertResolver::default()))
+            .with_observer(move |event| seen.lock().unwrap().push(event));
+        assert!(reloader.poll_and_log(true));
+        assert!(!reloader.poll_and_log(false));
+
+        std::fs::write(&files.cert, "not pem at all").expect("write cert");
+        // Once may be a writer between the two files; twice in a row is a rejection, told once.
+        for _ in 0..3 {
+            assert!(!reloader.poll_and_log(false));
+        }
+        let events = events.lock().unwrap();
+        let [ReloadEvent::Loaded {
+            not_after: Some(not_after),
+        }, ReloadEvent::Rejected] = events[..]
+        else {
+            panic!("expected a load then one rejection, got {events:?}");
+        };
+        assert!(not_after > 1_700_000_000, "{not_after}");
     }
 
     #[test]

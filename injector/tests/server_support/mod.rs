@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use remora_injector::config::ConfigArgs;
 use remora_injector::metrics::Metrics;
 use remora_injector::server::{Server, Timeouts};
-use remora_injector::tls::{CertReloader, CertResolver, TlsArgs};
+use remora_injector::tls::{CertReloader, CertResolver, TlsFiles};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -80,8 +80,8 @@ impl SecretDir {
         }
     }
 
-    pub fn files(&self) -> TlsArgs {
-        TlsArgs {
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
             cert: self.dir.join("tls.crt"),
             key: self.dir.join("tls.key"),
         }
@@ -143,8 +143,8 @@ impl TestServer {
         }
         let metrics = Arc::new(Metrics::new());
         let certs = Arc::new(CertResolver::default());
-        let mut reloader =
-            CertReloader::new(secret.files(), certs.clone()).with_metrics(metrics.clone());
+        let mut reloader = CertReloader::new(secret.files(), certs.clone())
+            .with_observer(metrics.reload_observer());
         reloader.poll_and_log(true);
         let reloader = tokio::spawn(reloader.run(RELOAD_INTERVAL));
 
