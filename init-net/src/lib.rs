@@ -1,8 +1,10 @@
-//! remora-init as a library: the flags (shared with the injector, which writes them) and the rules.
+//! remora-init as a library: the flags (shared with the injector, which writes them) and the rules;
+//! also the proxy's `--control` address, which the injector writes and the proxy reads.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control_addr;
 pub mod iptables;
 pub mod rules;
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
+use remora_init::control_addr::ControlAddr;
 use remora_init::PortList;
 
 use crate::client::connect::Keepalive;
@@ -33,11 +34,8 @@ const DEFAULT_MAX_WORKERS: usize = 2;
 pub enum ConfigError {
     #[error("{flag}: {value:?} is not a duration (expected e.g. 500ms, 2s or 1m)")]
     Duration { flag: &'static str, value: String },
-    #[error(
-        "--control: {value:?} is not host:port (a DNS name or an IP literal, IPv6 in \
-         brackets, and a port from 1 to 65535; e.g. remora-control.remora-system.svc:8090)"
-    )]
-    ControlAddr { value: String },
+    #[error("--control: {reason}")]
+    ControlAddr { reason: String },
     #[error(
         "--tcp-keepalive: {value:?} is not a whole number of seconds from 1s to {max}s, or 0 \
          for off (the kernel counts keepalive in seconds)",
@@ -194,32 +192,13 @@ fn parse_tcp_keepalive(value: &str) -> Result<Duration, ConfigError> {
         })
 }
 
-/// `host:port`: a DNS name, an IPv4 literal or a bracketed IPv6 literal, and a port.
+/// `host:port`: a DNS name, an IPv4 literal or a bracketed IPv6 literal, and a port; parsed as
+/// the injector parses what it writes here.
 fn parse_control_addr(value: &str) -> Result<String, ConfigError> {
-    let error = || ConfigError::ControlAddr {
-        value: value.to_string(),
-    };
-    if value.parse::<SocketAddr>().is_ok() {
-        return Ok(value.to_string());
-    }
-    let (host, port) = value.rsplit_once(':').ok_or_else(error)?;
-    let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if port_ok && host_ok {
-        Ok(value.to_string())
-    } else {
-        Err(error())
-    }
+    value
+        .parse::<ControlAddr>()
+        .map(|addr| addr.to_string())
+        .map_err(|reason| ConfigError::ControlAddr { reason })
 }
 
 /// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
