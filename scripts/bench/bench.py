@@ -438,6 +438,8 @@ def wants_endpoints():
     seats = SEATS
     if os.environ.get("BENCH_MODE") == "count":
         seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
+    if os.environ.get("BENCH_MODE") == "profile":
+        seats = os.environ.get("BENCH_PROFILE_SEATS", "haproxy,remora").split(",")
     return any(s in SERVICE_SEATS for s in seats) or "rss" in PARTS
 
 
@@ -1498,14 +1500,12 @@ def profile():
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = [f"# proxy profile, {PROFILE_STAMP} (commit {git_commit()}, remora-proxy {binary})",
               ""]
+    # The client command of each load is made per seat: a Service seat's goes to the ClusterIP.
     loads = {
-        "keepalive": (load_argv("throughput", s), parse_wrk, "wrk, 50 keep-alive connections"),
-        "latency": (load_argv("latency", s), parse_oha,
-                    "oha, a fixed 1000 rps over 10 keep-alive connections"),
-        "newconn": (load_argv("newconn", s), parse_oha,
-                    "oha, a new connection per request, 10 concurrent"),
-        "h2": (load_argv("h2", s), parse_h2load,
-               "h2load, prior-knowledge h2c, 10 connections x 10 streams"),
+        "keepalive": ("throughput", parse_wrk, "wrk, 50 keep-alive connections"),
+        "latency": ("latency", parse_oha, "oha, a fixed 1000 rps over 10 keep-alive connections"),
+        "newconn": ("newconn", parse_oha, "oha, a new connection per request, 10 concurrent"),
+        "h2": ("h2", parse_h2load, "h2load, prior-knowledge h2c, 10 connections x 10 streams"),
     }
     only = os.environ.get("BENCH_PROFILE_LOADS")
     if only:
@@ -1516,12 +1516,15 @@ def profile():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
+        if any(name in SERVICE_SEATS for name in seats):
+            start_control(pod, work, bench_service_objects(), "service")
         report[0] += f", CPU layout {CGROUPS.describe()}"
         for name in seats:
             seat = Seat(name, pod, work)
             seat.start()
             try:
-                for load, (argv, parser, what) in loads.items():
+                for load, (kind, parser, what) in loads.items():
+                    argv = load_argv(kind, s, seat.host)
                     out, counters = perf_stat(seat, name, work, argv, parser, s)
                     report += [f"## {seat_label(name)} under {what} ({s} s): "
                                f"{out['rps']:,.0f} req/s", ""]
