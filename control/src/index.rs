@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::gateway::{GrpcRoute, HttpRoute, ParentReference};
+use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
 use crate::objects::{ObjectSet, Stored};
 use crate::routes::CompiledRoute;
 
@@ -183,6 +183,8 @@ pub struct Index {
     /// Each route object's compiled rules, by the address of its `Arc` (kept alive by
     /// `objects`), for the next [`Index::update`] to reuse.
     compiled_routes: Arc<HashMap<usize, Arc<CompiledRoute>>>,
+    /// ReferenceGrants by their namespace (the namespace they open to others).
+    grants: Arc<HashMap<String, Vec<Arc<ReferenceGrant>>>>,
     /// The objects it answers for (pointers), to tell what the next [`Index::update`] changes.
     objects: ObjectSet,
     /// What each Service object gave, by the address of its `Arc` (kept alive by the entry, so
@@ -244,6 +246,7 @@ impl Index {
         if !same(&old.services, &objects.services)
             || !same(&old.http_routes, &objects.http_routes)
             || !same(&old.grpc_routes, &objects.grpc_routes)
+            || !same(&old.reference_grants, &objects.reference_grants)
             || old.endpoint_slices.len() != objects.endpoint_slices.len()
         {
             return None;
@@ -273,6 +276,7 @@ impl Index {
             routes: Arc::clone(&self.routes),
             services: self.services.clone(),
             compiled_routes: Arc::clone(&self.compiled_routes),
+            grants: Arc::clone(&self.grants),
             objects: objects.clone(),
             computed: self.computed.clone(),
         };
@@ -417,11 +421,17 @@ impl Index {
                 routes.entry(service).or_default().push(attached);
             }
         }
+        let mut grants: HashMap<String, Vec<Arc<ReferenceGrant>>> = HashMap::new();
+        for grant in &objects.reference_grants {
+            let namespace = grant.metadata.namespace.clone().unwrap_or_default();
+            grants.entry(namespace).or_default().push(Arc::clone(grant));
+        }
         Self {
             targets,
             routes: Arc::new(routes),
             services,
             compiled_routes: Arc::new(compiled_routes),
+            grants: Arc::new(grants),
             objects: objects.clone(),
             computed,
         }
@@ -492,6 +502,14 @@ impl Index {
         self.services
             .get(service)
             .map(|computed| ServiceVersion(Arc::clone(computed)))
+    }
+
+    /// The ReferenceGrants of `namespace`, in the order read.
+    pub fn reference_grants(&self, namespace: &str) -> &[Arc<ReferenceGrant>] {
+        self.grants
+            .get(namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// How many ClusterIP:port entries there are.

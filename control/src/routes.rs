@@ -40,7 +40,7 @@ use remora_api::discovery as pb;
 
 use crate::gateway::{
     self, BackendObjectReference, Filter, GrpcRouteMatch, HeaderMatch, HttpRouteMatch,
-    HttpRouteRetry, HttpRouteTimeouts, MatchType, PathMatchType, PathModifierType,
+    HttpRouteRetry, HttpRouteTimeouts, MatchType, PathMatchType, PathModifierType, ReferenceGrant,
 };
 use crate::index::{AttachedRoute, Index, Route, RouteRole, ServiceKey, ServiceVersion};
 
@@ -680,6 +680,8 @@ struct Sources {
     service: Option<ServiceVersion>,
     /// Each backend's Service.
     backends: Vec<(ServiceKey, Option<ServiceVersion>)>,
+    /// The ReferenceGrants of each namespace a backendRef crossed into.
+    grants: Vec<(String, Vec<Arc<ReferenceGrant>>)>,
 }
 
 impl Sources {
@@ -695,6 +697,10 @@ impl Sources {
                 .backends
                 .iter()
                 .all(|(key, version)| index.service_version(key) == *version)
+            && self.grants.iter().all(|(namespace, grants)| {
+                let now = index.reference_grants(namespace);
+                now.len() == grants.len() && now.iter().zip(grants).all(|(a, b)| Arc::ptr_eq(a, b))
+            })
     }
 }
 
@@ -749,6 +755,7 @@ pub fn resolve(index: &Index, service: &ServiceKey, port: u16, client_namespace:
         backends: HashMap::new(),
         table: pb::RouteTable::default(),
         versions: Vec::new(),
+        grants: Vec::new(),
     };
     let mut ranked: Vec<(Rank, usize, u32, &pb::RouteMatch)> = Vec::new();
     for (order, a) in chosen.iter().enumerate() {
@@ -782,7 +789,10 @@ pub fn resolve(index: &Index, service: &ServiceKey, port: u16, client_namespace:
         })
         .collect();
     let TableBuilder {
-        table, versions, ..
+        table,
+        versions,
+        grants,
+        ..
     } = builder;
     Resolved {
         table,
@@ -791,6 +801,7 @@ pub fn resolve(index: &Index, service: &ServiceKey, port: u16, client_namespace:
             attached: attached.iter().map(|a| Arc::clone(&a.compiled)).collect(),
             service: index.service_version(service),
             backends: versions,
+            grants,
         },
     }
 }
@@ -803,6 +814,7 @@ struct TableBuilder<'a> {
     backends: HashMap<(BackendRef, bool), u32>,
     table: pb::RouteTable,
     versions: Vec<(ServiceKey, Option<ServiceVersion>)>,
+    grants: Vec<(String, Vec<Arc<ReferenceGrant>>)>,
 }
 
 impl TableBuilder<'_> {
@@ -853,14 +865,36 @@ impl TableBuilder<'_> {
             .collect()
     }
 
+    /// Whether a ReferenceGrant in `backend`'s namespace lets this route name it.
+    fn granted(&mut self, attached: &AttachedRoute, backend: &BackendRef) -> bool {
+        let grants = self.index.reference_grants(&backend.namespace);
+        if !self
+            .grants
+            .iter()
+            .any(|(seen, _)| *seen == backend.namespace)
+        {
+            self.grants
+                .push((backend.namespace.clone(), grants.to_vec()));
+        }
+        grants.iter().any(|grant| {
+            grant.allows_service(
+                attached.compiled.kind,
+                attached.route.namespace(),
+                &backend.name,
+            )
+        })
+    }
+
     /// The index of `backend` in the table, added on first use.
     fn backend(&mut self, attached: &AttachedRoute, backend: &BackendRef) -> u32 {
         let key = backend.key();
         let route_namespace = attached.route.namespace();
         // A consumer route names its parent Service in another namespace by nature; it needs no
-        // ReferenceGrant to send there.
-        let allowed = backend.namespace == route_namespace
-            || (attached.role == RouteRole::Consumer && key == *self.service);
+        // ReferenceGrant to send there. Any other crossing needs one in the backend's namespace.
+        let crosses = backend.namespace != route_namespace;
+        let allowed = !crosses
+            || (attached.role == RouteRole::Consumer && key == *self.service)
+            || (backend.service && self.granted(attached, backend));
         if let Some(at) = self.backends.get(&(backend.clone(), allowed)) {
             return *at;
         }
@@ -1465,6 +1499,67 @@ spec:
             .map(|b| (b.name.as_str(), b.resolved, b.endpoints.len()))
             .collect();
         assert_eq!(resolved, [("api", true, 2), ("db", false, 0)]);
+    }
+
+    const GRANT: &str = "\
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-to-db, namespace: data}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: '', kind: Service, name: db}]
+---
+";
+
+    #[test]
+    fn a_cross_namespace_backend_needs_a_reference_grant_of_its_namespace() {
+        let route = http_route(
+            "shop",
+            "r",
+            "",
+            "[{backendRefs: [{name: db, namespace: data, port: 5432}]}]",
+        );
+        let db = |yaml: &str| -> bool { web(yaml, "shop").table.backends[0].resolved };
+        assert!(!db(&route));
+        assert!(db(&(route.clone() + GRANT)));
+        // A grant for another kind, namespace or Service does not do.
+        for (case, other) in [
+            ("kind", GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute")),
+            (
+                "from namespace",
+                GRANT.replace("namespace: shop", "namespace: else"),
+            ),
+            ("Service", GRANT.replace("name: db", "name: cache")),
+            (
+                "its namespace",
+                GRANT.replace("namespace: data", "namespace: shop"),
+            ),
+        ] {
+            assert!(!db(&(route.clone() + &other)), "{case}");
+        }
+        // A grant without a name opens every Service of its namespace.
+        assert!(db(&(route + &GRANT.replace(", name: db", ""))));
+    }
+
+    #[test]
+    fn a_grant_added_later_is_not_hidden_by_a_carried_table() {
+        let route = http_route(
+            "shop",
+            "r",
+            "",
+            "[{backendRefs: [{name: db, namespace: data, port: 5432}]}]",
+        );
+        let (mut objects, _) =
+            read_file_text(Path::new("t.yaml"), &(SERVICES.to_string() + &route));
+        let first = Index::build(&objects);
+        let web = ServiceKey::new("shop", "web");
+        let tables = Tables::default();
+        assert!(!tables.get(&first, &web, 80, "shop").table.backends[0].resolved);
+        let (grant, _) = read_file_text(Path::new("g.yaml"), GRANT);
+        objects.reference_grants.extend(grant.reference_grants);
+        let second = first.update(&objects);
+        let next = Tables::after(&tables);
+        assert!(next.get(&second, &web, 80, "shop").table.backends[0].resolved);
     }
 
     #[test]
