@@ -195,7 +195,16 @@ pub struct Index {
 /// Equal when they answer the same (what was kept for reuse aside).
 impl PartialEq for Index {
     fn eq(&self, other: &Self) -> bool {
-        self.targets == other.targets && self.routes == other.routes
+        self.targets == other.targets
+            && self.routes == other.routes
+            && self.grants == other.grants
+            && self.services.len() == other.services.len()
+            && self.services.iter().all(|(key, computed)| {
+                other
+                    .services
+                    .get(key)
+                    .is_some_and(|theirs| computed.answers_as(theirs))
+            })
     }
 }
 
@@ -208,6 +217,12 @@ struct Computed {
 }
 
 impl Computed {
+    /// Whether both were computed from the same objects and give the same entries.
+    fn answers_as(&self, other: &Computed) -> bool {
+        let slices: Vec<&Arc<EndpointSlice>> = other.slices.iter().collect();
+        self.holds(&other.service, &slices) && self.targets == other.targets
+    }
+
     /// Whether these entries are the ones `service` with `slices` gives.
     fn holds(&self, service: &Arc<Service>, slices: &[&Arc<EndpointSlice>]) -> bool {
         Arc::ptr_eq(&self.service, service)
@@ -358,9 +373,13 @@ impl Index {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             let id = Arc::as_ptr(service) as usize;
-            let kept = previous
-                .and_then(|previous| previous.computed.get(&id))
-                .filter(|kept| kept.holds(service, own_slices));
+            // The same object twice in the list shares one entry, so that the Service's name
+            // and its address answer from the same computation.
+            let kept = computed.get(&id).or_else(|| {
+                previous
+                    .and_then(|previous| previous.computed.get(&id))
+                    .filter(|kept| kept.holds(service, own_slices))
+            });
             let entry = match kept {
                 Some(kept) => Arc::clone(kept),
                 None => {

@@ -30,6 +30,9 @@
 //!   their precedence and answer 500); a match that cannot be evaluated (a bad regex, a match
 //!   type remora does not know) is left out, since it matches nothing remora can tell.
 //! - A backend's endpoints are those of its Service's primary IP family.
+//! - `hostnames` are not read: a mesh route attaches to the Service's ClusterIP and port, not to
+//!   the Host header.
+//! - A `retry` without `attempts` retries twice, as the Service annotation's default does.
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
