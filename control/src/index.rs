@@ -408,6 +408,8 @@ impl Index {
         }
         let mut routes: HashMap<ServiceKey, Vec<AttachedRoute>> = HashMap::new();
         let mut compiled_routes = HashMap::new();
+        // The previous version of each route by name, made only once a route needs compiling.
+        let mut by_name: Option<HashMap<(&str, &str, &str), &CompiledRoute>> = None;
         let http = objects.http_routes.iter().map(|route| {
             (
                 Route::Http(Arc::clone(route)),
@@ -431,7 +433,21 @@ impl Index {
                 .or_insert_with(|| {
                     match previous.and_then(|previous| previous.compiled_routes.get(&id)) {
                         Some(kept) => Arc::clone(kept),
-                        None => Arc::new(CompiledRoute::new(&route)),
+                        None => {
+                            let earlier = by_name.get_or_insert_with(|| {
+                                previous
+                                    .iter()
+                                    .flat_map(|previous| previous.compiled_routes.values())
+                                    .map(|compiled| (compiled.id(), &**compiled))
+                                    .collect()
+                            });
+                            let kind = match route {
+                                Route::Http(_) => "HTTPRoute",
+                                Route::Grpc(_) => "GRPCRoute",
+                            };
+                            let name = (kind, route.namespace(), route.name());
+                            Arc::new(CompiledRoute::new(&route, earlier.get(&name).copied()))
+                        }
                     }
                 })
                 .clone();

@@ -72,6 +72,8 @@ pub struct CompiledRoute {
     name: String,
     created: Option<Time>,
     rules: Vec<CompiledRule>,
+    /// Every regular expression of the route, checked.
+    patterns: CheckedPatterns,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -136,8 +138,11 @@ impl BackendRef {
 
 impl CompiledRoute {
     /// Reads one route; logs each rule it cannot honour (once per route object, so once per
-    /// change of it).
-    pub fn new(route: &Route) -> Self {
+    /// change of it). `earlier` is the route's previous version, if there was one: the
+    /// regular expressions it checked are not compiled again.
+    pub fn new(route: &Route, earlier: Option<&CompiledRoute>) -> Self {
+        let earlier = earlier.map(|earlier| &earlier.patterns);
+        let mut patterns = CheckedPatterns::new();
         let (kind, metadata, rules) = match route {
             Route::Http(http) => (
                 HTTP_ROUTE,
@@ -145,7 +150,7 @@ impl CompiledRoute {
                 http.spec
                     .rules
                     .iter()
-                    .map(|rule| http_rule(rule, route.namespace()))
+                    .map(|rule| http_rule(rule, route.namespace(), earlier, &mut patterns))
                     .collect::<Vec<_>>(),
             ),
             Route::Grpc(grpc) => (
@@ -154,7 +159,7 @@ impl CompiledRoute {
                 grpc.spec
                     .rules
                     .iter()
-                    .map(|rule| grpc_rule(rule, route.namespace()))
+                    .map(|rule| grpc_rule(rule, route.namespace(), earlier, &mut patterns))
                     .collect(),
             ),
         };
@@ -164,6 +169,7 @@ impl CompiledRoute {
             name: route.name().to_string(),
             created: metadata.creation_timestamp.clone(),
             rules,
+            patterns,
         };
         for (number, rule) in compiled.rules.iter().enumerate() {
             if let Some(reason) = &rule.invalid {
@@ -175,6 +181,11 @@ impl CompiledRoute {
             }
         }
         compiled
+    }
+
+    /// The route's kind, namespace and name.
+    pub fn id(&self) -> (&'static str, &str, &str) {
+        (self.kind, &self.namespace, &self.name)
     }
 
     /// The rules that cannot be honoured: (rule number, reason).
@@ -197,20 +208,60 @@ impl CompiledRoute {
     }
 }
 
-/// Collects the reasons a rule cannot be honoured; the first one is reported.
-#[derive(Default)]
-struct Problems(Option<String>);
+/// Regular expressions checked: pattern → why it does not compile, if it does not.
+type CheckedPatterns = HashMap<String, Option<String>>;
 
-impl Problems {
-    fn add(&mut self, reason: impl FnOnce() -> String) {
-        if self.0.is_none() {
-            self.0 = Some(reason());
+/// Collects the reasons a rule cannot be honoured (the first one is reported), and checks its
+/// regular expressions.
+struct Problems<'a> {
+    first: Option<String>,
+    /// What the route's previous version found (compiling a pattern costs far more than
+    /// looking it up, and an edit of a long route leaves most of its patterns as they were).
+    earlier: Option<&'a CheckedPatterns>,
+    checked: &'a mut CheckedPatterns,
+}
+
+impl<'a> Problems<'a> {
+    fn new(earlier: Option<&'a CheckedPatterns>, checked: &'a mut CheckedPatterns) -> Self {
+        Self {
+            first: None,
+            earlier,
+            checked,
         }
+    }
+
+    fn add(&mut self, reason: impl FnOnce() -> String) {
+        if self.first.is_none() {
+            self.first = Some(reason());
+        }
+    }
+
+    /// Whether `pattern` compiles as the proxy will compile it; the reason when it does not.
+    fn regex(&mut self, pattern: &str) -> Result<(), String> {
+        let result = match self
+            .checked
+            .get(pattern)
+            .or_else(|| self.earlier.and_then(|earlier| earlier.get(pattern)))
+        {
+            Some(known) => known.clone(),
+            None => regex::Regex::new(pattern)
+                .err()
+                .map(|error| format!("{pattern:?} is not a valid regular expression: {error}")),
+        };
+        if !self.checked.contains_key(pattern) {
+            self.checked.insert(pattern.to_string(), result.clone());
+        }
+        result.map_or(Ok(()), Err)
     }
 }
 
-fn http_rule(rule: &gateway::HttpRouteRule, namespace: &str) -> CompiledRule {
-    let mut problems = Problems::default();
+fn http_rule(
+    rule: &gateway::HttpRouteRule,
+    namespace: &str,
+    earlier: Option<&CheckedPatterns>,
+    checked: &mut CheckedPatterns,
+) -> CompiledRule {
+    let mut problems = Problems::new(earlier, checked);
     // No matches means every request (the schema's default is one `PathPrefix /`).
     let default_match = [HttpRouteMatch::default()];
     let written: &[HttpRouteMatch] = if rule.matches.is_empty() {
@@ -248,7 +299,7 @@ fn http_rule(rule: &gateway::HttpRouteRule, namespace: &str) -> CompiledRule {
         .map(|retry| route_retry(retry, &mut problems));
     CompiledRule {
         name: rule.name.clone().unwrap_or_default(),
-        invalid: problems.0,
+        invalid: problems.first,
         matches,
         filters,
         backends,
@@ -258,8 +309,13 @@ fn http_rule(rule: &gateway::HttpRouteRule, namespace: &str) -> CompiledRule {
     }
 }
 
-fn grpc_rule(rule: &gateway::GrpcRouteRule, namespace: &str) -> CompiledRule {
-    let mut problems = Problems::default();
+fn grpc_rule(
+    rule: &gateway::GrpcRouteRule,
+    namespace: &str,
+    earlier: Option<&CheckedPatterns>,
+    checked: &mut CheckedPatterns,
+) -> CompiledRule {
+    let mut problems = Problems::new(earlier, checked);
     let default_match = [GrpcRouteMatch::default()];
     let written: &[GrpcRouteMatch] = if rule.matches.is_empty() {
         &default_match
@@ -283,7 +339,7 @@ fn grpc_rule(rule: &gateway::GrpcRouteRule, namespace: &str) -> CompiledRule {
         .collect();
     CompiledRule {
         name: rule.name.clone().unwrap_or_default(),
-        invalid: problems.0,
+        invalid: problems.first,
         matches,
         filters,
         backends,
@@ -291,13 +347,6 @@ fn grpc_rule(rule: &gateway::GrpcRouteRule, namespace: &str) -> CompiledRule {
         backend_request_timeout_ms: 0,
         retry: None,
     }
-}
-
-/// Whether `pattern` compiles as the proxy will compile it; the reason when it does not.
-fn check_regex(pattern: &str) -> Result<(), String> {
-    regex::Regex::new(pattern)
-        .map(drop)
-        .map_err(|error| format!("{pattern:?} is not a valid regular expression: {error}"))
 }
 
 /// A match as the table writes it, and its rank; `None` when it cannot be evaluated (the rule
@@ -315,7 +364,7 @@ fn http_match(written: &HttpRouteMatch, problems: &mut Problems) -> Option<(Rank
     };
     match kind {
         pb::path_match::Kind::Regex => {
-            if let Err(reason) = check_regex(value) {
+            if let Err(reason) = problems.regex(value) {
                 problems.add(|| format!("path: {reason}"));
                 return None;
             }
@@ -362,7 +411,7 @@ fn value_matches(
             let kind = match &m.match_type {
                 MatchType::Exact => pb::value_match::Kind::Exact,
                 MatchType::RegularExpression => {
-                    if let Err(reason) = check_regex(&m.value) {
+                    if let Err(reason) = problems.regex(&m.value) {
                         problems.add(|| format!("{what} {:?}: {reason}", m.name));
                         return None;
                     }
@@ -410,7 +459,7 @@ fn grpc_match(written: &GrpcRouteMatch, problems: &mut Problems) -> Option<(Rank
                 },
                 (MatchType::RegularExpression, service, name) => {
                     for part in [service, name].into_iter().flatten() {
-                        if let Err(reason) = check_regex(part) {
+                        if let Err(reason) = problems.regex(part) {
                             problems.add(|| format!("gRPC method: {reason}"));
                             return None;
                         }
@@ -1429,6 +1478,30 @@ spec: {clusterIP: 10.96.0.12, ports: [{port: 5432}]}
         let invalid: Vec<(usize, &str)> = attached[0].compiled.invalid_rules().collect();
         assert_eq!(invalid.len(), 1);
         assert_eq!(invalid[0].0, 0);
+    }
+
+    #[test]
+    fn a_new_version_of_a_route_takes_its_pattern_checks_from_the_last() {
+        let yaml = SERVICES.to_string()
+            + &http_route(
+                "shop",
+                "r",
+                "",
+                "[{matches: [{path: {type: RegularExpression, value: '/a.*'}}]}]",
+            );
+        let index = index(&yaml);
+        let attached = &index.routes(&ServiceKey::new("shop", "web"))[0];
+        assert_eq!(attached.compiled.patterns.get("/a.*"), Some(&None));
+        // An earlier version that (as a stand-in for a check already made) holds a verdict:
+        // it is taken, not compiled again.
+        let mut earlier = (*attached.compiled).clone();
+        earlier
+            .patterns
+            .insert("/a.*".into(), Some("remembered".into()));
+        let again = CompiledRoute::new(&attached.route, Some(&earlier));
+        assert_eq!(again.rules[0].invalid.as_deref(), Some("path: remembered"));
+        let fresh = CompiledRoute::new(&attached.route, None);
+        assert_eq!(fresh.rules[0].invalid, None);
     }
 
     #[test]
