@@ -442,6 +442,47 @@ async fn a_route_table_is_resolved_and_follows_its_backends_endpoints() {
     );
 }
 
+/// `web` sends everything to `db` in namespace `data`.
+const TO_DB: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 5432}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-db, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: db, namespace: data, port: 5432}]}]
+";
+
+const DB_GRANT: &str = "\
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-shop, namespace: data}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: '', kind: Service, name: db}]
+";
+
+#[tokio::test]
+async fn a_reference_grant_written_and_removed_reaches_open_streams() {
+    let server = Server::start(&[("services.yaml", SERVICE), ("to-db.yaml", TO_DB)]).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "shop").await;
+    let resolved = |snapshot: &pb::Snapshot| {
+        let table = service(snapshot).route_table.as_ref().unwrap();
+        assert_eq!(table.backends.len(), 1, "{table:?}");
+        table.backends[0].resolved
+    };
+    assert!(!resolved(&next(&mut stream, CHANGE_DEADLINE).await));
+    fs::write(server.path("grant.yaml"), DB_GRANT).unwrap();
+    assert!(resolved(&next(&mut stream, CHANGE_DEADLINE).await));
+    fs::remove_file(server.path("grant.yaml")).unwrap();
+    assert!(!resolved(&next(&mut stream, CHANGE_DEADLINE).await));
+}
+
 #[tokio::test]
 async fn a_target_that_is_no_service_is_passthrough() {
     let server = Server::start(&[("services.yaml", SERVICE)]).await;
