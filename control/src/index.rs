@@ -531,6 +531,20 @@ impl Index {
         })
     }
 
+    /// The name of TCP port `port` of `service`, if it has one (what a `sectionName` names).
+    pub fn port_name(&self, service: &ServiceKey, port: u16) -> Option<&str> {
+        let spec = self.services.get(service)?.service.spec.as_ref()?;
+        spec.ports
+            .iter()
+            .flatten()
+            .find(|candidate| {
+                is_tcp(candidate.protocol.as_deref()) && candidate.port == i32::from(port)
+            })?
+            .name
+            .as_deref()
+            .filter(|name| !name.is_empty())
+    }
+
     /// What [`Index::service_port`] answers for `service` was read from: equal in two indexes
     /// when it answers the same in both. `None` when there is no such Service.
     pub fn service_version(&self, service: &ServiceKey) -> Option<ServiceVersion> {

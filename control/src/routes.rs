@@ -728,8 +728,8 @@ fn route_retry(written: &HttpRouteRetry, problems: &mut Problems) -> pb::Retry {
 struct Sources {
     /// Every route attached to the Service, by object.
     attached: Vec<Arc<CompiledRoute>>,
-    /// The Service itself (its port names decide `sectionName`s).
-    service: Option<ServiceVersion>,
+    /// The name of the Service port (what a `sectionName` names).
+    port_name: Option<String>,
     /// Each backend's Service.
     backends: Vec<(ServiceKey, Option<ServiceVersion>)>,
     /// The ReferenceGrants of each namespace a backendRef crossed into.
@@ -737,14 +737,14 @@ struct Sources {
 }
 
 impl Sources {
-    fn hold(&self, index: &Index, service: &ServiceKey) -> bool {
+    fn hold(&self, index: &Index, service: &ServiceKey, port: u16) -> bool {
         let attached = index.routes(service);
         attached.len() == self.attached.len()
             && attached
                 .iter()
                 .zip(&self.attached)
                 .all(|(now, then)| Arc::ptr_eq(&now.compiled, then))
-            && index.service_version(service) == self.service
+            && index.port_name(service, port) == self.port_name.as_deref()
             && self
                 .backends
                 .iter()
@@ -775,10 +775,8 @@ impl PartialEq for Resolved {
 /// The routes that govern port `port` of `service` for clients in `client_namespace`, resolved.
 pub fn resolve(index: &Index, service: &ServiceKey, port: u16, client_namespace: &str) -> Resolved {
     let attached = index.routes(service);
-    let port_name = index
-        .service_port(service, port)
-        .and_then(|found| found.name);
-    let governs = |a: &&AttachedRoute| a.governs(port, port_name.as_deref());
+    let port_name = index.port_name(service, port);
+    let governs = |a: &&AttachedRoute| a.governs(port, port_name);
     let consumers: Vec<&AttachedRoute> = attached
         .iter()
         .filter(governs)
@@ -851,7 +849,7 @@ pub fn resolve(index: &Index, service: &ServiceKey, port: u16, client_namespace:
         routes,
         sources: Sources {
             attached: attached.iter().map(|a| Arc::clone(&a.compiled)).collect(),
-            service: index.service_version(service),
+            port_name: port_name.map(str::to_string),
             backends: versions,
             grants,
         },
@@ -1068,7 +1066,7 @@ impl Tables {
                 inner
                     .previous
                     .get(&key)
-                    .filter(|(kept, _)| kept.sources.hold(index, service))
+                    .filter(|(kept, _)| kept.sources.hold(index, service, port))
                     .map(|(kept, _)| Arc::clone(kept))
             })
         };
