@@ -31,6 +31,7 @@ CONTROL_READS = {
     ("discovery.k8s.io", "endpointslices"),
     ("gateway.networking.k8s.io", "httproutes"),
     ("gateway.networking.k8s.io", "grpcroutes"),
+    ("gateway.networking.k8s.io", "referencegrants"),
     ("", "pods"),
 }
 

@@ -552,6 +552,60 @@ fn grpc_filters<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Filter
     filters(deserializer, RouteKind::Grpc)
 }
 
+/// `gateway.networking.k8s.io/v1beta1` ReferenceGrant: lets objects of other namespaces refer
+/// to objects of its own (here: a route's backendRef to a Service).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReferenceGrant {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct ReferenceGrantSpec {
+    #[serde(default)]
+    pub from: Vec<ReferenceGrantFrom>,
+    #[serde(default)]
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+/// Who may refer: objects of a group and kind in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReferenceGrantFrom {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+/// What they may refer to, in the grant's own namespace: one object by name, or every one of
+/// the kind when no name is given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReferenceGrantTo {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether a `from_kind` (a Gateway API route kind) in `from_namespace` may refer to the
+    /// Service `service` in this grant's namespace.
+    pub fn allows_service(&self, from_kind: &str, from_namespace: &str, service: &str) -> bool {
+        let from = self.spec.from.iter().any(|from| {
+            from.group == GATEWAY_GROUP
+                && from.kind == from_kind
+                && from.namespace == from_namespace
+        });
+        let to = self.spec.to.iter().any(|to| {
+            to.group == CORE_GROUP
+                && to.kind == "Service"
+                && to.name.as_deref().is_none_or(|name| name == service)
+        });
+        from && to
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{value:?} is not a Gateway API duration (expected 1 to 4 groups of up to 5 digits and a unit h, m, s or ms, e.g. 10s, 1m30s, 500ms)")]
 pub struct DurationError {
@@ -827,6 +881,28 @@ mod tests {
             Filter::Unsupported { reason, .. } if reason.contains("not a GRPCRoute filter")
         ));
         assert_eq!(rule.backend_refs[0].backend.weight, 1);
+    }
+
+    #[test]
+    fn a_reference_grant_allows_what_it_names_only() {
+        let grant: ReferenceGrant = serde_json::from_value(json!({
+            "metadata": {"name": "g", "namespace": "data"},
+            "spec": {
+                "from": [{"group": GATEWAY_GROUP, "kind": "HTTPRoute", "namespace": "shop"}],
+                "to": [{"group": "", "kind": "Service", "name": "db"}],
+            },
+        }))
+        .unwrap();
+        assert!(grant.allows_service("HTTPRoute", "shop", "db"));
+        assert!(!grant.allows_service("GRPCRoute", "shop", "db"));
+        assert!(!grant.allows_service("HTTPRoute", "other", "db"));
+        assert!(!grant.allows_service("HTTPRoute", "shop", "cache"));
+        let mut any_service = grant.clone();
+        any_service.spec.to[0].name = None;
+        assert!(any_service.allows_service("HTTPRoute", "shop", "cache"));
+        let mut gateways = grant;
+        gateways.spec.to[0].kind = "Gateway".into();
+        assert!(!gateways.allows_service("HTTPRoute", "shop", "db"));
     }
 
     #[test]

@@ -30,8 +30,9 @@ use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::gateway::{GrpcRoute, HttpRoute, ParentReference};
+use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
 use crate::objects::{ObjectSet, Stored};
+use crate::routes::CompiledRoute;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -126,6 +127,8 @@ pub enum RouteRole {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttachedRoute {
     pub route: Route,
+    /// Its rules as the route table needs them, computed once per route object.
+    pub compiled: Arc<CompiledRoute>,
     pub role: RouteRole,
     /// The `parentRefs[].port`: the Service port it governs; `None` for every port.
     pub port: Option<u16>,
@@ -137,6 +140,37 @@ impl AttachedRoute {
     pub fn applies_to_port(&self, port: u16) -> bool {
         self.port.is_none_or(|own| own == port)
     }
+
+    /// Whether this attachment governs the Service port `port` named `port_name`: its `port`
+    /// and `sectionName` (a Service parent's section is the port's name) both agree.
+    pub fn governs(&self, port: u16, port_name: Option<&str>) -> bool {
+        self.applies_to_port(port)
+            && self
+                .section_name
+                .as_deref()
+                .is_none_or(|section| Some(section) == port_name)
+    }
+}
+
+/// One port of a Service as a backend: what a route table names of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendPort {
+    pub name: Option<String>,
+    pub app_protocol: Option<String>,
+    /// Ready endpoints, sorted by address, of the Service's first IP family.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Which computation of a Service an answer came from: the same handle in two indexes means
+/// the Service and its EndpointSlices are the same objects in both, so nothing read from them
+/// changed.
+#[derive(Debug, Clone)]
+pub struct ServiceVersion(Arc<Computed>);
+
+impl PartialEq for ServiceVersion {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// ClusterIP:port → [`Target`], and Service → attached routes.
@@ -144,6 +178,13 @@ impl AttachedRoute {
 pub struct Index {
     targets: HashMap<SocketAddr, Arc<Target>>,
     routes: Arc<HashMap<ServiceKey, Vec<AttachedRoute>>>,
+    /// Each Service by name (the first object read of a name), for the backends of routes.
+    services: HashMap<ServiceKey, Arc<Computed>>,
+    /// Each route object's compiled rules, by the address of its `Arc` (kept alive by
+    /// `objects`), for the next [`Index::update`] to reuse.
+    compiled_routes: Arc<HashMap<usize, Arc<CompiledRoute>>>,
+    /// ReferenceGrants by their namespace (the namespace they open to others).
+    grants: Arc<HashMap<String, Vec<Arc<ReferenceGrant>>>>,
     /// The objects it answers for (pointers), to tell what the next [`Index::update`] changes.
     objects: ObjectSet,
     /// What each Service object gave, by the address of its `Arc` (kept alive by the entry, so
@@ -154,7 +195,16 @@ pub struct Index {
 /// Equal when they answer the same (what was kept for reuse aside).
 impl PartialEq for Index {
     fn eq(&self, other: &Self) -> bool {
-        self.targets == other.targets && self.routes == other.routes
+        self.targets == other.targets
+            && self.routes == other.routes
+            && self.grants == other.grants
+            && self.services.len() == other.services.len()
+            && self.services.iter().all(|(key, computed)| {
+                other
+                    .services
+                    .get(key)
+                    .is_some_and(|theirs| computed.answers_as(theirs))
+            })
     }
 }
 
@@ -167,6 +217,12 @@ struct Computed {
 }
 
 impl Computed {
+    /// Whether both were computed from the same objects and give the same entries.
+    fn answers_as(&self, other: &Computed) -> bool {
+        let slices: Vec<&Arc<EndpointSlice>> = other.slices.iter().collect();
+        self.holds(&other.service, &slices) && self.targets == other.targets
+    }
+
     /// Whether these entries are the ones `service` with `slices` gives.
     fn holds(&self, service: &Arc<Service>, slices: &[&Arc<EndpointSlice>]) -> bool {
         Arc::ptr_eq(&self.service, service)
@@ -205,6 +261,7 @@ impl Index {
         if !same(&old.services, &objects.services)
             || !same(&old.http_routes, &objects.http_routes)
             || !same(&old.grpc_routes, &objects.grpc_routes)
+            || !same(&old.reference_grants, &objects.reference_grants)
             || old.endpoint_slices.len() != objects.endpoint_slices.len()
         {
             return None;
@@ -232,6 +289,9 @@ impl Index {
         let mut index = Self {
             targets: self.targets.clone(),
             routes: Arc::clone(&self.routes),
+            services: self.services.clone(),
+            compiled_routes: Arc::clone(&self.compiled_routes),
+            grants: Arc::clone(&self.grants),
             objects: objects.clone(),
             computed: self.computed.clone(),
         };
@@ -278,14 +338,17 @@ impl Index {
                     }
                 }
             }
-            index.computed.insert(
-                id,
-                Arc::new(Computed {
-                    service: Arc::clone(service),
-                    slices,
-                    targets,
-                }),
-            );
+            let computed = Arc::new(Computed {
+                service: Arc::clone(service),
+                slices,
+                targets,
+            });
+            if let Some(held) = index.services.get_mut(&ServiceKey::new(namespace, name)) {
+                if Arc::ptr_eq(held, &kept) {
+                    *held = Arc::clone(&computed);
+                }
+            }
+            index.computed.insert(id, computed);
         }
         Some(index)
     }
@@ -300,6 +363,8 @@ impl Index {
         let mut targets: HashMap<SocketAddr, Arc<Target>> =
             HashMap::with_capacity(previous.map_or(0, |previous| previous.targets.len()));
         let mut computed = HashMap::with_capacity(objects.services.len());
+        let mut services: HashMap<ServiceKey, Arc<Computed>> =
+            HashMap::with_capacity(objects.services.len());
         for service in &objects.services {
             let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
             let name = service.metadata.name.as_deref().unwrap_or_default();
@@ -308,9 +373,13 @@ impl Index {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             let id = Arc::as_ptr(service) as usize;
-            let kept = previous
-                .and_then(|previous| previous.computed.get(&id))
-                .filter(|kept| kept.holds(service, own_slices));
+            // The same object twice in the list shares one entry, so that the Service's name
+            // and its address answer from the same computation.
+            let kept = computed.get(&id).or_else(|| {
+                previous
+                    .and_then(|previous| previous.computed.get(&id))
+                    .filter(|kept| kept.holds(service, own_slices))
+            });
             let entry = match kept {
                 Some(kept) => Arc::clone(kept),
                 None => {
@@ -332,30 +401,72 @@ impl Index {
                 }
                 targets.insert(*addr, Arc::clone(target));
             }
+            services
+                .entry(ServiceKey::new(namespace, name))
+                .or_insert_with(|| Arc::clone(&entry));
             computed.insert(id, entry);
         }
         let mut routes: HashMap<ServiceKey, Vec<AttachedRoute>> = HashMap::new();
+        let mut compiled_routes = HashMap::new();
+        // The previous version of each route by name, made only once a route needs compiling.
+        let mut by_name: Option<HashMap<(&str, &str, &str), &CompiledRoute>> = None;
         let http = objects.http_routes.iter().map(|route| {
             (
                 Route::Http(Arc::clone(route)),
+                Arc::as_ptr(route) as usize,
                 route.spec.parent_refs.as_slice(),
             )
         });
         let grpc = objects.grpc_routes.iter().map(|route| {
             (
                 Route::Grpc(Arc::clone(route)),
+                Arc::as_ptr(route) as usize,
                 route.spec.parent_refs.as_slice(),
             )
         });
-        for (route, parents) in http.chain(grpc) {
+        for (route, id, parents) in http.chain(grpc) {
+            if !parents.iter().any(ParentReference::is_service) {
+                continue;
+            }
+            let compiled = compiled_routes
+                .entry(id)
+                .or_insert_with(|| {
+                    match previous.and_then(|previous| previous.compiled_routes.get(&id)) {
+                        Some(kept) => Arc::clone(kept),
+                        None => {
+                            let earlier = by_name.get_or_insert_with(|| {
+                                previous
+                                    .iter()
+                                    .flat_map(|previous| previous.compiled_routes.values())
+                                    .map(|compiled| (compiled.id(), &**compiled))
+                                    .collect()
+                            });
+                            let kind = match route {
+                                Route::Http(_) => "HTTPRoute",
+                                Route::Grpc(_) => "GRPCRoute",
+                            };
+                            let name = (kind, route.namespace(), route.name());
+                            Arc::new(CompiledRoute::new(&route, earlier.get(&name).copied()))
+                        }
+                    }
+                })
+                .clone();
             for parent in parents.iter().filter(|parent| parent.is_service()) {
-                let (service, attached) = attach(&route, parent);
+                let (service, attached) = attach(&route, &compiled, parent);
                 routes.entry(service).or_default().push(attached);
             }
+        }
+        let mut grants: HashMap<String, Vec<Arc<ReferenceGrant>>> = HashMap::new();
+        for grant in &objects.reference_grants {
+            let namespace = grant.metadata.namespace.clone().unwrap_or_default();
+            grants.entry(namespace).or_default().push(Arc::clone(grant));
         }
         Self {
             targets,
             routes: Arc::new(routes),
+            services,
+            compiled_routes: Arc::new(compiled_routes),
+            grants: Arc::new(grants),
             objects: objects.clone(),
             computed,
         }
@@ -378,6 +489,74 @@ impl Index {
     pub fn routes(&self, service: &ServiceKey) -> &[AttachedRoute] {
         self.routes
             .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// A Service port as a route's backend: `None` when the Service or its TCP port `port` does
+    /// not exist. Its endpoints are those of the Service's first ClusterIP (its primary
+    /// family), or, without a ClusterIP (headless, or not yet assigned in files), of the first
+    /// of its `ipFamilies` (IPv4 when it names none).
+    pub fn service_port(&self, service: &ServiceKey, port: u16) -> Option<BackendPort> {
+        let computed = self.services.get(service)?;
+        let spec = computed.service.spec.as_ref()?;
+        let spec_port = spec.ports.iter().flatten().find(|candidate| {
+            is_tcp(candidate.protocol.as_deref()) && candidate.port == i32::from(port)
+        })?;
+        let endpoints = match computed
+            .targets
+            .iter()
+            .find(|(addr, _)| addr.port() == port)
+        {
+            Some((_, target)) => target.endpoints.clone(),
+            None => {
+                let v6 = spec
+                    .ip_families
+                    .as_ref()
+                    .and_then(|families| families.first())
+                    .is_some_and(|family| family == "IPv6");
+                let family = if v6 {
+                    IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+                };
+                let slices: Vec<&Arc<EndpointSlice>> = computed.slices.iter().collect();
+                endpoints(spec_port, family, &slices)
+            }
+        };
+        Some(BackendPort {
+            name: spec_port.name.clone().filter(|name| !name.is_empty()),
+            app_protocol: spec_port.app_protocol.clone(),
+            endpoints,
+        })
+    }
+
+    /// The name of TCP port `port` of `service`, if it has one (what a `sectionName` names).
+    pub fn port_name(&self, service: &ServiceKey, port: u16) -> Option<&str> {
+        let spec = self.services.get(service)?.service.spec.as_ref()?;
+        spec.ports
+            .iter()
+            .flatten()
+            .find(|candidate| {
+                is_tcp(candidate.protocol.as_deref()) && candidate.port == i32::from(port)
+            })?
+            .name
+            .as_deref()
+            .filter(|name| !name.is_empty())
+    }
+
+    /// What [`Index::service_port`] answers for `service` was read from: equal in two indexes
+    /// when it answers the same in both. `None` when there is no such Service.
+    pub fn service_version(&self, service: &ServiceKey) -> Option<ServiceVersion> {
+        self.services
+            .get(service)
+            .map(|computed| ServiceVersion(Arc::clone(computed)))
+    }
+
+    /// The ReferenceGrants of `namespace`, in the order read.
+    pub fn reference_grants(&self, namespace: &str) -> &[Arc<ReferenceGrant>] {
+        self.grants
+            .get(namespace)
             .map(Vec::as_slice)
             .unwrap_or_default()
     }
@@ -405,7 +584,11 @@ fn owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
     Some((namespace, service.as_str()))
 }
 
-fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute) {
+fn attach(
+    route: &Route,
+    compiled: &Arc<CompiledRoute>,
+    parent: &ParentReference,
+) -> (ServiceKey, AttachedRoute) {
     let route_namespace = route.namespace();
     let namespace = parent.namespace.as_deref().unwrap_or(route_namespace);
     let role = if namespace == route_namespace {
@@ -417,6 +600,7 @@ fn attach(route: &Route, parent: &ParentReference) -> (ServiceKey, AttachedRoute
         ServiceKey::new(namespace, parent.name.as_str()),
         AttachedRoute {
             route: route.clone(),
+            compiled: Arc::clone(compiled),
             role,
             port: parent.port,
             section_name: parent.section_name.clone(),

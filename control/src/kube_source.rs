@@ -33,7 +33,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::gateway::{GrpcRoute, HttpRoute, GATEWAY_GROUP};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant, GATEWAY_GROUP};
 use crate::objects::{stored_json, ObjectSet, Problem, Stored};
 use crate::watch::Snapshot;
 
@@ -66,7 +66,8 @@ impl Default for Options {
     }
 }
 
-/// Lists and watches Services, EndpointSlices, HTTPRoutes, GRPCRoutes and Pods (metadata only)
+/// Lists and watches Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants and Pods
+/// (metadata only)
 /// across the cluster. Returns once every kind the API server serves has been listed, with that
 /// set as the first snapshot; a new whole snapshot follows each change. The watches stop when
 /// every receiver is gone. Must be called inside a tokio runtime.
@@ -120,6 +121,14 @@ pub async fn watch_cluster_with(
             retry,
         )),
         tokio::spawn(run_kind(
+            Kind::ReferenceGrant,
+            Api::<Checked<ReferenceGrant>>::all(client.clone()),
+            checked::<ReferenceGrant>,
+            |stores| &mut stores.reference_grants,
+            Arc::clone(&shared),
+            retry,
+        )),
+        tokio::spawn(run_kind(
             Kind::Pod,
             Api::<PartialObjectMeta<Pod>>::all(client),
             pod,
@@ -128,7 +137,9 @@ pub async fn watch_cluster_with(
             retry,
         )),
     ]);
-    tracing::info!("cluster: listing Services, EndpointSlices, HTTPRoutes, GRPCRoutes and Pods");
+    tracing::info!(
+        "cluster: listing Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants and Pods"
+    );
     // Dropped before every kind is listed (the caller gave up), `tasks` stops the watches.
     ready_receiver.wait_for(|ready| *ready).await?;
     let first = shared.snapshot();
@@ -156,6 +167,7 @@ enum Kind {
     EndpointSlice,
     HttpRoute,
     GrpcRoute,
+    ReferenceGrant,
     Pod,
 }
 
@@ -166,13 +178,17 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
             Kind::Pod => "Pod",
         }
     }
 
     /// Gateway API kinds come from CRDs a cluster may not have installed.
     fn optional(self) -> bool {
-        matches!(self, Kind::HttpRoute | Kind::GrpcRoute)
+        matches!(
+            self,
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant
+        )
     }
 }
 
@@ -282,16 +298,18 @@ struct Stores {
     endpoint_slices: Store<EndpointSlice>,
     http_routes: Store<Stored<HttpRoute>>,
     grpc_routes: Store<Stored<GrpcRoute>>,
+    reference_grants: Store<ReferenceGrant>,
     pods: Store<Pod>,
 }
 
 impl Stores {
-    fn phases(&self) -> [(Kind, Phase); 5] {
+    fn phases(&self) -> [(Kind, Phase); 6] {
         [
             (Kind::Service, self.services.phase),
             (Kind::EndpointSlice, self.endpoint_slices.phase),
             (Kind::HttpRoute, self.http_routes.phase),
             (Kind::GrpcRoute, self.grpc_routes.phase),
+            (Kind::ReferenceGrant, self.reference_grants.phase),
             (Kind::Pod, self.pods.phase),
         ]
     }
@@ -313,6 +331,7 @@ impl Stores {
             endpoint_slices: self.endpoint_slices.readable().cloned().collect(),
             http_routes: self.http_routes.readable().cloned().collect(),
             grpc_routes: self.grpc_routes.readable().cloned().collect(),
+            reference_grants: self.reference_grants.readable().cloned().collect(),
             pods: self.pods.readable().cloned().collect(),
         };
         let problems = self
@@ -321,6 +340,7 @@ impl Stores {
             .chain(self.endpoint_slices.problems())
             .chain(self.http_routes.problems())
             .chain(self.grpc_routes.problems())
+            .chain(self.reference_grants.problems())
             .chain(self.pods.problems())
             .cloned()
             .collect();
@@ -362,7 +382,7 @@ impl Shared {
             .snapshot()
     }
 
-    fn phases(&self) -> [(Kind, Phase); 5] {
+    fn phases(&self) -> [(Kind, Phase); 6] {
         self.stores
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -565,6 +585,7 @@ trait KeepsJson {
 
 impl KeepsJson for Service {}
 impl KeepsJson for EndpointSlice {}
+impl KeepsJson for ReferenceGrant {}
 
 impl KeepsJson for HttpRoute {
     const KEEPS_JSON_AS: Option<(&'static str, &'static str)> =
@@ -658,7 +679,7 @@ impl<K: Resource> Resource for Checked<K> {
 }
 
 macro_rules! gateway_resource {
-    ($type:ty, $kind:literal, $plural:literal) => {
+    ($type:ty, $version:literal, $kind:literal, $plural:literal) => {
         impl Resource for $type {
             type DynamicType = ();
             type Scope = NamespaceResourceScope;
@@ -672,7 +693,7 @@ macro_rules! gateway_resource {
             }
 
             fn version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed("v1")
+                Cow::Borrowed($version)
             }
 
             fn plural(_: &()) -> Cow<'_, str> {
@@ -690,8 +711,15 @@ macro_rules! gateway_resource {
     };
 }
 
-gateway_resource!(HttpRoute, "HTTPRoute", "httproutes");
-gateway_resource!(GrpcRoute, "GRPCRoute", "grpcroutes");
+gateway_resource!(HttpRoute, "v1", "HTTPRoute", "httproutes");
+gateway_resource!(GrpcRoute, "v1", "GRPCRoute", "grpcroutes");
+// The version clusters serve it at (v1.6 still has no v1).
+gateway_resource!(
+    ReferenceGrant,
+    "v1beta1",
+    "ReferenceGrant",
+    "referencegrants"
+);
 
 fn key_of(metadata: &ObjectMeta) -> Key {
     (

@@ -8,5 +8,6 @@ pub mod index;
 pub mod kube_source;
 pub mod metrics;
 pub mod objects;
+pub mod routes;
 pub mod server;
 pub mod watch;

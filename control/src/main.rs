@@ -42,7 +42,7 @@ enum Command {
         snapshot for it at once and after every change: passthrough when the target is not a \
         Service's ClusterIP and port, else the Service port, its ready endpoints and the routes \
         that apply to the proxy's namespace.\n\n\
-        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes) come from the Kubernetes \
+        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants) come from the Kubernetes \
         API (in-cluster configuration or kubeconfig), or with --objects from files re-read within \
         a second of a change.\n\n\
         The admin listener answers GET /live, /ready (once the objects have been read and the \

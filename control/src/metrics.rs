@@ -135,6 +135,7 @@ mod tests {
             "remora_control_objects{kind=\"EndpointSlice\"} 0",
             "remora_control_objects{kind=\"HTTPRoute\"} 0",
             "remora_control_objects{kind=\"GRPCRoute\"} 0",
+            "remora_control_objects{kind=\"ReferenceGrant\"} 0",
             "remora_control_watches 0",
             "remora_control_snapshots_sent_total 0",
             "remora_control_push_duration_seconds_count 0",

@@ -1,7 +1,8 @@
 //! The Kubernetes objects remora-control reads, and reading them from `--objects` files.
 //!
 //! A file holds YAML documents separated by `---` (or one JSON value); a document is an object
-//! or a `List` of them. Services, EndpointSlices, HTTPRoutes, GRPCRoutes and Pods are kept;
+//! or a `List` of them. Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants and
+//! Pods are kept;
 //! other kinds are skipped. A document that can't be read becomes a [`Problem`] naming the file
 //! and the document, and the rest of the file is still read, so one typo never empties the mesh.
 
@@ -16,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::gateway::{GrpcRoute, HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 /// Every object read, whole: what the index is built from.
 ///
@@ -29,6 +30,8 @@ pub struct ObjectSet {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub http_routes: Vec<Arc<Stored<HttpRoute>>>,
     pub grpc_routes: Vec<Arc<Stored<GrpcRoute>>>,
+    /// What lets a route's backendRef name a Service in another namespace.
+    pub reference_grants: Vec<Arc<ReferenceGrant>>,
     /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
     pub pods: Vec<Arc<Pod>>,
 }
@@ -44,6 +47,7 @@ impl PartialEq for ObjectSet {
             && same(&self.endpoint_slices, &other.endpoint_slices)
             && same(&self.http_routes, &other.http_routes)
             && same(&self.grpc_routes, &other.grpc_routes)
+            && same(&self.reference_grants, &other.reference_grants)
             && same(&self.pods, &other.pods)
     }
 }
@@ -93,12 +97,13 @@ pub fn stored_json(value: &Value, api_version: &str, kind: &str) -> Arc<str> {
 
 impl ObjectSet {
     /// How many objects of each kind, for logs and metrics.
-    pub fn counts(&self) -> [(&'static str, usize); 5] {
+    pub fn counts(&self) -> [(&'static str, usize); 6] {
         [
             ("Service", self.services.len()),
             ("EndpointSlice", self.endpoint_slices.len()),
             ("HTTPRoute", self.http_routes.len()),
             ("GRPCRoute", self.grpc_routes.len()),
+            ("ReferenceGrant", self.reference_grants.len()),
             ("Pod", self.pods.len()),
         ]
     }
@@ -110,6 +115,8 @@ impl ObjectSet {
             .extend_from_slice(&other.endpoint_slices);
         self.http_routes.extend_from_slice(&other.http_routes);
         self.grpc_routes.extend_from_slice(&other.grpc_routes);
+        self.reference_grants
+            .extend_from_slice(&other.reference_grants);
         self.pods.extend_from_slice(&other.pods);
     }
 }
@@ -486,6 +493,15 @@ fn read_value(value: Value, at: &Location, objects: &mut ObjectSet, problems: &m
                 objects.grpc_routes.push(Arc::new(Stored { object, json }));
             }
         }
+        // v1beta1 is the version clusters serve; v1 is read too, for files written ahead.
+        (
+            "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
+            "ReferenceGrant",
+        ) => {
+            if let Some(object) = typed(value, at, &kind, problems) {
+                objects.reference_grants.push(Arc::new(object));
+            }
+        }
         ("v1", "Pod") => {
             if let Some(object) = typed(value, at, &kind, problems) {
                 objects.pods.push(Arc::new(object));
@@ -513,7 +529,14 @@ macro_rules! namespaced {
     )+};
 }
 
-namespaced!(Service, EndpointSlice, HttpRoute, GrpcRoute, Pod);
+namespaced!(
+    Service,
+    EndpointSlice,
+    HttpRoute,
+    GrpcRoute,
+    ReferenceGrant,
+    Pod
+);
 
 fn typed<T: DeserializeOwned + Namespaced>(
     value: Value,
@@ -623,6 +646,10 @@ items:
 - apiVersion: gateway.networking.k8s.io/v1
   kind: HTTPRoute
   metadata: {name: r, namespace: shop}
+- apiVersion: gateway.networking.k8s.io/v1beta1
+  kind: ReferenceGrant
+  metadata: {name: g, namespace: data}
+  spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}], to: [{group: '', kind: Service}]}
 - apiVersion: gateway.networking.k8s.io/v1
   kind: GRPCRoute
   metadata: {name: g, namespace: shop}
@@ -642,6 +669,7 @@ items:
                 ("EndpointSlice", 1),
                 ("HTTPRoute", 1),
                 ("GRPCRoute", 1),
+                ("ReferenceGrant", 1),
                 ("Pod", 1)
             ]
         );

@@ -4,8 +4,9 @@
 //! every stream through one `tokio::sync::watch`. A stream is a future polled by the connection
 //! that carries it — no task of its own — so a client that goes away drops it with its
 //! connection or its reset, and nothing is left behind. On each new index a stream computes its
-//! snapshot (a hash lookup and a few small strings) and writes it only if it differs from the
-//! last one it wrote.
+//! snapshot (a hash lookup, a few small strings and its route table, resolved once per index for
+//! all the streams of one target and client namespace) and writes it only if it differs from
+//! the last one it wrote.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,8 +26,9 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
-use crate::index::{AttachedRoute, Index, Route, RouteRole, Target};
+use crate::index::{Index, Target};
 use crate::metrics::Metrics;
+use crate::routes::{self, Resolved, Tables};
 use crate::watch::Snapshot as Objects;
 
 /// From TCP accept to a finished TLS handshake.
@@ -47,6 +49,8 @@ pub struct Published {
     pub index: Index,
     /// Counts the indexes published, from 0 for the first.
     pub generation: u64,
+    /// The route tables of this index, resolved as streams ask for them.
+    pub tables: Tables,
 }
 
 /// Which streams still have to see the newest index, for `remora_control_push_duration_seconds`.
@@ -84,6 +88,7 @@ impl Hub {
         let (published, _) = watch::channel(Arc::new(Published {
             index,
             generation: 0,
+            tables: Tables::default(),
         }));
         let hub = Arc::new(Hub {
             published,
@@ -124,8 +129,12 @@ impl Hub {
             rounds.seen = None;
         }
         let generation = rounds.generation;
-        self.published
-            .send_replace(Arc::new(Published { index, generation }))
+        let tables = Tables::after(&self.published.borrow().tables);
+        self.published.send_replace(Arc::new(Published {
+            index,
+            generation,
+            tables,
+        }))
     }
 
     /// The newest index.
@@ -213,81 +222,97 @@ pub fn parse_target(text: &str) -> Result<SocketAddr, Status> {
     })
 }
 
-/// The snapshot a client in namespace `client_namespace` gets for `target`.
+/// The snapshot a client in namespace `client_namespace` gets for `target`, its route table
+/// resolved on the spot (a stream shares one resolution with the others: [`Tables`]).
 pub fn snapshot_for(index: &Index, target: SocketAddr, client_namespace: &str) -> pb::Snapshot {
-    let kind = match index.lookup(target) {
-        None => Kind::Passthrough(pb::Passthrough {}),
-        Some(found) => Kind::Service(service(index, found, client_namespace)),
+    let view = match index.lookup(target) {
+        None => View::Passthrough,
+        Some(found) => View::Service {
+            resolved: Arc::new(routes::resolve(
+                index,
+                &found.service,
+                found.port,
+                client_namespace,
+            )),
+            service: service(found),
+        },
     };
-    pb::Snapshot { kind: Some(kind) }
+    view.snapshot()
 }
 
-fn service(index: &Index, target: &Target, client_namespace: &str) -> pb::Service {
-    let endpoints = target
-        .endpoints
-        .iter()
-        .map(|endpoint| pb::Endpoint {
-            ip: endpoint.addr.ip().to_string(),
-            port: u32::from(endpoint.addr.port()),
-            zone: endpoint.zone.clone().unwrap_or_default(),
-            node: endpoint.node.clone().unwrap_or_default(),
-            pod: endpoint.pod.clone().unwrap_or_default(),
-        })
-        .collect();
-    pb::Service {
+/// What a stream answers from one published index, before it is written out.
+#[derive(Debug, Clone)]
+enum View {
+    Passthrough,
+    Service {
+        /// Without its routes and route table, which `resolved` holds.
+        service: Box<pb::Service>,
+        resolved: Arc<Resolved>,
+    },
+}
+
+impl View {
+    fn of(published: &Published, target: SocketAddr, client_namespace: &str) -> Self {
+        match published.index.lookup(target) {
+            None => View::Passthrough,
+            Some(found) => View::Service {
+                resolved: published.tables.get(
+                    &published.index,
+                    &found.service,
+                    found.port,
+                    client_namespace,
+                ),
+                service: service(found),
+            },
+        }
+    }
+
+    fn snapshot(&self) -> pb::Snapshot {
+        let kind = match self {
+            View::Passthrough => Kind::Passthrough(pb::Passthrough {}),
+            View::Service { service, resolved } => Kind::Service(pb::Service {
+                routes: resolved.routes.clone(),
+                route_table: Some(resolved.table.clone()),
+                ..(**service).clone()
+            }),
+        };
+        pb::Snapshot { kind: Some(kind) }
+    }
+}
+
+/// Equal when they write the same snapshot; a table shared by both is not compared field by
+/// field.
+impl PartialEq for View {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (View::Passthrough, View::Passthrough) => true,
+            (
+                View::Service { service, resolved },
+                View::Service {
+                    service: other_service,
+                    resolved: other_resolved,
+                },
+            ) => {
+                service == other_service
+                    && (Arc::ptr_eq(resolved, other_resolved) || resolved == other_resolved)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A Service target's own part of a snapshot: all but its routes.
+fn service(target: &Target) -> Box<pb::Service> {
+    Box::new(pb::Service {
         namespace: target.service.namespace.clone(),
         name: target.service.name.clone(),
         port: u32::from(target.port),
         port_name: target.port_name.clone().unwrap_or_default(),
         app_protocol: target.app_protocol.clone().unwrap_or_default(),
-        endpoints,
-        routes: routes(index.routes(&target.service), target.port, client_namespace),
+        endpoints: target.endpoints.iter().map(routes::endpoint).collect(),
+        routes: Vec::new(),
         route_table: None,
-    }
-}
-
-/// The routes for one Service port that apply to a client: consumer routes of its own namespace
-/// first (Gateway API gives them precedence), then producer routes; each route once even when
-/// several of its `parentRefs` name the port.
-fn routes(attached: &[AttachedRoute], port: u16, client_namespace: &str) -> Vec<pb::Route> {
-    let applies = |a: &&AttachedRoute| a.applies_to_port(port);
-    let consumers = attached
-        .iter()
-        .filter(applies)
-        .filter(|a| a.role == RouteRole::Consumer && a.route.namespace() == client_namespace);
-    let producers = attached
-        .iter()
-        .filter(applies)
-        .filter(|a| a.role == RouteRole::Producer);
-    let mut out: Vec<pb::Route> = Vec::new();
-    for a in consumers.chain(producers) {
-        let kind = route_kind(&a.route);
-        let duplicate = out.iter().any(|r| {
-            r.kind == kind && r.namespace == a.route.namespace() && r.name == a.route.name()
-        });
-        if duplicate {
-            continue;
-        }
-        out.push(pb::Route {
-            kind: kind.to_string(),
-            namespace: a.route.namespace().to_string(),
-            name: a.route.name().to_string(),
-            role: match a.role {
-                RouteRole::Producer => "producer",
-                RouteRole::Consumer => "consumer",
-            }
-            .to_string(),
-            json: a.route.json().to_string(),
-        });
-    }
-    out
-}
-
-fn route_kind(route: &Route) -> &'static str {
-    match route {
-        Route::Http(_) => "HTTPRoute",
-        Route::Grpc(_) => "GRPCRoute",
-    }
+    })
 }
 
 /// The Discovery gRPC service.
@@ -310,7 +335,7 @@ struct WatchState {
     namespace: String,
     /// The snapshot to write before waiting for changes: the first one.
     first: Option<pb::Snapshot>,
-    last: pb::Snapshot,
+    last: View,
     /// The newest index this stream has answered for.
     generation: u64,
     /// A snapshot of this generation was handed to the connection; it has been taken when the
@@ -342,10 +367,11 @@ impl WatchState {
         loop {
             self.published.changed().await.ok()?;
             let published = self.published.borrow_and_update().clone();
-            let snapshot = snapshot_for(&published.index, self.target, &self.namespace);
+            let view = View::of(&published, self.target, &self.namespace);
             self.generation = published.generation;
-            if snapshot != self.last {
-                self.last = snapshot.clone();
+            if view != self.last {
+                let snapshot = view.snapshot();
+                self.last = view;
                 self.handed_over = Some(published.generation);
                 self.hub.metrics.snapshot_sent();
                 return Some(snapshot);
@@ -369,7 +395,7 @@ impl Discovery for DiscoveryService {
         let target = parse_target(&request.target)?;
         let published = self.hub.join();
         let current = published.borrow().clone();
-        let first = snapshot_for(&current.index, target, &request.namespace);
+        let first = View::of(&current, target, &request.namespace);
         tracing::debug!(
             target = %target, namespace = request.namespace, pod = request.pod,
             "watch opened"
@@ -379,8 +405,8 @@ impl Discovery for DiscoveryService {
             published,
             target,
             namespace: request.namespace,
-            last: first.clone(),
-            first: Some(first),
+            first: Some(first.snapshot()),
+            last: first,
             generation: current.generation,
             handed_over: None,
         };

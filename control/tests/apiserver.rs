@@ -35,8 +35,9 @@ const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 const GRPC_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
+const GRANTS: &str = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants";
 const PODS: &str = "/api/v1/pods";
-const RESOURCES: [&str; 5] = [SERVICES, SLICES, HTTP_ROUTES, GRPC_ROUTES, PODS];
+const RESOURCES: [&str; 6] = [SERVICES, SLICES, HTTP_ROUTES, GRPC_ROUTES, GRANTS, PODS];
 
 const TOKEN: &str = "Bearer remora-test-token";
 
@@ -50,6 +51,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         SLICES => ("EndpointSlice", "discovery.k8s.io/v1"),
         HTTP_ROUTES => ("HTTPRoute", "gateway.networking.k8s.io/v1"),
         GRPC_ROUTES => ("GRPCRoute", "gateway.networking.k8s.io/v1"),
+        GRANTS => ("ReferenceGrant", "gateway.networking.k8s.io/v1beta1"),
         PODS => ("Pod", "v1"),
         _ => unreachable!("{resource}"),
     }
@@ -120,7 +122,7 @@ impl ApiServer {
             ..World::default()
         };
         for resource in RESOURCES {
-            let served = routes_served || !matches!(resource, HTTP_ROUTES | GRPC_ROUTES);
+            let served = routes_served || !matches!(resource, HTTP_ROUTES | GRPC_ROUTES | GRANTS);
             world.served.insert(resource, served);
             world.objects.insert(resource, BTreeMap::new());
         }
@@ -554,6 +556,12 @@ fn grpc_route(namespace: &str, name: &str, service: &str) -> Value {
                     "rules": [{"backendRefs": [{"name": service, "port": 80}]}]}})
 }
 
+fn grant(namespace: &str, name: &str, from_namespace: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": namespace},
+           "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": from_namespace}],
+                    "to": [{"group": "", "kind": "Service"}]}})
+}
+
 fn pod(namespace: &str, name: &str) -> Value {
     json!({"metadata": {"name": name, "namespace": namespace,
                         "annotations": {"remora.io/status": "injected"}},
@@ -573,6 +581,7 @@ fn populate(server: &ApiServer, routes: bool) {
     if routes {
         server.apply(HTTP_ROUTES, http_route("shop", "web-v2", "shop", "web"));
         server.apply(GRPC_ROUTES, grpc_route("shop", "api-grpc", "api"));
+        server.apply(GRANTS, grant("shop", "from-other", "other"));
     }
     server.apply(PODS, pod("shop", "web-0"));
 }
@@ -697,6 +706,7 @@ async fn the_first_snapshot_holds_the_listed_objects_and_a_change_follows_within
                 ("EndpointSlice", 2),
                 ("HTTPRoute", 1),
                 ("GRPCRoute", 1),
+                ("ReferenceGrant", 1),
                 ("Pod", 1)
             ]
         );
@@ -760,7 +770,7 @@ async fn the_first_snapshot_holds_the_listed_objects_and_a_change_follows_within
         .into_iter()
         .filter(Logged::is_watch)
         .collect();
-    assert_eq!(watches.len(), 5, "{watches:?}");
+    assert_eq!(watches.len(), RESOURCES.len(), "{watches:?}");
     for watch in watches {
         assert_eq!(
             watch.query.get("allowWatchBookmarks").map(String::as_str),
@@ -951,6 +961,7 @@ async fn absent_gateway_kinds_do_not_block_and_appear_once_served() {
             ("EndpointSlice", 2),
             ("HTTPRoute", 0),
             ("GRPCRoute", 0),
+            ("ReferenceGrant", 0),
             ("Pod", 1)
         ]
     );

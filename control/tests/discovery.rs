@@ -209,8 +209,8 @@ async fn a_service_target_gets_its_port_endpoints_and_routes() {
         ["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
         "sorted by address"
     );
-    // The consumer route of the client's namespace first, then the producer route, once though
-    // two of its parentRefs name port 80; not the GRPCRoute of port 9000.
+    // The consumer route of the client's namespace, alone: it wins over the producer route
+    // (GAMMA); not the GRPCRoute of port 9000.
     let routes: Vec<(&str, &str, &str, &str)> = got
         .routes
         .iter()
@@ -223,38 +223,38 @@ async fn a_service_target_gets_its_port_endpoints_and_routes() {
             )
         })
         .collect();
-    assert_eq!(
-        routes,
-        [
-            ("HTTPRoute", "client", "mine", "consumer"),
-            ("HTTPRoute", "shop", "own", "producer"),
-        ]
-    );
-    let json: serde_json::Value = serde_json::from_str(&got.routes[1].json).unwrap();
+    assert_eq!(routes, [("HTTPRoute", "client", "mine", "consumer")]);
+    let json: serde_json::Value = serde_json::from_str(&got.routes[0].json).unwrap();
     assert_eq!(json["kind"], "HTTPRoute");
-    assert_eq!(json["metadata"]["name"], "own");
+    assert_eq!(json["metadata"]["name"], "mine");
 
-    // Another namespace does not see the consumer route.
+    // Another namespace gets the producer route, once though two of its parentRefs name port 80.
     let mut stream = watch(&mut client, "10.96.0.10:80", "elsewhere").await;
-    let names: Vec<String> = service(&next(&mut stream, CHANGE_DEADLINE).await)
+    let elsewhere = next(&mut stream, CHANGE_DEADLINE).await;
+    let names: Vec<String> = service(&elsewhere)
         .routes
         .iter()
         .map(|r| r.name.clone())
         .collect();
     assert_eq!(names, ["own"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&service(&elsewhere).routes[0].json).unwrap();
+    assert_eq!(json["kind"], "HTTPRoute");
+    assert_eq!(json["metadata"]["name"], "own");
 
     // The other port, its own endpoint port, protocol and route.
     let mut stream = watch(&mut client, "10.96.0.10:9000", "elsewhere").await;
     let grpc = next(&mut stream, CHANGE_DEADLINE).await;
     assert_eq!(service(&grpc).app_protocol, "kubernetes.io/h2c");
     assert_eq!(endpoint_ips(&grpc)[0], "10.1.0.1:9090");
-    // `own` has a parentRef without a port, which governs every port.
+    // `own` has a parentRef without a port, which governs every port, but a GRPCRoute on the
+    // same port wins over an HTTPRoute (GEP-1426).
     let names: Vec<&str> = service(&grpc)
         .routes
         .iter()
         .map(|r| r.name.as_str())
         .collect();
-    assert_eq!(names, ["own", "rpc"]);
+    assert_eq!(names, ["rpc"]);
 
     // The v6 ClusterIP in brackets: the Service, with no v6 endpoints.
     let mut stream = watch(&mut client, "[fd00::10]:80", "client").await;
@@ -322,6 +322,165 @@ async fn a_route_is_sent_as_stored_and_an_edit_of_its_spec_is_pushed() {
     let sent: serde_json::Value = serde_json::from_str(&service(&second).routes[0].json).unwrap();
     assert_eq!(sent["spec"]["rules"][0]["backendRefs"][0]["weight"], 50);
     assert_eq!(sent["spec"]["rules"][0]["futureField"]["kept"], true);
+}
+
+/// A canary on `web`: `x-canary: 1` under /api goes to `other`, the rest splits 90/10 with a
+/// mirror of everything to `other` too.
+const CANARY: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules:
+  - name: split
+    backendRefs: [{name: web, port: 80, weight: 90}, {name: other, port: 80, weight: 10}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: other, port: 80}, percent: 5}}]
+  - name: header
+    matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: '1'}]}]
+    backendRefs: [{name: other, port: 80}]
+";
+
+/// The EndpointSlice of `other` with the given last octets (10.2.0.N, port 80).
+fn other_slice(octets: &[u8]) -> String {
+    let endpoints: String = octets
+        .iter()
+        .map(|n| format!("- {{addresses: [10.2.0.{n}]}}\n"))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: other, namespace: shop, labels: {{kubernetes.io/service-name: other}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+/// Each backend of a table: name, whether resolved, its endpoints.
+fn backends(table: &pb::RouteTable) -> Vec<(String, bool, Vec<String>)> {
+    table
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                b.name.clone(),
+                b.resolved,
+                b.endpoints
+                    .iter()
+                    .map(|e| format!("{}:{}", e.ip, e.port))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_route_table_is_resolved_and_follows_its_backends_endpoints() {
+    let server = Server::start(&[
+        ("services.yaml", SERVICE),
+        ("slice.yaml", &slice(&[1])),
+        ("other.yaml", &other_slice(&[1])),
+        ("canary.yaml", CANARY),
+    ])
+    .await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "shop").await;
+    let first = next(&mut stream, CHANGE_DEADLINE).await;
+    let table = service(&first).route_table.clone().unwrap();
+    // The header match of the second rule first: a longer prefix than the first rule's `/`.
+    let order: Vec<(String, u32)> = table
+        .matches
+        .iter()
+        .map(|m| (m.path.as_ref().unwrap().value.clone(), m.rule))
+        .collect();
+    assert_eq!(order, [("/api".to_string(), 1), ("/".to_string(), 0)]);
+    assert_eq!(table.rules[0].rule_name, "split");
+    assert_eq!(table.rules[0].invalid, "");
+    let weights: Vec<(u32, u32)> = table.rules[0]
+        .backends
+        .iter()
+        .map(|b| (b.backend, b.weight))
+        .collect();
+    assert_eq!(weights, [(0, 90), (1, 10)]);
+    assert_eq!(
+        backends(&table),
+        [
+            ("web".into(), true, vec!["10.1.0.1:8080".into()]),
+            ("other".into(), true, vec!["10.2.0.1:80".into()]),
+        ]
+    );
+
+    // `other`'s endpoints change: the stream of `web` gets a new table with them, at once.
+    write_atomically(&server.path("other.yaml"), &other_slice(&[1, 2]));
+    let second = next(&mut stream, CHANGE_DEADLINE).await;
+    let table = service(&second).route_table.clone().unwrap();
+    assert_eq!(
+        backends(&table)[1],
+        (
+            "other".into(),
+            true,
+            vec!["10.2.0.1:80".into(), "10.2.0.2:80".into()]
+        )
+    );
+    // Its own endpoints are unchanged.
+    assert_eq!(endpoint_ips(&second), ["10.1.0.1:8080"]);
+
+    // `other` removed: unresolved, its share answers 500 at the proxy; the rest still applies.
+    write_atomically(
+        &server.path("services.yaml"),
+        &SERVICE[..SERVICE
+            .find("---\napiVersion: v1\nkind: Service\nmetadata: {name: other")
+            .unwrap()],
+    );
+    let third = next(&mut stream, CHANGE_DEADLINE).await;
+    let table = service(&third).route_table.clone().unwrap();
+    assert_eq!(backends(&table)[1], ("other".into(), false, vec![]));
+    assert!(backends(&table)[0].1);
+
+    // A target with no route: an empty table.
+    let mut plain = watch(&mut client, "10.96.0.10:9000", "shop").await;
+    let snapshot = next(&mut plain, CHANGE_DEADLINE).await;
+    assert_eq!(
+        service(&snapshot).route_table,
+        Some(pb::RouteTable::default())
+    );
+}
+
+/// `web` sends everything to `db` in namespace `data`.
+const TO_DB: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 5432}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-db, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: db, namespace: data, port: 5432}]}]
+";
+
+const DB_GRANT: &str = "\
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-shop, namespace: data}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: '', kind: Service, name: db}]
+";
+
+#[tokio::test]
+async fn a_reference_grant_written_and_removed_reaches_open_streams() {
+    let server = Server::start(&[("services.yaml", SERVICE), ("to-db.yaml", TO_DB)]).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client, "10.96.0.10:80", "shop").await;
+    let resolved = |snapshot: &pb::Snapshot| {
+        let table = service(snapshot).route_table.as_ref().unwrap();
+        assert_eq!(table.backends.len(), 1, "{table:?}");
+        table.backends[0].resolved
+    };
+    assert!(!resolved(&next(&mut stream, CHANGE_DEADLINE).await));
+    fs::write(server.path("grant.yaml"), DB_GRANT).unwrap();
+    assert!(resolved(&next(&mut stream, CHANGE_DEADLINE).await));
+    fs::remove_file(server.path("grant.yaml")).unwrap();
+    assert!(!resolved(&next(&mut stream, CHANGE_DEADLINE).await));
 }
 
 #[tokio::test]

@@ -2,11 +2,12 @@
 //! place from the shared peer data (skipped where it is absent): each parses, attaches to a
 //! Service, and uses only filters and match types remora knows.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use remora_control::gateway::{Filter, MatchType, PathMatchType, PathModifierType};
 use remora_control::index::{Index, ServiceKey};
-use remora_control::objects::read_paths;
+use remora_control::objects::{read_paths, ObjectSet};
+use remora_control::routes;
 
 const MANIFESTS: &str = "shared/peer-data/gateway-api-mesh";
 
@@ -126,4 +127,110 @@ fn every_mesh_conformance_route_parses_and_attaches_to_a_service() {
     let index = Index::build(&objects);
     let echo = ServiceKey::new("gateway-conformance-mesh", "echo");
     assert!(!index.routes(&echo).is_empty());
+}
+
+#[test]
+fn every_mesh_conformance_route_resolves_with_every_rule_valid_and_every_backend_found() {
+    let Some(dir) = manifests_dir() else {
+        eprintln!(
+            "skipped: no {MANIFESTS} above {}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        return;
+    };
+    // As the suite runs them: the shared manifests, and one test's routes at a time.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("tests"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut tables = 0;
+    for file in &files {
+        let (objects, problems) = read_paths(&[dir.join("mesh/manifests.yaml"), file.clone()]);
+        assert!(problems.is_empty(), "{problems:#?}");
+        tables += check_every_route_resolves(&objects, file);
+    }
+    assert!(files.len() >= 20, "{files:?}");
+    assert!(tables >= 22, "{tables}");
+}
+
+/// Resolves every (route, parent Service, port) `objects` attach, for a client in the route's
+/// own namespace (where the suite's clients of consumer routes are); returns how many.
+fn check_every_route_resolves(objects: &ObjectSet, file: &Path) -> usize {
+    let index = Index::build(objects);
+    let parents = objects
+        .http_routes
+        .iter()
+        .map(|r| ("HTTPRoute", &r.metadata, &r.spec.parent_refs))
+        .chain(
+            objects
+                .grpc_routes
+                .iter()
+                .map(|r| ("GRPCRoute", &r.metadata, &r.spec.parent_refs)),
+        );
+    let mut tables = 0;
+    for (kind, metadata, parent_refs) in parents {
+        let namespace = metadata.namespace.as_deref().unwrap();
+        let name = metadata.name.as_deref().unwrap();
+        let route = format!("{}: {kind} {namespace}/{name}", file.display());
+        for parent in parent_refs.iter().filter(|p| p.is_service()) {
+            let service = ServiceKey::new(
+                parent.namespace.as_deref().unwrap_or(namespace),
+                parent.name.as_str(),
+            );
+            let object = objects
+                .services
+                .iter()
+                .find(|s| {
+                    s.metadata.namespace.as_deref() == Some(service.namespace.as_str())
+                        && s.metadata.name.as_deref() == Some(service.name.as_str())
+                })
+                .unwrap_or_else(|| panic!("{route}: no Service {service}"));
+            let ports: Vec<u16> = match parent.port {
+                Some(port) => vec![port],
+                None => object
+                    .spec
+                    .iter()
+                    .flat_map(|spec| spec.ports.iter().flatten())
+                    .map(|port| u16::try_from(port.port).unwrap())
+                    .collect(),
+            };
+            for port in ports {
+                let resolved = routes::resolve(&index, &service, port, namespace);
+                let table = &resolved.table;
+                assert!(
+                    resolved
+                        .routes
+                        .iter()
+                        .any(|r| r.kind == kind && r.name == name && r.namespace == namespace),
+                    "{route} does not apply to {service}:{port}"
+                );
+                for rule in &table.rules {
+                    assert_eq!(rule.invalid, "", "{route}");
+                }
+                // A Service that does not exist is only named with weight 0 (grpcroute-weight's
+                // echo-v3), so it takes no traffic.
+                for (at, backend) in table.backends.iter().enumerate() {
+                    let weights: Vec<u32> = table
+                        .rules
+                        .iter()
+                        .flat_map(|rule| &rule.backends)
+                        .filter(|b| b.backend as usize == at)
+                        .map(|b| b.weight)
+                        .collect();
+                    assert!(
+                        backend.resolved || weights.iter().all(|w| *w == 0),
+                        "{route}: {}/{}:{} {weights:?}",
+                        backend.namespace,
+                        backend.name,
+                        backend.port
+                    );
+                }
+                assert!(!table.matches.is_empty(), "{route}");
+                tables += 1;
+            }
+        }
+    }
+    tables
 }
