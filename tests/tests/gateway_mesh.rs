@@ -143,6 +143,7 @@ fn echo_host() -> String {
 #[serde(deny_unknown_fields)]
 struct Expect {
     status: Option<u16>,
+    grpc_status: Option<u32>,
     backend: Option<String>,
     namespace: Option<String>,
     path: Option<String>,
@@ -938,10 +939,22 @@ fn problems(
     };
     let mut problems = Vec::new();
     let status = expect.status.unwrap_or(200);
-    if got.status != status {
+    if let Some(code) = expect.grpc_status {
+        // gRPC reads an HTTP 404 as UNIMPLEMENTED (12), the code a gRPC "no route" answers.
+        let code = code.to_string();
+        let http_equivalent = code == "12" && got.status == 404;
+        if !http_equivalent && (got.status != 200 || got.grpc_status.as_ref() != Some(&code)) {
+            problems.push(format!(
+                "status {}, grpc-status {:?} (expected grpc-status {code})",
+                got.status, got.grpc_status
+            ));
+        }
+    } else if got.status != status {
         problems.push(format!("status {} (expected {status})", got.status));
-    }
-    if sent.protocol == Protocol::Grpc && status == 200 && got.grpc_status.as_deref() != Some("0") {
+    } else if sent.protocol == Protocol::Grpc
+        && status == 200
+        && got.grpc_status.as_deref() != Some("0")
+    {
         problems.push(format!("grpc-status {:?} (expected 0)", got.grpc_status));
     }
     if let Some(limit) = expect.within_ms {
@@ -983,7 +996,7 @@ fn problems(
         || !expect.absent_headers.is_empty()
         || expect.path.is_some()
         || expect.host.is_some()
-        || (200..300).contains(&status);
+        || (expect.grpc_status.is_none() && (200..300).contains(&status));
     if !needs_report {
         return problems;
     }
@@ -1510,7 +1523,7 @@ fn the_objects_the_harness_writes_are_what_remora_control_reads() {
     let text = serde_json::to_string(&world.objects()).unwrap();
     let (set, problems) = read_file_text(Path::new("objects.json"), &text);
     assert!(problems.is_empty(), "{problems:?}");
-    assert_eq!(set.http_routes.len(), 4);
+    assert_eq!((set.http_routes.len(), set.grpc_routes.len()), (4, 1));
     let index = Index::build(&set);
     for service in &world.services {
         for port in &service.ports {
