@@ -25,7 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{http, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::NetNs;
@@ -43,6 +43,8 @@ pub struct Stats {
     pub arrivals: Vec<Instant>,
     /// Each request's `x-echo-key` (else its path and query), in order of arrival.
     pub keys: Vec<String>,
+    /// Each request's key and the length of the body received, once read.
+    pub bodies: Vec<(String, usize)>,
     killed: bool,
     /// How many times each key has had its `x-echo-fail` action.
     failed: HashMap<String, u32>,
@@ -195,7 +197,7 @@ impl Echo {
     /// The pod `name` in `namespace`, answering with `status` after `delay`: every answer is a
     /// JSON object `{"namespace", "pod", "method", "path" (with the query), "host" (the Host
     /// header, else the URI's authority), "protocol" ("HTTP/1.1" or "HTTP/2.0"), "headers" (each
-    /// name lower-cased, with its values in order)}`, what the Gateway API conformance's echo
+    /// name lower-cased, with its values in order), "body_length"}`, what the Gateway API conformance's echo
     /// server tells its client.
     pub fn pod(
         name: impl Into<String>,
@@ -257,7 +259,7 @@ impl Echo {
             stats.arrivals.push(Instant::now());
             stats.keys.push(key.clone());
             let action = fail.and_then(|(action, times)| {
-                let failed = stats.failed.entry(key).or_default();
+                let failed = stats.failed.entry(key.clone()).or_default();
                 (*failed < times).then(|| {
                     *failed += 1;
                     action
@@ -269,12 +271,18 @@ impl Echo {
             // A dead server answers nothing; the runtime going away drops this future.
             std::future::pending::<()>().await;
         }
+        let grpc = header("content-type").is_some_and(|kind| kind.starts_with("application/grpc"));
+        let (parts, mut body) = request.into_parts();
+        // Counted frame by frame, so that a body cut short still counts what arrived.
+        let mut body_length = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            body_length += frame.data_ref().map_or(0, Bytes::len);
+        }
+        self.lock().bodies.push((key, body_length));
         let report = self
             .pod
             .as_ref()
-            .map(|pod| report(&pod.namespace, &self.name, &request));
-        let grpc = header("content-type").is_some_and(|kind| kind.starts_with("application/grpc"));
-        let _ = request.into_body().collect().await;
+            .map(|pod| report(&pod.namespace, &self.name, &parts, body_length));
         let extra = match action {
             Some(FailAction::Sleep(extra)) => extra,
             _ => Duration::ZERO,
@@ -331,21 +339,26 @@ impl Echo {
 }
 
 /// The JSON report of a conformance pod (see [`Echo::pod`]).
-fn report(namespace: &str, pod: &str, request: &Request<Incoming>) -> String {
+fn report(
+    namespace: &str,
+    pod: &str,
+    request: &http::request::Parts,
+    body_length: usize,
+) -> String {
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, value) in request.headers() {
+    for (name, value) in &request.headers {
         headers
             .entry(name.as_str().to_ascii_lowercase())
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     let host = request
-        .headers()
+        .headers
         .get(hyper::header::HOST)
         .map(|host| String::from_utf8_lossy(host.as_bytes()).into_owned())
         .or_else(|| {
             request
-                .uri()
+                .uri
                 .authority()
                 .map(|authority| authority.to_string())
         })
@@ -353,10 +366,11 @@ fn report(namespace: &str, pod: &str, request: &Request<Incoming>) -> String {
     serde_json::json!({
         "namespace": namespace,
         "pod": pod,
-        "method": request.method().as_str(),
-        "path": request.uri().path_and_query().map_or("/", |path| path.as_str()),
+        "method": request.method.as_str(),
+        "path": request.uri.path_and_query().map_or("/", |path| path.as_str()),
         "host": host,
-        "protocol": format!("{:?}", request.version()),
+        "protocol": format!("{:?}", request.version),
+        "body_length": body_length,
         "headers": headers,
     })
     .to_string()

@@ -133,6 +133,9 @@ struct RequestSpec {
     path: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// A body of this many bytes.
+    #[serde(default)]
+    body_bytes: usize,
 }
 
 fn echo_host() -> String {
@@ -158,6 +161,7 @@ struct Expect {
     absent_response_headers: Vec<String>,
     location: Option<String>,
     within_ms: Option<u64>,
+    body_length: Option<usize>,
     #[serde(default)]
     seen: Vec<Seen>,
 }
@@ -167,6 +171,8 @@ struct Expect {
 struct Seen {
     backend: String,
     count: Option<usize>,
+    /// Each request of the case the pod saw had a body this long: none cut short.
+    body_length: Option<usize>,
     share: Option<f64>,
     #[serde(default)]
     tolerance: f64,
@@ -694,6 +700,7 @@ impl Cluster {
                 method: Method::GET,
                 path: "/".to_string(),
                 headers: Vec::new(),
+                body_bytes: 0,
                 protocol,
             };
             while Instant::now() < deadline {
@@ -716,6 +723,19 @@ impl Cluster {
             })
             .map(|(_, (_, echo))| echo.stats().keyed(prefix))
             .sum()
+    }
+
+    /// The body lengths a pod (by name prefix, in the namespace given) saw under `prefix`.
+    fn bodies(&self, backend: &str, namespace: &str, prefix: &str) -> Vec<usize> {
+        self.echoes
+            .iter()
+            .filter(|(name, (pod_namespace, _))| {
+                name.starts_with(backend) && pod_namespace == namespace
+            })
+            .flat_map(|(_, (_, echo))| echo.stats().bodies)
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(_, length)| length)
+            .collect()
     }
 
     fn logs(&self) -> String {
@@ -766,6 +786,7 @@ struct Outgoing {
     method: Method,
     path: String,
     headers: Vec<(String, String)>,
+    body_bytes: usize,
     protocol: Protocol,
 }
 
@@ -866,7 +887,7 @@ impl Connection {
                 .header("te", "trailers");
             Full::new(grpc_frame(b""))
         } else {
-            Full::new(Bytes::new())
+            Full::new(Bytes::from(vec![b'x'; request.body_bytes]))
         };
         let outgoing = builder
             .body(body)
@@ -1056,6 +1077,14 @@ fn problems(
             problems.push(format!("the pod saw {name}: {value:?} (expected none)"));
         }
     }
+    if let Some(length) = expect.body_length {
+        if report["body_length"] != length {
+            problems.push(format!(
+                "the pod saw a body of {} bytes (expected {length})",
+                report["body_length"]
+            ));
+        }
+    }
     problems
 }
 
@@ -1113,6 +1142,7 @@ fn outgoing(
             .filter(|(name, _)| !name.eq_ignore_ascii_case("host"))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect(),
+        body_bytes: request.body_bytes,
         protocol,
     })
 }
@@ -1170,6 +1200,19 @@ fn run_case(cluster: &Cluster, case: &Case, protocol: Protocol, key: &str) -> Ve
                     "{} saw {} of these requests (expected {expected})",
                     seen.backend,
                     count()
+                ));
+            }
+        }
+        if let Some(length) = seen.body_length {
+            if seen.count.is_none() {
+                // Nothing to wait for: give a late copy the time to arrive.
+                std::thread::sleep(MIRROR_SETTLE / 2);
+            }
+            let bodies = cluster.bodies(&seen.backend, namespace, &key);
+            if bodies.iter().any(|&seen| seen != length) {
+                found.push(format!(
+                    "{} saw bodies of {bodies:?} bytes (expected {length} each)",
+                    seen.backend
                 ));
             }
         }
@@ -1578,6 +1621,7 @@ fn the_checks_catch_each_way_an_answer_can_be_wrong() {
         method: Method::GET,
         path: "/a?b=c".to_string(),
         headers: Vec::new(),
+        body_bytes: 0,
         protocol: Protocol::Http1,
     };
     let expect: Expect = serde_yaml_ng::from_str(
