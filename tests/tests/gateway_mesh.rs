@@ -1,5 +1,5 @@
 //! The Gateway API v1.6 mesh conformance suite, replayed without a cluster, and remora's own
-//! route tests for timeouts, retries and mirrors.
+//! route tests: timeouts, retries, mirrors and the edges of route rules.
 //!
 //! What each test sends and expects is data: `tests/data/gateway-mesh.yaml` (the cases of the
 //! upstream Go tables in our words, stricter where they are loose). The objects are the suite's
