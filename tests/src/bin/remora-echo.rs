@@ -1,14 +1,31 @@
 //! remora-echo: an HTTP/1.1 and HTTP/2 (prior knowledge) server that answers every request with
-//! its name, as the endpoints of a Service in `make demo`.
+//! its name, as the endpoints of a Service in `make demo`; given a namespace too, it plays a pod
+//! of the Gateway API conformance and answers with a JSON report of the request (gRPC calls
+//! included), as `remora_e2e::echo::Echo::pod` describes.
 //!
-//! Usage: `remora-echo ADDR NAME`, e.g. `remora-echo 198.18.11.1:8080 pod-1`.
+//! Usage: `remora-echo ADDR NAME [NAMESPACE]`, e.g. `remora-echo 198.18.11.1:8080 pod-1`.
+
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use remora_e2e::echo::Echo;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [addr, name] = args.as_slice() else {
-        bail!("usage: remora-echo ADDR NAME (e.g. remora-echo 198.18.11.1:8080 pod-1)");
+    let (addr, echo) = match args.as_slice() {
+        [addr, name] => (addr, Echo::new(name.clone(), Duration::ZERO)),
+        [addr, name, namespace] => (
+            addr,
+            Echo::pod(
+                name.clone(),
+                namespace.clone(),
+                Duration::ZERO,
+                hyper::StatusCode::OK,
+            ),
+        ),
+        _ => bail!(
+            "usage: remora-echo ADDR NAME [NAMESPACE] (e.g. remora-echo 198.18.11.1:8080 pod-1)"
+        ),
     };
     let addr: std::net::SocketAddr = addr
         .parse()
@@ -20,7 +37,6 @@ fn main() -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        let echo = remora_e2e::echo::Echo::new(name.clone(), std::time::Duration::ZERO);
         remora_e2e::echo::serve(listener, echo).await;
         Ok(())
     })
