@@ -438,7 +438,7 @@ impl Drop for Receiving {
 }
 
 /// The snapshot's endpoints as addresses, sorted; one that does not parse is skipped (logged).
-fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
+pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = list
         .iter()
         .filter_map(|endpoint| {
