@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub mod balance;
+pub mod filters;
 pub mod routes;
 pub mod service;
 
