@@ -27,6 +27,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
 use crate::metrics::ControlMetrics;
+use crate::outbound::routes::Routes;
 
 /// How long a connection waits for its target's first snapshot before it is forwarded to its
 /// original destination (SPEC: at most 1 s).
@@ -68,6 +69,8 @@ pub struct Service {
     pub protocol: AppProtocol,
     /// Ready endpoints, sorted.
     pub endpoints: Vec<SocketAddr>,
+    /// The routes that apply, compiled; `None` when none does.
+    pub routes: Option<Arc<Routes>>,
 }
 
 /// What the proxy knows of one target.
@@ -388,7 +391,19 @@ impl Discovery {
                 } else {
                     debug!(destination = %target, service = %name, endpoints = endpoints.len(), "snapshot");
                 }
+                let routes = service
+                    .route_table
+                    .as_ref()
+                    .and_then(|table| Routes::compile(table, target));
+                if let Some(routes) = &routes {
+                    for rule in routes.rules.iter() {
+                        if let Some(why) = &rule.invalid {
+                            debug!(destination = %target, service = %name, route = %rule.route, reason = %why, "a rule that cannot be honoured answers 500");
+                        }
+                    }
+                }
                 Known::Service(Arc::new(Service {
+                    routes: routes.map(Arc::new),
                     namespace: service.namespace,
                     name: service.name,
                     port: u16::try_from(service.port).unwrap_or(target.port()),
