@@ -920,3 +920,57 @@ async fn mirrors_get_a_copy_and_the_client_does_not_wait() {
     let copies = mirror.seen().len();
     assert!((60..=140).contains(&copies), "{copies} of 200 mirrored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_keeps_its_backend_when_the_routes_change() {
+    let (own, v1, v2) = (
+        Echo::start("own").await,
+        Echo::start("v1").await,
+        Echo::start("v2").await,
+    );
+    let mut retried = rule("retried", &[(0, 1)]);
+    retried.retry = Some(api::Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff_ms: 500,
+    });
+    let before = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![retried.clone()],
+        backends: vec![v1.backend()],
+    };
+    // The same route, its backend now second: a request that started before the change and
+    // retries after it must still find v1, by name, not by its old index.
+    retried.backends[0].backend = 1;
+    let after = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![retried],
+        backends: vec![v2.backend(), v1.backend()],
+    };
+    for client in BOTH {
+        let harness = Harness::start(snapshot(&own, before.clone())).await;
+        assert_eq!(ask(&harness, client, get("/")).await.backend(), "v1");
+        v1.failing.store(1, Ordering::SeqCst);
+        let in_flight = tokio::spawn({
+            let (listen, proxy) = (harness.listen, harness.proxy);
+            async move {
+                let harness = Harness {
+                    proxy,
+                    listen,
+                    feed: watch::channel(api::Snapshot::default()).0,
+                };
+                ask(&harness, client, get("/")).await
+            }
+        });
+        // The first try has failed and the retry waits its backoff: the routes change now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(v1.failing.load(Ordering::SeqCst), 0, "{client:?}");
+        harness.feed.send_replace(snapshot(&own, after.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = within("the request in flight", in_flight).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{client:?}");
+        assert_eq!(answer.backend(), "v1", "{client:?}");
+        until(&harness, client, "/", |answer| answer.backend() == "v1").await;
+    }
+    assert!(v2.seen().is_empty());
+}
