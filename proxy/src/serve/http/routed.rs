@@ -14,13 +14,14 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::request::Parts;
 use http::{header, HeaderMap, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::{h1, h2, H2Upstream, Http1Upstream, Inner, Resend, ResponseBody, Route, MAX_REFUSALS};
+use super::{h1, h2, H2Upstream, Http1Upstream, Inner, ResponseBody, Route, MAX_REFUSALS};
 use crate::client::h1::RequestHead;
 use crate::client::{Dialer, Endpoint, Failure};
 use crate::metrics::Protocol;
@@ -41,7 +42,7 @@ pub(super) trait TryOnce {
     async fn try_once(
         &self,
         endpoint: &Endpoint,
-        head: &Resend,
+        head: &Parts,
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure>;
 }
@@ -54,15 +55,15 @@ impl TryOnce for Http1Upstream {
     async fn try_once(
         &self,
         endpoint: &Endpoint,
-        head: &Resend,
+        head: &Parts,
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure> {
-        let (parts, ()) = head.request().into_parts();
+        let parts = head;
         let size = body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
         let request_head =
-            RequestHead::new(&parts, &size, self.route.target).map_err(Failure::Http1)?;
+            RequestHead::new(parts, &size, self.route.target).map_err(Failure::Http1)?;
         let retryable =
             body.as_ref().is_none_or(Body::is_end_stream) && parts.method.is_idempotent();
         let response = self
@@ -80,7 +81,7 @@ impl TryOnce for H2Upstream {
     async fn try_once(
         &self,
         endpoint: &Endpoint,
-        head: &Resend,
+        head: &Parts,
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure> {
         send_h2(self.route.cx.dialer(), endpoint, head, body).await
@@ -91,12 +92,12 @@ impl TryOnce for H2Upstream {
 async fn send_h2(
     dialer: Dialer,
     endpoint: &Endpoint,
-    head: &Resend,
+    head: &Parts,
     body: &mut Option<RequestBody>,
 ) -> Result<Response<Inner>, Failure> {
     let upstream = h2::shared(endpoint, dialer);
     let (mut sender, _) = upstream.ready_sender(false).await?;
-    let mut request = head.request();
+    let mut request = Request::from_parts(copy(head), ());
     if request.uri().authority().is_none() {
         // As `prepare_h2` does: sent with `Host`, as it came.
         *request.version_mut() = Version::HTTP_11;
@@ -151,7 +152,6 @@ pub(super) async fn serve<U: TryOnce>(
     if let Some(response) = apply(&weighted.filters, &mut parts, matched.prefix, port) {
         return (label, Ok(response));
     }
-    let head = Resend::of(&parts);
     let mirrors = rule.filters.mirrors.iter().chain(&weighted.filters.mirrors);
     let replay = rule.retry.is_some() || mirrors.clone().next().is_some();
     let body = if body.is_end_stream() {
@@ -170,19 +170,20 @@ pub(super) async fn serve<U: TryOnce>(
             continue;
         }
         match body.replay() {
-            Some(copy) => spawn_mirror(
+            Some(mirrored) => spawn_mirror(
                 upstream.route(),
                 Arc::clone(service),
                 Arc::clone(&routes),
                 mirror.backend,
-                Resend::of(&parts),
-                copy,
+                copy(&parts),
+                mirrored,
             ),
             None => {
                 debug!(destination = %upstream.route().target, "request body over the mirror limit: not mirrored")
             }
         }
     }
+    let head = parts;
     let tries = send_with_retries(
         upstream,
         service,
@@ -241,6 +242,17 @@ fn apply(
     None
 }
 
+/// A copy of a request head, for a try that consumes it (HTTP/2) or a mirror; without the
+/// extensions, which only hyper's own side of the request reads.
+fn copy(parts: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
 /// A response the proxy makes itself, with a line saying why.
 fn local(status: StatusCode, text: String) -> Response<Inner> {
     let mut response = Response::new(Inner::Local(Some(Bytes::from(format!(
@@ -263,7 +275,7 @@ async fn send_with_retries<U: TryOnce>(
     routes: &Arc<Routes>,
     backend: usize,
     rule: &Rule,
-    head: &Resend,
+    head: &Parts,
     body: RequestBody,
 ) -> Result<Response<Inner>, Failure> {
     let again = body.replay();
@@ -317,7 +329,7 @@ async fn try_backend<U: TryOnce>(
     service: &ServiceTarget,
     routes: &Arc<Routes>,
     backend: usize,
-    head: &Resend,
+    head: &Parts,
     body: &mut Option<RequestBody>,
 ) -> Result<Response<Inner>, Failure> {
     let mut tried = Vec::new();
@@ -351,7 +363,7 @@ fn spawn_mirror(
     service: Arc<ServiceTarget>,
     routes: Arc<Routes>,
     backend: usize,
-    head: Resend,
+    head: Parts,
     body: RequestBody,
 ) {
     let (dialer, target, protocol) = (route.cx.dialer(), route.target, route.protocol);
@@ -390,14 +402,14 @@ async fn mirror_h1(
     dialer: Dialer,
     target: std::net::SocketAddr,
     endpoint: &Endpoint,
-    head: &Resend,
+    head: &Parts,
     body: &mut Option<RequestBody>,
 ) -> Result<Response<Inner>, Failure> {
-    let (parts, ()) = head.request().into_parts();
+    let parts = head;
     let size = body
         .as_ref()
         .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-    let request_head = RequestHead::new(&parts, &size, target).map_err(Failure::Http1)?;
+    let request_head = RequestHead::new(parts, &size, target).map_err(Failure::Http1)?;
     let conn = match crate::client::pool::checkout(endpoint) {
         Some(conn) => conn,
         None => h1::Conn::new(dialer.dial(endpoint).await?),
