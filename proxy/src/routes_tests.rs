@@ -120,11 +120,16 @@ impl Echo {
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        // `?early`: answered at once, the body left unread.
+        let early = parts.uri.query().is_some_and(|q| q.contains("early"));
+        let body = if early {
+            Bytes::new()
+        } else {
+            body.collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default()
+        };
         let uri = parts
             .uri
             .path_and_query()
@@ -973,4 +978,61 @@ async fn a_request_in_flight_keeps_its_backend_when_the_routes_change() {
         until(&harness, client, "/", |answer| answer.backend() == "v1").await;
     }
     assert!(v2.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_body_is_not_held_back_by_a_rule_that_retries() {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    let (own, v1) = (Echo::start("own").await, Echo::start("v1").await);
+    let mut retried = rule("retried", &[(0, 1)]);
+    retried.retry = Some(api::Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff_ms: 0,
+    });
+    let table = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![retried],
+        backends: vec![v1.backend()],
+    };
+    let harness = Harness::start(snapshot(&own, table)).await;
+    // HTTP/2 only: over HTTP/1 the proxy sends a body in full before it passes on an early
+    // 2xx answer (the server may still read it; see `client::h1::exchange`), routes or not.
+    for client in [Client::H2] {
+        // A body of unknown length whose client waits for the answer before it sends the rest
+        // (as a gRPC bidirectional call does): the answer must come without it.
+        let (more, frames) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        more.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
+        let stream = TcpStream::connect(harness.listen).await.unwrap();
+        let io = TokioIo::new(stream);
+        let response = match client {
+            Client::Http1 => {
+                let request = Request::post("/stream?early")
+                    .header("host", "cart")
+                    .body(body)
+                    .unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(connection);
+                within("the answer", sender.send_request(request)).await
+            }
+            Client::H2 => {
+                let request = Request::post("http://cart/stream?early")
+                    .body(body)
+                    .unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                within("the answer", sender.send_request(request)).await
+            }
+        };
+        assert_eq!(response.unwrap().status(), StatusCode::OK, "{client:?}");
+        drop(more);
+    }
 }

@@ -4,9 +4,10 @@
 //! sent to one of the backend's endpoints under the rule's timeouts and retry policy.
 //!
 //! Only this path reads a request body ahead of sending it, and only when the rule retries or
-//! mirrors: up to [`REPLAY_LIMIT`]. A body that ends within it is kept and sent again for each
-//! retry (and copied to the mirrors); a longer one goes once, streamed after what was read, and
-//! is neither retried nor mirrored. A request without a body is always replayable.
+//! mirrors: up to [`REPLAY_LIMIT`], and for a body of unknown length only what has already come
+//! (see [`read_up_to`]). A body read in full is kept and sent again for each retry (and copied
+//! to the mirrors); any other goes once, streamed after what was read, and is neither retried
+//! nor mirrored. A request without a body is always replayable.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http::request::Parts;
 use http::{header, HeaderMap, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -421,19 +423,33 @@ async fn mirror_h1(
     Ok(response.map(Inner::Upstream))
 }
 
-/// Reads a request body up to `limit` bytes: all of it, to be sent as often as needed, or the
-/// part read followed by the rest as it comes, to be sent once.
+/// Reads a request body ahead, up to `limit` bytes: all of it, to be sent as often as needed,
+/// or the part read followed by the rest as it comes, to be sent once. A body of known length
+/// is waited for; one of unknown length (chunked, or HTTP/2 without `content-length`, as gRPC
+/// sends) is taken only as far as it has already come: a client that streams its request and
+/// waits for the response before it sends more (a gRPC bidirectional call) is never held
+/// waiting on the proxy.
 async fn read_up_to(mut body: Incoming, limit: usize) -> Result<RequestBody, Failure> {
-    if body
-        .size_hint()
-        .exact()
-        .is_some_and(|size| size > limit as u64)
-    {
+    let known = body.size_hint().exact();
+    if known.is_some_and(|size| size > limit as u64) {
         return Ok(RequestBody::Streaming(body));
     }
     let mut read = BytesMut::new();
     let mut trailers = None;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = match known {
+            Some(_) => body.frame().await,
+            None => match body.frame().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let read = (!read.is_empty()).then(|| read.freeze());
+                    return Ok(RequestBody::Partial(read, body));
+                }
+            },
+        };
+        let Some(frame) = next else {
+            break;
+        };
         let frame = frame.map_err(|error| Failure::Http1(h1::Error::RequestBody(error)))?;
         match frame.into_data() {
             Ok(data) => {
