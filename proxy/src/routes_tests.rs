@@ -1036,3 +1036,46 @@ async fn a_streaming_body_is_not_held_back_by_a_rule_that_retries() {
         drop(more);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_covers_a_body_read_ahead() {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    let (own, v1) = (Echo::start("own").await, Echo::start("v1").await);
+    let mut retried = rule("retried", &[(0, 1)]);
+    retried.request_timeout_ms = 300;
+    retried.retry = Some(api::Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff_ms: 0,
+    });
+    let table = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![retried],
+        backends: vec![v1.backend()],
+    };
+    let harness = Harness::start(snapshot(&own, table)).await;
+    // Ten bytes announced, five sent: the proxy waits for the rest, within the timeout.
+    let (more, frames) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    more.send(Ok(Frame::data(Bytes::from_static(b"12345"))))
+        .await
+        .unwrap();
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
+    let request = Request::post("http://cart/slow")
+        .header("content-length", "10")
+        .body(body)
+        .unwrap();
+    let io = TokioIo::new(TcpStream::connect(harness.listen).await.unwrap());
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let started = Instant::now();
+    let response = within("the answer", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(v1.seen().is_empty());
+    drop(more);
+}

@@ -156,50 +156,52 @@ pub(super) async fn serve<U: TryOnce>(
     }
     let mirrors = rule.filters.mirrors.iter().chain(&weighted.filters.mirrors);
     let replay = rule.retry.is_some() || mirrors.clone().next().is_some();
-    let body = if body.is_end_stream() {
-        RequestBody::Buffered(None, None)
-    } else if replay {
-        match read_up_to(body, REPLAY_LIMIT).await {
-            Ok(body) => body,
-            Err(failure) => return (label, Err(failure)),
-        }
-    } else {
-        RequestBody::Streaming(body)
-    };
-    for mirror in mirrors {
-        let sampled = u64::from(mirror.numerator) > random() % u64::from(mirror.denominator.max(1));
-        if !sampled {
-            continue;
-        }
-        match body.replay() {
-            Some(mirrored) => spawn_mirror(
-                upstream.route(),
-                Arc::clone(service),
-                Arc::clone(&routes),
-                mirror.backend,
-                copy(&parts),
-                mirrored,
-            ),
-            None => {
-                debug!(destination = %upstream.route().target, "request body over the mirror limit: not mirrored")
+    // The request timeout counts from here: reading the body ahead, then every try.
+    let send = async {
+        let body = if body.is_end_stream() {
+            RequestBody::Buffered(None, None)
+        } else if replay {
+            read_up_to(body, REPLAY_LIMIT).await?
+        } else {
+            RequestBody::Streaming(body)
+        };
+        for mirror in mirrors {
+            let sampled =
+                u64::from(mirror.numerator) > random() % u64::from(mirror.denominator.max(1));
+            if !sampled {
+                continue;
+            }
+            match body.replay() {
+                Some(mirrored) => spawn_mirror(
+                    upstream.route(),
+                    Arc::clone(service),
+                    Arc::clone(&routes),
+                    mirror.backend,
+                    copy(&parts),
+                    mirrored,
+                ),
+                None => {
+                    debug!(destination = %upstream.route().target, "request body not read in full: not mirrored")
+                }
             }
         }
-    }
-    let head = parts;
-    let tries = send_with_retries(
-        upstream,
-        service,
-        &routes,
-        weighted.backend,
-        rule,
-        &head,
-        body,
-    );
+        let head = parts;
+        send_with_retries(
+            upstream,
+            service,
+            &routes,
+            weighted.backend,
+            rule,
+            &head,
+            body,
+        )
+        .await
+    };
     let result = match rule.request_timeout {
-        Some(timeout) => tokio::time::timeout(timeout, tries)
+        Some(timeout) => tokio::time::timeout(timeout, send)
             .await
             .unwrap_or(Err(Failure::Timeout)),
-        None => tries.await,
+        None => send.await,
     };
     let result = result.map(|mut response| {
         let modifiers = rule
