@@ -300,6 +300,8 @@ impl Discovery {
         };
         let mut backoff = BACKOFF.0;
         let mut gauge: Option<Gauge> = None;
+        // The target's routes, whose regular expressions the next snapshot reuses.
+        let mut routes: Option<Arc<Routes>> = None;
         while !self.expired(target, &watched) {
             match self.client.clone().watch(request.clone()).await {
                 Ok(response) => {
@@ -319,7 +321,12 @@ impl Discovery {
                             Ok(Some(snapshot)) => {
                                 receiving.started();
                                 backoff = BACKOFF.0;
-                                tx.send_replace(self.known(target, snapshot, &mut gauge));
+                                tx.send_replace(self.known(
+                                    target,
+                                    snapshot,
+                                    &mut gauge,
+                                    &mut routes,
+                                ));
                             }
                             Ok(None) => {
                                 debug!(destination = %target, "control plane ended the watch");
@@ -376,6 +383,7 @@ impl Discovery {
         target: SocketAddr,
         snapshot: api::Snapshot,
         gauge: &mut Option<Gauge>,
+        previous: &mut Option<Arc<Routes>>,
     ) -> Known {
         match snapshot.kind {
             Some(snapshot::Kind::Service(service)) => {
@@ -394,7 +402,9 @@ impl Discovery {
                 let routes = service
                     .route_table
                     .as_ref()
-                    .and_then(|table| Routes::compile(table, target));
+                    .and_then(|table| Routes::compile(table, target, previous.as_deref()))
+                    .map(Arc::new);
+                previous.clone_from(&routes);
                 if let Some(routes) = &routes {
                     for rule in routes.rules.iter() {
                         if let Some(why) = &rule.invalid {
@@ -403,7 +413,7 @@ impl Discovery {
                     }
                 }
                 Known::Service(Arc::new(Service {
-                    routes: routes.map(Arc::new),
+                    routes,
                     namespace: service.namespace,
                     name: service.name,
                     port: u16::try_from(service.port).unwrap_or(target.port()),
@@ -412,6 +422,7 @@ impl Discovery {
                 }))
             }
             Some(snapshot::Kind::Passthrough(_)) | None => {
+                *previous = None;
                 if let Some(gauge) = gauge.take() {
                     gauge.set(0);
                 }

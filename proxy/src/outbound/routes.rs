@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,18 +169,33 @@ pub struct Matched<'a> {
     pub prefix: &'a str,
 }
 
+/// The regular expressions of the previous snapshot's routes, by their compiled pattern: a new
+/// snapshot (endpoints change far more often than routes) takes them instead of compiling
+/// them again, which for thousands of them would cost the admin thread a second each time.
+type Compiled = HashMap<String, Regex>;
+
 /// Compiles `pattern` to match whole values only (RE2 syntax, as the Gateway API says).
-fn full_match(pattern: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|error| format!("regex {pattern:?}: {error}"))
+fn full_match(pattern: &str, compiled: &Compiled) -> Result<Regex, String> {
+    let anchored = format!("^(?:{pattern})$");
+    if let Some(regex) = compiled.get(&anchored) {
+        return Ok(regex.clone());
+    }
+    Regex::new(&anchored).map_err(|error| format!("regex {pattern:?}: {error}"))
 }
 
 impl Routes {
     /// `None` when the table has no rules: the Service's own endpoints take every request.
-    /// `target` names the destination in the logs of endpoints that do not parse.
-    pub fn compile(table: &api::RouteTable, target: SocketAddr) -> Option<Routes> {
+    /// `target` names the destination in the logs of endpoints that do not parse; `previous`
+    /// is the target's routes before, whose regular expressions are reused.
+    pub fn compile(
+        table: &api::RouteTable,
+        target: SocketAddr,
+        previous: Option<&Routes>,
+    ) -> Option<Routes> {
         if table.rules.is_empty() {
             return None;
         }
+        let compiled = previous.map(Routes::regexes).unwrap_or_default();
         let backends: Vec<Backend> = table
             .backends
             .iter()
@@ -204,7 +220,7 @@ impl Routes {
             let Some(target_rule) = rules.get_mut(rule) else {
                 continue;
             };
-            match Match::compile(entry, rule) {
+            match Match::compile(entry, rule, &compiled) {
                 Ok(compiled) => matches.push(compiled),
                 Err(why) => {
                     // The rule still answers 500 for its other matches; this one cannot be
@@ -227,6 +243,25 @@ impl Routes {
         })
     }
 
+    fn regexes(&self) -> Compiled {
+        let mut compiled = Compiled::new();
+        let mut keep = |regex: &Regex| {
+            compiled.insert(regex.as_str().to_string(), regex.clone());
+        };
+        for entry in &self.matches {
+            if let PathMatch::Regex(regex) = &entry.path {
+                keep(regex);
+            }
+            let values = entry.headers.iter().map(|(_, value)| value);
+            for value in values.chain(entry.query.iter().map(|(_, value)| value)) {
+                if let ValueMatch::Regex(regex) = value {
+                    keep(regex);
+                }
+            }
+        }
+        compiled
+    }
+
     /// The first match for a request, in precedence order; `None` answers 404.
     pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Matched<'_>> {
         let path = uri.path();
@@ -247,7 +282,7 @@ impl Routes {
 }
 
 impl Match {
-    fn compile(entry: &api::RouteMatch, rule: usize) -> Result<Match, String> {
+    fn compile(entry: &api::RouteMatch, rule: usize, compiled: &Compiled) -> Result<Match, String> {
         let path = match &entry.path {
             None => PathMatch::Any,
             Some(path) => match path_match::Kind::try_from(path.kind) {
@@ -255,7 +290,7 @@ impl Match {
                 Ok(path_match::Kind::Prefix) => {
                     PathMatch::Prefix(path.value.trim_end_matches('/').to_string())
                 }
-                Ok(path_match::Kind::Regex) => PathMatch::Regex(full_match(&path.value)?),
+                Ok(path_match::Kind::Regex) => PathMatch::Regex(full_match(&path.value, compiled)?),
                 Err(_) => return Err(format!("path match kind {}", path.kind)),
             },
         };
@@ -271,13 +306,13 @@ impl Match {
                 .map_err(|_| format!("header name {:?}", header.name))?;
             // Only the first of several matches on one name counts (Gateway API).
             if headers.iter().all(|(have, _)| *have != name) {
-                headers.push((name, ValueMatch::compile(header)?));
+                headers.push((name, ValueMatch::compile(header, compiled)?));
             }
         }
         let mut query: Vec<(String, ValueMatch)> = Vec::new();
         for param in &entry.query_params {
             if query.iter().all(|(have, _)| *have != param.name) {
-                query.push((param.name.clone(), ValueMatch::compile(param)?));
+                query.push((param.name.clone(), ValueMatch::compile(param, compiled)?));
             }
         }
         Ok(Match {
@@ -315,10 +350,12 @@ impl Match {
 }
 
 impl ValueMatch {
-    fn compile(value: &api::ValueMatch) -> Result<ValueMatch, String> {
+    fn compile(value: &api::ValueMatch, compiled: &Compiled) -> Result<ValueMatch, String> {
         match value_match::Kind::try_from(value.kind) {
             Ok(value_match::Kind::Exact) => Ok(ValueMatch::Exact(value.value.clone())),
-            Ok(value_match::Kind::Regex) => Ok(ValueMatch::Regex(full_match(&value.value)?)),
+            Ok(value_match::Kind::Regex) => {
+                Ok(ValueMatch::Regex(full_match(&value.value, compiled)?))
+            }
             Err(_) => Err(format!("value match kind {}", value.kind)),
         }
     }
@@ -658,7 +695,7 @@ pub(crate) mod tests {
             rules,
             backends: vec![backend()],
         };
-        Routes::compile(&table, "198.18.0.100:80".parse().unwrap()).unwrap()
+        Routes::compile(&table, "198.18.0.100:80".parse().unwrap(), None).unwrap()
     }
 
     fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> (Method, Uri, HeaderMap) {
@@ -973,8 +1010,47 @@ pub(crate) mod tests {
     fn an_empty_table_is_no_routes() {
         assert!(Routes::compile(
             &api::RouteTable::default(),
-            "198.18.0.1:80".parse().unwrap()
+            "198.18.0.1:80".parse().unwrap(),
+            None
         )
         .is_none());
+    }
+
+    #[test]
+    fn ten_thousand_rules_compile_and_the_last_still_matches() {
+        let matches = (0..10_000)
+            .map(|i| api::RouteMatch {
+                path: path(path_match::Kind::Prefix, &format!("/r{i}")),
+                headers: vec![value(value_match::Kind::Exact, "x-rule", &i.to_string())],
+                ..Default::default()
+            })
+            .collect();
+        let routes = table(matches);
+        assert_eq!(routes.rules.len(), 10_000);
+        assert!(routes.rules.iter().all(|rule| rule.invalid.is_none()));
+        assert_eq!(
+            found(&routes, "GET", "/r9999/x", &[("x-rule", "9999")]),
+            Some(9999)
+        );
+        assert_eq!(found(&routes, "GET", "/r9999/x", &[("x-rule", "1")]), None);
+    }
+
+    #[test]
+    fn a_new_snapshot_reuses_the_regexes_it_had() {
+        let entry = |pattern: &str| api::RouteMatch {
+            path: path(path_match::Kind::Regex, pattern),
+            headers: vec![value(value_match::Kind::Regex, "x-v", "v[0-9]")],
+            ..Default::default()
+        };
+        let before = table(vec![entry("/a/.*")]);
+        let compiled = before.regexes();
+        let mut keys: Vec<&str> = compiled.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["^(?:/a/.*)$", "^(?:v[0-9])$"]);
+        // Taken from what was compiled, not compiled again: a planted entry proves the lookup.
+        let mut planted = Compiled::new();
+        planted.insert("^(?:/a)$".into(), Regex::new("^/b$").unwrap());
+        assert!(full_match("/a", &planted).unwrap().is_match("/b"));
+        assert!(full_match("/c", &planted).unwrap().is_match("/c"));
     }
 }
