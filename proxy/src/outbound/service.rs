@@ -4,6 +4,9 @@
 //! Each worker thread keeps its own balancer per target ([`WORKER_TARGETS`]), so the latency
 //! estimates and outstanding counts a choice reads are never shared across cores; the snapshot
 //! is shared through the discovery's watch, and a worker applies a new one on its next request.
+//! When routes apply to the Service, each of their backends gets a balancer of its own the same
+//! way ([`ServiceTarget::pick_backend`]), and the request is matched against the routes first
+//! ([`ServiceTarget::start`] says which, in the one lock that a request without routes takes).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
