@@ -27,6 +27,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
 use crate::metrics::ControlMetrics;
+use crate::outbound::routes::Routes;
 
 /// How long a connection waits for its target's first snapshot before it is forwarded to its
 /// original destination (SPEC: at most 1 s).
@@ -68,6 +69,8 @@ pub struct Service {
     pub protocol: AppProtocol,
     /// Ready endpoints, sorted.
     pub endpoints: Vec<SocketAddr>,
+    /// The routes that apply, compiled; `None` when none does.
+    pub routes: Option<Arc<Routes>>,
 }
 
 /// What the proxy knows of one target.
@@ -297,6 +300,8 @@ impl Discovery {
         };
         let mut backoff = BACKOFF.0;
         let mut gauge: Option<Gauge> = None;
+        // The target's routes, whose regular expressions the next snapshot reuses.
+        let mut routes: Option<Arc<Routes>> = None;
         while !self.expired(target, &watched) {
             match self.client.clone().watch(request.clone()).await {
                 Ok(response) => {
@@ -316,7 +321,12 @@ impl Discovery {
                             Ok(Some(snapshot)) => {
                                 receiving.started();
                                 backoff = BACKOFF.0;
-                                tx.send_replace(self.known(target, snapshot, &mut gauge));
+                                tx.send_replace(self.known(
+                                    target,
+                                    snapshot,
+                                    &mut gauge,
+                                    &mut routes,
+                                ));
                             }
                             Ok(None) => {
                                 debug!(destination = %target, "control plane ended the watch");
@@ -373,6 +383,7 @@ impl Discovery {
         target: SocketAddr,
         snapshot: api::Snapshot,
         gauge: &mut Option<Gauge>,
+        previous: &mut Option<Arc<Routes>>,
     ) -> Known {
         match snapshot.kind {
             Some(snapshot::Kind::Service(service)) => {
@@ -388,7 +399,21 @@ impl Discovery {
                 } else {
                     debug!(destination = %target, service = %name, endpoints = endpoints.len(), "snapshot");
                 }
+                let routes = service
+                    .route_table
+                    .as_ref()
+                    .and_then(|table| Routes::compile(table, target, previous.as_deref()))
+                    .map(Arc::new);
+                previous.clone_from(&routes);
+                if let Some(routes) = &routes {
+                    for rule in routes.rules.iter() {
+                        if let Some(why) = &rule.invalid {
+                            debug!(destination = %target, service = %name, route = %rule.route, reason = %why, "a rule that cannot be honoured answers 500");
+                        }
+                    }
+                }
                 Known::Service(Arc::new(Service {
+                    routes,
                     namespace: service.namespace,
                     name: service.name,
                     port: u16::try_from(service.port).unwrap_or(target.port()),
@@ -397,6 +422,7 @@ impl Discovery {
                 }))
             }
             Some(snapshot::Kind::Passthrough(_)) | None => {
+                *previous = None;
                 if let Some(gauge) = gauge.take() {
                     gauge.set(0);
                 }
@@ -438,7 +464,7 @@ impl Drop for Receiving {
 }
 
 /// The snapshot's endpoints as addresses, sorted; one that does not parse is skipped (logged).
-fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
+pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = list
         .iter()
         .filter_map(|endpoint| {

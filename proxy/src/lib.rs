@@ -21,6 +21,8 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+#[cfg(test)]
+mod routes_tests;
 pub mod runtime;
 pub mod serve;
 pub mod server_first;

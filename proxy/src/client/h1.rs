@@ -41,9 +41,8 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use http::{header, request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -259,12 +258,18 @@ fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A request body as `send` takes it: hyper's, or one a route replays (the same error type, so
+/// a failing client body is told apart from a failing server).
+pub trait RequestBody: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin {}
+
+impl<B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin> RequestBody for B {}
+
 /// Sends one request on `conn` and reads the response head. The response body reads the rest
 /// and, when it ends cleanly on a reusable connection, sends the connection `home`.
-pub async fn send(
+pub async fn send<B: RequestBody>(
     mut conn: Conn,
     head: &RequestHead,
-    body: Option<Incoming>,
+    body: Option<B>,
     home: Home,
 ) -> Result<Response<UpstreamBody>, Failed> {
     let failed = |error, nothing_received| Failed {
@@ -357,10 +362,10 @@ async fn continue_or_final(conn: &mut Conn, head: &RequestHead) -> Option<Parsed
 /// connection as far as this request goes: the body went out in full before the response came.
 /// A server that answers before the end of the body may not read the rest; if it does not, the
 /// rest would be read as the next request.
-async fn exchange(
+async fn exchange<B: RequestBody>(
     conn: &mut Conn,
     head: &RequestHead,
-    body: Incoming,
+    body: B,
     ended: bool,
 ) -> Result<(Parsed, bool), Failed> {
     // Whether the body went out in full; the client's own failure ends the exchange. A write
@@ -401,10 +406,10 @@ async fn exchange(
 /// Writes the rest of a request body in its framing: as it comes for `Content-Length`,
 /// re-encoded when chunked (a last chunk is added if the client's body ended without one).
 /// `ended` says whether the last chunk went out already (trailers as the first frame).
-async fn write_body<W: AsyncWrite + Unpin>(
+async fn write_body<W: AsyncWrite + Unpin, B: RequestBody>(
     io: &mut W,
     chunked: bool,
-    mut body: Incoming,
+    mut body: B,
     mut ended: bool,
 ) -> Result<(), Error> {
     while let Some(frame) = body.frame().await {
@@ -1025,6 +1030,7 @@ fn parse_trailers(block: &[u8]) -> Result<HeaderMap, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -1047,7 +1053,7 @@ mod tests {
         let head = RequestHead::new(&parts, &SizeHint::with_exact(0), addr).unwrap();
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let slot = Slot::default();
-        let mut body = send(conn, &head, None, Home::Slot(slot.clone()))
+        let mut body = send::<hyper::body::Incoming>(conn, &head, None, Home::Slot(slot.clone()))
             .await
             .unwrap()
             .into_body();

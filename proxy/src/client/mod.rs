@@ -72,6 +72,9 @@ pub enum Failure {
     /// A Service with no ready endpoint.
     #[error("no ready endpoint")]
     NoEndpoint,
+    /// A route's request or backend request timeout fired before the response head came.
+    #[error("timed out waiting for the response")]
+    Timeout,
 }
 
 impl Failure {

@@ -2,7 +2,8 @@
 //! original destination. Without a control plane, or for an address that is not a Service's,
 //! that is [`Destination::Forward`] to it; for a Service's ClusterIP:port it is
 //! [`Destination::Service`], whose requests are balanced over its ready endpoints
-//! ([`service`], [`balance`], fed by [`crate::discover`]).
+//! ([`service`], [`balance`], fed by [`crate::discover`]), or, when routes apply to it, matched
+//! against them ([`routes`]) and sent to a backend with the rule's [`filters`] applied.
 //!
 //! The outbound side's settings are here too: its clients are the pod's own app, and its
 //! upstreams are outside the pod.
@@ -11,6 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub mod balance;
+pub mod filters;
+pub mod routes;
 pub mod service;
 
 use crate::client::connect::{ConnectParams, Keepalive};

@@ -4,6 +4,9 @@
 //! Each worker thread keeps its own balancer per target ([`WORKER_TARGETS`]), so the latency
 //! estimates and outstanding counts a choice reads are never shared across cores; the snapshot
 //! is shared through the discovery's watch, and a worker applies a new one on its next request.
+//! When routes apply to the Service, each of their backends gets a balancer of its own the same
+//! way ([`ServiceTarget::pick_backend`]), and the request is matched against the routes first
+//! ([`ServiceTarget::start`] says which, in the one lock that a request without routes takes).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -17,6 +20,7 @@ use crate::metrics::ControlMetrics;
 
 use crate::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
 use crate::outbound::balance::{Balancer, Pick};
+use crate::outbound::routes::{BackendKey, Routes};
 
 /// One worker's state for one target, shared by its connections to that target.
 #[derive(Debug)]
@@ -31,12 +35,27 @@ pub struct Applied {
     balancer: Balancer,
     /// This worker's reader of the target's snapshots.
     known: watch::Receiver<Known>,
-    /// `route_requests_total` handles by status code, made on first use.
-    counters: Vec<(u16, Counter)>,
+    /// The latest snapshot's routes; `None` when none applies.
+    routes: Option<Arc<Routes>>,
+    /// A balancer per backend of `routes`, in its order: the same per-worker balancing as the
+    /// Service's own, kept across snapshots for a backend that stays.
+    backends: Vec<(BackendKey, Balancer)>,
+    /// `route_requests_total` handles by route and status code, made on first use.
+    counters: Vec<(Arc<str>, u16, Counter)>,
 }
 
-/// The route label of requests no HTTPRoute matched (routes are honoured in a later version).
+/// The route label of requests to a Service without routes.
 pub const DEFAULT_ROUTE: &str = "default";
+/// The route label of requests that no route matched (404) when the Service has routes.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// How a request to a Service starts: the endpoint for it when the Service has no routes (as
+/// one lock and one pick), else the routes to match it against.
+#[derive(Debug)]
+pub enum Start {
+    Direct(Result<Pick, NoEndpoint>),
+    Routed(Arc<Routes>),
+}
 
 thread_local! {
     /// This worker's targets: one map lookup per connection.
@@ -113,6 +132,8 @@ fn worker_target(
         let balancer = Arc::new(Mutex::new(Applied {
             balancer: Balancer::new(),
             known: in_use.known().clone(),
+            routes: None,
+            backends: Vec::new(),
             counters: Vec::new(),
         }));
         targets.insert(
@@ -141,12 +162,41 @@ impl Applied {
         if !self.known.has_changed().unwrap_or(false) {
             return;
         }
-        let endpoints = match &*self.known.borrow_and_update() {
-            Known::Service(service) => service.endpoints.clone(),
+        let (endpoints, routes) = match &*self.known.borrow_and_update() {
+            Known::Service(service) => (service.endpoints.clone(), service.routes.clone()),
             // No longer a Service: nothing to balance over.
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
         self.balancer.update(endpoints);
+        let mut old = std::mem::take(&mut self.backends);
+        if let Some(routes) = &routes {
+            for backend in &routes.backends {
+                let mut balancer = match old.iter().position(|(key, _)| *key == backend.key) {
+                    Some(kept) => old.swap_remove(kept).1,
+                    None => Balancer::new(),
+                };
+                balancer.update(backend.endpoints.iter().copied());
+                self.backends.push((backend.key.clone(), balancer));
+            }
+        }
+        self.routes = routes;
+    }
+
+    /// This worker's balancer for backend `index` of `routes`: by index when `routes` is the
+    /// latest, else (a request that started before a new snapshot) by name.
+    fn backend(&mut self, routes: &Arc<Routes>, index: usize) -> Option<&mut Balancer> {
+        let latest = self
+            .routes
+            .as_ref()
+            .is_some_and(|latest| Arc::ptr_eq(latest, routes));
+        if latest {
+            return self.backends.get_mut(index).map(|(_, balancer)| balancer);
+        }
+        let key = &routes.backends.get(index)?.key;
+        self.backends
+            .iter_mut()
+            .find(|(have, _)| have == key)
+            .map(|(_, balancer)| balancer)
     }
 }
 
@@ -159,25 +209,60 @@ impl ServiceTarget {
         )
     }
 
-    /// Counts one answered request in `route_requests_total`.
-    pub fn count_request(&self, status: u16) {
+    /// Counts one answered request of `route` in `route_requests_total`.
+    pub fn count_request(&self, route: &str, status: u16) {
         let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
         let counters = &mut applied.counters;
-        match counters.iter().find(|(code, _)| *code == status) {
-            Some((_, counter)) => {
+        match counters
+            .iter()
+            .find(|(name, code, _)| *code == status && &**name == route)
+        {
+            Some((_, _, counter)) => {
                 counter.inc();
             }
             None => {
                 let counter = self.metrics.route_requests(
                     &self.service.namespace,
                     &self.service.name,
-                    DEFAULT_ROUTE,
+                    route,
                     status,
                 );
                 counter.inc();
-                counters.push((status, counter));
+                counters.push((Arc::from(route), status, counter));
             }
         }
+    }
+
+    /// Where a request starts: one lock, which also applies a newer snapshot.
+    pub fn start(&self) -> Start {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        applied.refresh();
+        if let Some(routes) = &applied.routes {
+            return Start::Routed(Arc::clone(routes));
+        }
+        let balancer = &mut applied.balancer;
+        if balancer.is_empty() {
+            return Start::Direct(Err(NoEndpoint::NoneReady));
+        }
+        Start::Direct(balancer.pick(&[]).ok_or(NoEndpoint::AllFailed))
+    }
+
+    /// The endpoint of backend `index` of `routes` for one request, skipping `tried`.
+    pub fn pick_backend(
+        &self,
+        routes: &Arc<Routes>,
+        index: usize,
+        tried: &[SocketAddr],
+    ) -> Result<Pick, NoEndpoint> {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        applied.refresh();
+        let Some(balancer) = applied.backend(routes, index) else {
+            return Err(NoEndpoint::NoneReady);
+        };
+        if balancer.is_empty() {
+            return Err(NoEndpoint::NoneReady);
+        }
+        balancer.pick(tried).ok_or(NoEndpoint::AllFailed)
     }
 
     /// The endpoint for one request (HTTP) or one connection (`per_connection`, opaque TCP),

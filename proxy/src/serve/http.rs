@@ -29,10 +29,13 @@ use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
 use crate::metrics::{CountingIo, Protocol};
 use crate::outbound::balance::Pick;
-use crate::outbound::service::{NoEndpoint, ServiceTarget};
+use crate::outbound::service::{NoEndpoint, ServiceTarget, Start, DEFAULT_ROUTE};
 use crate::outbound::Destination;
 use crate::proxy::{BoxError, Context};
 use crate::telemetry::access_log::AccessLog;
+
+mod routed;
+pub use routed::REPLAY_LIMIT;
 
 /// One client connection's destination, shared by its requests.
 struct Route {
@@ -55,12 +58,26 @@ impl Route {
         log: Option<Box<AccessLog>>,
         result: Result<Response<Inner>, Failure>,
     ) -> Response<ResponseBody> {
+        self.respond_as(DEFAULT_ROUTE, start, log, result)
+    }
+
+    /// [`Route::respond`] for a request that `route` (its `route_requests_total` label) took.
+    fn respond_as(
+        &self,
+        route: &str,
+        start: Instant,
+        log: Option<Box<AccessLog>>,
+        result: Result<Response<Inner>, Failure>,
+    ) -> Response<ResponseBody> {
         let response = match result {
             Ok(response) => response,
             Err(failure) => {
                 let status = if matches!(failure, Failure::NoEndpoint) {
                     warn!(direction = self.cx.direction(), destination = %self.target, "no ready endpoint: answering 503");
                     StatusCode::SERVICE_UNAVAILABLE
+                } else if matches!(failure, Failure::Timeout) {
+                    debug!(direction = self.cx.direction(), destination = %self.target, "route timeout: answering 504");
+                    StatusCode::GATEWAY_TIMEOUT
                 } else if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
                     // anyone); hyper closes its connection, whose request was never complete.
@@ -84,7 +101,7 @@ impl Route {
         self.cx.metrics.latency.observe(start.elapsed());
         self.cx.metrics.count_request(self.protocol, status);
         if let Destination::Service(service) = &self.destination {
-            service.count_request(status);
+            service.count_request(route, status);
         }
         let log = log.map(|mut log| {
             log.status = status;
@@ -229,46 +246,70 @@ impl Http1Upstream {
             return self.route.respond(start, log, result);
         }
         strip_hop_by_hop(request.headers_mut());
+        let first = match &self.route.destination {
+            Destination::Forward(_) => None,
+            Destination::Service(service) => match service.start() {
+                Start::Direct(first) => Some(first),
+                // Boxed: a routed request's state would otherwise enlarge every request's future.
+                Start::Routed(routes) => {
+                    let (route, result) =
+                        Box::pin(routed::serve(self, service, routes, request)).await;
+                    return self.route.respond_as(&route, start, log, result);
+                }
+            },
+        };
         // The response comes without hop-by-hop headers: `h1` drops them as it reads the head.
         let result = self
-            .send(request)
+            .send(request, first)
             .await
             .map(|response| response.map(Inner::Upstream));
         self.route.respond(start, log, result)
     }
 
-    /// Sends to the destination's endpoint, or to the Service endpoint the balancer picks.
-    async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
+    /// Sends to the destination's endpoint, or to the Service endpoint the balancer picked
+    /// (`first`).
+    async fn send(
+        &self,
+        request: Request<Incoming>,
+        first: Option<Result<Pick, NoEndpoint>>,
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let (parts, body) = request.into_parts();
         let head = RequestHead::new(&parts, &body.size_hint(), self.route.target)
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
-        match &self.route.destination {
-            Destination::Forward(endpoint) => {
+        match (&self.route.destination, first) {
+            (Destination::Service(service), Some(first)) => {
+                // Boxed: its state would otherwise enlarge every forwarded request's future too.
+                Box::pin(self.send_balanced(service, first, &head, &mut body, retryable)).await
+            }
+            (Destination::Forward(endpoint), _) => {
                 self.send_to(endpoint, &head, &mut body, retryable).await
             }
-            // Boxed: its state would otherwise enlarge every forwarded request's future too.
-            Destination::Service(service) => {
-                Box::pin(self.send_balanced(service, &head, &mut body, retryable)).await
-            }
+            (Destination::Service(_), None) => Err(Failure::NoEndpoint),
         }
     }
 
-    /// The balancer picks the endpoint; one that cannot be connected to is skipped for another
-    /// (nothing has been sent yet, so this is safe for any request). The response head ends the
-    /// request's latency sample.
+    /// The balancer picks the endpoint (`first`, then others); one that cannot be connected to
+    /// is skipped for another (nothing has been sent yet, so this is safe for any request). The
+    /// response head ends the request's latency sample.
     async fn send_balanced(
         &self,
         service: &ServiceTarget,
+        first: Result<Pick, NoEndpoint>,
         head: &RequestHead,
         body: &mut Option<Incoming>,
         retryable: bool,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let mut tried = Vec::new();
         let mut last_failure = None;
+        let mut first = Some(first);
         loop {
-            let pick = match service.pick(&tried, false) {
+            let next = match first.take() {
+                Some(first) => first,
+                None => service.pick(&tried, false),
+            };
+            let pick = match next {
                 Ok(pick) => pick,
                 Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
                 Err(NoEndpoint::AllFailed) => {
@@ -295,11 +336,11 @@ impl Http1Upstream {
     /// Sends on this connection's upstream connection to `endpoint`, else a pooled one, else a
     /// new one. An idempotent request without a body is retried once on a new connection when a
     /// reused one fails before answering (the server closed it as the request went out).
-    async fn send_to(
+    async fn send_to<B: h1::RequestBody>(
         &self,
         endpoint: &Endpoint,
         head: &RequestHead,
-        body: &mut Option<Incoming>,
+        body: &mut Option<B>,
         retryable: bool,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let mut reused = self.take(endpoint);
@@ -531,11 +572,27 @@ impl H2Upstream {
             let result = Box::pin(self.tunnel(request)).await;
             return Ok(self.route.respond(start, log, result));
         }
+        // A Service stream's endpoint, and those whose connect failed for it.
+        let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
+        if let Destination::Service(service) = &self.route.destination {
+            match service.start() {
+                Start::Direct(Ok(pick)) => {
+                    let endpoint = Endpoint::new(pick.addr());
+                    chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
+                }
+                Start::Direct(Err(_)) => {
+                    return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
+                }
+                Start::Routed(routes) => {
+                    let (route, result) =
+                        Box::pin(routed::serve(&*self, service, routes, request)).await;
+                    return Ok(self.route.respond_as(&route, start, log, result));
+                }
+            }
+        }
         let (head, mut body, resend) = prepare_h2(request);
         let mut head = Some(head);
         let (mut replace, mut refusals) = (false, 0);
-        // A Service stream's endpoint, and those whose connect failed for it.
-        let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
         let result = loop {
             if chosen.is_none() {
                 match self.choose(&tried) {

@@ -1,0 +1,540 @@
+//! A request to a Service that has routes, over HTTP/1 or HTTP/2: matched
+//! ([`Routes::find`]), answered here when no route matches (404), its rule cannot be honoured
+//! (500) or redirects (3xx); else its filters applied, a backend drawn by weight, mirrored, and
+//! sent to one of the backend's endpoints under the rule's timeouts and retry policy.
+//!
+//! Only this path reads a request body ahead of sending it, and only when the rule retries or
+//! mirrors: up to [`REPLAY_LIMIT`], and for a body of unknown length only what has already come
+//! (see [`read_up_to`]). A body read in full is kept and sent again for each retry (and copied
+//! to the mirrors); any other goes once, streamed after what was read, and is neither retried
+//! nor mirrored. A request without a body is always replayable.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use http::request::Parts;
+use http::{header, HeaderMap, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tracing::debug;
+
+use super::{h1, h2, H2Upstream, Http1Upstream, Inner, ResponseBody, Route, MAX_REFUSALS};
+use crate::client::h1::RequestHead;
+use crate::client::{Dialer, Endpoint, Failure};
+use crate::metrics::Protocol;
+use crate::outbound::routes::{random, Filters, Routes, Rule};
+use crate::outbound::service::{NoEndpoint, ServiceTarget, UNMATCHED_ROUTE};
+
+/// The largest request body kept to be sent again (retries) or copied (mirrors).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One try of a request on one endpoint, in the client's protocol.
+pub(super) trait TryOnce {
+    fn route(&self) -> &Route;
+
+    /// Sends `head` and the body to `endpoint`; the body is taken only once the connection is
+    /// made, so that a failed connect leaves it for another endpoint.
+    async fn try_once(
+        &self,
+        endpoint: &Endpoint,
+        head: &Parts,
+        body: &mut Option<RequestBody>,
+    ) -> Result<Response<Inner>, Failure>;
+}
+
+impl TryOnce for Http1Upstream {
+    fn route(&self) -> &Route {
+        &self.route
+    }
+
+    async fn try_once(
+        &self,
+        endpoint: &Endpoint,
+        head: &Parts,
+        body: &mut Option<RequestBody>,
+    ) -> Result<Response<Inner>, Failure> {
+        let parts = head;
+        let size = body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let request_head =
+            RequestHead::new(parts, &size, self.route.target).map_err(Failure::Http1)?;
+        let retryable =
+            body.as_ref().is_none_or(Body::is_end_stream) && parts.method.is_idempotent();
+        let response = self
+            .send_to(endpoint, &request_head, body, retryable)
+            .await?;
+        Ok(response.map(Inner::Upstream))
+    }
+}
+
+impl TryOnce for H2Upstream {
+    fn route(&self) -> &Route {
+        &self.route
+    }
+
+    async fn try_once(
+        &self,
+        endpoint: &Endpoint,
+        head: &Parts,
+        body: &mut Option<RequestBody>,
+    ) -> Result<Response<Inner>, Failure> {
+        send_h2(self.route.cx.dialer(), endpoint, head, body).await
+    }
+}
+
+/// One HTTP/2 request on the worker's shared connection to `endpoint`.
+async fn send_h2(
+    dialer: Dialer,
+    endpoint: &Endpoint,
+    head: &Parts,
+    body: &mut Option<RequestBody>,
+) -> Result<Response<Inner>, Failure> {
+    let upstream = h2::shared(endpoint, dialer);
+    let (mut sender, _) = upstream.ready_sender(false).await?;
+    let mut request = Request::from_parts(copy(head), ());
+    if request.uri().authority().is_none() {
+        // As `prepare_h2` does: sent with `Host`, as it came.
+        *request.version_mut() = Version::HTTP_11;
+    }
+    let body = body.take().filter(|body| !body.is_end_stream());
+    let (response, stream) = sender
+        .send_request(request, body.is_none())
+        .map_err(Failure::H2)?;
+    if let Some(body) = body {
+        tokio::spawn(h2::pipe(body, stream));
+    }
+    let response = response.await.map_err(Failure::H2)?;
+    Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))))
+}
+
+/// Serves one request to `service` by its `routes`. Returns the `route` label it counts under,
+/// and the response or why there is none.
+pub(super) async fn serve<U: TryOnce>(
+    upstream: &U,
+    service: &Arc<ServiceTarget>,
+    routes: Arc<Routes>,
+    request: Request<Incoming>,
+) -> (Arc<str>, Result<Response<Inner>, Failure>) {
+    let (mut parts, body) = request.into_parts();
+    let Some(matched) = routes.find(&parts.method, &parts.uri, &parts.headers) else {
+        let response = local(StatusCode::NOT_FOUND, "no route matches the request".into());
+        return (Arc::from(UNMATCHED_ROUTE), Ok(response));
+    };
+    let rule = &routes.rules[matched.rule];
+    let label = Arc::clone(&rule.route);
+    if let Some(why) = &rule.invalid {
+        let text = format!("route {} cannot be honoured: {why}", rule.route);
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+    }
+    let port = service.service.port;
+    if let Some(response) = apply(&rule.filters, &mut parts, matched.prefix, port) {
+        return (label, Ok(response));
+    }
+    let Some(weighted) = rule.choose(random()) else {
+        let text = format!("route {} has no backend with a weight", rule.route);
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+    };
+    let backend = &routes.backends[weighted.backend];
+    if !backend.resolved {
+        let key = &backend.key;
+        let text = format!(
+            "route {}: backend {}/{}:{} does not exist or may not be referred to",
+            rule.route, key.namespace, key.name, key.port
+        );
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+    }
+    if let Some(response) = apply(&weighted.filters, &mut parts, matched.prefix, port) {
+        return (label, Ok(response));
+    }
+    let mirrors = rule.filters.mirrors.iter().chain(&weighted.filters.mirrors);
+    let replay = rule.retry.is_some() || mirrors.clone().next().is_some();
+    // The request timeout counts from here: reading the body ahead, then every try.
+    let send = async {
+        let body = if body.is_end_stream() {
+            RequestBody::Buffered(None, None)
+        } else if replay {
+            read_up_to(body, REPLAY_LIMIT).await?
+        } else {
+            RequestBody::Streaming(body)
+        };
+        for mirror in mirrors {
+            let sampled =
+                u64::from(mirror.numerator) > random() % u64::from(mirror.denominator.max(1));
+            if !sampled {
+                continue;
+            }
+            match body.replay() {
+                Some(mirrored) => spawn_mirror(
+                    upstream.route(),
+                    Arc::clone(service),
+                    Arc::clone(&routes),
+                    mirror.backend,
+                    copy(&parts),
+                    mirrored,
+                ),
+                None => {
+                    debug!(destination = %upstream.route().target, "request body not read in full: not mirrored")
+                }
+            }
+        }
+        let head = parts;
+        send_with_retries(
+            upstream,
+            service,
+            &routes,
+            weighted.backend,
+            rule,
+            &head,
+            body,
+        )
+        .await
+    };
+    let result = match rule.request_timeout {
+        Some(timeout) => tokio::time::timeout(timeout, send)
+            .await
+            .unwrap_or(Err(Failure::Timeout)),
+        None => send.await,
+    };
+    let result = result.map(|mut response| {
+        let modifiers = rule
+            .filters
+            .response_headers
+            .iter()
+            .chain(&weighted.filters.response_headers);
+        for modifier in modifiers {
+            modifier.apply(response.headers_mut());
+        }
+        response
+    });
+    (label, result)
+}
+
+/// Applies a rule's or backend's request filters to the request; a redirect is the response.
+fn apply(
+    filters: &Filters,
+    parts: &mut http::request::Parts,
+    prefix: &str,
+    service_port: u16,
+) -> Option<Response<Inner>> {
+    if let Some(redirect) = &filters.redirect {
+        let location = redirect.location(&parts.uri, &parts.headers, service_port, prefix);
+        let mut response = Response::new(Inner::Local(None));
+        *response.status_mut() = redirect.status;
+        if let Ok(location) = header::HeaderValue::try_from(location) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        response.headers_mut().insert(
+            header::CONTENT_LENGTH,
+            header::HeaderValue::from_static("0"),
+        );
+        return Some(response);
+    }
+    for modifier in &filters.request_headers {
+        modifier.apply(&mut parts.headers);
+    }
+    if let Some(rewrite) = &filters.rewrite {
+        rewrite.apply(&mut parts.uri, &mut parts.headers, prefix);
+    }
+    None
+}
+
+/// A copy of a request head, for a try that consumes it (HTTP/2) or a mirror; without the
+/// extensions, which only hyper's own side of the request reads.
+fn copy(parts: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// A response the proxy makes itself, with a line saying why.
+fn local(status: StatusCode, text: String) -> Response<Inner> {
+    let mut response = Response::new(Inner::Local(Some(Bytes::from(format!(
+        "remora-proxy: {text}\n"
+    )))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Tries the request on the backend, then again as the rule's retry policy says: on a status
+/// it lists, a connection error or a backend request timeout, while attempts are left and the
+/// body can be sent again. Each try has the backend request timeout.
+async fn send_with_retries<U: TryOnce>(
+    upstream: &U,
+    service: &ServiceTarget,
+    routes: &Arc<Routes>,
+    backend: usize,
+    rule: &Rule,
+    head: &Parts,
+    body: RequestBody,
+) -> Result<Response<Inner>, Failure> {
+    let again = body.replay();
+    let mut body = Some(body);
+    let mut retries = rule.retry.as_ref().map_or(0, |retry| retry.attempts);
+    let mut refusals = 0;
+    loop {
+        let attempt = try_backend(upstream, service, routes, backend, head, &mut body);
+        let result = match rule.backend_request_timeout {
+            Some(timeout) => tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or(Err(Failure::Timeout)),
+            None => attempt.await,
+        };
+        // An HTTP/2 stream the upstream left unprocessed goes again whatever the policy, as on
+        // the path without routes (a transport resend, not a retry).
+        let unprocessed = matches!(&result, Err(Failure::H2(error)) if h2::unprocessed(error));
+        if unprocessed && refusals < MAX_REFUSALS {
+            if let Some(next) = again.as_ref().and_then(RequestBody::replay) {
+                refusals += 1;
+                body = Some(next);
+                continue;
+            }
+        }
+        let Some(retry) = &rule.retry else {
+            return result;
+        };
+        let retried = match &result {
+            Ok(response) => retry.codes.contains(&response.status().as_u16()),
+            Err(Failure::NoEndpoint) => false,
+            Err(failure) => !failure.is_client_error(),
+        };
+        let next = again.as_ref().and_then(RequestBody::replay);
+        if !retried || retries == 0 || next.is_none() {
+            return result;
+        }
+        retries -= 1;
+        debug!(destination = %upstream.route().target, route = %rule.route, "retrying");
+        drop(result);
+        body = next;
+        if !retry.backoff.is_zero() {
+            tokio::time::sleep(retry.backoff).await;
+        }
+    }
+}
+
+/// One try on the backend's endpoints: an endpoint that cannot be connected to is skipped for
+/// another, as on the path without routes.
+async fn try_backend<U: TryOnce>(
+    upstream: &U,
+    service: &ServiceTarget,
+    routes: &Arc<Routes>,
+    backend: usize,
+    head: &Parts,
+    body: &mut Option<RequestBody>,
+) -> Result<Response<Inner>, Failure> {
+    let mut tried = Vec::new();
+    let mut last_failure = None;
+    loop {
+        let pick = match service.pick_backend(routes, backend, &tried) {
+            Ok(pick) => pick,
+            Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
+            Err(NoEndpoint::AllFailed) => return Err(last_failure.unwrap_or(Failure::NoEndpoint)),
+        };
+        let endpoint = Endpoint::new(pick.addr());
+        match upstream.try_once(&endpoint, head, body).await {
+            Ok(response) => {
+                pick.answered();
+                return Ok(response);
+            }
+            Err(failure @ Failure::Connect(_)) => {
+                tried.push(endpoint.addr);
+                pick.failed();
+                last_failure = Some(failure);
+            }
+            Err(failure) => return Err(failure),
+        }
+    }
+}
+
+/// Sends a copy of the request to backend `backend` of `routes`, in a task of its own: the
+/// client never waits for it, and its response is read and dropped.
+fn spawn_mirror(
+    route: &Route,
+    service: Arc<ServiceTarget>,
+    routes: Arc<Routes>,
+    backend: usize,
+    head: Parts,
+    body: RequestBody,
+) {
+    let (dialer, target, protocol) = (route.cx.dialer(), route.target, route.protocol);
+    tokio::spawn(async move {
+        let Ok(pick) = service.pick_backend(&routes, backend, &[]) else {
+            debug!(destination = %target, "mirror backend has no ready endpoint");
+            return;
+        };
+        let endpoint = Endpoint::new(pick.addr());
+        let mut body = Some(body);
+        let send = async {
+            let response = match protocol {
+                Protocol::http1 => mirror_h1(dialer, target, &endpoint, &head, &mut body).await,
+                Protocol::h2 => send_h2(dialer, &endpoint, &head, &mut body).await,
+            }?;
+            // Read to its end, so that its connection can serve again.
+            let body = ResponseBody {
+                inner: response.into_body(),
+                log: None,
+            };
+            let _ = body.collect().await;
+            Ok::<_, Failure>(())
+        };
+        match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
+            Ok(Ok(())) => pick.answered(),
+            Ok(Err(failure)) => {
+                debug!(destination = %target, %endpoint, error = %failure, "mirrored request failed")
+            }
+            Err(_) => debug!(destination = %target, %endpoint, "mirrored request timed out"),
+        }
+    });
+}
+
+/// One HTTP/1 request on a pooled or new connection to `endpoint`.
+async fn mirror_h1(
+    dialer: Dialer,
+    target: std::net::SocketAddr,
+    endpoint: &Endpoint,
+    head: &Parts,
+    body: &mut Option<RequestBody>,
+) -> Result<Response<Inner>, Failure> {
+    let parts = head;
+    let size = body
+        .as_ref()
+        .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+    let request_head = RequestHead::new(parts, &size, target).map_err(Failure::Http1)?;
+    let conn = match crate::client::pool::checkout(endpoint) {
+        Some(conn) => conn,
+        None => h1::Conn::new(dialer.dial(endpoint).await?),
+    };
+    let home = h1::Home::Pool(endpoint.addr, super::to_pool);
+    let response = h1::send(conn, &request_head, body.take(), home)
+        .await
+        .map_err(|failed| Failure::Http1(failed.error))?;
+    Ok(response.map(Inner::Upstream))
+}
+
+/// Reads a request body ahead, up to `limit` bytes: all of it, to be sent as often as needed,
+/// or the part read followed by the rest as it comes, to be sent once. A body of known length
+/// is waited for; one of unknown length (chunked, or HTTP/2 without `content-length`, as gRPC
+/// sends) is taken only as far as it has already come: a client that streams its request and
+/// waits for the response before it sends more (a gRPC bidirectional call) is never held
+/// waiting on the proxy.
+async fn read_up_to(mut body: Incoming, limit: usize) -> Result<RequestBody, Failure> {
+    let known = body.size_hint().exact();
+    if known.is_some_and(|size| size > limit as u64) {
+        return Ok(RequestBody::Streaming(body));
+    }
+    let mut read = BytesMut::new();
+    let mut trailers = None;
+    loop {
+        let next = match known {
+            Some(_) => body.frame().await,
+            None => match body.frame().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let read = (!read.is_empty()).then(|| read.freeze());
+                    return Ok(RequestBody::Partial(read, body));
+                }
+            },
+        };
+        let Some(frame) = next else {
+            break;
+        };
+        let frame = frame.map_err(|error| Failure::Http1(h1::Error::RequestBody(error)))?;
+        match frame.into_data() {
+            Ok(data) => {
+                read.extend_from_slice(&data);
+                if read.len() > limit {
+                    return Ok(RequestBody::Partial(Some(read.freeze()), body));
+                }
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    let data = (!read.is_empty()).then(|| read.freeze());
+    Ok(RequestBody::Buffered(data, trailers))
+}
+
+/// A request body as a routed request sends it.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The client's, as it comes: sent once.
+    Streaming(Incoming),
+    /// Read in full (data, trailers): sent as often as needed.
+    Buffered(Option<Bytes>, Option<HeaderMap>),
+    /// What was read, then the rest as it comes: sent once.
+    Partial(Option<Bytes>, Incoming),
+}
+
+impl RequestBody {
+    /// A copy to send again, if the body was read in full.
+    fn replay(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Buffered(data, trailers) => {
+                Some(RequestBody::Buffered(data.clone(), trailers.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Buffered(data, trailers) => Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers
+                    .take()
+                    .map(|trailers| Ok(Frame::trailers(trailers))),
+            }),
+            RequestBody::Partial(read, body) => match read.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Pin::new(body).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming(body) => body.is_end_stream(),
+            RequestBody::Buffered(data, trailers) => data.is_none() && trailers.is_none(),
+            RequestBody::Partial(read, body) => read.is_none() && body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming(body) => body.size_hint(),
+            // With trailers, a length would leave them no place in HTTP/1: chunked then.
+            RequestBody::Buffered(data, None) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
+            }
+            RequestBody::Buffered(_, Some(_)) => SizeHint::default(),
+            RequestBody::Partial(read, body) => match body.size_hint().exact() {
+                Some(rest) => {
+                    SizeHint::with_exact(rest + read.as_ref().map_or(0, |read| read.len() as u64))
+                }
+                None => SizeHint::default(),
+            },
+        }
+    }
+}
