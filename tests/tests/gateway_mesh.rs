@@ -34,13 +34,6 @@ use remora_e2e::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// Route handling (issue 24) is built on other branches. Until it is merged, the tests that need
-/// it run only when `REMORA_GATEWAY_ROUTES=1`; the others (no route involved) always run.
-/// At the merge: make this return `true` (or delete it and its one call in [`run`]).
-fn route_tests_enabled() -> bool {
-    std::env::var("REMORA_GATEWAY_ROUTES").is_ok_and(|value| value == "1")
-}
-
 const MANIFESTS: &str = "shared/peer-data/gateway-api-mesh";
 const BASE_MANIFEST: &str = "mesh/manifests.yaml";
 const MESH_NAMESPACE: &str = "gateway-conformance-mesh";
@@ -1353,12 +1346,6 @@ fn run(name: &str) {
         .iter()
         .find(|test| test.name == name)
         .unwrap_or_else(|| panic!("{SUITE_FILE} has no test {name}"));
-    if spec.needs_routes && !route_tests_enabled() {
-        eprintln!(
-            "\n!!! SKIPPED {name}: it needs route handling; run with REMORA_GATEWAY_ROUTES=1.\n"
-        );
-        return;
-    }
     let Some(upstream) = manifests_dir() else {
         eprintln!(
             "\n!!! SKIPPED {name}: no {MANIFESTS} above {} (or REMORA_GATEWAY_API_MESH).\n",
