@@ -7,7 +7,8 @@
 
 Sources: RFC 7541 Appendix C header blocks (the hpack tests), HTTP/2 frame sequences built from
 them, the HTTP/1 responses in the proxy's tests, the injector's golden inputs as AdmissionReviews,
-and the flag lines of remora-init's golden files. Needs python3 with PyYAML (python3-yaml).
+the flag lines of remora-init's golden files, and remora's own route manifests
+(tests/data/gateway-extra.yaml) on the mesh tests' Services. Needs python3 with PyYAML (python3-yaml).
 """
 import hashlib
 import json
@@ -77,7 +78,7 @@ C5 = [
 
 def hpack_blocks():
     """(side, [blocks]) from RFC 7541 Appendix C: the hpack tests' C.4 and C.6, and C.3, C.5."""
-    source = read("proxy/src/hpack.rs")
+    source = read("proxy/src/serve/hpack.rs")
 
     def strings(test):
         body = source[source.index(test):]
@@ -152,7 +153,7 @@ def h2_seeds(out):
 
 def h1_seeds(out):
     responses = set()
-    for path in ("proxy/src/http_tests.rs", "proxy/src/h1.rs", "proxy/src/http.rs"):
+    for path in ("proxy/src/http_tests.rs", "proxy/src/client/h1.rs", "proxy/src/serve/http.rs"):
         source = read(path)
         for literal in re.findall(r'b"(HTTP/1\.[01] (?:[^"\\]|\\.|\\\n)*)"', source, re.S):
             responses.add(rust_bytes(literal))
@@ -255,6 +256,52 @@ def init_seeds(out):
             write(out, (choice + "\n" + item).encode())
 
 
+ROUTE_SERVICES = """\
+apiVersion: v1
+kind: Service
+metadata: {name: %(name)s, namespace: gateway-conformance-mesh}
+spec:
+  clusterIP: %(ip)s
+  ports:
+  - {name: http, port: 80, targetPort: 8080, appProtocol: http}
+  - {name: grpc, port: 7070, targetPort: 7070, appProtocol: grpc}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: %(name)s-x1
+  namespace: gateway-conformance-mesh
+  labels: {kubernetes.io/service-name: %(name)s}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: grpc, port: 7070}
+endpoints:
+- addresses: [%(pod)s]
+  conditions: {ready: true}
+"""
+
+ROUTE_REQUESTS = [
+    "GET /\n",
+    "GET /v2/example?x=1&y=2\nx-canary: 1\nhost: echo\n",
+    "POST /remora.conformance.Echo/Echo\ncontent-type: application/grpc\n",
+    "PUT /prefix/one/two\nversion: two\nversion: one\n",
+]
+
+
+def routes_seeds(out):
+    """The Services of the mesh tests, each route of remora's own route manifests attached, and
+    a few requests."""
+    base = "---\n".join(ROUTE_SERVICES % {"name": name, "ip": f"198.18.0.{100 + i}",
+                                           "pod": f"198.18.0.{10 + i}"}
+                         for i, name in enumerate(("echo", "echo-v1", "echo-v2")))
+    documents = read("tests/data/gateway-extra.yaml").split("\n---\n")
+    routes = [d for d in documents if re.search(r"^kind: (HTTP|GRPC)Route$", d, re.M)]
+    for i, route in enumerate(routes):
+        write(out, (base + "---\n" + route + "\n#request\n"
+                    + ROUTE_REQUESTS[i % len(ROUTE_REQUESTS)]).encode())
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--peer":
         peer = sys.argv[2]
@@ -264,7 +311,7 @@ def main():
         return
     corpus = os.path.join(FUZZ, "corpus")
     for target in ("hpack_decode", "h2_relay_frames", "h1_response", "detect", "admission_review",
-                   "init_flags"):
+                   "init_flags", "routes"):
         d = os.path.join(corpus, target)
         if os.path.isdir(d):
             for f in os.listdir(d):
@@ -277,6 +324,7 @@ def main():
     review_seeds(os.path.join(corpus, "admission_review"),
                  [os.path.join(golden, f) for f in sorted(os.listdir(golden)) if f.endswith(".in.yaml")])
     init_seeds(os.path.join(corpus, "init_flags"))
+    routes_seeds(os.path.join(corpus, "routes"))
 
 
 if __name__ == "__main__":
