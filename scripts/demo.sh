@@ -23,7 +23,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "installing what is missing, building"
 scripts/install-deps.sh demo
 cargo build --workspace --bins
-bin=$root/target/debug
+# Where cargo put them (CARGO_TARGET_DIR or build.target-dir, if set).
+bin=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
 id=$$
 pod=rmdemo$id-pod
