@@ -51,6 +51,7 @@ fi
 cleanup() {
   local status=${1:-$?}
   trap - EXIT INT TERM
+  disown -a # the namespaces' processes are killed below: no "Killed" notice for each
   for ns in "$pod" "$remote" "$api" "${endpoints[@]}"; do
     if ip netns list | grep -qw "$ns"; then
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
@@ -238,7 +239,9 @@ EOF
 
   say "remora-control serve --objects (on the remote host, TLS with the demo CA's certificate)"
   start_control() {
-    in_ns "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
+    # ip netns exec, not in_ns: a function run in the background is a shell of its own, and
+    # $! would be that shell, not remora-control.
+    ip netns exec "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
       --tls-cert "$work/control.crt" --tls-key "$work/control.key" --objects "$work/objects" \
       --log-format plain 2>>"$work/control.log" &
     control_pid=$!
