@@ -7,7 +7,9 @@
 # With remora-control built: remora-control --objects serves a Service whose three endpoints are
 #   three more namespaces ("pods"); one keep-alive client and one HTTP/2 client spread their
 #   requests over all three, an endpoint removed from the file stops getting requests, and the
-#   control plane stopped leaves traffic flowing.
+#   control plane stopped leaves traffic flowing. Then a canary: an HTTPRoute on that Service sends
+#   `x-canary: 1` to a second version, echo-v2, and splits the rest 90/10; the observed split is
+#   printed, and checked.
 # Only 198.18.0.0/15 and 2001:2::/48 are used, inside namespaces this script creates and deletes.
 set -euo pipefail
 
@@ -23,17 +25,22 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "installing what is missing, building"
 scripts/install-deps.sh demo
 cargo build --workspace --bins
-bin=$root/target/debug
+# Where cargo put them (CARGO_TARGET_DIR or build.target-dir, if set).
+bin=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
 id=$$
 pod=rmdemo$id-pod
 remote=rmdemo$id-remote
 api=rmdemo$id-api
 endpoints=(rmdemo$id-ep1 rmdemo$id-ep2 rmdemo$id-ep3)
+canary=rmdemo$id-v2
 work=$(mktemp -d /tmp/remora-demo.XXXXXX)
 POD_V4=198.18.10.1 REMOTE_V4=198.18.10.2 POD_V6=2001:2:0:10::1 REMOTE_V6=2001:2:0:10::2
 # The Service: a ClusterIP no host has, and its endpoints' network behind the remote host.
 CLUSTER_IP=198.18.20.10 ENDPOINTS_NET=198.18.11 CONTROL_NAME=remora-control.remora-system.svc
+# The canary's Service echo-v2 and its one pod, on the same network as echo's.
+CANARY_CLUSTER_IP=198.18.20.11 CANARY_N=4
 
 # The Service part needs remora-control, and an injector and a proxy that know about it.
 service=0
@@ -49,14 +56,15 @@ fi
 cleanup() {
   local status=${1:-$?}
   trap - EXIT INT TERM
-  for ns in "$pod" "$remote" "$api" "${endpoints[@]}"; do
+  disown -a # the namespaces' processes are killed below: no "Killed" notice for each
+  for ns in "$pod" "$remote" "$api" "${endpoints[@]}" "$canary"; do
     if ip netns list | grep -qw "$ns"; then
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$ns" 2>/dev/null || true
     fi
   done
   rm -rf "$work"
-  echo "cleaned up: namespaces $pod, $remote, $api, ${endpoints[*]} and $work removed"
+  echo "cleaned up: namespaces $pod, $remote, $api, ${endpoints[*]}, $canary and $work removed"
   exit "$status"
 }
 trap cleanup EXIT
@@ -188,8 +196,10 @@ if [ "$service" = 1 ]; then
   ip -n "$remote" link add br0 type bridge
   ip -n "$remote" addr add "$ENDPOINTS_NET.254/24" dev br0
   ip -n "$remote" link set br0 up
-  for n in 1 2 3; do
-    ns=${endpoints[$((n - 1))]}
+  # add_echo_pod NS N NAME: the pod NAME, namespace NS at $ENDPOINTS_NET.N on the bridge, where
+  # remora-echo answers every request, HTTP/1.1 or HTTP/2, with NAME.
+  add_echo_pod() {
+    local ns=$1 n=$2 name=$3
     ip netns add "$ns"
     ip -n "$remote" link add "ep$n" type veth peer name eth0 netns "$ns"
     ip -n "$remote" link set "ep$n" master br0 up
@@ -197,11 +207,11 @@ if [ "$service" = 1 ]; then
     ip -n "$ns" addr add "$ENDPOINTS_NET.$n/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" route add default via "$ENDPOINTS_NET.254"
-    # remora-echo answers every request, HTTP/1.1 or HTTP/2, with its pod's name.
-    in_ns "$ns" "$bin/remora-echo" "$ENDPOINTS_NET.$n:8080" "echo-$n" >/dev/null 2>&1 &
+    in_ns "$ns" "$bin/remora-echo" "$ENDPOINTS_NET.$n:8080" "$name" >/dev/null 2>&1 &
     disown
-    echo "pod echo-$n: $ENDPOINTS_NET.$n:8080 in namespace $ns"
-  done
+    echo "pod $name: $ENDPOINTS_NET.$n:8080 in namespace $ns"
+  }
+  for n in 1 2 3; do add_echo_pod "${endpoints[$((n - 1))]}" "$n" "echo-$n"; done
   # Like any pod, ours has a default route (the ClusterIP is reached only through it).
   ip -n "$pod" route add default via "$REMOTE_V4"
   for n in 1 2 3; do wait_port "$remote" "$ENDPOINTS_NET.$n" 8080; done
@@ -236,7 +246,9 @@ EOF
 
   say "remora-control serve --objects (on the remote host, TLS with the demo CA's certificate)"
   start_control() {
-    in_ns "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
+    # ip netns exec, not in_ns: a function run in the background is a shell of its own, and
+    # $! would be that shell, not remora-control.
+    ip netns exec "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
       --tls-cert "$work/control.crt" --tls-key "$work/control.key" --objects "$work/objects" \
       --log-format plain 2>>"$work/control.log" &
     control_pid=$!
@@ -319,6 +331,108 @@ if [ "$service" = 1 ]; then
   echo "the proxy now knows $(metric 'remora_proxy_balancer_endpoints{namespace="demo",service="echo",port="80"}') ready endpoints"
   spread curl -sS "http://$CLUSTER_IP/after-removal/[1-30]"
 
+  # The canary: a second version of echo, echo-v2, with a Service of its own, and an HTTPRoute on
+  # echo that gives it the requests marked x-canary: 1 and a tenth of the rest.
+  canary_objects() {
+    cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: demo}
+spec:
+  clusterIP: $CANARY_CLUSTER_IP
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-v2-r8k4t
+  namespace: demo
+  labels: {kubernetes.io/service-name: echo-v2}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["$ENDPOINTS_NET.$CANARY_N"], conditions: {ready: true}, targetRef: {kind: Pod, namespace: demo, name: echo-v2}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-canary, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "1"}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - backendRefs:
+    - {name: echo, port: 80, weight: 90}
+    - {name: echo-v2, port: 80, weight: 10}
+EOF
+  }
+  # answered_by CURL_ARGS...: the pod that answers one request to echo (empty when none does).
+  answered_by() { in_ns "$pod" curl -sS --max-time 2 "$@" "http://$CLUSTER_IP/probe" 2>/dev/null || true; }
+  # wait_for_answer PATTERN CURL_ARGS...: one request every 0.1 s, for at most 5 s, until one is
+  # answered by a pod whose name matches PATTERN; prints how long it took.
+  wait_for_answer() {
+    local pattern=$1 start=$EPOCHREALTIME
+    shift
+    for _ in $(seq 1 50); do
+      if [[ $(answered_by "$@") =~ ^$pattern$ ]]; then
+        awk -v start="$start" -v now="$EPOCHREALTIME" 'BEGIN { printf "%.2f s", now - start }'
+        return 0
+      fi
+      sleep 0.1
+    done
+    return 1
+  }
+  # tally COUNT CURL_ARGS...: COUNT requests to echo on one keep-alive connection; prints how
+  # many echo (v1: echo-1, echo-2) and echo-v2 answered, and how many got something else.
+  tally() {
+    local count=$1
+    shift
+    in_ns "$pod" timeout 20 curl -sS "$@" "http://$CLUSTER_IP/canary/[1-$count]" |
+      awk '$1 == "echo-v2" { v2++; next } $1 ~ /^echo-[0-9]+$/ { v1++; next } { other++ }
+        END { print v1 + 0, v2 + 0, other + 0 }'
+  }
+  percent() { awk -v part="$1" -v whole="$2" 'BEGIN { printf "%.1f%%", 100 * part / whole }'; }
+
+  say "a canary: Service echo-v2, and an HTTPRoute on echo that sends it x-canary: 1 and 10%"
+  add_echo_pod "$canary" "$CANARY_N" echo-v2
+  wait_port "$remote" "$ENDPOINTS_NET.$CANARY_N" 8080
+  canary_objects >"$work/canary.yaml.new" && mv "$work/canary.yaml.new" "$work/objects/canary.yaml"
+  echo "Service demo/echo-v2: ClusterIP $CANARY_CLUSTER_IP port 80 -> endpoint $ENDPOINTS_NET.$CANARY_N:8080"
+  echo "HTTPRoute demo/echo-canary, parentRefs Service echo port 80 ($work/objects/canary.yaml):"
+  echo "  header x-canary: 1  -> echo-v2"
+  echo "  everything else     -> echo (weight 90), echo-v2 (weight 10)"
+  if ! took=$(wait_for_answer echo-v2 -H 'x-canary: 1'); then
+    echo "FAIL: the route did not take effect within 5 s (no x-canary: 1 request reached echo-v2)" >&2
+    exit 1
+  fi
+  echo "in effect $took after the file was written (an x-canary: 1 request answered by echo-v2)"
+
+  read -r v1 v2 other < <(tally 200)
+  echo "200 requests without x-canary (one keep-alive connection):"
+  echo "  v1 (echo: echo-1, echo-2) $(printf '%3d' "$v1") ($(percent "$v1" 200))"
+  echo "  v2 (echo-v2)              $(printf '%3d' "$v2") ($(percent "$v2" 200))"
+  read -r canary_v1 canary_v2 canary_other < <(tally 20 -H 'x-canary: 1')
+  echo "20 requests with x-canary: 1: v2 $canary_v2, v1 $canary_v1"
+  # 90% of 200 gives 180 ± 4 (one standard deviation): 160-196 is far outside chance.
+  problems=()
+  ((other == 0)) || problems+=("$other of the 200 requests were not answered by echo or echo-v2")
+  ((v1 >= 160 && v1 <= 196)) || problems+=("v1 took $(percent "$v1" 200) of the split, not 80-98%")
+  ((canary_v1 == 0)) || problems+=("$canary_v1 x-canary: 1 requests reached v1")
+  ((canary_v2 == 20)) || problems+=("only $canary_v2 of the 20 x-canary: 1 requests reached v2")
+  if ((${#problems[@]} > 0)); then
+    printf 'FAIL: %s\n' "${problems[@]}" >&2
+    exit 1
+  fi
+  echo "as the route says: about 90/10, and every x-canary: 1 request on v2"
+
+  say "the canary removed (its file deleted): echo's requests go to echo alone again"
+  rm "$work/objects/canary.yaml"
+  if ! took=$(wait_for_answer 'echo-[0-9]+' -H 'x-canary: 1'); then
+    echo "FAIL: the route was still in effect 5 s after its file was deleted" >&2
+    exit 1
+  fi
+  echo "route gone $took after the file was deleted (an x-canary: 1 request answered by echo)"
+
   say "the control plane stopped (SIGKILL): the proxy keeps its last snapshot"
   kill -KILL "$control_pid"
   wait "$control_pid" 2>/dev/null || true
@@ -330,7 +444,7 @@ fi
 
 say "what remora-proxy saw (its /metrics)"
 in_ns "$pod" curl -sS --max-time 2 http://127.0.0.1:15020/metrics |
-  grep -E '^remora_proxy_(requests_total|tcp_connections_total|tcp_bytes_total|connect_errors_total|balancer_endpoints|control_connected)' |
+  grep -E '^remora_proxy_(requests_total|route_requests_total|tcp_connections_total|tcp_bytes_total|connect_errors_total|balancer_endpoints|control_connected)' |
   grep -v ' 0$'
 
 say "SIGTERM to remora-proxy (what the kubelet sends when the pod stops)"
