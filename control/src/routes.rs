@@ -969,6 +969,7 @@ impl TableBuilder<'_> {
             endpoints: found
                 .map(|found| found.endpoints.iter().map(endpoint).collect())
                 .unwrap_or_default(),
+            policy: None,
         });
         self.backends.insert((backend.clone(), allowed), at);
         at

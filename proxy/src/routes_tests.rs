@@ -193,6 +193,7 @@ impl Echo {
             resolved: true,
             app_protocol: "http".into(),
             endpoints: vec![self.endpoint()],
+            policy: None,
         }
     }
 }
