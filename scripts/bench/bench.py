@@ -6,7 +6,8 @@ Knobs (environment):
   BENCH_ROUNDS=3       rounds; the seats run interleaved and in a rotated order in each round
   BENCH_SECONDS=10     length of each timed load
   BENCH_SEATS=direct,haproxy,remora   also haproxy-lb and remora-svc: a Service's ClusterIP balanced
-                       over three endpoints (HAProxy leastconn; remora-proxy --control)
+                       over three endpoints (HAProxy leastconn; remora-proxy --control); haproxy-acl
+                       and remora-route: the same behind 10 routing rules (HAProxy ACLs; an HTTPRoute)
   BENCH_PARTS=proxy,injector,init     also rss: remora-proxy's RSS with 10,000 Services in
                        remora-control and traffic to 10 of them
   BENCH_LOADS=throughput,latency,newconn,h2   the proxy loads
@@ -53,14 +54,34 @@ OUTBOUND_PORT, ADMIN_PORT = 15001, 15020
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy",
-              "haproxy-lb": "HAProxy (Service)", "remora-svc": "remora-proxy (Service)"}
+              "haproxy-lb": "HAProxy (Service)", "remora-svc": "remora-proxy (Service)",
+              "haproxy-acl": "HAProxy (ACL)", "remora-route": "remora-proxy (route)"}
 
 # The Service seats: the client sends to a ClusterIP that no host has, and the seat balances
 # each request over the Service's endpoints (nginx on three addresses of the remote namespace).
 # HAProxy lists the endpoints statically (`balance leastconn`, its best case); remora-proxy
 # learns them from remora-control (`--control`), which runs on the pod's loopback.
-SERVICE_SEATS = ("haproxy-lb", "remora-svc")
+SERVICE_SEATS = ("haproxy-lb", "remora-svc", "haproxy-acl", "remora-route")
 CLUSTER_IP = "198.18.0.100"
+# The route seats (issue 24): the same endpoints, ports and loads as the Service seats, behind
+# 10 routing rules of which the loads' requests match only the last in precedence, which sets a
+# request header. remora-proxy gets them as two HTTPRoutes (one per Service port) on a second
+# Service with the same endpoints, so remora-control serves the routed and the plain Service at
+# once and both seats run in one `make bench`, each measuring its own path; HAProxy gets the
+# same rules as ACLs (haproxy-acl.cfg.in).
+ROUTE_SEATS = ("haproxy-acl", "remora-route")
+# The seats of remora-proxy with --control (remora-control runs for them).
+CONTROL_SEATS = ("remora-svc", "remora-route")
+ROUTE_CLUSTER_IP = "198.18.0.101"
+ROUTE_SERVICE_NAME = "nginx-routed"
+# The request header the last rule sets, and its value. nginx echoes it as `X-Seen` on one path
+# only (ROUTE_CHECK_PATH, which the same rule matches), so the loads' responses stay the same
+# bytes as through the Service seats.
+ROUTE_MARK, ROUTE_MARK_VALUE = "x-route-mark", "bench"
+ROUTE_CHECK_PATH = "/route-check"
+# The HTTPRoute of each Service port: its name is the `route` label of the proxy's
+# remora_proxy_route_requests_total.
+ROUTE_NAMES = {H1_PORT: "bench-http", H2_PORT: "bench-h2"}
 # The remote namespace's addresses nginx listens on when a Service seat or the rss part runs:
 # the first three are the benchmarked Service's endpoints, all ten those of the rss part's
 # Services. REMOTE_V4 is the first, so the passthrough seats reach the same server.
@@ -148,6 +169,11 @@ def check_own_build(binary):
 
 class BenchError(Exception):
     pass
+
+
+class RouteCheckError(BenchError):
+    """A route seat that did not apply its rules, or not over the three endpoints: its figures
+    would be another path's, so the run fails (after writing its results)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,8 +497,9 @@ def make_pod():
         # too, as a pod's default route would give (without one, connect() fails before the
         # rules redirect it).
         run(["ip", "-n", pod, "addr", "add", f"{POD_SERVICE_SRC_V4}/24", "dev", "eth0"])
-        run(["ip", "-n", pod, "route", "add", f"{CLUSTER_IP}/32", "dev", "eth0",
-             "src", POD_SERVICE_SRC_V4])
+        for cluster_ip in (CLUSTER_IP, ROUTE_CLUSTER_IP):
+            run(["ip", "-n", pod, "route", "add", f"{cluster_ip}/32", "dev", "eth0",
+                 "src", POD_SERVICE_SRC_V4])
         run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0",
              "src", POD_SERVICE_SRC_V4])
     return pod, remote
@@ -548,7 +575,10 @@ class Seat:
 
     @property
     def host(self):
-        """Where the client sends: the ClusterIP for a Service seat, else nginx's address."""
+        """Where the client sends: the ClusterIP for a Service seat (the routed Service's for a
+        route seat), else nginx's address."""
+        if self.name in ROUTE_SEATS:
+            return ROUTE_CLUSTER_IP
         return CLUSTER_IP if self.name in SERVICE_SEATS else REMOTE_V4
 
     @property
@@ -568,15 +598,17 @@ class Seat:
             path.write_text(conf)
             argv = self.wrapper + ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
-        elif self.name == "haproxy-lb":
+        elif self.name in ("haproxy-lb", "haproxy-acl"):
             servers = lambda port, extra: "\n".join(
                 f"  server e{i} {a}:{port}{extra}" for i, a in enumerate(SERVICE_ENDPOINTS))
-            conf = (HERE / "haproxy-lb.cfg.in").read_text() \
+            conf = (HERE / f"{self.name}.cfg.in").read_text() \
                 .replace("@LISTEN@", f"127.0.0.1:{OUTBOUND_PORT}") \
+                .replace("@H1_PORT@", str(H1_PORT)) \
                 .replace("@H2_PORT@", str(H2_PORT)) \
                 .replace("@SERVERS_H1@", servers(H1_PORT, "")) \
-                .replace("@SERVERS_H2@", servers(H2_PORT, " proto h2"))
-            path = self.work / "haproxy-lb.cfg"
+                .replace("@SERVERS_H2@", servers(H2_PORT, " proto h2")) \
+                .replace("@MARK@", ROUTE_MARK).replace("@MARK_VALUE@", ROUTE_MARK_VALUE)
+            path = self.work / f"{self.name}.cfg"
             path.write_text(conf)
             argv = self.wrapper + ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
@@ -590,7 +622,9 @@ class Seat:
                 raise BenchError(f"{binary} is missing (make release)")
             check_own_build(binary)
             flags = os.environ.get(f"BENCH_REMORA_ARGS_{variant}" if variant else "BENCH_REMORA_ARGS", "")
-            if self.name == "remora-svc":
+            if self.name in CONTROL_SEATS:
+                # The routed seat runs exactly as remora-svc, flags included: only the Service
+                # it is sent to differs.
                 flags = f"--control {CONTROL_LISTEN} --control-plaintext " + \
                     os.environ.get("BENCH_REMORA_ARGS_svc", "")
             argv = self.wrapper + [binary] + flags.split()
@@ -652,9 +686,47 @@ def service_objects(namespace, name, cluster_ip, endpoints, ports):
 
 
 def bench_service_objects():
-    """The Service of the Service seats: ports 80 and 81 on the three endpoints."""
-    return service_objects(SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS,
-                           [("http", H1_PORT, H1_PORT), ("h2", H2_PORT, H2_PORT)])
+    """The Service of the Service seats (ports 80 and 81 on the three endpoints) and, for the
+    route seats, a second one with the same ports and endpoints and its two HTTPRoutes. The first
+    has no route, so remora-svc measures the Service path alone in the same run."""
+    ports = [("http", H1_PORT, H1_PORT), ("h2", H2_PORT, H2_PORT)]
+    return service_objects(SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS, ports) \
+        + service_objects(SERVICE_NS, ROUTE_SERVICE_NAME, ROUTE_CLUSTER_IP, SERVICE_ENDPOINTS,
+                          ports) \
+        + [bench_route(port) for port in (H1_PORT, H2_PORT)]
+
+
+def bench_route(port):
+    """The HTTPRoute of the route seats on one port of the routed Service: 10 rules, every one
+    sending to that Service port. The loads' requests (GET / with no header or query of note)
+    match only the last in the Gateway API's precedence, a bare PathPrefix /, which sets
+    ROUTE_MARK; the nine before it are checked and missed on every request: exact paths (one
+    with a header), prefixes, a regular expression, a method, headers and a query parameter.
+    haproxy-acl.cfg.in holds the same rules as ACLs."""
+    path = lambda kind, value: {"path": {"type": kind, "value": value}}
+    exact = lambda name, value: {"type": "Exact", "name": name, "value": value}
+    misses = [
+        {**path("Exact", "/"), "headers": [exact("x-user", "admin")]},
+        path("Exact", "/healthz"),
+        path("PathPrefix", "/api/v1"),
+        path("PathPrefix", "/static"),
+        path("RegularExpression", "/v[0-9]+/.*"),
+        {**path("PathPrefix", "/"), "method": "POST"},
+        {**path("PathPrefix", "/"), "headers": [exact("x-canary", "1")]},
+        {**path("PathPrefix", "/"), "headers": [exact("x-tenant", "blue")]},
+        {**path("PathPrefix", "/"), "queryParams": [exact("debug", "1")]},
+    ]
+    backend = [{"group": "", "kind": "Service", "name": ROUTE_SERVICE_NAME, "port": port}]
+    rules = [{"matches": [match], "backendRefs": backend} for match in misses]
+    rules.append({"matches": [path("PathPrefix", "/")],
+                  "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                      "set": [{"name": ROUTE_MARK, "value": ROUTE_MARK_VALUE}]}}],
+                  "backendRefs": backend})
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": ROUTE_NAMES[port], "namespace": SERVICE_NS},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": ROUTE_SERVICE_NAME,
+                                     "port": port}],
+                     "rules": rules}}
 
 
 def start_control(pod, work, objects, tag):
@@ -721,16 +793,43 @@ def check_balanced(seat):
     """The Service seat of remora-proxy really balances: connected to remora-control, and both
     Service ports known with their three endpoints once a request went to each."""
     run(seat.client(["curl", "-sS", "-m", "5", "--http2-prior-knowledge",
-                     f"http://{CLUSTER_IP}:{H2_PORT}/"]), check=False)
+                     f"http://{seat.host}:{H2_PORT}/"]), check=False)
     text = service_metrics(seat)
+    service = ROUTE_SERVICE_NAME if seat.name in ROUTE_SEATS else SERVICE_NAME
     for port in (H1_PORT, H2_PORT):
         series = (f'remora_proxy_balancer_endpoints{{namespace="{SERVICE_NS}",'
-                  f'service="{SERVICE_NAME}",port="{port}"}} {len(SERVICE_ENDPOINTS)}')
+                  f'service="{service}",port="{port}"}} {len(SERVICE_ENDPOINTS)}')
         if series not in text:
-            raise BenchError(f"remora-proxy (Service) does not balance port {port} over the "
+            raise BenchError(f"{seat_label(seat.name)} does not balance port {port} over the "
                              f"{len(SERVICE_ENDPOINTS)} endpoints; its metrics: "
                              + " ".join(l for l in text.splitlines() if "balancer" in l
                                         or "control" in l)[:600])
+
+
+def check_route_mark(seat):
+    """A route seat applies the routing rules: on both ports, a request that only the last rule
+    matches (ROUTE_CHECK_PATH, where nginx echoes ROUTE_MARK as X-Seen) reaches nginx with the
+    header that rule sets."""
+    for port, h2 in ((H1_PORT, []), (H2_PORT, ["--http2-prior-knowledge"])):
+        out = run(seat.client(["curl", "-sS", "-m", "5", "-o", "/dev/null", "-D", "-", *h2,
+                               f"http://{seat.host}:{port}{ROUTE_CHECK_PATH}"]), check=False)
+        seen = re.search(r"^x-seen:\s*(\S+)", out.stdout, re.M | re.I)
+        if not seen or seen.group(1) != ROUTE_MARK_VALUE:
+            raise RouteCheckError(f"{seat_label(seat.name)}, port {port}: nginx did not see "
+                             f"{ROUTE_MARK}: {ROUTE_MARK_VALUE} (the last rule's filter): "
+                             f"{(out.stdout + out.stderr).strip()[:300]}")
+
+
+def route_requests(seat, port):
+    """What remora-proxy's remora_proxy_route_requests_total counted as answered 200 by the
+    route of the routed Service's `port`."""
+    total = 0
+    for line in service_metrics(seat).splitlines():
+        if line.startswith("remora_proxy_route_requests_total{") \
+                and f'service="{ROUTE_SERVICE_NAME}"' in line \
+                and f'route="{ROUTE_NAMES[port]}"' in line and 'status_code="200"' in line:
+            total += float(line.split()[-1])
+    return total
 
 
 def measure(seat, argv, parser, timeout, spread_port=None):
@@ -794,6 +893,22 @@ LOAD_RESULTS = {
 SPREAD_PORTS = {"throughput": H1_PORT, "latency": H1_PORT, "h2": H2_PORT}
 
 
+def check_routed_load(seat, load, res, routed):
+    """The routed seat's load really went through the route, and still over all three
+    endpoints: every answered request counted by the route of its port, and (for the keep-alive
+    loads) upstream connections to each endpoint a moment into the load. The second needs its
+    own check: a route's backend has a balancer of its own, which the
+    remora_proxy_balancer_endpoints series (the Service's endpoints) does not show."""
+    if routed < res["requests"]:
+        raise RouteCheckError(f"{seat_label(seat.name)}, {load}: the route counted {routed:,.0f} "
+                         f"requests answered 200 of the load's {res['requests']:,}")
+    res["route_requests"] = routed
+    spread = res.get("endpoint_spread")
+    if spread is not None and min(spread) == 0:
+        raise RouteCheckError(f"{seat_label(seat.name)}, {load}: upstream connections per endpoint "
+                         f"{'/'.join(map(str, spread))}: not balanced over the three")
+
+
 def run_load(seat, load, into):
     """One load through a fresh process of `seat`, its figures added to `into`: the idle RSS of
     the first process, the peak after the 50-connection load, and the highest peak of any."""
@@ -806,14 +921,18 @@ def run_load(seat, load, into):
         # has the ClusterIP, so only a balancing seat answers it).
         # remora-proxy asks remora-control about the ClusterIP on its first connection there
         # and, without an answer within a second, fails open: a few tries, not one.
-        for _ in range(5 if seat.name == "remora-svc" else 1):
+        for _ in range(5 if seat.name in CONTROL_SEATS else 1):
             check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
             if "hello" in check.stdout:
                 break
         if "hello" not in check.stdout:
             raise BenchError(f"no answer through {seat.name}: {check.stderr.strip()}")
-        if seat.name == "remora-svc":
+        if seat.name in CONTROL_SEATS:
             check_balanced(seat)
+        if seat.name in ROUTE_SEATS:
+            check_route_mark(seat)
+        port = H2_PORT if load == "h2" else H1_PORT
+        routed0 = route_requests(seat, port) if seat.name == "remora-route" else None
         try:
             into[key] = measure(seat, load_argv(load, SECONDS, seat.host), parser, SECONDS + 30,
                                 spread_port=SPREAD_PORTS.get(load))
@@ -821,6 +940,8 @@ def run_load(seat, load, into):
             if load != "h2":
                 raise
             into[key] = {"error": str(e)[:300]}
+        if routed0 is not None and "error" not in into[key]:
+            check_routed_load(seat, load, into[key], route_requests(seat, port) - routed0)
         peak = seat.rss_kib("VmHWM")
         if load == "throughput":
             into["peak_rss_kib"] = peak
@@ -939,6 +1060,12 @@ def proxy_table(summary):
                 ratio_cols.append(("remora-svc", base, f"remora-svc / {seat_label(base)}"))
     if "haproxy-lb" in seats and "direct" in seats:
         ratio_cols.append(("haproxy-lb", "direct", "HAProxy (Service) / direct"))
+    if "remora-route" in seats:
+        for base in ("remora-svc", "haproxy-acl"):
+            if base in seats:
+                ratio_cols.append(("remora-route", base, f"remora-route / {seat_label(base)}"))
+    if "haproxy-acl" in seats and "haproxy-lb" in seats:
+        ratio_cols.append(("haproxy-acl", "haproxy-lb", "HAProxy (ACL) / HAProxy (Service)"))
     for seat in seats:
         if seat.startswith("remora@"):
             for base in ("haproxy", "remora"):
@@ -1031,6 +1158,31 @@ def targets(summary, injector, init, rss=None):
             check(f"Service: CPU s / 1000 req ({load}) <= HAProxy (Service)'s", a,
                   None if a is None or b is None else a <= b,
                   f"{fmt(a, 's')} vs {fmt(b, 's')}")
+    rt = summary.get("remora-route")
+    if rt:
+        # Issue 24: a route of 10 rules with a header filter against no route on the same
+        # Service path (remora-svc, in the same run), and against HAProxy with the same rules as
+        # ACLs. Throughput under wrk and h2load, CPU per request under every load both ran.
+        for base, goal in (("remora-svc", 0.95), ("haproxy-acl", 1.0)):
+            if base not in summary:
+                continue
+            b = summary[base]
+            for key, load in (("rps", "wrk"), ("h2_rps", "h2")):
+                if rt.get(key) is None and b.get(key) is None:
+                    continue
+                x = ratio(rt.get(key), b.get(key))
+                check(f"Route: throughput ({load}) >= {goal:.2f}x {seat_label(base)}", x,
+                      None if x is None else x >= goal, f"{x:.3f}x" if x is not None else "n/a")
+        b = summary.get("remora-svc")
+        for key, load in (("cpu_per_1k", "wrk"), ("cpu_per_1k_1000rps", "1000 rps"),
+                          ("cpu_per_1k_newconn", "new conn"), ("cpu_per_1k_h2", "h2")):
+            if b is None or (rt.get(key) is None and b.get(key) is None):
+                continue
+            x = ratio(rt.get(key), b.get(key))
+            check(f"Route: CPU s / 1000 req ({load}) <= 1.10x remora-proxy (Service)'s", x,
+                  None if x is None else x <= 1.1,
+                  f"{fmt(rt.get(key), 's')} vs {fmt(b.get(key), 's')}"
+                  + (f" ({x:.3f}x)" if x is not None else ""))
     if rss and "error" not in rss:
         a = rss.get("growth_over_idle_mib")
         check("RSS with 10,000 Services, 10 used: within 1 MiB of idle (no --control)", a,
@@ -1593,9 +1745,10 @@ def count():
                          "0 < small < large")
     seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     for name in seats:
-        if name not in ("remora", "haproxy", "remora-svc") and not name.startswith("remora@"):
+        if name not in ("remora", "haproxy", "remora-svc", "remora-route") \
+                and not name.startswith("remora@"):
             raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL, "
-                             "remora-svc or haproxy")
+                             "remora-svc, remora-route or haproxy")
     loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
     for load in loads:
         if load not in COUNT_LOADS:
@@ -1611,7 +1764,7 @@ def count():
         pod, remote = make_pod()
         start_nginx(remote, work)
         apply_rules(pod)
-        if "remora-svc" in seats:
+        if any(name in CONTROL_SEATS for name in seats):
             start_control(pod, work, bench_service_objects(), "service")
         for load in loads:
             what, argv_of = COUNT_LOADS[load]
@@ -1623,12 +1776,12 @@ def count():
                         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
                     seat.start()
                     try:
-                        if name == "remora-svc":
+                        if name in CONTROL_SEATS:
                             # The first connection asks remora-control (see run_load).
                             for _ in range(5):
                                 if "hello" in run(seat.client(
                                         ["curl", "-sS", "-m", "5",
-                                         f"http://{CLUSTER_IP}:{H1_PORT}/"]),
+                                         f"http://{seat.host}:{H1_PORT}/"]),
                                         check=False).stdout:
                                     break
                         res = parse_h2load(run(seat.client(argv_of(n, seat.host)),
@@ -1805,7 +1958,14 @@ def render_markdown(report, head, rows):
                   + ", balanced per request over nginx on " + ", ".join(SERVICE_ENDPOINTS)
                   + " by HAProxy (leastconn, endpoints listed statically) or by remora-proxy "
                   "with --control (remora-control on the pod's loopback, not counted)."
-                  if any(s in SERVICE_SEATS for s in SEATS) else ""), "",
+                  if any(s in SERVICE_SEATS for s in SEATS) else "")
+               + (" Route seats: the same endpoints and loads through a second ClusterIP, "
+                  + ROUTE_CLUSTER_IP + ", behind 10 routing rules of which the loads match only "
+                  "the last, which sets the request header " + ROUTE_MARK + ": an HTTPRoute per "
+                  "port for remora-proxy (from remora-control, as for remora-svc), the same rules "
+                  "as ACLs for HAProxy (haproxy-acl.cfg.in); each run checks that the header "
+                  "reaches nginx and that the route counted every request of remora-proxy's loads."
+                  if any(s in ROUTE_SEATS for s in SEATS) else ""), "",
                markdown_table(head, rows), ""]
         md += spread_lines(report.get("proxy_rounds", []))
         md += h2_split_lines(report.get("proxy_rounds", []))
@@ -1965,7 +2125,7 @@ def render_other_parts(report):
                           f"| {fmt(c['whole_process_median_ms'], 'ms')} | {c['runs']} |")
             md += ["", f"Spawning a process with nsenter alone: {fmt(init['spawn_overhead_ms'], 'ms')} ms.", ""]
     if report.get("targets"):
-        md += ["## Targets (issue 6; those marked Service and RSS: issue 23)", "", "| target | this run | met |", "|---|---|---|"]
+        md += ["## Targets (issue 6; those marked Service and RSS: issue 23; Route: issue 24)", "", "| target | this run | met |", "|---|---|---|"]
         for t in report["targets"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             md.append(f"| {t['target']} | {t['value']} | {met} |")
@@ -2000,6 +2160,7 @@ def main():
     # The seats run as uid 1337 and read their config from here.
     os.chmod(work, 0o755)
     head, rows = [], []
+    route_failures = []
     t_start = time.monotonic()
     try:
         if "proxy" in PARTS or "rss" in PARTS:
@@ -2009,7 +2170,7 @@ def main():
             report["layout"] = CGROUPS.describe()
         if "proxy" in PARTS:
             control = None
-            if "remora-svc" in SEATS:
+            if any(s in CONTROL_SEATS for s in SEATS):
                 control = start_control(pod, work, bench_service_objects(), "service")
             rounds = []
             for r in range(ROUNDS):
@@ -2028,6 +2189,8 @@ def main():
                         except BenchError as e:
                             log(f"  {seat_label(name)}: {e}")
                             results[name] = {"error": str(e)[:1000]}
+                            if isinstance(e, RouteCheckError):
+                                route_failures.append(str(e))
                 for name in order:
                     x = results[name]
                     if "error" not in x:
@@ -2075,6 +2238,9 @@ def main():
         print()
     print(render_other_parts(report))
     write_results(report, md)
+    if route_failures:
+        raise BenchError(f"{len(route_failures)} run(s) of a route seat did not go through its "
+                         f"route: {route_failures[0][:300]}")
 
 
 def on_term(signum, _frame):
