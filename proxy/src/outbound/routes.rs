@@ -382,11 +382,30 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// Up to this many header lines, a request's headers are scanned for a name rather than looked
+/// up: comparing a few names costs less than hashing the one looked for, which a table with
+/// several header matches would do for each of them on every request.
+const SCAN_HEADERS: usize = 8;
+
 /// A request header's value for matching: a header sent more than once is read as its values
 /// joined with commas, as RFC 9110 §5.3 says a recipient may combine them.
 fn header_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<'a, [u8]>> {
+    if headers.len() <= SCAN_HEADERS {
+        // `iter` yields each name's values together and in order, as `get_all` does.
+        let mut values = headers
+            .iter()
+            .filter(|(have, _)| *have == name)
+            .map(|(_, value)| value);
+        return join(values.next()?, values);
+    }
     let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
+    join(values.next()?, values)
+}
+
+fn join<'a>(
+    first: &'a HeaderValue,
+    mut values: impl Iterator<Item = &'a HeaderValue>,
+) -> Option<Cow<'a, [u8]>> {
     let Some(second) = values.next() else {
         return Some(Cow::Borrowed(first.as_bytes()));
     };
@@ -798,6 +817,38 @@ pub(crate) mod tests {
                 *want,
                 "{kind:?} {name}: {want_value:?} against {headers:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_header_reads_the_same_from_few_headers_and_from_many() {
+        let mut few = HeaderMap::new();
+        let mut many = HeaderMap::new();
+        for (name, value) in [("version", "one"), ("x-a", "1"), ("Version", "two")] {
+            few.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        many.clone_from(&few);
+        for i in 0..SCAN_HEADERS {
+            many.append(
+                HeaderName::from_bytes(format!("x-filler-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("z"),
+            );
+        }
+        assert!(few.len() <= SCAN_HEADERS && many.len() > SCAN_HEADERS);
+        let name = HeaderName::from_static("version");
+        for headers in [&few, &many] {
+            assert_eq!(
+                header_value(headers, &name).as_deref(),
+                Some(&b"one,two"[..])
+            );
+            assert_eq!(
+                header_value(headers, &HeaderName::from_static("x-a")).as_deref(),
+                Some(&b"1"[..])
+            );
+            assert_eq!(header_value(headers, &HeaderName::from_static("x-b")), None);
         }
     }
 
