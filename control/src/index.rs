@@ -29,9 +29,11 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use remora_api::discovery as pb;
 
 use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
 use crate::objects::{ObjectSet, Stored};
+use crate::policy;
 use crate::routes::CompiledRoute;
 
 /// The label that ties an EndpointSlice to its Service.
@@ -69,6 +71,8 @@ pub struct Target {
     pub app_protocol: Option<String>,
     /// Ready endpoints, sorted by address.
     pub endpoints: Vec<Endpoint>,
+    /// The Service's resilience policy, every default filled in.
+    pub policy: Arc<pb::Policy>,
 }
 
 /// One ready endpoint of a Service port.
@@ -159,6 +163,8 @@ pub struct BackendPort {
     pub app_protocol: Option<String>,
     /// Ready endpoints, sorted by address, of the Service's first IP family.
     pub endpoints: Vec<Endpoint>,
+    /// The Service's resilience policy, every default filled in.
+    pub policy: Arc<pb::Policy>,
 }
 
 /// Which computation of a Service an answer came from: the same handle in two indexes means
@@ -214,6 +220,36 @@ struct Computed {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     targets: Vec<(SocketAddr, Arc<Target>)>,
+    policy: Arc<ServicePolicy>,
+}
+
+/// A Service's policy and the annotations it was parsed from: parsed (and a bad value logged)
+/// once per change of those annotations, not per change of the object or per stream.
+#[derive(Debug)]
+struct ServicePolicy {
+    annotations: Vec<(&'static str, String)>,
+    policy: Arc<pb::Policy>,
+}
+
+impl ServicePolicy {
+    /// The policy of `service`, the one `previous` held when its annotations are the same.
+    fn of(service: &Service, key: &ServiceKey, previous: Option<&Arc<ServicePolicy>>) -> Arc<Self> {
+        let annotations = policy::read(service.metadata.annotations.as_ref());
+        if let Some(previous) = previous.filter(|previous| previous.annotations == annotations) {
+            return Arc::clone(previous);
+        }
+        let (parsed, bad) = policy::parse(service.metadata.annotations.as_ref());
+        for bad in bad {
+            tracing::warn!(
+                service = %key, annotation = bad.key, value = bad.value, expected = bad.form,
+                "a bad annotation value; its default applies"
+            );
+        }
+        Arc::new(Self {
+            annotations,
+            policy: Arc::new(parsed),
+        })
+    }
 }
 
 impl Computed {
@@ -324,7 +360,7 @@ impl Index {
                 None => Arc::new(ServiceKey::new(namespace, name)),
             };
             let own: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
-            let targets = service_targets(service, &key, &own);
+            let targets = service_targets(service, &key, &own, &kept.policy.policy);
             if targets.len() != kept.targets.len() {
                 return None;
             }
@@ -342,6 +378,7 @@ impl Index {
                 service: Arc::clone(service),
                 slices,
                 targets,
+                policy: Arc::clone(&kept.policy),
             });
             if let Some(held) = index.services.get_mut(&ServiceKey::new(namespace, name)) {
                 if Arc::ptr_eq(held, &kept) {
@@ -384,10 +421,15 @@ impl Index {
                 Some(kept) => Arc::clone(kept),
                 None => {
                     let key = Arc::new(ServiceKey::new(namespace, name));
+                    let earlier = previous
+                        .and_then(|previous| previous.services.get(&key))
+                        .map(|earlier| &earlier.policy);
+                    let policy = ServicePolicy::of(service, &key, earlier);
                     Arc::new(Computed {
                         service: Arc::clone(service),
                         slices: own_slices.iter().map(|slice| Arc::clone(slice)).collect(),
-                        targets: service_targets(service, &key, own_slices),
+                        targets: service_targets(service, &key, own_slices, &policy.policy),
+                        policy,
                     })
                 }
             };
@@ -528,6 +570,7 @@ impl Index {
             name: spec_port.name.clone().filter(|name| !name.is_empty()),
             app_protocol: spec_port.app_protocol.clone(),
             endpoints,
+            policy: Arc::clone(&computed.policy.policy),
         })
     }
 
@@ -613,6 +656,7 @@ fn service_targets(
     service: &Service,
     key: &Arc<ServiceKey>,
     slices: &[&Arc<EndpointSlice>],
+    policy: &Arc<pb::Policy>,
 ) -> Vec<(SocketAddr, Arc<Target>)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
@@ -652,6 +696,7 @@ fn service_targets(
                     port: number,
                     app_protocol: port.app_protocol.clone(),
                     endpoints: endpoints(port, ip, slices),
+                    policy: Arc::clone(policy),
                 }),
             ));
         }
@@ -951,6 +996,7 @@ mod tests {
                     node: Some("n1".into()),
                     pod: Some("web-0".into()),
                 }],
+                policy: Arc::new(policy::defaults()),
             }
         );
     }
