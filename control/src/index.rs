@@ -1119,8 +1119,15 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
             "[{name: dns, port: 53, protocol: UDP}, {name: dnst, port: 53}]",
             "[{name: http, port: 80, appProtocol: http}, {name: grpc, port: 9000, appProtocol: grpc}]",
         ]);
+        // From the picks above, not a pick of its own, so that the sequence of changes (and
+        // how often an update takes the slices-only path) stays what it was.
+        let annotations = [
+            "",
+            ", annotations: {remora.io/timeout: 1s}",
+            ", annotations: {remora.io/timeout: 2s, remora.io/retry-attempts: bad}",
+        ][(ips.len() + ports.len()) % 3];
         let yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{{ips}, ports: {ports}}}\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}{annotations}}}\nspec: {{{ips}, ports: {ports}}}\n"
         );
         object(&yaml).services.remove(0)
     }
@@ -1290,5 +1297,45 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
             endpoints_at(&updated, "10.0.0.1:80"),
             Some(vec!["10.1.0.9:80".to_string()])
         );
+    }
+
+    #[test]
+    fn a_service_policy_is_on_its_targets_and_backend_and_kept_until_its_annotations_change() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, annotations: {remora.io/timeout: 2s, remora.io/queue: bad}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n---\n".to_string()
+            + &slice("a", "addressType: IPv4\nports: [{}]\nendpoints: [{addresses: [10.1.0.1]}]");
+        let mut objects = object(&yaml);
+        let index = Index::build(&objects);
+        let mut expected = policy::defaults();
+        expected.timeout_ms = 2_000;
+        let at = addr("10.0.0.1:80");
+        assert_eq!(*index.lookup(at).unwrap().policy, expected);
+        let web = ServiceKey::new("shop", "web");
+        assert_eq!(*index.service_port(&web, 80).unwrap().policy, expected);
+
+        // An EndpointSlice edited: the same policy, not parsed again.
+        let slice = Arc::make_mut(&mut objects.endpoint_slices[0]);
+        slice.endpoints.as_mut().unwrap()[0].addresses = vec!["10.1.0.2".to_string()];
+        assert!(index.slices_edited(&objects).is_some());
+        let edited = index.update(&objects);
+        assert_eq!(edited, Index::build(&objects));
+        let policy_of = |index: &Index| Arc::clone(&index.lookup(at).unwrap().policy);
+        assert!(Arc::ptr_eq(&policy_of(&index), &policy_of(&edited)));
+
+        // The Service edited but not its annotations: still the same policy.
+        let service = Arc::make_mut(&mut objects.services[0]);
+        service.metadata.labels = Some([("tier".to_string(), "front".to_string())].into());
+        let relabelled = edited.update(&objects);
+        assert!(Arc::ptr_eq(&policy_of(&index), &policy_of(&relabelled)));
+
+        // An annotation edited: a new policy, equal to a whole build's.
+        let service = Arc::make_mut(&mut objects.services[0]);
+        let annotations = service.metadata.annotations.as_mut().unwrap();
+        annotations.insert("remora.io/queue".to_string(), "5,1s".to_string());
+        let annotated = relabelled.update(&objects);
+        assert_eq!(annotated, Index::build(&objects));
+        expected.queue_size = 5;
+        expected.queue_timeout_ms = 1_000;
+        assert_eq!(*policy_of(&annotated), expected);
+        assert_eq!(*annotated.service_port(&web, 80).unwrap().policy, expected);
     }
 }
