@@ -16,6 +16,9 @@
 //! - `remora.io/failure-accrual`: `consecutive=N` (N at least 1) or `off` (any case).
 //! - `remora.io/max-ejection`: `N%`, a whole number at most 100.
 //! - `remora.io/queue`: `N,DURATION`, N a whole number, DURATION as for the timeout.
+//!
+//! Spaces around a value and around its comma-separated parts are ignored; a whole number is
+//! digits alone (no sign, no fraction) that fits 32 bits.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -150,6 +153,7 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>) -> Vec<(&'static str
 /// Sets what `value` of `key` says into `policy`; `None` (and `policy` unchanged) when `value`
 /// is not of the key's form.
 fn apply(policy: &mut pb::Policy, key: &str, value: &str) -> Option<()> {
+    let value = value.trim();
     let retry = policy.retry.get_or_insert_with(Default::default);
     match key {
         TIMEOUT => policy.timeout_ms = duration_ms(value)?,
@@ -466,9 +470,10 @@ mod tests {
 
     #[test]
     fn retry_attempts() {
-        let cases: [Case<u32>; 7] = [
+        let cases: [Case<u32>; 8] = [
             ("none", "0", Some(0)),
             ("some", "3", Some(3)),
+            ("spaces around", " 3 ", Some(3)),
             ("negative", "-1", None),
             ("a sign", "+3", None),
             ("a fraction", "2.5", None),
@@ -483,9 +488,10 @@ mod tests {
 
     #[test]
     fn retry_non_idempotent() {
-        let cases: [Case<bool>; 6] = [
+        let cases: [Case<bool>; 7] = [
             ("true", "true", Some(true)),
             ("false", "false", Some(false)),
+            ("spaces around", " true ", Some(true)),
             ("any case", "True", Some(true)),
             ("yes", "yes", None),
             ("one", "1", None),
