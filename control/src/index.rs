@@ -29,9 +29,11 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use remora_api::discovery as pb;
 
 use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
 use crate::objects::{ObjectSet, Stored};
+use crate::policy;
 use crate::routes::CompiledRoute;
 
 /// The label that ties an EndpointSlice to its Service.
@@ -69,6 +71,8 @@ pub struct Target {
     pub app_protocol: Option<String>,
     /// Ready endpoints, sorted by address.
     pub endpoints: Vec<Endpoint>,
+    /// The Service's resilience policy, every default filled in.
+    pub policy: Arc<pb::Policy>,
 }
 
 /// One ready endpoint of a Service port.
@@ -159,6 +163,8 @@ pub struct BackendPort {
     pub app_protocol: Option<String>,
     /// Ready endpoints, sorted by address, of the Service's first IP family.
     pub endpoints: Vec<Endpoint>,
+    /// The Service's resilience policy, every default filled in.
+    pub policy: Arc<pb::Policy>,
 }
 
 /// Which computation of a Service an answer came from: the same handle in two indexes means
@@ -214,6 +220,36 @@ struct Computed {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     targets: Vec<(SocketAddr, Arc<Target>)>,
+    policy: Arc<ServicePolicy>,
+}
+
+/// A Service's policy and the annotations it was parsed from: parsed (and a bad value logged)
+/// once per change of those annotations, not per change of the object or per stream.
+#[derive(Debug)]
+struct ServicePolicy {
+    annotations: Vec<(&'static str, String)>,
+    policy: Arc<pb::Policy>,
+}
+
+impl ServicePolicy {
+    /// The policy of `service`, the one `previous` held when its annotations are the same.
+    fn of(service: &Service, key: &ServiceKey, previous: Option<&Arc<ServicePolicy>>) -> Arc<Self> {
+        let annotations = policy::read(service.metadata.annotations.as_ref());
+        if let Some(previous) = previous.filter(|previous| previous.annotations == annotations) {
+            return Arc::clone(previous);
+        }
+        let (parsed, bad) = policy::parse(service.metadata.annotations.as_ref());
+        for bad in bad {
+            tracing::warn!(
+                service = %key, annotation = bad.key, value = bad.value, expected = bad.form,
+                "a bad annotation value; its default applies"
+            );
+        }
+        Arc::new(Self {
+            annotations,
+            policy: Arc::new(parsed),
+        })
+    }
 }
 
 impl Computed {
@@ -324,7 +360,7 @@ impl Index {
                 None => Arc::new(ServiceKey::new(namespace, name)),
             };
             let own: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
-            let targets = service_targets(service, &key, &own);
+            let targets = service_targets(service, &key, &own, &kept.policy.policy);
             if targets.len() != kept.targets.len() {
                 return None;
             }
@@ -342,6 +378,7 @@ impl Index {
                 service: Arc::clone(service),
                 slices,
                 targets,
+                policy: Arc::clone(&kept.policy),
             });
             if let Some(held) = index.services.get_mut(&ServiceKey::new(namespace, name)) {
                 if Arc::ptr_eq(held, &kept) {
@@ -384,10 +421,15 @@ impl Index {
                 Some(kept) => Arc::clone(kept),
                 None => {
                     let key = Arc::new(ServiceKey::new(namespace, name));
+                    let earlier = previous
+                        .and_then(|previous| previous.services.get(&key))
+                        .map(|earlier| &earlier.policy);
+                    let policy = ServicePolicy::of(service, &key, earlier);
                     Arc::new(Computed {
                         service: Arc::clone(service),
                         slices: own_slices.iter().map(|slice| Arc::clone(slice)).collect(),
-                        targets: service_targets(service, &key, own_slices),
+                        targets: service_targets(service, &key, own_slices, &policy.policy),
+                        policy,
                     })
                 }
             };
@@ -528,6 +570,7 @@ impl Index {
             name: spec_port.name.clone().filter(|name| !name.is_empty()),
             app_protocol: spec_port.app_protocol.clone(),
             endpoints,
+            policy: Arc::clone(&computed.policy.policy),
         })
     }
 
@@ -613,6 +656,7 @@ fn service_targets(
     service: &Service,
     key: &Arc<ServiceKey>,
     slices: &[&Arc<EndpointSlice>],
+    policy: &Arc<pb::Policy>,
 ) -> Vec<(SocketAddr, Arc<Target>)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
@@ -652,6 +696,7 @@ fn service_targets(
                     port: number,
                     app_protocol: port.app_protocol.clone(),
                     endpoints: endpoints(port, ip, slices),
+                    policy: Arc::clone(policy),
                 }),
             ));
         }
@@ -951,6 +996,7 @@ mod tests {
                     node: Some("n1".into()),
                     pod: Some("web-0".into()),
                 }],
+                policy: Arc::new(policy::defaults()),
             }
         );
     }
@@ -1073,8 +1119,15 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
             "[{name: dns, port: 53, protocol: UDP}, {name: dnst, port: 53}]",
             "[{name: http, port: 80, appProtocol: http}, {name: grpc, port: 9000, appProtocol: grpc}]",
         ]);
+        // From the picks above, not a pick of its own, so that the sequence of changes (and
+        // how often an update takes the slices-only path) stays what it was.
+        let annotations = [
+            "",
+            ", annotations: {remora.io/timeout: 1s}",
+            ", annotations: {remora.io/timeout: 2s, remora.io/retry-attempts: bad}",
+        ][(ips.len() + ports.len()) % 3];
         let yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{{ips}, ports: {ports}}}\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}{annotations}}}\nspec: {{{ips}, ports: {ports}}}\n"
         );
         object(&yaml).services.remove(0)
     }
@@ -1244,5 +1297,45 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
             endpoints_at(&updated, "10.0.0.1:80"),
             Some(vec!["10.1.0.9:80".to_string()])
         );
+    }
+
+    #[test]
+    fn a_service_policy_is_on_its_targets_and_backend_and_kept_until_its_annotations_change() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, annotations: {remora.io/timeout: 2s, remora.io/queue: bad}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n---\n".to_string()
+            + &slice("a", "addressType: IPv4\nports: [{}]\nendpoints: [{addresses: [10.1.0.1]}]");
+        let mut objects = object(&yaml);
+        let index = Index::build(&objects);
+        let mut expected = policy::defaults();
+        expected.timeout_ms = 2_000;
+        let at = addr("10.0.0.1:80");
+        assert_eq!(*index.lookup(at).unwrap().policy, expected);
+        let web = ServiceKey::new("shop", "web");
+        assert_eq!(*index.service_port(&web, 80).unwrap().policy, expected);
+
+        // An EndpointSlice edited: the same policy, not parsed again.
+        let slice = Arc::make_mut(&mut objects.endpoint_slices[0]);
+        slice.endpoints.as_mut().unwrap()[0].addresses = vec!["10.1.0.2".to_string()];
+        assert!(index.slices_edited(&objects).is_some());
+        let edited = index.update(&objects);
+        assert_eq!(edited, Index::build(&objects));
+        let policy_of = |index: &Index| Arc::clone(&index.lookup(at).unwrap().policy);
+        assert!(Arc::ptr_eq(&policy_of(&index), &policy_of(&edited)));
+
+        // The Service edited but not its annotations: still the same policy.
+        let service = Arc::make_mut(&mut objects.services[0]);
+        service.metadata.labels = Some([("tier".to_string(), "front".to_string())].into());
+        let relabelled = edited.update(&objects);
+        assert!(Arc::ptr_eq(&policy_of(&index), &policy_of(&relabelled)));
+
+        // An annotation edited: a new policy, equal to a whole build's.
+        let service = Arc::make_mut(&mut objects.services[0]);
+        let annotations = service.metadata.annotations.as_mut().unwrap();
+        annotations.insert("remora.io/queue".to_string(), "5,1s".to_string());
+        let annotated = relabelled.update(&objects);
+        assert_eq!(annotated, Index::build(&objects));
+        expected.queue_size = 5;
+        expected.queue_timeout_ms = 1_000;
+        assert_eq!(*policy_of(&annotated), expected);
+        assert_eq!(*annotated.service_port(&web, 80).unwrap().policy, expected);
     }
 }

@@ -8,6 +8,7 @@ pub mod index;
 pub mod kube_source;
 pub mod metrics;
 pub mod objects;
+pub mod policy;
 pub mod routes;
 pub mod server;
 pub mod watch;

@@ -46,6 +46,7 @@ use crate::gateway::{
     HttpRouteRetry, HttpRouteTimeouts, MatchType, PathMatchType, PathModifierType, ReferenceGrant,
 };
 use crate::index::{AttachedRoute, Index, Route, RouteRole, ServiceKey, ServiceVersion};
+use crate::policy;
 
 /// Retries a route's `retry` gives when it names no `attempts` (the Gateway API leaves it to
 /// the implementation): the same as the Service annotation `remora.io/retry-attempts`.
@@ -966,10 +967,16 @@ impl TableBuilder<'_> {
                 .as_ref()
                 .and_then(|found| found.app_protocol.clone())
                 .unwrap_or_default(),
+            // An unresolved backend takes no requests; a policy all the same, so that the proxy
+            // never needs defaults of its own.
+            policy: Some(
+                found
+                    .as_ref()
+                    .map_or_else(policy::defaults, |found| (*found.policy).clone()),
+            ),
             endpoints: found
                 .map(|found| found.endpoints.iter().map(endpoint).collect())
                 .unwrap_or_default(),
-            policy: None,
         });
         self.backends.insert((backend.clone(), allowed), at);
         at

@@ -312,7 +312,7 @@ fn service(target: &Target) -> Box<pb::Service> {
         endpoints: target.endpoints.iter().map(routes::endpoint).collect(),
         routes: Vec::new(),
         route_table: None,
-        policy: None,
+        policy: Some((*target.policy).clone()),
     })
 }
 

@@ -492,3 +492,76 @@ async fn tls_verified_by_the_ca_and_a_rotated_certificate_served_to_new_connecti
         "the old stream ended or got data: {still:?}"
     );
 }
+
+#[tokio::test]
+async fn a_bad_policy_annotation_is_logged_once_and_the_rest_of_the_service_is_served() {
+    let annotated = OBJECTS.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata:\n  name: web\n  namespace: shop\n  annotations:\n    remora.io/retry-attempts: lots\n    remora.io/timeout: 2s",
+    );
+    let dir = objects_dir(&[("web.yaml", &annotated)]);
+    let mut process = Process::start(&["--plaintext", "--objects", dir.path().to_str().unwrap()]);
+    let channel = Endpoint::from_shared(format!("http://{}", process.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let web = first_snapshot(channel.clone(), "10.96.0.10:80").await;
+    let Some(Kind::Service(service)) = &web.kind else {
+        panic!("expected a service snapshot, got {web:?}");
+    };
+    assert_eq!(service.endpoints.len(), 1);
+    // The good annotation applies; the bad one has its default.
+    let policy = service.policy.as_ref().unwrap();
+    assert_eq!(policy.timeout_ms, 2_000);
+    assert_eq!(policy.retry.as_ref().unwrap().attempts, 2);
+
+    let bad_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("remora.io/retry-attempts"))
+            .map(str::to_string)
+            .collect()
+    };
+    let log = process.log();
+    let lines = bad_lines(&log);
+    assert_eq!(lines.len(), 1, "{log}");
+    for part in ["WARN", "shop/web", "lots", "a whole number of retries"] {
+        assert!(lines[0].contains(part), "{part} not in {}", lines[0]);
+    }
+
+    // Another Service appears: the index is built again, the bad value is not logged again.
+    fs::write(
+        dir.path().join("more.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: more, namespace: x}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let snapshot = first_snapshot(channel.clone(), "10.96.0.12:80").await;
+        if matches!(snapshot.kind, Some(Kind::Service(_))) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{snapshot:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // web edited but not its annotations (a label added): a new object, the same policy.
+    let labelled = annotated.replace(
+        "  namespace: shop\n",
+        "  namespace: shop\n  labels: {tier: front}\n",
+    );
+    assert_ne!(labelled, annotated);
+    fs::write(dir.path().join("web.yaml"), labelled).unwrap();
+    let start = Instant::now();
+    while process.log().matches("index built").count() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the index was not rebuilt:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = process.log();
+    assert_eq!(bad_lines(&log).len(), 1, "{log}");
+    let (status, _) = process.stop("TERM");
+    assert!(status.success(), "{status}");
+}

@@ -704,3 +704,161 @@ async fn a_thousand_streams_opened_and_abandoned_leave_no_watch_behind() {
     let first = next(&mut stream, CHANGE_DEADLINE).await;
     assert!(matches!(first.kind, Some(Kind::Service(_))));
 }
+
+/// `web` and `other` of [`SERVICE`], `web` with the given annotation lines (block style, each
+/// `key: value`) and `other` with a policy of its own.
+fn annotated_services(web_annotations: &[&str]) -> String {
+    let annotations: String = web_annotations
+        .iter()
+        .map(|line| format!("\n    {line}"))
+        .collect();
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("\n  annotations:{annotations}")
+    };
+    format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop{annotations}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: other
+  namespace: shop
+  annotations:
+    remora.io/retry-on: '5xx,grpc=unavailable'
+    remora.io/retry-attempts: '1'
+    remora.io/queue: '10,500ms'
+spec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]}}
+"
+    )
+}
+
+/// The policy of a Service without annotations, written out: the proxy has no defaults.
+fn default_policy() -> pb::Policy {
+    pb::Policy {
+        timeout_ms: 0,
+        retry: Some(pb::RetryPolicy {
+            on_5xx: false,
+            on_gateway_error: false,
+            on_reset: false,
+            status_codes: vec![],
+            grpc_codes: vec![],
+            attempts: 2,
+            non_idempotent: false,
+            budget_percent: 20,
+            budget_floor_per_second: 10,
+        }),
+        failure_accrual_consecutive: 5,
+        max_ejection_percent: 50,
+        queue_size: 100,
+        queue_timeout_ms: 3_000,
+    }
+}
+
+/// The policy `other` of [`annotated_services`] has.
+fn other_policy() -> pb::Policy {
+    let mut policy = default_policy();
+    let retry = policy.retry.as_mut().unwrap();
+    retry.on_5xx = true;
+    retry.grpc_codes = vec![14];
+    retry.attempts = 1;
+    policy.queue_size = 10;
+    policy.queue_timeout_ms = 500;
+    policy
+}
+
+/// Each backend of a snapshot's route table by name, with its policy.
+fn backend_policies(snapshot: &pb::Snapshot) -> Vec<(String, Option<pb::Policy>)> {
+    let table = service(snapshot).route_table.as_ref().unwrap();
+    table
+        .backends
+        .iter()
+        .map(|backend| (backend.name.clone(), backend.policy.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_policy_annotation_edit_reaches_open_streams_and_each_backend_has_its_own() {
+    let server = Server::start(&[
+        ("services.yaml", &annotated_services(&[])),
+        ("slice.yaml", &slice(&[1])),
+        ("other.yaml", &other_slice(&[1])),
+        ("canary.yaml", CANARY),
+    ])
+    .await;
+    let mut client = server.client().await;
+    let mut web = watch(&mut client, "10.96.0.10:80", "shop").await;
+    let first = next(&mut web, CHANGE_DEADLINE).await;
+    assert_eq!(service(&first).policy, Some(default_policy()));
+    assert_eq!(
+        backend_policies(&first),
+        [
+            ("web".to_string(), Some(default_policy())),
+            ("other".to_string(), Some(other_policy())),
+        ]
+    );
+    let mut other = watch(&mut client, "10.96.0.20:80", "shop").await;
+    let snapshot = next(&mut other, CHANGE_DEADLINE).await;
+    assert_eq!(service(&snapshot).policy, Some(other_policy()));
+
+    // `web`'s annotations edited: its own stream gets the new policy, in the Service and in
+    // the route backend that is `web`, within the SPEC's bound.
+    let started = Instant::now();
+    write_atomically(
+        &server.path("services.yaml"),
+        &annotated_services(&[
+            "remora.io/timeout: 5s",
+            "remora.io/retry-on: gateway-error",
+            "remora.io/retry-non-idempotent: 'true'",
+        ]),
+    );
+    let second = next(&mut web, CHANGE_DEADLINE).await;
+    assert!(
+        started.elapsed() < CHANGE_DEADLINE,
+        "{:?}",
+        started.elapsed()
+    );
+    let mut edited = default_policy();
+    edited.timeout_ms = 5_000;
+    let retry = edited.retry.as_mut().unwrap();
+    retry.on_gateway_error = true;
+    retry.non_idempotent = true;
+    assert_eq!(service(&second).policy, Some(edited.clone()));
+    assert_eq!(
+        backend_policies(&second),
+        [
+            ("web".to_string(), Some(edited)),
+            ("other".to_string(), Some(other_policy())),
+        ]
+    );
+    // `other`'s snapshot is the same: nothing is sent on its stream.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), other.message()).await;
+    assert!(quiet.is_err(), "an unchanged snapshot was sent: {quiet:?}");
+
+    // The same annotations written again (new objects, same policy): nothing is sent either.
+    fs::write(
+        server.path("services.yaml"),
+        annotated_services(&[
+            "remora.io/retry-non-idempotent: 'true'",
+            "remora.io/retry-on: gateway-error",
+            "remora.io/timeout: 5s",
+        ]),
+    )
+    .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(600), web.message()).await;
+    assert!(quiet.is_err(), "an unchanged snapshot was sent: {quiet:?}");
+
+    // Annotations removed: back to every default.
+    write_atomically(&server.path("services.yaml"), &annotated_services(&[]));
+    let third = next(&mut web, CHANGE_DEADLINE).await;
+    assert_eq!(service(&third).policy, Some(default_policy()));
+}
