@@ -7,10 +7,14 @@ use std::str::FromStr;
 
 use crate::config::quoted;
 
+/// The highest rate: far beyond what one proxy serves, and low enough that a token is a whole
+/// number of nanoseconds.
+pub const MAX_RATE: u32 = 1_000_000;
+
 /// What a message says is accepted.
 pub const RATE_LIMIT_FORM: &str =
     "expected N/s, or N/s,M/s per-client with M at most N, N and M whole numbers from 1 to \
-     4294967295, e.g. 100/s or 100/s,10/s per-client";
+     1000000, e.g. 100/s or 100/s,10/s per-client";
 
 /// Requests per second the pod's proxy lets in over all its inbound HTTP, and optionally per
 /// client IP address. Each is a token bucket holding one second's worth.
@@ -66,10 +70,15 @@ fn per_second(item: &str) -> Result<NonZeroU32, String> {
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("has {} where a rate N/s goes", quoted(item)));
     }
-    match number.parse::<u32>().ok().and_then(NonZeroU32::new) {
+    match number
+        .parse::<u32>()
+        .ok()
+        .filter(|rate| *rate <= MAX_RATE)
+        .and_then(NonZeroU32::new)
+    {
         Some(rate) => Ok(rate),
         None => Err(format!(
-            "has the rate {}, not a whole number from 1 to 4294967295 (to lift the limit, \
+            "has the rate {}, not a whole number from 1 to {MAX_RATE} (to lift the limit, \
              remove it)",
             quoted(item)
         )),
@@ -105,9 +114,9 @@ mod tests {
             ("one a second", "1/s", limit(1, None), "1/s"),
             (
                 "the largest",
-                "4294967295/s",
-                limit(u32::MAX, None),
-                "4294967295/s",
+                "1000000/s",
+                limit(MAX_RATE, None),
+                "1000000/s",
             ),
             (
                 "with per-client",
@@ -148,7 +157,8 @@ mod tests {
             ("no unit", "100", "\"100\" where a rate N/s goes"),
             ("per minute", "100/m", "\"100/m\" where a rate N/s goes"),
             ("zero", "0/s", "remove it"),
-            ("too big", "4294967296/s", "1 to 4294967295"),
+            ("too big", "1000001/s", "1 to 1000000"),
+            ("beyond u32", "4294967296/s", "1 to 1000000"),
             ("negative", "-1/s", "\"-1/s\" where a rate N/s goes"),
             ("plus sign", "+1/s", "\"+1/s\" where a rate N/s goes"),
             ("fraction", "1.5/s", "\"1.5/s\" where a rate N/s goes"),

@@ -1,14 +1,15 @@
 //! Where connections from outside the pod go: the pod's own app, at the original destination,
 //! unless that is loopback. The inbound side's settings are here too: its clients may be anyone
-//! outside the pod, and its upstream is the pod's own app.
+//! outside the pod, its upstream is the pod's own app, and its HTTP requests may be rate limited.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Endpoint;
 use crate::metrics::Direction;
 use crate::outbound::Destination;
 use crate::proxy::{Context, Proxy};
+use crate::rate_limit::{ClientLimit, RateLimit};
 
 /// An inbound connection to loopback, refused.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,27 @@ pub fn context(proxy: &'static Proxy) -> Context {
 /// the pod (set on the listener, which its accepted sockets inherit).
 pub fn listener_keepalive(proxy: &Proxy) -> Option<Keepalive> {
     proxy.keepalive
+}
+
+/// `--inbound-rate-limit`, for an inbound connection; `None` for an outbound one or without it.
+pub fn rate_limit(cx: &Context) -> Option<&'static RateLimit> {
+    match cx.metrics.direction {
+        Direction::Inbound => cx.proxy.inbound_rate_limit.as_ref(),
+        Direction::Outbound => None,
+    }
+}
+
+/// The limit an inbound connection's requests are held to, if any. `client` gives the client's
+/// address, asked for only when the limit is per client; one that cannot be had counts as one
+/// unknown client.
+pub fn client_limit(cx: &Context, client: impl FnOnce() -> Option<IpAddr>) -> Option<ClientLimit> {
+    let limit = rate_limit(cx)?;
+    let client = if limit.per_client() {
+        client().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    Some(ClientLimit::new(limit, client))
 }
 
 #[cfg(test)]
