@@ -79,4 +79,35 @@ mod tests {
             assert_eq!(result.is_ok(), ok, "{original}: {result:?}");
         }
     }
+
+    #[test]
+    fn only_inbound_requests_are_held_to_the_limit_and_the_address_asked_only_per_client() {
+        use crate::rate_limit::RateLimit;
+        let with = |setting: &str| {
+            let limit = RateLimit::new(setting.parse().unwrap(), Default::default());
+            crate::http_tests::proxy_with(|proxy| proxy.inbound_rate_limit = Some(limit))
+        };
+        let client: IpAddr = "198.18.0.2".parse().unwrap();
+
+        let proxy = with("1/s");
+        assert!(rate_limit(&crate::outbound::context(proxy)).is_none());
+        let asked = std::cell::Cell::new(false);
+        let limit = client_limit(&context(proxy), || {
+            asked.set(true);
+            Some(client)
+        })
+        .expect("inbound is limited");
+        assert!(!asked.get(), "the address is not needed for a total limit");
+        assert!(limit.check().is_ok());
+        assert!(limit.check().is_err());
+
+        let proxy = with("10/s,1/s per-client");
+        let limit = client_limit(&context(proxy), || Some(client)).unwrap();
+        let other = client_limit(&context(proxy), || Some("198.18.0.3".parse().unwrap())).unwrap();
+        assert!(limit.check().is_ok());
+        assert!(limit.check().is_err());
+        assert!(other.check().is_ok(), "another client has its own share");
+
+        assert!(client_limit(&context(crate::http_tests::new_proxy()), || None).is_none());
+    }
 }
