@@ -36,6 +36,7 @@ fn proxy(access_log: bool) -> &'static Proxy {
             workers: remora_proxy::runtime::workers::Workers::new(1).0,
             ready: Default::default(),
         discovery: None,
+            inbound_rate_limit: None,
         }))
     })
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use remora_init::rate_limit::InboundRateLimit;
 use remora_init::{
     quoted, CidrList, CidrSelection, InitConfig, PortList, PortRange, PortSelection,
 };
@@ -36,6 +37,8 @@ pub const INCLUDE_OUTBOUND_CIDRS: &str = "remora.io/include-outbound-cidrs";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "remora.io/exclude-outbound-cidrs";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "remora.io/exclude-outbound-ports";
 pub const OPAQUE_PORTS: &str = "remora.io/opaque-ports";
+/// Requests per second the pod's proxy lets in, in all and per client: its `--inbound-rate-limit`.
+pub const INBOUND_RATE_LIMIT: &str = "remora.io/inbound-rate-limit";
 
 /// Every annotation the injector reads; any other `remora.io/` key draws a warning.
 pub const KNOWN: &[&str] = &[
@@ -55,6 +58,7 @@ pub const KNOWN: &[&str] = &[
     EXCLUDE_OUTBOUND_CIDRS,
     EXCLUDE_OUTBOUND_PORTS,
     OPAQUE_PORTS,
+    INBOUND_RATE_LIMIT,
 ];
 
 /// The largest uid Kubernetes accepts in `runAsUser`.
@@ -358,6 +362,8 @@ pub struct PodSettings {
     pub proxy_uid: u32,
     pub proxy_log_level: LogLevel,
     pub opaque_ports: PortList,
+    /// The proxy's `--inbound-rate-limit`; `None` leaves the flag out.
+    pub inbound_rate_limit: Option<InboundRateLimit>,
     /// The args of `remora-init`, as `remora-init` itself parses them.
     pub init: InitConfig,
     /// The proxy's `--control` and `REMORA_TRUST_ANCHORS`: injector settings, not per pod.
@@ -436,6 +442,11 @@ pub fn pod_settings(
     let proxy_uid = parse(PROXY_UID, get(PROXY_UID), parse_proxy_uid)?.unwrap_or(config.proxy_uid);
     let opaque_ports = parse(OPAQUE_PORTS, get(OPAQUE_PORTS), list::<PortList>)?
         .unwrap_or_else(|| config.opaque_ports.clone());
+    let inbound_rate_limit = parse(
+        INBOUND_RATE_LIMIT,
+        get(INBOUND_RATE_LIMIT),
+        InboundRateLimit::from_str,
+    )?;
 
     let mut exclude_inbound_ports = parse(
         EXCLUDE_INBOUND_PORTS,
@@ -499,6 +510,7 @@ pub fn pod_settings(
             proxy_uid,
             proxy_log_level,
             opaque_ports,
+            inbound_rate_limit,
             init,
             control_addr: config.control_addr.clone(),
             trust_anchors: config.trust_anchors.clone(),
@@ -790,6 +802,7 @@ mod tests {
         assert_eq!(settings.proxy_resources, config.proxy_resources);
         assert_eq!(settings.proxy_uid, 1337);
         assert_eq!(settings.opaque_ports, config.opaque_ports);
+        assert_eq!(settings.inbound_rate_limit, None);
         assert_eq!(
             settings.init.to_args(),
             ["--exclude-inbound-ports", "15020"]
@@ -814,6 +827,7 @@ mod tests {
             (EXCLUDE_OUTBOUND_CIDRS, "10.96.0.0/12,2001:db8::1"),
             (EXCLUDE_OUTBOUND_PORTS, "5432"),
             (OPAQUE_PORTS, "6379,7000-7005"),
+            (INBOUND_RATE_LIMIT, "100/s, 10/s per-client"),
         ])
         .unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -824,6 +838,10 @@ mod tests {
         assert_eq!(settings.proxy_log_level, LogLevel::Trace);
         assert_eq!(settings.proxy_uid, 2102);
         assert_eq!(settings.opaque_ports.to_string(), "6379,7000-7005");
+        assert_eq!(
+            settings.inbound_rate_limit.map(|limit| limit.to_string()),
+            Some("100/s,10/s per-client".to_string())
+        );
         assert_eq!(
             settings.init.to_args(),
             [
@@ -932,6 +950,20 @@ mod tests {
                 "*,80",
                 "* alone or a list",
             ),
+            ("rate without unit", INBOUND_RATE_LIMIT, "100", "e.g. 100/s"),
+            ("zero rate", INBOUND_RATE_LIMIT, "0/s", "e.g. 100/s"),
+            (
+                "per-client without its word",
+                INBOUND_RATE_LIMIT,
+                "100/s,10/s",
+                "N/s,M/s per-client",
+            ),
+            (
+                "per-client above the total",
+                INBOUND_RATE_LIMIT,
+                "10/s,20/s per-client",
+                "M at most N",
+            ),
             (
                 "wildcard among cidrs",
                 INCLUDE_OUTBOUND_CIDRS,
@@ -965,6 +997,7 @@ mod tests {
             PROXY_LOG_LEVEL,
             EXCLUDE_INBOUND_PORTS,
             INCLUDE_OUTBOUND_CIDRS,
+            INBOUND_RATE_LIMIT,
             PROXY_IMAGE,
         ] {
             let value = if key == PROXY_IMAGE {

@@ -486,6 +486,9 @@ fn proxy_args(settings: &PodSettings) -> Vec<String> {
         "--opaque-ports".to_string(),
         settings.opaque_ports.to_string(),
     ];
+    if let Some(limit) = settings.inbound_rate_limit {
+        args.extend(["--inbound-rate-limit".to_string(), limit.to_string()]);
+    }
     if let Some(control) = &settings.control_addr {
         args.extend(["--control".to_string(), control.to_string()]);
     }

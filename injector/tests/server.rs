@@ -240,6 +240,58 @@ fn a_bad_annotation_is_denied_with_a_message_naming_it() {
 }
 
 #[test]
+fn a_bad_inbound_rate_limit_is_denied_naming_the_key_the_value_and_the_form() {
+    run(async {
+        let pki = Pki::new("remora test CA");
+        let server = TestServer::start(Some(&pki), Timeouts::default()).await;
+        let client = Client::new(server.addr, &pki.ca_pem, Version::Http1);
+        let mut pod = pod("limited", 1);
+        pod["metadata"]["annotations"] =
+            json!({"remora.io/inbound-rate-limit": "100/s,10/s per-pod"});
+        let answer = client
+            .post("/inject", admission_review("limited", &pod).to_string())
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let response = &answer.json()["response"];
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().expect("message");
+        assert!(
+            message.starts_with("annotation remora.io/inbound-rate-limit: \"100/s,10/s per-pod\""),
+            "{message}"
+        );
+        assert!(
+            message.contains("e.g. 100/s or 100/s,10/s per-client"),
+            "{message}"
+        );
+        assert!(response.get("patch").is_none());
+
+        // The same pod with a good value is injected, its proxy given the flag.
+        pod["metadata"]["annotations"] =
+            json!({"remora.io/inbound-rate-limit": "100/s, 10/s per-client"});
+        let answer = client
+            .post("/inject", admission_review("limited", &pod).to_string())
+            .await;
+        let patch = response_patch(&answer, "limited").expect("a good limit is injected");
+        let injected = kubectl_patch(&pod, &patch);
+        let args = &injected["spec"]["initContainers"][1]["args"];
+        let args: Vec<&str> = args
+            .as_array()
+            .expect("proxy args")
+            .iter()
+            .filter_map(|arg| arg.as_str())
+            .collect();
+        let at = args
+            .iter()
+            .position(|arg| *arg == "--inbound-rate-limit")
+            .unwrap_or_else(|| panic!("no --inbound-rate-limit in {args:?}"));
+        assert_eq!(args[at + 1], "100/s,10/s per-client");
+        assert_eq!(server.metrics.reviews(ReviewResult::Denied), 1);
+        server.stop().await;
+    });
+}
+
+#[test]
 fn bodies_that_are_not_admission_reviews_get_400() {
     run(async {
         let pki = Pki::new("remora test CA");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 use remora_init::control_addr::ControlAddr;
+use remora_init::rate_limit::InboundRateLimit;
 use remora_init::PortList;
 
 use crate::client::connect::Keepalive;
@@ -36,6 +37,8 @@ pub enum ConfigError {
     Duration { flag: &'static str, value: String },
     #[error("--control: {reason}")]
     ControlAddr { reason: String },
+    #[error("--inbound-rate-limit: {reason}")]
+    InboundRateLimit { reason: String },
     #[error(
         "--tcp-keepalive: {value:?} is not a whole number of seconds from 1s to {max}s, or 0 \
          for off (the kernel counts keepalive in seconds)",
@@ -168,6 +171,13 @@ pub struct Args {
     /// Talk to the control plane without TLS (tests, a laptop).
     #[arg(long)]
     pub control_plaintext: bool,
+
+    /// Inbound HTTP requests let in per second: `N/s` in all, or `N/s,M/s per-client` to hold
+    /// each client IP address to M of them too. Each is a token bucket holding one second's
+    /// worth; a request over it gets 429 with Retry-After. Opaque TCP is not limited. With it,
+    /// inbound HTTP/2 is terminated whatever --h2-mode says: the relay cannot answer a stream.
+    #[arg(long, value_name = "RATE", value_parser = parse_inbound_rate_limit)]
+    pub inbound_rate_limit: Option<InboundRateLimit>,
 }
 
 fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
@@ -199,6 +209,13 @@ fn parse_control_addr(value: &str) -> Result<String, ConfigError> {
         .parse::<ControlAddr>()
         .map(|addr| addr.to_string())
         .map_err(|reason| ConfigError::ControlAddr { reason })
+}
+
+/// Parsed as the injector parses the annotation it renders into this flag.
+fn parse_inbound_rate_limit(value: &str) -> Result<InboundRateLimit, ConfigError> {
+    value
+        .parse()
+        .map_err(|reason| ConfigError::InboundRateLimit { reason })
 }
 
 /// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
@@ -466,6 +483,35 @@ mod tests {
         .unwrap();
         let err = args.control_config(none).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn inbound_rate_limit_takes_the_annotations_grammar() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert_eq!(args.inbound_rate_limit, None);
+        for (good, shown) in [
+            ("100/s", "100/s"),
+            ("100/s,10/s per-client", "100/s,10/s per-client"),
+            (" 100/s , 10/s per-client", "100/s,10/s per-client"),
+        ] {
+            let args =
+                Args::try_parse_from(["remora-proxy", "--inbound-rate-limit", good]).unwrap();
+            let limit = args.inbound_rate_limit.map(|limit| limit.to_string());
+            assert_eq!(limit.as_deref(), Some(shown), "{good}");
+        }
+        for bad in ["100", "0/s", "100/s,10/s", "10/s,20/s per-client", "fast"] {
+            let err = Args::try_parse_from(["remora-proxy", "--inbound-rate-limit", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--inbound-rate-limit: ") && err.contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
+            assert!(
+                err.contains("e.g. 100/s or 100/s,10/s per-client"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         workers: crate::runtime::workers::Workers::new(1).0,
         ready: Default::default(),
         discovery: None,
+        inbound_rate_limit: None,
     });
     configure(&mut proxy);
     Box::leak(proxy)

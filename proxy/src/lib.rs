@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod rate_limit;
 #[cfg(test)]
 mod routes_tests;
 pub mod runtime;

@@ -17,6 +17,7 @@ use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
 use remora_proxy::discover::Discovery;
 use remora_proxy::metrics::{self, Metrics};
 use remora_proxy::proxy::Proxy;
+use remora_proxy::rate_limit::RateLimit;
 use remora_proxy::runtime::workers::Workers;
 use remora_proxy::runtime::{alloc, listen, sched};
 use remora_proxy::{admin, inbound, outbound, serve};
@@ -65,6 +66,9 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let inbound_rate_limit = args
+        .inbound_rate_limit
+        .map(|setting| RateLimit::new(setting, metrics.rate_limited.clone()));
     let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
         connect_timeout: args.connect_timeout,
         keepalive: Keepalive::after(args.tcp_keepalive),
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         workers: placement,
         ready: Default::default(),
         discovery,
+        inbound_rate_limit,
     }));
 
     // Thread per core: each worker is a single-threaded runtime with its own listener sockets

@@ -289,6 +289,8 @@ pub struct Metrics {
     pub inbound: DirectionMetrics,
     pub outbound: DirectionMetrics,
     pub control: ControlMetrics,
+    /// Inbound HTTP requests answered 429 by `--inbound-rate-limit`.
+    pub rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -338,6 +340,12 @@ impl Metrics {
             "connect_errors",
             "Connections to a destination that failed or timed out",
             connect_errors.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Inbound HTTP requests answered 429 over --inbound-rate-limit",
+            rate_limited.clone(),
         );
         // Beyond the SPEC's list: what server-first protocols on unlisted ports cost.
         registry.register(
@@ -406,6 +414,7 @@ impl Metrics {
             inbound: direction_metrics(Direction::Inbound),
             outbound: direction_metrics(Direction::Outbound),
             control,
+            rate_limited,
             registry,
         }
     }
@@ -567,6 +576,7 @@ mod tests {
         metrics.inbound.count_request(Protocol::http1, 999);
         metrics.inbound.latency.observe(Duration::from_millis(3));
         metrics.inbound.latency.observe(Duration::from_secs(60));
+        metrics.rate_limited.inc();
         let text = metrics.encode();
         for line in [
             "remora_proxy_tcp_connections_total{direction=\"outbound\"} 1",
@@ -579,6 +589,7 @@ mod tests {
             "remora_proxy_request_duration_seconds_bucket{le=\"+Inf\",direction=\"inbound\"} 2",
             "remora_proxy_request_duration_seconds_count{direction=\"inbound\"} 2",
             "remora_proxy_connect_errors_total{direction=\"inbound\"} 0",
+            "remora_proxy_rate_limited_total 1",
             "remora_proxy_detect_timeouts_total{direction=\"outbound\"} 0",
             "remora_proxy_detect_skipped_total{direction=\"inbound\"} 0",
             "remora_proxy_server_first_destinations{direction=\"outbound\"} 0",

@@ -10,6 +10,7 @@ use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Dialer;
 use crate::discover::Discovery;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::rate_limit::RateLimit;
 use crate::runtime::drain::Drain;
 use crate::runtime::listen::{self, Listening};
 use crate::runtime::workers::Workers;
@@ -39,6 +40,8 @@ pub struct Proxy {
     pub ready: AtomicBool,
     /// The control plane's client (`--control`); `None` forwards every connection as it came.
     pub discovery: Option<Discovery>,
+    /// `--inbound-rate-limit`; `None` lets every inbound request in.
+    pub inbound_rate_limit: Option<RateLimit>,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves

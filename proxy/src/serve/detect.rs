@@ -189,6 +189,10 @@ impl<T> Rewound<T> {
         Self { first, inner }
     }
 
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     pub fn into_inner(self) -> T {
         self.inner
     }

@@ -27,11 +27,13 @@ use tracing::{debug, warn};
 use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
+use crate::inbound;
 use crate::metrics::{CountingIo, Protocol};
 use crate::outbound::balance::Pick;
 use crate::outbound::service::{NoEndpoint, ServiceTarget, Start, DEFAULT_ROUTE};
 use crate::outbound::Destination;
 use crate::proxy::{BoxError, Context};
+use crate::rate_limit::{ClientLimit, Limited};
 use crate::telemetry::access_log::AccessLog;
 
 mod routed;
@@ -44,9 +46,36 @@ struct Route {
     destination: Destination,
     cx: Context,
     protocol: Protocol,
+    /// `--inbound-rate-limit` on an inbound connection.
+    limit: Option<ClientLimit>,
 }
 
 impl Route {
+    fn new(
+        target: SocketAddr,
+        destination: Destination,
+        cx: Context,
+        protocol: Protocol,
+        stream: &ClientIo,
+    ) -> Self {
+        let client = || stream.get_ref().peer_addr().ok().map(|peer| peer.ip());
+        Self {
+            target,
+            destination,
+            cx,
+            protocol,
+            limit: inbound::client_limit(&cx, client),
+        }
+    }
+
+    /// The 429 for a request over `--inbound-rate-limit`, if it is one. Inlined: without the
+    /// limit, a request pays one test of `limit`.
+    #[inline]
+    fn over_limit(&self) -> Option<Response<Inner>> {
+        let limited = self.limit?.check().err()?;
+        Some(too_many_requests(limited))
+    }
+
     async fn dial(&self, endpoint: &Endpoint) -> Result<TcpStream, Failure> {
         self.cx.dialer().dial(endpoint).await
     }
@@ -143,12 +172,7 @@ pub async fn serve_http1(
     cx: Context,
 ) {
     let state = Arc::new(Http1Upstream {
-        route: Route {
-            target,
-            destination,
-            cx,
-            protocol: Protocol::http1,
-        },
+        route: Route::new(target, destination, cx, Protocol::http1, &stream),
         current: h1::Slot::default(),
     });
     let service = service_fn(move |request| {
@@ -196,12 +220,7 @@ pub async fn serve_h2(
             }
             Destination::Service(_) => None,
         },
-        route: Route {
-            target,
-            destination,
-            cx,
-            protocol: Protocol::h2,
-        },
+        route: Route::new(target, destination, cx, Protocol::h2, &stream),
     });
     let service = service_fn(move |request| H2Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
@@ -219,6 +238,27 @@ pub async fn serve_h2(
     if let Err(error) = result {
         debug!(direction = cx.direction(), destination = %target, %error, "HTTP/2 client connection ended with an error");
     }
+}
+
+/// The answer to a request over `--inbound-rate-limit`: 429, and when to come back.
+#[cold]
+fn too_many_requests(limited: Limited) -> Response<Inner> {
+    let body = format!(
+        "remora-proxy: too many requests (inbound rate limit); retry after {}s\n",
+        limited.retry_after_secs
+    );
+    let mut response = Response::new(Inner::Local(Some(Bytes::from(body))));
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(limited.retry_after_secs),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// The upstream side of one HTTP/1 client connection.
@@ -241,6 +281,9 @@ impl Http1Upstream {
     async fn forward(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
+        if let Some(refusal) = self.route.over_limit() {
+            return self.route.respond(start, log, Ok(refusal));
+        }
         if wants_tunnel(&request) {
             let result = self.tunnel(request).await;
             return self.route.respond(start, log, result);
@@ -567,6 +610,9 @@ impl H2Upstream {
     ) -> Result<Response<ResponseBody>, ::h2::Error> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
+        if let Some(refusal) = self.route.over_limit() {
+            return Ok(self.route.respond(start, log, Ok(refusal)));
+        }
         if request.method() == Method::CONNECT {
             // Boxed, as the dial is: a rare path whose state would enlarge every stream's future.
             let result = Box::pin(self.tunnel(request)).await;

@@ -101,10 +101,12 @@ async fn connection(stream: TcpStream, accepted: Accepted) {
 /// Serves one HTTP/2 client connection: relayed frame by frame when its destination is
 /// [`Destination::Forward`] and `--h2-mode relay` (see [`h2_relay`]), else terminated, request
 /// by request ([`http::serve_h2`]). The relay cannot answer 502, so when its upstream
-/// connection cannot be made, the connection is terminated.
+/// connection cannot be made, the connection is terminated; nor 429, so inbound HTTP/2 under
+/// `--inbound-rate-limit` is terminated too.
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, destination: Destination, cx: Context) {
+    let relay = cx.proxy.h2_relay && inbound::rate_limit(&cx).is_none();
     let failed = match &destination {
-        Destination::Forward(endpoint) if cx.proxy.h2_relay => {
+        Destination::Forward(endpoint) if relay => {
             match connect(endpoint.addr, cx.connect_params).await {
                 Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
                 Err(error) => {
