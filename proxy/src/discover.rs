@@ -26,7 +26,8 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
-use crate::metrics::ControlMetrics;
+use crate::metrics::{ControlMetrics, ResilienceMetrics};
+use crate::outbound::policy::Policy;
 use crate::outbound::routes::Routes;
 
 /// How long a connection waits for its target's first snapshot before it is forwarded to its
@@ -71,6 +72,10 @@ pub struct Service {
     pub endpoints: Vec<SocketAddr>,
     /// The routes that apply, compiled; `None` when none does.
     pub routes: Option<Arc<Routes>>,
+    /// Its resilience policy: the SPEC's defaults when the snapshot has none.
+    pub policy: Arc<Policy>,
+    /// Its retry and ejection counters.
+    pub resilience: ResilienceMetrics,
 }
 
 /// What the proxy knows of one target.
@@ -412,8 +417,12 @@ impl Discovery {
                         }
                     }
                 }
+                let policy = Arc::new(Policy::of(service.policy.as_ref()));
+                let resilience = self.metrics.resilience(&service.namespace, &service.name);
                 Known::Service(Arc::new(Service {
                     routes,
+                    policy,
+                    resilience,
                     namespace: service.namespace,
                     name: service.name,
                     port: u16::try_from(service.port).unwrap_or(target.port()),

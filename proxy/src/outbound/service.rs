@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
@@ -20,6 +21,8 @@ use crate::metrics::ControlMetrics;
 
 use crate::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
 use crate::outbound::balance::{Balancer, Pick};
+use crate::outbound::policy::Policy;
+use crate::outbound::retry::Budget;
 use crate::outbound::routes::{BackendKey, Routes};
 
 /// One worker's state for one target, shared by its connections to that target.
@@ -42,6 +45,11 @@ pub struct Applied {
     backends: Vec<(BackendKey, Balancer)>,
     /// `route_requests_total` handles by route and status code, made on first use.
     counters: Vec<(Arc<str>, u16, Counter)>,
+    /// The latest snapshot's policy.
+    policy: Arc<Policy>,
+    /// This worker's retry budget for the target, across snapshots; routed requests draw on it
+    /// too.
+    budget: Budget,
 }
 
 /// The route label of requests to a Service without routes.
@@ -49,12 +57,14 @@ pub const DEFAULT_ROUTE: &str = "default";
 /// The route label of requests that no route matched (404) when the Service has routes.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
-/// How a request to a Service starts: the endpoint for it when the Service has no routes (as
-/// one lock and one pick), else the routes to match it against.
+/// How a request to a Service starts: the endpoint for it when the Service has no routes and
+/// its policy asks for nothing more (as one lock and one pick); the policy to send it under
+/// (a deadline, retries) when it does; else the routes to match it against, and the policy.
 #[derive(Debug)]
 pub enum Start {
     Direct(Result<Pick, NoEndpoint>),
-    Routed(Arc<Routes>),
+    Guarded(Arc<Policy>),
+    Routed(Arc<Routes>, Arc<Policy>),
 }
 
 thread_local! {
@@ -135,6 +145,8 @@ fn worker_target(
             routes: None,
             backends: Vec::new(),
             counters: Vec::new(),
+            policy: Arc::new(Policy::default()),
+            budget: Budget::default(),
         }));
         targets.insert(
             target,
@@ -163,7 +175,10 @@ impl Applied {
             return;
         }
         let (endpoints, routes) = match &*self.known.borrow_and_update() {
-            Known::Service(service) => (service.endpoints.clone(), service.routes.clone()),
+            Known::Service(service) => {
+                self.policy = Arc::clone(&service.policy);
+                (service.endpoints.clone(), service.routes.clone())
+            }
             // No longer a Service: nothing to balance over.
             _ => (Vec::new(), None),
         };
@@ -233,18 +248,35 @@ impl ServiceTarget {
         }
     }
 
-    /// Where a request starts: one lock, which also applies a newer snapshot.
-    pub fn start(&self) -> Start {
+    /// Where a request that started at `now` starts: one lock, which also applies a newer
+    /// snapshot and counts the request in the retry budget.
+    pub fn start(&self, now: Instant) -> Start {
         let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
         applied.refresh();
+        applied.budget.deposit(now);
         if let Some(routes) = &applied.routes {
-            return Start::Routed(Arc::clone(routes));
+            return Start::Routed(Arc::clone(routes), Arc::clone(&applied.policy));
+        }
+        if applied.policy.guards() {
+            return Start::Guarded(Arc::clone(&applied.policy));
         }
         let balancer = &mut applied.balancer;
         if balancer.is_empty() {
             return Start::Direct(Err(NoEndpoint::NoneReady));
         }
         Start::Direct(balancer.pick(&[]).ok_or(NoEndpoint::AllFailed))
+    }
+
+    /// Whether one more retry fits this worker's budget for the Service (`policy` says how
+    /// big it is); counted in `retry_budget_exhausted_total` when it does not.
+    pub fn withdraw_retry(&self, policy: &Policy) -> bool {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        let allowed = applied.budget.withdraw(Instant::now(), &policy.retry);
+        drop(applied);
+        if !allowed {
+            self.service.resilience.budget_exhausted.inc();
+        }
+        allowed
     }
 
     /// The endpoint of backend `index` of `routes` for one request, skipping `tried`.

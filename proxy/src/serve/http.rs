@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
-use crate::metrics::{CountingIo, Protocol};
+use crate::metrics::{CountingIo, Protocol, RetryReason};
 use crate::outbound::balance::Pick;
 use crate::outbound::service::{NoEndpoint, ServiceTarget, Start, DEFAULT_ROUTE};
 use crate::outbound::Destination;
@@ -58,16 +58,18 @@ impl Route {
         log: Option<Box<AccessLog>>,
         result: Result<Response<Inner>, Failure>,
     ) -> Response<ResponseBody> {
-        self.respond_as(DEFAULT_ROUTE, start, log, result)
+        self.respond_as(DEFAULT_ROUTE, start, log, result, 1)
     }
 
-    /// [`Route::respond`] for a request that `route` (its `route_requests_total` label) took.
+    /// [`Route::respond`] for a request that `route` (its `route_requests_total` label) took,
+    /// in `tries` tries.
     fn respond_as(
         &self,
         route: &str,
         start: Instant,
         log: Option<Box<AccessLog>>,
         result: Result<Response<Inner>, Failure>,
+        tries: u32,
     ) -> Response<ResponseBody> {
         let response = match result {
             Ok(response) => response,
@@ -76,7 +78,7 @@ impl Route {
                     warn!(direction = self.cx.direction(), destination = %self.target, "no ready endpoint: answering 503");
                     StatusCode::SERVICE_UNAVAILABLE
                 } else if matches!(failure, Failure::Timeout) {
-                    debug!(direction = self.cx.direction(), destination = %self.target, "route timeout: answering 504");
+                    debug!(direction = self.cx.direction(), destination = %self.target, "request timeout: answering 504");
                     StatusCode::GATEWAY_TIMEOUT
                 } else if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
@@ -105,6 +107,7 @@ impl Route {
         }
         let log = log.map(|mut log| {
             log.status = status;
+            log.tries = tries;
             log
         });
         response.map(|inner| ResponseBody { inner, log })
@@ -248,13 +251,22 @@ impl Http1Upstream {
         strip_hop_by_hop(request.headers_mut());
         let first = match &self.route.destination {
             Destination::Forward(_) => None,
-            Destination::Service(service) => match service.start() {
+            Destination::Service(service) => match service.start(start) {
                 Start::Direct(first) => Some(first),
+                // Boxed, as the routed one: its state would otherwise enlarge every request's
+                // future.
+                Start::Guarded(policy) => {
+                    let (result, tries) =
+                        Box::pin(routed::serve_guarded(self, service, policy, request)).await;
+                    return self
+                        .route
+                        .respond_as(DEFAULT_ROUTE, start, log, result, tries);
+                }
                 // Boxed: a routed request's state would otherwise enlarge every request's future.
-                Start::Routed(routes) => {
-                    let (route, result) =
-                        Box::pin(routed::serve(self, service, routes, request)).await;
-                    return self.route.respond_as(&route, start, log, result);
+                Start::Routed(routes, policy) => {
+                    let (route, result, tries) =
+                        Box::pin(routed::serve(self, service, routes, policy, request)).await;
+                    return self.route.respond_as(&route, start, log, result, tries);
                 }
             },
         };
@@ -316,6 +328,9 @@ impl Http1Upstream {
                     return Err(last_failure.unwrap_or(Failure::NoEndpoint))
                 }
             };
+            if last_failure.is_some() {
+                service.service.resilience.retried(RetryReason::Connect);
+            }
             let endpoint = Endpoint::new(pick.addr());
             match self.send_to(&endpoint, head, body, retryable).await {
                 Ok(response) => {
@@ -575,7 +590,7 @@ impl H2Upstream {
         // A Service stream's endpoint, and those whose connect failed for it.
         let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
         if let Destination::Service(service) = &self.route.destination {
-            match service.start() {
+            match service.start(start) {
                 Start::Direct(Ok(pick)) => {
                     let endpoint = Endpoint::new(pick.addr());
                     chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
@@ -583,10 +598,17 @@ impl H2Upstream {
                 Start::Direct(Err(_)) => {
                     return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
                 }
-                Start::Routed(routes) => {
-                    let (route, result) =
-                        Box::pin(routed::serve(&*self, service, routes, request)).await;
-                    return Ok(self.route.respond_as(&route, start, log, result));
+                Start::Guarded(policy) => {
+                    let (result, tries) =
+                        Box::pin(routed::serve_guarded(&*self, service, policy, request)).await;
+                    return Ok(self
+                        .route
+                        .respond_as(DEFAULT_ROUTE, start, log, result, tries));
+                }
+                Start::Routed(routes, policy) => {
+                    let (route, result, tries) =
+                        Box::pin(routed::serve(&*self, service, routes, policy, request)).await;
+                    return Ok(self.route.respond_as(&route, start, log, result, tries));
                 }
             }
         }
@@ -612,6 +634,9 @@ impl H2Upstream {
                     if let Some((_, pick)) = chosen.take() {
                         tried.push(pick.addr());
                         pick.failed();
+                    }
+                    if let Destination::Service(service) = &self.route.destination {
+                        service.service.resilience.retried(RetryReason::Connect);
                     }
                     last_failure = Some(failure);
                     continue;
