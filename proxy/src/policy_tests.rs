@@ -266,3 +266,68 @@ async fn the_budget_caps_retries_with_or_without_routes() {
     assert_eq!(metrics.retries(RetryReason::Status), 10);
     assert_eq!(failing.seen().len(), 10 + 10);
 }
+
+/// One worker thread: failure accrual is per worker, so this test sees exactly one.
+#[tokio::test(flavor = "current_thread")]
+async fn an_endpoint_answering_gateway_errors_is_ejected_and_probed_back() {
+    let (bad, one, two) = (
+        Echo::start("bad").await,
+        Echo::start("one").await,
+        Echo::start("two").await,
+    );
+    bad.failing.store(usize::MAX / 2, Ordering::SeqCst);
+    // No policy from the control plane: the defaults, consecutive=5 and 50 %.
+    let mut snapshot = service(&[&bad, &one, &two], api::Policy::default());
+    if let Some(snapshot::Kind::Service(service)) = &mut snapshot.kind {
+        service.policy = None;
+    }
+    let harness = Harness::start(snapshot).await;
+    let client = crate::routes_tests::Client::Http1;
+    let mut errors = 0;
+    for _ in 0..60 {
+        let answer = ask(&harness, client, get("/")).await;
+        errors += usize::from(answer.status != StatusCode::OK);
+    }
+    // Five failures eject it; at most a probe or two more while the 60 requests last.
+    assert!((5..=8).contains(&errors), "{errors} errors");
+    assert_eq!(errors, bad.seen().len());
+    assert!(resilience(&harness).ejections.get() >= 1);
+
+    // Recovered: a probe brings it back (within its backoff, at most 2 s by now), and it takes
+    // its share again.
+    bad.failing.store(0, Ordering::SeqCst);
+    let before = bad.seen().len();
+    let started = Instant::now();
+    while bad.seen().len() < before + 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not back: {} more",
+            bad.seen().len() - before
+        );
+        let answer = ask(&harness, client, get("/")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One worker thread, as above.
+#[tokio::test(flavor = "current_thread")]
+async fn failure_accrual_never_ejects_more_than_the_share() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    a.failing.store(usize::MAX / 2, Ordering::SeqCst);
+    b.failing.store(usize::MAX / 2, Ordering::SeqCst);
+    let harness = Harness::start(service(
+        &[&a, &b],
+        policy(|p, _| p.failure_accrual_consecutive = 2),
+    ))
+    .await;
+    let client = crate::routes_tests::Client::Http1;
+    for _ in 0..40 {
+        let answer = ask(&harness, client, get("/")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // 50 % of two: one ejected, the other takes every request after that.
+    let (a, b) = (a.seen().len(), b.seen().len());
+    assert!(a.min(b) <= 4, "a {a}, b {b}");
+    assert!(resilience(&harness).ejections.get() >= 1);
+}

@@ -174,15 +174,24 @@ impl Applied {
         if !self.known.has_changed().unwrap_or(false) {
             return;
         }
-        let (endpoints, routes) = match &*self.known.borrow_and_update() {
+        let (endpoints, routes, ejections) = match &*self.known.borrow_and_update() {
             Known::Service(service) => {
                 self.policy = Arc::clone(&service.policy);
-                (service.endpoints.clone(), service.routes.clone())
+                let ejections = service.resilience.ejections.clone();
+                (service.endpoints.clone(), service.routes.clone(), ejections)
             }
             // No longer a Service: nothing to balance over.
-            _ => (Vec::new(), None),
+            _ => (Vec::new(), None, Counter::default()),
         };
+        // The route backends' endpoints accrue failures as the Service's own do, under the
+        // Service's policy (the one its clients' requests are under).
+        let (consecutive, max_percent) = (
+            self.policy.failure_accrual_consecutive,
+            self.policy.max_ejection_percent,
+        );
         self.balancer.update(endpoints);
+        self.balancer
+            .set_accrual(consecutive, max_percent, &ejections);
         let mut old = std::mem::take(&mut self.backends);
         if let Some(routes) = &routes {
             for backend in &routes.backends {
@@ -191,6 +200,7 @@ impl Applied {
                     None => Balancer::new(),
                 };
                 balancer.update(backend.endpoints.iter().copied());
+                balancer.set_accrual(consecutive, max_percent, &ejections);
                 self.backends.push((backend.key.clone(), balancer));
             }
         }

@@ -334,7 +334,7 @@ impl Http1Upstream {
             let endpoint = Endpoint::new(pick.addr());
             match self.send_to(&endpoint, head, body, retryable).await {
                 Ok(response) => {
-                    pick.answered();
+                    pick.responded(response.status().as_u16());
                     return Ok(response);
                 }
                 Err(failure @ Failure::Connect(_)) => {
@@ -675,7 +675,7 @@ impl H2Upstream {
             let error = match response.await {
                 Ok(response) => {
                     if let Some((_, pick)) = chosen.take() {
-                        pick.answered();
+                        pick.responded(response.status().as_u16());
                     }
                     break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))));
                 }

@@ -509,7 +509,7 @@ async fn try_backend<U: TryOnce>(
         *last = Some(endpoint.addr);
         match upstream.try_once(&endpoint, head, body).await {
             Ok(response) => {
-                pick.answered();
+                pick.responded(response.status().as_u16());
                 return Ok(response);
             }
             Err(failure @ Failure::Connect(_)) => {
