@@ -141,6 +141,7 @@ pub struct ResilienceMetrics {
     retries: [Counter; 6],
     pub budget_exhausted: Counter,
     pub ejections: Counter,
+    pub queue_rejections: Counter,
 }
 
 impl ResilienceMetrics {
@@ -171,6 +172,7 @@ pub struct ControlMetrics {
     retries: Family<RetryLabels, Counter>,
     budget_exhausted: Family<ServiceNameLabels, Counter>,
     ejections: Family<ServiceNameLabels, Counter>,
+    queue_rejections: Family<ServiceNameLabels, Counter>,
 }
 
 impl ControlMetrics {
@@ -203,10 +205,12 @@ impl ControlMetrics {
         };
         let budget_exhausted = self.budget_exhausted.get_or_create(&labels).clone();
         let ejections = self.ejections.get_or_create(&labels).clone();
+        let queue_rejections = self.queue_rejections.get_or_create(&labels).clone();
         ResilienceMetrics {
             retries,
             budget_exhausted,
             ejections,
+            queue_rejections,
         }
     }
 
@@ -502,6 +506,12 @@ impl Metrics {
             "endpoint_ejections",
             "Endpoints taken out of balancing after consecutive failures (failure accrual)",
             control.ejections.clone(),
+        );
+        registry.register(
+            "queue_rejections",
+            "Requests to a Service with no ready endpoint answered 503 because its queue was \
+             full or their wait ran out",
+            control.queue_rejections.clone(),
         );
         // One `let` per handle: get_or_create returns a lock guard, and guards kept alive as
         // temporaries of one struct expression would deadlock on the same family.

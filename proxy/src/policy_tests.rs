@@ -331,3 +331,47 @@ async fn failure_accrual_never_ejects_more_than_the_share() {
     assert!(a.min(b) <= 4, "a {a}, b {b}");
     assert!(resilience(&harness).ejections.get() >= 1);
 }
+
+/// One worker thread: the queue is per worker, so this test sees exactly one.
+#[tokio::test(flavor = "current_thread")]
+async fn requests_wait_in_the_queue_for_a_ready_endpoint_and_beyond_it_get_503_at_once() {
+    let own = Echo::start("own").await;
+    let queued = policy(|p, _| {
+        p.queue_size = 2;
+        p.queue_timeout_ms = 800;
+    });
+    let harness = Harness::start(service(&[], queued.clone())).await;
+    let client = crate::routes_tests::Client::Http1;
+    // An endpoint becomes ready while the request waits: it is served.
+    let started = Instant::now();
+    let (answer, ()) = tokio::join!(ask(&harness, client, get("/")), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        harness.feed.send_replace(service(&[&own], queued.clone()));
+    });
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let metrics = resilience(&harness);
+    assert_eq!(metrics.queue_rejections.get(), 0);
+
+    // None ready again: two wait and get 503 when the wait runs out, the others at once.
+    harness.feed.send_replace(service(&[], queued));
+    // Time for the snapshot to reach the proxy (no request may see it before).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let one = |_| async {
+        let answer = ask(&harness, client, get("/")).await;
+        (answer.status, started.elapsed())
+    };
+    let answers = futures_util::future::join_all((0..5).map(one)).await;
+    let mut fast = 0;
+    for (status, took) in &answers {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
+        if *took < Duration::from_millis(400) {
+            fast += 1;
+        } else {
+            assert!(*took < Duration::from_secs(2), "{took:?}");
+        }
+    }
+    assert_eq!(fast, 3, "{answers:?}");
+    assert_eq!(metrics.queue_rejections.get(), 5);
+}

@@ -50,6 +50,8 @@ pub struct Applied {
     /// This worker's retry budget for the target, across snapshots; routed requests draw on it
     /// too.
     budget: Budget,
+    /// Requests of this worker waiting now for the target to have a ready endpoint.
+    waiting: u32,
 }
 
 /// The route label of requests to a Service without routes.
@@ -89,6 +91,20 @@ pub struct ServiceTarget {
     metrics: &'static ControlMetrics,
     /// Held, not read: keeps the target's watch from expiring while the connection is open.
     _in_use: InUse,
+}
+
+/// One request waiting in a target's queue: leaves it however the wait ends.
+struct Waiting<'a>(&'a ServiceTarget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut applied = self
+            .0
+            .balancer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        applied.waiting = applied.waiting.saturating_sub(1);
+    }
 }
 
 /// Why no endpoint could be chosen.
@@ -147,6 +163,7 @@ fn worker_target(
             counters: Vec::new(),
             policy: Arc::new(Policy::default()),
             budget: Budget::default(),
+            waiting: 0,
         }));
         targets.insert(
             target,
@@ -287,6 +304,39 @@ impl ServiceTarget {
             self.service.resilience.budget_exhausted.inc();
         }
         allowed
+    }
+
+    /// Waits, as the policy's queue allows, for the Service to have a ready endpoint: false at
+    /// once when the queue is full (or off), false when the wait runs out (both counted in
+    /// `queue_rejections_total`), true when one is ready.
+    pub async fn queue(&self) -> bool {
+        let (mut known, timeout) = {
+            let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+            let (size, timeout) = (applied.policy.queue_size, applied.policy.queue_timeout);
+            if applied.waiting >= size || timeout.is_zero() {
+                drop(applied);
+                self.service.resilience.queue_rejections.inc();
+                return false;
+            }
+            applied.waiting += 1;
+            (applied.known.clone(), timeout)
+        };
+        let _waiting = Waiting(self);
+        let ready = |known: &Known| known.service().is_some_and(|s| !s.endpoints.is_empty());
+        let waited = tokio::time::timeout(timeout, known.wait_for(ready)).await;
+        let ready = matches!(waited, Ok(Ok(_)));
+        if !ready {
+            self.service.resilience.queue_rejections.inc();
+        }
+        ready
+    }
+
+    /// The endpoint for a request that found none ready, after waiting in the queue.
+    pub async fn pick_queued(&self) -> Result<Pick, NoEndpoint> {
+        if !self.queue().await {
+            return Err(NoEndpoint::NoneReady);
+        }
+        self.pick(&[], false)
     }
 
     /// The endpoint of backend `index` of `routes` for one request, skipping `tried`.

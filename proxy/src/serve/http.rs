@@ -252,6 +252,10 @@ impl Http1Upstream {
         let first = match &self.route.destination {
             Destination::Forward(_) => None,
             Destination::Service(service) => match service.start(start) {
+                // None ready: the request waits in the Service's queue, boxed as a cold path.
+                Start::Direct(Err(NoEndpoint::NoneReady)) => {
+                    Some(Box::pin(service.pick_queued()).await)
+                }
                 Start::Direct(first) => Some(first),
                 // Boxed, as the routed one: its state would otherwise enlarge every request's
                 // future.
@@ -594,6 +598,17 @@ impl H2Upstream {
                 Start::Direct(Ok(pick)) => {
                     let endpoint = Endpoint::new(pick.addr());
                     chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
+                }
+                Start::Direct(Err(NoEndpoint::NoneReady)) => {
+                    match Box::pin(service.pick_queued()).await {
+                        Ok(pick) => {
+                            let endpoint = Endpoint::new(pick.addr());
+                            chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
+                        }
+                        Err(_) => {
+                            return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
+                        }
+                    }
                 }
                 Start::Direct(Err(_)) => {
                     return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))

@@ -488,9 +488,18 @@ async fn try_backend<U: TryOnce>(
     let mut tried: Vec<SocketAddr> = last.iter().copied().collect();
     let mut avoiding = last.is_some();
     let mut last_failure = None;
+    let mut queued = false;
     loop {
         let pick = match target.pick(service, &tried) {
             Ok(pick) => pick,
+            // None ready: the Service's own endpoints have a queue to wait in, once per try.
+            Err(NoEndpoint::NoneReady) if matches!(target, Target::Own) && !queued => {
+                queued = true;
+                if service.queue().await {
+                    continue;
+                }
+                return Err(Failure::NoEndpoint);
+            }
             Err(NoEndpoint::AllFailed) if avoiding && tried.len() == 1 => {
                 // The endpoint of the try before is the only one: it takes the retry.
                 avoiding = false;
