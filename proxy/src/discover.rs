@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ord
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use remora_api::discovery::discovery_client::DiscoveryClient;
 use remora_api::discovery::{self as api, snapshot};
@@ -76,6 +77,9 @@ pub struct Service {
     pub policy: Arc<Policy>,
     /// Its retry and ejection counters.
     pub resilience: ResilienceMetrics,
+    /// The failure accrual of each backend of `routes`, in its order: the backend Service's
+    /// own policy (consecutive, max ejection percent) and its `endpoint_ejections_total`.
+    pub backend_accrual: Vec<(u32, u32, Counter)>,
 }
 
 /// What the proxy knows of one target.
@@ -419,7 +423,25 @@ impl Discovery {
                 }
                 let policy = Arc::new(Policy::of(service.policy.as_ref()));
                 let resilience = self.metrics.resilience(&service.namespace, &service.name);
+                let backend_accrual = service
+                    .route_table
+                    .iter()
+                    .flat_map(|table| &table.backends)
+                    .map(|backend| {
+                        let policy = Policy::of(backend.policy.as_ref());
+                        let counter = self
+                            .metrics
+                            .resilience(&backend.namespace, &backend.name)
+                            .ejections;
+                        (
+                            policy.failure_accrual_consecutive,
+                            policy.max_ejection_percent,
+                            counter,
+                        )
+                    })
+                    .collect();
                 Known::Service(Arc::new(Service {
+                    backend_accrual,
                     routes,
                     policy,
                     resilience,

@@ -375,3 +375,40 @@ async fn requests_wait_in_the_queue_for_a_ready_endpoint_and_beyond_it_get_503_a
     assert_eq!(fast, 3, "{answers:?}");
     assert_eq!(metrics.queue_rejections.get(), 5);
 }
+
+/// One worker thread, as above.
+#[tokio::test(flavor = "current_thread")]
+async fn a_route_backend_accrues_failures_under_its_own_policy() {
+    let (own, bad, good) = (
+        Echo::start("own").await,
+        Echo::start("bad").await,
+        Echo::start("good").await,
+    );
+    bad.failing.store(usize::MAX / 2, Ordering::SeqCst);
+    let mut backend = good.backend();
+    backend.name = "pool".into();
+    backend.endpoints = vec![bad.endpoint(), good.endpoint()];
+    backend.policy = Some(policy(|p, _| p.failure_accrual_consecutive = 2));
+    let table = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![rule("all", &[(0, 1)])],
+        backends: vec![backend],
+    };
+    // The parent Service's own accrual is off: only the backend's policy can eject.
+    let mut snapshot = routed(&own, table);
+    if let Some(snapshot::Kind::Service(service)) = &mut snapshot.kind {
+        service.policy = Some(policy(|p, _| p.failure_accrual_consecutive = 0));
+    }
+    let harness = Harness::start(snapshot).await;
+    let client = crate::routes_tests::Client::Http1;
+    let mut errors = 0;
+    for _ in 0..40 {
+        let answer = ask(&harness, client, get("/")).await;
+        errors += usize::from(answer.status != StatusCode::OK);
+    }
+    assert!((2..=4).contains(&errors), "{errors} errors");
+    let discovery = harness.proxy.discovery.as_ref().unwrap();
+    let pool = discovery.metrics().resilience("shop", "pool");
+    assert!(pool.ejections.get() >= 1);
+    assert_eq!(resilience(&harness).ejections.get(), 0);
+}

@@ -191,33 +191,37 @@ impl Applied {
         if !self.known.has_changed().unwrap_or(false) {
             return;
         }
-        let (endpoints, routes, ejections) = match &*self.known.borrow_and_update() {
-            Known::Service(service) => {
+        let known = self.known.borrow_and_update().clone();
+        let service = known.service();
+        let (endpoints, routes) = match service {
+            Some(service) => {
                 self.policy = Arc::clone(&service.policy);
-                let ejections = service.resilience.ejections.clone();
-                (service.endpoints.clone(), service.routes.clone(), ejections)
+                (service.endpoints.clone(), service.routes.clone())
             }
             // No longer a Service: nothing to balance over.
-            _ => (Vec::new(), None, Counter::default()),
+            None => (Vec::new(), None),
         };
-        // The route backends' endpoints accrue failures as the Service's own do, under the
-        // Service's policy (the one its clients' requests are under).
-        let (consecutive, max_percent) = (
-            self.policy.failure_accrual_consecutive,
-            self.policy.max_ejection_percent,
-        );
         self.balancer.update(endpoints);
-        self.balancer
-            .set_accrual(consecutive, max_percent, &ejections);
+        if let Some(service) = service {
+            self.balancer.set_accrual(
+                service.policy.failure_accrual_consecutive,
+                service.policy.max_ejection_percent,
+                &service.resilience.ejections,
+            );
+        }
         let mut old = std::mem::take(&mut self.backends);
         if let Some(routes) = &routes {
-            for backend in &routes.backends {
+            for (index, backend) in routes.backends.iter().enumerate() {
                 let mut balancer = match old.iter().position(|(key, _)| *key == backend.key) {
                     Some(kept) => old.swap_remove(kept).1,
                     None => Balancer::new(),
                 };
                 balancer.update(backend.endpoints.iter().copied());
-                balancer.set_accrual(consecutive, max_percent, &ejections);
+                // A backend's endpoints accrue failures under the backend Service's own policy.
+                let accrual = service.and_then(|service| service.backend_accrual.get(index));
+                if let Some((consecutive, max_percent, ejections)) = accrual {
+                    balancer.set_accrual(*consecutive, *max_percent, ejections);
+                }
                 self.backends.push((backend.key.clone(), balancer));
             }
         }
