@@ -412,3 +412,30 @@ async fn a_route_backend_accrues_failures_under_its_own_policy() {
     assert!(pool.ejections.get() >= 1);
     assert_eq!(resilience(&harness).ejections.get(), 0);
 }
+
+/// One worker thread: the access log is captured on this thread.
+#[tokio::test(flavor = "current_thread")]
+async fn the_access_log_says_how_many_tries_a_request_took() {
+    let (lines, _guard) = crate::http2_tests::capture_access_log();
+    let own = Echo::start("own").await;
+    let retried = policy(|_, retry| retry.on_5xx = true);
+    let harness = Harness::start_with(service(&[&own], retried), |proxy| {
+        proxy.access_log = true;
+    })
+    .await;
+    let client = crate::routes_tests::Client::Http1;
+    own.failing.store(2, Ordering::SeqCst);
+    let answer = ask(&harness, client, get("/retried")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let answer = ask(&harness, client, get("/once")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+    let line = |path: &str| {
+        text.lines()
+            .find(|line| line.contains(&format!("path={path} ")))
+            .unwrap_or_else(|| panic!("no line for {path} in {text}"))
+            .to_string()
+    };
+    assert!(line("/retried").contains("tries=3"), "{text}");
+    assert!(line("/once").contains("tries=1"), "{text}");
+}

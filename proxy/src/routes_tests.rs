@@ -223,6 +223,14 @@ pub(crate) struct Harness {
 
 impl Harness {
     pub(crate) async fn start(first: api::Snapshot) -> Harness {
+        Self::start_with(first, |_| ()).await
+    }
+
+    /// [`Harness::start`] with the proxy's settings changed by `configure`.
+    pub(crate) async fn start_with(
+        first: api::Snapshot,
+        configure: impl FnOnce(&mut Proxy),
+    ) -> Harness {
         let (feed, snapshots) = watch::channel(first);
         let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let control_addr = control.local_addr().unwrap();
@@ -244,7 +252,10 @@ impl Harness {
             ControlMetrics::default(),
         )
         .unwrap();
-        let proxy = proxy_with(|proxy| proxy.discovery = Some(discovery));
+        let proxy = proxy_with(|proxy| {
+            proxy.discovery = Some(discovery);
+            configure(proxy);
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = listener.local_addr().unwrap();
         // The Service's ClusterIP:port: never dialled, its endpoints are.
