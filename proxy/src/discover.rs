@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ord
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use remora_api::discovery::discovery_client::DiscoveryClient;
 use remora_api::discovery::{self as api, snapshot};
@@ -26,7 +27,8 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
-use crate::metrics::ControlMetrics;
+use crate::metrics::{ControlMetrics, ResilienceMetrics};
+use crate::outbound::policy::Policy;
 use crate::outbound::routes::Routes;
 
 /// How long a connection waits for its target's first snapshot before it is forwarded to its
@@ -71,6 +73,13 @@ pub struct Service {
     pub endpoints: Vec<SocketAddr>,
     /// The routes that apply, compiled; `None` when none does.
     pub routes: Option<Arc<Routes>>,
+    /// Its resilience policy: the SPEC's defaults when the snapshot has none.
+    pub policy: Arc<Policy>,
+    /// Its retry and ejection counters.
+    pub resilience: ResilienceMetrics,
+    /// The failure accrual of each backend of `routes`, in its order: the backend Service's
+    /// own policy (consecutive, max ejection percent) and its `endpoint_ejections_total`.
+    pub backend_accrual: Vec<(u32, u32, Counter)>,
 }
 
 /// What the proxy knows of one target.
@@ -412,8 +421,30 @@ impl Discovery {
                         }
                     }
                 }
+                let policy = Arc::new(Policy::of(service.policy.as_ref()));
+                let resilience = self.metrics.resilience(&service.namespace, &service.name);
+                let backend_accrual = service
+                    .route_table
+                    .iter()
+                    .flat_map(|table| &table.backends)
+                    .map(|backend| {
+                        let policy = Policy::of(backend.policy.as_ref());
+                        let counter = self
+                            .metrics
+                            .resilience(&backend.namespace, &backend.name)
+                            .ejections;
+                        (
+                            policy.failure_accrual_consecutive,
+                            policy.max_ejection_percent,
+                            counter,
+                        )
+                    })
+                    .collect();
                 Known::Service(Arc::new(Service {
+                    backend_accrual,
                     routes,
+                    policy,
+                    resilience,
                     namespace: service.namespace,
                     name: service.name,
                     port: u16::try_from(service.port).unwrap_or(target.port()),

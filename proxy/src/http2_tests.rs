@@ -1230,7 +1230,7 @@ async fn a_relayed_refused_stream_reaches_the_client_and_counts_as_no_request() 
 }
 
 /// The access-log lines written on this thread from now until the guard is dropped.
-fn capture_access_log() -> (
+pub(crate) fn capture_access_log() -> (
     Arc<std::sync::Mutex<Vec<u8>>>,
     tracing::subscriber::DefaultGuard,
 ) {

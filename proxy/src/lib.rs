@@ -20,6 +20,8 @@ mod http_tests;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+#[cfg(test)]
+mod policy_tests;
 pub mod proxy;
 pub mod rate_limit;
 #[cfg(test)]

@@ -75,6 +75,93 @@ struct RouteLabels {
     status_code: u16,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RetryLabels {
+    namespace: String,
+    service: String,
+    reason: RetryReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceNameLabels {
+    namespace: String,
+    service: String,
+}
+
+/// Why a request was sent again: the `reason` label of `retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryReason {
+    /// Any 5xx answer (`retry-on: 5xx`).
+    Status5xx,
+    /// 502, 503 or 504 (`gateway-error`).
+    GatewayError,
+    /// The connection or stream failed after the request left (`reset`).
+    Reset,
+    /// A status code listed by `retriable-status-codes` or a route's `retry.codes`.
+    Status,
+    /// A `grpc-status` listed by `grpc=`.
+    Grpc,
+    /// The request never reached the app (connect failure, HTTP/2 stream left unprocessed):
+    /// always safe, outside the budget.
+    Connect,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 6] = [
+        RetryReason::Status5xx,
+        RetryReason::GatewayError,
+        RetryReason::Reset,
+        RetryReason::Status,
+        RetryReason::Grpc,
+        RetryReason::Connect,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Status5xx => "5xx",
+            RetryReason::GatewayError => "gateway-error",
+            RetryReason::Reset => "reset",
+            RetryReason::Status => "status",
+            RetryReason::Grpc => "grpc",
+            RetryReason::Connect => "connect",
+        }
+    }
+}
+
+impl EncodeLabelValue for RetryReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// One Service's resilience counters, made once per snapshot, never hashed per request.
+#[derive(Debug, Clone, Default)]
+pub struct ResilienceMetrics {
+    /// `retries_total`, indexed as [`RetryReason::ALL`].
+    retries: [Counter; 6],
+    pub budget_exhausted: Counter,
+    pub ejections: Counter,
+    pub queue_rejections: Counter,
+}
+
+impl ResilienceMetrics {
+    pub fn retried(&self, reason: RetryReason) {
+        let index = RetryReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.retries[index].inc();
+    }
+
+    pub fn retries(&self, reason: RetryReason) -> u64 {
+        let index = RetryReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.retries[index].get()
+    }
+}
+
 /// What the proxy knows from the control plane, and the requests it balanced.
 #[derive(Debug, Clone, Default)]
 pub struct ControlMetrics {
@@ -82,6 +169,10 @@ pub struct ControlMetrics {
     pub connected: Gauge,
     endpoints: Family<ServiceLabels, Gauge>,
     routes: Family<RouteLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<ServiceNameLabels, Counter>,
+    ejections: Family<ServiceNameLabels, Counter>,
+    queue_rejections: Family<ServiceNameLabels, Counter>,
 }
 
 impl ControlMetrics {
@@ -94,6 +185,33 @@ impl ControlMetrics {
                 port: u16::try_from(port).unwrap_or(0),
             })
             .clone()
+    }
+
+    /// The resilience counters of one Service (`retries_total`, `retry_budget_exhausted_total`,
+    /// `endpoint_ejections_total`).
+    pub fn resilience(&self, namespace: &str, service: &str) -> ResilienceMetrics {
+        let retries = RetryReason::ALL.map(|reason| {
+            self.retries
+                .get_or_create(&RetryLabels {
+                    namespace: namespace.to_string(),
+                    service: service.to_string(),
+                    reason,
+                })
+                .clone()
+        });
+        let labels = ServiceNameLabels {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+        };
+        let budget_exhausted = self.budget_exhausted.get_or_create(&labels).clone();
+        let ejections = self.ejections.get_or_create(&labels).clone();
+        let queue_rejections = self.queue_rejections.get_or_create(&labels).clone();
+        ResilienceMetrics {
+            retries,
+            budget_exhausted,
+            ejections,
+            queue_rejections,
+        }
     }
 
     /// The `route_requests_total` handle of one Service, route and status: made once per
@@ -380,6 +498,28 @@ impl Metrics {
             "route_requests",
             "Outbound HTTP requests to Services, by route and status code",
             control.routes.clone(),
+        );
+        registry.register(
+            "retries",
+            "Outbound requests to Services sent again, by reason (connect: never reached the \
+             app, outside the retry budget)",
+            control.retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries a Service's policy asked for that its retry budget refused",
+            control.budget_exhausted.clone(),
+        );
+        registry.register(
+            "endpoint_ejections",
+            "Endpoints taken out of balancing after consecutive failures (failure accrual)",
+            control.ejections.clone(),
+        );
+        registry.register(
+            "queue_rejections",
+            "Requests to a Service with no ready endpoint answered 503 because its queue was \
+             full or their wait ran out",
+            control.queue_rejections.clone(),
         );
         // One `let` per handle: get_or_create returns a lock guard, and guards kept alive as
         // temporaries of one struct expression would deadlock on the same family.

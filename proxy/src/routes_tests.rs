@@ -52,32 +52,32 @@ impl DiscoveryApi for Fake {
 
 /// What one echo server saw of a request.
 #[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    uri: String,
+pub(crate) struct Seen {
+    pub(crate) method: Method,
+    pub(crate) uri: String,
     /// The URI's authority: HTTP/2's `:authority`.
-    authority: String,
-    headers: HeaderMap,
-    body: Bytes,
+    pub(crate) authority: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 /// An echo server standing for one backend's endpoint: it answers `x-backend: NAME`, and
 /// `?status=N` / `?delay=MS` in the query change its answer; it records every request.
 #[derive(Clone)]
-struct Echo {
-    name: &'static str,
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
+pub(crate) struct Echo {
+    pub(crate) name: &'static str,
+    pub(crate) addr: SocketAddr,
+    pub(crate) seen: Arc<Mutex<Vec<Seen>>>,
     /// This many requests from now on are answered 503 (a failing backend).
-    failing: Arc<AtomicUsize>,
+    pub(crate) failing: Arc<AtomicUsize>,
     /// This many connections from now on are closed without an answer.
-    dropping: Arc<AtomicUsize>,
+    pub(crate) dropping: Arc<AtomicUsize>,
     /// Every answer waits this many milliseconds.
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Echo {
-    async fn start(name: &'static str) -> Echo {
+    pub(crate) async fn start(name: &'static str) -> Echo {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let echo = Echo {
             name,
@@ -172,11 +172,11 @@ impl Echo {
             .unwrap()
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 
-    fn endpoint(&self) -> api::Endpoint {
+    pub(crate) fn endpoint(&self) -> api::Endpoint {
         api::Endpoint {
             ip: self.addr.ip().to_string(),
             port: u32::from(self.addr.port()),
@@ -185,7 +185,7 @@ impl Echo {
     }
 
     /// This echo server as a resolved backend of the route table.
-    fn backend(&self) -> api::Backend {
+    pub(crate) fn backend(&self) -> api::Backend {
         api::Backend {
             namespace: "shop".into(),
             name: self.name.into(),
@@ -199,7 +199,7 @@ impl Echo {
 }
 
 /// The Service `shop/cart:80` whose own endpoint is `own`, with `table` as its routes.
-fn snapshot(own: &Echo, table: api::RouteTable) -> api::Snapshot {
+pub(crate) fn snapshot(own: &Echo, table: api::RouteTable) -> api::Snapshot {
     api::Snapshot {
         kind: Some(snapshot::Kind::Service(api::Service {
             namespace: "shop".into(),
@@ -215,14 +215,22 @@ fn snapshot(own: &Echo, table: api::RouteTable) -> api::Snapshot {
 
 /// A proxy with a control plane that serves the snapshots sent on the returned feed, listening
 /// on loopback for connections that it takes to be for a ClusterIP of its own.
-struct Harness {
-    proxy: &'static Proxy,
-    listen: SocketAddr,
-    feed: watch::Sender<api::Snapshot>,
+pub(crate) struct Harness {
+    pub(crate) proxy: &'static Proxy,
+    pub(crate) listen: SocketAddr,
+    pub(crate) feed: watch::Sender<api::Snapshot>,
 }
 
 impl Harness {
-    async fn start(first: api::Snapshot) -> Harness {
+    pub(crate) async fn start(first: api::Snapshot) -> Harness {
+        Self::start_with(first, |_| ()).await
+    }
+
+    /// [`Harness::start`] with the proxy's settings changed by `configure`.
+    pub(crate) async fn start_with(
+        first: api::Snapshot,
+        configure: impl FnOnce(&mut Proxy),
+    ) -> Harness {
         let (feed, snapshots) = watch::channel(first);
         let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let control_addr = control.local_addr().unwrap();
@@ -244,7 +252,10 @@ impl Harness {
             ControlMetrics::default(),
         )
         .unwrap();
-        let proxy = proxy_with(|proxy| proxy.discovery = Some(discovery));
+        let proxy = proxy_with(|proxy| {
+            proxy.discovery = Some(discovery);
+            configure(proxy);
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = listener.local_addr().unwrap();
         // The Service's ClusterIP:port: never dialled, its endpoints are.
@@ -279,7 +290,7 @@ impl Harness {
     }
 
     /// How many requests `route_requests_total` counted for `route` and `status`.
-    fn counted(&self, route: &str, status: u16) -> u64 {
+    pub(crate) fn counted(&self, route: &str, status: u16) -> u64 {
         let discovery = self.proxy.discovery.as_ref().unwrap();
         discovery
             .metrics()
@@ -290,23 +301,23 @@ impl Harness {
 
 /// Which protocol a test's client speaks.
 #[derive(Debug, Clone, Copy)]
-enum Client {
+pub(crate) enum Client {
     Http1,
     H2,
 }
 
-const BOTH: [Client; 2] = [Client::Http1, Client::H2];
+pub(crate) const BOTH: [Client; 2] = [Client::Http1, Client::H2];
 
 /// An answer as the client got it.
 #[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 impl Answer {
-    fn backend(&self) -> &str {
+    pub(crate) fn backend(&self) -> &str {
         self.headers
             .get("x-backend")
             .map_or("", |v| v.to_str().unwrap())
@@ -314,7 +325,12 @@ impl Answer {
 }
 
 /// A request built as a client would send it: `Host: cart` (HTTP/1) or `:authority` (HTTP/2).
-fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+pub(crate) fn request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
     let mut builder = Request::builder().method(method);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -360,7 +376,11 @@ async fn send(harness: &Harness, client: Client, mut request: Request<Full<Bytes
 }
 
 /// Sends within the test's step limit.
-async fn ask(harness: &Harness, client: Client, request: Request<Full<Bytes>>) -> Answer {
+pub(crate) async fn ask(
+    harness: &Harness,
+    client: Client,
+    request: Request<Full<Bytes>>,
+) -> Answer {
     within(
         "a request through the proxy",
         send(harness, client, request),
@@ -368,7 +388,7 @@ async fn ask(harness: &Harness, client: Client, request: Request<Full<Bytes>>) -
     .await
 }
 
-fn get(path: &str) -> Request<Full<Bytes>> {
+pub(crate) fn get(path: &str) -> Request<Full<Bytes>> {
     request("GET", path, &[], "")
 }
 
@@ -379,12 +399,12 @@ fn path_match(kind: path_match::Kind, value: &str) -> Option<api::PathMatch> {
     })
 }
 
-fn prefix(value: &str) -> Option<api::PathMatch> {
+pub(crate) fn prefix(value: &str) -> Option<api::PathMatch> {
     path_match(path_match::Kind::Prefix, value)
 }
 
 /// A rule named `name` sending to the weighted backends (index, weight).
-fn rule(name: &str, backends: &[(u32, u32)]) -> api::RouteRule {
+pub(crate) fn rule(name: &str, backends: &[(u32, u32)]) -> api::RouteRule {
     api::RouteRule {
         kind: "HTTPRoute".into(),
         namespace: "shop".into(),
@@ -401,7 +421,7 @@ fn rule(name: &str, backends: &[(u32, u32)]) -> api::RouteRule {
     }
 }
 
-fn match_rule(rule: u32, path: Option<api::PathMatch>) -> api::RouteMatch {
+pub(crate) fn match_rule(rule: u32, path: Option<api::PathMatch>) -> api::RouteMatch {
     api::RouteMatch {
         rule,
         path,

@@ -25,11 +25,23 @@
 //!
 //! A failed connect counts as a [`FAILURE_PENALTY`] sample, so a dead endpoint drops out of the
 //! choice at once and is probed again only as the ageing brings it back.
+//!
+//! **Failure accrual** (SPEC `remora.io/failure-accrual`): an endpoint whose answers are gateway
+//! errors (502, 503, 504) or whose connects fail that many times in a row is ejected: no request
+//! is balanced to it until its backoff (1 s doubling to 60 s, jittered) has passed; then the
+//! first request goes to it as a probe, whose success brings it back and whose failure ejects it
+//! again for longer. Never more than the policy's share of the endpoints is ejected at once
+//! (rounded down, so one endpoint alone never is). While none is ejected a pick reads one
+//! counter more than without accrual.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::outbound::routes::random;
 
 /// The latency assumed for an endpoint that has not answered yet.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -43,6 +55,47 @@ const UNMEASURED: u64 = u64::MAX;
 
 /// The sample a failed connect counts as.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// An ejected endpoint's first backoff, doubled for each ejection in a row up to the cap.
+pub const EJECTION_BACKOFF: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(60));
+
+/// A balancer's failure accrual, shared with its endpoints so that a request's outcome can
+/// eject one. Atomics only so that a [`Pick`] can be sent with a request's future.
+#[derive(Debug)]
+struct Accrual {
+    /// Gateway errors or connect failures in a row that eject an endpoint; 0 = off.
+    consecutive: AtomicU32,
+    /// The most endpoints ejected at once, in percent.
+    max_percent: AtomicU32,
+    /// Endpoints in the balancer now, and those of them ejected.
+    endpoints: AtomicU32,
+    ejected: AtomicU32,
+    /// `endpoint_ejections_total` of the balancer's Service.
+    counter: OnceLock<Counter>,
+}
+
+impl Default for Accrual {
+    fn default() -> Self {
+        Self {
+            consecutive: AtomicU32::new(0),
+            max_percent: AtomicU32::new(0),
+            endpoints: AtomicU32::new(0),
+            ejected: AtomicU32::new(0),
+            counter: OnceLock::new(),
+        }
+    }
+}
+
+/// The backoff of an endpoint's ejection number `ejections` (0 for the first) in a row: the
+/// doubling ceiling, less up to half of it at random.
+fn ejection_backoff(ejections: u32) -> Duration {
+    let ceiling = EJECTION_BACKOFF
+        .0
+        .saturating_mul(1 << ejections.min(16))
+        .min(EJECTION_BACKOFF.1);
+    let half = ceiling.as_nanos() as u64 / 2;
+    ceiling - Duration::from_nanos(random() % half.max(1))
+}
 
 /// One endpoint and what the worker knows of its load. Atomics only so that a [`Pick`] can be
 /// sent with a request's future; one worker thread reads and writes them (relaxed).
@@ -62,10 +115,19 @@ pub struct Endpoint {
     /// The balancer's picks up to which this endpoint's estimate has been aged: the last one
     /// that chose it, or the one before it was last drawn.
     aged_through: AtomicU64,
+    /// Gateway errors or connect failures in a row.
+    failures: AtomicU32,
+    /// While ejected, when (nanoseconds since the balancer's epoch) its probe may go; else 0.
+    ejected_until_ns: AtomicU64,
+    /// Ejections in a row (the backoff's exponent); 0 once a probe succeeded.
+    ejections: AtomicU32,
+    /// A probe request is on its way to it.
+    probing: AtomicBool,
+    accrual: Arc<Accrual>,
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, picks: u64) -> Self {
+    fn new(addr: SocketAddr, picks: u64, accrual: Arc<Accrual>) -> Self {
         Self {
             addr,
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
@@ -73,6 +135,61 @@ impl Endpoint {
             pending: AtomicU32::new(0),
             last_ns: AtomicU64::new(0f64.to_bits()),
             aged_through: AtomicU64::new(picks),
+            failures: AtomicU32::new(0),
+            ejected_until_ns: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+            accrual,
+        }
+    }
+
+    /// Whether it is ejected now (its probe included).
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ns.load(Relaxed) != 0
+    }
+
+    /// A request it took was answered without a gateway error: the failures in a row end, and
+    /// a probe's success brings it back.
+    fn succeeded(&self) {
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+        if self.probing.swap(false, Relaxed) {
+            self.ejected_until_ns.store(0, Relaxed);
+            self.ejections.store(0, Relaxed);
+            self.accrual.ejected.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// A gateway error or a failed connect at `now_ns`: ejects it after enough in a row (while
+    /// the share allows), or again, for longer, when it was its probe.
+    fn failed(&self, now_ns: u64) {
+        let accrual = &self.accrual;
+        if self.probing.swap(false, Relaxed) {
+            self.eject(now_ns);
+            return;
+        }
+        let consecutive = accrual.consecutive.load(Relaxed);
+        let failures = self.failures.fetch_add(1, Relaxed) + 1;
+        if consecutive == 0 || failures < consecutive || self.is_ejected() {
+            return;
+        }
+        let endpoints = accrual.endpoints.load(Relaxed);
+        let allowed = endpoints * accrual.max_percent.load(Relaxed) / 100;
+        if endpoints < 2 || accrual.ejected.load(Relaxed) >= allowed {
+            return;
+        }
+        accrual.ejected.fetch_add(1, Relaxed);
+        self.eject(now_ns);
+    }
+
+    fn eject(&self, now_ns: u64) {
+        let ejections = self.ejections.fetch_add(1, Relaxed);
+        let until = now_ns + ejection_backoff(ejections).as_nanos() as u64;
+        self.ejected_until_ns.store(until.max(1), Relaxed);
+        self.failures.store(0, Relaxed);
+        if let Some(counter) = self.accrual.counter.get() {
+            counter.inc();
         }
     }
 
@@ -132,6 +249,7 @@ pub struct Balancer {
     picks: u64,
     rng: u64,
     epoch: Instant,
+    accrual: Arc<Accrual>,
 }
 
 impl Default for Balancer {
@@ -155,7 +273,22 @@ impl Balancer {
             picks: 0,
             rng: seed | 1,
             epoch: Instant::now(),
+            accrual: Arc::default(),
         }
+    }
+
+    /// Failure accrual as the Service's policy says: `consecutive` failures in a row eject
+    /// (0 = off), at most `max_percent` of the endpoints at once; ejections are counted in
+    /// `counter` (the first one given stays).
+    pub fn set_accrual(&mut self, consecutive: u32, max_percent: u32, counter: &Counter) {
+        self.accrual.consecutive.store(consecutive, Relaxed);
+        self.accrual.max_percent.store(max_percent, Relaxed);
+        let _ = self.accrual.counter.set(counter.clone());
+    }
+
+    /// Endpoints ejected now.
+    pub fn ejected(&self) -> u32 {
+        self.accrual.ejected.load(Relaxed)
     }
 
     /// The endpoints now ready, in any order. An endpoint that stays keeps what was learned of
@@ -168,12 +301,20 @@ impl Balancer {
                     .iter()
                     .find(|e| e.addr == addr)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(addr, self.picks)))
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(addr, self.picks, Arc::clone(&self.accrual)))
+                    })
             })
             .collect();
         next.sort_by_key(|e| e.addr);
         next.dedup_by_key(|e| e.addr);
         self.endpoints = next;
+        // A removed endpoint that was ejected no longer counts against the share.
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected()).count();
+        self.accrual
+            .endpoints
+            .store(self.endpoints.len() as u32, Relaxed);
+        self.accrual.ejected.store(ejected as u32, Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -206,6 +347,46 @@ impl Balancer {
 
     /// [`Balancer::pick`] at a given time (tests drive a virtual clock).
     pub fn pick_at(&mut self, tried: &[SocketAddr], now: Instant) -> Option<Pick> {
+        if self.accrual.ejected.load(Relaxed) == 0 {
+            return self.pick_among(tried, now);
+        }
+        // Some endpoint is ejected: its probe goes first once its backoff has passed; else it
+        // is skipped like one already tried (unless nothing else is left).
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let probe = self.endpoints.iter().find(|e| {
+            let until = e.ejected_until_ns.load(Relaxed);
+            until != 0
+                && now_ns >= until
+                && !tried.contains(&e.addr)
+                && !e.probing.swap(true, Relaxed)
+        });
+        if let Some(probe) = probe.cloned() {
+            self.picks += 1;
+            probe.aged_through.store(self.picks, Relaxed);
+            probe.pending.fetch_add(1, Relaxed);
+            return Some(Pick {
+                endpoint: probe,
+                sent: now,
+                epoch: self.epoch,
+                open: true,
+                probe: true,
+            });
+        }
+        let mut skipped = tried.to_vec();
+        skipped.extend(
+            self.endpoints
+                .iter()
+                .filter(|e| e.is_ejected() && !tried.contains(&e.addr))
+                .map(|e| e.addr),
+        );
+        if skipped.len() >= self.endpoints.len() {
+            return self.pick_among(tried, now);
+        }
+        self.pick_among(&skipped, now)
+    }
+
+    /// P2C among the endpoints not in `tried`.
+    fn pick_among(&mut self, tried: &[SocketAddr], now: Instant) -> Option<Pick> {
         self.picks += 1;
         let picks = self.picks;
         let count = self.endpoints.len();
@@ -240,6 +421,7 @@ impl Balancer {
             sent: now,
             epoch: self.epoch,
             open: true,
+            probe: false,
         })
     }
 
@@ -274,6 +456,7 @@ impl Balancer {
             sent: Instant::now(),
             epoch: self.epoch,
             open: true,
+            probe: false,
         })
     }
 }
@@ -286,6 +469,9 @@ pub struct Pick {
     sent: Instant,
     epoch: Instant,
     open: bool,
+    /// The probe of an ejected endpoint: if it ends without an outcome, the next request
+    /// probes instead.
+    probe: bool,
 }
 
 impl Pick {
@@ -300,24 +486,52 @@ impl Pick {
     }
 
     /// [`Pick::answered`] at a given time (tests drive a virtual clock).
-    pub fn answered_at(mut self, now: Instant) {
-        self.endpoint.observe(
-            now.saturating_duration_since(self.sent),
-            now.saturating_duration_since(self.epoch).as_nanos() as u64,
-        );
+    pub fn answered_at(self, now: Instant) {
+        self.responded_at(200, now);
+    }
+
+    /// The response head arrived with `status`: as [`Pick::answered`], and a gateway error
+    /// (502, 503, 504) counts toward the endpoint's failure accrual.
+    pub fn responded(self, status: u16) {
+        self.responded_at(status, Instant::now());
+    }
+
+    /// [`Pick::responded`] at a given time (tests drive a virtual clock).
+    pub fn responded_at(mut self, status: u16, now: Instant) {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.endpoint
+            .observe(now.saturating_duration_since(self.sent), now_ns);
+        if matches!(status, 502..=504) {
+            self.endpoint.failed(now_ns);
+        } else {
+            self.endpoint.succeeded();
+        }
+        self.probe = false;
         self.close();
     }
 
-    /// The connect failed: the endpoint is penalised so that other requests avoid it.
-    pub fn failed(mut self) {
-        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+    /// The connect failed: the endpoint is penalised so that other requests avoid it, and the
+    /// failure counts toward its failure accrual.
+    pub fn failed(self) {
+        self.failed_at(Instant::now());
+    }
+
+    /// [`Pick::failed`] at a given time (tests drive a virtual clock).
+    pub fn failed_at(mut self, now: Instant) {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         self.endpoint.observe(FAILURE_PENALTY, now_ns);
+        self.endpoint.failed(now_ns);
+        self.probe = false;
         self.close();
     }
 
     fn close(&mut self) {
         if std::mem::take(&mut self.open) {
             self.endpoint.pending.fetch_sub(1, Relaxed);
+        }
+        if std::mem::take(&mut self.probe) {
+            // Ended without an outcome (cancelled, reset): the next request probes.
+            self.endpoint.probing.store(false, Relaxed);
         }
     }
 }
@@ -587,5 +801,120 @@ mod tests {
         for addr in addrs(3) {
             assert_eq!(open.iter().filter(|p| p.addr() == addr).count(), 10);
         }
+    }
+
+    /// A balancer over `n` endpoints with failure accrual `consecutive`, `max_percent`.
+    fn accruing(n: u8, consecutive: u32, max_percent: u32) -> (Balancer, Counter) {
+        let mut balancer = Balancer::with_seed(11);
+        balancer.update(addrs(n));
+        let counter = Counter::default();
+        balancer.set_accrual(consecutive, max_percent, &counter);
+        (balancer, counter)
+    }
+
+    /// Sequential requests every 10 ms from `*now` for `span`: the bad endpoints answer 502,
+    /// the others 200. Returns the requests each endpoint got.
+    fn run(
+        balancer: &mut Balancer,
+        bad: &[SocketAddr],
+        now: &mut Instant,
+        span: Duration,
+    ) -> Vec<usize> {
+        let endpoints: Vec<SocketAddr> = balancer.addrs().collect();
+        let mut counts = vec![0; endpoints.len()];
+        let end = *now + span;
+        while *now < end {
+            let pick = balancer.pick_at(&[], *now).unwrap();
+            counts[endpoints.iter().position(|a| *a == pick.addr()).unwrap()] += 1;
+            *now += Duration::from_millis(10);
+            let status = if bad.contains(&pick.addr()) { 502 } else { 200 };
+            pick.responded_at(status, *now);
+        }
+        counts
+    }
+
+    #[test]
+    fn consecutive_gateway_errors_eject_until_a_probe_brings_the_endpoint_back() {
+        let (mut balancer, counter) = accruing(3, 5, 50);
+        let bad = addrs(3)[0];
+        let mut now = Instant::now();
+        // Five gateway errors in a row from it: ejected.
+        let mut failures = 0;
+        while failures < 5 {
+            assert_eq!(balancer.ejected(), 0);
+            let pick = balancer.pick_at(&[addrs(3)[1], addrs(3)[2]], now).unwrap();
+            assert_eq!(pick.addr(), bad);
+            now += Duration::from_millis(1);
+            pick.responded_at(503, now);
+            failures += 1;
+        }
+        assert_eq!((balancer.ejected(), counter.get()), (1, 1));
+        // Its backoff (at least half a second) passes without a request to it.
+        let counts = run(&mut balancer, &[bad], &mut now, Duration::from_millis(490));
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // Once the backoff (at most 1 s) has passed, the first request probes it; still
+        // failing, it is ejected again, for up to 2 s.
+        now += Duration::from_millis(600);
+        let probe = balancer.pick_at(&[], now).unwrap();
+        assert_eq!(probe.addr(), bad);
+        // No second probe while the first is out.
+        for _ in 0..20 {
+            assert_ne!(balancer.pick_at(&[], now).unwrap().addr(), bad);
+        }
+        probe.responded_at(502, now);
+        assert_eq!((balancer.ejected(), counter.get()), (1, 2));
+        let counts = run(&mut balancer, &[bad], &mut now, Duration::from_millis(990));
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // Recovered: the next probe (by 2 s) brings it back, and it takes requests again.
+        now += Duration::from_millis(1100);
+        let probe = balancer.pick_at(&[], now).unwrap();
+        assert_eq!(probe.addr(), bad);
+        probe.responded_at(200, now);
+        assert_eq!(balancer.ejected(), 0);
+        let counts = run(&mut balancer, &[], &mut now, Duration::from_secs(3));
+        assert!(counts[0] > 30, "{counts:?}");
+    }
+
+    #[test]
+    fn a_probe_that_ends_without_an_answer_leaves_the_next_request_to_probe() {
+        let (mut balancer, _) = accruing(2, 1, 50);
+        let bad = addrs(2)[0];
+        let mut now = Instant::now();
+        let pick = balancer.pick_at(&[addrs(2)[1]], now).unwrap();
+        pick.failed_at(now);
+        assert_eq!(balancer.ejected(), 1);
+        now += EJECTION_BACKOFF.0;
+        let probe = balancer.pick_at(&[], now).unwrap();
+        assert_eq!(probe.addr(), bad);
+        drop(probe);
+        let probe = balancer.pick_at(&[], now).unwrap();
+        assert_eq!(probe.addr(), bad, "the next request probes");
+    }
+
+    #[test]
+    fn never_more_than_the_share_is_ejected_and_one_endpoint_never_is() {
+        for (endpoints, percent, most) in
+            [(1, 100, 0), (2, 50, 1), (3, 50, 1), (4, 50, 2), (3, 0, 0)]
+        {
+            let (mut balancer, _) = accruing(endpoints, 3, percent);
+            let all = addrs(endpoints);
+            let mut now = Instant::now();
+            let counts = run(&mut balancer, &all, &mut now, Duration::from_secs(2));
+            assert_eq!(
+                balancer.ejected(),
+                most,
+                "{endpoints} endpoints, {percent}%: {counts:?}"
+            );
+            // All failing, the ones left in keep taking every request.
+            assert_eq!(counts.iter().sum::<usize>(), 200);
+        }
+    }
+
+    #[test]
+    fn without_accrual_nothing_is_ejected() {
+        let (mut balancer, counter) = accruing(3, 0, 100);
+        let mut now = Instant::now();
+        run(&mut balancer, &addrs(3), &mut now, Duration::from_secs(1));
+        assert_eq!((balancer.ejected(), counter.get()), (0, 0));
     }
 }

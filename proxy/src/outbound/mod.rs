@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 pub mod balance;
 pub mod filters;
+pub mod policy;
+pub mod retry;
 pub mod routes;
 pub mod service;
 

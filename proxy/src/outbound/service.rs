@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
@@ -20,6 +21,8 @@ use crate::metrics::ControlMetrics;
 
 use crate::discover::{Discovery, InUse, Known, Service, Watched, FIRST_SNAPSHOT_WAIT};
 use crate::outbound::balance::{Balancer, Pick};
+use crate::outbound::policy::Policy;
+use crate::outbound::retry::Budget;
 use crate::outbound::routes::{BackendKey, Routes};
 
 /// One worker's state for one target, shared by its connections to that target.
@@ -42,6 +45,13 @@ pub struct Applied {
     backends: Vec<(BackendKey, Balancer)>,
     /// `route_requests_total` handles by route and status code, made on first use.
     counters: Vec<(Arc<str>, u16, Counter)>,
+    /// The latest snapshot's policy.
+    policy: Arc<Policy>,
+    /// This worker's retry budget for the target, across snapshots; routed requests draw on it
+    /// too.
+    budget: Budget,
+    /// Requests of this worker waiting now for the target to have a ready endpoint.
+    waiting: u32,
 }
 
 /// The route label of requests to a Service without routes.
@@ -49,12 +59,14 @@ pub const DEFAULT_ROUTE: &str = "default";
 /// The route label of requests that no route matched (404) when the Service has routes.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
-/// How a request to a Service starts: the endpoint for it when the Service has no routes (as
-/// one lock and one pick), else the routes to match it against.
+/// How a request to a Service starts: the endpoint for it when the Service has no routes and
+/// its policy asks for nothing more (as one lock and one pick); the policy to send it under
+/// (a deadline, retries) when it does; else the routes to match it against, and the policy.
 #[derive(Debug)]
 pub enum Start {
     Direct(Result<Pick, NoEndpoint>),
-    Routed(Arc<Routes>),
+    Guarded(Arc<Policy>),
+    Routed(Arc<Routes>, Arc<Policy>),
 }
 
 thread_local! {
@@ -79,6 +91,20 @@ pub struct ServiceTarget {
     metrics: &'static ControlMetrics,
     /// Held, not read: keeps the target's watch from expiring while the connection is open.
     _in_use: InUse,
+}
+
+/// One request waiting in a target's queue: leaves it however the wait ends.
+struct Waiting<'a>(&'a ServiceTarget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut applied = self
+            .0
+            .balancer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        applied.waiting = applied.waiting.saturating_sub(1);
+    }
 }
 
 /// Why no endpoint could be chosen.
@@ -135,6 +161,9 @@ fn worker_target(
             routes: None,
             backends: Vec::new(),
             counters: Vec::new(),
+            policy: Arc::new(Policy::default()),
+            budget: Budget::default(),
+            waiting: 0,
         }));
         targets.insert(
             target,
@@ -162,20 +191,37 @@ impl Applied {
         if !self.known.has_changed().unwrap_or(false) {
             return;
         }
-        let (endpoints, routes) = match &*self.known.borrow_and_update() {
-            Known::Service(service) => (service.endpoints.clone(), service.routes.clone()),
+        let known = self.known.borrow_and_update().clone();
+        let service = known.service();
+        let (endpoints, routes) = match service {
+            Some(service) => {
+                self.policy = Arc::clone(&service.policy);
+                (service.endpoints.clone(), service.routes.clone())
+            }
             // No longer a Service: nothing to balance over.
-            _ => (Vec::new(), None),
+            None => (Vec::new(), None),
         };
         self.balancer.update(endpoints);
+        if let Some(service) = service {
+            self.balancer.set_accrual(
+                service.policy.failure_accrual_consecutive,
+                service.policy.max_ejection_percent,
+                &service.resilience.ejections,
+            );
+        }
         let mut old = std::mem::take(&mut self.backends);
         if let Some(routes) = &routes {
-            for backend in &routes.backends {
+            for (index, backend) in routes.backends.iter().enumerate() {
                 let mut balancer = match old.iter().position(|(key, _)| *key == backend.key) {
                     Some(kept) => old.swap_remove(kept).1,
                     None => Balancer::new(),
                 };
                 balancer.update(backend.endpoints.iter().copied());
+                // A backend's endpoints accrue failures under the backend Service's own policy.
+                let accrual = service.and_then(|service| service.backend_accrual.get(index));
+                if let Some((consecutive, max_percent, ejections)) = accrual {
+                    balancer.set_accrual(*consecutive, *max_percent, ejections);
+                }
                 self.backends.push((backend.key.clone(), balancer));
             }
         }
@@ -233,18 +279,68 @@ impl ServiceTarget {
         }
     }
 
-    /// Where a request starts: one lock, which also applies a newer snapshot.
-    pub fn start(&self) -> Start {
+    /// Where a request that started at `now` starts: one lock, which also applies a newer
+    /// snapshot and counts the request in the retry budget.
+    pub fn start(&self, now: Instant) -> Start {
         let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
         applied.refresh();
+        applied.budget.deposit(now);
         if let Some(routes) = &applied.routes {
-            return Start::Routed(Arc::clone(routes));
+            return Start::Routed(Arc::clone(routes), Arc::clone(&applied.policy));
+        }
+        if applied.policy.guards() {
+            return Start::Guarded(Arc::clone(&applied.policy));
         }
         let balancer = &mut applied.balancer;
         if balancer.is_empty() {
             return Start::Direct(Err(NoEndpoint::NoneReady));
         }
         Start::Direct(balancer.pick(&[]).ok_or(NoEndpoint::AllFailed))
+    }
+
+    /// Whether one more retry fits this worker's budget for the Service (`policy` says how
+    /// big it is); counted in `retry_budget_exhausted_total` when it does not.
+    pub fn withdraw_retry(&self, policy: &Policy) -> bool {
+        let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+        let allowed = applied.budget.withdraw(Instant::now(), &policy.retry);
+        drop(applied);
+        if !allowed {
+            self.service.resilience.budget_exhausted.inc();
+        }
+        allowed
+    }
+
+    /// Waits, as the policy's queue allows, for the Service to have a ready endpoint: false at
+    /// once when the queue is full (or off), false when the wait runs out (both counted in
+    /// `queue_rejections_total`), true when one is ready.
+    pub async fn queue(&self) -> bool {
+        let (mut known, timeout) = {
+            let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+            let (size, timeout) = (applied.policy.queue_size, applied.policy.queue_timeout);
+            if applied.waiting >= size || timeout.is_zero() {
+                drop(applied);
+                self.service.resilience.queue_rejections.inc();
+                return false;
+            }
+            applied.waiting += 1;
+            (applied.known.clone(), timeout)
+        };
+        let _waiting = Waiting(self);
+        let ready = |known: &Known| known.service().is_some_and(|s| !s.endpoints.is_empty());
+        let waited = tokio::time::timeout(timeout, known.wait_for(ready)).await;
+        let ready = matches!(waited, Ok(Ok(_)));
+        if !ready {
+            self.service.resilience.queue_rejections.inc();
+        }
+        ready
+    }
+
+    /// The endpoint for a request that found none ready, after waiting in the queue.
+    pub async fn pick_queued(&self) -> Result<Pick, NoEndpoint> {
+        if !self.queue().await {
+            return Err(NoEndpoint::NoneReady);
+        }
+        self.pick(&[], false)
     }
 
     /// The endpoint of backend `index` of `routes` for one request, skipping `tried`.

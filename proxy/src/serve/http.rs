@@ -28,7 +28,7 @@ use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
 use crate::inbound;
-use crate::metrics::{CountingIo, Protocol};
+use crate::metrics::{CountingIo, Protocol, RetryReason};
 use crate::outbound::balance::Pick;
 use crate::outbound::service::{NoEndpoint, ServiceTarget, Start, DEFAULT_ROUTE};
 use crate::outbound::Destination;
@@ -87,16 +87,18 @@ impl Route {
         log: Option<Box<AccessLog>>,
         result: Result<Response<Inner>, Failure>,
     ) -> Response<ResponseBody> {
-        self.respond_as(DEFAULT_ROUTE, start, log, result)
+        self.respond_as(DEFAULT_ROUTE, start, log, result, 1)
     }
 
-    /// [`Route::respond`] for a request that `route` (its `route_requests_total` label) took.
+    /// [`Route::respond`] for a request that `route` (its `route_requests_total` label) took,
+    /// in `tries` tries.
     fn respond_as(
         &self,
         route: &str,
         start: Instant,
         log: Option<Box<AccessLog>>,
         result: Result<Response<Inner>, Failure>,
+        tries: u32,
     ) -> Response<ResponseBody> {
         let response = match result {
             Ok(response) => response,
@@ -105,7 +107,7 @@ impl Route {
                     warn!(direction = self.cx.direction(), destination = %self.target, "no ready endpoint: answering 503");
                     StatusCode::SERVICE_UNAVAILABLE
                 } else if matches!(failure, Failure::Timeout) {
-                    debug!(direction = self.cx.direction(), destination = %self.target, "route timeout: answering 504");
+                    debug!(direction = self.cx.direction(), destination = %self.target, "request timeout: answering 504");
                     StatusCode::GATEWAY_TIMEOUT
                 } else if failure.is_client_error() {
                     // The client's own fault, so not worth a warning (an inbound client may be
@@ -134,6 +136,7 @@ impl Route {
         }
         let log = log.map(|mut log| {
             log.status = status;
+            log.tries = tries;
             log
         });
         response.map(|inner| ResponseBody { inner, log })
@@ -291,13 +294,26 @@ impl Http1Upstream {
         strip_hop_by_hop(request.headers_mut());
         let first = match &self.route.destination {
             Destination::Forward(_) => None,
-            Destination::Service(service) => match service.start() {
+            Destination::Service(service) => match service.start(start) {
+                // None ready: the request waits in the Service's queue, boxed as a cold path.
+                Start::Direct(Err(NoEndpoint::NoneReady)) => {
+                    Some(Box::pin(service.pick_queued()).await)
+                }
                 Start::Direct(first) => Some(first),
+                // Boxed, as the routed one: its state would otherwise enlarge every request's
+                // future.
+                Start::Guarded(policy) => {
+                    let (result, tries) =
+                        Box::pin(routed::serve_guarded(self, service, policy, request)).await;
+                    return self
+                        .route
+                        .respond_as(DEFAULT_ROUTE, start, log, result, tries);
+                }
                 // Boxed: a routed request's state would otherwise enlarge every request's future.
-                Start::Routed(routes) => {
-                    let (route, result) =
-                        Box::pin(routed::serve(self, service, routes, request)).await;
-                    return self.route.respond_as(&route, start, log, result);
+                Start::Routed(routes, policy) => {
+                    let (route, result, tries) =
+                        Box::pin(routed::serve(self, service, routes, policy, request)).await;
+                    return self.route.respond_as(&route, start, log, result, tries);
                 }
             },
         };
@@ -359,10 +375,13 @@ impl Http1Upstream {
                     return Err(last_failure.unwrap_or(Failure::NoEndpoint))
                 }
             };
+            if last_failure.is_some() {
+                service.service.resilience.retried(RetryReason::Connect);
+            }
             let endpoint = Endpoint::new(pick.addr());
             match self.send_to(&endpoint, head, body, retryable).await {
                 Ok(response) => {
-                    pick.answered();
+                    pick.responded(response.status().as_u16());
                     return Ok(response);
                 }
                 Err(failure @ Failure::Connect(_)) => {
@@ -621,18 +640,36 @@ impl H2Upstream {
         // A Service stream's endpoint, and those whose connect failed for it.
         let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
         if let Destination::Service(service) = &self.route.destination {
-            match service.start() {
+            match service.start(start) {
                 Start::Direct(Ok(pick)) => {
                     let endpoint = Endpoint::new(pick.addr());
                     chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
                 }
+                Start::Direct(Err(NoEndpoint::NoneReady)) => {
+                    match Box::pin(service.pick_queued()).await {
+                        Ok(pick) => {
+                            let endpoint = Endpoint::new(pick.addr());
+                            chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
+                        }
+                        Err(_) => {
+                            return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
+                        }
+                    }
+                }
                 Start::Direct(Err(_)) => {
                     return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
                 }
-                Start::Routed(routes) => {
-                    let (route, result) =
-                        Box::pin(routed::serve(&*self, service, routes, request)).await;
-                    return Ok(self.route.respond_as(&route, start, log, result));
+                Start::Guarded(policy) => {
+                    let (result, tries) =
+                        Box::pin(routed::serve_guarded(&*self, service, policy, request)).await;
+                    return Ok(self
+                        .route
+                        .respond_as(DEFAULT_ROUTE, start, log, result, tries));
+                }
+                Start::Routed(routes, policy) => {
+                    let (route, result, tries) =
+                        Box::pin(routed::serve(&*self, service, routes, policy, request)).await;
+                    return Ok(self.route.respond_as(&route, start, log, result, tries));
                 }
             }
         }
@@ -658,6 +695,9 @@ impl H2Upstream {
                     if let Some((_, pick)) = chosen.take() {
                         tried.push(pick.addr());
                         pick.failed();
+                    }
+                    if let Destination::Service(service) = &self.route.destination {
+                        service.service.resilience.retried(RetryReason::Connect);
                     }
                     last_failure = Some(failure);
                     continue;
@@ -696,7 +736,7 @@ impl H2Upstream {
             let error = match response.await {
                 Ok(response) => {
                     if let Some((_, pick)) = chosen.take() {
-                        pick.answered();
+                        pick.responded(response.status().as_u16());
                     }
                     break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))));
                 }

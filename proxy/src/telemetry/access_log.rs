@@ -20,6 +20,8 @@ pub struct AccessLog {
     pub(crate) status: u16,
     start: Instant,
     pub(crate) bytes: u64,
+    /// Tries the request took: 1 unless it was retried (0: answered by the proxy itself).
+    pub(crate) tries: u32,
 }
 
 impl AccessLog {
@@ -54,6 +56,7 @@ impl AccessLog {
             status: 0,
             start,
             bytes: 0,
+            tries: 1,
         }
     }
 
@@ -84,6 +87,7 @@ impl AccessLog {
             status: 0,
             start,
             bytes: 0,
+            tries: 1,
         }
     }
 }
@@ -101,6 +105,7 @@ impl Drop for AccessLog {
             status = self.status,
             duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
             bytes = self.bytes,
+            tries = self.tries,
         );
     }
 }

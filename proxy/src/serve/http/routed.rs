@@ -9,6 +9,7 @@
 //! to the mirrors); any other goes once, streamed after what was read, and is neither retried
 //! nor mirrored. A request without a body is always replayable.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -26,8 +27,11 @@ use tracing::debug;
 use super::{h1, h2, H2Upstream, Http1Upstream, Inner, ResponseBody, Route, MAX_REFUSALS};
 use crate::client::h1::RequestHead;
 use crate::client::{Dialer, Endpoint, Failure};
-use crate::metrics::Protocol;
-use crate::outbound::routes::{random, Filters, Routes, Rule};
+use crate::metrics::{Protocol, RetryReason};
+use crate::outbound::balance::Pick;
+use crate::outbound::policy::Policy;
+use crate::outbound::retry;
+use crate::outbound::routes::{random, Filters, Retry, Routes};
 use crate::outbound::service::{NoEndpoint, ServiceTarget, UNMATCHED_ROUTE};
 
 /// The largest request body kept to be sent again (retries) or copied (mirrors).
@@ -115,32 +119,91 @@ async fn send_h2(
     Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))))
 }
 
-/// Serves one request to `service` by its `routes`. Returns the `route` label it counts under,
-/// and the response or why there is none.
+/// What a request served here took: the `route` label it counts under, the response or why
+/// there is none, and how many tries it took.
+pub(super) type Served = (Arc<str>, Result<Response<Inner>, Failure>, u32);
+
+/// Serves one request to a Service without routes under its `policy`: the whole request under
+/// its timeout, and retried as its `retry-on` says (the body kept up to [`REPLAY_LIMIT`]).
+/// Returns the response or why there is none, and how many tries it took.
+pub(super) async fn serve_guarded<U: TryOnce>(
+    upstream: &U,
+    service: &Arc<ServiceTarget>,
+    policy: Arc<Policy>,
+    request: Request<Incoming>,
+) -> (Result<Response<Inner>, Failure>, u32) {
+    let (head, body) = request.into_parts();
+    let replay = policy.retry.retries() && policy.retry.allows(&head.method);
+    let mut tries = 0;
+    let send = async {
+        let body = read_ahead(body, replay).await?;
+        let retrying = Retrying {
+            route: None,
+            policy: &policy,
+            method: policy.retry.allows(&head.method),
+        };
+        send_with_retries(
+            upstream,
+            service,
+            Target::Own,
+            &retrying,
+            None,
+            &head,
+            body,
+            &mut tries,
+        )
+        .await
+    };
+    let result = match policy.timeout {
+        Some(timeout) => tokio::time::timeout(timeout, send)
+            .await
+            .unwrap_or(Err(Failure::Timeout)),
+        None => send.await,
+    };
+    (result, tries)
+}
+
+/// The body as a try sends it: kept to be sent again when `replay` (up to [`REPLAY_LIMIT`]),
+/// else streamed once.
+async fn read_ahead(body: Incoming, replay: bool) -> Result<RequestBody, Failure> {
+    Ok(if body.is_end_stream() {
+        RequestBody::Buffered(None, None)
+    } else if replay {
+        read_up_to(body, REPLAY_LIMIT).await?
+    } else {
+        RequestBody::Streaming(body)
+    })
+}
+
+/// Serves one request to `service` by its `routes`, under the Service's `policy` where the
+/// rule says nothing: the rule's request timeout wins over the policy's, and a rule's `retry`
+/// rules its requests (any method, its codes, attempts and backoff) while the policy's
+/// `retry-on` applies to a rule without one; both draw on the Service's retry budget.
 pub(super) async fn serve<U: TryOnce>(
     upstream: &U,
     service: &Arc<ServiceTarget>,
     routes: Arc<Routes>,
+    policy: Arc<Policy>,
     request: Request<Incoming>,
-) -> (Arc<str>, Result<Response<Inner>, Failure>) {
+) -> Served {
     let (mut parts, body) = request.into_parts();
     let Some(matched) = routes.find(&parts.method, &parts.uri, &parts.headers) else {
         let response = local(StatusCode::NOT_FOUND, "no route matches the request".into());
-        return (Arc::from(UNMATCHED_ROUTE), Ok(response));
+        return (Arc::from(UNMATCHED_ROUTE), Ok(response), 0);
     };
     let rule = &routes.rules[matched.rule];
     let label = Arc::clone(&rule.route);
     if let Some(why) = &rule.invalid {
         let text = format!("route {} cannot be honoured: {why}", rule.route);
-        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)), 0);
     }
     let port = service.service.port;
     if let Some(response) = apply(&rule.filters, &mut parts, matched.prefix, port) {
-        return (label, Ok(response));
+        return (label, Ok(response), 0);
     }
     let Some(weighted) = rule.choose(random()) else {
         let text = format!("route {} has no backend with a weight", rule.route);
-        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)), 0);
     };
     let backend = &routes.backends[weighted.backend];
     if !backend.resolved {
@@ -149,22 +212,22 @@ pub(super) async fn serve<U: TryOnce>(
             "route {}: backend {}/{}:{} does not exist or may not be referred to",
             rule.route, key.namespace, key.name, key.port
         );
-        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)));
+        return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)), 0);
     }
     if let Some(response) = apply(&weighted.filters, &mut parts, matched.prefix, port) {
-        return (label, Ok(response));
+        return (label, Ok(response), 0);
     }
     let mirrors = rule.filters.mirrors.iter().chain(&weighted.filters.mirrors);
-    let replay = rule.retry.is_some() || mirrors.clone().next().is_some();
+    let retrying = Retrying {
+        route: rule.retry.as_ref(),
+        policy: &policy,
+        method: policy.retry.allows(&parts.method),
+    };
+    let replay = retrying.may_retry() || mirrors.clone().next().is_some();
+    let mut tries = 0;
     // The request timeout counts from here: reading the body ahead, then every try.
     let send = async {
-        let body = if body.is_end_stream() {
-            RequestBody::Buffered(None, None)
-        } else if replay {
-            read_up_to(body, REPLAY_LIMIT).await?
-        } else {
-            RequestBody::Streaming(body)
-        };
+        let body = read_ahead(body, replay).await?;
         for mirror in mirrors {
             let sampled =
                 u64::from(mirror.numerator) > random() % u64::from(mirror.denominator.max(1));
@@ -189,15 +252,16 @@ pub(super) async fn serve<U: TryOnce>(
         send_with_retries(
             upstream,
             service,
-            &routes,
-            weighted.backend,
-            rule,
+            Target::Route(&routes, weighted.backend),
+            &retrying,
+            rule.backend_request_timeout,
             &head,
             body,
+            &mut tries,
         )
         .await
     };
-    let result = match rule.request_timeout {
+    let result = match rule.request_timeout.or(policy.timeout) {
         Some(timeout) => tokio::time::timeout(timeout, send)
             .await
             .unwrap_or(Err(Failure::Timeout)),
@@ -214,7 +278,7 @@ pub(super) async fn serve<U: TryOnce>(
         }
         response
     });
-    (label, result)
+    (label, result, tries)
 }
 
 /// Applies a rule's or backend's request filters to the request; a redirect is the response.
@@ -270,84 +334,191 @@ fn local(status: StatusCode, text: String) -> Response<Inner> {
     response
 }
 
-/// Tries the request on the backend, then again as the rule's retry policy says: on a status
-/// it lists, a connection error or a backend request timeout, while attempts are left and the
-/// body can be sent again. Each try has the backend request timeout.
+/// Where a try's endpoint comes from: the Service's own endpoints, or a route's backend.
+#[derive(Clone, Copy)]
+pub(super) enum Target<'a> {
+    Own,
+    Route(&'a Arc<Routes>, usize),
+}
+
+impl Target<'_> {
+    fn pick(self, service: &ServiceTarget, tried: &[SocketAddr]) -> Result<Pick, NoEndpoint> {
+        match self {
+            Target::Own => service.pick(tried, false),
+            Target::Route(routes, backend) => service.pick_backend(routes, backend, tried),
+        }
+    }
+}
+
+/// Which answers and failures a request is retried on, and how often: by its route rule's
+/// `retry` when it has one, else by the Service policy's `retry-on` (for the methods it
+/// allows).
+pub(super) struct Retrying<'a> {
+    route: Option<&'a Retry>,
+    policy: &'a Policy,
+    /// Whether the policy allows the request's method to be retried.
+    method: bool,
+}
+
+impl Retrying<'_> {
+    /// Whether anything may retry the request.
+    fn may_retry(&self) -> bool {
+        self.route.is_some() || (self.method && self.policy.retry.retries())
+    }
+
+    fn attempts(&self) -> u32 {
+        match self.route {
+            Some(retry) => retry.attempts,
+            None if self.may_retry() => self.policy.retry.attempts,
+            None => 0,
+        }
+    }
+
+    /// Why `result` is retried, if it is.
+    fn reason(&self, result: &Result<Response<Inner>, Failure>) -> Option<RetryReason> {
+        if let Some(retry) = self.route {
+            // A route retries the codes it lists, and every connection error or try timeout.
+            return match result {
+                Ok(response) => retry
+                    .codes
+                    .contains(&response.status().as_u16())
+                    .then_some(RetryReason::Status),
+                Err(Failure::NoEndpoint) => None,
+                Err(Failure::Connect(_)) => Some(RetryReason::Connect),
+                Err(failure) => (!failure.is_client_error()).then_some(RetryReason::Reset),
+            };
+        }
+        if !self.may_retry() {
+            return None;
+        }
+        let retry = &self.policy.retry;
+        match result {
+            Ok(response) => retry.answer(response.status(), response.headers()),
+            // Every endpoint refused the connect already (each skipped for the next), or none
+            // is ready, or the client's own fault: nothing another try would change.
+            Err(Failure::Connect(_) | Failure::NoEndpoint | Failure::Timeout) => None,
+            Err(failure) if failure.is_client_error() => None,
+            Err(_) => retry.reset(),
+        }
+    }
+
+    /// The wait before retry number `retry`.
+    fn backoff(&self, retry: u32) -> Duration {
+        match self.route {
+            Some(route) => route.backoff,
+            None => retry::backoff(retry),
+        }
+    }
+}
+
+/// Tries the request on its target, then again as `retrying` says, while attempts are left,
+/// the body can be sent again and the Service's retry budget allows; each retry goes to
+/// another endpoint when there is one. Each try has `try_timeout`. Counts the tries in `tries`.
+#[allow(clippy::too_many_arguments)] // one call per request path, each argument its own
 async fn send_with_retries<U: TryOnce>(
     upstream: &U,
     service: &ServiceTarget,
-    routes: &Arc<Routes>,
-    backend: usize,
-    rule: &Rule,
+    target: Target<'_>,
+    retrying: &Retrying<'_>,
+    try_timeout: Option<Duration>,
     head: &Parts,
     body: RequestBody,
+    tries: &mut u32,
 ) -> Result<Response<Inner>, Failure> {
     let again = body.replay();
     let mut body = Some(body);
-    let mut retries = rule.retry.as_ref().map_or(0, |retry| retry.attempts);
+    let (mut retries, attempts) = (0, retrying.attempts());
     let mut refusals = 0;
+    let mut last = None;
+    let resilience = &service.service.resilience;
     loop {
-        let attempt = try_backend(upstream, service, routes, backend, head, &mut body);
-        let result = match rule.backend_request_timeout {
+        let attempt = try_backend(upstream, service, target, head, &mut body, &mut last, tries);
+        let result = match try_timeout {
             Some(timeout) => tokio::time::timeout(timeout, attempt)
                 .await
                 .unwrap_or(Err(Failure::Timeout)),
             None => attempt.await,
         };
         // An HTTP/2 stream the upstream left unprocessed goes again whatever the policy, as on
-        // the path without routes (a transport resend, not a retry).
+        // the path without routes (a transport resend, not a retry, outside the budget).
         let unprocessed = matches!(&result, Err(Failure::H2(error)) if h2::unprocessed(error));
         if unprocessed && refusals < MAX_REFUSALS {
             if let Some(next) = again.as_ref().and_then(RequestBody::replay) {
                 refusals += 1;
+                resilience.retried(RetryReason::Connect);
                 body = Some(next);
                 continue;
             }
         }
-        let Some(retry) = &rule.retry else {
+        let Some(reason) = retrying.reason(&result) else {
             return result;
-        };
-        let retried = match &result {
-            Ok(response) => retry.codes.contains(&response.status().as_u16()),
-            Err(Failure::NoEndpoint) => false,
-            Err(failure) => !failure.is_client_error(),
         };
         let next = again.as_ref().and_then(RequestBody::replay);
-        if !retried || retries == 0 || next.is_none() {
+        if retries == attempts || next.is_none() {
             return result;
         }
-        retries -= 1;
-        debug!(destination = %upstream.route().target, route = %rule.route, "retrying");
+        if !service.withdraw_retry(retrying.policy) {
+            debug!(destination = %upstream.route().target, "retry budget exhausted: not retrying");
+            return result;
+        }
+        retries += 1;
+        resilience.retried(reason);
+        debug!(destination = %upstream.route().target, reason = reason.as_str(), retry = retries, "retrying");
         drop(result);
         body = next;
-        if !retry.backoff.is_zero() {
-            tokio::time::sleep(retry.backoff).await;
+        let backoff = retrying.backoff(retries);
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
         }
     }
 }
 
-/// One try on the backend's endpoints: an endpoint that cannot be connected to is skipped for
-/// another, as on the path without routes.
+/// One try on the target's endpoints, avoiding the endpoint of the try before (`last`) when
+/// another is ready: an endpoint that cannot be connected to is skipped for another, as on
+/// the path without routes. Sets `last` to the endpoint that took the request.
 async fn try_backend<U: TryOnce>(
     upstream: &U,
     service: &ServiceTarget,
-    routes: &Arc<Routes>,
-    backend: usize,
+    target: Target<'_>,
     head: &Parts,
     body: &mut Option<RequestBody>,
+    last: &mut Option<SocketAddr>,
+    tries: &mut u32,
 ) -> Result<Response<Inner>, Failure> {
-    let mut tried = Vec::new();
+    let mut tried: Vec<SocketAddr> = last.iter().copied().collect();
+    let mut avoiding = last.is_some();
     let mut last_failure = None;
+    let mut queued = false;
     loop {
-        let pick = match service.pick_backend(routes, backend, &tried) {
+        let pick = match target.pick(service, &tried) {
             Ok(pick) => pick,
+            // None ready: the Service's own endpoints have a queue to wait in, once per try.
+            Err(NoEndpoint::NoneReady) if matches!(target, Target::Own) && !queued => {
+                queued = true;
+                if service.queue().await {
+                    continue;
+                }
+                return Err(Failure::NoEndpoint);
+            }
+            Err(NoEndpoint::AllFailed) if avoiding && tried.len() == 1 => {
+                // The endpoint of the try before is the only one: it takes the retry.
+                avoiding = false;
+                tried.clear();
+                continue;
+            }
             Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
             Err(NoEndpoint::AllFailed) => return Err(last_failure.unwrap_or(Failure::NoEndpoint)),
         };
+        if last_failure.is_some() {
+            // A connect failed for this try: this pick is an always-safe retry.
+            service.service.resilience.retried(RetryReason::Connect);
+        }
         let endpoint = Endpoint::new(pick.addr());
+        *tries += 1;
+        *last = Some(endpoint.addr);
         match upstream.try_once(&endpoint, head, body).await {
             Ok(response) => {
-                pick.answered();
+                pick.responded(response.status().as_u16());
                 return Ok(response);
             }
             Err(failure @ Failure::Connect(_)) => {
