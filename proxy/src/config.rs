@@ -91,7 +91,8 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_OPAQUE_PORTS, value_name = "LIST")]
     pub opaque_ports: PortList,
 
-    /// Log filter: error, warn, info, debug, trace (or a tracing directive).
+    /// Log filter: error, warn, info, debug, trace (or a tracing directive). Release builds
+    /// leave trace-level events out, so trace shows what debug does there.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
 
