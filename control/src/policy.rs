@@ -97,26 +97,9 @@ pub fn form(key: &str) -> &'static str {
     }
 }
 
-/// The policy of a Service without annotations.
+/// The policy of a Service without annotations (the SPEC's defaults).
 pub fn defaults() -> pb::Policy {
-    pb::Policy {
-        timeout_ms: 0,
-        retry: Some(pb::RetryPolicy {
-            on_5xx: false,
-            on_gateway_error: false,
-            on_reset: false,
-            status_codes: Vec::new(),
-            grpc_codes: Vec::new(),
-            attempts: 2,
-            non_idempotent: false,
-            budget_percent: 20,
-            budget_floor_per_second: 10,
-        }),
-        failure_accrual_consecutive: 5,
-        max_ejection_percent: 50,
-        queue_size: 100,
-        queue_timeout_ms: 3_000,
-    }
+    pb::Policy::spec_defaults()
 }
 
 /// The policy `annotations` give, and the annotations that were bad (in [`KEYS`] order) and so

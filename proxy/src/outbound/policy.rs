@@ -40,39 +40,28 @@ pub struct RetryPolicy {
     pub budget_floor_per_second: u32,
 }
 
-/// The SPEC table's defaults: no timeout, no `retry-on`, 2 attempts, idempotent methods only,
-/// a `20%,10/s` budget, `consecutive=5` failure accrual, `50%` max ejection, a `100,3s` queue.
-pub const DEFAULT: Policy = Policy {
-    timeout: None,
-    retry: RetryPolicy {
-        on_5xx: false,
-        on_gateway_error: false,
-        on_reset: false,
-        status_codes: Vec::new(),
-        grpc_codes: Vec::new(),
-        attempts: 2,
-        non_idempotent: false,
-        budget_percent: 20,
-        budget_floor_per_second: 10,
-    },
-    failure_accrual_consecutive: 5,
-    max_ejection_percent: 50,
-    queue_size: 100,
-    queue_timeout: Duration::from_secs(3),
-};
+/// The SPEC table's defaults, as remora-control sends them for a Service without annotations
+/// (`api::Policy::spec_defaults`); for a snapshot that has no policy.
+pub fn defaults() -> Policy {
+    Policy::from_api(&api::Policy::spec_defaults())
+}
 
 impl Default for Policy {
     fn default() -> Self {
-        DEFAULT
+        defaults()
     }
 }
 
 impl Policy {
     /// The snapshot's policy; the defaults when it has none (or none for retries).
     pub fn of(policy: Option<&api::Policy>) -> Policy {
-        let Some(policy) = policy else {
-            return DEFAULT;
-        };
+        match policy {
+            Some(policy) => Policy::from_api(policy),
+            None => defaults(),
+        }
+    }
+
+    fn from_api(policy: &api::Policy) -> Policy {
         let retry = match &policy.retry {
             Some(retry) => RetryPolicy {
                 on_5xx: retry.on_5xx,
@@ -89,7 +78,8 @@ impl Policy {
                 budget_percent: retry.budget_percent,
                 budget_floor_per_second: retry.budget_floor_per_second,
             },
-            None => DEFAULT.retry,
+            // spec_defaults has a retry policy: no recursion.
+            None => defaults().retry,
         };
         Policy {
             timeout: (policy.timeout_ms > 0).then(|| Duration::from_millis(policy.timeout_ms)),
@@ -163,7 +153,7 @@ mod tests {
     #[test]
     fn a_missing_policy_is_the_spec_defaults() {
         let policy = Policy::of(None);
-        assert_eq!(policy, DEFAULT);
+        assert_eq!(policy, defaults());
         assert_eq!(policy.timeout, None);
         assert_eq!(policy.retry.attempts, 2);
         assert!(!policy.retry.non_idempotent);
@@ -217,7 +207,7 @@ mod tests {
         let mut grpc_unavailable = HeaderMap::new();
         grpc_unavailable.insert("grpc-status", "14".parse().unwrap());
         let policy = |edit: fn(&mut RetryPolicy)| {
-            let mut retry = DEFAULT.retry;
+            let mut retry = defaults().retry;
             edit(&mut retry);
             retry
         };
@@ -273,16 +263,19 @@ mod tests {
                 Some(RetryReason::Grpc),
             ),
             ("grpc: 200", &grpc, 200, &headers, None),
-            ("none", &DEFAULT.retry, 503, &headers, None),
+            ("none", &defaults().retry, 503, &headers, None),
         ] {
             assert_eq!(retry.answer(status(code), headers), expected, "{name}");
         }
-        assert!(!DEFAULT.retry.allows(&Method::POST));
-        assert!(!DEFAULT.retry.allows(&Method::PATCH));
+        assert!(!defaults().retry.allows(&Method::POST));
+        assert!(!defaults().retry.allows(&Method::PATCH));
         for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"] {
-            assert!(DEFAULT.retry.allows(&method.parse().unwrap()), "{method}");
+            assert!(
+                defaults().retry.allows(&method.parse().unwrap()),
+                "{method}"
+            );
         }
-        assert_eq!(DEFAULT.retry.reset(), None);
+        assert_eq!(defaults().retry.reset(), None);
         assert_eq!(
             policy(|r| r.on_reset = true).reset(),
             Some(RetryReason::Reset)

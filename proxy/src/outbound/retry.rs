@@ -94,13 +94,13 @@ pub fn backoff(retry: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::policy::DEFAULT;
+    use crate::outbound::policy::defaults;
 
     #[test]
     fn retries_stay_within_the_share_plus_the_floor() {
         let start = Instant::now();
         let mut budget = Budget::new(start);
-        let policy = DEFAULT.retry; // 20 %, 10/s
+        let policy = defaults().retry; // 20 %, 10/s
         for _ in 0..1000 {
             budget.deposit(start);
         }
@@ -114,7 +114,7 @@ mod tests {
     fn the_window_slides() {
         let start = Instant::now();
         let mut budget = Budget::new(start);
-        let mut policy = DEFAULT.retry;
+        let mut policy = defaults().retry;
         policy.budget_floor_per_second = 0;
         policy.budget_percent = 50;
         for _ in 0..100 {
@@ -137,7 +137,7 @@ mod tests {
     fn the_floor_lets_a_quiet_service_retry() {
         let start = Instant::now();
         let mut budget = Budget::new(start);
-        let mut policy = DEFAULT.retry;
+        let mut policy = defaults().retry;
         policy.budget_floor_per_second = 1;
         let allowed = (0..100).filter(|_| budget.withdraw(start, &policy)).count();
         assert_eq!(allowed, 10);
