@@ -36,6 +36,8 @@ use serde_json::{json, Value};
 
 const MANIFESTS: &str = "shared/peer-data/gateway-api-mesh";
 const BASE_MANIFEST: &str = "mesh/manifests.yaml";
+/// remora's own equivalent of the suite's base, for its own tests when the suite is absent.
+const OWN_BASE_MANIFEST: &str = "data/gateway-base.yaml";
 const MESH_NAMESPACE: &str = "gateway-conformance-mesh";
 const SUITE_FILE: &str = "data/gateway-mesh.yaml";
 
@@ -213,9 +215,10 @@ fn suite() -> Suite {
 }
 
 /// `REMORA_GATEWAY_API_MESH`, else the first `shared/peer-data/gateway-api-mesh` above the crate.
+/// Set empty, it runs the tests as a checkout without the manifests does: only remora's own.
 fn manifests_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("REMORA_GATEWAY_API_MESH") {
-        return Some(PathBuf::from(dir));
+        return (!dir.is_empty()).then(|| PathBuf::from(dir));
     }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
@@ -302,9 +305,9 @@ fn text(value: &Value) -> String {
 }
 
 impl World {
-    /// The base manifests and a test's own, read into Services, pods and routes.
-    fn read(upstream: &Path, manifests: &[String]) -> Self {
-        let mut all = documents(&upstream.join(BASE_MANIFEST));
+    /// The base manifests (`base`) and a test's own, read into Services, pods and routes.
+    fn read(upstream: &Path, base: &Path, manifests: &[String]) -> Self {
+        let mut all = documents(base);
         for reference in manifests {
             all.extend(documents(&manifest_path(upstream, reference)));
         }
@@ -1346,12 +1349,24 @@ fn run(name: &str) {
         .iter()
         .find(|test| test.name == name)
         .unwrap_or_else(|| panic!("{SUITE_FILE} has no test {name}"));
-    let Some(upstream) = manifests_dir() else {
-        eprintln!(
-            "\n!!! SKIPPED {name}: no {MANIFESTS} above {} (or REMORA_GATEWAY_API_MESH).\n",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        return;
+    // remora's own tests stand on remora's own base when the suite's manifests are absent.
+    let own_only = spec.manifests.iter().all(|m| m.starts_with("local:"));
+    let (upstream, base) = match manifests_dir() {
+        Some(upstream) => {
+            let base = upstream.join(BASE_MANIFEST);
+            (upstream, base)
+        }
+        None if own_only => (
+            PathBuf::new(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(OWN_BASE_MANIFEST),
+        ),
+        None => {
+            eprintln!(
+                "\n!!! SKIPPED {name}: no {MANIFESTS} above {} (or REMORA_GATEWAY_API_MESH).\n",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            return;
+        }
     };
     if !can_run()
         || built("remora-control").is_none()
@@ -1361,7 +1376,7 @@ fn run(name: &str) {
         return;
     }
     let _turn = Turn::take();
-    let world = Arc::new(World::read(&upstream, &spec.manifests));
+    let world = Arc::new(World::read(&upstream, &base, &spec.manifests));
     let mut outcomes = Outcomes::default();
     let mut logs = Vec::new();
     for (client_index, client) in spec.clients.iter().enumerate() {
@@ -1547,7 +1562,11 @@ fn the_objects_the_harness_writes_are_what_remora_control_reads() {
         eprintln!("\n!!! SKIPPED: no {MANIFESTS} here.\n");
         return;
     };
-    let world = World::read(&upstream, &["local:data/gateway-extra.yaml".to_string()]);
+    let world = World::read(
+        &upstream,
+        &upstream.join(BASE_MANIFEST),
+        &["local:data/gateway-extra.yaml".to_string()],
+    );
     assert_eq!(world.services.len(), 6, "{:#?}", world.services);
     assert_eq!(world.pods.len(), 6, "{:#?}", world.pods);
     let text = serde_json::to_string(&world.objects()).unwrap();
