@@ -1503,6 +1503,7 @@ suite_tests! {
     route_retries => "RouteRetries",
     route_mirrors => "RouteMirrors",
     route_edges => "RouteEdges",
+    service_policy => "ServicePolicy",
 }
 
 // ---------------------------------------------------------------------------------------------
