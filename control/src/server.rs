@@ -269,7 +269,7 @@ impl View {
 
     fn snapshot(&self) -> pb::Snapshot {
         let kind = match self {
-            View::Passthrough => Kind::Passthrough(pb::Passthrough {}),
+            View::Passthrough => Kind::Passthrough(pb::Passthrough::default()),
             View::Service { service, resolved } => Kind::Service(pb::Service {
                 routes: resolved.routes.clone(),
                 route_table: Some(resolved.table.clone()),

@@ -202,6 +202,7 @@ async fn a_service_target_gets_its_port_endpoints_and_routes() {
             zone: "zone-1".into(),
             node: "node-1".into(),
             pod: "web-1".into(),
+            identity: String::new(),
         }
     );
     assert_eq!(
@@ -492,7 +493,7 @@ async fn a_target_that_is_no_service_is_passthrough() {
         let snapshot = next(&mut stream, CHANGE_DEADLINE).await;
         assert_eq!(
             snapshot.kind,
-            Some(Kind::Passthrough(pb::Passthrough {})),
+            Some(Kind::Passthrough(pb::Passthrough::default())),
             "{target}"
         );
     }

@@ -49,6 +49,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         ready: Default::default(),
         discovery: None,
         inbound_rate_limit: None,
+        identity: Default::default(),
     });
     configure(&mut proxy);
     Box::leak(proxy)

@@ -17,6 +17,7 @@ pub mod discover;
 mod http2_tests;
 #[cfg(test)]
 mod http_tests;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         ready: Default::default(),
         discovery,
         inbound_rate_limit,
+        identity: Default::default(),
     }));
 
     // Thread per core: each worker is a single-threaded runtime with its own listener sockets

@@ -9,6 +9,7 @@ use remora_init::PortList;
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Dialer;
 use crate::discover::Discovery;
+use crate::identity::Identity;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
 use crate::rate_limit::RateLimit;
 use crate::runtime::drain::Drain;
@@ -42,6 +43,8 @@ pub struct Proxy {
     pub discovery: Option<Discovery>,
     /// `--inbound-rate-limit`; `None` lets every inbound request in.
     pub inbound_rate_limit: Option<RateLimit>,
+    /// The workload certificate, once remora-control has signed one.
+    pub identity: Identity,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves

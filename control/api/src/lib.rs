@@ -1,5 +1,6 @@
 //! remora's discovery API, `remora.discovery.v1` (`control/proto/remora/discovery/v1/discovery.proto`):
-//! a proxy names a target and receives whole snapshots for it. Generated at build time.
+//! a proxy names a target and receives whole snapshots for it; and its identity API,
+//! `remora.identity.v1`: a proxy's workload certificate. Generated at build time.
 
 #![forbid(unsafe_code)]
 
@@ -7,6 +8,12 @@
 pub mod discovery {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("remora.discovery.v1");
+}
+
+/// `remora.identity.v1`: a proxy's CSR and token in, its workload certificate out.
+pub mod identity {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("remora.identity.v1");
 }
 
 impl discovery::Policy {
