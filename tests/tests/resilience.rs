@@ -683,7 +683,7 @@ async fn send(target: SocketAddr, request: Req) -> Result<u16, String> {
     tokio::spawn(connection);
     let mut builder = Request::builder()
         .method(request.method)
-        .uri(format!("http://{target}/work"))
+        .uri(format!("http://{target}/orders"))
         .header("host", "svc.shop")
         .header("x-request-id", &request.id);
     if !request.body.is_empty() {
@@ -952,7 +952,8 @@ fn an_endpoint_answering_502_is_ejected_probed_and_back_and_no_more_than_the_sha
          ejections {ejections}"
     );
     assert!(ejections >= 1.0, "nothing ejected");
-    let serving = per_endpoint.iter().filter(|&&n| n >= 10).count();
+    // An ejected endpoint gets its probe at most; one in rotation a share of 50 requests.
+    let serving = per_endpoint.iter().filter(|&&n| n >= 5).count();
     assert!(
         serving >= 2,
         "more than one endpoint ejected at once: {per_endpoint:?}"
