@@ -2310,7 +2310,8 @@ def main():
         + ([LAYOUT] if LAYOUT not in LAYOUTS else [])
     if bad or ROUNDS < 1 or SECONDS < 1:
         sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_LAYOUT/BENCH_ROUNDS/BENCH_SECONDS: "
-                 f"{bad or ''} (seats: {','.join(SEAT_NAMES)}, remora@LABEL with "
+                 f"{bad or ''} (seats: "
+                 f"{','.join(s for s in SEAT_NAMES if s not in PART_SEATS)}, remora@LABEL with "
                  f"BENCH_REMORA_ARGS_LABEL and/or BENCH_REMORA_BIN_LABEL; parts: "
                  f"{','.join(sorted(KNOWN_PARTS))}; loads: {','.join(KNOWN_LOADS)}; layout: "
                  f"{', '.join(LAYOUTS)}; rounds and seconds: positive integers)")
