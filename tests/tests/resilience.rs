@@ -1215,13 +1215,11 @@ fn beyond_the_queue_requests_get_503_at_once() {
     let late = Svc::new("late", 101, &[("remora.io/queue", "5,3s")]);
     let file = mesh.dir.join("objects").join("services.yaml");
     let staged = mesh.dir.join("services.yaml.staged");
-    let ns = mesh.pod.pod.name().to_string();
     let writer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
         let empty = Svc::new("empty", 100, &[("remora.io/queue", "2,1s")]).without_endpoints();
         std::fs::write(&staged, objects(&[empty, late])).unwrap();
         std::fs::rename(&staged, &file).unwrap();
-        ns
     });
     let target = addr(Ipv4Addr::new(198, 18, 0, 101), 80);
     let got = mesh.fire(target, ids("late", 3).map(Req::get).collect(), 100.0);
