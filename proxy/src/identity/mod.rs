@@ -10,6 +10,10 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+mod certify;
+
+pub use certify::{start, Certifier, CertifyError};
+
 /// One certificate and what goes with it; replaced whole at each renewal.
 #[derive(Debug)]
 pub struct Credentials {
