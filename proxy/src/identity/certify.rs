@@ -386,10 +386,14 @@ mod tests {
         }
     }
 
-    /// The fake's state and its CA certificate; serves once [`serve`] is called.
+    /// The name the control plane's serving certificate carries.
+    const CONTROL_NAME: &str = "remora-control.remora-system.svc";
+
+    /// The fake's state and its CA certificate; serves once [`ControlPlane::serve`] is called.
     struct ControlPlane {
         state: Shared,
         ca_der: Vec<u8>,
+        ca_pem: String,
         fake: Option<Fake>,
     }
 
@@ -397,7 +401,8 @@ mod tests {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::default();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_der = ca_params.self_signed(&ca_key).unwrap().der().to_vec();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let (ca_der, ca_pem) = (ca.der().to_vec(), ca.pem());
         let state = Arc::new(Mutex::new(State {
             refuse,
             seen: Vec::new(),
@@ -411,17 +416,41 @@ mod tests {
         ControlPlane {
             state,
             ca_der,
+            ca_pem,
             fake: Some(fake),
         }
     }
 
     impl ControlPlane {
         async fn serve(&mut self, addr: SocketAddr) {
+            self.serve_with(addr, false).await;
+        }
+
+        /// Serves over TLS with a certificate for [`CONTROL_NAME`] from its own CA, as
+        /// remora-control does.
+        async fn serve_tls(&mut self, addr: SocketAddr) {
+            self.serve_with(addr, true).await;
+        }
+
+        async fn serve_with(&mut self, addr: SocketAddr, tls: bool) {
             let fake = self.fake.take().expect("served once");
+            let mut server = tonic::transport::Server::builder();
+            if tls {
+                let key = KeyPair::generate().unwrap();
+                let cert = CertificateParams::new(vec![CONTROL_NAME.to_string()])
+                    .unwrap()
+                    .signed_by(&key, &fake.ca)
+                    .unwrap();
+                let identity =
+                    tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+                server = server
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             tokio::spawn(
-                tonic::transport::Server::builder()
+                server
                     .add_service(IdentityServer::new(fake))
                     .serve_with_incoming(incoming),
             );
@@ -465,10 +494,15 @@ mod tests {
 
     /// The discovery client the proxy would make for a plaintext `--control addr`.
     fn discovery(addr: SocketAddr) -> Discovery {
+        discovery_verifying(addr, None)
+    }
+
+    /// The discovery client for `--control addr`, over TLS verified by `trust_anchors` (PEM).
+    fn discovery_verifying(addr: SocketAddr, trust_anchors: Option<&str>) -> Discovery {
         let config = ControlConfig {
             addr: addr.to_string(),
-            name: "unused".into(),
-            trust_anchors: None,
+            name: CONTROL_NAME.into(),
+            trust_anchors: trust_anchors.map(|pem| pem.as_bytes().to_vec()),
             namespace: "shop".into(),
             pod: "web-1".into(),
         };
@@ -483,7 +517,10 @@ mod tests {
     /// A certifier on the discovery client's channel, with a short backoff, running on a
     /// process-long identity; and the identity and gauge it keeps.
     fn run(addr: SocketAddr, token: &Path) -> (&'static Identity, Gauge) {
-        let discovery = discovery(addr);
+        run_on(&discovery(addr), token)
+    }
+
+    fn run_on(discovery: &Discovery, token: &Path) -> (&'static Identity, Gauge) {
         let gauge = Gauge::default();
         let mut certifier = Certifier::new(
             discovery.channel(),
@@ -574,6 +611,24 @@ mod tests {
         assert!(verifiers[0]
             .verify_signature(public_key, b"remora/2", &signature)
             .is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn certified_over_the_discovery_channels_tls_and_only_to_a_verified_control_plane() {
+        let addr = free_port();
+        let mut control = control_plane(Duration::from_secs(60), 0);
+        control.serve_tls(addr).await;
+        let (_dir, token) = token_file("token-1");
+
+        // Trust anchors of another CA: the control plane is not believed, nothing is sent.
+        let stranger = control_plane(Duration::from_secs(60), 0);
+        let (unverified, _) = run_on(&discovery_verifying(addr, Some(&stranger.ca_pem)), &token);
+        let (identity, _) = run_on(&discovery_verifying(addr, Some(&control.ca_pem)), &token);
+        let credentials = until_certified(identity).await;
+        assert_eq!(credentials.id, ID);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(unverified.current().is_none());
+        assert_eq!(control.seen().len(), 1, "only the verifying client asked");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
