@@ -9,8 +9,9 @@ use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,6 +25,14 @@ use crate::review::WebhookPath;
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
 pub const PROXY_CONTAINER_NAME: &str = "remora-proxy";
 pub const XTABLES_LOCK_VOLUME: &str = "remora-xtables-lock";
+/// The projected ServiceAccount token the proxy trades for its workload certificate.
+pub const IDENTITY_TOKEN_VOLUME: &str = "remora-identity-token";
+/// Where the proxy finds the token (as `token`): its `--identity-token` default is in there.
+pub const IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/remora.io/identity";
+/// The audience remora-control's TokenReview asks for: a token for the API server won't do.
+pub const IDENTITY_TOKEN_AUDIENCE: &str = "remora.io/identity";
+/// An hour, Kubernetes' default for a projected token; kubelet renews it at 80 % of that.
+const IDENTITY_TOKEN_SECONDS: i64 = 3600;
 /// Named so that a probe or a Service can refer to it; at most 15 characters, as Kubernetes requires.
 pub const ADMIN_PORT_NAME: &str = "remora-admin";
 pub const ADMIN_PORT: u16 = remora_init::config::ADMIN_PORT;
@@ -172,8 +181,9 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
         ));
     }
     warnings.extend(collision_warnings(spec, settings.proxy_uid));
+    let identity = pod_identity(pod, &config.trust_domain);
     Decision::Inject {
-        patch: build_patch(pod, spec, &settings),
+        patch: build_patch(pod, spec, &settings, &identity),
         warnings,
     }
 }
@@ -219,8 +229,8 @@ fn remora_name_taken(spec: &PodSpec) -> Option<String> {
     spec.volumes
         .iter()
         .flatten()
-        .find(|volume| volume.name == XTABLES_LOCK_VOLUME)
-        .map(|_| format!("a volume named {XTABLES_LOCK_VOLUME}"))
+        .find(|volume| volume.name == XTABLES_LOCK_VOLUME || volume.name == IDENTITY_TOKEN_VOLUME)
+        .map(|volume| format!("a volume named {}", volume.name))
 }
 
 /// Whether the pod can only be scheduled on Windows: `spec.os.name`, a `kubernetes.io/os`
@@ -315,14 +325,33 @@ fn collision_warnings(spec: &PodSpec, proxy_uid: u32) -> Vec<String> {
     warnings
 }
 
-/// The `remora.io/status` annotation's value: what was injected, by which version.
-pub fn status_annotation() -> String {
+/// The `remora.io/status` annotation's value: what was injected, by which version, and the
+/// identity the pod's proxy will be certified as (remora-control reads it to know which
+/// endpoints are meshed, and as whom).
+pub fn status_annotation(identity: &str) -> String {
     json!({
         "version": VERSION,
         "initContainers": [INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME],
-        "volumes": [XTABLES_LOCK_VOLUME],
+        "volumes": [XTABLES_LOCK_VOLUME, IDENTITY_TOKEN_VOLUME],
+        "identity": identity,
     })
     .to_string()
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`: the SAN remora-control signs
+/// for this pod's token. The namespace is the pod's (the webhook fills it in from the request;
+/// `default` when nothing names one); the ServiceAccount is `serviceAccountName`, else the
+/// deprecated `serviceAccount`, else `default` — as the API server's ServiceAccount admission
+/// resolves it.
+pub fn pod_identity(pod: &Pod, trust_domain: &str) -> String {
+    let non_empty = |name: Option<&String>| name.filter(|name| !name.is_empty()).cloned();
+    let namespace =
+        non_empty(pod.metadata.namespace.as_ref()).unwrap_or_else(|| "default".to_string());
+    let spec = pod.spec.as_ref();
+    let service_account = non_empty(spec.and_then(|spec| spec.service_account_name.as_ref()))
+        .or_else(|| non_empty(spec.and_then(|spec| spec.service_account.as_ref())))
+        .unwrap_or_else(|| "default".to_string());
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// Puts `name`, `image` and `args` first (k8s-openapi writes fields alphabetically), so that
@@ -357,10 +386,10 @@ fn to_value<T: serde::Serialize>(value: &T) -> Value {
 
 /// The explicit RFC 6902 operations: every missing map or list is created before anything is
 /// added into it, so the patch applies to any valid pod.
-fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings) -> Patch {
+fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings, identity: &str) -> Patch {
     let mut operations = Vec::new();
 
-    let status = (annotations::STATUS.to_string(), status_annotation());
+    let status = (annotations::STATUS.to_string(), status_annotation(identity));
     match &pod.metadata.annotations {
         None => operations.push(add(
             pointer(&["metadata", "annotations"]),
@@ -385,20 +414,50 @@ fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings) -> Patch {
         }
     }
 
-    let volume = to_value(&Volume {
-        name: XTABLES_LOCK_VOLUME.to_string(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    });
+    let volumes = [xtables_lock_volume(), identity_token_volume()].map(|v| to_value(&v));
     match &spec.volumes {
         None => operations.push(add(
             pointer(&["spec", "volumes"]),
-            Value::Array(vec![volume]),
+            Value::Array(volumes.into()),
         )),
-        Some(_) => operations.push(add(pointer(&["spec", "volumes", "-"]), volume)),
+        Some(_) => operations.extend(
+            volumes
+                .into_iter()
+                .map(|volume| add(pointer(&["spec", "volumes", "-"]), volume)),
+        ),
     }
 
     Patch(operations)
+}
+
+fn xtables_lock_volume() -> Volume {
+    Volume {
+        name: XTABLES_LOCK_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+/// A projected token rather than the pod's own ServiceAccount token: it is for remora-control
+/// alone (its audience), it expires, and it is there even with `automountServiceAccountToken:
+/// false`, which governs only the API server token.
+fn identity_token_volume() -> Volume {
+    Volume {
+        name: IDENTITY_TOKEN_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(IDENTITY_TOKEN_AUDIENCE.to_string()),
+                    expiration_seconds: Some(IDENTITY_TOKEN_SECONDS),
+                    path: "token".to_string(),
+                    ..ServiceAccountTokenProjection::default()
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 fn resources(resources: &Resources) -> ResourceRequirements {
@@ -547,6 +606,14 @@ fn proxy_container(settings: &PodSettings) -> Container {
             ..SecurityContext::default()
         }),
         resources: Some(resources(&settings.proxy_resources)),
+        // Only the proxy sees the token: the app's containers have no use for it, and a token
+        // they could read would let them pass for the pod's identity elsewhere.
+        volume_mounts: Some(vec![VolumeMount {
+            name: IDENTITY_TOKEN_VOLUME.to_string(),
+            mount_path: IDENTITY_TOKEN_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
     }
 }
@@ -1088,6 +1155,7 @@ pub(crate) mod tests {
                 "add /spec/initContainers/0",
                 "add /spec/initContainers/1",
                 "add /spec/volumes/-",
+                "add /spec/volumes/-",
             ]
         );
     }
@@ -1116,7 +1184,10 @@ pub(crate) mod tests {
             .iter()
             .map(|v| v["name"].as_str().unwrap())
             .collect();
-        assert_eq!(volumes, ["data", "remora-xtables-lock"]);
+        assert_eq!(
+            volumes,
+            ["data", "remora-xtables-lock", "remora-identity-token"]
+        );
         assert_eq!(out["metadata"]["annotations"]["a~b/c"], "d");
         let status: Value = serde_json::from_str(
             out["metadata"]["annotations"]["remora.io/status"]
@@ -1128,6 +1199,188 @@ pub(crate) mod tests {
         assert_eq!(
             status["initContainers"],
             json!(["remora-init", "remora-proxy"])
+        );
+        assert_eq!(
+            status["volumes"],
+            json!(["remora-xtables-lock", "remora-identity-token"])
+        );
+        // No namespace anywhere, no ServiceAccount: the defaults.
+        assert_eq!(
+            status["identity"],
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+    }
+
+    /// The `identity` of the status annotation that injecting `value` with `config` writes.
+    fn status_identity(value: Value, config: &Config) -> String {
+        let Decision::Inject { patch, .. } =
+            decide(&pod(value.clone()), WebhookPath::Inject, config)
+        else {
+            panic!("expected an injection");
+        };
+        let mut out = value;
+        json_patch::patch(&mut out, &patch).expect("patch applies");
+        let status: Value = serde_json::from_str(
+            out["metadata"]["annotations"]["remora.io/status"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        status["identity"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn status_names_the_identity_of_the_pods_service_account() {
+        // Name, pod namespace, serviceAccountName, deprecated serviceAccount, wanted identity.
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+        );
+        let cases: &[Case] = &[
+            (
+                "no service account",
+                Some("shop"),
+                None,
+                None,
+                "spiffe://cluster.local/ns/shop/sa/default",
+            ),
+            (
+                "serviceAccountName",
+                Some("shop"),
+                Some("checkout"),
+                None,
+                "spiffe://cluster.local/ns/shop/sa/checkout",
+            ),
+            (
+                "empty serviceAccountName",
+                Some("shop"),
+                Some(""),
+                None,
+                "spiffe://cluster.local/ns/shop/sa/default",
+            ),
+            (
+                "deprecated serviceAccount only",
+                Some("shop"),
+                None,
+                Some("legacy"),
+                "spiffe://cluster.local/ns/shop/sa/legacy",
+            ),
+            (
+                "serviceAccountName wins",
+                Some("shop"),
+                Some("checkout"),
+                Some("legacy"),
+                "spiffe://cluster.local/ns/shop/sa/checkout",
+            ),
+            (
+                "no namespace",
+                None,
+                Some("checkout"),
+                None,
+                "spiffe://cluster.local/ns/default/sa/checkout",
+            ),
+            (
+                "empty namespace",
+                Some(""),
+                None,
+                None,
+                "spiffe://cluster.local/ns/default/sa/default",
+            ),
+        ];
+        for (name, namespace, account_name, account, want) in cases {
+            let mut value = base_pod();
+            value["metadata"]["namespace"] = json!(namespace);
+            if namespace.is_none() {
+                value["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("namespace");
+            }
+            if let Some(account_name) = account_name {
+                value["spec"]["serviceAccountName"] = json!(account_name);
+            }
+            if let Some(account) = account {
+                value["spec"]["serviceAccount"] = json!(account);
+            }
+            assert_eq!(
+                status_identity(value, &Config::default()),
+                *want,
+                "case {name}"
+            );
+        }
+        let config = Config {
+            trust_domain: "prod.example".to_string(),
+            ..Config::default()
+        };
+        assert_eq!(
+            status_identity(base_pod(), &config),
+            "spiffe://prod.example/ns/shop/sa/default"
+        );
+    }
+
+    #[test]
+    fn only_the_proxy_mounts_the_identity_token() {
+        let out = applied(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "initContainers": [{"name": "migrate", "image": "flyway"}],
+                "containers": [
+                    {"name": "web", "image": "nginx", "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                    {"name": "worker", "image": "worker"},
+                ],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        }));
+        assert_eq!(
+            out["spec"]["volumes"][2],
+            json!({"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token",
+            }}]}})
+        );
+        // Projected tokens do not depend on automountServiceAccountToken: left as it was.
+        assert_eq!(out["spec"]["automountServiceAccountToken"], false);
+        let spec = &out["spec"];
+        let all = spec["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(spec["containers"].as_array().unwrap());
+        let mounting: Vec<(&str, &Value)> = all
+            .flat_map(|c| {
+                c["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["name"] == IDENTITY_TOKEN_VOLUME)
+                    .map(|m| (c["name"].as_str().unwrap(), m))
+            })
+            .collect();
+        assert_eq!(
+            mounting,
+            [(
+                "remora-proxy",
+                &json!({"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true})
+            )]
+        );
+    }
+
+    #[test]
+    fn a_volume_named_like_the_identity_token_means_injected_by_hand() {
+        let decision = decide(
+            &pod_with(|p| {
+                p["spec"]["volumes"] = json!([{"name": "remora-identity-token", "emptyDir": {}}]);
+            }),
+            WebhookPath::Inject,
+            &Config::default(),
+        );
+        assert_eq!(
+            summary(&decision),
+            Want::Skip(SkipReason::InjectedByHand, true)
         );
     }
 
@@ -1190,11 +1443,17 @@ pub(crate) mod tests {
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
                 "startupProbe": probe("/ready", 1, 120),
+                "volumeMounts": [{"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true}],
             })
         );
         assert_eq!(
             out["spec"]["volumes"],
-            json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+            json!([
+                {"emptyDir": {}, "name": "remora-xtables-lock"},
+                {"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token",
+                }}]}},
+            ])
         );
     }
 

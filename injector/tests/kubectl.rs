@@ -126,7 +126,34 @@ fn assert_kubernetes_accepts(pod: &Value) {
         spec.volumes.as_ref().map_or(0, Vec::len),
         "duplicate volume names"
     );
+    // Pod validation of a projected ServiceAccount token: at least 10 minutes, at most 2^32
+    // seconds, a relative path without `..`.
+    for volume in spec.volumes.iter().flatten() {
+        let sources = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten());
+        for token in sources.filter_map(|source| source.service_account_token.as_ref()) {
+            let seconds = token.expiration_seconds.unwrap_or(3600);
+            assert!(
+                (600..=1 << 32).contains(&seconds),
+                "{}: {seconds}",
+                volume.name
+            );
+            assert!(
+                !token.path.is_empty()
+                    && !token.path.starts_with('/')
+                    && !token.path.split('/').any(|part| part == ".."),
+                "{}: path {:?}",
+                volume.name,
+                token.path
+            );
+        }
+    }
     for container in &all {
+        for mount in container.volume_mounts.iter().flatten() {
+            assert!(mount.mount_path.starts_with('/'), "{}", mount.mount_path);
+        }
         for port in container.ports.iter().flatten() {
             if let Some(name) = &port.name {
                 let valid = name.len() <= 15
@@ -252,8 +279,13 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     let pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"generateName": "web-", "namespace": "shop"},
-        "spec": {"containers": [{"image": "nginx:1.27", "name": "web"}]},
+        // As a ReplicaSet creates it: the namespace is the request's alone.
+        "metadata": {"generateName": "web-"},
+        "spec": {
+            "serviceAccountName": "storefront",
+            "automountServiceAccountToken": false,
+            "containers": [{"image": "nginx:1.27", "name": "web"}],
+        },
     });
     let out = kubectl_patch(&pod, &webhook_patch(&pod));
     assert_kubernetes_accepts(&out);
@@ -296,8 +328,19 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     );
     assert_eq!(
         out["spec"]["volumes"],
-        json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+        json!([
+            {"emptyDir": {}, "name": "remora-xtables-lock"},
+            {"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token"}}]}},
+        ])
     );
+    // The token is the proxy's alone, whatever automountServiceAccountToken says.
+    assert_eq!(
+        proxy["volumeMounts"],
+        json!([{"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true}])
+    );
+    assert!(out["spec"]["containers"][0].get("volumeMounts").is_none());
+    assert_eq!(out["spec"]["automountServiceAccountToken"], false);
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020);
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
@@ -310,6 +353,10 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     let status: Value = serde_json::from_str(annotations["remora.io/status"].as_str().unwrap())
         .expect("status is JSON");
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        status["identity"],
+        "spiffe://cluster.local/ns/shop/sa/storefront"
+    );
 
     assert_reinvocation_is_a_no_op(&out);
 }
@@ -356,7 +403,7 @@ fn existing_annotations_init_containers_and_volumes_are_kept_in_order() {
     assert_eq!(names(&out["spec"]["containers"]), ["web", "side"]);
     assert_eq!(
         names(&out["spec"]["volumes"]),
-        ["cache", "remora-xtables-lock"]
+        ["cache", "remora-xtables-lock", "remora-identity-token"]
     );
     let annotations = out["metadata"]["annotations"].as_object().unwrap();
     assert_eq!(annotations["example.com/owner"], "shop~team/a");
