@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 
 use crate::annotations::{self, InjectChoice, PodSettings, Resources};
 use crate::config::{Config, VERSION};
+use crate::mtls::InboundMtls;
+use crate::probes;
 use crate::review::WebhookPath;
 
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
@@ -163,7 +165,7 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
         );
     }
 
-    let (settings, mut warnings) =
+    let (mut settings, mut warnings) =
         match annotations::pod_settings(metadata.annotations.as_ref(), config) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -172,6 +174,14 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
                 }
             }
         };
+    // Strict mode refuses plaintext, and kubelet's probes are plaintext: the proxy is told
+    // which of them to let through.
+    if settings.inbound_mtls == Some(InboundMtls::Strict) {
+        match probes::inbound_probes(spec, &settings.init) {
+            Ok(probes) => settings.inbound_probes = probes,
+            Err(message) => return Decision::Deny { message },
+        }
+    }
     // Misspelled annotations are warned about by `pod_settings`; only `remora.io/inject` is
     // read as a label, so a near miss among the labels is told here.
     if let Some(("label", key)) = misspelled_inject(metadata) {
@@ -547,6 +557,18 @@ fn proxy_args(settings: &PodSettings) -> Vec<String> {
     ];
     if let Some(limit) = settings.inbound_rate_limit {
         args.extend(["--inbound-rate-limit".to_string(), limit.to_string()]);
+    }
+    if let Some(mode) = settings.inbound_mtls {
+        args.extend(["--inbound-mtls".to_string(), mode.to_string()]);
+    }
+    if !settings.allow_from.is_empty() {
+        args.extend(["--allow-from".to_string(), settings.allow_from.to_string()]);
+    }
+    if !settings.inbound_probes.is_empty() {
+        args.extend([
+            "--inbound-probes".to_string(),
+            settings.inbound_probes.to_string(),
+        ]);
     }
     if let Some(control) = &settings.control_addr {
         args.extend(["--control".to_string(), control.to_string()]);
@@ -1367,6 +1389,268 @@ pub(crate) mod tests {
                 &json!({"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true})
             )]
         );
+    }
+
+    /// The proxy's args for `value`, or the deny message.
+    fn proxy_args_of(value: Value) -> Result<Vec<String>, String> {
+        match decide(&pod(value.clone()), WebhookPath::Inject, &Config::default()) {
+            Decision::Inject { patch, .. } => {
+                let mut out = value;
+                json_patch::patch(&mut out, &patch).expect("patch applies");
+                Ok(
+                    serde_json::from_value(out["spec"]["initContainers"][1]["args"].clone())
+                        .unwrap(),
+                )
+            }
+            Decision::Deny { message } => Err(message),
+            other => panic!("expected an injection or a deny, got {other:?}"),
+        }
+    }
+
+    /// The value of `flag` among `args`, if it is there.
+    fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).map(String::as_str)
+    }
+
+    #[test]
+    fn mtls_annotations_become_proxy_flags() {
+        // Name, annotations, --inbound-mtls, --allow-from.
+        type Case = (
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            ("neither", &[], None, None),
+            (
+                "permissive said",
+                &[("remora.io/inbound-mtls", "permissive")],
+                Some("permissive"),
+                None,
+            ),
+            (
+                "strict",
+                &[("remora.io/inbound-mtls", "strict")],
+                Some("strict"),
+                None,
+            ),
+            (
+                "allow-from alone",
+                &[("remora.io/allow-from", "shop/checkout, monitoring/*")],
+                None,
+                Some("shop/checkout,monitoring/*"),
+            ),
+            (
+                "empty allow-from is anyone",
+                &[("remora.io/allow-from", " ")],
+                None,
+                None,
+            ),
+            (
+                "both",
+                &[
+                    ("remora.io/inbound-mtls", "strict"),
+                    ("remora.io/allow-from", "shop/*"),
+                ],
+                Some("strict"),
+                Some("shop/*"),
+            ),
+        ];
+        for (name, annotations, mode, allow) in cases {
+            let mut value = base_pod();
+            for (key, v) in *annotations {
+                value["metadata"]["annotations"][*key] = json!(v);
+            }
+            let args = proxy_args_of(value).unwrap();
+            assert_eq!(
+                flag(&args, "--inbound-mtls"),
+                *mode,
+                "case {name}: {args:?}"
+            );
+            assert_eq!(flag(&args, "--allow-from"), *allow, "case {name}: {args:?}");
+            // No probes in base_pod: no exception to list.
+            assert_eq!(flag(&args, "--inbound-probes"), None, "case {name}");
+        }
+    }
+
+    #[test]
+    fn bad_mtls_annotations_are_denied_naming_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "remora.io/inbound-mtls",
+                "on",
+                "expected permissive or strict",
+            ),
+            (
+                "remora.io/inbound-mtls",
+                "",
+                "expected permissive or strict",
+            ),
+            (
+                "remora.io/allow-from",
+                "checkout",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+            (
+                "remora.io/allow-from",
+                "shop/a,Shop/b",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+        ];
+        for (key, value, form) in cases {
+            let mut pod = base_pod();
+            pod["metadata"]["annotations"][*key] = json!(value);
+            let message = proxy_args_of(pod).expect_err(key);
+            assert!(
+                message.starts_with(&format!("annotation {key}: {value:?}"))
+                    && message.contains(form),
+                "{key}={value:?}: {message}"
+            );
+        }
+    }
+
+    /// `base_pod` in strict mode with these containers (and init containers).
+    fn strict_pod(containers: Value, init_containers: Option<Value>) -> Value {
+        let mut value = base_pod();
+        value["metadata"]["annotations"] = json!({"remora.io/inbound-mtls": "strict"});
+        value["spec"]["containers"] = containers;
+        if let Some(init) = init_containers {
+            value["spec"]["initContainers"] = init;
+        }
+        value
+    }
+
+    #[test]
+    fn strict_mode_passes_the_pods_probes_to_the_proxy() {
+        let http = |port: Value, path: &str| json!({"httpGet": {"port": port, "path": path}});
+        let containers = json!([
+            {
+                "name": "web", "image": "web",
+                "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9901}],
+                "livenessProbe": http(json!("http"), "/healthz?verbose=1"),
+                "readinessProbe": http(json!(8080), "ready"),
+                "startupProbe": http(json!("http"), "/healthz"),
+            },
+            {
+                "name": "tls", "image": "tls",
+                "livenessProbe": {"httpGet": {"port": 8443, "path": "/live", "scheme": "HTTPS"}},
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "startupProbe": {"tcpSocket": {"port": 5432}},
+            },
+            {
+                "name": "plain", "image": "plain",
+                "livenessProbe": {"exec": {"command": ["true"]}},
+                "readinessProbe": {"httpGet": {"port": 7000}},
+                // 5432 already open as a whole: its path is not listed.
+                "startupProbe": http(json!(5432), "/up"),
+            },
+        ]);
+        let init = json!([
+            // A native sidecar's probes count; a plain init container has none to count.
+            {"name": "logs", "image": "logs", "restartPolicy": "Always",
+             "readinessProbe": {"tcpSocket": {"port": 2020}}},
+            {"name": "migrate", "image": "flyway"},
+        ]);
+        let args = proxy_args_of(strict_pod(containers.clone(), Some(init))).unwrap();
+        assert_eq!(
+            flag(&args, "--inbound-probes"),
+            Some("2020,5432,7000:/,8080:/healthz,8080:/ready,8443,9090"),
+            "{args:?}"
+        );
+
+        // Permissive (said or not): every plaintext request is let in already.
+        let mut permissive = strict_pod(containers, None);
+        permissive["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
+        assert_eq!(
+            flag(
+                &proxy_args_of(permissive.clone()).unwrap(),
+                "--inbound-probes"
+            ),
+            None
+        );
+        permissive["metadata"]["annotations"] = json!({});
+        assert_eq!(
+            flag(&proxy_args_of(permissive).unwrap(), "--inbound-probes"),
+            None
+        );
+    }
+
+    #[test]
+    fn probes_on_ports_the_redirect_skips_need_nothing() {
+        let containers = json!([{
+            "name": "web", "image": "web",
+            "livenessProbe": {"tcpSocket": {"port": 9000}},
+            "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}},
+            "startupProbe": {"httpGet": {"port": 15020, "path": "/ready"}},
+        }]);
+        let mut value = strict_pod(containers, None);
+        value["metadata"]["annotations"]["remora.io/exclude-inbound-ports"] = json!("9000");
+        let args = proxy_args_of(value.clone()).unwrap();
+        assert_eq!(
+            flag(&args, "--inbound-probes"),
+            Some("8080:/ready"),
+            "{args:?}"
+        );
+        // Only 9000 redirected: 8080 needs nothing either.
+        value["metadata"]["annotations"]["remora.io/exclude-inbound-ports"] = json!("");
+        value["metadata"]["annotations"]["remora.io/include-inbound-ports"] = json!("9000");
+        let args = proxy_args_of(value).unwrap();
+        assert_eq!(flag(&args, "--inbound-probes"), Some("9000"), "{args:?}");
+    }
+
+    #[test]
+    fn strict_mode_denies_a_probe_it_cannot_pass() {
+        // Name, container, the words the message must hold.
+        let cases: &[(&str, Value, &[&str])] = &[
+            (
+                "unknown port name",
+                json!({"name": "web", "image": "web", "ports": [{"name": "http", "containerPort": 8080}],
+                       "readinessProbe": {"httpGet": {"port": "metrics", "path": "/ready"}}}),
+                &[
+                    "container web",
+                    "readinessProbe",
+                    "\"metrics\"",
+                    "it names http",
+                ],
+            ),
+            (
+                "a name of another container's port",
+                json!({"name": "side", "image": "side",
+                       "livenessProbe": {"tcpSocket": {"port": "http"}}}),
+                &[
+                    "container side",
+                    "livenessProbe",
+                    "\"http\"",
+                    "it names none",
+                ],
+            ),
+            (
+                "a comma in the path",
+                json!({"name": "web", "image": "web",
+                       "startupProbe": {"httpGet": {"port": 8080, "path": "/a,b"}}}),
+                &[
+                    "container web",
+                    "startupProbe",
+                    "\"/a,b\"",
+                    "without commas",
+                ],
+            ),
+        ];
+        for (name, container, needles) in cases {
+            let containers = json!([{"name": "web0", "image": "w", "ports": [{"name": "http", "containerPort": 80}]}, container]);
+            let message = proxy_args_of(strict_pod(containers, None)).expect_err(name);
+            for needle in *needles {
+                assert!(message.contains(needle), "case {name}: {message}");
+            }
+        }
+        // Not strict: the probes are not read, so nothing to deny.
+        let containers = json!([{"name": "web", "image": "web",
+            "livenessProbe": {"tcpSocket": {"port": "nope"}}}]);
+        let mut value = strict_pod(containers, None);
+        value["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
+        assert!(proxy_args_of(value).is_ok());
     }
 
     #[test]

@@ -417,6 +417,97 @@ fn existing_annotations_init_containers_and_volumes_are_kept_in_order() {
     assert_reinvocation_is_a_no_op(&out);
 }
 
+/// Strict mTLS with its probe exceptions and an allow list, on a pod with native sidecars and
+/// named probe ports, as the API server would apply it.
+#[test]
+fn strict_mtls_pod_patches_cleanly_with_its_probes() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "cart-",
+            "annotations": {
+                "remora.io/inbound-mtls": "strict",
+                "remora.io/allow-from": "shop/checkout,monitoring/*",
+            },
+        },
+        "spec": {
+            "serviceAccountName": "cart",
+            "initContainers": [
+                {"image": "envoy", "name": "edge", "restartPolicy": "Always",
+                 "ports": [{"containerPort": 9901, "name": "edge-admin"}],
+                 "readinessProbe": {"httpGet": {"port": "edge-admin", "path": "/ready"}}},
+            ],
+            "containers": [{
+                "image": "cart:1", "name": "cart",
+                "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 9090, "name": "grpc"}],
+                "livenessProbe": {"httpGet": {"port": "http", "path": "/healthz?full=1"}},
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "startupProbe": {"tcpSocket": {"port": "http"}},
+            }],
+        },
+    });
+    let out = kubectl_patch(&pod, &webhook_patch(&pod));
+    assert_kubernetes_accepts(&out);
+    let args: Vec<String> =
+        serde_json::from_value(out["spec"]["initContainers"][1]["args"].clone()).unwrap();
+    let at = args
+        .iter()
+        .position(|a| a == "--inbound-mtls")
+        .expect("--inbound-mtls");
+    assert_eq!(
+        args[at..at + 6],
+        [
+            "--inbound-mtls",
+            "strict",
+            "--allow-from",
+            "shop/checkout,monitoring/*",
+            "--inbound-probes",
+            // The tcpSocket probe opens all of 8080, which covers its /healthz.
+            "8080,9090,9901:/ready",
+        ]
+    );
+    let status: Value = serde_json::from_str(
+        out["metadata"]["annotations"]["remora.io/status"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["identity"], "spiffe://cluster.local/ns/shop/sa/cart");
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+#[test]
+fn bad_mtls_annotations_are_denied_with_status_400() {
+    for (key, value) in [
+        ("remora.io/inbound-mtls", "enforce"),
+        ("remora.io/allow-from", "shop"),
+    ] {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "cart-", "annotations": {key: value}},
+            "spec": {"containers": [{"image": "cart:1", "name": "cart"}]},
+        });
+        let reviewed = review(
+            &admission_review(&pod),
+            WebhookPath::Inject,
+            &Config::default(),
+        )
+        .unwrap();
+        assert_eq!(reviewed.outcome, Outcome::Denied, "{key}");
+        let response = &reviewed.response["response"];
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("annotation {key}: \"{value}\""))
+                && message.contains("expected"),
+            "{message}"
+        );
+        assert!(response.get("patch").is_none());
+    }
+}
+
 #[test]
 fn annotations_shape_the_injected_containers() {
     let pod = json!({
