@@ -6,6 +6,7 @@ pub mod gateway;
 pub mod index;
 #[cfg(feature = "cluster")]
 pub mod kube_source;
+pub mod mesh;
 pub mod metrics;
 pub mod objects;
 pub mod policy;
