@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod gateway;
+pub mod identity;
 pub mod index;
 #[cfg(feature = "cluster")]
 pub mod kube_source;

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
+use crate::identity::IdentityService;
 use crate::index::{Index, Target};
 use crate::metrics::Metrics;
 use crate::routes::{self, Resolved, Tables};
@@ -431,8 +432,25 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let routes =
-        tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub))).prepare();
+    serve_routes(listener, routes(hub, None), tls, shutdown).await;
+}
+
+/// The gRPC services on one port: Discovery, and Identity when given.
+pub fn routes(hub: Arc<Hub>, identity: Option<IdentityService>) -> tonic::service::Routes {
+    let mut routes = tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub)));
+    if let Some(identity) = identity {
+        routes = routes.add_service(identity.into_server());
+    }
+    routes.prepare()
+}
+
+/// [`serve`] with the services given.
+pub async fn serve_routes(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
