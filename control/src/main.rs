@@ -84,7 +84,9 @@ struct ServeArgs {
     admin_listen: SocketAddr,
 
     /// PEM certificate chain for the gRPC listener, server certificate first. Re-read when it
-    /// changes. Requires --tls-key; either both or --plaintext.
+    /// changes. Requires --tls-key; either both or --plaintext. Without either, the identity CA
+    /// issues the listener a certificate for remora-control.<POD_NAMESPACE>.svc (renewed
+    /// before it expires), so the CA's certificate verifies the control plane too.
     #[arg(long, env = "REMORA_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
 
@@ -172,7 +174,7 @@ fn parse_trust_domain(text: &str) -> Result<String, String> {
 
 impl ServeArgs {
     /// The TLS files, or `None` for --plaintext; a usage error when the flags don't say which.
-    fn transport(&self) -> Result<Option<TlsFiles>, clap::Error> {
+    fn transport(&self) -> Result<Transport, clap::Error> {
         let usage = |message: &str| {
             let mut command = Cli::command();
             // Built, the subcommand knows its full name for the usage line.
@@ -183,13 +185,17 @@ impl ServeArgs {
             }
         };
         match (&self.tls_cert, &self.tls_key, self.plaintext) {
-            (Some(cert), Some(key), false) => Ok(Some(TlsFiles {
+            (Some(cert), Some(key), false) => Ok(Transport::Files(TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
             })),
-            (None, None, true) => Ok(None),
+            (None, None, true) => Ok(Transport::Plaintext),
+            // A CA to issue from: the given one, or the one kept in the cluster.
+            (None, None, false) if self.ca_cert.is_some() || self.objects.is_empty() => {
+                Ok(Transport::FromCa)
+            }
             (None, None, false) => Err(usage(
-                "choose the gRPC transport: --tls-cert FILE --tls-key FILE, or --plaintext",
+                "choose the gRPC transport: --tls-cert FILE --tls-key FILE, --plaintext, or a CA (--ca-cert/--ca-key) to issue a serving certificate from",
             )),
             (Some(_), None, false) => Err(usage("--tls-cert needs --tls-key (or use --plaintext)")),
             (None, Some(_), false) => Err(usage("--tls-key needs --tls-cert (or use --plaintext)")),
@@ -199,6 +205,18 @@ impl ServeArgs {
         }
     }
 }
+
+/// How the gRPC listener serves.
+enum Transport {
+    Files(TlsFiles),
+    Plaintext,
+    /// TLS with a certificate the identity CA issues, for remora-control.<POD_NAMESPACE>.svc.
+    FromCa,
+}
+
+/// The Service a self-issued serving certificate names, in POD_NAMESPACE (else this one).
+const SERVING_SERVICE: &str = "remora-control";
+const SERVING_NAMESPACE: &str = "remora-system";
 
 /// How often --ca-cert and --ca-key are looked at for a change.
 const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -217,7 +235,7 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
     })
 }
 
-async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, transport: Transport) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -236,9 +254,10 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
         },
     ));
 
-    let acceptor = match tls_files {
-        None => None,
-        Some(files) => {
+    let from_ca = matches!(transport, Transport::FromCa);
+    let mut acceptor = match transport {
+        Transport::Plaintext | Transport::FromCa => None,
+        Transport::Files(files) => {
             let resolver = Arc::new(CertResolver::default());
             let mut reloader = CertReloader::new(files.clone(), Arc::clone(&resolver));
             if let tls::Reload::Failed(error) = reloader.poll() {
@@ -338,6 +357,14 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
             ),
         }
     }
+    if from_ca {
+        let namespace =
+            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| SERVING_NAMESPACE.to_string());
+        let names = identity::serving::dns_names(SERVING_SERVICE, &namespace);
+        let issued = identity::serving::SelfIssued::start(Arc::clone(&ca_slot), names.clone())?;
+        acceptor = Some(TlsAcceptor::from(Arc::new(issued.server_config()?)));
+        tracing::info!(?names, "serving with a certificate the identity CA issued");
+    }
     let identity = IdentityService::new(
         Arc::clone(&ca_slot),
         reviewer,
@@ -376,7 +403,7 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
-            let tls_files = args.transport().unwrap_or_else(|error| error.exit());
+            let transport = args.transport().unwrap_or_else(|error| error.exit());
             logging::init(
                 &args.log_level,
                 args.log_format,
@@ -386,7 +413,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(serve(args, tls_files))?;
+            runtime.block_on(serve(args, transport))?;
             // Streams never end on their own: don't wait for their connections' tasks.
             runtime.shutdown_background();
         }

@@ -194,10 +194,10 @@ fn bad_flags_are_usage_errors_naming_the_flags() {
     // (case, args, expected exit code, words the message must hold)
     let cases: [(&str, &[&str], i32, &[&str]); 13] = [
         (
-            "no transport",
-            &["serve"],
+            "no transport, no CA",
+            &["serve", "--objects", "."],
             2,
-            &["--tls-cert", "--plaintext"],
+            &["--tls-cert", "--plaintext", "--ca-cert"],
         ),
         (
             "both transports",
@@ -698,4 +698,57 @@ async fn without_a_cluster_certificates_come_from_the_token_file_and_the_ca_file
         metrics.contains("remora_control_certificates_issued_total 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn without_tls_files_the_identity_ca_issues_the_serving_certificate() {
+    let dir = objects_dir(&[("objects.yaml", OBJECTS)]);
+    let secrets = tempfile::tempdir().unwrap();
+    let new_ca = || {
+        remora_control::identity::ca::Ca::generate(
+            "cluster.local",
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    };
+    let (issuer_pem, issuer_key) = new_ca();
+    let (ca_cert, ca_key) = (secrets.path().join("ca.crt"), secrets.path().join("ca.key"));
+    fs::write(&ca_cert, &issuer_pem).unwrap();
+    fs::write(&ca_key, &issuer_key).unwrap();
+    let process = Process::start(&[
+        "--objects",
+        dir.path().to_str().unwrap(),
+        "--ca-cert",
+        ca_cert.to_str().unwrap(),
+        "--ca-key",
+        ca_key.to_str().unwrap(),
+    ]);
+    let connect = |domain: &'static str, ca: String| async move {
+        Endpoint::from_shared(format!("https://{}", process.grpc))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(domain),
+            )
+            .unwrap()
+            .connect()
+            .await
+    };
+    // Verified by the identity CA, for the name proxies dial.
+    let channel = connect("remora-control.remora-system.svc", issuer_pem.clone())
+        .await
+        .unwrap();
+    let web = first_snapshot(channel, "10.96.0.10:80").await;
+    assert_eq!(service_name(&web), "web");
+    // Not for another name, and not by another CA.
+    let (other_pem, _) = new_ca();
+    assert!(connect("remora-control.remora-system.svc", other_pem)
+        .await
+        .is_err());
+    assert!(connect("elsewhere.example", issuer_pem.clone())
+        .await
+        .is_err());
 }

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod review;
 #[cfg(feature = "cluster")]
 pub mod secret;
+pub mod serving;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
