@@ -1599,6 +1599,57 @@ mod identity {
         }
     }
 
+    /// In cluster mode a pod is known by its metadata alone: its endpoints, and its own
+    /// address through them, carry its identity once it is seen, within the SPEC's second.
+    #[tokio::test]
+    async fn a_meshed_pod_seen_by_its_metadata_gives_its_endpoints_an_identity() {
+        const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+        let server = ApiServer::start(false).await;
+        server.apply(SERVICES, service("shop", "web", "10.96.0.10"));
+        let mut endpoints = slice("shop", "web-a", "web", &["10.1.0.1", "10.1.0.2"]);
+        endpoints["endpoints"][0]["targetRef"] =
+            json!({"kind": "Pod", "name": "web-0", "namespace": "shop"});
+        endpoints["endpoints"][1]["targetRef"] = json!({"kind": "Pod", "name": "web-1"});
+        server.apply(SLICES, endpoints);
+        let mut receiver = start(&server).await;
+        let identities = |snapshot: &Snapshot| -> Vec<Option<String>> {
+            let index = Index::build(&snapshot.objects);
+            let target = index.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
+            target
+                .endpoints
+                .iter()
+                .map(|endpoint| endpoint.identity.as_deref().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(identities(&receiver.borrow_and_update()), [None, None]);
+
+        let status = format!(r#"{{"version":"0.1.0","identity":"{WEB}"}}"#);
+        for name in ["web-0", "web-1"] {
+            server.apply(
+                PODS,
+                json!({"metadata": {"name": name, "namespace": "shop",
+                                    "annotations": {"remora.io/status": status}},
+                       "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+                       "status": {"podIP": "10.1.0.9"}}),
+            );
+        }
+        let took = until(&mut receiver, DEADLINE, "the pods' identity", |snapshot| {
+            identities(snapshot) == [Some(WEB.to_string()), Some(WEB.to_string())]
+        })
+        .await;
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let index = Index::build(&receiver.borrow().objects);
+        // Its own address by the slice (a metadata watch has no podIP: 10.1.0.9 is unknown).
+        assert_eq!(
+            index
+                .pod_identity("10.1.0.2:8080".parse().unwrap())
+                .map(|id| id.to_string()),
+            Some(WEB.to_string())
+        );
+        assert_eq!(index.pod_identity("10.1.0.9:8080".parse().unwrap()), None);
+        assert!(index.remora_pod("shop", "web-1").is_some());
+    }
+
     fn secret_name() -> SecretName {
         SecretName::default()
     }
