@@ -192,7 +192,7 @@ fn service_name(snapshot: &pb::Snapshot) -> &str {
 #[test]
 fn bad_flags_are_usage_errors_naming_the_flags() {
     // (case, args, expected exit code, words the message must hold)
-    let cases: [(&str, &[&str], i32, &[&str]); 13] = [
+    let cases: [(&str, &[&str], i32, &[&str]); 14] = [
         (
             "no transport, no CA",
             &["serve", "--objects", "."],
@@ -275,6 +275,25 @@ fn bad_flags_are_usage_errors_naming_the_flags() {
             ],
             1,
             &["/nonexistent/tokens.csv"],
+        ),
+        (
+            "CA files that are not there",
+            &[
+                "serve",
+                "--plaintext",
+                "--objects",
+                ".",
+                "--ca-cert",
+                "/nonexistent/ca.crt",
+                "--ca-key",
+                "/nonexistent/ca.key",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            1,
+            &["/nonexistent/ca.crt"],
         ),
         (
             "a log level that is none",
