@@ -122,12 +122,24 @@ pub struct Pods {
 /// What the Pods alone give.
 #[derive(Debug, Default, PartialEq)]
 struct Named {
-    by_name: HashMap<PodKey, Arc<MeshedPod>>,
+    /// By namespace, then name: looked up by borrowed names, once per endpoint.
+    by_name: HashMap<String, HashMap<String, Arc<MeshedPod>>>,
     /// Meshed pods by their own `status.podIPs` (Pods from files; a metadata watch has none).
     by_own_ip: HashMap<IpAddr, Arc<MeshedPod>>,
 }
 
 impl Named {
+    /// Every pod by (namespace, name).
+    fn flat(&self) -> HashMap<(&str, &str), &Arc<MeshedPod>> {
+        self.by_name
+            .iter()
+            .flat_map(|(namespace, pods)| {
+                pods.iter()
+                    .map(move |(name, pod)| ((namespace.as_str(), name.as_str()), pod))
+            })
+            .collect()
+    }
+
     fn build(pods: &[Arc<Pod>]) -> Self {
         let mut out = Self::default();
         for pod in pods {
@@ -135,10 +147,6 @@ impl Named {
                 continue;
             };
             let meshed = Arc::new(meshed);
-            let key = (
-                pod.metadata.namespace.clone().unwrap_or_default(),
-                pod.metadata.name.clone().unwrap_or_default(),
-            );
             if meshed.identity.is_some() {
                 let status = pod.status.as_ref();
                 let ips = status
@@ -151,7 +159,10 @@ impl Named {
                     out.by_own_ip.insert(ip, Arc::clone(&meshed));
                 }
             }
-            out.by_name.insert(key, meshed);
+            out.by_name
+                .entry(pod.metadata.namespace.clone().unwrap_or_default())
+                .or_default()
+                .insert(pod.metadata.name.clone().unwrap_or_default(), meshed);
         }
         out
     }
@@ -175,7 +186,13 @@ impl Pods {
             by_slice_ip: HashMap::new(),
         };
         // Nothing to find when no pod is meshed: the common case before mTLS is rolled out.
-        if out.named.by_name.values().any(|pod| pod.identity.is_some()) {
+        if out
+            .named
+            .by_name
+            .values()
+            .flat_map(HashMap::values)
+            .any(|pod| pod.identity.is_some())
+        {
             for slice in slices {
                 let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
                 for endpoint in slice.endpoints.iter().flatten() {
@@ -201,10 +218,7 @@ impl Pods {
 
     /// The remora pod `namespace/name`.
     pub fn get(&self, namespace: &str, name: &str) -> Option<&Arc<MeshedPod>> {
-        // Keys are owned strings; a lookup by borrowed parts would need a second map type.
-        self.named
-            .by_name
-            .get(&(namespace.to_string(), name.to_string()))
+        self.named.by_name.get(namespace)?.get(name)
     }
 
     /// The remora pod an EndpointSlice endpoint's `targetRef` names (its namespace, or the
@@ -241,15 +255,15 @@ impl Pods {
         if Arc::ptr_eq(&self.named, &other.named) {
             return out;
         }
-        let (mine, theirs) = (&self.named.by_name, &other.named.by_name);
-        for (key, pod) in mine {
+        let (mine, theirs) = (self.named.flat(), other.named.flat());
+        for (key, pod) in &mine {
             if theirs.get(key) != Some(pod) {
-                out.insert(key.clone());
+                out.insert((key.0.to_string(), key.1.to_string()));
             }
         }
         for key in theirs.keys() {
             if !mine.contains_key(key) {
-                out.insert(key.clone());
+                out.insert((key.0.to_string(), key.1.to_string()));
             }
         }
         out
