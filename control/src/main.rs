@@ -46,14 +46,16 @@ enum Command {
         snapshot for it at once and after every change: passthrough when the target is not a \
         Service's ClusterIP and port, else the Service port, its ready endpoints and the routes \
         that apply to the proxy's namespace.\n\n\
-        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants) come from the Kubernetes \
+        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants, and Pods, whose \
+        remora.io/status marks them meshed and as whom) come from the Kubernetes \
         API (in-cluster configuration or kubeconfig), or with --objects from files re-read within \
         a second of a change.\n\n\
         The same port serves remora.identity.v1: a proxy sends a CSR and its projected \
         ServiceAccount token (audience remora.io/identity) and gets a certificate whose only SAN \
         is spiffe://<trust domain>/ns/<namespace>/sa/<service account>, that of the token's \
         ServiceAccount. Tokens are checked with --identity-tokens, else by a TokenReview of the \
-        Kubernetes API (which also checks the pod is a remora pod); with neither, no \
+        Kubernetes API, also with --objects when there is one to reach (which also checks the pod \
+        is a remora pod); with neither, no \
         certificates are issued. The CA comes from --ca-cert/--ca-key, else (reading the \
         cluster) from the Secret remora-system/remora-identity-ca, created when absent.\n\n\
         The admin listener answers GET /live, /ready (once the objects have been read and the \
