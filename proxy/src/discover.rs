@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
+use crate::client::Endpoint;
 use crate::metrics::{ControlMetrics, ResilienceMetrics};
 use crate::outbound::policy::Policy;
 use crate::outbound::routes::Routes;
@@ -69,8 +70,8 @@ pub struct Service {
     pub name: String,
     pub port: u16,
     pub protocol: AppProtocol,
-    /// Ready endpoints, sorted.
-    pub endpoints: Vec<SocketAddr>,
+    /// Ready endpoints, sorted, with the identity of those that are meshed pods.
+    pub endpoints: Vec<Endpoint>,
     /// The routes that apply, compiled; `None` when none does.
     pub routes: Option<Arc<Routes>>,
     /// Its resilience policy: the SPEC's defaults when the snapshot has none.
@@ -89,8 +90,9 @@ pub enum Known {
     Waiting,
     /// No snapshot, and the control plane could not be reached: forward (fail open).
     Unreachable,
-    /// Not a Service address: forward to the original destination.
-    Passthrough,
+    /// Not a Service address: forward to the original destination; with the identity it must
+    /// present when it is a meshed pod's own IP:port.
+    Passthrough(Option<Arc<str>>),
     Service(Arc<Service>),
 }
 
@@ -457,7 +459,11 @@ impl Discovery {
                 if let Some(gauge) = gauge.take() {
                     gauge.set(0);
                 }
-                Known::Passthrough
+                let identity = match snapshot.kind {
+                    Some(snapshot::Kind::Passthrough(passthrough)) => passthrough.identity,
+                    _ => String::new(),
+                };
+                Known::Passthrough(Endpoint::meshed(target, &identity).identity)
             }
         }
     }
@@ -494,15 +500,19 @@ impl Drop for Receiving {
     }
 }
 
-/// The snapshot's endpoints as addresses, sorted; one that does not parse is skipped (logged).
-pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
-    let mut addrs: Vec<SocketAddr> = list
+/// The snapshot's endpoints, sorted by address, each with the identity it must present when it
+/// is a meshed pod; one that does not parse is skipped (logged).
+pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Endpoint> {
+    let mut addrs: Vec<Endpoint> = list
         .iter()
         .filter_map(|endpoint| {
             let ip = endpoint.ip.parse::<IpAddr>().ok();
             let port = u16::try_from(endpoint.port).ok().filter(|port| *port != 0);
             match (ip, port) {
-                (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+                (Some(ip), Some(port)) => Some(Endpoint::meshed(
+                    SocketAddr::new(ip, port),
+                    &endpoint.identity,
+                )),
                 _ => {
                     warn!(destination = %target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
                     None
@@ -510,8 +520,8 @@ pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Socke
             }
         })
         .collect();
-    addrs.sort();
-    addrs.dedup();
+    addrs.sort_by(|a, b| (a.addr, &a.identity).cmp(&(b.addr, &b.identity)));
+    addrs.dedup_by(|a, b| a.addr == b.addr);
     addrs
 }
 

@@ -127,7 +127,7 @@ async fn start_proxy_with(
             tokio::spawn(async move {
                 // Through detection, as the listener does: the preface reaches hyper rewound.
                 if let Ok((_, first)) = detect(&stream).await {
-                    let stream = Rewound::new(stream, first);
+                    let stream = Rewound::new(stream.into(), first);
                     let destination = Destination::Forward(Endpoint::new(target));
                     serve_h2(stream, target, destination, outbound::context(proxy)).await;
                 }

@@ -50,6 +50,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         discovery: None,
         inbound_rate_limit: None,
         identity: Default::default(),
+        inbound_mtls: Default::default(),
     });
     configure(&mut proxy);
     Box::leak(proxy)
@@ -74,7 +75,7 @@ async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &
                 // Through detection, as the listener does, so the handler starts from the bytes
                 // detection already read.
                 if let Ok((_, first)) = detect(&stream).await {
-                    let stream = Rewound::new(stream, first);
+                    let stream = Rewound::new(stream.into(), first);
                     let destination = Destination::Forward(Endpoint::new(target));
                     serve_http1(stream, target, destination, context(proxy, direction)).await;
                 }

@@ -84,6 +84,11 @@ fn main() -> anyhow::Result<()> {
         discovery,
         inbound_rate_limit,
         identity: Default::default(),
+        inbound_mtls: remora_proxy::inbound::Mtls {
+            mode: args.inbound_mtls,
+            allow_from: args.allow_from.clone(),
+            probes: args.inbound_probes.clone(),
+        },
     }));
 
     // Thread per core: each worker is a single-threaded runtime with its own listener sockets

@@ -45,6 +45,8 @@ pub struct Proxy {
     pub inbound_rate_limit: Option<RateLimit>,
     /// The workload certificate, once remora-control has signed one.
     pub identity: Identity,
+    /// Who may come in: `--inbound-mtls`, `--allow-from`, `--inbound-probes`.
+    pub inbound_mtls: crate::inbound::Mtls,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves
@@ -89,6 +91,7 @@ impl Context {
         Dialer {
             params: self.connect_params,
             errors: &self.metrics.connect_errors,
+            identity: &self.proxy.identity,
         }
     }
 }
