@@ -376,6 +376,19 @@ async fn meshed_pods_talk_http1_h2_and_opaque_over_mtls_on_both_ip_families() {
             ),
             Some(0)
         );
+        // The client's identity is in the server's counts, and the dials in the client's.
+        let id = format!("tls=\"true\",client_id=\"{CLIENT_ID}\"}}");
+        for (series, count) in [
+            (format!("remora_proxy_tcp_connections_total{{direction=\"inbound\",{id}"), 3),
+            (format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"http1\",status_code=\"200\",{id}"), 1),
+            (format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"h2\",status_code=\"200\",{id}"), 1),
+        ] {
+            assert_eq!(metric(mesh.server, &series), Some(count), "v6 {v6}: {series}");
+        }
+        let plain = "remora_proxy_tcp_connections_total{direction=\"inbound\",tls=\"false\",client_id=\"\"}";
+        assert_eq!(metric(mesh.server, plain), Some(0), "v6 {v6}");
+        let dials = "remora_proxy_upstream_connections_total{direction=\"outbound\",tls=\"true\"}";
+        assert_eq!(metric(mesh.client, dials), Some(3), "v6 {v6}");
     }
 }
 

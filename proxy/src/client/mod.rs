@@ -12,6 +12,7 @@ use tracing::warn;
 
 use crate::identity::Identity;
 use crate::io::Io;
+use crate::metrics::DirectionMetrics;
 use connect::{connect, ConnectParams};
 
 pub mod connect;
@@ -70,6 +71,8 @@ pub struct Dialer {
     pub errors: &'static Counter,
     /// The workload's credentials, for an endpoint that is a meshed pod.
     pub identity: &'static Identity,
+    /// Where dials are counted, by TLS.
+    pub metrics: &'static DirectionMetrics,
 }
 
 impl Dialer {
@@ -88,11 +91,16 @@ impl Dialer {
 
     async fn connect(&self, endpoint: &Endpoint) -> std::io::Result<Io> {
         let Some(identity) = &endpoint.identity else {
-            return Ok(Io::Plain(connect(endpoint.addr, self.params).await?));
+            let io = Io::Plain(connect(endpoint.addr, self.params).await?);
+            self.metrics.dials_plain.inc();
+            return Ok(io);
         };
         let Some(credentials) = self.identity.current() else {
             plaintext_to_meshed(endpoint);
-            return Ok(Io::Plain(connect(endpoint.addr, self.params).await?));
+            let io = Io::Plain(connect(endpoint.addr, self.params).await?);
+            self.metrics.dials_plain.inc();
+            self.metrics.plaintext_to_meshed.inc();
+            return Ok(io);
         };
         // The handshake is part of the connect, and within its timeout.
         let limit = self.params.timeout;
@@ -101,7 +109,12 @@ impl Dialer {
             crate::tls::connect(tcp, endpoint.addr, &credentials, identity).await
         };
         match tokio::time::timeout(limit, dial).await {
-            Ok(result) => result,
+            Ok(result) => {
+                if result.is_ok() {
+                    self.metrics.dials_tls.inc();
+                }
+                result
+            }
             Err(_elapsed) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no TLS handshake within {limit:?}"),

@@ -152,7 +152,7 @@ impl Route {
         };
         let status = response.status().as_u16();
         self.cx.metrics.latency.observe(start.elapsed());
-        self.cx.metrics.count_request(self.protocol, status);
+        self.cx.peer.count_request(self.protocol, status);
         if let Destination::Service(service) = &self.destination {
             service.count_request(route, status);
         }
@@ -285,7 +285,7 @@ pub async fn serve_forbidden(stream: ClientIo, h2: bool, target: SocketAddr, cx:
     let client = stream.get_ref().tcp().peer_addr().ok();
     let service = service_fn(move |_request: Request<Incoming>| async move {
         let response = forbidden("this client is not allowed in (--allow-from)");
-        cx.metrics
+        cx.peer
             .count_request(protocol, StatusCode::FORBIDDEN.as_u16());
         Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, log: None }))
     });

@@ -58,10 +58,17 @@ impl Drop for Open {
 /// returns.
 async fn connection(stream: TcpStream, accepted: Accepted) {
     let (peer, cx) = (accepted.peer, accepted.cx);
-    cx.metrics.connections.inc();
+    // An inbound connection is counted once it is known whether its client came over mTLS.
+    let inbound = cx.metrics.direction == Direction::Inbound;
+    if !inbound {
+        cx.peer.connections.inc();
+    }
     cx.metrics.open.inc();
     let _open = Open(cx.metrics);
     let refuse = |stream: TcpStream, refused: &dyn std::fmt::Display| {
+        if inbound {
+            cx.peer.connections.inc();
+        }
         warn!(direction = cx.direction(), %peer, reason = %refused, "connection refused");
         reset(stream);
     };
@@ -142,6 +149,7 @@ pub(crate) async fn inbound_connection(
     let (mut protocol, mut first) = match detected {
         Ok(detected) => detected,
         Err(error) => {
+            cx.peer.connections.inc();
             debug!(direction = cx.direction(), ?peer, %error, "client gone during detection");
             return;
         }
@@ -153,11 +161,13 @@ pub(crate) async fn inbound_connection(
             }
             Ok(Hello::Other(hello)) => (protocol, first) = (Detected::Opaque, hello),
             Err(bad) => {
+                cx.peer.connections.inc();
                 debug!(direction = cx.direction(), ?peer, destination = %target, reason = %bad, "TLS client refused");
                 return reset(stream);
             }
         }
     }
+    cx.peer.connections.inc();
     if opaque_port {
         protocol = Detected::Opaque;
     }
@@ -187,16 +197,18 @@ async fn terminate(
     hello: Bytes,
     target: SocketAddr,
     destination: Destination,
-    cx: Context,
+    mut cx: Context,
 ) {
     let peer = stream.peer_addr().ok();
     let Some(credentials) = cx.proxy.identity.current() else {
+        cx.peer.connections.inc();
         warn!(direction = cx.direction(), ?peer, destination = %target, "an mTLS client, and no workload certificate yet: resetting");
         return reset(stream);
     };
     let (mut io, client_id) = match tls::accept(stream, hello, &credentials).await {
         Ok(accepted) => accepted,
         Err((stream, error)) => {
+            cx.peer.connections.inc();
             debug!(direction = cx.direction(), ?peer, destination = %target, %error, "mTLS handshake failed");
             if let Some(stream) = stream {
                 reset(stream);
@@ -204,6 +216,9 @@ async fn terminate(
             return;
         }
     };
+    // From here on the connection and its requests count as this client identity's.
+    cx.peer = cx.metrics.peer(client_id.as_deref().unwrap_or_default());
+    cx.peer.connections.inc();
     let (protocol, first) = match detect::detect_io(&mut io).await {
         Ok(detected) => detected,
         Err(error) => {
