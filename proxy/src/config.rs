@@ -520,6 +520,39 @@ mod tests {
     }
 
     #[test]
+    fn the_mtls_flags_parse_and_bad_values_name_the_flag() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert_eq!(args.inbound_mtls, MtlsMode::Permissive);
+        assert!(args.allow_from.is_anyone());
+        let args = Args::try_parse_from([
+            "remora-proxy",
+            "--inbound-mtls",
+            "strict",
+            "--allow-from",
+            "shop/web,billing/*",
+            "--inbound-probes",
+            "8080:/healthz,9000",
+        ])
+        .unwrap();
+        assert_eq!(args.inbound_mtls, MtlsMode::Strict);
+        assert_eq!(args.allow_from.to_string(), "shop/web,billing/*");
+        assert_eq!(args.inbound_probes, "9000,8080:/healthz".parse().unwrap());
+        for (flag, bad) in [
+            ("--allow-from", "shop"),
+            ("--inbound-probes", "8080:healthz"),
+            ("--inbound-mtls", "sometimes"),
+        ] {
+            let err = Args::try_parse_from(["remora-proxy", flag, bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains(bad),
+                "{flag} {bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn inbound_rate_limit_takes_the_annotations_grammar() {
         let args = Args::try_parse_from(["remora-proxy"]).unwrap();
         assert_eq!(args.inbound_rate_limit, None);

@@ -542,6 +542,32 @@ mod tests {
     use std::pin::Pin;
     use tokio_stream::wrappers::WatchStream;
 
+    #[test]
+    fn endpoints_carry_the_identity_of_meshed_pods() {
+        let target: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+        let list = [
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 8080,
+                identity: cart.into(),
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "2001:2::1".into(),
+                port: 8080,
+                ..Default::default()
+            },
+        ];
+        let v4: SocketAddr = "198.18.0.2:8080".parse().unwrap();
+        let v6: SocketAddr = "[2001:2::1]:8080".parse().unwrap();
+        assert_eq!(
+            endpoints(&list, target),
+            [Endpoint::meshed(v4, cart), Endpoint::new(v6)]
+        );
+        assert_eq!(Endpoint::meshed(v6, "").identity, None);
+    }
+
     /// A control plane that answers every watch with the latest of `snapshots`, until `down`
     /// says it is down: then its streams end with an error and new ones are refused.
     struct Fake {
