@@ -724,3 +724,53 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         self.0.supported_schemes()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_endpoint_that_fails_the_handshake_is_skipped_for_another() {
+    use crate::routes_tests::{ask, get, Echo, Harness, BOTH};
+    use remora_api::discovery as api;
+    let ca = Ca::new("mesh CA");
+    let (impostor, good) = (Echo::start("impostor").await, Echo::start("good").await);
+    let impostor_id = "spiffe://cluster.local/ns/shop/sa/impostor";
+    let wrong = meshed_proxy(Some(ca.credentials(impostor_id, &ca)), |_| ());
+    let right = meshed_proxy(Some(ca.credentials(SERVER_ID, &ca)), |_| ());
+    // Both endpoints are expected to be SERVER_ID; one presents another identity.
+    let meshed = |addr: SocketAddr| api::Endpoint {
+        ip: addr.ip().to_string(),
+        port: u32::from(addr.port()),
+        identity: SERVER_ID.into(),
+        ..Default::default()
+    };
+    let endpoints = vec![
+        meshed(start_inbound(wrong, impostor.addr).await),
+        meshed(start_inbound(right, good.addr).await),
+    ];
+    let snapshot = api::Snapshot {
+        kind: Some(api::snapshot::Kind::Service(api::Service {
+            namespace: "shop".into(),
+            name: "cart".into(),
+            port: 80,
+            app_protocol: "http".into(),
+            endpoints,
+            ..Default::default()
+        })),
+    };
+    let credentials = ca.credentials(CLIENT_ID, &ca);
+    let harness = Harness::start_with(snapshot, |proxy| proxy.identity.set(credentials)).await;
+    for client in BOTH {
+        for _ in 0..4 {
+            let answer = ask(&harness, client, get("/")).await;
+            assert_eq!(answer.status, StatusCode::OK, "{client:?}");
+            assert_eq!(answer.headers["x-backend"], "good", "{client:?}");
+        }
+    }
+    assert!(impostor.seen().is_empty(), "the impostor's app saw nothing");
+    let errors = metric(
+        harness.proxy,
+        "remora_proxy_connect_errors_total{direction=\"outbound\"}",
+    );
+    assert!(
+        errors.is_some_and(|n| n >= 1),
+        "failed handshakes count: {errors:?}"
+    );
+}
