@@ -104,7 +104,9 @@ impl AsyncWrite for Io {
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            // A socket buffers nothing of its own (tokio's flush is a no-op): hyper flushes
+            // several times per request, and this keeps each one a branch.
+            Self::Plain(_) => Poll::Ready(Ok(())),
             Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
