@@ -10,6 +10,11 @@
 #   control plane stopped leaves traffic flowing. Then a canary: an HTTPRoute on that Service sends
 #   `x-canary: 1` to a second version, echo-v2, and splits the rest 90/10; the observed split is
 #   printed, and checked.
+# With the identity parts built: remora-control also signs workload certificates (the demo CA,
+#   a static token file standing in for TokenReview), a second meshed pod, secure-0
+#   (inbound-mtls: strict, allow-from the demo pod), gets requests over mTLS: the veth to it is
+#   captured and shows only TLS records, its proxy counts the client's identity, and a plaintext
+#   client is refused while the pod's own probe still answers.
 # Only 198.18.0.0/15 and 2001:2::/48 are used, inside namespaces this script creates and deletes.
 set -euo pipefail
 
@@ -35,12 +40,15 @@ remote=rmdemo$id-remote
 api=rmdemo$id-api
 endpoints=(rmdemo$id-ep1 rmdemo$id-ep2 rmdemo$id-ep3)
 canary=rmdemo$id-v2
+secure=rmdemo$id-secure
 work=$(mktemp -d /tmp/remora-demo.XXXXXX)
 POD_V4=198.18.10.1 REMOTE_V4=198.18.10.2 POD_V6=2001:2:0:10::1 REMOTE_V6=2001:2:0:10::2
 # The Service: a ClusterIP no host has, and its endpoints' network behind the remote host.
 CLUSTER_IP=198.18.20.10 ENDPOINTS_NET=198.18.11 CONTROL_NAME=remora-control.remora-system.svc
 # The canary's Service echo-v2 and its one pod, on the same network as echo's.
 CANARY_CLUSTER_IP=198.18.20.11 CANARY_N=4
+# The mTLS part's Service secure and its one meshed pod secure-0 (strict), on the same network.
+SECURE_CLUSTER_IP=198.18.20.12 SECURE_N=5
 
 # The Service part needs remora-control, and an injector and a proxy that know about it.
 service=0
@@ -53,18 +61,29 @@ else
   echo "note: remora-control, or --control in the injector or the proxy, is not built: the Service part is skipped" >&2
 fi
 
+# mTLS between two meshed pods needs the identity parts: the control plane's CA and token file,
+# the proxy's certificate and its inbound mTLS.
+mtls=0
+control_help=$("$bin/remora-control" serve --help 2>/dev/null || true)
+if [ "$service" = 1 ] && grep -q -- '--identity-tokens' <<<"$control_help" &&
+  grep -q -- '--inbound-mtls' <<<"$proxy_help"; then
+  mtls=1
+elif [ "$service" = 1 ]; then
+  echo "note: the identity flags are not built into remora-control or remora-proxy: the mTLS part is skipped" >&2
+fi
+
 cleanup() {
   local status=${1:-$?}
   trap - EXIT INT TERM
   disown -a # the namespaces' processes are killed below: no "Killed" notice for each
-  for ns in "$pod" "$remote" "$api" "${endpoints[@]}" "$canary"; do
+  for ns in "$pod" "$remote" "$api" "${endpoints[@]}" "$canary" "$secure"; do
     if ip netns list | grep -qw "$ns"; then
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$ns" 2>/dev/null || true
     fi
   done
   rm -rf "$work"
-  echo "cleaned up: namespaces $pod, $remote, $api, ${endpoints[*]}, $canary and $work removed"
+  echo "cleaned up: namespaces $pod, $remote, $api, ${endpoints[*]}, $canary, $secure and $work removed"
   exit "$status"
 }
 trap cleanup EXIT
@@ -111,7 +130,11 @@ in_ns "$api" "$bin/remora-injector" serve --listen 127.0.0.1:8443 \
 disown
 wait_port "$api" 127.0.0.1 8443
 
-python3 - "$root/scripts/demo/pod.json" >"$work/review.json" <<'PY'
+# inject POD_JSON NAME: the pod through the webhook, as the API server sends it; the patch it
+# answers, applied with kubectl patch --local, lands in $work/NAME.patched.json.
+inject() {
+  local pod_json=$1 name=$2
+  python3 - "$pod_json" >"$work/$name.review.json" <<'PY'
 import json, sys
 pod = json.load(open(sys.argv[1]))
 print(json.dumps({
@@ -125,10 +148,10 @@ print(json.dumps({
     },
 }))
 PY
-echo "POST https://127.0.0.1:8443/inject  (pod ${POD_NAME:-demo-app} from scripts/demo/pod.json)"
-in_ns "$api" curl -sS --max-time 5 --cacert "$work/tls.crt" -H 'Content-Type: application/json' \
-  --data-binary @"$work/review.json" https://127.0.0.1:8443/inject >"$work/response.json"
-python3 - "$work/response.json" >"$work/patch.json" <<'PY'
+  echo "POST https://127.0.0.1:8443/inject  (pod $name from ${pod_json#"$root/"})"
+  in_ns "$api" curl -sS --max-time 5 --cacert "$work/tls.crt" -H 'Content-Type: application/json' \
+    --data-binary @"$work/$name.review.json" https://127.0.0.1:8443/inject >"$work/$name.response.json"
+  python3 - "$work/$name.response.json" >"$work/$name.patch.json" <<'PY'
 import base64, json, sys
 response = json.load(open(sys.argv[1]))["response"]
 if not response.get("allowed") or "patch" not in response:
@@ -137,12 +160,12 @@ for warning in response.get("warnings", []):
     print(f"warning: {warning}", file=sys.stderr)
 print(base64.b64decode(response["patch"]).decode())
 PY
-echo "the injector answered allowed with a $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$work/patch.json")-operation JSON patch"
-
-kubectl patch --local --type=json -f scripts/demo/pod.json --patch-file "$work/patch.json" -o json \
-  >"$work/patched.json"
-args_of() { # args_of CONTAINER: one arg per line
-  python3 - "$work/patched.json" "$1" <<'PY'
+  echo "the injector answered allowed with a $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$work/$name.patch.json")-operation JSON patch"
+  kubectl patch --local --type=json -f "$pod_json" --patch-file "$work/$name.patch.json" -o json \
+    >"$work/$name.patched.json"
+}
+args_of() { # args_of NAME CONTAINER: the container's args in the patched pod NAME, one per line
+  python3 - "$work/$1.patched.json" "$2" <<'PY'
 import json, sys
 pod = json.load(open(sys.argv[1]))
 for c in pod["spec"].get("initContainers", []):
@@ -153,11 +176,8 @@ else:
     sys.exit(f"no init container {sys.argv[2]} in the patched pod")
 PY
 }
-mapfile -t init_args < <(args_of remora-init)
-mapfile -t proxy_args < <(args_of remora-proxy)
-# The proxy's literal env values (REMORA_TRUST_ANCHORS); POD_* come from the downward API, below.
-mapfile -d '' -t proxy_env < <(
-  python3 - "$work/patched.json" <<'PY'
+env_of() { # env_of NAME: the proxy's literal env values (REMORA_TRUST_ANCHORS), NUL-separated
+  python3 - "$work/$1.patched.json" <<'PY'
 import json, sys
 pod = json.load(open(sys.argv[1]))
 c = next(c for c in pod["spec"]["initContainers"] if c["name"] == "remora-proxy")
@@ -165,13 +185,23 @@ for var in c.get("env", []):
     if "value" in var:
         sys.stdout.write(f"{var['name']}={var['value']}\0")
 PY
-)
+}
+identity_of() { # identity_of NAME: the identity the injector wrote into remora.io/status
+  python3 -c 'import json, sys
+pod = json.load(open(sys.argv[1]))
+print(json.loads(pod["metadata"]["annotations"]["remora.io/status"]).get("identity", ""))' "$work/$1.patched.json"
+}
+inject "$root/scripts/demo/pod.json" demo-app
+mapfile -t init_args < <(args_of demo-app remora-init)
+mapfile -t proxy_args < <(args_of demo-app remora-proxy)
+# The proxy's literal env values (REMORA_TRUST_ANCHORS); POD_* come from the downward API, below.
+mapfile -d '' -t proxy_env < <(env_of demo-app)
 proxy_uid=$(python3 -c '
 import json, sys
 pod = json.load(open(sys.argv[1]))
 c = next(c for c in pod["spec"]["initContainers"] if c["name"] == "remora-proxy")
-print(c["securityContext"]["runAsUser"])' "$work/patched.json")
-echo "patched pod: initContainers = $(python3 -c 'import json,sys; print([c["name"] for c in json.load(open(sys.argv[1]))["spec"]["initContainers"]])' "$work/patched.json")"
+print(c["securityContext"]["runAsUser"])' "$work/demo-app.patched.json")
+echo "patched pod: initContainers = $(python3 -c 'import json,sys; print([c["name"] for c in json.load(open(sys.argv[1]))["spec"]["initContainers"]])' "$work/demo-app.patched.json")"
 echo "  remora-init  ${init_args[*]}"
 echo "  remora-proxy ${proxy_args[*]}   (as uid $proxy_uid)"
 for var in "${proxy_env[@]}"; do echo "    env ${var%%=*} ($(printf '%s' "${var#*=}" | wc -c) bytes)"; done
@@ -245,12 +275,29 @@ EOF
   write_objects 1 2 3
 
   say "remora-control serve --objects (on the remote host, TLS with the demo CA's certificate)"
+  identity_flags=()
+  if [ "$mtls" = 1 ]; then
+    # The demo CA signs the workload certificates too, so the proxies' REMORA_TRUST_ANCHORS
+    # verifies both the control plane and their peers. Without a cluster there is no
+    # TokenReview: a static token file (kube-apiserver's format) says whose each token is. In a
+    # pod the kubelet mounts the projected token at /var/run/secrets/remora.io/identity/token;
+    # here each proxy is given a file of its own (readable by the proxy uid).
+    chmod 711 "$work"
+    mkdir -m 755 "$work/tokens"
+    printf '%s\n' "demo-app-token,system:serviceaccount:demo:default,uid-demo-app" \
+      "secure-0-token,system:serviceaccount:demo:secure,uid-secure-0" >"$work/identity-tokens.csv"
+    for name in demo-app secure-0; do
+      echo "$name-token" >"$work/tokens/$name" && chmod 644 "$work/tokens/$name"
+    done
+    identity_flags=(--ca-cert "$work/control-ca.crt" --ca-key "$work/control-ca.key"
+      --identity-tokens "$work/identity-tokens.csv")
+  fi
   start_control() {
     # ip netns exec, not in_ns: a function run in the background is a shell of its own, and
     # $! would be that shell, not remora-control.
     ip netns exec "$remote" "$bin/remora-control" serve --listen "$REMOTE_V4:8090" --admin-listen "$REMOTE_V4:9990" \
       --tls-cert "$work/control.crt" --tls-key "$work/control.key" --objects "$work/objects" \
-      --log-format plain 2>>"$work/control.log" &
+      "${identity_flags[@]}" --log-format plain 2>>"$work/control.log" &
     control_pid=$!
     wait_port "$remote" "$REMOTE_V4" 9990
     echo "remora-control (pid $control_pid) /ready: $(in_ns "$remote" curl -sS --max-time 2 "http://$REMOTE_V4:9990/ready")"
@@ -262,6 +309,7 @@ fi
 say "remora-init (as root, like the init container)"
 in_ns "$pod" "$bin/remora-init" "${init_args[@]}"
 
+if [ "$mtls" = 1 ]; then proxy_args+=(--identity-token "$work/tokens/demo-app"); fi
 say "remora-proxy (uid $proxy_uid, like the native sidecar)"
 ip netns exec "$pod" env POD_NAME=demo-app POD_NAMESPACE=demo POD_IP=$POD_V4 "${proxy_env[@]}" \
   setpriv --reuid="$proxy_uid" --regid="$proxy_uid" --clear-groups \
@@ -432,6 +480,127 @@ EOF
     exit 1
   fi
   echo "route gone $took after the file was deleted (an x-canary: 1 request answered by echo)"
+
+  if [ "$mtls" = 1 ]; then
+    say "mTLS: a second meshed pod, secure-0 (ServiceAccount secure, remora.io/inbound-mtls: strict)"
+    inject "$root/scripts/demo/secure-pod.json" secure-0
+    mapfile -t secure_init_args < <(args_of secure-0 remora-init)
+    mapfile -t secure_proxy_args < <(args_of secure-0 remora-proxy)
+    mapfile -d '' -t secure_env < <(env_of secure-0)
+    echo "  remora-proxy ${secure_proxy_args[*]}"
+    echo "  identities in remora.io/status: demo-app $(identity_of demo-app), secure-0 $(identity_of secure-0)"
+    add_echo_pod "$secure" "$SECURE_N" secure-0
+    in_ns "$secure" "$bin/remora-init" "${secure_init_args[@]}" >/dev/null
+    ip netns exec "$secure" env POD_NAME=secure-0 POD_NAMESPACE=demo POD_IP="$ENDPOINTS_NET.$SECURE_N" \
+      "${secure_env[@]}" setpriv --reuid="$proxy_uid" --regid="$proxy_uid" --clear-groups \
+      "$bin/remora-proxy" "${secure_proxy_args[@]}" --identity-token "$work/tokens/secure-0" \
+      2>"$work/secure-proxy.log" &
+    disown
+    # The Service, and the pod as the API stores it: its remora.io/status names its identity,
+    # which remora-control hands to the clients of its endpoints.
+    cat >"$work/secure.yaml.new" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: secure, namespace: demo}
+spec:
+  clusterIP: $SECURE_CLUSTER_IP
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: secure-k2v9d
+  namespace: demo
+  labels: {kubernetes.io/service-name: secure}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["$ENDPOINTS_NET.$SECURE_N"], conditions: {ready: true}, targetRef: {kind: Pod, namespace: demo, name: secure-0}}
+---
+$(python3 -c 'import json, sys
+pod = json.load(open(sys.argv[1]))
+print(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": pod["metadata"],
+    "spec": {"serviceAccountName": pod["spec"]["serviceAccountName"], "containers": pod["spec"]["containers"]},
+    "status": {"podIP": sys.argv[2], "podIPs": [{"ip": sys.argv[2]}]}}))' "$work/secure-0.patched.json" "$ENDPOINTS_NET.$SECURE_N")
+YAML
+    mv "$work/secure.yaml.new" "$work/objects/secure.yaml"
+    secure_metrics() { in_ns "$remote" curl -sS --max-time 2 "http://$ENDPOINTS_NET.$SECURE_N:15020/metrics"; }
+    expiry() { awk '$1 == "remora_proxy_identity_expiration_timestamp_seconds" { print $2 + 0 }'; }
+    for _ in $(seq 1 50); do
+      [ "$(secure_metrics 2>/dev/null | expiry)" ] && [ "$(secure_metrics | expiry)" != 0 ] && break
+      sleep 0.1
+    done
+    for who in demo-app secure-0; do
+      if [ "$who" = demo-app ]; then seconds=$(metric remora_proxy_identity_expiration_timestamp_seconds)
+      else seconds=$(secure_metrics | expiry); fi
+      if [ "${seconds:-0}" = 0 ]; then
+        echo "FAIL: $who's proxy has no workload certificate" >&2
+        sed 's/^/  /' "$work/control.log" >&2
+        exit 1
+      fi
+      echo "$who's proxy holds a certificate until $(date -u -d "@${seconds%.*}" '+%F %T') UTC"
+    done
+
+    say "demo-app -> http://$SECURE_CLUSTER_IP/ (Service secure), the veth to secure-0 captured"
+    # ip netns exec, not in_ns: $! must be tcpdump itself, to stop it with SIGINT below.
+    ip netns exec "$remote" tcpdump -i "ep$SECURE_N" --immediate-mode -U -Z root -n -s 0 -w "$work/mtls.pcap" tcp port 8080 2>"$work/tcpdump.log" &
+    tcpdump_pid=$!
+    for _ in $(seq 1 50); do grep -q 'listening on' "$work/tcpdump.log" && break; sleep 0.1; done
+    wait_for_answer_at() { # the first answer from URL within 5 s
+      for _ in $(seq 1 50); do
+        if answer=$(in_ns "$pod" curl -sSf --max-time 2 -H 'x-secret: sardine-7f3a' "$1" 2>/dev/null); then
+          echo "$answer"; return 0
+        fi
+        sleep 0.1
+      done
+      return 1
+    }
+    show "demo-app -> http://$SECURE_CLUSTER_IP/secret-path" "$(wait_for_answer_at "http://$SECURE_CLUSTER_IP/secret-path" || echo 'no answer')"
+    sleep 0.3
+    kill -INT "$tcpdump_pid"; wait "$tcpdump_pid" 2>/dev/null || true
+    # What crossed the wire: each data segment's first bytes, and whether a byte of the request
+    # (its path, its x-secret header) or of the answer (secure-0) is there in clear.
+    python3 - "$work/mtls.pcap" <<'PY'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+linktype = struct.unpack("<I", data[20:24])[0]
+pos, segments, payloads = 24, 0, b""
+kinds = {20: "ChangeCipherSpec", 21: "Alert", 22: "Handshake", 23: "ApplicationData"}
+while pos + 16 <= len(data):
+    incl = struct.unpack("<I", data[pos + 8:pos + 12])[0]
+    frame = data[pos + 16:pos + 16 + incl]
+    pos += 16 + incl
+    ip = frame[14:] if linktype == 1 else frame[16:]
+    if not ip or ip[0] >> 4 != 4:
+        continue
+    ihl = (ip[0] & 15) * 4
+    tcp = ip[ihl:]
+    payload = tcp[(tcp[12] >> 4) * 4:]
+    if not payload:
+        continue
+    segments += 1
+    payloads += payload
+    sport, dport = struct.unpack(">HH", tcp[:4])
+    kind = kinds.get(payload[0], "not TLS") if len(payload) >= 5 and payload[1] == 3 else "not TLS"
+    if segments <= 6:
+        print(f"  {sport:>5} -> {dport:<5} {len(payload):>5} bytes  {payload[:5].hex(' ')}  TLS record: {kind}")
+clear = [mark for mark in (b"secret-path", b"sardine-7f3a", b"secure-0") if mark in payloads]
+print(f"  {segments} data segments captured; application bytes in clear: {', '.join(m.decode() for m in clear) or 'none'}")
+sys.exit(1 if clear or segments == 0 else 0)
+PY
+    echo "secure-0's proxy counts the request with its client's identity:"
+    secure_metrics | grep -E '^remora_proxy_(requests_total|tcp_connections_total)\{direction="inbound"' | grep 'client_id="spiffe' | sed 's/^/  /'
+
+    say "a plaintext client (the remote host, not meshed) -> secure-0, which is strict"
+    plain=$(in_ns "$remote" curl -sS --max-time 3 -w ' [HTTP %{http_code}]' "http://$ENDPOINTS_NET.$SECURE_N:8080/" 2>&1 | tr -d '\n' || true)
+    show "remote -> http://$ENDPOINTS_NET.$SECURE_N:8080/ (plaintext)" "${plain:-refused}"
+    probe=$(in_ns "$remote" curl -sS --max-time 3 -o /dev/null -w 'HTTP %{http_code}' "http://$ENDPOINTS_NET.$SECURE_N:8080/healthz" 2>&1 || true)
+    show "remote -> http://$ENDPOINTS_NET.$SECURE_N:8080/healthz (its kubelet probe)" "$probe"
+    if [[ $plain == *"HTTP 200"* ]] || [[ $probe != "HTTP 200" ]]; then
+      echo "FAIL: a strict pod must refuse plaintext but answer its own probe" >&2
+      exit 1
+    fi
+  fi
 
   say "the control plane stopped (SIGKILL): the proxy keeps its last snapshot"
   kill -KILL "$control_pid"
