@@ -1655,6 +1655,7 @@ class PairSetup:
                  "src", PAIR_SOURCES[mtls]])
         self.rules = apply_rules(ns)
         self.nginx = self.start_nginx(ns)
+        exempt_control_port(pod)
         # Identity: a CA for remora-control (and for HAProxy's certificates), the two pods'
         # tokens in kube-apiserver's static token file format.
         self.ca_cert, self.ca_key = make_ca(self.dir)
@@ -1705,6 +1706,22 @@ class PairSetup:
                                           for port in (H1_PORT, H2_PORT))):
             raise BenchError(f"the server pod's nginx did not start; see {directory}")
         return proc
+
+
+def exempt_control_port(pod):
+    """The seats' remora-control stands for a control plane in a pod of its own, but runs in the
+    client pod's namespace: keep that pod's inbound rules (everything to 15006) off its port, or
+    the server pod's proxy would reach it only through the client pod's proxy. One rule ahead
+    of remora-init's jump, in the iptables backend remora-init wrote to."""
+    host, port = PAIR_CONTROL_LISTEN.rsplit(":", 1)
+    for backend in ("nft", "legacy"):
+        save, binary = f"iptables-{backend}-save", f"iptables-{backend}"
+        if shutil.which(save) and shutil.which(binary) \
+                and "REMORA_" in run(in_ns(pod, [save, "-t", "nat"]), check=False).stdout:
+            run(in_ns(pod, [binary, "-t", "nat", "-I", "PREROUTING", "1", "-p", "tcp", "-d",
+                            host, "--dport", port, "-j", "ACCEPT"]))
+            return
+    raise BenchError("no REMORA_ rules in the pod namespace to put the control port ahead of")
 
 
 PAIR = None  # the PairSetup of this run, once made
