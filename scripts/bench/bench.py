@@ -1679,7 +1679,7 @@ class PairSetup:
             if supports([binary, "serve"], "--identity-tokens"):
                 extra = ["--ca-cert", self.ca_cert, "--ca-key", self.ca_key,
                          "--identity-tokens", self.tokens]
-            else:
+            elif "remora-mtls" in SEATS:
                 log("remora-control has no --identity-tokens: no certificates, so remora-mtls "
                     "will fail (remora-pair runs)")
             self.control = start_control(pod, work, pair_objects(), "pair",
