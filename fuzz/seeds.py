@@ -227,7 +227,10 @@ def review_seeds(out, paths):
             continue
         for document in documents:
             for pod in pods_of(document):
-                namespace = (pod.get("metadata") or {}).get("namespace") or "default"
+                # The request's namespace: the pod's, else its workload's (the identity in
+                # remora.io/status names it).
+                namespace = ((pod.get("metadata") or {}).get("namespace")
+                             or (document.get("metadata") or {}).get("namespace") or "default")
                 try:
                     write(out, review(pod, 0, namespace))
                     write(out, review(pod, 2, namespace))

@@ -15,6 +15,7 @@ use remora_init::{
 };
 
 use crate::config::{Config, ControlAddr};
+use crate::mtls::{AllowFrom, InboundMtls, InboundProbes};
 use crate::trust::TrustAnchors;
 
 /// Every remora annotation and label starts with this.
@@ -39,6 +40,10 @@ pub const EXCLUDE_OUTBOUND_PORTS: &str = "remora.io/exclude-outbound-ports";
 pub const OPAQUE_PORTS: &str = "remora.io/opaque-ports";
 /// Requests per second the pod's proxy lets in, in all and per client: its `--inbound-rate-limit`.
 pub const INBOUND_RATE_LIMIT: &str = "remora.io/inbound-rate-limit";
+/// `permissive` or `strict`: the proxy's `--inbound-mtls` (strict also passes the pod's probes).
+pub const INBOUND_MTLS: &str = "remora.io/inbound-mtls";
+/// The client identities let in, `ns/sa` or `ns/*`: the proxy's `--allow-from`.
+pub const ALLOW_FROM: &str = "remora.io/allow-from";
 
 /// Every annotation the injector reads; any other `remora.io/` key draws a warning.
 pub const KNOWN: &[&str] = &[
@@ -59,6 +64,8 @@ pub const KNOWN: &[&str] = &[
     EXCLUDE_OUTBOUND_PORTS,
     OPAQUE_PORTS,
     INBOUND_RATE_LIMIT,
+    INBOUND_MTLS,
+    ALLOW_FROM,
 ];
 
 /// The largest uid Kubernetes accepts in `runAsUser`.
@@ -364,6 +371,13 @@ pub struct PodSettings {
     pub opaque_ports: PortList,
     /// The proxy's `--inbound-rate-limit`; `None` leaves the flag out.
     pub inbound_rate_limit: Option<InboundRateLimit>,
+    /// The proxy's `--inbound-mtls`; `None` leaves the flag out (the proxy's default, permissive).
+    pub inbound_mtls: Option<InboundMtls>,
+    /// The proxy's `--allow-from`; empty (anyone) leaves the flag out.
+    pub allow_from: AllowFrom,
+    /// The proxy's `--inbound-probes`, from the pod spec rather than an annotation (filled in
+    /// by the injection in strict mode); empty leaves the flag out.
+    pub inbound_probes: InboundProbes,
     /// The args of `remora-init`, as `remora-init` itself parses them.
     pub init: InitConfig,
     /// The proxy's `--control` and `REMORA_TRUST_ANCHORS`: injector settings, not per pod.
@@ -447,6 +461,8 @@ pub fn pod_settings(
         get(INBOUND_RATE_LIMIT),
         InboundRateLimit::from_str,
     )?;
+    let inbound_mtls = parse(INBOUND_MTLS, get(INBOUND_MTLS), InboundMtls::from_str)?;
+    let allow_from = parse(ALLOW_FROM, get(ALLOW_FROM), AllowFrom::from_str)?.unwrap_or_default();
 
     let mut exclude_inbound_ports = parse(
         EXCLUDE_INBOUND_PORTS,
@@ -511,6 +527,9 @@ pub fn pod_settings(
             proxy_log_level,
             opaque_ports,
             inbound_rate_limit,
+            inbound_mtls,
+            allow_from,
+            inbound_probes: InboundProbes::default(),
             init,
             control_addr: config.control_addr.clone(),
             trust_anchors: config.trust_anchors.clone(),
@@ -803,6 +822,8 @@ mod tests {
         assert_eq!(settings.proxy_uid, 1337);
         assert_eq!(settings.opaque_ports, config.opaque_ports);
         assert_eq!(settings.inbound_rate_limit, None);
+        assert_eq!(settings.inbound_mtls, None);
+        assert!(settings.allow_from.is_empty());
         assert_eq!(
             settings.init.to_args(),
             ["--exclude-inbound-ports", "15020"]
@@ -828,8 +849,15 @@ mod tests {
             (EXCLUDE_OUTBOUND_PORTS, "5432"),
             (OPAQUE_PORTS, "6379,7000-7005"),
             (INBOUND_RATE_LIMIT, "100/s, 10/s per-client"),
+            (INBOUND_MTLS, "strict"),
+            (ALLOW_FROM, "shop/checkout, monitoring/*"),
         ])
         .unwrap();
+        assert_eq!(settings.inbound_mtls, Some(InboundMtls::Strict));
+        assert_eq!(
+            settings.allow_from.to_string(),
+            "shop/checkout,monitoring/*"
+        );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(settings.proxy_image, "registry.example/proxy:dev");
         assert_eq!(settings.init_image, "registry.example/init:dev");
@@ -965,6 +993,36 @@ mod tests {
                 "M at most N",
             ),
             (
+                "unknown mTLS mode",
+                INBOUND_MTLS,
+                "required",
+                "expected permissive or strict",
+            ),
+            (
+                "capitalised mTLS mode",
+                INBOUND_MTLS,
+                "Strict",
+                "expected permissive or strict",
+            ),
+            (
+                "allow-from without a slash",
+                ALLOW_FROM,
+                "checkout",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+            (
+                "allow-from with a wildcard namespace",
+                ALLOW_FROM,
+                "shop/a,*/*",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+            (
+                "allow-from with a SPIFFE URI",
+                ALLOW_FROM,
+                "spiffe://cluster.local/ns/shop/sa/a",
+                "each name a DNS label",
+            ),
+            (
                 "wildcard among cidrs",
                 INCLUDE_OUTBOUND_CIDRS,
                 "10.0.0.0/8, *",
@@ -998,6 +1056,8 @@ mod tests {
             EXCLUDE_INBOUND_PORTS,
             INCLUDE_OUTBOUND_CIDRS,
             INBOUND_RATE_LIMIT,
+            INBOUND_MTLS,
+            ALLOW_FROM,
             PROXY_IMAGE,
         ] {
             let value = if key == PROXY_IMAGE {

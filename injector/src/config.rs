@@ -25,6 +25,9 @@ pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
 /// Where remora-control is in the standard install (SPEC "Fixed numbers").
 pub const DEFAULT_CONTROL_ADDR: &str = "remora-control.remora-system.svc:8090";
 
+/// The SPIFFE trust domain of workload identities, as remora-control's own `--trust-domain`.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// The flags shared by `serve` and `inject` that set the injector's defaults.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
@@ -99,6 +102,12 @@ pub struct ConfigArgs {
     // An OsString, not a PathBuf, so that an empty value (none) parses.
     #[arg(long, env = "REMORA_TRUST_ANCHORS_FILE", value_name = "FILE")]
     pub trust_anchors: Option<std::ffi::OsString>,
+
+    /// The SPIFFE trust domain of the identities written to remora.io/status
+    /// (spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>); must be remora-control's
+    /// --trust-domain [default: cluster.local].
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
 }
 
 /// The same settings as the flags, read from the `--config` YAML file.
@@ -120,6 +129,7 @@ struct ConfigFile {
     opaque_ports: Option<ScalarString>,
     control_addr: Option<String>,
     trust_anchors: Option<PathBuf>,
+    trust_domain: Option<String>,
 }
 
 /// A YAML scalar taken as its text, so `proxy-uid: 1337` and `proxy-cpu-limit: 1` work unquoted.
@@ -155,6 +165,8 @@ pub struct Config {
     pub control_addr: Option<ControlAddr>,
     /// The proxy's `REMORA_TRUST_ANCHORS`; `None` leaves the variable out.
     pub trust_anchors: Option<TrustAnchors>,
+    /// Of the identity in `remora.io/status`.
+    pub trust_domain: String,
 }
 
 impl Default for Config {
@@ -181,6 +193,7 @@ impl Default for Config {
             opaque_ports: DEFAULT_OPAQUE_PORTS.parse().unwrap_or_default(),
             control_addr: DEFAULT_CONTROL_ADDR.parse().ok(),
             trust_anchors: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
         }
     }
 }
@@ -350,6 +363,13 @@ impl ConfigArgs {
             .map(PathBuf::from)
             .or(file.trust_anchors)
             .filter(|path| !path.as_os_str().is_empty());
+        let trust_domain = match self.trust_domain.clone().or(file.trust_domain) {
+            None => defaults.trust_domain,
+            Some(value) => parse_trust_domain(&value).map_err(|message| ConfigError::Invalid {
+                setting: "trust-domain",
+                message,
+            })?,
+        };
 
         let config = Config {
             proxy_image: image(
@@ -369,9 +389,25 @@ impl ConfigArgs {
             opaque_ports,
             control_addr,
             trust_anchors: None,
+            trust_domain,
         };
         Ok((config, trust_anchors))
     }
+}
+
+/// A SPIFFE trust domain name: lowercase letters, digits, `.`, `-` and `_` (the SPIFFE ID
+/// standard), at most 255 bytes.
+pub fn parse_trust_domain(value: &str) -> Result<String, String> {
+    let domain = value.trim();
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b);
+    if domain.is_empty() || domain.len() > 255 || !domain.bytes().all(allowed) {
+        return Err(format!(
+            "{} is not a trust domain (expected lowercase letters, digits, '.', '-' and '_', \
+             e.g. cluster.local)",
+            remora_init::quoted(value)
+        ));
+    }
+    Ok(domain.to_string())
 }
 
 fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
@@ -481,6 +517,34 @@ mod tests {
         assert_eq!(config.proxy_resources.memory_limit.to_string(), "256Mi");
         assert_eq!(config.init_resources.cpu_request.to_string(), "10m");
         assert_eq!(config.init_resources.memory_limit.to_string(), "64Mi");
+        assert_eq!(config.trust_domain, "cluster.local");
+    }
+
+    #[test]
+    fn trust_domain_from_flag_and_file() {
+        let file = config_file("trust-domain: prod.example\n");
+        let path = file.path().to_str().unwrap();
+        assert_eq!(
+            load(&["--config", path]).unwrap().trust_domain,
+            "prod.example"
+        );
+        let config = load(&["--config", path, "--trust-domain", "mesh_1.example"]).unwrap();
+        assert_eq!(config.trust_domain, "mesh_1.example");
+        for bad in [
+            "",
+            "Cluster.Local",
+            "cluster.local/ns",
+            "spiffe://cluster.local",
+        ] {
+            let err = load(&["--trust-domain", bad]).expect_err(bad).to_string();
+            assert!(
+                err.contains("--trust-domain")
+                    && err.contains("REMORA_TRUST_DOMAIN")
+                    && err.contains(&format!("{bad:?}"))
+                    && err.contains("e.g. cluster.local"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     fn config_file(text: &str) -> tempfile::NamedTempFile {

@@ -9,8 +9,9 @@ use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,11 +20,21 @@ use serde_json::{json, Value};
 
 use crate::annotations::{self, InjectChoice, PodSettings, Resources};
 use crate::config::{Config, VERSION};
+use crate::mtls::InboundMtls;
+use crate::probes;
 use crate::review::WebhookPath;
 
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
 pub const PROXY_CONTAINER_NAME: &str = "remora-proxy";
 pub const XTABLES_LOCK_VOLUME: &str = "remora-xtables-lock";
+/// The projected ServiceAccount token the proxy trades for its workload certificate.
+pub const IDENTITY_TOKEN_VOLUME: &str = "remora-identity-token";
+/// Where the proxy finds the token (as `token`): its `--identity-token` default is in there.
+pub const IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/remora.io/identity";
+/// The audience remora-control's TokenReview asks for: a token for the API server won't do.
+pub const IDENTITY_TOKEN_AUDIENCE: &str = "remora.io/identity";
+/// An hour, Kubernetes' default for a projected token; kubelet renews it at 80 % of that.
+const IDENTITY_TOKEN_SECONDS: i64 = 3600;
 /// Named so that a probe or a Service can refer to it; at most 15 characters, as Kubernetes requires.
 pub const ADMIN_PORT_NAME: &str = "remora-admin";
 pub const ADMIN_PORT: u16 = remora_init::config::ADMIN_PORT;
@@ -154,7 +165,7 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
         );
     }
 
-    let (settings, mut warnings) =
+    let (mut settings, mut warnings) =
         match annotations::pod_settings(metadata.annotations.as_ref(), config) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -163,6 +174,14 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
                 }
             }
         };
+    // Strict mode refuses plaintext, and kubelet's probes are plaintext: the proxy is told
+    // which of them to let through.
+    if settings.inbound_mtls == Some(InboundMtls::Strict) {
+        match probes::inbound_probes(spec, &settings.init) {
+            Ok(probes) => settings.inbound_probes = probes,
+            Err(message) => return Decision::Deny { message },
+        }
+    }
     // Misspelled annotations are warned about by `pod_settings`; only `remora.io/inject` is
     // read as a label, so a near miss among the labels is told here.
     if let Some(("label", key)) = misspelled_inject(metadata) {
@@ -172,8 +191,9 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
         ));
     }
     warnings.extend(collision_warnings(spec, settings.proxy_uid));
+    let identity = pod_identity(pod, &config.trust_domain);
     Decision::Inject {
-        patch: build_patch(pod, spec, &settings),
+        patch: build_patch(pod, spec, &settings, &identity),
         warnings,
     }
 }
@@ -219,8 +239,8 @@ fn remora_name_taken(spec: &PodSpec) -> Option<String> {
     spec.volumes
         .iter()
         .flatten()
-        .find(|volume| volume.name == XTABLES_LOCK_VOLUME)
-        .map(|_| format!("a volume named {XTABLES_LOCK_VOLUME}"))
+        .find(|volume| volume.name == XTABLES_LOCK_VOLUME || volume.name == IDENTITY_TOKEN_VOLUME)
+        .map(|volume| format!("a volume named {}", volume.name))
 }
 
 /// Whether the pod can only be scheduled on Windows: `spec.os.name`, a `kubernetes.io/os`
@@ -315,14 +335,33 @@ fn collision_warnings(spec: &PodSpec, proxy_uid: u32) -> Vec<String> {
     warnings
 }
 
-/// The `remora.io/status` annotation's value: what was injected, by which version.
-pub fn status_annotation() -> String {
+/// The `remora.io/status` annotation's value: what was injected, by which version, and the
+/// identity the pod's proxy will be certified as (remora-control reads it to know which
+/// endpoints are meshed, and as whom).
+pub fn status_annotation(identity: &str) -> String {
     json!({
         "version": VERSION,
         "initContainers": [INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME],
-        "volumes": [XTABLES_LOCK_VOLUME],
+        "volumes": [XTABLES_LOCK_VOLUME, IDENTITY_TOKEN_VOLUME],
+        "identity": identity,
     })
     .to_string()
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`: the SAN remora-control signs
+/// for this pod's token. The namespace is the pod's (the webhook fills it in from the request;
+/// `default` when nothing names one); the ServiceAccount is `serviceAccountName`, else the
+/// deprecated `serviceAccount`, else `default` — as the API server's ServiceAccount admission
+/// resolves it.
+pub fn pod_identity(pod: &Pod, trust_domain: &str) -> String {
+    let non_empty = |name: Option<&String>| name.filter(|name| !name.is_empty()).cloned();
+    let namespace =
+        non_empty(pod.metadata.namespace.as_ref()).unwrap_or_else(|| "default".to_string());
+    let spec = pod.spec.as_ref();
+    let service_account = non_empty(spec.and_then(|spec| spec.service_account_name.as_ref()))
+        .or_else(|| non_empty(spec.and_then(|spec| spec.service_account.as_ref())))
+        .unwrap_or_else(|| "default".to_string());
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// Puts `name`, `image` and `args` first (k8s-openapi writes fields alphabetically), so that
@@ -357,10 +396,10 @@ fn to_value<T: serde::Serialize>(value: &T) -> Value {
 
 /// The explicit RFC 6902 operations: every missing map or list is created before anything is
 /// added into it, so the patch applies to any valid pod.
-fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings) -> Patch {
+fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings, identity: &str) -> Patch {
     let mut operations = Vec::new();
 
-    let status = (annotations::STATUS.to_string(), status_annotation());
+    let status = (annotations::STATUS.to_string(), status_annotation(identity));
     match &pod.metadata.annotations {
         None => operations.push(add(
             pointer(&["metadata", "annotations"]),
@@ -385,20 +424,50 @@ fn build_patch(pod: &Pod, spec: &PodSpec, settings: &PodSettings) -> Patch {
         }
     }
 
-    let volume = to_value(&Volume {
-        name: XTABLES_LOCK_VOLUME.to_string(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    });
+    let volumes = [xtables_lock_volume(), identity_token_volume()].map(|v| to_value(&v));
     match &spec.volumes {
         None => operations.push(add(
             pointer(&["spec", "volumes"]),
-            Value::Array(vec![volume]),
+            Value::Array(volumes.into()),
         )),
-        Some(_) => operations.push(add(pointer(&["spec", "volumes", "-"]), volume)),
+        Some(_) => operations.extend(
+            volumes
+                .into_iter()
+                .map(|volume| add(pointer(&["spec", "volumes", "-"]), volume)),
+        ),
     }
 
     Patch(operations)
+}
+
+fn xtables_lock_volume() -> Volume {
+    Volume {
+        name: XTABLES_LOCK_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+/// A projected token rather than the pod's own ServiceAccount token: it is for remora-control
+/// alone (its audience), it expires, and it is there even with `automountServiceAccountToken:
+/// false`, which governs only the API server token.
+fn identity_token_volume() -> Volume {
+    Volume {
+        name: IDENTITY_TOKEN_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(IDENTITY_TOKEN_AUDIENCE.to_string()),
+                    expiration_seconds: Some(IDENTITY_TOKEN_SECONDS),
+                    path: "token".to_string(),
+                    ..ServiceAccountTokenProjection::default()
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 fn resources(resources: &Resources) -> ResourceRequirements {
@@ -489,6 +558,18 @@ fn proxy_args(settings: &PodSettings) -> Vec<String> {
     if let Some(limit) = settings.inbound_rate_limit {
         args.extend(["--inbound-rate-limit".to_string(), limit.to_string()]);
     }
+    if let Some(mode) = settings.inbound_mtls {
+        args.extend(["--inbound-mtls".to_string(), mode.to_string()]);
+    }
+    if !settings.allow_from.is_empty() {
+        args.extend(["--allow-from".to_string(), settings.allow_from.to_string()]);
+    }
+    if !settings.inbound_probes.is_empty() {
+        args.extend([
+            "--inbound-probes".to_string(),
+            settings.inbound_probes.to_string(),
+        ]);
+    }
     if let Some(control) = &settings.control_addr {
         args.extend(["--control".to_string(), control.to_string()]);
     }
@@ -547,6 +628,14 @@ fn proxy_container(settings: &PodSettings) -> Container {
             ..SecurityContext::default()
         }),
         resources: Some(resources(&settings.proxy_resources)),
+        // Only the proxy sees the token: the app's containers have no use for it, and a token
+        // they could read would let them pass for the pod's identity elsewhere.
+        volume_mounts: Some(vec![VolumeMount {
+            name: IDENTITY_TOKEN_VOLUME.to_string(),
+            mount_path: IDENTITY_TOKEN_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
     }
 }
@@ -1088,6 +1177,7 @@ pub(crate) mod tests {
                 "add /spec/initContainers/0",
                 "add /spec/initContainers/1",
                 "add /spec/volumes/-",
+                "add /spec/volumes/-",
             ]
         );
     }
@@ -1116,7 +1206,10 @@ pub(crate) mod tests {
             .iter()
             .map(|v| v["name"].as_str().unwrap())
             .collect();
-        assert_eq!(volumes, ["data", "remora-xtables-lock"]);
+        assert_eq!(
+            volumes,
+            ["data", "remora-xtables-lock", "remora-identity-token"]
+        );
         assert_eq!(out["metadata"]["annotations"]["a~b/c"], "d");
         let status: Value = serde_json::from_str(
             out["metadata"]["annotations"]["remora.io/status"]
@@ -1128,6 +1221,450 @@ pub(crate) mod tests {
         assert_eq!(
             status["initContainers"],
             json!(["remora-init", "remora-proxy"])
+        );
+        assert_eq!(
+            status["volumes"],
+            json!(["remora-xtables-lock", "remora-identity-token"])
+        );
+        // No namespace anywhere, no ServiceAccount: the defaults.
+        assert_eq!(
+            status["identity"],
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+    }
+
+    /// The `identity` of the status annotation that injecting `value` with `config` writes.
+    fn status_identity(value: Value, config: &Config) -> String {
+        let Decision::Inject { patch, .. } =
+            decide(&pod(value.clone()), WebhookPath::Inject, config)
+        else {
+            panic!("expected an injection");
+        };
+        let mut out = value;
+        json_patch::patch(&mut out, &patch).expect("patch applies");
+        let status: Value = serde_json::from_str(
+            out["metadata"]["annotations"]["remora.io/status"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        status["identity"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn status_names_the_identity_of_the_pods_service_account() {
+        // Name, pod namespace, serviceAccountName, deprecated serviceAccount, wanted identity.
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+        );
+        let cases: &[Case] = &[
+            (
+                "no service account",
+                Some("shop"),
+                None,
+                None,
+                "spiffe://cluster.local/ns/shop/sa/default",
+            ),
+            (
+                "serviceAccountName",
+                Some("shop"),
+                Some("checkout"),
+                None,
+                "spiffe://cluster.local/ns/shop/sa/checkout",
+            ),
+            (
+                "empty serviceAccountName",
+                Some("shop"),
+                Some(""),
+                None,
+                "spiffe://cluster.local/ns/shop/sa/default",
+            ),
+            (
+                "deprecated serviceAccount only",
+                Some("shop"),
+                None,
+                Some("legacy"),
+                "spiffe://cluster.local/ns/shop/sa/legacy",
+            ),
+            (
+                "serviceAccountName wins",
+                Some("shop"),
+                Some("checkout"),
+                Some("legacy"),
+                "spiffe://cluster.local/ns/shop/sa/checkout",
+            ),
+            (
+                "no namespace",
+                None,
+                Some("checkout"),
+                None,
+                "spiffe://cluster.local/ns/default/sa/checkout",
+            ),
+            (
+                "empty namespace",
+                Some(""),
+                None,
+                None,
+                "spiffe://cluster.local/ns/default/sa/default",
+            ),
+        ];
+        for (name, namespace, account_name, account, want) in cases {
+            let mut value = base_pod();
+            value["metadata"]["namespace"] = json!(namespace);
+            if namespace.is_none() {
+                value["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("namespace");
+            }
+            if let Some(account_name) = account_name {
+                value["spec"]["serviceAccountName"] = json!(account_name);
+            }
+            if let Some(account) = account {
+                value["spec"]["serviceAccount"] = json!(account);
+            }
+            assert_eq!(
+                status_identity(value, &Config::default()),
+                *want,
+                "case {name}"
+            );
+        }
+        let config = Config {
+            trust_domain: "prod.example".to_string(),
+            ..Config::default()
+        };
+        assert_eq!(
+            status_identity(base_pod(), &config),
+            "spiffe://prod.example/ns/shop/sa/default"
+        );
+    }
+
+    #[test]
+    fn only_the_proxy_mounts_the_identity_token() {
+        let out = applied(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "initContainers": [{"name": "migrate", "image": "flyway"}],
+                "containers": [
+                    {"name": "web", "image": "nginx", "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                    {"name": "worker", "image": "worker"},
+                ],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        }));
+        assert_eq!(
+            out["spec"]["volumes"][2],
+            json!({"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token",
+            }}]}})
+        );
+        // Projected tokens do not depend on automountServiceAccountToken: left as it was.
+        assert_eq!(out["spec"]["automountServiceAccountToken"], false);
+        let spec = &out["spec"];
+        let all = spec["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(spec["containers"].as_array().unwrap());
+        let mounting: Vec<(&str, &Value)> = all
+            .flat_map(|c| {
+                c["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["name"] == IDENTITY_TOKEN_VOLUME)
+                    .map(|m| (c["name"].as_str().unwrap(), m))
+            })
+            .collect();
+        assert_eq!(
+            mounting,
+            [(
+                "remora-proxy",
+                &json!({"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true})
+            )]
+        );
+    }
+
+    /// The proxy's args for `value`, or the deny message.
+    fn proxy_args_of(value: Value) -> Result<Vec<String>, String> {
+        match decide(&pod(value.clone()), WebhookPath::Inject, &Config::default()) {
+            Decision::Inject { patch, .. } => {
+                let mut out = value;
+                json_patch::patch(&mut out, &patch).expect("patch applies");
+                Ok(
+                    serde_json::from_value(out["spec"]["initContainers"][1]["args"].clone())
+                        .unwrap(),
+                )
+            }
+            Decision::Deny { message } => Err(message),
+            other => panic!("expected an injection or a deny, got {other:?}"),
+        }
+    }
+
+    /// The value of `flag` among `args`, if it is there.
+    fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).map(String::as_str)
+    }
+
+    #[test]
+    fn mtls_annotations_become_proxy_flags() {
+        // Name, annotations, --inbound-mtls, --allow-from.
+        type Case = (
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            ("neither", &[], None, None),
+            (
+                "permissive said",
+                &[("remora.io/inbound-mtls", "permissive")],
+                Some("permissive"),
+                None,
+            ),
+            (
+                "strict",
+                &[("remora.io/inbound-mtls", "strict")],
+                Some("strict"),
+                None,
+            ),
+            (
+                "allow-from alone",
+                &[("remora.io/allow-from", "shop/checkout, monitoring/*")],
+                None,
+                Some("shop/checkout,monitoring/*"),
+            ),
+            (
+                "empty allow-from is anyone",
+                &[("remora.io/allow-from", " ")],
+                None,
+                None,
+            ),
+            (
+                "both",
+                &[
+                    ("remora.io/inbound-mtls", "strict"),
+                    ("remora.io/allow-from", "shop/*"),
+                ],
+                Some("strict"),
+                Some("shop/*"),
+            ),
+        ];
+        for (name, annotations, mode, allow) in cases {
+            let mut value = base_pod();
+            for (key, v) in *annotations {
+                value["metadata"]["annotations"][*key] = json!(v);
+            }
+            let args = proxy_args_of(value).unwrap();
+            assert_eq!(
+                flag(&args, "--inbound-mtls"),
+                *mode,
+                "case {name}: {args:?}"
+            );
+            assert_eq!(flag(&args, "--allow-from"), *allow, "case {name}: {args:?}");
+            // No probes in base_pod: no exception to list.
+            assert_eq!(flag(&args, "--inbound-probes"), None, "case {name}");
+        }
+    }
+
+    #[test]
+    fn bad_mtls_annotations_are_denied_naming_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "remora.io/inbound-mtls",
+                "on",
+                "expected permissive or strict",
+            ),
+            (
+                "remora.io/inbound-mtls",
+                "",
+                "expected permissive or strict",
+            ),
+            (
+                "remora.io/allow-from",
+                "checkout",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+            (
+                "remora.io/allow-from",
+                "shop/a,Shop/b",
+                "NAMESPACE/SERVICEACCOUNT or NAMESPACE/*",
+            ),
+        ];
+        for (key, value, form) in cases {
+            let mut pod = base_pod();
+            pod["metadata"]["annotations"][*key] = json!(value);
+            let message = proxy_args_of(pod).expect_err(key);
+            assert!(
+                message.starts_with(&format!("annotation {key}: {value:?}"))
+                    && message.contains(form),
+                "{key}={value:?}: {message}"
+            );
+        }
+    }
+
+    /// `base_pod` in strict mode with these containers (and init containers).
+    fn strict_pod(containers: Value, init_containers: Option<Value>) -> Value {
+        let mut value = base_pod();
+        value["metadata"]["annotations"] = json!({"remora.io/inbound-mtls": "strict"});
+        value["spec"]["containers"] = containers;
+        if let Some(init) = init_containers {
+            value["spec"]["initContainers"] = init;
+        }
+        value
+    }
+
+    #[test]
+    fn strict_mode_passes_the_pods_probes_to_the_proxy() {
+        let http = |port: Value, path: &str| json!({"httpGet": {"port": port, "path": path}});
+        let containers = json!([
+            {
+                "name": "web", "image": "web",
+                "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9901}],
+                "livenessProbe": http(json!("http"), "/healthz?verbose=1"),
+                "readinessProbe": http(json!(8080), "ready"),
+                "startupProbe": http(json!("http"), "/healthz"),
+            },
+            {
+                "name": "tls", "image": "tls",
+                "livenessProbe": {"httpGet": {"port": 8443, "path": "/live", "scheme": "HTTPS"}},
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "startupProbe": {"tcpSocket": {"port": 5432}},
+            },
+            {
+                "name": "plain", "image": "plain",
+                "livenessProbe": {"exec": {"command": ["true"]}},
+                "readinessProbe": {"httpGet": {"port": 7000}},
+                // 5432 already open as a whole: its path is not listed.
+                "startupProbe": http(json!(5432), "/up"),
+            },
+        ]);
+        let init = json!([
+            // A native sidecar's probes count; a plain init container has none to count.
+            {"name": "logs", "image": "logs", "restartPolicy": "Always",
+             "readinessProbe": {"tcpSocket": {"port": 2020}}},
+            {"name": "migrate", "image": "flyway"},
+        ]);
+        let args = proxy_args_of(strict_pod(containers.clone(), Some(init))).unwrap();
+        assert_eq!(
+            flag(&args, "--inbound-probes"),
+            Some("2020,5432,7000:/,8080:/healthz,8080:/ready,8443,9090"),
+            "{args:?}"
+        );
+
+        // Permissive (said or not): every plaintext request is let in already.
+        let mut permissive = strict_pod(containers, None);
+        permissive["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
+        assert_eq!(
+            flag(
+                &proxy_args_of(permissive.clone()).unwrap(),
+                "--inbound-probes"
+            ),
+            None
+        );
+        permissive["metadata"]["annotations"] = json!({});
+        assert_eq!(
+            flag(&proxy_args_of(permissive).unwrap(), "--inbound-probes"),
+            None
+        );
+    }
+
+    #[test]
+    fn probes_on_ports_the_redirect_skips_need_nothing() {
+        let containers = json!([{
+            "name": "web", "image": "web",
+            "livenessProbe": {"tcpSocket": {"port": 9000}},
+            "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}},
+            "startupProbe": {"httpGet": {"port": 15020, "path": "/ready"}},
+        }]);
+        let mut value = strict_pod(containers, None);
+        value["metadata"]["annotations"]["remora.io/exclude-inbound-ports"] = json!("9000");
+        let args = proxy_args_of(value.clone()).unwrap();
+        assert_eq!(
+            flag(&args, "--inbound-probes"),
+            Some("8080:/ready"),
+            "{args:?}"
+        );
+        // Only 9000 redirected: 8080 needs nothing either.
+        value["metadata"]["annotations"]["remora.io/exclude-inbound-ports"] = json!("");
+        value["metadata"]["annotations"]["remora.io/include-inbound-ports"] = json!("9000");
+        let args = proxy_args_of(value).unwrap();
+        assert_eq!(flag(&args, "--inbound-probes"), Some("9000"), "{args:?}");
+    }
+
+    #[test]
+    fn strict_mode_denies_a_probe_it_cannot_pass() {
+        // Name, container, the words the message must hold.
+        let cases: &[(&str, Value, &[&str])] = &[
+            (
+                "unknown port name",
+                json!({"name": "web", "image": "web", "ports": [{"name": "http", "containerPort": 8080}],
+                       "readinessProbe": {"httpGet": {"port": "metrics", "path": "/ready"}}}),
+                &[
+                    "container web",
+                    "readinessProbe",
+                    "\"metrics\"",
+                    "it names http",
+                ],
+            ),
+            (
+                "a name of another container's port",
+                json!({"name": "side", "image": "side",
+                       "livenessProbe": {"tcpSocket": {"port": "http"}}}),
+                &[
+                    "container side",
+                    "livenessProbe",
+                    "\"http\"",
+                    "it names none",
+                ],
+            ),
+            (
+                "a comma in the path",
+                json!({"name": "web", "image": "web",
+                       "startupProbe": {"httpGet": {"port": 8080, "path": "/a,b"}}}),
+                &[
+                    "container web",
+                    "startupProbe",
+                    "\"/a,b\"",
+                    "without commas",
+                ],
+            ),
+        ];
+        for (name, container, needles) in cases {
+            let containers = json!([{"name": "web0", "image": "w", "ports": [{"name": "http", "containerPort": 80}]}, container]);
+            let message = proxy_args_of(strict_pod(containers, None)).expect_err(name);
+            for needle in *needles {
+                assert!(message.contains(needle), "case {name}: {message}");
+            }
+        }
+        // Not strict: the probes are not read, so nothing to deny.
+        let containers = json!([{"name": "web", "image": "web",
+            "livenessProbe": {"tcpSocket": {"port": "nope"}}}]);
+        let mut value = strict_pod(containers, None);
+        value["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
+        assert!(proxy_args_of(value).is_ok());
+    }
+
+    #[test]
+    fn a_volume_named_like_the_identity_token_means_injected_by_hand() {
+        let decision = decide(
+            &pod_with(|p| {
+                p["spec"]["volumes"] = json!([{"name": "remora-identity-token", "emptyDir": {}}]);
+            }),
+            WebhookPath::Inject,
+            &Config::default(),
+        );
+        assert_eq!(
+            summary(&decision),
+            Want::Skip(SkipReason::InjectedByHand, true)
         );
     }
 
@@ -1190,11 +1727,17 @@ pub(crate) mod tests {
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
                 "startupProbe": probe("/ready", 1, 120),
+                "volumeMounts": [{"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true}],
             })
         );
         assert_eq!(
             out["spec"]["volumes"],
-            json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+            json!([
+                {"emptyDir": {}, "name": "remora-xtables-lock"},
+                {"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token",
+                }}]}},
+            ])
         );
     }
 

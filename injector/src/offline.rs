@@ -451,6 +451,8 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
         }
     };
     let description = describe(object);
+    // The pods' namespace is the workload's: a template carries none of its own.
+    let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
     let mut target = &mut *object;
     for key in template {
         target = match target.get_mut(*key) {
@@ -466,13 +468,16 @@ fn inject_object(object: &mut Value, context: &mut Context<'_, '_>) -> Result<bo
             }
         };
     }
-    inject_pod_template(target, &description, context)
+    inject_pod_template(target, namespace, &description, context)
 }
 
 /// Runs the webhook's decision on a pod (or pod template: metadata and spec) and applies the
-/// patch to it.
+/// patch to it. `namespace` is the one the pods will be created in, as far as the document says
+/// (the identity in `remora.io/status` names it; without one, `default`, where `kubectl apply`
+/// puts them unless told otherwise).
 fn inject_pod_template(
     template: &mut Value,
+    namespace: Option<String>,
     description: &str,
     context: &mut Context<'_, '_>,
 ) -> Result<bool, OfflineError> {
@@ -513,7 +518,7 @@ fn inject_pod_template(
         }
     }
     // The path (`spec.containers[0].ports[0].containerPort`) says where a bad field is.
-    let pod: Pod = serde_path_to_error::deserialize(pod_value.clone()).map_err(|err| {
+    let mut pod: Pod = serde_path_to_error::deserialize(pod_value.clone()).map_err(|err| {
         OfflineError::Invalid {
             document: context.document.number,
             line: context.document.object_line(),
@@ -521,6 +526,11 @@ fn inject_pod_template(
             message: format!("the pod template is not a valid pod: {err}"),
         }
     })?;
+    // As the webhook does with the request's namespace; only the decision sees it, the
+    // template is left without one.
+    if pod.metadata.namespace.is_none() {
+        pod.metadata.namespace = namespace;
+    }
     if pod.spec.is_none() {
         return Err(OfflineError::Invalid {
             document: context.document.number,
@@ -848,6 +858,57 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    #[test]
+    fn identity_namespace_is_the_documents_else_default() {
+        let identities = |input: &str| -> Vec<String> {
+            use serde::Deserialize;
+            let output = inject(input).unwrap().output;
+            let mut pod_metadata = Vec::new();
+            for document in serde_yaml_ng::Deserializer::from_str(&output) {
+                let value = Value::deserialize(document).unwrap();
+                let items = value["items"].as_array().cloned().unwrap_or_default();
+                for object in std::iter::once(value).chain(items) {
+                    match object["kind"].as_str() {
+                        Some("Pod") => pod_metadata.push(object["metadata"].clone()),
+                        Some("Deployment") => {
+                            let metadata = &object["spec"]["template"]["metadata"];
+                            // The template gets no namespace of its own.
+                            assert!(metadata.get("namespace").is_none(), "{metadata}");
+                            pod_metadata.push(metadata.clone());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            pod_metadata
+                .iter()
+                .map(|metadata| {
+                    let status = metadata["annotations"]["remora.io/status"]
+                        .as_str()
+                        .unwrap();
+                    let status: Value = serde_json::from_str(status).unwrap();
+                    status["identity"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        let template = "template: {metadata: {labels: {app: a}}, spec: {serviceAccountName: shopper, containers: [{name: a, image: busybox}]}}";
+        let input = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: a, namespace: shop}}\nspec: {{{template}}}\n\
+             ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: b}}\nspec: {{{template}}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: payments}}\nspec: {{containers: [{{name: c, image: busybox}}]}}\n\
+             ---\napiVersion: v1\nkind: List\nitems:\n- {{apiVersion: apps/v1, kind: Deployment, metadata: {{name: d, namespace: ops}}, spec: {{{template}}}}}\n"
+        );
+        assert_eq!(
+            identities(&input),
+            [
+                "spiffe://cluster.local/ns/shop/sa/shopper",
+                "spiffe://cluster.local/ns/default/sa/shopper",
+                "spiffe://cluster.local/ns/payments/sa/default",
+                "spiffe://cluster.local/ns/ops/sa/shopper",
+            ]
+        );
     }
 
     #[test]

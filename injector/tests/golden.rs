@@ -83,6 +83,12 @@ fn golden_other_workloads() {
     check("other-workloads");
 }
 
+/// Strict mTLS: the allow list and the pod's probes become proxy flags.
+#[test]
+fn golden_mtls() {
+    check("mtls");
+}
+
 /// The control plane's address and the CAs that verify it, as the proxy gets them.
 #[test]
 fn golden_control_plane() {

@@ -361,3 +361,48 @@ fn control_plane_settings_reach_the_proxy() {
         "{stderr}"
     );
 }
+
+/// The identity in `remora.io/status` takes its trust domain from `--trust-domain` or
+/// `REMORA_TRUST_DOMAIN` (flag first); a bad one stops the run naming the setting.
+#[test]
+fn trust_domain_from_flag_and_environment() {
+    let identity = |output: &Output| -> String {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let pod: serde_json::Value = serde_yaml_ng::from_slice(&output.stdout).unwrap();
+        let status = pod["metadata"]["annotations"]["remora.io/status"]
+            .as_str()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_str(status).unwrap();
+        status["identity"].as_str().unwrap().to_string()
+    };
+    let args = ["inject", "-f", "-"];
+    assert_eq!(
+        identity(&injector(&args, &[], POD)),
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    let env = [("REMORA_TRUST_DOMAIN", "env.example")];
+    assert_eq!(
+        identity(&injector(&args, &env, POD)),
+        "spiffe://env.example/ns/default/sa/default"
+    );
+    let with_flag = ["inject", "-f", "-", "--trust-domain", "flag.example"];
+    assert_eq!(
+        identity(&injector(&with_flag, &env, POD)),
+        "spiffe://flag.example/ns/default/sa/default"
+    );
+    let bad = injector(
+        &["inject", "-f", "-", "--trust-domain", "Not/A/Domain"],
+        &[],
+        POD,
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--trust-domain") && stderr.contains("Not/A/Domain"),
+        "{stderr}"
+    );
+}

@@ -126,7 +126,34 @@ fn assert_kubernetes_accepts(pod: &Value) {
         spec.volumes.as_ref().map_or(0, Vec::len),
         "duplicate volume names"
     );
+    // Pod validation of a projected ServiceAccount token: at least 10 minutes, at most 2^32
+    // seconds, a relative path without `..`.
+    for volume in spec.volumes.iter().flatten() {
+        let sources = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten());
+        for token in sources.filter_map(|source| source.service_account_token.as_ref()) {
+            let seconds = token.expiration_seconds.unwrap_or(3600);
+            assert!(
+                (600..=1 << 32).contains(&seconds),
+                "{}: {seconds}",
+                volume.name
+            );
+            assert!(
+                !token.path.is_empty()
+                    && !token.path.starts_with('/')
+                    && !token.path.split('/').any(|part| part == ".."),
+                "{}: path {:?}",
+                volume.name,
+                token.path
+            );
+        }
+    }
     for container in &all {
+        for mount in container.volume_mounts.iter().flatten() {
+            assert!(mount.mount_path.starts_with('/'), "{}", mount.mount_path);
+        }
         for port in container.ports.iter().flatten() {
             if let Some(name) = &port.name {
                 let valid = name.len() <= 15
@@ -252,8 +279,13 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     let pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"generateName": "web-", "namespace": "shop"},
-        "spec": {"containers": [{"image": "nginx:1.27", "name": "web"}]},
+        // As a ReplicaSet creates it: the namespace is the request's alone.
+        "metadata": {"generateName": "web-"},
+        "spec": {
+            "serviceAccountName": "storefront",
+            "automountServiceAccountToken": false,
+            "containers": [{"image": "nginx:1.27", "name": "web"}],
+        },
     });
     let out = kubectl_patch(&pod, &webhook_patch(&pod));
     assert_kubernetes_accepts(&out);
@@ -296,8 +328,19 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     );
     assert_eq!(
         out["spec"]["volumes"],
-        json!([{"emptyDir": {}, "name": "remora-xtables-lock"}])
+        json!([
+            {"emptyDir": {}, "name": "remora-xtables-lock"},
+            {"name": "remora-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "remora.io/identity", "expirationSeconds": 3600, "path": "token"}}]}},
+        ])
     );
+    // The token is the proxy's alone, whatever automountServiceAccountToken says.
+    assert_eq!(
+        proxy["volumeMounts"],
+        json!([{"mountPath": "/var/run/secrets/remora.io/identity", "name": "remora-identity-token", "readOnly": true}])
+    );
+    assert!(out["spec"]["containers"][0].get("volumeMounts").is_none());
+    assert_eq!(out["spec"]["automountServiceAccountToken"], false);
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020);
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
@@ -310,6 +353,10 @@ fn bare_pod_gets_annotations_init_containers_and_volumes_created() {
     let status: Value = serde_json::from_str(annotations["remora.io/status"].as_str().unwrap())
         .expect("status is JSON");
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        status["identity"],
+        "spiffe://cluster.local/ns/shop/sa/storefront"
+    );
 
     assert_reinvocation_is_a_no_op(&out);
 }
@@ -356,7 +403,7 @@ fn existing_annotations_init_containers_and_volumes_are_kept_in_order() {
     assert_eq!(names(&out["spec"]["containers"]), ["web", "side"]);
     assert_eq!(
         names(&out["spec"]["volumes"]),
-        ["cache", "remora-xtables-lock"]
+        ["cache", "remora-xtables-lock", "remora-identity-token"]
     );
     let annotations = out["metadata"]["annotations"].as_object().unwrap();
     assert_eq!(annotations["example.com/owner"], "shop~team/a");
@@ -368,6 +415,97 @@ fn existing_annotations_init_containers_and_volumes_are_kept_in_order() {
     );
 
     assert_reinvocation_is_a_no_op(&out);
+}
+
+/// Strict mTLS with its probe exceptions and an allow list, on a pod with native sidecars and
+/// named probe ports, as the API server would apply it.
+#[test]
+fn strict_mtls_pod_patches_cleanly_with_its_probes() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "cart-",
+            "annotations": {
+                "remora.io/inbound-mtls": "strict",
+                "remora.io/allow-from": "shop/checkout,monitoring/*",
+            },
+        },
+        "spec": {
+            "serviceAccountName": "cart",
+            "initContainers": [
+                {"image": "envoy", "name": "edge", "restartPolicy": "Always",
+                 "ports": [{"containerPort": 9901, "name": "edge-admin"}],
+                 "readinessProbe": {"httpGet": {"port": "edge-admin", "path": "/ready"}}},
+            ],
+            "containers": [{
+                "image": "cart:1", "name": "cart",
+                "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 9090, "name": "grpc"}],
+                "livenessProbe": {"httpGet": {"port": "http", "path": "/healthz?full=1"}},
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "startupProbe": {"tcpSocket": {"port": "http"}},
+            }],
+        },
+    });
+    let out = kubectl_patch(&pod, &webhook_patch(&pod));
+    assert_kubernetes_accepts(&out);
+    let args: Vec<String> =
+        serde_json::from_value(out["spec"]["initContainers"][1]["args"].clone()).unwrap();
+    let at = args
+        .iter()
+        .position(|a| a == "--inbound-mtls")
+        .expect("--inbound-mtls");
+    assert_eq!(
+        args[at..at + 6],
+        [
+            "--inbound-mtls",
+            "strict",
+            "--allow-from",
+            "shop/checkout,monitoring/*",
+            "--inbound-probes",
+            // The tcpSocket probe opens all of 8080, which covers its /healthz.
+            "8080,9090,9901:/ready",
+        ]
+    );
+    let status: Value = serde_json::from_str(
+        out["metadata"]["annotations"]["remora.io/status"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["identity"], "spiffe://cluster.local/ns/shop/sa/cart");
+    assert_reinvocation_is_a_no_op(&out);
+}
+
+#[test]
+fn bad_mtls_annotations_are_denied_with_status_400() {
+    for (key, value) in [
+        ("remora.io/inbound-mtls", "enforce"),
+        ("remora.io/allow-from", "shop"),
+    ] {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "cart-", "annotations": {key: value}},
+            "spec": {"containers": [{"image": "cart:1", "name": "cart"}]},
+        });
+        let reviewed = review(
+            &admission_review(&pod),
+            WebhookPath::Inject,
+            &Config::default(),
+        )
+        .unwrap();
+        assert_eq!(reviewed.outcome, Outcome::Denied, "{key}");
+        let response = &reviewed.response["response"];
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("annotation {key}: \"{value}\""))
+                && message.contains("expected"),
+            "{message}"
+        );
+        assert!(response.get("patch").is_none());
+    }
 }
 
 #[test]

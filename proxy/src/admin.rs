@@ -56,6 +56,10 @@ fn answer(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" if !proxy.ready.load(Ordering::Acquire) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
         }
+        "/ready" if proxy.identity.holds_readiness() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for a workload certificate\n",
+        ),
         "/ready" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(proxy.metrics.encode())));
@@ -80,4 +84,92 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::{Duration, SystemTime};
+
+    use rustls::pki_types::PrivateKeyDer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::http_tests::{new_proxy, within};
+    use crate::identity::Credentials;
+
+    async fn admin(proxy: &'static Proxy) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, proxy));
+        addr
+    }
+
+    /// The status line and body of `GET path`.
+    async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+        within("an admin answer", async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            let status = text.lines().next().unwrap_or_default().to_string();
+            let body = text
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            (status, body)
+        })
+        .await
+    }
+
+    fn credentials() -> Credentials {
+        Credentials {
+            id: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(Vec::new().into()),
+            trust_anchors: Vec::new(),
+            expires: SystemTime::now() + Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_the_first_certificate_while_the_identity_holds_it() {
+        let proxy = new_proxy();
+        let addr = admin(proxy).await;
+        assert_eq!(
+            get(addr, "/ready").await.0,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        proxy.ready.store(true, Ordering::Release);
+        // No identity asked for (no --control, no token): ready as before.
+        assert_eq!(get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
+
+        proxy.identity.hold_readiness();
+        let (status, body) = get(addr, "/ready").await;
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(body, "waiting for a workload certificate\n");
+        assert_eq!(get(addr, "/live").await.0, "HTTP/1.1 200 OK");
+
+        proxy.identity.set(credentials());
+        assert_eq!(get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn ready_without_a_certificate_once_the_wait_is_over() {
+        let proxy = new_proxy();
+        let addr = admin(proxy).await;
+        proxy.ready.store(true, Ordering::Release);
+        proxy.identity.hold_readiness();
+        assert_eq!(
+            get(addr, "/ready").await.0,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert!(proxy.identity.release_readiness(), "it was held");
+        assert_eq!(get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
+        assert!(proxy.identity.current().is_none());
+        assert!(!proxy.identity.release_readiness(), "released once");
+    }
 }

@@ -27,6 +27,9 @@ pub const DEFAULT_INBOUND_LISTEN: SocketAddr =
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ADMIN_PORT);
 
+/// Where the injected patch mounts the projected ServiceAccount token (SPEC: workload identity).
+pub const DEFAULT_IDENTITY_TOKEN: &str = "/var/run/secrets/remora.io/identity/token";
+
 /// The most worker threads the proxy starts unless `--workers` says otherwise: a sidecar shares
 /// the pod's CPU with the application, and two threads already carry well over what one pod needs.
 const DEFAULT_MAX_WORKERS: usize = 2;
@@ -173,6 +176,18 @@ pub struct Args {
     #[arg(long)]
     pub control_plaintext: bool,
 
+    /// The projected ServiceAccount token (audience remora.io/identity) sent with each request
+    /// for the workload certificate, read again at each renewal (the kubelet rotates it).
+    /// Without --control or without this file the proxy has no identity and talks plaintext
+    /// with every peer.
+    #[arg(long, default_value = DEFAULT_IDENTITY_TOKEN, value_name = "FILE")]
+    pub identity_token: PathBuf,
+
+    /// How long /ready waits for the first workload certificate; after it the proxy is ready
+    /// anyway and talks plaintext with every peer until one comes. 0 does not wait.
+    #[arg(long, default_value = "5s", value_parser = parse_identity_wait, value_name = "DURATION")]
+    pub identity_wait: Duration,
+
     /// Inbound HTTP requests let in per second: `N/s` in all, or `N/s,M/s per-client` to hold
     /// each client IP address to M of them too. Each is a token bucket holding one second's
     /// worth; a request over it gets 429 with Retry-After. Opaque TCP is not limited. With it,
@@ -191,6 +206,13 @@ fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
 fn parse_drain_timeout(value: &str) -> Result<Duration, ConfigError> {
     parse_duration(value).ok_or(ConfigError::Duration {
         flag: "--drain-timeout",
+        value: value.to_string(),
+    })
+}
+
+fn parse_identity_wait(value: &str) -> Result<Duration, ConfigError> {
+    parse_duration(value).ok_or(ConfigError::Duration {
+        flag: "--identity-wait",
         value: value.to_string(),
     })
 }
@@ -512,6 +534,43 @@ mod tests {
                 err.contains("e.g. 100/s or 100/s,10/s per-client"),
                 "{bad}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn identity_flags_default_to_the_injected_token_and_a_bounded_wait() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert_eq!(args.identity_token, Path::new(DEFAULT_IDENTITY_TOKEN));
+        assert_eq!(args.identity_wait, Duration::from_secs(5));
+        let args = Args::try_parse_from([
+            "remora-proxy",
+            "--identity-token",
+            "/tmp/token",
+            "--identity-wait",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(args.identity_token, Path::new("/tmp/token"));
+        assert_eq!(args.identity_wait, Duration::from_millis(250));
+        let args = Args::try_parse_from(["remora-proxy", "--identity-wait", "0"]).unwrap();
+        assert!(args.identity_wait.is_zero());
+        let err = Args::try_parse_from(["remora-proxy", "--identity-wait", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--identity-wait") && err.contains("soon"),
+            "{err}"
+        );
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for text in [
+            "--identity-token <FILE>",
+            "[default: /var/run/secrets/remora.io/identity/token]",
+            "--identity-wait <DURATION>",
+            "[default: 5s]",
+        ] {
+            assert!(help.contains(text), "{text} missing from\n{help}");
         }
     }
 

@@ -174,6 +174,8 @@ impl Drop for InUse {
 /// The process's discovery client.
 pub struct Discovery {
     client: DiscoveryClient<Channel>,
+    /// The client's channel, shared with the identity client (one connection, one TLS setup).
+    channel: Channel,
     config: ControlConfig,
     targets: Mutex<HashMap<SocketAddr, Arc<Watched>>>,
     /// Where the watches run (the admin thread's runtime).
@@ -237,7 +239,8 @@ impl Discovery {
         }
         let channel = endpoint.connect_lazy();
         Ok(Self {
-            client: DiscoveryClient::new(channel),
+            client: DiscoveryClient::new(channel.clone()),
+            channel,
             config,
             targets: Mutex::new(HashMap::new()),
             runtime,
@@ -271,6 +274,15 @@ impl Discovery {
             watched: Arc::clone(watched),
             epoch: self.epoch,
         }
+    }
+
+    /// The channel to the control plane, for its other APIs (`remora.identity.v1`).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
     }
 
     pub fn metrics(&'static self) -> &'static ControlMetrics {
@@ -516,7 +528,7 @@ pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Socke
 }
 
 /// `delay` ± up to a quarter, so that many watches that failed together don't retry together.
-fn jitter(delay: Duration) -> Duration {
+pub(crate) fn jitter(delay: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());

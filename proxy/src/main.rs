@@ -20,7 +20,7 @@ use remora_proxy::proxy::Proxy;
 use remora_proxy::rate_limit::RateLimit;
 use remora_proxy::runtime::workers::Workers;
 use remora_proxy::runtime::{alloc, listen, sched};
-use remora_proxy::{admin, inbound, outbound, serve};
+use remora_proxy::{admin, identity, inbound, outbound, serve};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator;
@@ -85,6 +85,21 @@ fn main() -> anyhow::Result<()> {
         inbound_rate_limit,
         identity: Default::default(),
     }));
+    // The workload certificate comes over the control plane's channel; without one, or without
+    // the token, the proxy has no identity and talks plaintext with every peer.
+    match &proxy.discovery {
+        Some(discovery) => {
+            identity::start(
+                discovery,
+                &args.identity_token,
+                args.identity_wait,
+                &proxy.identity,
+                proxy.metrics.identity_expiration.clone(),
+                runtime.handle(),
+            );
+        }
+        None => info!("no control plane: no workload identity, plaintext with every peer"),
+    }
 
     // Thread per core: each worker is a single-threaded runtime with its own listener sockets
     // (SO_REUSEPORT), so a connection, its upstream connection and every wake-up between them

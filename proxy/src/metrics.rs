@@ -409,6 +409,8 @@ pub struct Metrics {
     pub control: ControlMetrics,
     /// Inbound HTTP requests answered 429 by `--inbound-rate-limit`.
     pub rate_limited: Counter,
+    /// The workload certificate's notAfter in Unix seconds; 0 without one.
+    pub identity_expiration: Gauge,
 }
 
 impl Default for Metrics {
@@ -483,6 +485,13 @@ impl Metrics {
             "Destinations remembered as server-first (held a few minutes, a bounded number)",
             server_first.clone(),
         );
+        let identity_expiration = Gauge::default();
+        registry.register(
+            "identity_expiration_timestamp_seconds",
+            "When the workload certificate in force expires (its notAfter, Unix seconds); 0 \
+             without one",
+            identity_expiration.clone(),
+        );
         let control = ControlMetrics::default();
         registry.register(
             "control_connected",
@@ -555,6 +564,7 @@ impl Metrics {
             outbound: direction_metrics(Direction::Outbound),
             control,
             rate_limited,
+            identity_expiration,
             registry,
         }
     }
@@ -733,6 +743,7 @@ mod tests {
             "remora_proxy_detect_timeouts_total{direction=\"outbound\"} 0",
             "remora_proxy_detect_skipped_total{direction=\"inbound\"} 0",
             "remora_proxy_server_first_destinations{direction=\"outbound\"} 0",
+            "remora_proxy_identity_expiration_timestamp_seconds 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

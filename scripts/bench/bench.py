@@ -8,9 +8,12 @@ Knobs (environment):
   BENCH_SEATS=direct,haproxy,remora   also haproxy-lb and remora-svc: a Service's ClusterIP balanced
                        over three endpoints (HAProxy leastconn; remora-proxy --control); haproxy-acl
                        and remora-route: the same behind 10 routing rules (HAProxy ACLs; an HTTPRoute)
+                       remora-svc-off: the Service path with its resilience policy off
   BENCH_PARTS=proxy,injector,init     also rss: remora-proxy's RSS with 10,000 Services in
-                       remora-control and traffic to 10 of them; issuance: BENCH_ISSUE_PROXIES
-                       (1000) proxies asking remora-control for certificates at once
+                       remora-control and traffic to 10 of them; retry: 30 % injected 503s
+                       behind remora-proxy (retry-on 5xx) and HAProxy (retry-on 503, retries 2);
+                       issuance: BENCH_ISSUE_PROXIES (1000) proxies asking remora-control for
+                       certificates at once
   BENCH_SEATS also remora-pair, remora-mtls, haproxy-pair, haproxy-mtls: two proxies, client
                        pod to server pod, plaintext or mTLS between them (BENCH_REMORA_ARGS_pair)
   BENCH_LOADS=throughput,latency,newconn,h2   the proxy loads
@@ -58,13 +61,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SEAT_NAMES = {"direct": "direct", "haproxy": "HAProxy", "remora": "remora-proxy",
               "haproxy-lb": "HAProxy (Service)", "remora-svc": "remora-proxy (Service)",
-              "haproxy-acl": "HAProxy (ACL)", "remora-route": "remora-proxy (route)"}
+              "haproxy-acl": "HAProxy (ACL)", "remora-route": "remora-proxy (route)",
+              "remora-svc-off": "remora-proxy (Service, policy off)",
+              "haproxy-retry": "HAProxy (retry-on 503)"}
+# Seats of the `retry` part only: not for BENCH_SEATS.
+PART_SEATS = ("haproxy-retry",)
 
 # The Service seats: the client sends to a ClusterIP that no host has, and the seat balances
 # each request over the Service's endpoints (nginx on three addresses of the remote namespace).
 # HAProxy lists the endpoints statically (`balance leastconn`, its best case); remora-proxy
 # learns them from remora-control (`--control`), which runs on the pod's loopback.
-SERVICE_SEATS = ("haproxy-lb", "remora-svc", "haproxy-acl", "remora-route")
+SERVICE_SEATS = ("haproxy-lb", "remora-svc", "haproxy-acl", "remora-route", "remora-svc-off")
 CLUSTER_IP = "198.18.0.100"
 # The route seats (issue 24): the same endpoints, ports and loads as the Service seats, behind
 # 10 routing rules of which the loads' requests match only the last in precedence, which sets a
@@ -74,8 +81,27 @@ CLUSTER_IP = "198.18.0.100"
 # same rules as ACLs (haproxy-acl.cfg.in).
 ROUTE_SEATS = ("haproxy-acl", "remora-route")
 # The seats of remora-proxy with --control (remora-control runs for them).
-CONTROL_SEATS = ("remora-svc", "remora-route")
+CONTROL_SEATS = ("remora-svc", "remora-route", "remora-svc-off")
 ROUTE_CLUSTER_IP = "198.18.0.101"
+# The resilience seat (issue 25): remora-svc's path to a third Service with the same ports and
+# endpoints whose annotations turn the policy off (`failure-accrual: off`, `queue: 0,0`; no
+# `retry-on`, as by default): what the default policy costs remora-svc, in the same run.
+POLICY_OFF_CLUSTER_IP = "198.18.0.102"
+POLICY_OFF_SERVICE_NAME = "nginx-policy-off"
+POLICY_OFF = {"remora.io/failure-accrual": "off", "remora.io/queue": "0,0"}
+# Its client's source address: as POD_SERVICE_SRC_V4 keeps the Service seats' clients off the
+# passthrough seats' TIME_WAIT sockets, this keeps remora-svc-off's off remora-svc's (the proxy
+# accepts both on one address; with one source, the new-connection load through the second ran
+# at 936 requests a second against 13,851).
+POD_POLICY_OFF_SRC_V4 = "198.18.0.253"
+# The `retry` part (issue 25): nginx fails 30 % of the requests to FLAKY_PORT with 503 (drawn
+# per request, so each retry draws again) and logs each one; remora-proxy reaches it as the
+# Service RETRY_SERVICE_NAME with `retry-on: 5xx` (default budget, 2 attempts), HAProxy with
+# `retry-on 503` and `retries 2` (haproxy-retry.cfg.in). The client sends at a fixed rate.
+FLAKY_PORT = 82
+RETRY_CLUSTER_IP = "198.18.0.103"
+RETRY_SERVICE_NAME = "nginx-flaky"
+RETRY_RATE = 1000
 ROUTE_SERVICE_NAME = "nginx-routed"
 # The request header the last rule sets, and its value. nginx echoes it as `X-Seen` on one path
 # only (ROUTE_CHECK_PATH, which the same rule matches), so the loads' responses stay the same
@@ -113,9 +139,10 @@ def seat_label(seat):
 
 def seat_known(seat):
     base, _, variant = seat.partition("@")
-    return base in SEAT_NAMES and (not variant or (base == "remora" and variant.isidentifier()))
+    return base in SEAT_NAMES and base not in PART_SEATS \
+        and (not variant or (base == "remora" and variant.isidentifier()))
 
-KNOWN_PARTS = {"proxy", "injector", "init", "rss"}
+KNOWN_PARTS = {"proxy", "injector", "init", "rss", "retry"}
 KNOWN_LOADS = ["throughput", "latency", "newconn", "h2"]
 LOADS = [x for x in os.environ.get("BENCH_LOADS", ",".join(KNOWN_LOADS)).split(",") if x]
 
@@ -469,7 +496,7 @@ def wants_endpoints():
         seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     if os.environ.get("BENCH_MODE") == "profile":
         seats = os.environ.get("BENCH_PROFILE_SEATS", "haproxy,remora").split(",")
-    return any(s in SERVICE_SEATS for s in seats) or "rss" in PARTS
+    return any(s in SERVICE_SEATS for s in seats) or "rss" in PARTS or "retry" in PARTS
 
 
 def server_addrs():
@@ -500,20 +527,25 @@ def make_pod():
         # too, as a pod's default route would give (without one, connect() fails before the
         # rules redirect it).
         run(["ip", "-n", pod, "addr", "add", f"{POD_SERVICE_SRC_V4}/24", "dev", "eth0"])
-        for cluster_ip in (CLUSTER_IP, ROUTE_CLUSTER_IP):
+        for cluster_ip in (CLUSTER_IP, ROUTE_CLUSTER_IP, RETRY_CLUSTER_IP):
             run(["ip", "-n", pod, "route", "add", f"{cluster_ip}/32", "dev", "eth0",
                  "src", POD_SERVICE_SRC_V4])
+        run(["ip", "-n", pod, "addr", "add", f"{POD_POLICY_OFF_SRC_V4}/24", "dev", "eth0"])
+        run(["ip", "-n", pod, "route", "add", f"{POLICY_OFF_CLUSTER_IP}/32", "dev", "eth0",
+             "src", POD_POLICY_OFF_SRC_V4])
         run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0",
              "src", POD_SERVICE_SRC_V4])
     return pod, remote
 
 
-def start_nginx(remote, work):
+def start_nginx(remote, work, addrs=None):
+    """nginx in `remote` on `addrs` (server_addrs() unless given), its files in `work`."""
     conf = (HERE / "nginx.conf.in").read_text()
-    addrs = server_addrs()
+    addrs = addrs or server_addrs()
     listen = lambda port, extra: "\n".join(f"    listen {a}:{port}{extra} reuseport;" for a in addrs)
     conf = conf.replace("@WORK@", str(work)).replace("@LISTEN_H1@", listen(H1_PORT, "")) \
-        .replace("@LISTEN_H2@", listen(H2_PORT, " http2"))
+        .replace("@LISTEN_H2@", listen(H2_PORT, " http2")) \
+        .replace("@LISTEN_FLAKY@", listen(FLAKY_PORT, ""))
     path = work / "nginx.conf"
     path.write_text(conf)
     proc = JANITOR.spawn(CGROUPS.wrap("server", in_ns(remote, ["nginx", "-c", path, "-g",
@@ -585,6 +617,8 @@ class Seat:
         route seat), else nginx's address."""
         if self.name in ROUTE_SEATS:
             return ROUTE_CLUSTER_IP
+        if self.name == "remora-svc-off":
+            return POLICY_OFF_CLUSTER_IP
         return CLUSTER_IP if self.name in SERVICE_SEATS else REMOTE_V4
 
     @property
@@ -604,7 +638,7 @@ class Seat:
             path.write_text(conf)
             argv = self.wrapper + ["haproxy", "-db", "-f", path]
             ready = lambda: listening(self.pod, OUTBOUND_PORT)
-        elif self.name in ("haproxy-lb", "haproxy-acl"):
+        elif self.name in ("haproxy-lb", "haproxy-acl", "haproxy-retry"):
             servers = lambda port, extra: "\n".join(
                 f"  server e{i} {a}:{port}{extra}" for i, a in enumerate(SERVICE_ENDPOINTS))
             conf = (HERE / f"{self.name}.cfg.in").read_text() \
@@ -613,6 +647,7 @@ class Seat:
                 .replace("@H2_PORT@", str(H2_PORT)) \
                 .replace("@SERVERS_H1@", servers(H1_PORT, "")) \
                 .replace("@SERVERS_H2@", servers(H2_PORT, " proto h2")) \
+                .replace("@SERVERS_FLAKY@", servers(FLAKY_PORT, "")) \
                 .replace("@MARK@", ROUTE_MARK).replace("@MARK_VALUE@", ROUTE_MARK_VALUE)
             path = self.work / f"{self.name}.cfg"
             path.write_text(conf)
@@ -671,12 +706,12 @@ class Seat:
         return CGROUPS.wrap("client", in_ns(self.pod, argv, uid=self.client_uid))
 
 
-def service_objects(namespace, name, cluster_ip, endpoints, ports):
+def service_objects(namespace, name, cluster_ip, endpoints, ports, annotations=None):
     """A Service and its EndpointSlice as the API server would store them (remora-control
     reads them with --objects): `ports` as (name, port, targetPort), every endpoint ready."""
     return [
         {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": name, "namespace": namespace},
+         "metadata": {"name": name, "namespace": namespace, "annotations": annotations or {}},
          "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
                   "selector": {"app": name},
                   "ports": [{"name": n, "protocol": "TCP", "port": p, "targetPort": t}
@@ -702,6 +737,8 @@ def bench_service_objects():
     return service_objects(SERVICE_NS, SERVICE_NAME, CLUSTER_IP, SERVICE_ENDPOINTS, ports) \
         + service_objects(SERVICE_NS, ROUTE_SERVICE_NAME, ROUTE_CLUSTER_IP, SERVICE_ENDPOINTS,
                           ports) \
+        + service_objects(SERVICE_NS, POLICY_OFF_SERVICE_NAME, POLICY_OFF_CLUSTER_IP,
+                          SERVICE_ENDPOINTS, ports, POLICY_OFF) \
         + [bench_route(port) for port in (H1_PORT, H2_PORT)]
 
 
@@ -805,7 +842,8 @@ def check_balanced(seat):
     run(seat.client(["curl", "-sS", "-m", "5", "--http2-prior-knowledge",
                      f"http://{seat.host}:{H2_PORT}/"]), check=False)
     text = service_metrics(seat)
-    service = ROUTE_SERVICE_NAME if seat.name in ROUTE_SEATS else SERVICE_NAME
+    service = ROUTE_SERVICE_NAME if seat.name in ROUTE_SEATS else \
+        POLICY_OFF_SERVICE_NAME if seat.name == "remora-svc-off" else SERVICE_NAME
     for port in (H1_PORT, H2_PORT):
         series = (f'remora_proxy_balancer_endpoints{{namespace="{SERVICE_NS}",'
                   f'service="{service}",port="{port}"}} {len(SERVICE_ENDPOINTS)}')
@@ -1078,6 +1116,8 @@ def proxy_table(summary):
                 ratio_cols.append(("remora-route", base, f"remora-route / {seat_label(base)}"))
     if "haproxy-acl" in seats and "haproxy-lb" in seats:
         ratio_cols.append(("haproxy-acl", "haproxy-lb", "HAProxy (ACL) / HAProxy (Service)"))
+    if "remora-svc" in seats and "remora-svc-off" in seats:
+        ratio_cols.append(("remora-svc", "remora-svc-off", "policy on / policy off (Service)"))
     ratio_cols += pair_ratio_cols(seats)
     for seat in seats:
         if seat.startswith("remora@"):
@@ -1195,6 +1235,22 @@ def targets(summary, injector, init, rss=None):
             check(f"Route: CPU s / 1000 req ({load}) <= 1.10x remora-proxy (Service)'s", x,
                   None if x is None else x <= 1.1,
                   f"{fmt(rt.get(key), 's')} vs {fmt(b.get(key), 's')}"
+                  + (f" ({x:.3f}x)" if x is not None else ""))
+    off = summary.get("remora-svc-off")
+    if sv and off:
+        # Issue 25: the default resilience policy (failure accrual, the queue) against none, on
+        # the same Service path in the same run.
+        x = ratio(sv.get("rps"), off.get("rps"))
+        check("Resilience: throughput (wrk) >= 0.97x the policy off", x,
+              None if x is None else x >= 0.97, f"{x:.3f}x" if x is not None else "n/a")
+        for key, load in (("cpu_per_1k", "wrk"), ("cpu_per_1k_1000rps", "1000 rps"),
+                          ("cpu_per_1k_newconn", "new conn"), ("cpu_per_1k_h2", "h2")):
+            if sv.get(key) is None and off.get(key) is None:
+                continue
+            x = ratio(sv.get(key), off.get(key))
+            check(f"Resilience: CPU s / 1000 req ({load}) <= 1.05x the policy off", x,
+                  None if x is None else x <= 1.05,
+                  f"{fmt(sv.get(key), 's')} vs {fmt(off.get(key), 's')}"
                   + (f" ({x:.3f}x)" if x is not None else ""))
     if rss and "error" not in rss:
         a = rss.get("growth_over_idle_mib")
@@ -1390,6 +1446,96 @@ def rss_drive(seat, hosts):
     return misses
 
 
+def flaky_tries(work):
+    """The requests nginx's flaky port has logged so far: the tries it got."""
+    try:
+        with open(work / "flaky-access.log", "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def metric_sum(text, name, service):
+    """The sum of the series `name` of Service `service` in Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'service="{service}"' in line:
+            total += float(line.split()[-1])
+    return total
+
+
+def bench_retry(pod, work):
+    """Issue 25: RETRY_RATE requests a second for SECONDS (a fixed count, so none is cut off)
+    to endpoints that fail 30 % of the requests with 503, through remora-proxy (the Service with
+    `retry-on: 5xx`, every other annotation at its default: 2 attempts, budget 20%,10/s) and
+    through HAProxy (`retry-on 503`, `retries 2`): the client's success rate and the load
+    multiplier, the tries the endpoints logged per client request. Without retries both would
+    be 70 % and 1.00; with two retries each and no budget, 97.3 % and 1.39."""
+    objects = service_objects(SERVICE_NS, RETRY_SERVICE_NAME, RETRY_CLUSTER_IP,
+                              SERVICE_ENDPOINTS, [("http", FLAKY_PORT, FLAKY_PORT)],
+                              {"remora.io/retry-on": "5xx"})
+    control = start_control(pod, work, objects, "retry")
+    url = f"http://{RETRY_CLUSTER_IP}:{FLAKY_PORT}/"
+    requests = RETRY_RATE * SECONDS
+    argv = ["oha", "-n", str(requests), "-q", str(RETRY_RATE), "-c", "10", "--no-tui",
+            "--output-format", "json", url]
+    seats = ["remora-svc", "haproxy-retry"]
+    rounds = []
+    try:
+        for r in range(ROUNDS):
+            order = seats[r % len(seats):] + seats[:r % len(seats)]
+            results = {}
+            for name in order:
+                seat = Seat(name, pod, work)
+                seat.start()
+                try:
+                    # remora-proxy fails open for a second before its first snapshot.
+                    for _ in range(5):
+                        check = run(seat.client(["curl", "-sS", "-m", "5", url]), check=False)
+                        if "hello" in check.stdout or "injected" in check.stdout:
+                            break
+                    else:
+                        raise BenchError(f"no answer through {seat_label(name)} to {url}: "
+                                         f"{check.stderr.strip()[:300]}")
+                    metrics0 = service_metrics(seat) if name == "remora-svc" else ""
+                    tries0, cpu0 = flaky_tries(work), seat.cpu()
+                    out = run(seat.client(argv), timeout=SECONDS + 60, check=False)
+                    cpu1 = seat.cpu()
+                    if out.returncode != 0:
+                        raise BenchError(f"oha failed ({out.returncode}): {out.stderr[-300:]}")
+                    time.sleep(0.5)  # nginx writes a request's line once it is answered
+                    tries = flaky_tries(work) - tries0
+                    codes = json.loads(out.stdout).get("statusCodeDistribution") or {}
+                    answered = sum(codes.values())
+                    x = {"requests": requests, "answered": answered,
+                         "ok": codes.get("200", 0), "tries": tries,
+                         "success_pct": 100.0 * codes.get("200", 0) / max(requests, 1),
+                         "multiplier": tries / max(answered, 1),
+                         "cpu_s_per_1k": (cpu1 - cpu0) / max(answered, 1) * 1000}
+                    if name == "remora-svc":
+                        metrics1 = service_metrics(seat)
+                        for key, series in (("retries", "remora_proxy_retries_total"),
+                                            ("budget_exhausted",
+                                             "remora_proxy_retry_budget_exhausted_total")):
+                            x[key] = metric_sum(metrics1, series, RETRY_SERVICE_NAME) \
+                                - metric_sum(metrics0, series, RETRY_SERVICE_NAME)
+                    results[name] = x
+                    log(f"  retry, {seat_label(name)}: success {x['success_pct']:.1f} %, "
+                        f"load multiplier {x['multiplier']:.3f}")
+                finally:
+                    seat.stop()
+            rounds.append(results)
+    finally:
+        JANITOR.stop(control)
+    summary = {}
+    for name in seats:
+        runs = [r[name] for r in rounds if name in r]
+        summary[name] = {key: median([x.get(key) for x in runs])
+                         for key in ("success_pct", "multiplier", "cpu_s_per_1k", "retries",
+                                     "budget_exhausted", "answered")}
+    return {"rounds": rounds, "summary": summary, "rate": RETRY_RATE, "seconds": SECONDS}
+
+
 def bench_rss(pod, work):
     """remora-proxy's VmRSS, per round in fresh processes: idle without --control; after the
     same traffic to the ten endpoint addresses directly (passthrough); idle with --control; and
@@ -1547,7 +1693,7 @@ POD_LINK_V4 = "198.18.1.1"
 SERVER_MESHED_V4, SERVER_PLAIN_V4 = "198.18.1.2", "198.18.1.3"
 # By mTLS or not: the Service's ClusterIP, and the client's source address toward it (its own
 # per ClusterIP, for the reason given at POD_SERVICE_SRC_V4).
-PAIR_CLUSTER_IPS = {False: "198.18.0.102", True: "198.18.0.103"}
+PAIR_CLUSTER_IPS = {False: "198.18.0.110", True: "198.18.0.111"}
 PAIR_SOURCES = {False: "198.18.1.252", True: "198.18.1.253"}
 PAIR_SERVICES = {False: "server-plain", True: "server-mtls"}
 PAIR_CONTROL_LISTEN, PAIR_CONTROL_ADMIN = f"{POD_LINK_V4}:8091", "127.0.0.1:9991"
@@ -1687,25 +1833,11 @@ class PairSetup:
                                          extra=extra)
 
     def start_nginx(self, ns):
-        """nginx in the server pod, on both its addresses, as start_nginx writes it."""
+        """nginx in the server pod, on both its addresses."""
         directory = self.dir / "nginx"
         directory.mkdir()
         os.chmod(directory, 0o755)
-        addrs = (SERVER_MESHED_V4, SERVER_PLAIN_V4)
-        listen = lambda port, extra: "\n".join(f"    listen {a}:{port}{extra} reuseport;"
-                                               for a in addrs)
-        conf = (HERE / "nginx.conf.in").read_text().replace("@WORK@", str(directory)) \
-            .replace("@LISTEN_H1@", listen(H1_PORT, "")) \
-            .replace("@LISTEN_H2@", listen(H2_PORT, " http2"))
-        path = directory / "nginx.conf"
-        path.write_text(conf)
-        proc = JANITOR.spawn(CGROUPS.wrap("server", in_ns(ns, ["nginx", "-c", path, "-g",
-                                                                "daemon off;"])),
-                             log_path=directory / "nginx.log")
-        if not wait_until(10, lambda: all(listening(ns, port, a) for a in addrs
-                                          for port in (H1_PORT, H2_PORT))):
-            raise BenchError(f"the server pod's nginx did not start; see {directory}")
-        return proc
+        return start_nginx(ns, directory, addrs=[SERVER_MESHED_V4, SERVER_PLAIN_V4])
 
 
 def exempt_control_port(pod):
@@ -2328,10 +2460,10 @@ def count():
                          "0 < small < large")
     seats = os.environ.get("BENCH_COUNT_SEATS", "remora").split(",")
     for name in seats:
-        if name not in ("remora", "haproxy", "remora-svc", "remora-route") \
+        if name not in ("remora", "haproxy", "remora-svc", "remora-route", "remora-svc-off") \
                 and not name.startswith("remora@"):
             raise BenchError(f"BENCH_COUNT_SEATS: {name!r} is not remora, remora@LABEL, "
-                             "remora-svc, remora-route or haproxy")
+                             "remora-svc, remora-route, remora-svc-off or haproxy")
     loads = os.environ.get("BENCH_COUNT_LOADS", ",".join(COUNT_LOADS)).split(",")
     for load in loads:
         if load not in COUNT_LOADS:
@@ -2641,6 +2773,30 @@ def steal_lines(rounds):
 
 def render_other_parts(report):
     md = render_pair(report.get("pair")) + render_issuance(report.get("issuance"))
+    retry = report.get("retry")
+    if retry:
+        md += ["## Retries under 30 % injected 503s", ""]
+        if "error" in retry:
+            md += [f"not measured: {retry['error']}", ""]
+        else:
+            sm = retry["summary"]
+            rem, hap = sm.get("remora-svc", {}), sm.get("haproxy-retry", {})
+            row = lambda label, key, unit: (
+                f"| {label} | {fmt(rem.get(key), unit)} | {fmt(hap.get(key), unit)} | "
+                + (f"{ratio(rem.get(key), hap.get(key)):.2f}x" if ratio(rem.get(key),
+                                                                         hap.get(key)) else "")
+                + " |")
+            md += ["| metric | remora-proxy (retry-on 5xx) | HAProxy (retry-on 503, retries 2) "
+                   "| remora / HAProxy |", "|---|---|---|---|",
+                   row("client success (%)", "success_pct", None),
+                   row("load multiplier (endpoint tries / request)", "multiplier", None),
+                   row("CPU s / 1000 requests", "cpu_s_per_1k", "s"),
+                   f"| retries / refused by the budget (remora) | {fmt(rem.get('retries'))} / "
+                   f"{fmt(rem.get('budget_exhausted'))} | | |", "",
+                   f"{retry['rate']} requests a second for {retry['seconds']} s, 10 keep-alive "
+                   "connections (oha); nginx fails 30 % of the requests with 503 and logs each "
+                   "try. Without retries: 70 % and 1.00; two retries each, no budget: 97.3 % and "
+                   f"1.39. Medians over {len(retry['rounds'])} round(s).", ""]
     inj = report.get("injector")
     if inj:
         md += ["## Injector", ""]
@@ -2708,7 +2864,7 @@ def render_other_parts(report):
                           f"| {fmt(c['whole_process_median_ms'], 'ms')} | {c['runs']} |")
             md += ["", f"Spawning a process with nsenter alone: {fmt(init['spawn_overhead_ms'], 'ms')} ms.", ""]
     if report.get("targets"):
-        md += ["## Targets (issue 6; those marked Service and RSS: issue 23; Route: issue 24)", "", "| target | this run | met |", "|---|---|---|"]
+        md += ["## Targets (issue 6; those marked Service and RSS: issue 23; Route: issue 24; Resilience: issue 25)", "", "| target | this run | met |", "|---|---|---|"]
         for t in report["targets"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             md.append(f"| {t['target']} | {t['value']} | {met} |")
@@ -2725,7 +2881,8 @@ def main():
         + ([LAYOUT] if LAYOUT not in LAYOUTS else [])
     if bad or ROUNDS < 1 or SECONDS < 1:
         sys.exit(f"bad BENCH_SEATS/BENCH_PARTS/BENCH_LOADS/BENCH_LAYOUT/BENCH_ROUNDS/BENCH_SECONDS: "
-                 f"{bad or ''} (seats: {','.join(SEAT_NAMES)}, remora@LABEL with "
+                 f"{bad or ''} (seats: "
+                 f"{','.join(s for s in SEAT_NAMES if s not in PART_SEATS)}, remora@LABEL with "
                  f"BENCH_REMORA_ARGS_LABEL and/or BENCH_REMORA_BIN_LABEL; parts: "
                  f"{','.join(sorted(KNOWN_PARTS))}; loads: {','.join(KNOWN_LOADS)}; layout: "
                  f"{', '.join(LAYOUTS)}; rounds and seconds: positive integers)")
@@ -2746,7 +2903,7 @@ def main():
     route_failures = []
     t_start = time.monotonic()
     try:
-        if "proxy" in PARTS or "rss" in PARTS:
+        if "proxy" in PARTS or "rss" in PARTS or "retry" in PARTS:
             pod, remote = make_pod()
             nginx = start_nginx(remote, work)
             report["rules"] = apply_rules(pod)
@@ -2798,7 +2955,13 @@ def main():
                 report["rss"] = bench_rss(pod, work)
             except BenchError as e:
                 report["rss"] = {"error": str(e)[:1000]}
-        if "proxy" in PARTS or "rss" in PARTS:
+        if "retry" in PARTS:
+            log(f"retry: 30 % injected 503s at {RETRY_RATE}/s, remora-proxy and HAProxy")
+            try:
+                report["retry"] = bench_retry(pod, work)
+            except BenchError as e:
+                report["retry"] = {"error": str(e)[:1000]}
+        if "proxy" in PARTS or "rss" in PARTS or "retry" in PARTS:
             JANITOR.stop(nginx, signal.SIGQUIT)
         if "injector" in PARTS:
             log("injector")
