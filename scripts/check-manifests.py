@@ -34,6 +34,9 @@ CONTROL_READS = {
     ("gateway.networking.k8s.io", "referencegrants"),
     ("", "pods"),
 }
+# SPEC "Workload identity and mTLS": TokenReviews, and the identity CA's Secret in remora-system.
+CONTROL_CREATES = {("authentication.k8s.io", "tokenreviews")}
+IDENTITY_CA_SECRET = "remora-identity-ca"
 
 
 class CheckFailed(Exception):
@@ -234,22 +237,41 @@ def check_control(docs, version):
     print("ok: remora-control Deployment, Service, PodDisruptionBudget")
 
 
-def check_control_rbac(docs):
-    """remora-control may list and watch what it indexes, and nothing else anywhere."""
+def check_control_rbac(docs, secret_mode):
+    """remora-control may list and watch what it indexes, create TokenReviews, and (keeping its CA
+    in a Secret) get/update that Secret and create Secrets in remora-system; nothing else."""
     account = one(docs, "ServiceAccount", CONTROL)
     check(account["metadata"]["namespace"] == OWN_NAMESPACE, f"ServiceAccount {CONTROL} must be in remora-system")
     role = one(docs, "ClusterRole", CONTROL)
-    granted = set()
+    granted = {"list+watch": set(), "create": set()}
     for rule in role["rules"]:
         check(set(rule) <= {"apiGroups", "resources", "verbs"},
               f"ClusterRole {CONTROL}: no resourceNames or nonResourceURLs expected: {rule}")
-        check(sorted(rule["verbs"]) == ["list", "watch"], f"ClusterRole {CONTROL}: only list and watch, got {rule}")
+        verbs = sorted(rule["verbs"])
+        check(verbs in (["list", "watch"], ["create"]), f"ClusterRole {CONTROL}: list and watch, or create alone, got {rule}")
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 check("*" not in (group, resource), f"ClusterRole {CONTROL}: no wildcards: {rule}")
-                granted.add((group, resource))
-    check(granted == CONTROL_READS,
-          f"ClusterRole {CONTROL} grants list/watch on {sorted(granted)}, SPEC says exactly {sorted(CONTROL_READS)}")
+                granted["+".join(verbs)].add((group, resource))
+    check(granted["list+watch"] == CONTROL_READS,
+          f"ClusterRole {CONTROL} grants list/watch on {sorted(granted['list+watch'])}, SPEC says exactly {sorted(CONTROL_READS)}")
+    check(granted["create"] == CONTROL_CREATES,
+          f"ClusterRole {CONTROL} grants create on {sorted(granted['create'])}, SPEC says exactly {sorted(CONTROL_CREATES)}")
+    own_role = find(docs, "Role", CONTROL)
+    own_binding = find(docs, "RoleBinding", CONTROL)
+    if secret_mode:
+        check(len(own_role) == 1 and len(own_binding) == 1, f"Role and RoleBinding {CONTROL} keep the identity CA's Secret")
+        check(own_role[0]["metadata"]["namespace"] == OWN_NAMESPACE, f"Role {CONTROL} must be in remora-system")
+        rules = sorted((sorted(r["verbs"]), r.get("resourceNames")) for r in own_role[0]["rules"])
+        for r in own_role[0]["rules"]:
+            check(r.get("apiGroups") == [""] and r.get("resources") == ["secrets"], f"Role {CONTROL} grants more than Secrets: {r}")
+        check(rules == [(["create"], None), (["get", "update"], [IDENTITY_CA_SECRET])],
+              f"Role {CONTROL}: get/update of Secret {IDENTITY_CA_SECRET} and create of Secrets, nothing else; got {rules}")
+        check(own_binding[0]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROL}
+              and own_binding[0]["subjects"] == [{"kind": "ServiceAccount", "name": CONTROL, "namespace": OWN_NAMESPACE}],
+              f"RoleBinding {CONTROL} must bind Role {CONTROL} to its ServiceAccount alone")
+    else:
+        check(not own_role and not own_binding, f"with the CA as files, remora-control needs no Role")
     subject = {"kind": "ServiceAccount", "name": CONTROL, "namespace": OWN_NAMESPACE}
     binding = one(docs, "ClusterRoleBinding", CONTROL)
     check(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONTROL},
@@ -258,11 +280,41 @@ def check_control_rbac(docs):
     # Nothing else grants it anything, and its role is bound to nobody else.
     for kind in ("RoleBinding", "ClusterRoleBinding"):
         for other in find(docs, kind):
-            if other is binding:
+            if other is binding or other in own_binding:
                 continue
             check(subject not in (other.get("subjects") or []), f"{kind} {other['metadata']['name']} also binds {CONTROL}")
             check(other["roleRef"]["name"] != CONTROL, f"{kind} {other['metadata']['name']} binds ClusterRole {CONTROL}")
-    print(f"ok: remora-control RBAC (list/watch on {len(CONTROL_READS)} kinds, nothing else)")
+    print(f"ok: remora-control RBAC (list/watch on {len(CONTROL_READS)} kinds, create tokenreviews"
+          + (f", Secret {IDENTITY_CA_SECRET} in {OWN_NAMESPACE})" if secret_mode else ")"))
+
+
+def check_control_ca(docs, files):
+    """Where remora-control's identity CA comes from: its Secret (base), or files (cert-manager):
+    the CA that issues its own serving certificate, so one ca.crt verifies both."""
+    deployment = one(docs, "Deployment", CONTROL)
+    c = container(deployment, "control")
+    args = c.get("args") or []
+    cert, key = arg_value(args, "--ca-cert"), arg_value(args, "--ca-key")
+    if not files:
+        check(cert is None and key is None, f"the base keeps the identity CA in Secret {IDENTITY_CA_SECRET}, got {args}")
+        print(f"ok: remora-control keeps its identity CA in Secret {IDENTITY_CA_SECRET}")
+        return
+    check(cert is not None and key is not None, f"the cert-manager overlay gives remora-control --ca-cert and --ca-key, got {args}")
+    secrets = set()
+    for flag, value in (("--ca-cert", cert), ("--ca-key", key)):
+        volume = mounted_volume(deployment, c, value)
+        secret = (volume or {}).get("secret") or {}
+        check(secret.get("secretName"), f"{flag} {value} must be read from a mounted Secret, got {volume}")
+        secrets.add(secret["secretName"])
+    check(len(secrets) == 1, f"--ca-cert and --ca-key from one Secret, got {secrets}")
+    ca_secret = secrets.pop()
+    ca_cert = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == ca_secret]
+    check(len(ca_cert) == 1 and ca_cert[0]["spec"].get("isCA") is True, f"Secret {ca_secret} must be a cert-manager CA (isCA)")
+    control_cert = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == CONTROL_SECRET][0]
+    issuer = one(docs, control_cert["spec"]["issuerRef"].get("kind", "Issuer"), control_cert["spec"]["issuerRef"]["name"])
+    check((issuer["spec"].get("ca") or {}).get("secretName") == ca_secret,
+          f"remora-control's serving certificate must come from the identity CA ({ca_secret}), got issuer {issuer['spec']}")
+    print(f"ok: remora-control's identity CA is Secret {ca_secret}, which also issues its serving certificate")
 
 
 def check_injector_control_flags(docs, what):
@@ -458,12 +510,14 @@ if __name__ == "__main__":
         check_rbac(base)
         check_self_managed(base)
         check_control(base, version)
-        check_control_rbac(base)
+        check_control_rbac(base, secret_mode=True)
+        check_control_ca(base, files=False)
         check_injector_control_flags(base, "manifests")
         cert_manager = load(cert_manager_file)
         check_cert_manager(cert_manager, version)
         check_control(cert_manager, version)
-        check_control_rbac(cert_manager)
+        check_control_rbac(cert_manager, secret_mode=False)
+        check_control_ca(cert_manager, files=True)
         check_injector_control_flags(cert_manager, "manifests/cert-manager")
         check_examples(load(examples_file))
         if len(sys.argv) > 5:

@@ -2,7 +2,8 @@
 # Renders every kustomization under manifests/, validates it strictly against the Kubernetes
 # 1.33 schemas (kubernetes-validate, from PyPI), and checks the webhook registration, RBAC and
 # Deployments (the injector's and remora-control's, whose ClusterRole must grant exactly list and
-# watch on what it indexes) say what SPEC and the install docs say (scripts/check-manifests.py);
+# watch on what it indexes and create on tokenreviews, and whose Role only keeps the identity CA's
+# Secret) say what SPEC and the install docs say (scripts/check-manifests.py);
 # also validates the injected golden outputs of `remora-injector inject`
 # (injector/tests/golden/*.out.yaml).
 # Installs kubernetes-validate into target/ on first use; `make test` runs this.

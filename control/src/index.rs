@@ -22,7 +22,7 @@
 //!   kube-proxy does; only endpoints of the ClusterIP's family serve it. Several slices of one
 //!   Service are merged and the same address:port kept once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -32,6 +32,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use remora_api::discovery as pb;
 
 use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
+use crate::mesh::{PodKey, Pods};
 use crate::objects::{ObjectSet, Stored};
 use crate::policy;
 use crate::routes::CompiledRoute;
@@ -84,6 +85,8 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// The Pod behind it (`targetRef` of kind Pod), if any.
     pub pod: Option<String>,
+    /// The meshed pod's identity, when the pod is meshed and its proxy takes this port in.
+    pub identity: Option<Arc<str>>,
 }
 
 /// A route, whichever kind.
@@ -191,6 +194,8 @@ pub struct Index {
     compiled_routes: Arc<HashMap<usize, Arc<CompiledRoute>>>,
     /// ReferenceGrants by their namespace (the namespace they open to others).
     grants: Arc<HashMap<String, Vec<Arc<ReferenceGrant>>>>,
+    /// The remora pods, and the meshed ones by address.
+    pods: Arc<Pods>,
     /// The objects it answers for (pointers), to tell what the next [`Index::update`] changes.
     objects: ObjectSet,
     /// What each Service object gave, by the address of its `Arc` (kept alive by the entry, so
@@ -204,6 +209,7 @@ impl PartialEq for Index {
         self.targets == other.targets
             && self.routes == other.routes
             && self.grants == other.grants
+            && self.pods == other.pods
             && self.services.len() == other.services.len()
             && self.services.iter().all(|(key, computed)| {
                 other
@@ -257,6 +263,11 @@ impl Computed {
     fn answers_as(&self, other: &Computed) -> bool {
         let slices: Vec<&Arc<EndpointSlice>> = other.slices.iter().collect();
         self.holds(&other.service, &slices) && self.targets == other.targets
+    }
+
+    /// Whether an endpoint of these entries names one of `pods` (whose identity changed).
+    fn names_any(&self, pods: &HashSet<PodKey>) -> bool {
+        !pods.is_empty() && self.slices.iter().any(|slice| Pods::names_any(slice, pods))
     }
 
     /// Whether these entries are the ones `service` with `slices` gives.
@@ -320,6 +331,11 @@ impl Index {
         }) {
             return None;
         }
+        let pods = self.pods_for(objects);
+        // A pod's identity changed: the Services whose endpoints name it are computed again.
+        if !self.pods.changed(&pods).is_empty() {
+            return None;
+        }
         let owners: Vec<(&str, &str)> =
             edits.iter().filter_map(|(slice, _)| owner(slice)).collect();
         let mut index = Self {
@@ -328,6 +344,7 @@ impl Index {
             services: self.services.clone(),
             compiled_routes: Arc::clone(&self.compiled_routes),
             grants: Arc::clone(&self.grants),
+            pods,
             objects: objects.clone(),
             computed: self.computed.clone(),
         };
@@ -360,7 +377,7 @@ impl Index {
                 None => Arc::new(ServiceKey::new(namespace, name)),
             };
             let own: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
-            let targets = service_targets(service, &key, &own, &kept.policy.policy);
+            let targets = service_targets(service, &key, &own, &kept.policy.policy, &index.pods);
             if targets.len() != kept.targets.len() {
                 return None;
             }
@@ -390,7 +407,26 @@ impl Index {
         Some(index)
     }
 
+    /// The pods of `objects`: this index's when they and the EndpointSlices are the same.
+    fn pods_for(&self, objects: &ObjectSet) -> Arc<Pods> {
+        let old = &self.objects;
+        match (
+            same(&old.pods, &objects.pods),
+            same(&old.endpoint_slices, &objects.endpoint_slices),
+        ) {
+            (true, true) => Arc::clone(&self.pods),
+            (true, false) => Arc::new(self.pods.update_slices(&objects.endpoint_slices)),
+            (false, _) => Arc::new(Pods::build(&objects.pods, &objects.endpoint_slices)),
+        }
+    }
+
     fn build_from(objects: &ObjectSet, previous: Option<&Index>) -> Self {
+        let pods = match previous {
+            Some(previous) => previous.pods_for(objects),
+            None => Arc::new(Pods::build(&objects.pods, &objects.endpoint_slices)),
+        };
+        let changed_pods =
+            previous.map_or_else(HashSet::new, |previous| previous.pods.changed(&pods));
         let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
         for slice in &objects.endpoint_slices {
             if let Some(owner) = owner(slice) {
@@ -415,7 +451,9 @@ impl Index {
             let kept = computed.get(&id).or_else(|| {
                 previous
                     .and_then(|previous| previous.computed.get(&id))
-                    .filter(|kept| kept.holds(service, own_slices))
+                    .filter(|kept| {
+                        kept.holds(service, own_slices) && !kept.names_any(&changed_pods)
+                    })
             });
             let entry = match kept {
                 Some(kept) => Arc::clone(kept),
@@ -428,7 +466,7 @@ impl Index {
                     Arc::new(Computed {
                         service: Arc::clone(service),
                         slices: own_slices.iter().map(|slice| Arc::clone(slice)).collect(),
-                        targets: service_targets(service, &key, own_slices, &policy.policy),
+                        targets: service_targets(service, &key, own_slices, &policy.policy, &pods),
                         policy,
                     })
                 }
@@ -509,6 +547,7 @@ impl Index {
             services,
             compiled_routes: Arc::new(compiled_routes),
             grants: Arc::new(grants),
+            pods,
             objects: objects.clone(),
             computed,
         }
@@ -563,7 +602,7 @@ impl Index {
                     IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
                 };
                 let slices: Vec<&Arc<EndpointSlice>> = computed.slices.iter().collect();
-                endpoints(spec_port, family, &slices)
+                endpoints(spec_port, family, &slices, &self.pods)
             }
         };
         Some(BackendPort {
@@ -602,6 +641,17 @@ impl Index {
             .get(namespace)
             .map(Vec::as_slice)
             .unwrap_or_default()
+    }
+
+    /// The remora pod `namespace/name`, if there is one.
+    pub fn remora_pod(&self, namespace: &str, name: &str) -> Option<&crate::mesh::MeshedPod> {
+        self.pods.get(namespace, name).map(|pod| &**pod)
+    }
+
+    /// The identity of the meshed pod whose own address `addr` is (a target that is no
+    /// Service), when its proxy takes that port in.
+    pub fn pod_identity(&self, addr: SocketAddr) -> Option<&Arc<str>> {
+        self.pods.identity_at(addr.ip(), addr.port())
     }
 
     /// How many ClusterIP:port entries there are.
@@ -657,6 +707,7 @@ fn service_targets(
     key: &Arc<ServiceKey>,
     slices: &[&Arc<EndpointSlice>],
     policy: &Arc<pb::Policy>,
+    pods: &Pods,
 ) -> Vec<(SocketAddr, Arc<Target>)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
@@ -695,7 +746,7 @@ fn service_targets(
                     port_name: port.name.clone().filter(|name| !name.is_empty()),
                     port: number,
                     app_protocol: port.app_protocol.clone(),
-                    endpoints: endpoints(port, ip, slices),
+                    endpoints: endpoints(port, ip, slices, pods),
                     policy: Arc::clone(policy),
                 }),
             ));
@@ -713,6 +764,7 @@ fn endpoints(
     port: &ServicePort,
     cluster_ip: IpAddr,
     slices: &[&Arc<EndpointSlice>],
+    pods: &Pods,
 ) -> Vec<Endpoint> {
     let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
@@ -742,11 +794,17 @@ fn endpoints(
                 .as_ref()
                 .filter(|target| target.kind.as_deref() == Some("Pod"))
                 .and_then(|target| target.name.clone());
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+            let identity = pods
+                .pod_of(namespace, endpoint.target_ref.as_ref())
+                .and_then(|meshed| meshed.identity_at(endpoint_port))
+                .cloned();
             out.push(Endpoint {
                 addr: SocketAddr::new(ip, endpoint_port),
                 zone: endpoint.zone.clone(),
                 node: endpoint.node_name.clone(),
                 pod,
+                identity,
             });
         }
     }
@@ -782,6 +840,7 @@ fn slice_port(port: &ServicePort, slice: &EndpointSlice) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::objects::read_file_text;
+    use k8s_openapi::api::core::v1::Pod;
     use pretty_assertions::assert_eq;
     use std::path::Path;
 
@@ -995,6 +1054,7 @@ mod tests {
                     zone: Some("z1".into()),
                     node: Some("n1".into()),
                     pod: Some("web-0".into()),
+                    identity: None,
                 }],
                 policy: Arc::new(policy::defaults()),
             }
@@ -1188,6 +1248,25 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
         ))
     }
 
+    /// A Pod that the random slices' endpoints may name (`p-z1`, `p-z2`): not a remora pod, a
+    /// remora pod without an identity, or meshed as one of two identities, with or without
+    /// port 8080 excluded.
+    fn random_pod(random: &mut Random) -> Arc<Pod> {
+        let namespace = random.pick(&["a", "b"]);
+        let name = random.pick(&["p-z1", "p-z2"]);
+        let annotations = random.pick(&[
+            "{}",
+            "{remora.io/status: '{}'}",
+            r#"{remora.io/status: '{"identity":"spiffe://td/ns/a/sa/one"}'}"#,
+            r#"{remora.io/status: '{"identity":"spiffe://td/ns/a/sa/two"}'}"#,
+            r#"{remora.io/status: '{"identity":"spiffe://td/ns/a/sa/one"}', remora.io/exclude-inbound-ports: '8080'}"#,
+        ]);
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, annotations: {annotations}}}\nspec: {{containers: []}}\n"
+        );
+        object(&yaml).pods.remove(0)
+    }
+
     /// Removes, replaces or inserts one element at random.
     fn change<T>(random: &mut Random, list: &mut Vec<T>, new: impl FnOnce(&mut Random) -> T) {
         match random.below(3) {
@@ -1210,8 +1289,11 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
     #[test]
     fn an_update_answers_as_a_whole_build_over_random_changes() {
         let mut edited_only = 0;
+        let mut pods_changed = 0;
         for seed in 1..=6u64 {
             let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            // Pods change by a sequence of their own, so that the others stay what they were.
+            let mut pod_random = Random(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
             let mut objects = ObjectSet::default();
             let mut index = Index::build(&objects);
             for step in 0..400 {
@@ -1262,6 +1344,10 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
                         _ => {}
                     }
                 }
+                if pod_random.below(8) == 0 {
+                    change(&mut pod_random, &mut objects.pods, random_pod);
+                    pods_changed += 1;
+                }
                 edited_only += usize::from(index.slices_edited(&objects).is_some());
                 let updated = index.update(&objects);
                 let whole = Index::build(&objects);
@@ -1269,8 +1355,10 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
                 index = updated;
             }
         }
-        // Both ways of updating were taken, many times.
-        assert!(edited_only > 300, "{edited_only}");
+        // Both ways of updating were taken, many times (a pod whose identity changed takes
+        // the whole pass).
+        assert!(edited_only > 250, "{edited_only}");
+        assert!(pods_changed > 200, "{pods_changed}");
     }
 
     #[test]

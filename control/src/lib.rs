@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod gateway;
+pub mod identity;
 pub mod index;
 #[cfg(feature = "cluster")]
 pub mod kube_source;
+pub mod mesh;
 pub mod metrics;
 pub mod objects;
 pub mod policy;

@@ -7,10 +7,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use remora_control::admin::{self, Health};
+use remora_control::identity::ca::CaFiles;
+use remora_control::identity::review::StaticTokens;
+use remora_control::identity::{self, CaSlot, IdentityService, Reviewer};
 use remora_control::metrics::Metrics;
 use remora_control::server::{self, Hub};
 use remora_control::watch;
@@ -42,9 +46,18 @@ enum Command {
         snapshot for it at once and after every change: passthrough when the target is not a \
         Service's ClusterIP and port, else the Service port, its ready endpoints and the routes \
         that apply to the proxy's namespace.\n\n\
-        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants) come from the Kubernetes \
+        The objects (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants, and Pods, whose \
+        remora.io/status marks them meshed and as whom) come from the Kubernetes \
         API (in-cluster configuration or kubeconfig), or with --objects from files re-read within \
         a second of a change.\n\n\
+        The same port serves remora.identity.v1: a proxy sends a CSR and its projected \
+        ServiceAccount token (audience remora.io/identity) and gets a certificate whose only SAN \
+        is spiffe://<trust domain>/ns/<namespace>/sa/<service account>, that of the token's \
+        ServiceAccount. Tokens are checked with --identity-tokens, else by a TokenReview of the \
+        Kubernetes API, also with --objects when there is one to reach (which also checks the pod \
+        is a remora pod); with neither, no \
+        certificates are issued. The CA comes from --ca-cert/--ca-key, else (reading the \
+        cluster) from the Secret remora-system/remora-identity-ca, created when absent.\n\n\
         The admin listener answers GET /live, /ready (once the objects have been read and the \
         gRPC listener is bound) and /metrics (Prometheus text). The TLS certificate and key are \
         re-read when their files change, without a restart."
@@ -73,7 +86,9 @@ struct ServeArgs {
     admin_listen: SocketAddr,
 
     /// PEM certificate chain for the gRPC listener, server certificate first. Re-read when it
-    /// changes. Requires --tls-key; either both or --plaintext.
+    /// changes. Requires --tls-key; either both or --plaintext. Without either, the identity CA
+    /// issues the listener a certificate for remora-control.<POD_NAMESPACE>.svc (renewed
+    /// before it expires), so the CA's certificate verifies the control plane too.
     #[arg(long, env = "REMORA_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
 
@@ -90,6 +105,46 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     objects: Vec<PathBuf>,
 
+    /// PEM certificate of the CA that signs workload certificates. Requires --ca-key. Re-read
+    /// when it changes (cert-manager renewals). Without it, a control plane reading the cluster
+    /// keeps its CA in the Secret remora-system/remora-identity-ca (created when absent); one
+    /// reading --objects has none and issues no certificates.
+    #[arg(long, env = "REMORA_CA_CERT", value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+
+    /// PEM private key of --ca-cert (PKCS#8, PKCS#1 or SEC1). Re-read when it changes.
+    #[arg(long, env = "REMORA_CA_KEY", value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+
+    /// Check the proxies' identity tokens against this file instead of a TokenReview: kube-apiserver's
+    /// static token file format, CSV lines `token,user,uid[,"group1,group2"]` whose user is
+    /// `system:serviceaccount:NAMESPACE:NAME`. Re-read when it changes. For runs without a
+    /// cluster (demos, tests).
+    #[arg(long, env = "REMORA_IDENTITY_TOKENS", value_name = "FILE")]
+    identity_tokens: Option<PathBuf>,
+
+    /// How long a workload certificate is valid (proxies renew at 70 %): a duration such as
+    /// `24h`, `90m` or `60s`, at least 10s; never past the CA's own expiry.
+    #[arg(
+        long,
+        env = "REMORA_IDENTITY_LIFETIME",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = parse_lifetime
+    )]
+    identity_lifetime: Duration,
+
+    /// The SPIFFE trust domain of identities: spiffe://<trust domain>/ns/<ns>/sa/<sa>. Lowercase
+    /// letters, digits, `.`, `-` and `_`; the injector's --trust-domain must say the same.
+    #[arg(
+        long,
+        env = "REMORA_TRUST_DOMAIN",
+        value_name = "DOMAIN",
+        default_value = identity::DEFAULT_TRUST_DOMAIN,
+        value_parser = parse_trust_domain
+    )]
+    trust_domain: String,
+
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
     /// `remora_control=debug,info`.
     #[arg(long, env = "REMORA_LOG_LEVEL", default_value = "info")]
@@ -100,9 +155,28 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = remora_control::gateway::parse_duration(text.trim())
+        .map_err(|_| format!("{text:?} is not a duration (expected e.g. 24h, 90m or 60s)"))?;
+    if lifetime < Duration::from_secs(10) {
+        return Err(format!("{text:?} is under the 10s minimum"));
+    }
+    Ok(lifetime)
+}
+
+fn parse_trust_domain(text: &str) -> Result<String, String> {
+    if identity::valid_trust_domain(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a trust domain (lowercase letters, digits, '.', '-' and '_', e.g. cluster.local)"
+        ))
+    }
+}
+
 impl ServeArgs {
     /// The TLS files, or `None` for --plaintext; a usage error when the flags don't say which.
-    fn transport(&self) -> Result<Option<TlsFiles>, clap::Error> {
+    fn transport(&self) -> Result<Transport, clap::Error> {
         let usage = |message: &str| {
             let mut command = Cli::command();
             // Built, the subcommand knows its full name for the usage line.
@@ -113,13 +187,17 @@ impl ServeArgs {
             }
         };
         match (&self.tls_cert, &self.tls_key, self.plaintext) {
-            (Some(cert), Some(key), false) => Ok(Some(TlsFiles {
+            (Some(cert), Some(key), false) => Ok(Transport::Files(TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
             })),
-            (None, None, true) => Ok(None),
+            (None, None, true) => Ok(Transport::Plaintext),
+            // A CA to issue from: the given one, or the one kept in the cluster.
+            (None, None, false) if self.ca_cert.is_some() || self.objects.is_empty() => {
+                Ok(Transport::FromCa)
+            }
             (None, None, false) => Err(usage(
-                "choose the gRPC transport: --tls-cert FILE --tls-key FILE, or --plaintext",
+                "choose the gRPC transport: --tls-cert FILE --tls-key FILE, --plaintext, or a CA (--ca-cert/--ca-key) to issue a serving certificate from",
             )),
             (Some(_), None, false) => Err(usage("--tls-cert needs --tls-key (or use --plaintext)")),
             (None, Some(_), false) => Err(usage("--tls-key needs --tls-cert (or use --plaintext)")),
@@ -129,6 +207,21 @@ impl ServeArgs {
         }
     }
 }
+
+/// How the gRPC listener serves.
+enum Transport {
+    Files(TlsFiles),
+    Plaintext,
+    /// TLS with a certificate the identity CA issues, for remora-control.<POD_NAMESPACE>.svc.
+    FromCa,
+}
+
+/// The Service a self-issued serving certificate names, in POD_NAMESPACE (else this one).
+const SERVING_SERVICE: &str = "remora-control";
+const SERVING_NAMESPACE: &str = "remora-system";
+
+/// How often --ca-cert and --ca-key are looked at for a change.
+const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
@@ -144,7 +237,7 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
     })
 }
 
-async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, transport: Transport) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -163,9 +256,10 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
         },
     ));
 
-    let acceptor = match tls_files {
-        None => None,
-        Some(files) => {
+    let from_ca = matches!(transport, Transport::FromCa);
+    let mut acceptor = match transport {
+        Transport::Plaintext | Transport::FromCa => None,
+        Transport::Files(files) => {
             let resolver = Arc::new(CertResolver::default());
             let mut reloader = CertReloader::new(files.clone(), Arc::clone(&resolver));
             if let tls::Reload::Failed(error) = reloader.poll() {
@@ -182,17 +276,105 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
         }
     };
 
-    let source = if args.objects.is_empty() {
+    // Read before anything waits on the cluster: a bad file is a usage error at once.
+    let ca_slot = CaSlot::default();
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        let files = CaFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let ca = files.read()?;
+        tracing::info!(cert = %cert.display(), not_after = ca.not_after(), "identity CA read");
+        ca_slot.store(Some(Arc::new(ca)));
+        tokio::spawn(files.watch(Arc::clone(&ca_slot), CA_RELOAD_INTERVAL));
+    }
+    let tokens = match &args.identity_tokens {
+        None => None,
+        Some(path) => {
+            let tokens = StaticTokens::load(path)?;
+            tracing::info!(file = %path.display(), tokens = tokens.len(), "identity tokens read");
+            Some(tokens)
+        }
+    };
+
+    let (source, client) = if args.objects.is_empty() {
         tracing::info!("reading objects from the Kubernetes API");
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-        remora_control::kube_source::watch_cluster(client).await?
+        let source = remora_control::kube_source::watch_cluster(client.clone()).await?;
+        (source, Some(client))
     } else {
         tracing::info!(paths = ?args.objects, "reading objects from files");
-        watch::watch_objects(args.objects.clone(), watch::POLL_INTERVAL)
+        let source = watch::watch_objects(args.objects.clone(), watch::POLL_INTERVAL);
+        // TokenReviews still go to a cluster's API server when there is one to reach.
+        let client = match &tokens {
+            Some(_) => None,
+            None => kube::Client::try_default()
+                .await
+                .map_err(|error| tracing::debug!(%error, "no Kubernetes API for TokenReviews"))
+                .ok(),
+        };
+        (source, client)
     };
     let hub = Hub::start(source, Arc::clone(&metrics)).await;
+
+    let reviewer = match (tokens, &client) {
+        (Some(tokens), _) => Some(Reviewer::Tokens(tokens)),
+        (None, Some(client)) => Some(Reviewer::Api(
+            identity::review::cluster::TokenReviewer::new(client.clone()),
+        )),
+        (None, None) => {
+            tracing::warn!(
+                "no --identity-tokens and no Kubernetes API to review tokens with: no workload certificates will be issued, proxies stay plaintext"
+            );
+            None
+        }
+    };
+    if ca_slot.load().is_none() {
+        match (&client, args.objects.is_empty()) {
+            (Some(client), true) => {
+                let secret = identity::secret::SecretName::default();
+                // Not fatal: discovery works without it, and the loop below tries again.
+                match identity::secret::ensure(client, &secret, &args.trust_domain).await {
+                    Ok(ca) => {
+                        tracing::info!(%secret, not_after = ca.not_after(), "identity CA");
+                        ca_slot.store(Some(Arc::new(ca)));
+                    }
+                    Err(error) => tracing::error!(
+                        %error,
+                        "no identity CA yet: no workload certificates until the Secret can be read or written"
+                    ),
+                }
+                tokio::spawn(identity::secret::watch(
+                    client.clone(),
+                    secret,
+                    args.trust_domain.clone(),
+                    Arc::clone(&ca_slot),
+                    identity::secret::RESYNC_INTERVAL,
+                ));
+            }
+            _ => tracing::warn!(
+                "no identity CA (--ca-cert/--ca-key): no workload certificates will be issued, proxies stay plaintext"
+            ),
+        }
+    }
+    if from_ca {
+        let namespace =
+            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| SERVING_NAMESPACE.to_string());
+        let names = identity::serving::dns_names(SERVING_SERVICE, &namespace);
+        let issued = identity::serving::SelfIssued::start(Arc::clone(&ca_slot), names.clone())?;
+        acceptor = Some(TlsAcceptor::from(Arc::new(issued.server_config()?)));
+        tracing::info!(?names, "serving with a certificate the identity CA issued");
+    }
+    let identity = IdentityService::new(
+        Arc::clone(&ca_slot),
+        reviewer,
+        args.trust_domain.clone(),
+        args.identity_lifetime,
+        Arc::clone(&hub),
+        Arc::clone(&metrics),
+    );
 
     let listener = TcpListener::bind(args.listen)
         .await
@@ -204,7 +386,13 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
         "serving"
     );
     health.ready.store(true, Ordering::SeqCst);
-    server::serve(listener, hub, acceptor, shutdown).await;
+    server::serve_routes(
+        listener,
+        server::routes(hub, Some(identity)),
+        acceptor,
+        shutdown,
+    )
+    .await;
     health.ready.store(false, Ordering::SeqCst);
     let _ = stop_admin.send(());
     // The admin server only holds idle scrapes: it stops at once.
@@ -217,7 +405,7 @@ async fn serve(args: ServeArgs, tls_files: Option<TlsFiles>) -> anyhow::Result<(
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
-            let tls_files = args.transport().unwrap_or_else(|error| error.exit());
+            let transport = args.transport().unwrap_or_else(|error| error.exit());
             logging::init(
                 &args.log_level,
                 args.log_format,
@@ -227,7 +415,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(serve(args, tls_files))?;
+            runtime.block_on(serve(args, transport))?;
             // Streams never end on their own: don't wait for their connections' tasks.
             runtime.shutdown_background();
         }

@@ -27,6 +27,49 @@ struct KindLabels {
     kind: &'static str,
 }
 
+/// Why a certificate was not issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// No reviewer or no CA: this control plane issues none.
+    NotConfigured,
+    InvalidCsr,
+    Unauthenticated,
+    NotServiceAccount,
+    NotRemoraPod,
+    /// The TokenReview could not be made (the API down): the proxy asks again.
+    ReviewUnavailable,
+    Internal,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 7] = [
+        Rejection::NotConfigured,
+        Rejection::InvalidCsr,
+        Rejection::Unauthenticated,
+        Rejection::NotServiceAccount,
+        Rejection::NotRemoraPod,
+        Rejection::ReviewUnavailable,
+        Rejection::Internal,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::NotConfigured => "not_configured",
+            Rejection::InvalidCsr => "invalid_csr",
+            Rejection::Unauthenticated => "unauthenticated",
+            Rejection::NotServiceAccount => "not_service_account",
+            Rejection::NotRemoraPod => "not_remora_pod",
+            Rejection::ReviewUnavailable => "review_unavailable",
+            Rejection::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -34,6 +77,8 @@ pub struct Metrics {
     watches: Gauge,
     snapshots_sent: Counter,
     push_duration: Histogram,
+    certificates_issued: Counter,
+    certificates_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,12 +118,31 @@ impl Metrics {
              written (or found unchanged), in seconds",
             push_duration.clone(),
         );
+        let certificates_issued = Counter::default();
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued (remora.identity.v1 Certify)",
+            certificates_issued.clone(),
+        );
+        let certificates_refused = Family::<ReasonLabels, Counter>::default();
+        for rejection in Rejection::ALL {
+            let _ = certificates_refused.get_or_create(&ReasonLabels {
+                reason: rejection.label(),
+            });
+        }
+        registry.register(
+            "certificates_refused",
+            "Certify requests answered without a certificate, by reason",
+            certificates_refused.clone(),
+        );
         Self {
             registry,
             objects,
             watches,
             snapshots_sent,
             push_duration,
+            certificates_issued,
+            certificates_refused,
         }
     }
 
@@ -114,6 +178,22 @@ impl Metrics {
         self.push_duration.observe(elapsed.as_secs_f64());
     }
 
+    pub fn certificate_issued(&self) {
+        self.certificates_issued.inc();
+    }
+
+    pub fn certificates_issued(&self) -> u64 {
+        self.certificates_issued.get()
+    }
+
+    pub fn certificate_refused(&self, rejection: Rejection) {
+        self.certificates_refused
+            .get_or_create(&ReasonLabels {
+                reason: rejection.label(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -139,6 +219,8 @@ mod tests {
             "remora_control_watches 0",
             "remora_control_snapshots_sent_total 0",
             "remora_control_push_duration_seconds_count 0",
+            "remora_control_certificates_issued_total 0",
+            "remora_control_certificates_refused_total{reason=\"invalid_csr\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

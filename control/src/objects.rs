@@ -32,7 +32,7 @@ pub struct ObjectSet {
     pub grpc_routes: Vec<Arc<Stored<GrpcRoute>>>,
     /// What lets a route's backendRef name a Service in another namespace.
     pub reference_grants: Vec<Arc<ReferenceGrant>>,
-    /// Kept for mTLS (their `remora.io/status` annotation marks them meshed); unused so far.
+    /// Their `remora.io/status` annotation marks them meshed, and with which identity.
     pub pods: Vec<Arc<Pod>>,
 }
 

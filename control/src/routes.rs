@@ -991,7 +991,7 @@ pub fn endpoint(endpoint: &crate::index::Endpoint) -> pb::Endpoint {
         zone: endpoint.zone.clone().unwrap_or_default(),
         node: endpoint.node.clone().unwrap_or_default(),
         pod: endpoint.pod.clone().unwrap_or_default(),
-        identity: String::new(),
+        identity: endpoint.identity.as_deref().unwrap_or_default().to_string(),
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
+use crate::identity::IdentityService;
 use crate::index::{Index, Target};
 use crate::metrics::Metrics;
 use crate::routes::{self, Resolved, Tables};
@@ -226,7 +227,7 @@ pub fn parse_target(text: &str) -> Result<SocketAddr, Status> {
 /// resolved on the spot (a stream shares one resolution with the others: [`Tables`]).
 pub fn snapshot_for(index: &Index, target: SocketAddr, client_namespace: &str) -> pb::Snapshot {
     let view = match index.lookup(target) {
-        None => View::Passthrough,
+        None => View::Passthrough(index.pod_identity(target).cloned()),
         Some(found) => View::Service {
             resolved: Arc::new(routes::resolve(
                 index,
@@ -243,7 +244,8 @@ pub fn snapshot_for(index: &Index, target: SocketAddr, client_namespace: &str) -
 /// What a stream answers from one published index, before it is written out.
 #[derive(Debug, Clone)]
 enum View {
-    Passthrough,
+    /// With the identity of the meshed pod whose own address the target is.
+    Passthrough(Option<Arc<str>>),
     Service {
         /// Without its routes and route table, which `resolved` holds.
         service: Box<pb::Service>,
@@ -254,7 +256,7 @@ enum View {
 impl View {
     fn of(published: &Published, target: SocketAddr, client_namespace: &str) -> Self {
         match published.index.lookup(target) {
-            None => View::Passthrough,
+            None => View::Passthrough(published.index.pod_identity(target).cloned()),
             Some(found) => View::Service {
                 resolved: published.tables.get(
                     &published.index,
@@ -269,7 +271,9 @@ impl View {
 
     fn snapshot(&self) -> pb::Snapshot {
         let kind = match self {
-            View::Passthrough => Kind::Passthrough(pb::Passthrough::default()),
+            View::Passthrough(identity) => Kind::Passthrough(pb::Passthrough {
+                identity: identity.as_deref().unwrap_or_default().to_string(),
+            }),
             View::Service { service, resolved } => Kind::Service(pb::Service {
                 routes: resolved.routes.clone(),
                 route_table: Some(resolved.table.clone()),
@@ -285,7 +289,7 @@ impl View {
 impl PartialEq for View {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (View::Passthrough, View::Passthrough) => true,
+            (View::Passthrough(identity), View::Passthrough(other)) => identity == other,
             (
                 View::Service { service, resolved },
                 View::Service {
@@ -428,8 +432,25 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let routes =
-        tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub))).prepare();
+    serve_routes(listener, routes(hub, None), tls, shutdown).await;
+}
+
+/// The gRPC services on one port: Discovery, and Identity when given.
+pub fn routes(hub: Arc<Hub>, identity: Option<IdentityService>) -> tonic::service::Routes {
+    let mut routes = tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub)));
+    if let Some(identity) = identity {
+        routes = routes.add_service(identity.into_server());
+    }
+    routes.prepare()
+}
+
+/// [`serve`] with the services given.
+pub async fn serve_routes(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {

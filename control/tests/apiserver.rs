@@ -5,6 +5,10 @@
 //! (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) after N; a resourceVersion older than the kept
 //! history is `410 Gone` with a `Status` of reason `Expired`; a refused token is `401` with a
 //! `Status`; a kind not served (a CRD not installed) is `404`. A real `kube::Client` talks to it.
+//! It also answers what remora-control writes: `POST` of a TokenReview (authentication.k8s.io/v1,
+//! as `kubectl create --raw` would: the review back with its `status`), and `GET`/`POST`/`PUT` of
+//! Secrets in `remora-system` (`409 AlreadyExists` on a create of one that exists, `409 Conflict`
+//! on a replace whose resourceVersion is not the stored one).
 #![cfg(feature = "cluster")]
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +44,8 @@ const PODS: &str = "/api/v1/pods";
 const RESOURCES: [&str; 6] = [SERVICES, SLICES, HTTP_ROUTES, GRPC_ROUTES, GRANTS, PODS];
 
 const TOKEN: &str = "Bearer remora-test-token";
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+const SECRETS: &str = "/api/v1/namespaces/remora-system/secrets";
 
 /// Far above what each step needs, so a slow machine does not fail the tests; the SPEC's 1 s for
 /// a change is checked on its own.
@@ -101,6 +107,26 @@ struct World {
     /// Lists in progress by `continue` token: the resourceVersion and items left.
     continues: HashMap<String, (u64, Vec<Value>)>,
     requests: Vec<Logged>,
+    /// The tokens the authenticator knows.
+    tokens: HashMap<String, Holder>,
+    /// Answer reviews without `status.audiences`, as an authenticator unaware of audiences would.
+    audience_unaware: bool,
+    /// The TokenReviews received.
+    reviews: Vec<Value>,
+    /// Secrets of remora-system by name.
+    secrets: BTreeMap<String, Value>,
+    /// Stored just before a create of a Secret is answered, as another replica's create.
+    race_on_create: Option<Value>,
+    /// Every write: method and path.
+    writes: Vec<(String, String)>,
+}
+
+/// Whose a token is, as the authenticator would find.
+#[derive(Clone)]
+struct Holder {
+    user: String,
+    audiences: Vec<String>,
+    pod: Option<String>,
 }
 
 /// The API server: a `World` behind a lock, and a signal for open watches.
@@ -139,9 +165,16 @@ impl ApiServer {
                 };
                 let server = accepting.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
+                    let service = service_fn(move |request: Request<Incoming>| {
                         let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.answer(request)) }
+                        async move {
+                            let response = if request.method() == http::Method::GET {
+                                server.answer(request)
+                            } else {
+                                server.write(request).await
+                            };
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     // A watch cut abruptly ends its connection with an error: expected.
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -217,6 +250,19 @@ impl ApiServer {
         if world.unauthorized || !authorized {
             return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
         }
+        if let Some(name) = path
+            .strip_prefix(SECRETS)
+            .and_then(|rest| rest.strip_prefix('/'))
+        {
+            return match world.secrets.get(name) {
+                Some(secret) => json_response(StatusCode::OK, secret),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("secrets \"{name}\" not found"),
+                ),
+            };
+        }
         let Some(resource) = RESOURCES
             .into_iter()
             .find(|resource| *resource == path && world.served[resource])
@@ -254,6 +300,65 @@ impl ApiServer {
             );
         }
         world.list(resource, &query, metadata_only)
+    }
+
+    /// A POST or PUT: a TokenReview, or a Secret created or replaced.
+    async fn write(&self, request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().to_string();
+        let path = request.uri().path().to_string();
+        let authorized = request
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|value| value == TOKEN);
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the body is not JSON",
+            );
+        };
+        let mut world = self.world.lock().unwrap();
+        world.writes.push((method.clone(), path.clone()));
+        if world.unauthorized || !authorized {
+            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+        }
+        match (method.as_str(), path.as_str()) {
+            ("POST", TOKEN_REVIEWS) => {
+                world.reviews.push(object.clone());
+                object["status"] = world.review(&object["spec"]);
+                json_response(StatusCode::CREATED, &object)
+            }
+            ("POST", SECRETS) => {
+                let name = key_of(&object).1;
+                if let Some(theirs) = world.race_on_create.take() {
+                    world.store_secret(theirs);
+                }
+                if world.secrets.contains_key(&name) {
+                    let message = format!("secrets \"{name}\" already exists");
+                    return status(StatusCode::CONFLICT, "AlreadyExists", &message);
+                }
+                let stored = world.store_secret(object);
+                json_response(StatusCode::CREATED, &stored)
+            }
+            ("PUT", _) if path.starts_with(SECRETS) => {
+                let name = path.rsplit('/').next().unwrap_or_default().to_string();
+                let Some(held) = world.secrets.get(&name) else {
+                    return status(StatusCode::NOT_FOUND, "NotFound", "not found");
+                };
+                if held["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+                    let message = format!("Operation cannot be fulfilled on secrets \"{name}\": the object has been modified; please apply your changes to the latest version and try again");
+                    return status(StatusCode::CONFLICT, "Conflict", &message);
+                }
+                let stored = world.store_secret(object);
+                json_response(StatusCode::OK, &stored)
+            }
+            _ => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        }
     }
 
     /// A watch's streamed body: the changes after `from`, then each new one, bookmarks if asked
@@ -362,6 +467,57 @@ impl ApiServer {
 }
 
 impl World {
+    /// A TokenReview's status, as the API server's authenticator gives it.
+    fn review(&self, spec: &Value) -> Value {
+        let token = spec["token"].as_str().unwrap_or_default();
+        let asked: Vec<String> = spec["audiences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|audience| audience.as_str().map(str::to_string))
+            .collect();
+        let Some(holder) = self.tokens.get(token) else {
+            return json!({"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"});
+        };
+        let common: Vec<&String> = holder
+            .audiences
+            .iter()
+            .filter(|a| asked.contains(a))
+            .collect();
+        if common.is_empty() && !self.audience_unaware {
+            return json!({"user": {}, "error": format!(
+                "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                holder.audiences, asked)});
+        }
+        let mut extra = serde_json::Map::new();
+        if let Some(pod) = &holder.pod {
+            extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
+            extra.insert(
+                "authentication.kubernetes.io/pod-uid".into(),
+                json!(["a3b1c2d4"]),
+            );
+        }
+        let mut status = json!({"authenticated": true,
+            "user": {"username": holder.user, "uid": "u-1",
+                     "groups": ["system:serviceaccounts", "system:authenticated"], "extra": extra}});
+        if !self.audience_unaware {
+            status["audiences"] = json!(common);
+        }
+        status
+    }
+
+    /// Stores a Secret of remora-system with a new resourceVersion, as the API server returns it.
+    fn store_secret(&mut self, mut secret: Value) -> Value {
+        self.resource_version += 1;
+        secret["kind"] = json!("Secret");
+        secret["apiVersion"] = json!("v1");
+        secret["metadata"]["namespace"] = json!("remora-system");
+        secret["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        let name = key_of(&secret).1;
+        self.secrets.insert(name, secret.clone());
+        secret
+    }
+
     fn apply(&mut self, resource: &'static str, mut object: Value) -> u64 {
         self.resource_version += 1;
         let version = self.resource_version;
@@ -1200,4 +1356,396 @@ async fn the_index_of_a_cluster_snapshot_answers_as_the_files_do() {
         2,
         "producer and consumer"
     );
+}
+
+// Identity: TokenReviews and the CA's Secret.
+
+mod identity {
+    use super::*;
+    use arc_swap::ArcSwapOption;
+    use rcgen::{CertificateParams, KeyPair};
+    use remora_api::identity::identity_server::Identity as _;
+    use remora_api::identity::CertifyRequest;
+    use remora_control::identity::ca::Ca;
+    use remora_control::identity::review::cluster::TokenReviewer;
+    use remora_control::identity::review::{ReviewError, Reviewed};
+    use remora_control::identity::secret::{ensure_with_outcome, Outcome, SecretName};
+    use remora_control::identity::{CaSlot, IdentityService, Reviewer};
+    use remora_control::metrics::Metrics;
+    use remora_control::server::Hub;
+    use std::time::SystemTime;
+    use tonic::Code;
+
+    fn holder(user: &str, audiences: &[&str], pod: Option<&str>) -> Holder {
+        Holder {
+            user: user.to_string(),
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            pod: pod.map(str::to_string),
+        }
+    }
+
+    fn with_tokens(server: &ApiServer) {
+        server.with(|world| {
+            let tokens = [
+                (
+                    "web-token",
+                    holder(
+                        "system:serviceaccount:shop:web",
+                        &["remora.io/identity"],
+                        Some("web-0"),
+                    ),
+                ),
+                (
+                    "unbound-token",
+                    holder(
+                        "system:serviceaccount:shop:web",
+                        &["remora.io/identity"],
+                        None,
+                    ),
+                ),
+                (
+                    "stranger-token",
+                    holder(
+                        "system:serviceaccount:shop:web",
+                        &["remora.io/identity"],
+                        Some("plain-0"),
+                    ),
+                ),
+                (
+                    "api-audience-token",
+                    holder(
+                        "system:serviceaccount:shop:web",
+                        &["https://kubernetes.default.svc"],
+                        Some("web-0"),
+                    ),
+                ),
+                ("user-token", holder("alice", &["remora.io/identity"], None)),
+            ];
+            for (token, holder) in tokens {
+                world.tokens.insert(token.to_string(), holder);
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_token_review_names_the_service_account_and_the_pod() {
+        let server = ApiServer::start(false).await;
+        with_tokens(&server);
+        let reviewer = TokenReviewer::new(server.client());
+
+        assert_eq!(
+            reviewer.review("web-token").await,
+            Ok(Reviewed {
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                pod: Some("web-0".into())
+            })
+        );
+        // The review as the API documents it: our audience asked for, the token as read.
+        let sent = server.world.lock().unwrap().reviews[0].clone();
+        assert_eq!(sent["apiVersion"], "authentication.k8s.io/v1");
+        assert_eq!(sent["kind"], "TokenReview");
+        assert_eq!(sent["spec"]["audiences"], json!(["remora.io/identity"]));
+        assert_eq!(sent["spec"]["token"], "web-token");
+
+        // (case, token, what is refused)
+        let refused: [(&str, &str, &str); 3] = [
+            ("not authenticated", "forged", "invalid bearer token"),
+            ("another audience", "api-audience-token", "token audiences"),
+            ("not a service account", "user-token", "alice"),
+        ];
+        for (case, token, words) in refused {
+            let error = reviewer.review(token).await.unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ReviewError::Unauthenticated(_) | ReviewError::NotServiceAccount(_)
+                ),
+                "{case}: {error:?}"
+            );
+            assert!(error.to_string().contains(words), "{case}: {error}");
+        }
+
+        // An authenticator that ignores audiences says nothing of ours: not good enough.
+        server.with(|world| world.audience_unaware = true);
+        let error = reviewer.review("web-token").await.unwrap_err();
+        assert!(
+            matches!(&error, ReviewError::Unauthenticated(message) if message.contains("not for audience remora.io/identity")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_api_down_is_unavailable() {
+        // A port nobody listens on: connection refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = kube::Config::new(format!("http://{closed}").parse().unwrap());
+        let reviewer = TokenReviewer::new(kube::Client::try_from(config).unwrap());
+        let error = reviewer.review("web-token").await.unwrap_err();
+        assert!(matches!(error, ReviewError::Unavailable(_)), "{error:?}");
+
+        // Through Certify: UNAVAILABLE, which the proxy retries.
+        let service = identity_service(
+            Reviewer::Api(reviewer),
+            tokio::sync::watch::channel(Arc::new(Snapshot::default())).1,
+        )
+        .await;
+        let status = certify(&service, "web-token", "web-0").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    async fn identity_service(
+        reviewer: Reviewer,
+        source: watch::Receiver<Arc<Snapshot>>,
+    ) -> IdentityService {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::start(source, Arc::clone(&metrics)).await;
+        let now = SystemTime::now();
+        let (cert, key) = Ca::generate("cluster.local", now, Duration::from_secs(3600)).unwrap();
+        let slot: CaSlot = Arc::new(ArcSwapOption::from_pointee(
+            Ca::from_pem(&cert, &key, now).unwrap(),
+        ));
+        IdentityService::new(
+            slot,
+            Some(reviewer),
+            "cluster.local",
+            Duration::from_secs(60),
+            hub,
+            metrics,
+        )
+    }
+
+    async fn certify(
+        service: &IdentityService,
+        token: &str,
+        pod: &str,
+    ) -> Result<remora_api::identity::CertifyResponse, tonic::Status> {
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap();
+        service
+            .certify(tonic::Request::new(CertifyRequest {
+                token: token.into(),
+                csr: csr.der().to_vec(),
+                namespace: "shop".into(),
+                pod: pod.into(),
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn certify_reviews_the_token_and_wants_a_remora_pod() {
+        let server = ApiServer::start(false).await;
+        populate(&server, false);
+        server.apply(
+            PODS,
+            json!({"metadata": {"name": "plain-0", "namespace": "shop"}, "spec": {"containers": []}}),
+        );
+        with_tokens(&server);
+        let source = start(&server).await;
+        let service =
+            identity_service(Reviewer::Api(TokenReviewer::new(server.client())), source).await;
+
+        let issued = certify(&service, "web-token", "ignored-the-token-names-web-0")
+            .await
+            .unwrap();
+        assert_eq!(issued.identity, "spiffe://cluster.local/ns/shop/sa/web");
+        // A token bound to no pod: the pod the request names must be a remora pod.
+        let issued = certify(&service, "unbound-token", "web-0").await.unwrap();
+        assert_eq!(issued.identity, "spiffe://cluster.local/ns/shop/sa/web");
+
+        // (case, token, pod, code)
+        let refused: [(&str, &str, &str, Code); 5] = [
+            (
+                "bound to a pod without remora.io/status",
+                "stranger-token",
+                "web-0",
+                Code::PermissionDenied,
+            ),
+            (
+                "naming a pod without remora.io/status",
+                "unbound-token",
+                "plain-0",
+                Code::PermissionDenied,
+            ),
+            (
+                "not authenticated",
+                "forged",
+                "web-0",
+                Code::Unauthenticated,
+            ),
+            (
+                "another audience",
+                "api-audience-token",
+                "web-0",
+                Code::Unauthenticated,
+            ),
+            (
+                "not a service account",
+                "user-token",
+                "web-0",
+                Code::PermissionDenied,
+            ),
+        ];
+        for (case, token, pod, code) in refused {
+            let status = certify(&service, token, pod).await.unwrap_err();
+            assert_eq!(status.code(), code, "{case}: {status:?}");
+        }
+    }
+
+    /// In cluster mode a pod is known by its metadata alone: its endpoints, and its own
+    /// address through them, carry its identity once it is seen, within the SPEC's second.
+    #[tokio::test]
+    async fn a_meshed_pod_seen_by_its_metadata_gives_its_endpoints_an_identity() {
+        const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+        let server = ApiServer::start(false).await;
+        server.apply(SERVICES, service("shop", "web", "10.96.0.10"));
+        let mut endpoints = slice("shop", "web-a", "web", &["10.1.0.1", "10.1.0.2"]);
+        endpoints["endpoints"][0]["targetRef"] =
+            json!({"kind": "Pod", "name": "web-0", "namespace": "shop"});
+        endpoints["endpoints"][1]["targetRef"] = json!({"kind": "Pod", "name": "web-1"});
+        server.apply(SLICES, endpoints);
+        let mut receiver = start(&server).await;
+        let identities = |snapshot: &Snapshot| -> Vec<Option<String>> {
+            let index = Index::build(&snapshot.objects);
+            let target = index.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
+            target
+                .endpoints
+                .iter()
+                .map(|endpoint| endpoint.identity.as_deref().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(identities(&receiver.borrow_and_update()), [None, None]);
+
+        let status = format!(r#"{{"version":"0.1.0","identity":"{WEB}"}}"#);
+        for name in ["web-0", "web-1"] {
+            server.apply(
+                PODS,
+                json!({"metadata": {"name": name, "namespace": "shop",
+                                    "annotations": {"remora.io/status": status}},
+                       "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+                       "status": {"podIP": "10.1.0.9"}}),
+            );
+        }
+        let took = until(&mut receiver, DEADLINE, "the pods' identity", |snapshot| {
+            identities(snapshot) == [Some(WEB.to_string()), Some(WEB.to_string())]
+        })
+        .await;
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let index = Index::build(&receiver.borrow().objects);
+        // Its own address by the slice (a metadata watch has no podIP: 10.1.0.9 is unknown).
+        assert_eq!(
+            index
+                .pod_identity("10.1.0.2:8080".parse().unwrap())
+                .map(|id| id.to_string()),
+            Some(WEB.to_string())
+        );
+        assert_eq!(index.pod_identity("10.1.0.9:8080".parse().unwrap()), None);
+        assert!(index.remora_pod("shop", "web-1").is_some());
+    }
+
+    fn secret_name() -> SecretName {
+        SecretName::default()
+    }
+
+    fn stored_ca(server: &ApiServer) -> String {
+        let world = server.world.lock().unwrap();
+        let data = &world.secrets["remora-identity-ca"]["data"]["ca.crt"];
+        data.as_str().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn an_absent_ca_secret_is_created_and_then_adopted() {
+        let server = ApiServer::start(false).await;
+        let client = server.client();
+        let (created, outcome) = ensure_with_outcome(&client, &secret_name(), "cluster.local")
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Created);
+        let writes = server.world.lock().unwrap().writes.clone();
+        assert_eq!(writes, [("POST".to_string(), SECRETS.to_string())]);
+        let secret = server.world.lock().unwrap().secrets["remora-identity-ca"].clone();
+        assert_eq!(secret["metadata"]["namespace"], "remora-system");
+        assert!(secret["data"]["ca.key"].is_string());
+
+        // Another replica (or a restart) adopts it without writing.
+        let (adopted, outcome) = ensure_with_outcome(&client, &secret_name(), "cluster.local")
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Adopted);
+        assert_eq!(adopted.certificate(), created.certificate());
+        assert_eq!(server.world.lock().unwrap().writes.len(), 1);
+    }
+
+    fn secret_of(cert: &str, key: &str) -> Value {
+        let b64 = |text: &str| {
+            serde_json::to_value(k8s_openapi::ByteString(text.as_bytes().to_vec())).unwrap()
+        };
+        json!({"metadata": {"name": "remora-identity-ca"}, "type": "Opaque",
+               "data": {"ca.crt": b64(cert), "ca.key": b64(key)}})
+    }
+
+    #[tokio::test]
+    async fn losing_the_create_race_adopts_the_other_replicas_ca() {
+        let server = ApiServer::start(false).await;
+        let (theirs, their_key) = Ca::generate(
+            "cluster.local",
+            SystemTime::now(),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        server.with(|world| world.race_on_create = Some(secret_of(&theirs, &their_key)));
+        let (ca, outcome) = ensure_with_outcome(&server.client(), &secret_name(), "cluster.local")
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Adopted);
+        let their_key_pem = their_key.clone();
+        let theirs = Ca::from_pem(&theirs, &their_key, SystemTime::now()).unwrap();
+        assert_eq!(ca.certificate(), theirs.certificate());
+        let stored: k8s_openapi::ByteString =
+            serde_json::from_value(Value::from(stored_ca(&server))).unwrap();
+        let stored = String::from_utf8(stored.0).unwrap();
+        assert_eq!(
+            Ca::from_pem(&stored, &their_key_pem, SystemTime::now())
+                .unwrap()
+                .certificate(),
+            theirs.certificate(),
+            "the Secret still holds theirs"
+        );
+        let writes = server.world.lock().unwrap().writes.clone();
+        assert_eq!(
+            writes,
+            [("POST".to_string(), SECRETS.to_string())],
+            "one create, lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_secret_without_a_usable_ca_is_replaced_at_its_resource_version() {
+        let server = ApiServer::start(false).await;
+        server.with(|world| {
+            world.store_secret(secret_of("garbage", "garbage"));
+        });
+        let (ca, outcome) = ensure_with_outcome(&server.client(), &secret_name(), "cluster.local")
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Replaced);
+        let writes = server.world.lock().unwrap().writes.clone();
+        assert_eq!(
+            writes,
+            [("PUT".to_string(), format!("{SECRETS}/remora-identity-ca"))]
+        );
+        let (again, outcome) =
+            ensure_with_outcome(&server.client(), &secret_name(), "cluster.local")
+                .await
+                .unwrap();
+        assert_eq!(outcome, Outcome::Adopted);
+        assert_eq!(again.certificate(), ca.certificate());
+    }
 }

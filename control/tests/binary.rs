@@ -192,12 +192,12 @@ fn service_name(snapshot: &pb::Snapshot) -> &str {
 #[test]
 fn bad_flags_are_usage_errors_naming_the_flags() {
     // (case, args, expected exit code, words the message must hold)
-    let cases: [(&str, &[&str], i32, &[&str]); 7] = [
+    let cases: [(&str, &[&str], i32, &[&str]); 14] = [
         (
-            "no transport",
-            &["serve"],
+            "no transport, no CA",
+            &["serve", "--objects", "."],
             2,
-            &["--tls-cert", "--plaintext"],
+            &["--tls-cert", "--plaintext", "--ca-cert"],
         ),
         (
             "both transports",
@@ -228,6 +228,72 @@ fn bad_flags_are_usage_errors_naming_the_flags() {
             &["serve", "--plaintext", "--log-format", "xml"],
             2,
             &["--log-format", "json", "plain"],
+        ),
+        (
+            "a CA certificate without its key",
+            &["serve", "--plaintext", "--ca-cert", "ca.crt"],
+            2,
+            &["--ca-key"],
+        ),
+        (
+            "a CA key without its certificate",
+            &["serve", "--plaintext", "--ca-key", "ca.key"],
+            2,
+            &["--ca-cert"],
+        ),
+        (
+            "a lifetime that is no duration",
+            &["serve", "--plaintext", "--identity-lifetime", "a day"],
+            2,
+            &["--identity-lifetime", "a day", "24h"],
+        ),
+        (
+            "a lifetime too short",
+            &["serve", "--plaintext", "--identity-lifetime", "1s"],
+            2,
+            &["--identity-lifetime", "10s"],
+        ),
+        (
+            "a trust domain that is none",
+            &["serve", "--plaintext", "--trust-domain", "Cluster/Local"],
+            2,
+            &["--trust-domain", "Cluster/Local", "cluster.local"],
+        ),
+        (
+            "a token file that is not there",
+            &[
+                "serve",
+                "--plaintext",
+                "--objects",
+                ".",
+                "--identity-tokens",
+                "/nonexistent/tokens.csv",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            1,
+            &["/nonexistent/tokens.csv"],
+        ),
+        (
+            "CA files that are not there",
+            &[
+                "serve",
+                "--plaintext",
+                "--objects",
+                ".",
+                "--ca-cert",
+                "/nonexistent/ca.crt",
+                "--ca-key",
+                "/nonexistent/ca.key",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            1,
+            &["/nonexistent/ca.crt"],
         ),
         (
             "a log level that is none",
@@ -285,6 +351,13 @@ fn help_describes_serve() {
         "--objects",
         "--log-level",
         "--log-format",
+        "--ca-cert",
+        "--ca-key",
+        "--identity-tokens",
+        "--identity-lifetime",
+        "--trust-domain",
+        "remora-identity-ca",
+        "remora.identity.v1",
     ] {
         assert!(help.contains(flag), "{flag} missing from\n{help}");
     }
@@ -564,4 +637,137 @@ async fn a_bad_policy_annotation_is_logged_once_and_the_rest_of_the_service_is_s
     assert_eq!(bad_lines(&log).len(), 1, "{log}");
     let (status, _) = process.stop("TERM");
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn without_a_cluster_certificates_come_from_the_token_file_and_the_ca_files() {
+    use remora_api::identity::identity_client::IdentityClient;
+    use remora_api::identity::CertifyRequest;
+
+    let dir = objects_dir(&[("objects.yaml", OBJECTS)]);
+    let ca = {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test identity CA");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert, key)
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let (ca_cert, ca_key, tokens) = (
+        secrets.path().join("ca.crt"),
+        secrets.path().join("ca.key"),
+        secrets.path().join("tokens.csv"),
+    );
+    fs::write(&ca_cert, ca.0.pem()).unwrap();
+    fs::write(&ca_key, ca.1.serialize_pem()).unwrap();
+    fs::write(&tokens, "t-web,system:serviceaccount:shop:web,1\n").unwrap();
+    let process = Process::start(&[
+        "--plaintext",
+        "--objects",
+        dir.path().to_str().unwrap(),
+        "--ca-cert",
+        ca_cert.to_str().unwrap(),
+        "--ca-key",
+        ca_key.to_str().unwrap(),
+        "--identity-tokens",
+        tokens.to_str().unwrap(),
+        "--identity-lifetime",
+        "60s",
+        "--trust-domain",
+        "example.org",
+    ]);
+    let channel = Endpoint::from_shared(format!("http://{}", process.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::new(vec!["other.example".to_string()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let answer = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            token: "t-web".into(),
+            csr: csr.der().to_vec(),
+            namespace: "shop".into(),
+            pod: "web-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.identity, "spiffe://example.org/ns/shop/sa/web");
+    assert_eq!(answer.trust_anchors, vec![ca.0.der().to_vec()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let left = answer.expires_unix_seconds - now;
+    assert!((50..=61).contains(&left), "{left} s left");
+    let log = process.log();
+    assert!(
+        log.contains("issued a workload certificate") && log.contains("web-0"),
+        "{log}"
+    );
+    let (_, metrics) = get(process.admin, "/metrics").unwrap();
+    assert!(
+        metrics.contains("remora_control_certificates_issued_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn without_tls_files_the_identity_ca_issues_the_serving_certificate() {
+    let dir = objects_dir(&[("objects.yaml", OBJECTS)]);
+    let secrets = tempfile::tempdir().unwrap();
+    let new_ca = || {
+        remora_control::identity::ca::Ca::generate(
+            "cluster.local",
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    };
+    let (issuer_pem, issuer_key) = new_ca();
+    let (ca_cert, ca_key) = (secrets.path().join("ca.crt"), secrets.path().join("ca.key"));
+    fs::write(&ca_cert, &issuer_pem).unwrap();
+    fs::write(&ca_key, &issuer_key).unwrap();
+    let process = Process::start(&[
+        "--objects",
+        dir.path().to_str().unwrap(),
+        "--ca-cert",
+        ca_cert.to_str().unwrap(),
+        "--ca-key",
+        ca_key.to_str().unwrap(),
+    ]);
+    let connect = |domain: &'static str, ca: String| async move {
+        Endpoint::from_shared(format!("https://{}", process.grpc))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(domain),
+            )
+            .unwrap()
+            .connect()
+            .await
+    };
+    // Verified by the identity CA, for the name proxies dial.
+    let channel = connect("remora-control.remora-system.svc", issuer_pem.clone())
+        .await
+        .unwrap();
+    let web = first_snapshot(channel, "10.96.0.10:80").await;
+    assert_eq!(service_name(&web), "web");
+    // Not for another name, and not by another CA.
+    let (other_pem, _) = new_ca();
+    assert!(connect("remora-control.remora-system.svc", other_pem)
+        .await
+        .is_err());
+    assert!(connect("elsewhere.example", issuer_pem.clone())
+        .await
+        .is_err());
 }

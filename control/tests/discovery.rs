@@ -863,3 +863,124 @@ async fn a_policy_annotation_edit_reaches_open_streams_and_each_backend_has_its_
     let third = next(&mut web, CHANGE_DEADLINE).await;
     assert_eq!(service(&third).policy, Some(default_policy()));
 }
+
+/// `web-1` and `web-2` of the `web` slice, meshed (the injector's `remora.io/status` with an
+/// identity); `web-2` keeps 9090 out of its proxy.
+const MESHED_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  annotations: {remora.io/status: '{"version":"0.1.0","identity":"spiffe://cluster.local/ns/shop/sa/web"}'}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.0.1, podIPs: [{ip: 10.1.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-2
+  namespace: shop
+  annotations:
+    remora.io/status: '{"version":"0.1.0","identity":"spiffe://cluster.local/ns/shop/sa/web"}'
+    remora.io/exclude-inbound-ports: '9090'
+spec: {containers: [{name: app, image: app}]}
+"#;
+
+fn identities(snapshot: &pb::Snapshot) -> Vec<(String, String)> {
+    service(snapshot)
+        .endpoints
+        .iter()
+        .map(|endpoint| (endpoint.ip.clone(), endpoint.identity.clone()))
+        .collect()
+}
+
+fn passthrough_identity(snapshot: &pb::Snapshot) -> &str {
+    match &snapshot.kind {
+        Some(Kind::Passthrough(passthrough)) => &passthrough.identity,
+        other => panic!("expected a passthrough snapshot, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn meshed_pods_give_their_endpoints_and_own_addresses_an_identity_and_changes_are_pushed() {
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    let server = Server::start(&[
+        ("services.yaml", SERVICE),
+        ("slice.yaml", &slice(&[1, 2, 3])),
+    ])
+    .await;
+    let mut client = server.client().await;
+    let mut http = watch(&mut client, "10.96.0.10:80", "client").await;
+    let mut grpc = watch(&mut client, "10.96.0.10:9000", "client").await;
+    // web-2's own address, as a pod-to-pod call dials it (its slice address: no podIPs).
+    let mut direct = watch(&mut client, "10.1.0.2:8080", "client").await;
+    let mut admin = watch(&mut client, "10.1.0.2:15020", "client").await;
+    let none = |ips: &[&str]| -> Vec<(String, String)> {
+        ips.iter()
+            .map(|ip| (ip.to_string(), String::new()))
+            .collect()
+    };
+    let first = next(&mut http, CHANGE_DEADLINE).await;
+    assert_eq!(
+        identities(&first),
+        none(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+    );
+    next(&mut grpc, CHANGE_DEADLINE).await;
+    assert_eq!(
+        passthrough_identity(&next(&mut direct, CHANGE_DEADLINE).await),
+        ""
+    );
+    assert_eq!(
+        passthrough_identity(&next(&mut admin, CHANGE_DEADLINE).await),
+        ""
+    );
+
+    // The pods appear: every open stream they change gets a new snapshot within the bound.
+    fs::write(server.path("pods.yaml"), MESHED_PODS).unwrap();
+    let meshed = next(&mut http, CHANGE_DEADLINE).await;
+    let expected = vec![
+        ("10.1.0.1".to_string(), WEB.to_string()),
+        ("10.1.0.2".to_string(), WEB.to_string()),
+        ("10.1.0.3".to_string(), String::new()),
+    ];
+    assert_eq!(identities(&meshed), expected);
+    // Port 9090 of web-2 is not taken in by its proxy: plaintext there.
+    let grpc_meshed = next(&mut grpc, CHANGE_DEADLINE).await;
+    assert_eq!(
+        identities(&grpc_meshed),
+        [
+            ("10.1.0.1".to_string(), WEB.to_string()),
+            ("10.1.0.2".to_string(), String::new()),
+            ("10.1.0.3".to_string(), String::new()),
+        ]
+    );
+    assert_eq!(
+        passthrough_identity(&next(&mut direct, CHANGE_DEADLINE).await),
+        WEB
+    );
+    // web-1 by its own podIP, v4-mapped as a v6 socket may report it.
+    let mut own = watch(&mut client, "[::ffff:10.1.0.1]:8080", "client").await;
+    assert_eq!(
+        passthrough_identity(&next(&mut own, CHANGE_DEADLINE).await),
+        WEB
+    );
+    // The admin port is never mTLS: nothing to push there.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), admin.message())
+            .await
+            .is_err(),
+        "the admin port's snapshot did not change"
+    );
+
+    // The pods go: back to plaintext.
+    fs::remove_file(server.path("pods.yaml")).unwrap();
+    assert_eq!(
+        identities(&next(&mut http, CHANGE_DEADLINE).await),
+        none(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+    );
+    assert_eq!(
+        passthrough_identity(&next(&mut direct, CHANGE_DEADLINE).await),
+        ""
+    );
+}
