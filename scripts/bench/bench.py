@@ -2185,7 +2185,7 @@ def bench_issuance(work):
         res["control_rss_kib"] = proc_status_kib(control.pid, "VmRSS")
         rs = res["rounds"]
         for key in ("all_certified_s", "last_answer_s", "p50_ms", "p99_ms", "max_ms",
-                    "control_cpu_s", "connect_s"):
+                    "control_cpu_s", "connect_s", "issued_counted"):
             res[key] = median([r.get(key) for r in rs])
         res["errors"] = sum(r["errors"] for r in rs)
         res["first_errors"] = next((r["first_errors"] for r in rs if r["errors"]), [])
@@ -2211,6 +2211,8 @@ def render_issuance(res):
         f"| one call p50 / p99 / max (ms) | {fmt(res['p50_ms'], 'ms')} / "
         f"{fmt(res['p99_ms'], 'ms')} / {fmt(res['max_ms'], 'ms')} |",
         f"| remora-control CPU for the burst (s) | {fmt(res['control_cpu_s'])} |",
+        f"| its remora_control_certificates_issued_total grew by | "
+        f"{fmt(res.get('issued_counted'), 'req/s')} |",
         f"| remora-control RSS after (MiB) | {fmt(res['control_rss_kib'] / 1024, 'MiB')} |",
         f"| failed or wrong answers | {res['errors']} {'; '.join(res['first_errors'])} |",
         "", f"Medians over {len(res['rounds'])} round(s). Each simulated proxy has its own P-256 "
