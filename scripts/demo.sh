@@ -305,7 +305,7 @@ metric() { # metric SERIES: its value on the proxy's /metrics (0 when absent)
 }
 
 if [ "$service" = 1 ]; then
-  outbound='remora_proxy_tcp_connections_total{direction="outbound"}'
+  outbound='remora_proxy_tcp_connections_total{direction="outbound",tls="false",client_id=""}'
   # spread COMMAND...: one client run in the pod, its answers counted per endpoint, and the
   # client connections it made.
   spread() {

@@ -19,6 +19,8 @@ case "${1:-test}" in
     need curl curl
     need openssl openssl
     need python3 python3
+    # The mTLS tests and the demo capture the wire between two meshed pods.
+    need tcpdump tcpdump
     ;;&
   test)
     need pip3 python3-pip

@@ -12,6 +12,7 @@ use remora_init::PortList;
 
 use crate::client::connect::Keepalive;
 use crate::discover::ControlConfig;
+use crate::inbound::{AllowFrom, MtlsMode, Probes};
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy
@@ -42,6 +43,10 @@ pub enum ConfigError {
     ControlAddr { reason: String },
     #[error("--inbound-rate-limit: {reason}")]
     InboundRateLimit { reason: String },
+    #[error("--allow-from: {reason}")]
+    AllowFrom { reason: String },
+    #[error("--inbound-probes: {reason}")]
+    InboundProbes { reason: String },
     #[error(
         "--tcp-keepalive: {value:?} is not a whole number of seconds from 1s to {max}s, or 0 \
          for off (the kernel counts keepalive in seconds)",
@@ -194,6 +199,22 @@ pub struct Args {
     /// inbound HTTP/2 is terminated whatever --h2-mode says: the relay cannot answer a stream.
     #[arg(long, value_name = "RATE", value_parser = parse_inbound_rate_limit)]
     pub inbound_rate_limit: Option<InboundRateLimit>,
+
+    /// Inbound plaintext: `permissive` lets both mTLS and plaintext clients in; `strict` resets
+    /// plaintext ones, except on --inbound-probes (the admin port is never redirected).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = MtlsMode::Permissive)]
+    pub inbound_mtls: MtlsMode,
+
+    /// The identities let in, comma-separated `ns/sa` or `ns/*`; empty lets anyone in. Others,
+    /// plaintext clients included (they have no identity), get 403 (HTTP) or a reset (TCP).
+    #[arg(long, value_name = "LIST", default_value = "", value_parser = parse_allow_from)]
+    pub allow_from: AllowFrom,
+
+    /// The pod's own kubelet probes, which stay plaintext under --inbound-mtls strict or
+    /// --allow-from: `PORT` (the whole port) or `PORT:/path` (only HTTP/1 requests for that
+    /// path on that port; other requests there get 403), comma-separated.
+    #[arg(long, value_name = "LIST", default_value = "", value_parser = parse_inbound_probes)]
+    pub inbound_probes: Probes,
 }
 
 fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
@@ -239,6 +260,18 @@ fn parse_inbound_rate_limit(value: &str) -> Result<InboundRateLimit, ConfigError
     value
         .parse()
         .map_err(|reason| ConfigError::InboundRateLimit { reason })
+}
+
+fn parse_allow_from(value: &str) -> Result<AllowFrom, ConfigError> {
+    value
+        .parse()
+        .map_err(|reason| ConfigError::AllowFrom { reason })
+}
+
+fn parse_inbound_probes(value: &str) -> Result<Probes, ConfigError> {
+    value
+        .parse()
+        .map_err(|reason| ConfigError::InboundProbes { reason })
 }
 
 /// `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
@@ -506,6 +539,39 @@ mod tests {
         .unwrap();
         let err = args.control_config(none).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn the_mtls_flags_parse_and_bad_values_name_the_flag() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        assert_eq!(args.inbound_mtls, MtlsMode::Permissive);
+        assert!(args.allow_from.is_anyone());
+        let args = Args::try_parse_from([
+            "remora-proxy",
+            "--inbound-mtls",
+            "strict",
+            "--allow-from",
+            "shop/web,billing/*",
+            "--inbound-probes",
+            "8080:/healthz,9000",
+        ])
+        .unwrap();
+        assert_eq!(args.inbound_mtls, MtlsMode::Strict);
+        assert_eq!(args.allow_from.to_string(), "shop/web,billing/*");
+        assert_eq!(args.inbound_probes, "9000,8080:/healthz".parse().unwrap());
+        for (flag, bad) in [
+            ("--allow-from", "shop"),
+            ("--inbound-probes", "8080:healthz"),
+            ("--inbound-mtls", "sometimes"),
+        ] {
+            let err = Args::try_parse_from(["remora-proxy", flag, bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains(bad),
+                "{flag} {bad}: {err}"
+            );
+        }
     }
 
     #[test]

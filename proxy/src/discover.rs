@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
+use crate::client::Endpoint;
 use crate::metrics::{ControlMetrics, ResilienceMetrics};
 use crate::outbound::policy::Policy;
 use crate::outbound::routes::Routes;
@@ -69,8 +70,8 @@ pub struct Service {
     pub name: String,
     pub port: u16,
     pub protocol: AppProtocol,
-    /// Ready endpoints, sorted.
-    pub endpoints: Vec<SocketAddr>,
+    /// Ready endpoints, sorted, with the identity of those that are meshed pods.
+    pub endpoints: Vec<Endpoint>,
     /// The routes that apply, compiled; `None` when none does.
     pub routes: Option<Arc<Routes>>,
     /// Its resilience policy: the SPEC's defaults when the snapshot has none.
@@ -89,8 +90,9 @@ pub enum Known {
     Waiting,
     /// No snapshot, and the control plane could not be reached: forward (fail open).
     Unreachable,
-    /// Not a Service address: forward to the original destination.
-    Passthrough,
+    /// Not a Service address: forward to the original destination; with the identity it must
+    /// present when it is a meshed pod's own IP:port.
+    Passthrough(Option<Arc<str>>),
     Service(Arc<Service>),
 }
 
@@ -469,7 +471,11 @@ impl Discovery {
                 if let Some(gauge) = gauge.take() {
                     gauge.set(0);
                 }
-                Known::Passthrough
+                let identity = match snapshot.kind {
+                    Some(snapshot::Kind::Passthrough(passthrough)) => passthrough.identity,
+                    _ => String::new(),
+                };
+                Known::Passthrough(Endpoint::meshed(target, &identity).identity)
             }
         }
     }
@@ -506,15 +512,19 @@ impl Drop for Receiving {
     }
 }
 
-/// The snapshot's endpoints as addresses, sorted; one that does not parse is skipped (logged).
-pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<SocketAddr> {
-    let mut addrs: Vec<SocketAddr> = list
+/// The snapshot's endpoints, sorted by address, each with the identity it must present when it
+/// is a meshed pod; one that does not parse is skipped (logged).
+pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Endpoint> {
+    let mut addrs: Vec<Endpoint> = list
         .iter()
         .filter_map(|endpoint| {
             let ip = endpoint.ip.parse::<IpAddr>().ok();
             let port = u16::try_from(endpoint.port).ok().filter(|port| *port != 0);
             match (ip, port) {
-                (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+                (Some(ip), Some(port)) => Some(Endpoint::meshed(
+                    SocketAddr::new(ip, port),
+                    &endpoint.identity,
+                )),
                 _ => {
                     warn!(destination = %target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
                     None
@@ -522,8 +532,8 @@ pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Socke
             }
         })
         .collect();
-    addrs.sort();
-    addrs.dedup();
+    addrs.sort_by(|a, b| (a.addr, &a.identity).cmp(&(b.addr, &b.identity)));
+    addrs.dedup_by(|a, b| a.addr == b.addr);
     addrs
 }
 
@@ -543,6 +553,32 @@ mod tests {
     use remora_api::discovery::discovery_server::{Discovery as DiscoveryApi, DiscoveryServer};
     use std::pin::Pin;
     use tokio_stream::wrappers::WatchStream;
+
+    #[test]
+    fn endpoints_carry_the_identity_of_meshed_pods() {
+        let target: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+        let list = [
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 8080,
+                identity: cart.into(),
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "2001:2::1".into(),
+                port: 8080,
+                ..Default::default()
+            },
+        ];
+        let v4: SocketAddr = "198.18.0.2:8080".parse().unwrap();
+        let v6: SocketAddr = "[2001:2::1]:8080".parse().unwrap();
+        assert_eq!(
+            endpoints(&list, target),
+            [Endpoint::meshed(v4, cart), Endpoint::new(v6)]
+        );
+        assert_eq!(Endpoint::meshed(v6, "").identity, None);
+    }
 
     /// A control plane that answers every watch with the latest of `snapshots`, until `down`
     /// says it is down: then its streams end with an error and new ones are refused.

@@ -127,7 +127,7 @@ async fn start_proxy_with(
             tokio::spawn(async move {
                 // Through detection, as the listener does: the preface reaches hyper rewound.
                 if let Ok((_, first)) = detect(&stream).await {
-                    let stream = Rewound::new(stream, first);
+                    let stream = Rewound::new(stream.into(), first);
                     let destination = Destination::Forward(Endpoint::new(target));
                     serve_h2(stream, target, destination, outbound::context(proxy)).await;
                 }
@@ -252,7 +252,7 @@ async fn concurrent_streams_share_one_upstream_connection() {
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         Some(20)
     );
@@ -949,14 +949,14 @@ async fn a_request_with_a_body_a_goaway_left_unprocessed_is_refused_so_the_clien
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         Some(1)
     );
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"502\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"502\",tls=\"false\",client_id=\"\"}"
         ),
         None
     );
@@ -1088,7 +1088,7 @@ async fn connect_becomes_a_tunnel_both_ways_and_keeps_half_close() {
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         Some(2)
     );
@@ -1179,7 +1179,7 @@ async fn relayed_responses_are_counted_by_their_status_through_header_compressio
     let count = |status: u16| {
         metric(
             proxy,
-            &format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"h2\",status_code=\"{status}\"}}"),
+            &format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"h2\",status_code=\"{status}\",tls=\"false\",client_id=\"\"}}"),
         )
     };
     assert_eq!(count(200), Some(20));
@@ -1222,7 +1222,7 @@ async fn a_relayed_refused_stream_reaches_the_client_and_counts_as_no_request() 
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         Some(1)
     );
@@ -1448,7 +1448,7 @@ async fn garbage_either_way_through_the_relay_costs_only_its_connection() {
     assert_eq!(
         metric(
             proxy,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         Some(1),
         "{text}"

@@ -50,6 +50,7 @@ pub(crate) fn proxy_with(configure: impl FnOnce(&mut Proxy)) -> &'static Proxy {
         discovery: None,
         inbound_rate_limit: None,
         identity: Default::default(),
+        inbound_mtls: Default::default(),
     });
     configure(&mut proxy);
     Box::leak(proxy)
@@ -74,7 +75,7 @@ async fn start_proxy(target: SocketAddr, direction: Direction) -> (SocketAddr, &
                 // Through detection, as the listener does, so the handler starts from the bytes
                 // detection already read.
                 if let Ok((_, first)) = detect(&stream).await {
-                    let stream = Rewound::new(stream, first);
+                    let stream = Rewound::new(stream.into(), first);
                     let destination = Destination::Forward(Endpoint::new(target));
                     serve_http1(stream, target, destination, context(proxy, direction)).await;
                 }
@@ -1117,7 +1118,7 @@ async fn upstream_garbage_is_a_502_and_the_proxy_keeps_serving() {
     assert_eq!(
         metric(
             proxy_state,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\",tls=\"false\",client_id=\"\"}"
         ),
         Some(3)
     );
@@ -1922,7 +1923,7 @@ async fn requests_are_counted_by_direction_protocol_and_status() {
         let requests = |code: u16| {
             metric(
                 proxy_state,
-                &format!("remora_proxy_requests_total{{direction=\"{name}\",protocol=\"http1\",status_code=\"{code}\"}}"),
+                &format!("remora_proxy_requests_total{{direction=\"{name}\",protocol=\"http1\",status_code=\"{code}\",tls=\"false\",client_id=\"\"}}"),
             )
         };
         assert_eq!(requests(200), Some(3), "{name}");
@@ -2266,7 +2267,7 @@ async fn an_invalid_chunk_size_is_the_clients_error_and_no_body_goes_on() {
     let status = |code: u16| {
         metric(
             proxy_state,
-            &format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"http1\",status_code=\"{code}\"}}"),
+            &format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"http1\",status_code=\"{code}\",tls=\"false\",client_id=\"\"}}"),
         )
     };
     assert_eq!(status(400), Some(1));

@@ -19,7 +19,10 @@ mod http2_tests;
 mod http_tests;
 pub mod identity;
 pub mod inbound;
+pub mod io;
 pub mod metrics;
+#[cfg(test)]
+mod mtls_tests;
 pub mod outbound;
 #[cfg(test)]
 mod policy_tests;
@@ -31,3 +34,4 @@ pub mod runtime;
 pub mod serve;
 pub mod server_first;
 pub mod telemetry;
+pub mod tls;

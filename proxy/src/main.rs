@@ -84,6 +84,11 @@ fn main() -> anyhow::Result<()> {
         discovery,
         inbound_rate_limit,
         identity: Default::default(),
+        inbound_mtls: remora_proxy::inbound::Mtls {
+            mode: args.inbound_mtls,
+            allow_from: args.allow_from.clone(),
+            probes: args.inbound_probes.clone(),
+        },
     }));
     // The workload certificate comes over the control plane's channel; without one, or without
     // the token, the proxy has no identity and talks plaintext with every peer.

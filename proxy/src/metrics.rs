@@ -3,10 +3,11 @@
 //! per-request ones are sharded by worker thread, so two workers never write the same cache line.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -245,7 +246,27 @@ struct RequestLabels {
     direction: Direction,
     protocol: Protocol,
     status_code: u16,
+    tls: bool,
+    client_id: String,
 }
+
+/// `tcp_connections_total`'s labels: whether the client came over mTLS, and as whom.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnectionLabels {
+    direction: Direction,
+    tls: bool,
+    client_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsDialLabels {
+    direction: Direction,
+    tls: bool,
+}
+
+/// Distinct client identities given series of their own in one direction; later ones share
+/// `client_id="other"`. Identities are one per meshed ServiceAccount that calls this pod.
+const MAX_CLIENT_IDS: usize = 256;
 
 /// Shards of the per-request metrics: workers beyond this many share shards (still correct).
 const SHARDS: usize = 8;
@@ -359,7 +380,17 @@ impl EncodeMetric for LatencyHistogram {
 #[derive(Debug)]
 pub struct DirectionMetrics {
     pub direction: Direction,
-    pub connections: Counter,
+    /// The counts of plaintext clients (`tls="false"`, `client_id=""`); an outbound client,
+    /// the pod's own app, is always one.
+    pub plain: PeerMetrics,
+    /// Those of each mTLS client identity, made on its first connection.
+    peers: Mutex<HashMap<String, &'static PeerMetrics>>,
+    connections: Family<ConnectionLabels, Counter>,
+    /// Upstream connections made: with mTLS (`tls="true"`), or plaintext.
+    pub dials_tls: Counter,
+    pub dials_plain: Counter,
+    /// Plaintext dials to a meshed endpoint, for want of a workload certificate.
+    pub plaintext_to_meshed: Counter,
     pub open: Gauge,
     pub rx: HotCounter,
     pub tx: HotCounter,
@@ -373,12 +404,81 @@ pub struct DirectionMetrics {
     pub server_first_destinations: Gauge,
     pub latency: Arc<LatencyHistogram>,
     requests: Family<RequestLabels, HotCounter>,
+}
+
+/// One kind of client's connection and request counts: plaintext, or one mTLS identity. A
+/// connection picks its own once; its requests then count without a lookup.
+#[derive(Debug)]
+pub struct PeerMetrics {
+    pub connections: Counter,
+    direction: Direction,
+    tls: bool,
+    client_id: String,
+    requests: Family<RequestLabels, HotCounter>,
     /// `requests_total` handles per protocol and status code 100..=599, made on first use and
     /// then read without touching the family's lock and hash map.
     by_status: [Box<[OnceLock<HotCounter>]>; 2],
 }
 
 impl DirectionMetrics {
+    /// Counts a request of a plaintext client.
+    pub fn count_request(&self, protocol: Protocol, status: u16) {
+        self.plain.count_request(protocol, status);
+    }
+
+    /// The counts of mTLS clients that are `client_id` ("" when their certificate names none).
+    /// Takes a lock: once per mTLS connection, never per request.
+    pub fn peer(&'static self, client_id: &str) -> &'static PeerMetrics {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(peer) = peers.get(client_id) {
+            return peer;
+        }
+        let key = if peers.len() < MAX_CLIENT_IDS {
+            client_id
+        } else {
+            "other"
+        };
+        if let Some(peer) = peers.get(key) {
+            return peer;
+        }
+        // Leaked: a series, once shown, stays for the life of the process, and there are at
+        // most MAX_CLIENT_IDS of them.
+        let peer: &'static PeerMetrics = Box::leak(Box::new(PeerMetrics::new(
+            self.direction,
+            true,
+            key,
+            &self.connections,
+            &self.requests,
+        )));
+        peers.insert(key.to_owned(), peer);
+        peer
+    }
+}
+
+impl PeerMetrics {
+    fn new(
+        direction: Direction,
+        tls: bool,
+        client_id: &str,
+        connections: &Family<ConnectionLabels, Counter>,
+        requests: &Family<RequestLabels, HotCounter>,
+    ) -> Self {
+        let labels = ConnectionLabels {
+            direction,
+            tls,
+            client_id: client_id.to_owned(),
+        };
+        let connections = connections.get_or_create(&labels).clone();
+        Self {
+            connections,
+            direction,
+            tls,
+            client_id: client_id.to_owned(),
+            requests: requests.clone(),
+            by_status: std::array::from_fn(|_| (100..600).map(|_| OnceLock::new()).collect()),
+        }
+    }
+
     pub fn count_request(&self, protocol: Protocol, status: u16) {
         let table = &self.by_status[protocol as usize];
         match table.get(usize::from(status).wrapping_sub(100)) {
@@ -395,6 +495,8 @@ impl DirectionMetrics {
                 direction: self.direction,
                 protocol,
                 status_code,
+                tls: self.tls,
+                client_id: self.client_id.clone(),
             })
             .clone()
     }
@@ -422,7 +524,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("remora_proxy");
-        let connections = Family::<DirectionLabels, Counter>::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        let dials = Family::<TlsDialLabels, Counter>::default();
+        let plaintext_to_meshed = Family::<DirectionLabels, Counter>::default();
         let open = Family::<DirectionLabels, Gauge>::default();
         let bytes = Family::<BytesLabels, HotCounter>::default();
         let requests = Family::<RequestLabels, HotCounter>::default();
@@ -435,6 +539,16 @@ impl Metrics {
             "tcp_connections",
             "TCP connections accepted",
             connections.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Connections made to destinations, with mTLS (a meshed pod) or in plaintext",
+            dials.clone(),
+        );
+        registry.register(
+            "plaintext_to_meshed",
+            "Connections made in plaintext to a meshed pod, for want of a workload certificate",
+            plaintext_to_meshed.clone(),
         );
         registry.register(
             "tcp_open_connections",
@@ -535,7 +649,11 @@ impl Metrics {
         let direction_metrics = |direction| {
             let labels = DirectionLabels { direction };
             let flow = |flow| BytesLabels { direction, flow };
-            let connections_handle = connections.get_or_create(&labels).clone();
+            let plain = PeerMetrics::new(direction, false, "", &connections, &requests);
+            let dial = |tls| TlsDialLabels { direction, tls };
+            let dials_tls = dials.get_or_create(&dial(true)).clone();
+            let dials_plain = dials.get_or_create(&dial(false)).clone();
+            let plaintext_to_meshed_handle = plaintext_to_meshed.get_or_create(&labels).clone();
             let open_handle = open.get_or_create(&labels).clone();
             let rx = bytes.get_or_create(&flow(Flow::rx)).clone();
             let tx = bytes.get_or_create(&flow(Flow::tx)).clone();
@@ -546,7 +664,12 @@ impl Metrics {
             let latency_handle = latency.get_or_create(&labels).0.clone();
             DirectionMetrics {
                 direction,
-                connections: connections_handle,
+                plain,
+                peers: Mutex::default(),
+                connections: connections.clone(),
+                dials_tls,
+                dials_plain,
+                plaintext_to_meshed: plaintext_to_meshed_handle,
                 open: open_handle,
                 rx,
                 tx,
@@ -556,7 +679,6 @@ impl Metrics {
                 server_first_destinations: server_first_handle,
                 latency: latency_handle,
                 requests: requests.clone(),
-                by_status: std::array::from_fn(|_| (100..600).map(|_| OnceLock::new()).collect()),
             }
         };
         Self {
@@ -708,7 +830,7 @@ mod tests {
         let workers = SHARDS as u64 + 3;
         for line in [
             format!("remora_proxy_tcp_bytes_total{{direction=\"outbound\",flow=\"rx\"}} {}", 2000 * workers),
-            format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"http1\",status_code=\"200\"}} {}", 1000 * workers),
+            format!("remora_proxy_requests_total{{direction=\"outbound\",protocol=\"http1\",status_code=\"200\",tls=\"false\",client_id=\"\"}} {}", 1000 * workers),
             format!("remora_proxy_request_duration_seconds_bucket{{le=\"0.0005\",direction=\"outbound\"}} {}", 1000 * workers),
             format!("remora_proxy_request_duration_seconds_count{{direction=\"outbound\"}} {}", 1000 * workers),
         ] {
@@ -717,9 +839,49 @@ mod tests {
     }
 
     #[test]
+    fn mtls_clients_count_under_their_identity_and_their_number_is_bounded() {
+        let metrics: &'static Metrics = Box::leak(Box::new(Metrics::new()));
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let peer = metrics.inbound.peer(web);
+        assert!(std::ptr::eq(peer, metrics.inbound.peer(web)), "made once");
+        peer.connections.inc();
+        peer.count_request(Protocol::h2, 200);
+        metrics.inbound.plain.connections.inc();
+        for n in 0..MAX_CLIENT_IDS + 10 {
+            metrics
+                .inbound
+                .peer(&format!("spiffe://cluster.local/ns/n{n}/sa/a"));
+        }
+        metrics.outbound.dials_tls.inc();
+        let text = metrics.encode();
+        for line in [
+            format!("remora_proxy_tcp_connections_total{{direction=\"inbound\",tls=\"true\",client_id=\"{web}\"}} 1"),
+            "remora_proxy_tcp_connections_total{direction=\"inbound\",tls=\"false\",client_id=\"\"} 1".to_owned(),
+            format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"h2\",status_code=\"200\",tls=\"true\",client_id=\"{web}\"}} 1"),
+            "remora_proxy_tcp_connections_total{direction=\"inbound\",tls=\"true\",client_id=\"other\"} 0".to_owned(),
+            "remora_proxy_upstream_connections_total{direction=\"outbound\",tls=\"true\"} 1".to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        let series = text
+            .lines()
+            .filter(|line| {
+                line.starts_with(
+                    "remora_proxy_tcp_connections_total{direction=\"inbound\",tls=\"true\"",
+                )
+            })
+            .count();
+        assert_eq!(
+            series,
+            MAX_CLIENT_IDS + 1,
+            "the identities beyond the bound share one series"
+        );
+    }
+
+    #[test]
     fn the_exposition_has_the_spec_names() {
         let metrics = Metrics::new();
-        metrics.outbound.connections.inc();
+        metrics.outbound.plain.connections.inc();
         metrics.outbound.count_request(Protocol::h2, 200);
         metrics.outbound.count_request(Protocol::h2, 200);
         metrics.inbound.count_request(Protocol::http1, 502);
@@ -729,12 +891,12 @@ mod tests {
         metrics.rate_limited.inc();
         let text = metrics.encode();
         for line in [
-            "remora_proxy_tcp_connections_total{direction=\"outbound\"} 1",
+            "remora_proxy_tcp_connections_total{direction=\"outbound\",tls=\"false\",client_id=\"\"} 1",
             "remora_proxy_tcp_open_connections{direction=\"inbound\"} 0",
             "remora_proxy_tcp_bytes_total{direction=\"outbound\",flow=\"rx\"} 0",
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"} 2",
-            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"502\"} 1",
-            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"999\"} 1",
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"} 2",
+            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"502\",tls=\"false\",client_id=\"\"} 1",
+            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"999\",tls=\"false\",client_id=\"\"} 1",
             "remora_proxy_request_duration_seconds_bucket{le=\"0.005\",direction=\"inbound\"} 1",
             "remora_proxy_request_duration_seconds_bucket{le=\"+Inf\",direction=\"inbound\"} 2",
             "remora_proxy_request_duration_seconds_count{direction=\"inbound\"} 2",

@@ -10,7 +10,7 @@ use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Dialer;
 use crate::discover::Discovery;
 use crate::identity::Identity;
-use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::metrics::{Direction, DirectionMetrics, Metrics, PeerMetrics};
 use crate::rate_limit::RateLimit;
 use crate::runtime::drain::Drain;
 use crate::runtime::listen::{self, Listening};
@@ -45,6 +45,8 @@ pub struct Proxy {
     pub inbound_rate_limit: Option<RateLimit>,
     /// The workload certificate, once remora-control has signed one.
     pub identity: Identity,
+    /// Who may come in: `--inbound-mtls`, `--allow-from`, `--inbound-probes`.
+    pub inbound_mtls: crate::inbound::Mtls,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves
@@ -53,6 +55,8 @@ pub struct Proxy {
 pub struct Context {
     pub proxy: &'static Proxy,
     pub metrics: &'static DirectionMetrics,
+    /// The client's connection and request counts: plaintext, or its mTLS identity's.
+    pub peer: &'static PeerMetrics,
     pub server_first: &'static ServerFirst,
     /// How this direction's upstreams are dialed.
     pub connect_params: ConnectParams,
@@ -68,9 +72,11 @@ impl Context {
         header_read_timeout: bool,
     ) -> Self {
         let [inbound, outbound] = &proxy.server_first;
+        let metrics = proxy.metrics.direction(direction);
         Self {
             proxy,
-            metrics: proxy.metrics.direction(direction),
+            metrics,
+            peer: &metrics.plain,
             server_first: match direction {
                 Direction::Inbound => inbound,
                 Direction::Outbound => outbound,
@@ -89,6 +95,8 @@ impl Context {
         Dialer {
             params: self.connect_params,
             errors: &self.metrics.connect_errors,
+            identity: &self.proxy.identity,
+            metrics: self.metrics,
         }
     }
 }

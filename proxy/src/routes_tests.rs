@@ -269,7 +269,7 @@ impl Harness {
                     let Ok((protocol, first)) = detect(&stream).await else {
                         return;
                     };
-                    let stream = Rewound::new(stream, first);
+                    let stream = Rewound::new(stream.into(), first);
                     match protocol {
                         Detected::Http1 => {
                             crate::serve::http::serve_http1(stream, target, destination, cx).await

@@ -280,15 +280,17 @@ fn read_until_closed_or(stream: &mut TcpStream, needle: &str) -> String {
 }
 
 const OUT_H1: &str =
-    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"200\"}";
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"200\",tls=\"false\",client_id=\"\"}";
 const OUT_H2: &str =
-    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\"}";
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}";
 const OUT_502: &str =
-    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\"}";
+    "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"502\",tls=\"false\",client_id=\"\"}";
 const IN_H1: &str =
-    "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"200\"}";
-const OUT_CONNS: &str = "remora_proxy_tcp_connections_total{direction=\"outbound\"}";
-const IN_CONNS: &str = "remora_proxy_tcp_connections_total{direction=\"inbound\"}";
+    "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"200\",tls=\"false\",client_id=\"\"}";
+const OUT_CONNS: &str =
+    "remora_proxy_tcp_connections_total{direction=\"outbound\",tls=\"false\",client_id=\"\"}";
+const IN_CONNS: &str =
+    "remora_proxy_tcp_connections_total{direction=\"inbound\",tls=\"false\",client_id=\"\"}";
 const OUT_CONNECT_ERRORS: &str = "remora_proxy_connect_errors_total{direction=\"outbound\"}";
 
 #[test]
@@ -363,7 +365,7 @@ fn inbound_reaches_the_app_and_a_loopback_only_app_stays_private() {
     assert_eq!(mesh.metric(IN_H1), 1.0);
     assert_eq!(
         mesh.metric(
-            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"h2\",status_code=\"200\"}"
+            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"h2\",status_code=\"200\",tls=\"false\",client_id=\"\"}"
         ),
         1.0
     );
@@ -731,7 +733,7 @@ fn a_destination_that_falls_silent_is_given_up_and_a_slow_live_one_answers() {
         ("h2", "502", 0.0),
     ] {
         let series = format!(
-            "remora_proxy_requests_total{{direction=\"outbound\",protocol=\"{protocol}\",status_code=\"{code}\"}}"
+            "remora_proxy_requests_total{{direction=\"outbound\",protocol=\"{protocol}\",status_code=\"{code}\",tls=\"false\",client_id=\"\"}}"
         );
         assert_eq!(value(&metrics, &series), expected, "{series}\n{metrics}");
     }
@@ -846,7 +848,7 @@ fn a_websocket_upgrade_is_tunneled_both_ways() {
     assert_eq!(
         value(
             &metrics,
-            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"101\"}"
+            "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"101\",tls=\"false\",client_id=\"\"}"
         ),
         1.0,
         "{metrics}"

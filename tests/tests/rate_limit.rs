@@ -336,7 +336,7 @@ fn at_300_per_second_offered_100_are_allowed_and_every_429_says_when_to_retry() 
     );
     assert!(
         mesh.metric(
-            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"429\"}"
+            "remora_proxy_requests_total{direction=\"inbound\",protocol=\"http1\",status_code=\"429\",tls=\"false\",client_id=\"\"}"
         ) >= outcome.limited as f64
     );
 

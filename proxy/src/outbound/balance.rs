@@ -102,6 +102,8 @@ fn ejection_backoff(ejections: u32) -> Duration {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The identity it must present, for a meshed pod (see [`crate::client::Endpoint`]).
+    pub identity: Option<Arc<str>>,
     /// Peak-EWMA latency, in nanoseconds (an f64's bits).
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last updated, in nanoseconds since the balancer's epoch; [`UNMEASURED`]
@@ -127,9 +129,10 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, picks: u64, accrual: Arc<Accrual>) -> Self {
+    fn new(endpoint: crate::client::Endpoint, picks: u64, accrual: Arc<Accrual>) -> Self {
         Self {
-            addr,
+            addr: endpoint.addr,
+            identity: endpoint.identity,
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             updated_ns: AtomicU64::new(UNMEASURED),
             pending: AtomicU32::new(0),
@@ -293,16 +296,25 @@ impl Balancer {
 
     /// The endpoints now ready, in any order. An endpoint that stays keeps what was learned of
     /// it (and its requests in flight finish where they are); a new one starts at [`DEFAULT_RTT`].
-    pub fn update(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
-        let mut next: Vec<Arc<Endpoint>> = addrs
+    /// An endpoint whose identity changed is a new one.
+    pub fn update<E: Into<crate::client::Endpoint>>(
+        &mut self,
+        endpoints: impl IntoIterator<Item = E>,
+    ) {
+        let mut next: Vec<Arc<Endpoint>> = endpoints
             .into_iter()
-            .map(|addr| {
+            .map(|endpoint| {
+                let endpoint = endpoint.into();
                 self.endpoints
                     .iter()
-                    .find(|e| e.addr == addr)
+                    .find(|e| e.addr == endpoint.addr && e.identity == endpoint.identity)
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(addr, self.picks, Arc::clone(&self.accrual)))
+                        Arc::new(Endpoint::new(
+                            endpoint,
+                            self.picks,
+                            Arc::clone(&self.accrual),
+                        ))
                     })
             })
             .collect();
@@ -477,6 +489,14 @@ pub struct Pick {
 impl Pick {
     pub fn addr(&self) -> SocketAddr {
         self.endpoint.addr
+    }
+
+    /// The endpoint to send to: its address and the identity it must present.
+    pub fn endpoint(&self) -> crate::client::Endpoint {
+        crate::client::Endpoint {
+            addr: self.endpoint.addr,
+            identity: self.endpoint.identity.clone(),
+        }
     }
 
     /// The response head arrived: its latency is a sample, and the request is no longer
@@ -787,7 +807,7 @@ mod tests {
         );
         pick.answered();
         assert_eq!(balancer.endpoints[0].pending(), 0);
-        balancer.update(Vec::new());
+        balancer.update(Vec::<SocketAddr>::new());
         assert!(balancer.pick(&[]).is_none(), "no endpoint: no pick");
     }
 

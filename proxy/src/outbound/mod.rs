@@ -54,7 +54,10 @@ pub async fn destination(proxy: &'static Proxy, original: SocketAddr) -> Destina
     };
     match service::resolve(discovery, original).await {
         Resolved::Service(service) => Destination::Service(Arc::new(service)),
-        Resolved::Forward => Destination::Forward(Endpoint::new(original)),
+        Resolved::Forward(identity) => Destination::Forward(Endpoint {
+            addr: original,
+            identity,
+        }),
     }
 }
 

@@ -34,7 +34,7 @@ pub struct Backend {
     /// False when it does not exist or may not be referred to: its share answers 500.
     pub resolved: bool,
     /// Its ready endpoints, sorted.
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<crate::client::Endpoint>,
 }
 
 /// What identifies a backend across snapshots, so that its balancer keeps what it learned.

@@ -77,8 +77,9 @@ thread_local! {
 /// What an outbound connection was for when it started.
 #[derive(Debug)]
 pub enum Resolved {
-    /// To the original destination: not a Service, or no snapshot (fail open).
-    Forward,
+    /// To the original destination: not a Service, or no snapshot (fail open); with the
+    /// identity it must present when the snapshot names it a meshed pod.
+    Forward(Option<Arc<str>>),
     Service(ServiceTarget),
 }
 
@@ -136,7 +137,10 @@ pub async fn resolve(discovery: &'static Discovery, target: SocketAddr) -> Resol
             metrics: discovery.metrics(),
             _in_use: in_use,
         }),
-        None => Resolved::Forward,
+        None => match &*known.borrow() {
+            Known::Passthrough(identity) => Resolved::Forward(identity.clone()),
+            _ => Resolved::Forward(None),
+        },
     }
 }
 
@@ -216,7 +220,7 @@ impl Applied {
                     Some(kept) => old.swap_remove(kept).1,
                     None => Balancer::new(),
                 };
-                balancer.update(backend.endpoints.iter().copied());
+                balancer.update(backend.endpoints.iter().cloned());
                 // A backend's endpoints accrue failures under the backend Service's own policy.
                 let accrual = service.and_then(|service| service.backend_accrual.get(index));
                 if let Some((consecutive, max_percent, ejections)) = accrual {

@@ -156,6 +156,29 @@ pub async fn detect_client_first(stream: &TcpStream) -> io::Result<(Detected, By
     }
 }
 
+/// [`detect`] on a stream that is not a socket (the decrypted side of an mTLS connection):
+/// reads until the bytes decide, the stream ends, or [`DETECT_TIMEOUT`] passes.
+pub async fn detect_io<R: AsyncRead + Unpin>(io: &mut R) -> io::Result<(Detected, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = BytesMut::with_capacity(FIRST_READ);
+    let deadline = Instant::now() + DETECT_TIMEOUT;
+    loop {
+        if seen.capacity() == seen.len() {
+            seen.reserve(FIRST_READ);
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut seen)).await {
+            Err(_elapsed) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(Ok(0)) => return Ok((Detected::Opaque, seen.freeze())),
+            Ok(Ok(_)) => {
+                if let Some(detected) = classify(&seen) {
+                    return Ok((detected, seen.freeze()));
+                }
+            }
+            Ok(Err(error)) => return Err(error),
+        }
+    }
+}
+
 /// Reads what has already arrived, without waiting. Tokio only attempts a read once its reactor
 /// has reported the socket readable, which a just-accepted socket has not been yet, so this reads
 /// the descriptor directly. Reading behind tokio's back is safe: its readiness is a hint that

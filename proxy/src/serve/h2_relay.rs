@@ -34,8 +34,8 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use super::detect::Rewound;
 use super::hpack;
-use super::ClientIo;
 use crate::client::connect::reset;
 use crate::metrics::Protocol;
 use crate::proxy::Context;
@@ -70,7 +70,12 @@ const PRIORITY: u8 = 0x20;
 
 /// Carries one prior-knowledge HTTP/2 client connection over `upstream`, already connected to
 /// its original destination, until both sides have closed.
-pub async fn relay(client: ClientIo, upstream: TcpStream, target: SocketAddr, cx: Context) {
+pub async fn relay(
+    client: Rewound<TcpStream>,
+    upstream: TcpStream,
+    target: SocketAddr,
+    cx: Context,
+) {
     let (client, first) = client.into_parts();
     let mut relay = Relay {
         // Detection reads at most about two reads' worth; the buffer takes it whole.

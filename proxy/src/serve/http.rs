@@ -21,13 +21,13 @@ use hyper::client::conn::http1 as client_h1;
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
 use crate::client::{h2, pool, with_causes, Endpoint, Failure};
 use crate::inbound;
+use crate::io::Io;
 use crate::metrics::{CountingIo, Protocol, RetryReason};
 use crate::outbound::balance::Pick;
 use crate::outbound::service::{NoEndpoint, ServiceTarget, Start, DEFAULT_ROUTE};
@@ -48,6 +48,9 @@ struct Route {
     protocol: Protocol,
     /// `--inbound-rate-limit` on an inbound connection.
     limit: Option<ClientLimit>,
+    /// On an inbound plaintext connection to a port whose httpGet probes are all that strict
+    /// mode (or `--allow-from`) lets through in plaintext: their paths.
+    probe_paths: Option<&'static [String]>,
 }
 
 impl Route {
@@ -58,14 +61,33 @@ impl Route {
         protocol: Protocol,
         stream: &ClientIo,
     ) -> Self {
-        let client = || stream.get_ref().peer_addr().ok().map(|peer| peer.ip());
+        let client = || {
+            stream
+                .get_ref()
+                .tcp()
+                .peer_addr()
+                .ok()
+                .map(|peer| peer.ip())
+        };
         Self {
             target,
             destination,
             cx,
             protocol,
             limit: inbound::client_limit(&cx, client),
+            probe_paths: inbound::probe_paths(&cx, target, stream.get_ref().is_tls()),
         }
+    }
+
+    /// The 403 for a plaintext request that only a probe may make, if it is one. Inlined: for
+    /// any other connection a request pays one test of `probe_paths`.
+    #[inline]
+    fn not_a_probe(&self, uri: &http::Uri) -> Option<Response<Inner>> {
+        let paths = self.probe_paths?;
+        let path = uri.path_and_query().map_or("/", |path| path.as_str());
+        (!inbound::is_probe_path(paths, path)).then(|| {
+            forbidden("plaintext is refused here (--inbound-mtls strict or --allow-from) except the pod's probes")
+        })
     }
 
     /// The 429 for a request over `--inbound-rate-limit`, if it is one. Inlined: without the
@@ -76,7 +98,7 @@ impl Route {
         Some(too_many_requests(limited))
     }
 
-    async fn dial(&self, endpoint: &Endpoint) -> Result<TcpStream, Failure> {
+    async fn dial(&self, endpoint: &Endpoint) -> Result<Io, Failure> {
         self.cx.dialer().dial(endpoint).await
     }
 
@@ -130,7 +152,7 @@ impl Route {
         };
         let status = response.status().as_u16();
         self.cx.metrics.latency.observe(start.elapsed());
-        self.cx.metrics.count_request(self.protocol, status);
+        self.cx.peer.count_request(self.protocol, status);
         if let Destination::Service(service) = &self.destination {
             service.count_request(route, status);
         }
@@ -243,6 +265,48 @@ pub async fn serve_h2(
     }
 }
 
+/// A 403 with `why` as its text.
+#[cold]
+fn forbidden(why: &str) -> Response<Inner> {
+    let body = Bytes::from(format!("remora-proxy: forbidden: {why}\n"));
+    let mut response = Response::new(Inner::Local(Some(body)));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Answers every request of an inbound client that `--allow-from` does not let in with 403,
+/// counted as requests are; the app never sees them. HTTP/1 connections close after it.
+pub async fn serve_forbidden(stream: ClientIo, h2: bool, target: SocketAddr, cx: Context) {
+    let protocol = if h2 { Protocol::h2 } else { Protocol::http1 };
+    let client = stream.get_ref().tcp().peer_addr().ok();
+    let service = service_fn(move |_request: Request<Incoming>| async move {
+        let response = forbidden("this client is not allowed in (--allow-from)");
+        cx.peer
+            .count_request(protocol, StatusCode::FORBIDDEN.as_u16());
+        Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, log: None }))
+    });
+    let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
+    let result = if h2 {
+        server_h2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        server_h1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(false)
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(error) = result {
+        debug!(direction = cx.direction(), destination = %target, ?client, %error, "refused client connection ended with an error");
+    }
+}
+
 /// The answer to a request over `--inbound-rate-limit`: 429, and when to come back.
 #[cold]
 fn too_many_requests(limited: Limited) -> Response<Inner> {
@@ -272,19 +336,14 @@ struct Http1Upstream {
     current: h1::Slot,
 }
 
-/// A Service's upstream connection, its response done: into the worker's pool for its
-/// endpoint, where the next request to that endpoint from any client connection finds it. Kept
-/// with one client connection instead, it waited there while the others dialled their own: 93
-/// upstream connections for 50 client connections, against HAProxy's 51.
-fn to_pool(addr: SocketAddr, conn: Conn) {
-    pool::checkin(&Endpoint::new(addr), conn);
-}
-
 impl Http1Upstream {
     async fn forward(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         if let Some(refusal) = self.route.over_limit() {
+            return self.route.respond(start, log, Ok(refusal));
+        }
+        if let Some(refusal) = self.route.not_a_probe(request.uri()) {
             return self.route.respond(start, log, Ok(refusal));
         }
         if wants_tunnel(&request) {
@@ -378,7 +437,7 @@ impl Http1Upstream {
             if last_failure.is_some() {
                 service.service.resilience.retried(RetryReason::Connect);
             }
-            let endpoint = Endpoint::new(pick.addr());
+            let endpoint = pick.endpoint();
             match self.send_to(&endpoint, head, body, retryable).await {
                 Ok(response) => {
                     pick.responded(response.status().as_u16());
@@ -413,7 +472,7 @@ impl Http1Upstream {
             };
             let home = match &self.route.destination {
                 Destination::Forward(_) => h1::Home::Slot(self.current.clone()),
-                Destination::Service(_) => h1::Home::Pool(endpoint.addr, to_pool),
+                Destination::Service(_) => h1::Home::Pool(endpoint.clone()),
             };
             match h1::send(conn, head, body.take(), home).await {
                 Ok(response) => return Ok(response),
@@ -437,7 +496,7 @@ impl Http1Upstream {
                 Some(service.pick(&[], false).map_err(|_| Failure::NoEndpoint)?)
             }
         };
-        let picked = pick.as_ref().map(|pick| Endpoint::new(pick.addr()));
+        let picked = pick.as_ref().map(|pick| pick.endpoint());
         let endpoint = match (&picked, &self.route.destination) {
             (Some(picked), _) => picked,
             (None, Destination::Forward(endpoint)) => endpoint,
@@ -603,7 +662,7 @@ impl H2Upstream {
             Destination::Forward(_) => Ok(None),
             Destination::Service(service) => {
                 let pick = service.pick(tried, false)?;
-                let endpoint = Endpoint::new(pick.addr());
+                let endpoint = pick.endpoint();
                 Ok(Some((h2::shared(&endpoint, self.route.cx.dialer()), pick)))
             }
         }
@@ -642,13 +701,13 @@ impl H2Upstream {
         if let Destination::Service(service) = &self.route.destination {
             match service.start(start) {
                 Start::Direct(Ok(pick)) => {
-                    let endpoint = Endpoint::new(pick.addr());
+                    let endpoint = pick.endpoint();
                     chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
                 }
                 Start::Direct(Err(NoEndpoint::NoneReady)) => {
                     match Box::pin(service.pick_queued()).await {
                         Ok(pick) => {
-                            let endpoint = Endpoint::new(pick.addr());
+                            let endpoint = pick.endpoint();
                             chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
                         }
                         Err(_) => {

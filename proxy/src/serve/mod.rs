@@ -13,9 +13,12 @@ use tracing::{debug, warn};
 
 use crate::client::connect::{connect, reset};
 use crate::discover::AppProtocol;
+use crate::inbound::Plaintext;
+use crate::io::Io;
 use crate::metrics::{Direction, DirectionMetrics};
 use crate::outbound::Destination;
 use crate::proxy::{Accepted, Context, Handoff};
+use crate::tls::{self, Hello};
 use crate::{inbound, outbound};
 use detect::{detect_unless_known, DecidedBy, Detected, Rewound};
 
@@ -26,8 +29,9 @@ pub mod http;
 pub mod opaque;
 pub mod orig_dst;
 
-/// An accepted client connection, holding the first bytes that detection read.
-pub type ClientIo = Rewound<TcpStream>;
+/// An accepted client connection (plaintext, or mTLS terminated), holding the first bytes that
+/// detection read.
+pub type ClientIo = Rewound<Io>;
 
 /// Registers an accepted connection with this worker's reactor and serves it here.
 pub fn start((stream, accepted): Handoff) {
@@ -54,10 +58,17 @@ impl Drop for Open {
 /// returns.
 async fn connection(stream: TcpStream, accepted: Accepted) {
     let (peer, cx) = (accepted.peer, accepted.cx);
-    cx.metrics.connections.inc();
+    // An inbound connection is counted once it is known whether its client came over mTLS.
+    let inbound = cx.metrics.direction == Direction::Inbound;
+    if !inbound {
+        cx.peer.connections.inc();
+    }
     cx.metrics.open.inc();
     let _open = Open(cx.metrics);
     let refuse = |stream: TcpStream, refused: &dyn std::fmt::Display| {
+        if inbound {
+            cx.peer.connections.inc();
+        }
         warn!(direction = cx.direction(), %peer, reason = %refused, "connection refused");
         reset(stream);
     };
@@ -68,7 +79,7 @@ async fn connection(stream: TcpStream, accepted: Accepted) {
     let destination = match cx.metrics.direction {
         Direction::Outbound => outbound::destination(cx.proxy, target).await,
         Direction::Inbound => match inbound::destination(target) {
-            Ok(destination) => destination,
+            Ok(destination) => return inbound_connection(stream, target, destination, cx).await,
             Err(refused) => return refuse(stream, &refused),
         },
     };
@@ -90,7 +101,8 @@ async fn connection(stream: TcpStream, accepted: Accepted) {
         }
     };
     debug!(direction = cx.direction(), %peer, destination = %target, ?protocol, "connection");
-    let stream = Rewound::new(stream, first);
+    let stream = Rewound::new(Io::Plain(stream), first);
+    // As `carry` does, written out: one future less around every outbound connection.
     match protocol {
         Detected::Opaque => opaque::forward(stream, target, &destination, &cx).await,
         Detected::Http1 => http::serve_http1(stream, target, destination, cx).await,
@@ -98,17 +110,174 @@ async fn connection(stream: TcpStream, accepted: Accepted) {
     }
 }
 
+/// Carries a client connection whose protocol is known to its destination.
+pub(crate) async fn carry(
+    stream: ClientIo,
+    protocol: Detected,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+) {
+    match protocol {
+        Detected::Opaque => opaque::forward(stream, target, &destination, &cx).await,
+        Detected::Http1 => http::serve_http1(stream, target, destination, cx).await,
+        Detected::H2 => serve_h2(stream, target, destination, cx).await,
+    }
+}
+
+/// Serves an inbound connection: mTLS from another meshed proxy (a ClientHello offering ALPN
+/// `remora/1`) is terminated, its client identified and held to `--allow-from`, and what it
+/// carries goes on to the app in plaintext; anything else goes on as it came, unless
+/// `--inbound-mtls strict` or `--allow-from` keeps plaintext out (see [`inbound::Mtls`]).
+///
+/// The first bytes are read even on an opaque port, where a meshed client's ClientHello must be
+/// seen; without credentials in permissive mode nothing can be terminated, and such a port is
+/// carried at once as before. In strict mode a silent client is never remembered as
+/// server-first: a meshed client always speaks first, and a plaintext one is refused.
+pub(crate) async fn inbound_connection(
+    stream: TcpStream,
+    target: SocketAddr,
+    destination: Destination,
+    cx: Context,
+) {
+    let mtls = &cx.proxy.inbound_mtls;
+    let strict = mtls.mode == inbound::MtlsMode::Strict;
+    let opaque_port = cx.proxy.opaque_ports.contains(target.port());
+    let detected = if strict {
+        detect::detect(&stream).await
+    } else if opaque_port && cx.proxy.identity.current().is_none() {
+        Ok((Detected::Opaque, Bytes::new()))
+    } else {
+        detect_remembering(&stream, target, &cx).await
+    };
+    let peer = stream.peer_addr().ok();
+    let (mut protocol, mut first) = match detected {
+        Ok(detected) => detected,
+        Err(error) => {
+            cx.peer.connections.inc();
+            debug!(direction = cx.direction(), ?peer, %error, "client gone during detection");
+            return;
+        }
+    };
+    if tls::is_handshake(&first) {
+        match tls::read_hello(&stream, first).await {
+            Ok(Hello::Mesh(hello)) => {
+                return terminate(stream, hello, target, destination, cx).await;
+            }
+            Ok(Hello::Other(hello)) => (protocol, first) = (Detected::Opaque, hello),
+            Err(bad) => {
+                cx.peer.connections.inc();
+                debug!(direction = cx.direction(), ?peer, destination = %target, reason = %bad, "TLS client refused");
+                return reset(stream);
+            }
+        }
+    }
+    cx.peer.connections.inc();
+    if opaque_port {
+        protocol = Detected::Opaque;
+    }
+    debug!(direction = cx.direction(), ?peer, destination = %target, ?protocol, "plaintext connection");
+    match mtls.plaintext(target.port()) {
+        Plaintext::Allowed => {}
+        // Each request's path is checked (see `http::Route`).
+        Plaintext::Paths(_) if protocol == Detected::Http1 => {}
+        Plaintext::Refused | Plaintext::Paths(_) => {
+            debug!(direction = cx.direction(), ?peer, destination = %target, "plaintext refused (--inbound-mtls strict)");
+            return reset(stream);
+        }
+        Plaintext::Denied => {
+            let stream = Rewound::new(Io::Plain(stream), first);
+            return deny(stream, protocol, target, cx).await;
+        }
+    }
+    let stream = Rewound::new(Io::Plain(stream), first);
+    carry(stream, protocol, target, destination, cx).await
+}
+
+/// Terminates an inbound mTLS connection whose ClientHello is `hello`, then carries what it
+/// carries to the app, if `--allow-from` lets its client in. Without credentials, or when the
+/// handshake fails (no client certificate, one no trust anchor vouches for), a reset.
+async fn terminate(
+    stream: TcpStream,
+    hello: Bytes,
+    target: SocketAddr,
+    destination: Destination,
+    mut cx: Context,
+) {
+    let peer = stream.peer_addr().ok();
+    let Some(credentials) = cx.proxy.identity.current() else {
+        cx.peer.connections.inc();
+        warn!(direction = cx.direction(), ?peer, destination = %target, "an mTLS client, and no workload certificate yet: resetting");
+        return reset(stream);
+    };
+    let (mut io, client_id) = match tls::accept(stream, hello, &credentials).await {
+        Ok(accepted) => accepted,
+        Err((stream, error)) => {
+            cx.peer.connections.inc();
+            debug!(direction = cx.direction(), ?peer, destination = %target, %error, "mTLS handshake failed");
+            if let Some(stream) = stream {
+                reset(stream);
+            }
+            return;
+        }
+    };
+    // From here on the connection and its requests count as this client identity's.
+    cx.peer = cx.metrics.peer(client_id.as_deref().unwrap_or_default());
+    cx.peer.connections.inc();
+    let (protocol, first) = match detect::detect_io(&mut io).await {
+        Ok(detected) => detected,
+        Err(error) => {
+            debug!(direction = cx.direction(), ?peer, %error, "mTLS client gone during detection");
+            return;
+        }
+    };
+    let protocol = if cx.proxy.opaque_ports.contains(target.port()) {
+        Detected::Opaque
+    } else {
+        protocol
+    };
+    let client = client_id.as_deref().unwrap_or_default();
+    debug!(direction = cx.direction(), ?peer, destination = %target, ?protocol, client, "mTLS connection");
+    let stream = Rewound::new(io, first);
+    if !cx
+        .proxy
+        .inbound_mtls
+        .allow_from
+        .allows(client_id.as_deref())
+    {
+        debug!(direction = cx.direction(), ?peer, destination = %target, client, "client not in --allow-from: refused");
+        return deny(stream, protocol, target, cx).await;
+    }
+    carry(stream, protocol, target, destination, cx).await
+}
+
+/// Refuses a client `--allow-from` does not let in: 403 to each HTTP request, a reset for TCP.
+async fn deny(stream: ClientIo, protocol: Detected, target: SocketAddr, cx: Context) {
+    match protocol {
+        Detected::Opaque => reset(stream.into_inner().into_tcp()),
+        Detected::Http1 => http::serve_forbidden(stream, false, target, cx).await,
+        Detected::H2 => http::serve_forbidden(stream, true, target, cx).await,
+    }
+}
+
 /// Serves one HTTP/2 client connection: relayed frame by frame when its destination is
 /// [`Destination::Forward`] and `--h2-mode relay` (see [`h2_relay`]), else terminated, request
 /// by request ([`http::serve_h2`]). The relay cannot answer 502, so when its upstream
 /// connection cannot be made, the connection is terminated; nor 429, so inbound HTTP/2 under
-/// `--inbound-rate-limit` is terminated too.
+/// `--inbound-rate-limit` is terminated too. The relay works on sockets: a client over mTLS,
+/// or an upstream that is a meshed pod (dialled with mTLS), is terminated as well.
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, destination: Destination, cx: Context) {
     let relay = cx.proxy.h2_relay && inbound::rate_limit(&cx).is_none();
-    let failed = match &destination {
-        Destination::Forward(endpoint) if relay => {
+    let failed = match (&destination, stream.get_ref()) {
+        (Destination::Forward(endpoint), Io::Plain(_))
+            if relay && (endpoint.identity.is_none() || cx.proxy.identity.current().is_none()) =>
+        {
             match connect(endpoint.addr, cx.connect_params).await {
-                Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
+                Ok(upstream) => {
+                    let (io, first) = stream.into_parts();
+                    let client = Rewound::new(io.into_tcp(), first);
+                    return h2_relay::relay(client, upstream, target, cx).await;
+                }
                 Err(error) => {
                     // A stream that comes at once gets its 502 from this failure; later ones dial.
                     cx.metrics.connect_errors.inc();

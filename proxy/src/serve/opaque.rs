@@ -3,12 +3,12 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-
 use tracing::{debug, warn};
 
 use super::ClientIo;
-use crate::client::connect::{connect, reset};
+use crate::client::connect::reset;
+use crate::client::{Endpoint, Failure};
+use crate::io::Io;
 use crate::metrics::CountingIo;
 use crate::outbound::balance::Pick;
 use crate::outbound::service::NoEndpoint;
@@ -27,7 +27,7 @@ pub async fn forward(
         Ok(upstream) => upstream,
         Err(error) => {
             warn!(direction = cx.direction(), destination = %target, %error, "no upstream; resetting the client");
-            reset(client.into_inner());
+            reset(client.into_inner().into_tcp());
             return;
         }
     };
@@ -37,8 +37,8 @@ pub async fn forward(
     // exactly TCP half-close.
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(direction = cx.direction(), destination = %target, %error, "opaque connection ended with an error; resetting both sides");
-        reset(client.into_inner().into_inner());
-        reset(upstream);
+        reset(client.into_inner().into_inner().into_tcp());
+        reset(upstream.into_tcp());
     }
 }
 
@@ -48,17 +48,17 @@ async fn dial(
     target: SocketAddr,
     destination: &Destination,
     cx: &Context,
-) -> io::Result<(TcpStream, Option<Pick>)> {
-    let service = match destination {
-        Destination::Forward(endpoint) => {
-            return match connect(endpoint.addr, cx.connect_params).await {
-                Ok(upstream) => Ok((upstream, None)),
-                Err(error) => {
-                    cx.metrics.connect_errors.inc();
-                    Err(error)
-                }
-            }
+) -> io::Result<(Io, Option<Pick>)> {
+    let dialer = cx.dialer();
+    let dial = |endpoint: Endpoint| async move {
+        match dialer.dial(&endpoint).await {
+            Ok(upstream) => Ok(upstream),
+            Err(Failure::Connect(error)) => Err(error),
+            Err(failure) => Err(io::Error::other(failure.to_string())),
         }
+    };
+    let service = match destination {
+        Destination::Forward(endpoint) => return Ok((dial(endpoint.clone()).await?, None)),
         Destination::Service(service) => service,
     };
     let mut tried = Vec::new();
@@ -77,10 +77,9 @@ async fn dial(
                 return Err(last_error.unwrap_or_else(|| io::Error::other("every endpoint failed")))
             }
         };
-        match connect(pick.addr(), cx.connect_params).await {
+        match dial(pick.endpoint()).await {
             Ok(upstream) => return Ok((upstream, Some(pick))),
             Err(error) => {
-                cx.metrics.connect_errors.inc();
                 debug!(direction = cx.direction(), destination = %target, endpoint = %pick.addr(), %error, "endpoint refused; trying another");
                 tried.push(pick.addr());
                 pick.failed();

@@ -513,7 +513,7 @@ async fn try_backend<U: TryOnce>(
             // A connect failed for this try: this pick is an always-safe retry.
             service.service.resilience.retried(RetryReason::Connect);
         }
-        let endpoint = Endpoint::new(pick.addr());
+        let endpoint = pick.endpoint();
         *tries += 1;
         *last = Some(endpoint.addr);
         match upstream.try_once(&endpoint, head, body).await {
@@ -547,7 +547,7 @@ fn spawn_mirror(
             debug!(destination = %target, "mirror backend has no ready endpoint");
             return;
         };
-        let endpoint = Endpoint::new(pick.addr());
+        let endpoint = pick.endpoint();
         let mut body = Some(body);
         let send = async {
             let response = match protocol {
@@ -589,7 +589,7 @@ async fn mirror_h1(
         Some(conn) => conn,
         None => h1::Conn::new(dialer.dial(endpoint).await?),
     };
-    let home = h1::Home::Pool(endpoint.addr, super::to_pool);
+    let home = h1::Home::Pool(endpoint.clone());
     let response = h1::send(conn, &request_head, body.take(), home)
         .await
         .map_err(|failed| Failure::Http1(failed.error))?;
