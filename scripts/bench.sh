@@ -25,6 +25,15 @@ for tool in nsenter openssl python3; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is missing" >&2; exit 1; }
 done
 
+case ",${BENCH_PARTS:-}," in
+  *,issuance,*)
+    # The issuance part's simulated proxies (scripts/bench/certify_burst.py) are Python grpcio.
+    if ! python3 -c 'import grpc, cryptography' >/dev/null 2>&1; then
+      echo "installing: python3-grpcio, python3-cryptography (the issuance part's client)"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-grpcio python3-cryptography
+    fi ;;
+esac
+
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 if ! command -v oha >/dev/null 2>&1; then
   echo "installing: oha (cargo install, compiles for a few minutes)"
