@@ -4,7 +4,9 @@
 //!
 //! The budget lives in the worker's state for its target, under the lock a request takes anyway
 //! to be balanced: a request adds one to a plain counter, and only a retry reads the window.
-//! Per worker, so nothing crosses cores: with W workers the process allows W floors.
+//! Per worker, so nothing crosses cores: each worker's share of requests is its own, and each
+//! holds a W-th of the floor (rounded up), so W workers together allow the floor the policy
+//! names, not W of them.
 
 use std::time::{Duration, Instant};
 
@@ -64,14 +66,16 @@ impl Budget {
         slot.0 = slot.0.saturating_add(1);
     }
 
-    /// Whether one more retry fits the budget of `policy`; if so it is counted.
-    pub fn withdraw(&mut self, now: Instant, policy: &RetryPolicy) -> bool {
+    /// Whether one more retry fits the budget of `policy`, this worker being one of `workers`
+    /// that share its floor; if so it is counted.
+    pub fn withdraw(&mut self, now: Instant, policy: &RetryPolicy, workers: usize) -> bool {
         self.slot(now);
         let (requests, retries) = self.slots.iter().fold((0u64, 0u64), |(q, r), slot| {
             (q + u64::from(slot.0), r + u64::from(slot.1))
         });
-        let allowed = requests * u64::from(policy.budget_percent) / 100
-            + u64::from(policy.budget_floor_per_second) * WINDOW.as_secs();
+        let floor = (u64::from(policy.budget_floor_per_second) * WINDOW.as_secs())
+            .div_ceil(workers.max(1) as u64);
+        let allowed = requests * u64::from(policy.budget_percent) / 100 + floor;
         if retries >= allowed {
             return false;
         }
@@ -105,7 +109,7 @@ mod tests {
             budget.deposit(start);
         }
         let allowed = (0..1000)
-            .filter(|_| budget.withdraw(start, &policy))
+            .filter(|_| budget.withdraw(start, &policy, 1))
             .count();
         assert_eq!(allowed, 200 + 100);
     }
@@ -120,16 +124,18 @@ mod tests {
         for _ in 0..100 {
             budget.deposit(start);
         }
-        while budget.withdraw(start, &policy) {}
+        while budget.withdraw(start, &policy, 1) {}
         // 5 s on: the same requests and retries are still in the window.
         let later = start + Duration::from_secs(5);
-        assert!(!budget.withdraw(later, &policy));
+        assert!(!budget.withdraw(later, &policy, 1));
         // 11 s on, fresh requests: the old retries have left the window.
         let after = start + Duration::from_secs(11);
         for _ in 0..10 {
             budget.deposit(after);
         }
-        let allowed = (0..100).filter(|_| budget.withdraw(after, &policy)).count();
+        let allowed = (0..100)
+            .filter(|_| budget.withdraw(after, &policy, 1))
+            .count();
         assert_eq!(allowed, 5);
     }
 
@@ -139,8 +145,40 @@ mod tests {
         let mut budget = Budget::new(start);
         let mut policy = defaults().retry;
         policy.budget_floor_per_second = 1;
-        let allowed = (0..100).filter(|_| budget.withdraw(start, &policy)).count();
+        let allowed = (0..100)
+            .filter(|_| budget.withdraw(start, &policy, 1))
+            .count();
         assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn workers_share_the_floor_and_keep_their_own_share_of_requests() {
+        let start = Instant::now();
+        let allowed = |floor: u32, requests: usize, workers: usize| {
+            let mut policy = defaults().retry; // 20 %
+            policy.budget_floor_per_second = floor;
+            let mut budget = Budget::new(start);
+            for _ in 0..requests {
+                budget.deposit(start);
+            }
+            (0..1000)
+                .filter(|_| budget.withdraw(start, &policy, workers))
+                .count()
+        };
+        // A floor of 10/s is 100 retries a window.
+        assert_eq!(allowed(10, 0, 1), 100);
+        assert_eq!(
+            allowed(10, 0, 2),
+            50,
+            "two workers hold the floor between them"
+        );
+        assert_eq!(
+            allowed(10, 0, 3),
+            34,
+            "rounded up: never less than the floor in all"
+        );
+        assert_eq!(allowed(10, 500, 2), 100 + 50);
+        assert_eq!(allowed(0, 500, 4), 100);
     }
 
     #[test]

@@ -303,10 +303,13 @@ impl ServiceTarget {
     }
 
     /// Whether one more retry fits this worker's budget for the Service (`policy` says how
-    /// big it is); counted in `retry_budget_exhausted_total` when it does not.
-    pub fn withdraw_retry(&self, policy: &Policy) -> bool {
+    /// big it is; `workers` share its floor); counted in `retry_budget_exhausted_total` when it
+    /// does not.
+    pub fn withdraw_retry(&self, policy: &Policy, workers: usize) -> bool {
         let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
-        let allowed = applied.budget.withdraw(Instant::now(), &policy.retry);
+        let allowed = applied
+            .budget
+            .withdraw(Instant::now(), &policy.retry, workers);
         drop(applied);
         if !allowed {
             self.service.resilience.budget_exhausted.inc();

@@ -61,6 +61,11 @@ impl Assigned {
 }
 
 impl<T> Workers<T> {
+    /// How many workers there are (at least one: a proxy without workers serves nothing).
+    pub fn count(&self) -> usize {
+        self.inboxes.len()
+    }
+
     /// The workers' counts and each worker's inbox of handed-over connections.
     pub fn new(workers: usize) -> (Self, Vec<mpsc::UnboundedReceiver<T>>) {
         let (inboxes, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();

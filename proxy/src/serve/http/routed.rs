@@ -457,7 +457,8 @@ async fn send_with_retries<U: TryOnce>(
         if retries == attempts || next.is_none() {
             return result;
         }
-        if !service.withdraw_retry(retrying.policy) {
+        let workers = upstream.route().cx.proxy.workers.count();
+        if !service.withdraw_retry(retrying.policy, workers) {
             debug!(destination = %upstream.route().target, "retry budget exhausted: not retrying");
             return result;
         }
