@@ -294,6 +294,26 @@ pub fn wait_for_listener(ns: &NetNs, addr: std::net::SocketAddr, limit: Duration
     })
 }
 
+/// curl inside `ns`, always bounded in time (5 s).
+pub fn curl(ns: &NetNs, args: &[&str]) -> Output {
+    ns.command("curl")
+        .args(["-sS", "--max-time", "5"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawning curl")
+}
+
+/// The HTTP status code of a GET of `url` from inside `ns`, or `None` when nothing answers.
+pub fn status(ns: &NetNs, url: &str) -> Option<u16> {
+    let out = curl(ns, &["-o", "/dev/null", "-w", "%{http_code}", url]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&code| code != 0)
+}
+
 /// The value of one series in Prometheus text, `name{labels}` exactly as exposed; 0 when absent.
 pub fn series_value(metrics: &str, series: &str) -> f64 {
     metrics

@@ -365,15 +365,6 @@ impl Drop for Mesh {
     }
 }
 
-fn curl(ns: &NetNs, args: &[&str]) -> Output {
-    ns.command("curl")
-        .args(["-sS", "--max-time", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning curl")
-}
-
 /// curl's `-w "\n%{http_code}"` output as (status, body); `None` when nothing answered.
 fn answer(out: Output) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&out.stdout);

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -100,7 +100,7 @@ impl Mesh {
 
     /// The value of one series, `name{labels}` exactly as exposed; 0 when absent.
     fn metric(&self, series: &str) -> f64 {
-        value(&self.metrics(), series)
+        series_value(&self.metrics(), series)
     }
 }
 
@@ -114,23 +114,6 @@ impl Drop for Mesh {
 }
 
 const ADMIN_READY: &str = "http://127.0.0.1:15020/ready";
-
-fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// curl inside `ns`, always bounded in time.
-fn curl(ns: &NetNs, args: &[&str]) -> Output {
-    ns.command("curl")
-        .args(["-sS", "--max-time", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning curl")
-}
 
 /// `curl -w '%{http_code} '` + body.
 fn get(ns: &NetNs, args: &[&str]) -> (u16, String) {
@@ -323,17 +306,17 @@ fn outbound_http1_and_h2_go_through_the_proxy_on_both_families() {
     assert_eq!((code, body.as_str()), (200, "hello /two HTTP/2.0"));
 
     let metrics = mesh.metrics();
-    assert_eq!(value(&metrics, OUT_H1), 4.0, "{metrics}");
-    assert_eq!(value(&metrics, OUT_H2), 1.0, "{metrics}");
-    assert_eq!(value(&metrics, OUT_CONNS), 4.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_H1), 4.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_H2), 1.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_CONNS), 4.0, "{metrics}");
     assert!(
-        value(
+        series_value(
             &metrics,
             "remora_proxy_tcp_bytes_total{direction=\"outbound\",flow=\"tx\"}"
         ) > 0.0
     );
     assert!(
-        value(
+        series_value(
             &metrics,
             "remora_proxy_request_duration_seconds_count{direction=\"outbound\"}"
         ) >= 5.0
@@ -478,14 +461,22 @@ fn a_server_first_protocol_on_an_unlisted_port_waits_for_detection_only_once() {
         "median time to greeting via the mesh {via_mesh:?}, direct {without:?}"
     );
     let metrics = mesh.metrics();
-    assert_eq!(value(&metrics, OUT_DETECT_TIMEOUTS), 1.0, "{metrics}");
     assert_eq!(
-        value(&metrics, OUT_DETECT_SKIPPED),
+        series_value(&metrics, OUT_DETECT_TIMEOUTS),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        series_value(&metrics, OUT_DETECT_SKIPPED),
         ROUNDS as f64,
         "{metrics}"
     );
-    assert_eq!(value(&metrics, OUT_SERVER_FIRST), 1.0, "{metrics}");
-    assert_eq!(value(&metrics, OUT_CONNS), 1.0 + ROUNDS as f64, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_SERVER_FIRST), 1.0, "{metrics}");
+    assert_eq!(
+        series_value(&metrics, OUT_CONNS),
+        1.0 + ROUNDS as f64,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -562,8 +553,8 @@ fn a_refused_destination_gives_502_quickly_or_a_reset_and_is_counted() {
         .expect_err("a reset, not data or EOF");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
     let metrics = mesh.metrics();
-    assert_eq!(value(&metrics, OUT_502), 1.0, "{metrics}");
-    assert_eq!(value(&metrics, OUT_CONNECT_ERRORS), 2.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_502), 1.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_CONNECT_ERRORS), 2.0, "{metrics}");
 }
 
 #[test]
@@ -735,7 +726,11 @@ fn a_destination_that_falls_silent_is_given_up_and_a_slow_live_one_answers() {
         let series = format!(
             "remora_proxy_requests_total{{direction=\"outbound\",protocol=\"{protocol}\",status_code=\"{code}\",tls=\"false\",client_id=\"\"}}"
         );
-        assert_eq!(value(&metrics, &series), expected, "{series}\n{metrics}");
+        assert_eq!(
+            series_value(&metrics, &series),
+            expected,
+            "{series}\n{metrics}"
+        );
     }
 }
 
@@ -818,8 +813,8 @@ fn a_direct_connection_to_a_listener_is_refused_not_looped() {
     assert_eq!(mesh.ready(), Some(200));
     // One accepted connection each, no loop of connections.
     let metrics = mesh.metrics();
-    assert_eq!(value(&metrics, OUT_CONNS), 1.0, "{metrics}");
-    assert!(value(&metrics, IN_CONNS) <= 3.0, "{metrics}");
+    assert_eq!(series_value(&metrics, OUT_CONNS), 1.0, "{metrics}");
+    assert!(series_value(&metrics, IN_CONNS) <= 3.0, "{metrics}");
     assert!(mesh.log().contains("connection refused"), "{}", mesh.log());
 }
 
@@ -846,7 +841,7 @@ fn a_websocket_upgrade_is_tunneled_both_ways() {
     }
     let metrics = mesh.metrics();
     assert_eq!(
-        value(
+        series_value(
             &metrics,
             "remora_proxy_requests_total{direction=\"outbound\",protocol=\"http1\",status_code=\"101\",tls=\"false\",client_id=\"\"}"
         ),

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -312,25 +312,6 @@ impl Drop for Mesh {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// curl inside `ns`, always bounded in time.
-fn curl(ns: &NetNs, args: &[&str]) -> Output {
-    ns.command("curl")
-        .args(["-sS", "--max-time", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning curl")
-}
-
-fn status(ns: &NetNs, url: &str) -> Option<u16> {
-    let out = curl(ns, &["-o", "/dev/null", "-w", "%{http_code}", url]);
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&code| code != 0)
 }
 
 // ---------------------------------------------------------------------------------------------

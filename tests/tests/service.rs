@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -309,26 +309,6 @@ impl Drop for ServiceMesh {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// curl inside `ns`, always bounded in time.
-fn curl(ns: &NetNs, args: &[&str]) -> Output {
-    ns.command("curl")
-        .args(["-sS", "--max-time", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning curl")
-}
-
-/// An HTTP status code, or `None` when nothing answers.
-fn status(ns: &NetNs, url: &str) -> Option<u16> {
-    let out = curl(ns, &["-o", "/dev/null", "-w", "%{http_code}", url]);
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&code| code != 0)
 }
 
 /// An echo server on each endpoint at `port`, named for its address; the third endpoint's
