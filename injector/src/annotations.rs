@@ -15,8 +15,8 @@ use remora_init::{
 };
 
 use crate::config::{Config, ControlAddr};
-use crate::mtls::{AllowFrom, InboundMtls, InboundProbes};
 use crate::trust::TrustAnchors;
+use remora_init::mtls::{AllowFrom, InboundMtls, InboundProbes};
 
 /// Every remora annotation and label starts with this.
 pub const PREFIX: &str = "remora.io/";
@@ -823,7 +823,7 @@ mod tests {
         assert_eq!(settings.opaque_ports, config.opaque_ports);
         assert_eq!(settings.inbound_rate_limit, None);
         assert_eq!(settings.inbound_mtls, None);
-        assert!(settings.allow_from.is_empty());
+        assert!(settings.allow_from.is_anyone());
         assert_eq!(
             settings.init.to_args(),
             ["--exclude-inbound-ports", "15020"]
@@ -1020,7 +1020,7 @@ mod tests {
                 "allow-from with a SPIFFE URI",
                 ALLOW_FROM,
                 "spiffe://cluster.local/ns/shop/sa/a",
-                "each name a DNS label",
+                "the namespace a DNS label",
             ),
             (
                 "wildcard among cidrs",

@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 
 use crate::annotations::{self, InjectChoice, PodSettings, Resources};
 use crate::config::{Config, VERSION};
-use crate::mtls::InboundMtls;
 use crate::probes;
 use crate::review::WebhookPath;
+use remora_init::mtls::InboundMtls;
 
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
 pub const PROXY_CONTAINER_NAME: &str = "remora-proxy";
@@ -561,7 +561,7 @@ fn proxy_args(settings: &PodSettings) -> Vec<String> {
     if let Some(mode) = settings.inbound_mtls {
         args.extend(["--inbound-mtls".to_string(), mode.to_string()]);
     }
-    if !settings.allow_from.is_empty() {
+    if !settings.allow_from.is_anyone() {
         args.extend(["--allow-from".to_string(), settings.allow_from.to_string()]);
     }
     if !settings.inbound_probes.is_empty() {

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{Container, PodSpec, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use remora_init::{quoted, InitConfig, PortSelection};
 
-use crate::mtls::{InboundProbes, ProbeTarget};
+use remora_init::mtls::{is_probe_path, InboundProbes, ProbeTarget};
 
 /// Every probe of the pod's app containers and native sidecars (init containers with
 /// `restartPolicy: Always`; other init containers cannot have probes), on ports the inbound
@@ -77,7 +77,7 @@ fn probe_target(
     } else {
         format!("/{path}")
     };
-    if path.contains(|c: char| c == ',' || c.is_whitespace() || c.is_control()) {
+    if !is_probe_path(&path) {
         return Err(format!(
             "container {}: {kind} path {} cannot be passed to the proxy, whose --inbound-probes \
              list is separated by commas (expected a path without commas or spaces, or a \
