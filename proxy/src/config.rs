@@ -568,16 +568,20 @@ mod tests {
         assert_eq!(args.inbound_mtls, InboundMtls::Strict);
         assert_eq!(args.allow_from.to_string(), "shop/web,billing/*");
         assert_eq!(args.inbound_probes, "9000,8080:/healthz".parse().unwrap());
+        // The injector's grammar: what its webhook refuses, the proxy refuses too.
         for (flag, bad) in [
             ("--allow-from", "shop"),
+            ("--allow-from", "sh.op/web"),
             ("--inbound-probes", "8080:healthz"),
+            ("--inbound-probes", "+8080"),
+            ("--inbound-probes", "8080:/ready?deep=1"),
             ("--inbound-mtls", "sometimes"),
         ] {
             let err = Args::try_parse_from(["remora-proxy", flag, bad])
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains(flag) && err.contains(bad),
+                err.contains(&format!("{flag}: {bad:?}")) && err.contains("(expected "),
                 "{flag} {bad}: {err}"
             );
         }
