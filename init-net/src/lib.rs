@@ -1,12 +1,13 @@
 //! remora-init as a library: the flags (shared with the injector, which writes them) and the rules;
-//! also the proxy's flag values the injector writes and the proxy reads: its `--control` address
-//! and its `--inbound-rate-limit`.
+//! also the proxy's flag values the injector writes and the proxy reads: its `--control` address,
+//! its `--inbound-rate-limit` and its mTLS flags.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod control_addr;
 pub mod iptables;
+pub mod mtls;
 pub mod rate_limit;
 pub mod rules;
 

@@ -15,8 +15,8 @@ use remora_init::{
 };
 
 use crate::config::{Config, ControlAddr};
-use crate::mtls::{AllowFrom, InboundMtls, InboundProbes};
 use crate::trust::TrustAnchors;
+use remora_init::mtls::{AllowFrom, InboundMtls, InboundProbes};
 
 /// Every remora annotation and label starts with this.
 pub const PREFIX: &str = "remora.io/";
@@ -42,7 +42,8 @@ pub const OPAQUE_PORTS: &str = "remora.io/opaque-ports";
 pub const INBOUND_RATE_LIMIT: &str = "remora.io/inbound-rate-limit";
 /// `permissive` or `strict`: the proxy's `--inbound-mtls` (strict also passes the pod's probes).
 pub const INBOUND_MTLS: &str = "remora.io/inbound-mtls";
-/// The client identities let in, `ns/sa` or `ns/*`: the proxy's `--allow-from`.
+/// The client identities let in, `ns/sa` or `ns/*`: the proxy's `--allow-from` (a list also
+/// passes the pod's probes, as strict mode does: a plaintext client is on no list).
 pub const ALLOW_FROM: &str = "remora.io/allow-from";
 
 /// Every annotation the injector reads; any other `remora.io/` key draws a warning.
@@ -376,7 +377,7 @@ pub struct PodSettings {
     /// The proxy's `--allow-from`; empty (anyone) leaves the flag out.
     pub allow_from: AllowFrom,
     /// The proxy's `--inbound-probes`, from the pod spec rather than an annotation (filled in
-    /// by the injection in strict mode); empty leaves the flag out.
+    /// by the injection in strict mode or with an allow-from list); empty leaves the flag out.
     pub inbound_probes: InboundProbes,
     /// The args of `remora-init`, as `remora-init` itself parses them.
     pub init: InitConfig,
@@ -823,7 +824,7 @@ mod tests {
         assert_eq!(settings.opaque_ports, config.opaque_ports);
         assert_eq!(settings.inbound_rate_limit, None);
         assert_eq!(settings.inbound_mtls, None);
-        assert!(settings.allow_from.is_empty());
+        assert!(settings.allow_from.is_anyone());
         assert_eq!(
             settings.init.to_args(),
             ["--exclude-inbound-ports", "15020"]
@@ -1020,7 +1021,7 @@ mod tests {
                 "allow-from with a SPIFFE URI",
                 ALLOW_FROM,
                 "spiffe://cluster.local/ns/shop/sa/a",
-                "each name a DNS label",
+                "the namespace a DNS label",
             ),
             (
                 "wildcard among cidrs",

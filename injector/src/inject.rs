@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 
 use crate::annotations::{self, InjectChoice, PodSettings, Resources};
 use crate::config::{Config, VERSION};
-use crate::mtls::InboundMtls;
 use crate::probes;
 use crate::review::WebhookPath;
+use remora_init::mtls::InboundMtls;
 
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
 pub const PROXY_CONTAINER_NAME: &str = "remora-proxy";
@@ -174,9 +174,10 @@ pub fn decide(pod: &Pod, path: WebhookPath, config: &Config) -> Decision {
                 }
             }
         };
-    // Strict mode refuses plaintext, and kubelet's probes are plaintext: the proxy is told
-    // which of them to let through.
-    if settings.inbound_mtls == Some(InboundMtls::Strict) {
+    // Strict mode refuses plaintext, and so does an allow-from list (a plaintext client has no
+    // identity to be on it); kubelet's probes are plaintext: the proxy is told which of them to
+    // let through.
+    if settings.inbound_mtls == Some(InboundMtls::Strict) || !settings.allow_from.is_anyone() {
         match probes::inbound_probes(spec, &settings.init) {
             Ok(probes) => settings.inbound_probes = probes,
             Err(message) => return Decision::Deny { message },
@@ -561,7 +562,7 @@ fn proxy_args(settings: &PodSettings) -> Vec<String> {
     if let Some(mode) = settings.inbound_mtls {
         args.extend(["--inbound-mtls".to_string(), mode.to_string()]);
     }
-    if !settings.allow_from.is_empty() {
+    if !settings.allow_from.is_anyone() {
         args.extend(["--allow-from".to_string(), settings.allow_from.to_string()]);
     }
     if !settings.inbound_probes.is_empty() {
@@ -1523,7 +1524,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn strict_mode_passes_the_pods_probes_to_the_proxy() {
+    fn strict_mode_or_allow_from_passes_the_pods_probes_to_the_proxy() {
         let http = |port: Value, path: &str| json!({"httpGet": {"port": port, "path": path}});
         let containers = json!([
             {
@@ -1553,14 +1554,26 @@ pub(crate) mod tests {
              "readinessProbe": {"tcpSocket": {"port": 2020}}},
             {"name": "migrate", "image": "flyway"},
         ]);
-        let args = proxy_args_of(strict_pod(containers.clone(), Some(init))).unwrap();
-        assert_eq!(
-            flag(&args, "--inbound-probes"),
-            Some("2020,5432,7000:/,8080:/healthz,8080:/ready,8443,9090"),
-            "{args:?}"
-        );
+        let all = Some("2020,5432,7000:/,8080:/healthz,8080:/ready,8443,9090");
+        let args = proxy_args_of(strict_pod(containers.clone(), Some(init.clone()))).unwrap();
+        assert_eq!(flag(&args, "--inbound-probes"), all, "{args:?}");
 
-        // Permissive (said or not): every plaintext request is let in already.
+        // An allow-from list keeps plaintext clients out in permissive mode too (they have no
+        // identity to be on it): the same probes, said permissive or not.
+        let mut listed = strict_pod(containers.clone(), Some(init));
+        listed["metadata"]["annotations"] = json!({"remora.io/allow-from": "shop/*"});
+        let args = proxy_args_of(listed.clone()).unwrap();
+        assert_eq!(flag(&args, "--inbound-mtls"), None, "{args:?}");
+        assert_eq!(flag(&args, "--inbound-probes"), all, "{args:?}");
+        listed["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
+        let args = proxy_args_of(listed.clone()).unwrap();
+        assert_eq!(flag(&args, "--inbound-probes"), all, "{args:?}");
+        // An empty list lets anyone in: nothing to pass.
+        listed["metadata"]["annotations"]["remora.io/allow-from"] = json!(" ");
+        let args = proxy_args_of(listed).unwrap();
+        assert_eq!(flag(&args, "--inbound-probes"), None, "{args:?}");
+
+        // Permissive (said or not) without a list: every plaintext request is let in already.
         let mut permissive = strict_pod(containers, None);
         permissive["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
         assert_eq!(
@@ -1601,7 +1614,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn strict_mode_denies_a_probe_it_cannot_pass() {
+    fn strict_mode_or_allow_from_denies_a_probe_it_cannot_pass() {
         // Name, container, the words the message must hold.
         let cases: &[(&str, Value, &[&str])] = &[
             (
@@ -1640,17 +1653,27 @@ pub(crate) mod tests {
         ];
         for (name, container, needles) in cases {
             let containers = json!([{"name": "web0", "image": "w", "ports": [{"name": "http", "containerPort": 80}]}, container]);
-            let message = proxy_args_of(strict_pod(containers, None)).expect_err(name);
-            for needle in *needles {
-                assert!(message.contains(needle), "case {name}: {message}");
+            let strict = strict_pod(containers, None);
+            let mut listed = strict.clone();
+            listed["metadata"]["annotations"] = json!({"remora.io/allow-from": "shop/web"});
+            for (how, pod) in [("strict", strict), ("allow-from", listed)] {
+                let message = proxy_args_of(pod).expect_err(name);
+                for needle in *needles {
+                    assert!(message.contains(needle), "case {name}, {how}: {message}");
+                }
             }
         }
-        // Not strict: the probes are not read, so nothing to deny.
+        // Neither strict nor a list: the probes are not read, so nothing to deny.
         let containers = json!([{"name": "web", "image": "web",
             "livenessProbe": {"tcpSocket": {"port": "nope"}}}]);
         let mut value = strict_pod(containers, None);
         value["metadata"]["annotations"]["remora.io/inbound-mtls"] = json!("permissive");
-        assert!(proxy_args_of(value).is_ok());
+        assert!(proxy_args_of(value.clone()).is_ok());
+        value["metadata"]["annotations"]["remora.io/allow-from"] = json!("");
+        assert!(proxy_args_of(value.clone()).is_ok());
+        value["metadata"]["annotations"]["remora.io/allow-from"] = json!("shop/web");
+        let message = proxy_args_of(value).unwrap_err();
+        assert!(message.contains("remora.io/allow-from"), "{message}");
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod certs;
 pub mod config;
 pub mod inject;
 pub mod metrics;
-pub mod mtls;
 pub mod offline;
 pub mod probes;
 pub mod review;

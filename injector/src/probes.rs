@@ -1,12 +1,16 @@
-//! The pod's own kubelet probes as the proxy's `--inbound-probes`: what strict mTLS still
-//! answers in plaintext, since kubelet probes the pod IP, through the inbound redirect, without
-//! a certificate.
+//! The pod's own kubelet probes as the proxy's `--inbound-probes`: what strict mTLS or an
+//! allow-from list still answers in plaintext, since kubelet probes the pod IP, through the
+//! inbound redirect, without a certificate.
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use remora_init::{quoted, InitConfig, PortSelection};
 
-use crate::mtls::{InboundProbes, ProbeTarget};
+use remora_init::mtls::{is_probe_path, InboundProbes, ProbeTarget};
+
+/// Why a probe the proxy cannot be told about refuses the pod.
+const NEEDED: &str = "needed because remora.io/inbound-mtls is strict or remora.io/allow-from \
+     keeps plaintext clients out";
 
 /// Every probe of the pod's app containers and native sidecars (init containers with
 /// `restartPolicy: Always`; other init containers cannot have probes), on ports the inbound
@@ -77,11 +81,11 @@ fn probe_target(
     } else {
         format!("/{path}")
     };
-    if path.contains(|c: char| c == ',' || c.is_whitespace() || c.is_control()) {
+    if !is_probe_path(&path) {
         return Err(format!(
             "container {}: {kind} path {} cannot be passed to the proxy, whose --inbound-probes \
              list is separated by commas (expected a path without commas or spaces, or a \
-             tcpSocket probe), needed because remora.io/inbound-mtls is strict",
+             tcpSocket probe), {NEEDED}",
             container.name,
             quoted(written)
         ));
@@ -119,8 +123,7 @@ fn resolve(container: &Container, kind: &str, port: &IntOrString) -> Result<u16,
                 };
                 format!(
                     "container {}: {kind} port {} is no port the container declares ({names}; \
-                     expected a port number or the name of one of its ports), needed because \
-                     remora.io/inbound-mtls is strict",
+                     expected a port number or the name of one of its ports), {NEEDED}",
                     container.name,
                     quoted(name)
                 )

@@ -7,12 +7,12 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use remora_init::config::{ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 use remora_init::control_addr::ControlAddr;
+use remora_init::mtls::{AllowFrom, InboundMtls, InboundProbes};
 use remora_init::rate_limit::InboundRateLimit;
 use remora_init::PortList;
 
 use crate::client::connect::Keepalive;
 use crate::discover::ControlConfig;
-use crate::inbound::{AllowFrom, MtlsMode, Probes};
 
 /// Ports carried as plain TCP without detection unless `--opaque-ports` says otherwise: the
 /// server-first protocols. The injector's default is this very constant, so a hand-run proxy
@@ -43,6 +43,8 @@ pub enum ConfigError {
     ControlAddr { reason: String },
     #[error("--inbound-rate-limit: {reason}")]
     InboundRateLimit { reason: String },
+    #[error("--inbound-mtls: {reason}")]
+    InboundMtls { reason: String },
     #[error("--allow-from: {reason}")]
     AllowFrom { reason: String },
     #[error("--inbound-probes: {reason}")]
@@ -202,8 +204,8 @@ pub struct Args {
 
     /// Inbound plaintext: `permissive` lets both mTLS and plaintext clients in; `strict` resets
     /// plaintext ones, except on --inbound-probes (the admin port is never redirected).
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = MtlsMode::Permissive)]
-    pub inbound_mtls: MtlsMode,
+    #[arg(long, value_name = "MODE", default_value_t = InboundMtls::Permissive, value_parser = parse_inbound_mtls)]
+    pub inbound_mtls: InboundMtls,
 
     /// The identities let in, comma-separated `ns/sa` or `ns/*`; empty lets anyone in. Others,
     /// plaintext clients included (they have no identity), get 403 (HTTP) or a reset (TCP).
@@ -214,7 +216,7 @@ pub struct Args {
     /// --allow-from: `PORT` (the whole port) or `PORT:/path` (only HTTP/1 requests for that
     /// path on that port; other requests there get 403), comma-separated.
     #[arg(long, value_name = "LIST", default_value = "", value_parser = parse_inbound_probes)]
-    pub inbound_probes: Probes,
+    pub inbound_probes: InboundProbes,
 }
 
 fn parse_connect_timeout(value: &str) -> Result<Duration, ConfigError> {
@@ -262,13 +264,20 @@ fn parse_inbound_rate_limit(value: &str) -> Result<InboundRateLimit, ConfigError
         .map_err(|reason| ConfigError::InboundRateLimit { reason })
 }
 
+/// The mTLS flags are parsed as the injector parses the annotations it renders into them.
+fn parse_inbound_mtls(value: &str) -> Result<InboundMtls, ConfigError> {
+    value
+        .parse()
+        .map_err(|reason| ConfigError::InboundMtls { reason })
+}
+
 fn parse_allow_from(value: &str) -> Result<AllowFrom, ConfigError> {
     value
         .parse()
         .map_err(|reason| ConfigError::AllowFrom { reason })
 }
 
-fn parse_inbound_probes(value: &str) -> Result<Probes, ConfigError> {
+fn parse_inbound_probes(value: &str) -> Result<InboundProbes, ConfigError> {
     value
         .parse()
         .map_err(|reason| ConfigError::InboundProbes { reason })
@@ -544,7 +553,7 @@ mod tests {
     #[test]
     fn the_mtls_flags_parse_and_bad_values_name_the_flag() {
         let args = Args::try_parse_from(["remora-proxy"]).unwrap();
-        assert_eq!(args.inbound_mtls, MtlsMode::Permissive);
+        assert_eq!(args.inbound_mtls, InboundMtls::Permissive);
         assert!(args.allow_from.is_anyone());
         let args = Args::try_parse_from([
             "remora-proxy",
@@ -556,19 +565,23 @@ mod tests {
             "8080:/healthz,9000",
         ])
         .unwrap();
-        assert_eq!(args.inbound_mtls, MtlsMode::Strict);
+        assert_eq!(args.inbound_mtls, InboundMtls::Strict);
         assert_eq!(args.allow_from.to_string(), "shop/web,billing/*");
         assert_eq!(args.inbound_probes, "9000,8080:/healthz".parse().unwrap());
+        // The injector's grammar: what its webhook refuses, the proxy refuses too.
         for (flag, bad) in [
             ("--allow-from", "shop"),
+            ("--allow-from", "sh.op/web"),
             ("--inbound-probes", "8080:healthz"),
+            ("--inbound-probes", "+8080"),
+            ("--inbound-probes", "8080:/ready?deep=1"),
             ("--inbound-mtls", "sometimes"),
         ] {
             let err = Args::try_parse_from(["remora-proxy", flag, bad])
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains(flag) && err.contains(bad),
+                err.contains(&format!("{flag}: {bad:?}")) && err.contains("(expected "),
                 "{flag} {bad}: {err}"
             );
         }

@@ -3,9 +3,9 @@
 //! outside the pod, its upstream is the pod's own app, its HTTP requests may be rate limited,
 //! and who may come in ([`Mtls`]: `--inbound-mtls`, `--allow-from`, `--inbound-probes`).
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::str::FromStr;
+
+use remora_init::mtls::{AllowFrom, InboundMtls, InboundProbes, ProbePort};
 
 use crate::client::connect::{ConnectParams, Keepalive};
 use crate::client::Endpoint;
@@ -78,23 +78,12 @@ pub fn probe_paths(cx: &Context, target: SocketAddr, tls: bool) -> Option<&'stat
     }
 }
 
-/// `--inbound-mtls`: whether plaintext clients are let in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum MtlsMode {
-    /// mTLS and plaintext both accepted.
-    #[default]
-    Permissive,
-    /// Plaintext refused (a TCP reset), except the pod's own probes (`--inbound-probes`); the
-    /// admin port is never redirected, so it is not refused either.
-    Strict,
-}
-
 /// Who may come in: `--inbound-mtls`, `--allow-from` and `--inbound-probes` together.
 #[derive(Debug, Clone, Default)]
 pub struct Mtls {
-    pub mode: MtlsMode,
+    pub mode: InboundMtls,
     pub allow_from: AllowFrom,
-    pub probes: Probes,
+    pub probes: InboundProbes,
 }
 
 /// What becomes of an inbound connection that is not mTLS.
@@ -117,188 +106,28 @@ impl Mtls {
     /// the mode; an `--allow-from` list, which a client without an identity cannot be on,
     /// keeps other plaintext out even when permissive.
     pub fn plaintext(&self, port: u16) -> Plaintext<'_> {
-        if self.mode == MtlsMode::Permissive && self.allow_from.is_anyone() {
+        if self.mode == InboundMtls::Permissive && self.allow_from.is_anyone() {
             return Plaintext::Allowed;
         }
-        if self.probes.ports.contains(&port) {
-            return Plaintext::Allowed;
+        match (self.probes.port(port), self.mode) {
+            (Some(ProbePort::Whole), _) => Plaintext::Allowed,
+            (Some(ProbePort::Paths(paths)), _) => Plaintext::Paths(paths),
+            (None, InboundMtls::Strict) => Plaintext::Refused,
+            (None, InboundMtls::Permissive) => Plaintext::Denied,
         }
-        if let Some((_, paths)) = self.probes.paths.iter().find(|(p, _)| *p == port) {
-            return Plaintext::Paths(paths);
-        }
-        match self.mode {
-            MtlsMode::Strict => Plaintext::Refused,
-            MtlsMode::Permissive => Plaintext::Denied,
-        }
-    }
-}
-
-/// `--allow-from`: comma-separated `ns/sa` or `ns/*`; empty lets anyone in.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowFrom(Vec<(String, Option<String>)>);
-
-impl AllowFrom {
-    pub fn is_anyone(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Whether a client with `identity` (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; `None`
-    /// for a plaintext client) may come in.
-    pub fn allows(&self, identity: Option<&str>) -> bool {
-        if self.is_anyone() {
-            return true;
-        }
-        let Some((namespace, account)) = identity.and_then(namespace_and_account) else {
-            return false;
-        };
-        self.0
-            .iter()
-            .any(|(ns, sa)| ns == namespace && sa.as_deref().is_none_or(|sa| sa == account))
-    }
-}
-
-/// The namespace and ServiceAccount of a SPIFFE identity of remora's form; the trust anchors
-/// already vouched for its trust domain.
-fn namespace_and_account(identity: &str) -> Option<(&str, &str)> {
-    let path = identity.strip_prefix("spiffe://")?;
-    let (_trust_domain, path) = path.split_once('/')?;
-    let mut parts = path.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => {
-            Some((ns, sa))
-        }
-        _ => None,
-    }
-}
-
-impl FromStr for AllowFrom {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, String> {
-        let mut list = Vec::new();
-        for item in value
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-        {
-            let bad =
-                || format!("{item:?} is not ns/sa or ns/* (expected e.g. shop/cart,billing/*)");
-            let (ns, sa) = item.split_once('/').ok_or_else(bad)?;
-            let name = |s: &str| {
-                !s.is_empty()
-                    && s.len() <= 253
-                    && s.chars().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
-                    })
-            };
-            if !name(ns) || !(sa == "*" || name(sa)) {
-                return Err(bad());
-            }
-            list.push((ns.to_owned(), (sa != "*").then(|| sa.to_owned())));
-        }
-        Ok(Self(list))
-    }
-}
-
-impl fmt::Display for AllowFrom {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (ns, sa)) in self.0.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            write!(f, "{sep}{ns}/{}", sa.as_deref().unwrap_or("*"))?;
-        }
-        Ok(())
-    }
-}
-
-/// `--inbound-probes`: the pod's own kubelet probes, which stay plaintext in strict mode:
-/// `PORT` (the whole port) or `PORT:/path` (that path on that port), comma-separated.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Probes {
-    ports: Vec<u16>,
-    paths: Vec<(u16, Vec<String>)>,
-}
-
-impl FromStr for Probes {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, String> {
-        let mut probes = Self::default();
-        for item in value
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-        {
-            let bad =
-                || format!("{item:?} is not PORT or PORT:/path (expected e.g. 8080:/healthz,9000)");
-            let (port, path) = match item.split_once(':') {
-                Some((port, path)) => (port, Some(path)),
-                None => (item, None),
-            };
-            let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
-            match path {
-                None => probes.ports.push(port),
-                Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
-                    match probes.paths.iter_mut().find(|(p, _)| *p == port) {
-                        Some((_, paths)) => paths.push(path.to_owned()),
-                        None => probes.paths.push((port, vec![path.to_owned()])),
-                    }
-                }
-                Some(_) => return Err(bad()),
-            }
-        }
-        Ok(probes)
     }
 }
 
 /// Whether `path` (a request target, query included) is one of `probes`: compared without the
-/// query, as kubelet sends the path the pod spec names.
+/// query, which the pod spec may give and `--inbound-probes` never holds.
 pub fn is_probe_path(probes: &[String], path: &str) -> bool {
     let path = path.split('?').next().unwrap_or(path);
-    probes
-        .iter()
-        .any(|probe| probe.split('?').next() == Some(path))
+    probes.iter().any(|probe| probe == path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn allow_from_names_namespaces_and_accounts() {
-        let list: AllowFrom = "shop/cart, billing/*".parse().unwrap();
-        assert_eq!(list.to_string(), "shop/cart,billing/*");
-        for (identity, allowed) in [
-            (Some("spiffe://cluster.local/ns/shop/sa/cart"), true),
-            (Some("spiffe://other.domain/ns/shop/sa/cart"), true),
-            (Some("spiffe://cluster.local/ns/shop/sa/web"), false),
-            (Some("spiffe://cluster.local/ns/billing/sa/anything"), true),
-            (Some("spiffe://cluster.local/ns/shopx/sa/cart"), false),
-            (Some("spiffe://cluster.local/ns/shop/sa/cart/extra"), false),
-            (Some("https://cluster.local/ns/shop/sa/cart"), false),
-            (None, false),
-        ] {
-            assert_eq!(list.allows(identity), allowed, "{identity:?}");
-        }
-        let anyone: AllowFrom = "".parse().unwrap();
-        assert!(anyone.is_anyone() && anyone.allows(None));
-        for bad in [
-            "shop",
-            "shop/",
-            "/cart",
-            "Shop/cart",
-            "shop/ca rt",
-            "*/cart",
-        ] {
-            let error = bad.parse::<AllowFrom>().unwrap_err();
-            assert!(error.contains("ns/sa"), "{bad}: {error}");
-        }
-    }
 
     #[test]
     fn plaintext_is_let_in_as_the_mode_and_probes_say() {
@@ -308,22 +137,18 @@ mod tests {
             probes: probes.parse().unwrap(),
         };
         let probes = "8080:/healthz,8080:/ready,9000";
-        let permissive = mtls(MtlsMode::Permissive, "", probes);
+        let permissive = mtls(InboundMtls::Permissive, "", probes);
         assert_eq!(permissive.plaintext(80), Plaintext::Allowed);
-        let strict = mtls(MtlsMode::Strict, "", probes);
+        let strict = mtls(InboundMtls::Strict, "", probes);
         assert_eq!(strict.plaintext(80), Plaintext::Refused);
         assert_eq!(strict.plaintext(9000), Plaintext::Allowed);
         let paths = ["/healthz".to_owned(), "/ready".to_owned()];
         assert_eq!(strict.plaintext(8080), Plaintext::Paths(&paths));
-        let named = mtls(MtlsMode::Permissive, "shop/*", probes);
+        let named = mtls(InboundMtls::Permissive, "shop/*", probes);
         assert_eq!(named.plaintext(80), Plaintext::Denied);
         assert_eq!(named.plaintext(9000), Plaintext::Allowed);
         assert!(is_probe_path(&paths, "/ready?verbose=1"));
         assert!(!is_probe_path(&paths, "/readyz"));
-        for bad in ["0", "x", "8080:healthz", "8080:", "70000"] {
-            let error = bad.parse::<Probes>().unwrap_err();
-            assert!(error.contains("PORT"), "{bad}: {error}");
-        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
+use remora_init::mtls::InboundMtls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::client::Endpoint;
 use crate::http_tests::{metric, proxy_with, within};
 use crate::identity::Credentials;
-use crate::inbound::{Mtls, MtlsMode};
+use crate::inbound::Mtls;
 use crate::io::Io;
 use crate::outbound::Destination;
 use crate::proxy::Proxy;
@@ -509,7 +510,7 @@ async fn strict_refuses_plaintext_except_the_probes_and_still_takes_mtls() {
     let probes = format!("{}:/healthz,{}", http_app_addr.port(), echo_app_addr.port());
     let server = meshed_proxy(Some(ca.credentials(SERVER_ID, &ca)), |proxy| {
         proxy.inbound_mtls = Mtls {
-            mode: MtlsMode::Strict,
+            mode: InboundMtls::Strict,
             allow_from: Default::default(),
             probes: probes.parse().unwrap(),
         }

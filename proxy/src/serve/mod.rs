@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
+use remora_init::mtls::InboundMtls;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -141,7 +142,7 @@ pub(crate) async fn inbound_connection(
     cx: Context,
 ) {
     let mtls = &cx.proxy.inbound_mtls;
-    let strict = mtls.mode == inbound::MtlsMode::Strict;
+    let strict = mtls.mode == InboundMtls::Strict;
     let opaque_port = cx.proxy.opaque_ports.contains(target.port());
     let detected = if strict {
         detect::detect(&stream).await
