@@ -6,15 +6,25 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::serve::detect::Rewound;
 
 /// TLS over a socket. The socket is [`Rewound`] because the inbound side reads the ClientHello
 /// before it knows whether to terminate it (detection reads, never peeks); a dialled one starts
-/// with nothing read.
-pub type TlsStream = tokio_rustls::TlsStream<Rewound<TcpStream>>;
+/// with nothing read. Under rustls, a read buffer of one TLS record: rustls asks for 4 KiB at a
+/// time, so a burst of HTTP/2 frames would otherwise cost a read syscall per 4 KiB.
+pub type TlsStream = tokio_rustls::TlsStream<Rewound<BufReader<TcpStream>>>;
+
+/// The read buffer under rustls: one whole TLS record (16 KiB of plaintext and its overhead).
+pub const TLS_READ_BUFFER: usize = 16 * 1024 + 256;
+
+/// The socket of a new TLS connection, buffered for rustls's reads; `first`, the bytes already
+/// read from it (an inbound ClientHello), come first.
+pub fn tls_socket(tcp: TcpStream, first: bytes::Bytes) -> Rewound<BufReader<TcpStream>> {
+    Rewound::new(BufReader::with_capacity(TLS_READ_BUFFER, tcp), first)
+}
 
 /// A connection to or from a client or an upstream.
 #[derive(Debug)]
@@ -28,7 +38,16 @@ impl Io {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Self::Plain(stream) => stream,
-            Self::Tls(tls) => tls.get_ref().0.get_ref(),
+            Self::Tls(tls) => tls.get_ref().0.get_ref().get_ref(),
+        }
+    }
+
+    /// Whether bytes already read from the socket wait in a TLS connection's buffers (read but
+    /// not yet decrypted, or decrypted but not yet taken); always false for a plain socket.
+    pub fn tls_buffered(&self) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Tls(tls) => !tls.get_ref().0.get_ref().buffer().is_empty(),
         }
     }
 
@@ -37,8 +56,12 @@ impl Io {
         match self {
             Self::Plain(stream) => stream,
             Self::Tls(tls) => match *tls {
-                tokio_rustls::TlsStream::Client(tls) => tls.into_inner().0.into_inner(),
-                tokio_rustls::TlsStream::Server(tls) => tls.into_inner().0.into_inner(),
+                tokio_rustls::TlsStream::Client(tls) => {
+                    tls.into_inner().0.into_inner().into_inner()
+                }
+                tokio_rustls::TlsStream::Server(tls) => {
+                    tls.into_inner().0.into_inner().into_inner()
+                }
             },
         }
     }

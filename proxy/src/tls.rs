@@ -22,7 +22,6 @@ use tokio::net::TcpStream;
 
 use crate::identity::Credentials;
 use crate::io::Io;
-use crate::serve::detect::Rewound;
 
 /// The ALPN protocol of proxy-to-proxy mTLS: a ClientHello that offers it is for the proxy, any
 /// other TLS is the app's own.
@@ -251,7 +250,7 @@ pub async fn connect(
     // A placeholder: the verifier checks the identity, and an IP address sends no SNI.
     let name = ServerName::IpAddress(addr.ip().into());
     let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, Rewound::new(tcp, Bytes::new()))
+        .connect(name, crate::io::tls_socket(tcp, Bytes::new()))
         .await?;
     Ok(Io::Tls(Box::new(tls.into())))
 }
@@ -360,11 +359,11 @@ pub async fn accept(
         Err(error) => return Err((Some(tcp), io::Error::other(error))),
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config)
-        .accept(Rewound::new(tcp, first))
+        .accept(crate::io::tls_socket(tcp, first))
         .into_fallible();
     let tls = match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err((error, io))) => return Err((Some(io.into_inner()), error)),
+        Ok(Err((error, io))) => return Err((Some(io.into_inner().into_inner()), error)),
         Err(_elapsed) => {
             let error = io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time");
             return Err((None, error));

@@ -105,7 +105,7 @@ impl Conn {
             Io::Plain(tcp) => {
                 matches!(tcp.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
             }
-            Io::Tls(_) => idle_socket(self.io.tcp()),
+            Io::Tls(_) => !self.io.tls_buffered() && idle_socket(self.io.tcp()),
         }
     }
 
