@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # cargo-fuzz needs nightly flags; stable rustc accepts them with this.
 export RUSTC_BOOTSTRAP=1
 CARGO=${CARGO:-cargo}
-ALL=(hpack_decode h2_relay_frames h1_response detect admission_review init_flags routes)
+ALL=(hpack_decode h2_relay_frames h1_response detect admission_review init_flags routes client_hello identity_csr)
 
 mode=${1:-}
 shift || true

@@ -8,14 +8,20 @@
 Sources: RFC 7541 Appendix C header blocks (the hpack tests), HTTP/2 frame sequences built from
 them, the HTTP/1 responses in the proxy's tests, the injector's golden inputs as AdmissionReviews,
 the flag lines of remora-init's golden files, and remora's own route manifests
-(tests/data/gateway-extra.yaml) on the mesh tests' Services. Needs python3 with PyYAML (python3-yaml).
+(tests/data/gateway-extra.yaml) on the mesh tests' Services, ClientHellos and CSRs made by the
+openssl command line (a local listener captures `openssl s_client`'s hellos). Needs python3 with
+PyYAML (python3-yaml) and openssl. The hellos and CSRs hold fresh randoms and keys: each run
+writes other files for them.
 """
 import hashlib
 import json
 import os
 import re
+import socket
 import struct
+import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(ROOT, "fuzz")
@@ -305,6 +311,119 @@ def routes_seeds(out):
                     + ROUTE_REQUESTS[i % len(ROUTE_REQUESTS)]).encode())
 
 
+def captured_hello(args):
+    """The first bytes `openssl s_client ARGS` sends to a local listener: its ClientHello."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}"] + args,
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(5)
+                data = b""
+                # One TLS record: its 5-byte header says how long.
+                while len(data) < 5 or len(data) < 5 + struct.unpack(">H", data[3:5])[0]:
+                    more = connection.recv(65536)
+                    if not more:
+                        break
+                    data += more
+        finally:
+            client.kill()
+            client.wait()
+    return data
+
+
+HELLO_ARGS = [
+    ["-tls1_3", "-alpn", "remora/1"],
+    ["-tls1_3", "-alpn", "h2,remora/1,http/1.1", "-servername", "peer.test"],
+    ["-tls1_3", "-alpn", "remora/2"],
+    ["-tls1_3", "-alpn", "h2,http/1.1", "-servername", "example.com"],
+    ["-tls1_3"],
+    ["-tls1_2", "-alpn", "remora/1"],
+    ["-tls1_2", "-noservername"],
+    ["-tls1_3", "-alpn", "remora/1", "-groups", "P-256:P-384", "-sess_out", "/dev/null"],
+]
+
+
+def hello_seeds(out):
+    """Input 0: hellos captured whole, cut, and with bytes after them; input 1: protocol lists
+    for the target's own rustls hellos."""
+    for i, args in enumerate(HELLO_ARGS):
+        hello = captured_hello(args)
+        assert hello[:1] == b"\x16", (args, hello[:16])
+        write(out, b"\0" + hello)
+        if i < 2:
+            write(out, b"\0" + hello[:len(hello) // 2])
+            write(out, b"\0" + hello[:5])
+            write(out, b"\0" + hello + b"\x17\x03\x03\x00\x05hello")
+            # The handshake message split over two records.
+            body = hello[5:]
+            write(out, b"\0" + b"\x16\x03\x01" + struct.pack(">H", 40) + body[:40]
+                  + b"\x16\x03\x01" + struct.pack(">H", len(body) - 40) + body[40:])
+    write(out, b"\0\x16\x03\x01\x00\x00")
+    write(out, b"\0\x16\x03\x03\xff\xff" + bytes(64))
+    for choice, protocols in [(1, []), (0, []), (0, [b"h2"]), (3, [b"h2", b"http/1.1"]),
+                              (5, [b"remora/2", b"remora/"]), (0, [b"remora/1"])]:
+        data = bytes([1, choice])
+        for p in protocols:
+            data += bytes([len(p) - 1]) + p
+        write(out, data + b"\x01\x37")
+
+
+def openssl(*args, data=None):
+    return subprocess.run(["openssl", *args], input=data, capture_output=True, check=True).stdout
+
+
+CSR_KEYS = [
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+    ["-newkey", "ed25519"],
+    ["-newkey", "rsa:2048"],
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
+]
+CSR_SUBJECTS = [
+    ["-subj", "/CN=proxy"],
+    ["-subj", "/CN=admin/O=system:masters", "-addext",
+     "subjectAltName=URI:spiffe://cluster.local/ns/kube-system/sa/admin,DNS:evil.example,IP:198.18.0.1"],
+]
+
+TOKEN_FILES = [
+    "token-a,system:serviceaccount:default:client,uid-1\n"
+    "token-b,system:serviceaccount:ns-2:server.v2,uid-2,\"group1,group2\"\n",
+    "\n  \n\"tok,en\",\"system:serviceaccount:a:b\",\"u\"\"id\"\n",
+    "t,system:serviceaccount:default:a/b,u\nt2,system:serviceaccount:Default:x,u\n"
+    "t3,system:serviceaccount::x,u\nt4,admin,u\nt5,system:serviceaccount:a:b:c,u\n",
+    "t,u\n",
+    "t,system:serviceaccount:a:b,u\nt,system:serviceaccount:a:c,u\n",
+    "\"open,system:serviceaccount:a:b,u\n",
+]
+
+
+def csr_seeds(out):
+    """Input 0: CSRs, valid and broken; input 1: token files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, key in enumerate(CSR_KEYS):
+            for subject in CSR_SUBJECTS[:1] if i > 1 else CSR_SUBJECTS:
+                der = openssl("req", "-new", "-nodes", "-keyout", os.path.join(tmp, "key"),
+                              "-outform", "DER", *key, *subject)
+                write(out, b"\0" + der)
+                if i == 0:
+                    write(out, b"\0" + der[:len(der) // 2])
+                    write(out, b"\0" + der + b"\0")
+                    flipped = bytearray(der)
+                    flipped[-3] ^= 1  # in the signature
+                    write(out, b"\0" + bytes(flipped))
+    write(out, b"\0")
+    write(out, b"\0\x30\x80")
+    for text in TOKEN_FILES:
+        write(out, b"\1" + text.encode())
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--peer":
         peer = sys.argv[2]
@@ -314,7 +433,7 @@ def main():
         return
     corpus = os.path.join(FUZZ, "corpus")
     for target in ("hpack_decode", "h2_relay_frames", "h1_response", "detect", "admission_review",
-                   "init_flags", "routes"):
+                   "init_flags", "routes", "client_hello", "identity_csr"):
         d = os.path.join(corpus, target)
         if os.path.isdir(d):
             for f in os.listdir(d):
@@ -328,6 +447,8 @@ def main():
                  [os.path.join(golden, f) for f in sorted(os.listdir(golden)) if f.endswith(".in.yaml")])
     init_seeds(os.path.join(corpus, "init_flags"))
     routes_seeds(os.path.join(corpus, "routes"))
+    hello_seeds(os.path.join(corpus, "client_hello"))
+    csr_seeds(os.path.join(corpus, "identity_csr"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ fn proxy(access_log: bool) -> &'static Proxy {
             ready: Default::default(),
         discovery: None,
             inbound_rate_limit: None,
+            identity: Default::default(),
+            inbound_mtls: Default::default(),
         }))
     })
 }

@@ -322,7 +322,8 @@ pub async fn read_hello(stream: &TcpStream, first: Bytes) -> Result<Hello, BadHe
 }
 
 /// Whether the ClientHello in `bytes` offers ALPN `remora/1`; `None` while it is not whole.
-fn offers_mesh(bytes: &[u8]) -> Result<Option<bool>, BadHello> {
+/// Public for the fuzz target `client_hello`: it reads a client's first bytes as they come.
+pub fn offers_mesh(bytes: &[u8]) -> Result<Option<bool>, BadHello> {
     let mut acceptor = Acceptor::default();
     let mut rest = bytes;
     while !rest.is_empty() {
