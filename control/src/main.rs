@@ -388,7 +388,7 @@ async fn serve(args: ServeArgs, transport: Transport) -> anyhow::Result<()> {
     health.ready.store(true, Ordering::SeqCst);
     server::serve_routes(
         listener,
-        server::routes(hub, Some(identity)),
+        server::routes(hub).add_service(identity.into_server()),
         acceptor,
         shutdown,
     )

@@ -26,7 +26,6 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
-use crate::identity::IdentityService;
 use crate::index::{Index, Target};
 use crate::metrics::Metrics;
 use crate::routes::{self, Resolved, Tables};
@@ -432,16 +431,13 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_routes(listener, routes(hub, None), tls, shutdown).await;
+    serve_routes(listener, routes(hub), tls, shutdown).await;
 }
 
-/// The gRPC services on one port: Discovery, and Identity when given.
-pub fn routes(hub: Arc<Hub>, identity: Option<IdentityService>) -> tonic::service::Routes {
-    let mut routes = tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub)));
-    if let Some(identity) = identity {
-        routes = routes.add_service(identity.into_server());
-    }
-    routes.prepare()
+/// The gRPC services on one port: Discovery; the caller adds others (remora-control's
+/// Identity) with `add_service`.
+pub fn routes(hub: Arc<Hub>) -> tonic::service::Routes {
+    tonic::service::Routes::new(DiscoveryServer::new(DiscoveryService::new(hub)))
 }
 
 /// [`serve`] with the services given.
@@ -451,6 +447,7 @@ pub async fn serve_routes(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let routes = routes.prepare();
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {

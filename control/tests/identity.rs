@@ -66,7 +66,7 @@ async fn start(tokens: bool, with_ca: bool, lifetime: Duration) -> Server {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::serve_routes(
         listener,
-        server::routes(hub, Some(identity)),
+        server::routes(hub).add_service(identity.into_server()),
         None,
         std::future::pending(),
     ));
