@@ -195,37 +195,10 @@ async fn tap(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
                 };
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut server_read, mut server_write) = server.into_split();
-                let up = async {
-                    let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        match client_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                recorded.lock().unwrap().extend_from_slice(&buf[..n]);
-                                if server_write.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = server_write.shutdown().await;
-                };
-                let down = async {
-                    let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        match server_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                recorded.lock().unwrap().extend_from_slice(&buf[..n]);
-                                if client_write.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = client_write.shutdown().await;
-                };
-                tokio::join!(up, down);
+                tokio::join!(
+                    copy_recording(&mut client_read, &mut server_write, &recorded),
+                    copy_recording(&mut server_read, &mut client_write, &recorded),
+                );
             });
         }
     });
@@ -774,4 +747,26 @@ async fn a_service_endpoint_that_fails_the_handshake_is_skipped_for_another() {
         errors.is_some_and(|n| n >= 1),
         "failed handshakes count: {errors:?}"
     );
+}
+
+/// Copies `from` to `to` until either ends, appending every byte to `recorded`, then shuts
+/// `to` down: one direction of the tap.
+async fn copy_recording(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    recorded: &Mutex<Vec<u8>>,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
 }
