@@ -770,3 +770,83 @@ async fn copy_recording(
     }
     let _ = to.shutdown().await;
 }
+
+/// An app that records every byte it is sent, and answers nothing.
+async fn recording_app(v6: bool) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind(loopback(v6)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let recorded = Arc::clone(&recorded);
+            tokio::spawn(async move {
+                let mut buf = [0; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn h2_over_mtls_is_relayed_frame_by_frame_on_both_sides() {
+    // A terminating proxy would send its own SETTINGS and never a setting it does not know, nor
+    // a PING of the client's: the app getting the client's exact bytes shows that both proxies
+    // relayed them, the TLS between them notwithstanding.
+    let ca = Ca::new("mesh CA");
+    let mut sent = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS with one unknown setting (0xf00d = 0xc0ffee), which RFC 9113 §6.5.2 says to ignore.
+    sent.extend([0, 0, 6, 4, 0, 0, 0, 0, 0, 0xf0, 0x0d, 0, 0xc0, 0xff, 0xee]);
+    // PING with opaque data the app alone can have seen.
+    sent.extend([0, 0, 8, 6, 0, 0, 0, 0, 0]);
+    sent.extend(*b"rel4y-me");
+    for v6 in [false, true] {
+        let (app, received) = recording_app(v6).await;
+        let relay = |proxy: &mut Proxy| proxy.h2_relay = true;
+        let server = meshed_proxy(Some(ca.credentials(SERVER_ID, &ca)), relay);
+        let client = meshed_proxy(Some(ca.credentials(CLIENT_ID, &ca)), relay);
+        let (tap, wire) = tap(start_inbound(server, app).await).await;
+        let outbound = start_outbound(client, Endpoint::meshed(tap, SERVER_ID)).await;
+
+        let mut stream = TcpStream::connect(outbound).await.unwrap();
+        stream.write_all(&sent).await.unwrap();
+        within("the app gets every byte", async {
+            while received.lock().unwrap().len() < sent.len() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(*received.lock().unwrap(), sent, "v6 {v6}");
+        let wire = wire.lock().unwrap().clone();
+        assert_eq!(wire.first(), Some(&0x16), "v6 {v6}: a TLS handshake first");
+        assert!(
+            !contains(&wire, "rel4y-me"),
+            "v6 {v6}: the PING crossed in clear"
+        );
+        let dials = "remora_proxy_upstream_connections_total{direction=\"outbound\",tls=\"true\"}";
+        assert_eq!(metric(client, dials), Some(1), "v6 {v6}");
+        let id = format!("tls=\"true\",client_id=\"{CLIENT_ID}\"}}");
+        let inbound = format!("remora_proxy_tcp_connections_total{{direction=\"inbound\",{id}");
+        assert_eq!(metric(server, &inbound), Some(1), "v6 {v6}");
+
+        // A request relayed so is counted under the client's identity, as a terminated one is.
+        let (app, _) = http_app(v6).await;
+        let outbound = start_outbound(
+            client,
+            Endpoint::meshed(start_inbound(server, app).await, SERVER_ID),
+        )
+        .await;
+        let (status, body) = within("GET", get(outbound, true, "/relayed"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, format!("app saw /relayed {SECRET}"))
+        );
+        let requests = format!("remora_proxy_requests_total{{direction=\"inbound\",protocol=\"h2\",status_code=\"200\",{id}");
+        assert_eq!(metric(server, &requests), Some(1), "v6 {v6}");
+    }
+}

@@ -26,17 +26,17 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Instant;
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, warn};
 
-use super::detect::Rewound;
-use super::hpack;
+use super::{hpack, ClientIo};
 use crate::client::connect::reset;
+use crate::io::Io;
 use crate::metrics::Protocol;
 use crate::proxy::Context;
 use crate::telemetry::access_log::AccessLog;
@@ -69,14 +69,10 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 
 /// Carries one prior-knowledge HTTP/2 client connection over `upstream`, already connected to
-/// its original destination, until both sides have closed.
-pub async fn relay(
-    client: Rewound<TcpStream>,
-    upstream: TcpStream,
-    target: SocketAddr,
-    cx: Context,
-) {
-    let (client, first) = client.into_parts();
+/// its original destination, until both sides have closed. Either side may be mTLS (a meshed
+/// client terminated here, a meshed upstream dialled so): the frames inside are the same.
+pub async fn relay(client: ClientIo, mut upstream: Io, target: SocketAddr, cx: Context) {
+    let (mut client, first) = client.into_parts();
     let mut relay = Relay {
         // Detection reads at most about two reads' worth; the buffer takes it whole.
         up: Flow::new(BUF.max(first.len())),
@@ -97,7 +93,7 @@ pub async fn relay(
         if !relay.draining && drain.as_mut().poll(task).is_ready() {
             relay.draining = true;
         }
-        relay.poll(task, &client, &upstream)
+        relay.poll(task, &mut client, &mut upstream)
     })
     .await;
     if let Err(error) = result {
@@ -108,8 +104,8 @@ pub async fn relay(
         } else {
             debug!(direction = cx.direction(), destination = %target, %error, "relayed HTTP/2 connection ended with an error; resetting both sides");
         }
-        reset(client);
-        reset(upstream);
+        reset(client.into_tcp());
+        reset(upstream.into_tcp());
     }
 }
 
@@ -135,56 +131,91 @@ impl Flow {
         }
     }
 
-    /// Writes what is pending to `dst`; then, if `src` has closed, shuts `dst`'s write side.
-    /// Ready once nothing is pending (`Ok(true)` if the flow has ended).
+    /// Writes what is pending to `dst` (and through TLS, flushes it); then, if `src` has
+    /// closed, shuts `dst`'s write side. Ready once nothing is pending (`Ok(true)` if the flow
+    /// has ended).
     fn poll_write(
         &mut self,
         task: &mut TaskContext<'_>,
-        dst: &TcpStream,
+        dst: &mut Io,
         mut written: impl FnMut(usize),
     ) -> Poll<io::Result<bool>> {
-        while self.start < self.end {
-            ready!(dst.poll_write_ready(task))?;
-            match dst.try_write(&self.buf[self.start..self.end]) {
-                Ok(n) => {
-                    self.start += n;
-                    written(n);
+        match dst {
+            Io::Plain(dst) => {
+                while self.start < self.end {
+                    ready!(dst.poll_write_ready(task))?;
+                    match dst.try_write(&self.buf[self.start..self.end]) {
+                        Ok(n) => {
+                            self.start += n;
+                            written(n);
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(error) => return Poll::Ready(Err(error)),
+                    }
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Poll::Ready(Err(error)),
+            }
+            Io::Tls(dst) => {
+                let mut dst = Pin::new(dst.as_mut());
+                while self.start < self.end {
+                    match ready!(dst
+                        .as_mut()
+                        .poll_write(task, &self.buf[self.start..self.end]))?
+                    {
+                        0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        n => {
+                            self.start += n;
+                            written(n);
+                        }
+                    }
+                }
+                // rustls keeps the records a socket would not take yet.
+                ready!(dst.poll_flush(task))?;
             }
         }
         (self.start, self.end) = (0, 0);
         if self.eof && !self.done {
-            self.done = true;
-            // TCP half-close: the peer reads an end of stream and may still answer.
-            if let Err(error) = SockRef::from(dst).shutdown(Shutdown::Write) {
+            // A half-close: the peer reads an end of stream and may still answer. Through TLS,
+            // a close_notify first (TLS 1.3 lets the other direction go on).
+            let shut = match dst {
+                Io::Plain(dst) => SockRef::from(&*dst).shutdown(Shutdown::Write),
+                Io::Tls(dst) => ready!(Pin::new(dst.as_mut()).poll_shutdown(task)),
+            };
+            if let Err(error) = shut {
                 if error.kind() != io::ErrorKind::NotConnected {
                     return Poll::Ready(Err(error));
                 }
             }
+            self.done = true;
         }
         Poll::Ready(Ok(self.done))
     }
 
     /// Reads what `src` has into the empty buffer: `Ok(n)`, 0 when it has closed.
-    fn poll_read(
-        &mut self,
-        task: &mut TaskContext<'_>,
-        src: &TcpStream,
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(src.poll_read_ready(task))?;
-            match src.try_read(&mut self.buf[..BUF]) {
-                Ok(n) => {
-                    self.eof = n == 0;
-                    self.end = n;
-                    return Poll::Ready(Ok(n));
+    fn poll_read(&mut self, task: &mut TaskContext<'_>, src: &mut Io) -> Poll<io::Result<usize>> {
+        let n = match src {
+            Io::Plain(src) => loop {
+                ready!(src.poll_read_ready(task))?;
+                match src.try_read(&mut self.buf[..BUF]) {
+                    Ok(n) => break n,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(error) => return Poll::Ready(Err(error)),
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Poll::Ready(Err(error)),
+            },
+            Io::Tls(src) => {
+                let mut read = ReadBuf::new(&mut self.buf[..BUF]);
+                match ready!(Pin::new(src.as_mut()).poll_read(task, &mut read)) {
+                    Ok(()) => read.filled().len(),
+                    // The peer closed its socket without a close_notify: as a plaintext
+                    // client's close, the end of its side (an HTTP/2 peer tells a cut frame or
+                    // stream from a finished one itself).
+                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => 0,
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
             }
-        }
+        };
+        self.eof = n == 0;
+        self.end = n;
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -202,8 +233,8 @@ impl Relay {
     fn poll(
         &mut self,
         task: &mut TaskContext<'_>,
-        client: &TcpStream,
-        upstream: &TcpStream,
+        client: &mut Io,
+        upstream: &mut Io,
     ) -> Poll<io::Result<()>> {
         let up = self.poll_up(task, client, upstream)?;
         let down = self.poll_down(task, client, upstream)?;
@@ -218,8 +249,8 @@ impl Relay {
     fn poll_up(
         &mut self,
         task: &mut TaskContext<'_>,
-        client: &TcpStream,
-        upstream: &TcpStream,
+        client: &mut Io,
+        upstream: &mut Io,
     ) -> Poll<io::Result<()>> {
         loop {
             if ready!(self.up.poll_write(task, upstream, |_| ()))? {
@@ -234,8 +265,8 @@ impl Relay {
     fn poll_down(
         &mut self,
         task: &mut TaskContext<'_>,
-        client: &TcpStream,
-        upstream: &TcpStream,
+        client: &mut Io,
+        upstream: &mut Io,
     ) -> Poll<io::Result<()>> {
         let metrics = self.follower.book.cx.metrics;
         loop {
@@ -698,7 +729,7 @@ impl Book {
         }
         open.answered = true;
         self.cx.metrics.latency.observe(open.start.elapsed());
-        self.cx.metrics.count_request(Protocol::h2, status);
+        self.cx.peer.count_request(Protocol::h2, status);
         match &mut open.log {
             Some(log) => log.status = status,
             None => drop(self.open.swap_remove(at)),

@@ -12,7 +12,8 @@ use remora_init::mtls::InboundMtls;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::client::connect::{connect, reset};
+use crate::client::connect::reset;
+use crate::client::Failure;
 use crate::discover::AppProtocol;
 use crate::inbound::Plaintext;
 use crate::io::Io;
@@ -265,27 +266,17 @@ async fn deny(stream: ClientIo, protocol: Detected, target: SocketAddr, cx: Cont
 /// [`Destination::Forward`] and `--h2-mode relay` (see [`h2_relay`]), else terminated, request
 /// by request ([`http::serve_h2`]). The relay cannot answer 502, so when its upstream
 /// connection cannot be made, the connection is terminated; nor 429, so inbound HTTP/2 under
-/// `--inbound-rate-limit` is terminated too. The relay works on sockets: a client over mTLS,
-/// or an upstream that is a meshed pod (dialled with mTLS), is terminated as well.
+/// `--inbound-rate-limit` is terminated too. Either side may be mTLS: a meshed client whose TLS
+/// was terminated here, an upstream that is a meshed pod (dialled with mTLS).
 pub async fn serve_h2(stream: ClientIo, target: SocketAddr, destination: Destination, cx: Context) {
     let relay = cx.proxy.h2_relay && inbound::rate_limit(&cx).is_none();
-    let failed = match (&destination, stream.get_ref()) {
-        (Destination::Forward(endpoint), Io::Plain(_))
-            if relay && (endpoint.identity.is_none() || cx.proxy.identity.current().is_none()) =>
-        {
-            match connect(endpoint.addr, cx.connect_params).await {
-                Ok(upstream) => {
-                    let (io, first) = stream.into_parts();
-                    let client = Rewound::new(io.into_tcp(), first);
-                    return h2_relay::relay(client, upstream, target, cx).await;
-                }
-                Err(error) => {
-                    // A stream that comes at once gets its 502 from this failure; later ones dial.
-                    cx.metrics.connect_errors.inc();
-                    Some((error, Instant::now()))
-                }
-            }
-        }
+    let failed = match &destination {
+        Destination::Forward(endpoint) if relay => match cx.dialer().dial(endpoint).await {
+            Ok(upstream) => return h2_relay::relay(stream, upstream, target, cx).await,
+            // A stream that comes at once gets its 502 from this failure; later ones dial.
+            Err(Failure::Connect(error)) => Some((error, Instant::now())),
+            Err(other) => Some((io::Error::other(other.to_string()), Instant::now())),
+        },
         _ => None,
     };
     http::serve_h2(stream, target, destination, cx, failed).await
