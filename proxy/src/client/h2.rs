@@ -29,6 +29,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use futures_util::TryStreamExt;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
@@ -182,7 +183,7 @@ pub const SHARED_IDLE: Duration = Duration::from_secs(30);
 thread_local! {
     /// This worker's HTTP/2 connections to Service endpoints, shared by the streams of every
     /// client connection on the worker, and when each was last handed out.
-    static SHARED: RefCell<HashMap<Endpoint, (Arc<Upstream>, Instant)>> = RefCell::new(HashMap::new());
+    static SHARED: RefCell<HashMap<Endpoint, (Arc<Upstream>, Instant), RandomState>> = RefCell::new(HashMap::default());
 }
 
 /// This worker's connection to `endpoint`, shared across client connections (a Service's
@@ -190,11 +191,14 @@ thread_local! {
 pub fn shared(endpoint: &Endpoint, dialer: Dialer) -> Arc<Upstream> {
     SHARED.with_borrow_mut(|shared| {
         let now = Instant::now();
-        let (upstream, used) = shared
-            .entry(endpoint.clone())
-            .or_insert_with(|| (Arc::new(Upstream::new(endpoint.clone(), dialer, None)), now));
-        *used = now;
-        Arc::clone(upstream)
+        // Looked up per request: the key is cloned only for an endpoint new to this worker.
+        if let Some((upstream, used)) = shared.get_mut(endpoint) {
+            *used = now;
+            return Arc::clone(upstream);
+        }
+        let upstream = Arc::new(Upstream::new(endpoint.clone(), dialer, None));
+        shared.insert(endpoint.clone(), (Arc::clone(&upstream), now));
+        upstream
     })
 }
 

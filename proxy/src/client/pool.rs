@@ -4,6 +4,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
+
 use super::h1::Conn;
 use super::Endpoint;
 
@@ -18,9 +20,10 @@ thread_local! {
     /// This worker thread's idle upstream HTTP/1 connections by endpoint. Each worker is a
     /// single-threaded runtime whose connections never leave it, so a per-worker pool needs no
     /// lock and every connection it hands out is driven by the same thread. Touched when a
-    /// client connection needs its first upstream connection and when it closes — never per
-    /// request.
-    static POOL: RefCell<HashMap<Endpoint, Vec<Idle>>> = RefCell::new(HashMap::new());
+    /// client connection needs its first upstream connection and when it closes, and per
+    /// request when a Service's requests are balanced over its endpoints (the connection to the
+    /// last one goes back; the one to the next comes out).
+    static POOL: RefCell<HashMap<Endpoint, Vec<Idle>, RandomState>> = RefCell::new(HashMap::default());
 }
 
 /// An upstream connection waiting in the pool, and since when.
@@ -29,18 +32,15 @@ type Idle = (Conn, Instant);
 /// A usable pooled connection to `endpoint`, if this worker has one.
 pub fn checkout(endpoint: &Endpoint) -> Option<Conn> {
     POOL.with_borrow_mut(|idle| {
+        // An emptied list stays for the next checkin (the sweep drops it): a balanced client
+        // connection moves between endpoints request by request, through here.
         let list = idle.get_mut(endpoint)?;
-        let mut found = None;
         while let Some((conn, since)) = list.pop() {
             if since.elapsed() < POOL_IDLE && conn.is_usable() {
-                found = Some(conn);
-                break;
+                return Some(conn);
             }
         }
-        if list.is_empty() {
-            idle.remove(endpoint);
-        }
-        found
+        None
     })
 }
 
@@ -53,7 +53,11 @@ pub fn checkin(endpoint: &Endpoint, mut conn: Conn) {
     // `try_with`: a connection dropped while the thread exits finds the pool already gone.
     let _ = POOL.try_with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.entry(endpoint.clone()).or_default();
+        // The key is cloned only for an endpoint with no list yet.
+        let Some(list) = idle.get_mut(endpoint) else {
+            idle.insert(endpoint.clone(), vec![(conn, Instant::now())]);
+            return;
+        };
         if list.len() < POOL_PER_ENDPOINT {
             list.push((conn, Instant::now()));
         }
