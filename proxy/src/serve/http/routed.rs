@@ -31,7 +31,7 @@ use crate::metrics::{Protocol, RetryReason};
 use crate::outbound::balance::Pick;
 use crate::outbound::policy::Policy;
 use crate::outbound::retry;
-use crate::outbound::routes::{random, Filters, Retry, Routes};
+use crate::outbound::routes::{random, Filters, Retry, Routes, Rule, WeightedBackend};
 use crate::outbound::service::{NoEndpoint, ServiceTarget, UNMATCHED_ROUTE};
 
 /// The largest request body kept to be sent again (retries) or copied (mirrors).
@@ -166,13 +166,21 @@ pub(super) async fn serve_guarded<U: TryOnce>(
 /// The body as a try sends it: kept to be sent again when `replay` (up to [`REPLAY_LIMIT`]),
 /// else streamed once.
 async fn read_ahead(body: Incoming, replay: bool) -> Result<RequestBody, Failure> {
-    Ok(if body.is_end_stream() {
-        RequestBody::Buffered(None, None)
-    } else if replay {
+    Ok(if replay && !body.is_end_stream() {
         read_up_to(body, REPLAY_LIMIT).await?
     } else {
-        RequestBody::Streaming(body)
+        streamed(body)
     })
+}
+
+/// The body as a try sends it when nothing will send it again: streamed once (a body that has
+/// ended is replayable still, as it holds nothing).
+fn streamed(body: Incoming) -> RequestBody {
+    if body.is_end_stream() {
+        RequestBody::Buffered(None, None)
+    } else {
+        RequestBody::Streaming(body)
+    }
 }
 
 /// Serves one request to `service` by its `routes`, under the Service's `policy` where the
@@ -224,7 +232,27 @@ pub(super) async fn serve<U: TryOnce>(
         method: policy.retry.allows(&parts.method),
     };
     let replay = retrying.may_retry() || mirrors.clone().next().is_some();
+    let timeout = rule.request_timeout.or(policy.timeout);
+    let target = Target::Route(&routes, weighted.backend);
     let mut tries = 0;
+    if !replay && timeout.is_none() {
+        // Most routed requests: nothing to read ahead or mirror, no deadline. Sent without the
+        // wrapping below, whose state every level of the send would be moved through.
+        let head = &parts;
+        let (try_timeout, body) = (rule.backend_request_timeout, streamed(body));
+        let result = send_with_retries(
+            upstream,
+            service,
+            target,
+            &retrying,
+            try_timeout,
+            head,
+            body,
+            &mut tries,
+        )
+        .await;
+        return (label, respond_filtered(result, rule, weighted), tries);
+    }
     // The request timeout counts from here: reading the body ahead, then every try.
     let send = async {
         let body = read_ahead(body, replay).await?;
@@ -252,7 +280,7 @@ pub(super) async fn serve<U: TryOnce>(
         send_with_retries(
             upstream,
             service,
-            Target::Route(&routes, weighted.backend),
+            target,
             &retrying,
             rule.backend_request_timeout,
             &head,
@@ -261,13 +289,22 @@ pub(super) async fn serve<U: TryOnce>(
         )
         .await
     };
-    let result = match rule.request_timeout.or(policy.timeout) {
+    let result = match timeout {
         Some(timeout) => tokio::time::timeout(timeout, send)
             .await
             .unwrap_or(Err(Failure::Timeout)),
         None => send.await,
     };
-    let result = result.map(|mut response| {
+    (label, respond_filtered(result, rule, weighted), tries)
+}
+
+/// The response with the rule's and the backend's response header filters applied.
+fn respond_filtered(
+    result: Result<Response<Inner>, Failure>,
+    rule: &Rule,
+    weighted: &WeightedBackend,
+) -> Result<Response<Inner>, Failure> {
+    result.map(|mut response| {
         let modifiers = rule
             .filters
             .response_headers
@@ -277,8 +314,7 @@ pub(super) async fn serve<U: TryOnce>(
             modifier.apply(response.headers_mut());
         }
         response
-    });
-    (label, result, tries)
+    })
 }
 
 /// Applies a rule's or backend's request filters to the request; a redirect is the response.
