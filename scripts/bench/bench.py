@@ -94,6 +94,10 @@ POLICY_OFF = {"remora.io/failure-accrual": "off", "remora.io/queue": "0,0"}
 # accepts both on one address; with one source, the new-connection load through the second ran
 # at 936 requests a second against 13,851).
 POD_POLICY_OFF_SRC_V4 = "198.18.0.253"
+# The route seats' client source address, for the same reason: from remora-svc's, their
+# new-connection loads ran at 736 (remora-route) and 3,938 (haproxy-acl) requests a second
+# against remora-svc's 17,001.
+POD_ROUTE_SRC_V4 = "198.18.0.252"
 # The `retry` part (issue 25): nginx fails 30 % of the requests to FLAKY_PORT with 503 (drawn
 # per request, so each retry draws again) and logs each one; remora-proxy reaches it as the
 # Service RETRY_SERVICE_NAME with `retry-on: 5xx` (default budget, 2 attempts), HAProxy with
@@ -527,12 +531,14 @@ def make_pod():
         # too, as a pod's default route would give (without one, connect() fails before the
         # rules redirect it).
         run(["ip", "-n", pod, "addr", "add", f"{POD_SERVICE_SRC_V4}/24", "dev", "eth0"])
-        for cluster_ip in (CLUSTER_IP, ROUTE_CLUSTER_IP, RETRY_CLUSTER_IP):
+        for cluster_ip in (CLUSTER_IP, RETRY_CLUSTER_IP):
             run(["ip", "-n", pod, "route", "add", f"{cluster_ip}/32", "dev", "eth0",
                  "src", POD_SERVICE_SRC_V4])
-        run(["ip", "-n", pod, "addr", "add", f"{POD_POLICY_OFF_SRC_V4}/24", "dev", "eth0"])
-        run(["ip", "-n", pod, "route", "add", f"{POLICY_OFF_CLUSTER_IP}/32", "dev", "eth0",
-             "src", POD_POLICY_OFF_SRC_V4])
+        for cluster_ip, src in ((POLICY_OFF_CLUSTER_IP, POD_POLICY_OFF_SRC_V4),
+                                (ROUTE_CLUSTER_IP, POD_ROUTE_SRC_V4)):
+            run(["ip", "-n", pod, "addr", "add", f"{src}/24", "dev", "eth0"])
+            run(["ip", "-n", pod, "route", "add", f"{cluster_ip}/32", "dev", "eth0",
+                 "src", src])
         run(["ip", "-n", pod, "route", "add", "198.19.0.0/16", "dev", "eth0",
              "src", POD_SERVICE_SRC_V4])
     return pod, remote
