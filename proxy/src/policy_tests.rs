@@ -439,3 +439,42 @@ async fn the_access_log_says_how_many_tries_a_request_took() {
     assert!(line("/retried").contains("tries=3"), "{text}");
     assert!(line("/once").contains("tries=1"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_backend_endpoint_that_refuses_is_skipped_without_any_retry_policy() {
+    // No retry anywhere: the connect failure is the always-safe kind, tried on the backend's
+    // other endpoint (the path a routed request with nothing to replay takes).
+    let (own, good) = (Echo::start("own").await, Echo::start("good").await);
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let mut backend = good.backend();
+    backend.name = "pool".into();
+    backend.endpoints = vec![
+        api::Endpoint {
+            ip: refused.ip().to_string(),
+            port: u32::from(refused.port()),
+            ..Default::default()
+        },
+        good.endpoint(),
+    ];
+    let table = api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![rule("all", &[(0, 1)])],
+        backends: vec![backend],
+    };
+    let harness = Harness::start(routed(&own, table)).await;
+    for client in BOTH {
+        for n in 0..20 {
+            let answer = ask(&harness, client, get(&format!("/try-{n}"))).await;
+            assert_eq!(answer.status, StatusCode::OK, "{client:?} request {n}");
+        }
+    }
+    assert_eq!(good.seen().len(), 40);
+    assert!(
+        own.seen().is_empty(),
+        "the route sent to the Service's own endpoint"
+    );
+    assert!(resilience(&harness).retries(RetryReason::Connect) >= 1);
+}

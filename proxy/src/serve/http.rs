@@ -399,7 +399,12 @@ impl Http1Upstream {
         match (&self.route.destination, first) {
             (Destination::Service(service), Some(first)) => {
                 // Boxed: its state would otherwise enlarge every forwarded request's future too.
-                Box::pin(self.send_balanced(service, first, &head, &mut body, retryable)).await
+                let target = routed::Target::Own;
+                let tries = &mut 0;
+                Box::pin(
+                    self.send_balanced(service, target, first, &head, &mut body, retryable, tries),
+                )
+                .await
             }
             (Destination::Forward(endpoint), _) => {
                 self.send_to(endpoint, &head, &mut body, retryable).await
@@ -408,16 +413,20 @@ impl Http1Upstream {
         }
     }
 
-    /// The balancer picks the endpoint (`first`, then others); one that cannot be connected to
-    /// is skipped for another (nothing has been sent yet, so this is safe for any request). The
-    /// response head ends the request's latency sample.
+    /// The balancer of `target` picks the endpoint (`first`, then others); one that cannot be
+    /// connected to is skipped for another (nothing has been sent yet, so this is safe for any
+    /// request). The response head ends the request's latency sample. Counts the endpoints
+    /// tried in `tries`.
+    #[allow(clippy::too_many_arguments)] // the Service path's and the routed one's, each its own
     async fn send_balanced(
         &self,
         service: &ServiceTarget,
+        target: routed::Target<'_>,
         first: Result<Pick, NoEndpoint>,
         head: &RequestHead,
         body: &mut Option<Incoming>,
         retryable: bool,
+        tries: &mut u32,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let mut tried = Vec::new();
         let mut last_failure = None;
@@ -425,7 +434,7 @@ impl Http1Upstream {
         loop {
             let next = match first.take() {
                 Some(first) => first,
-                None => service.pick(&tried, false),
+                None => target.pick(service, &tried),
             };
             let pick = match next {
                 Ok(pick) => pick,
@@ -438,6 +447,7 @@ impl Http1Upstream {
                 service.service.resilience.retried(RetryReason::Connect);
             }
             let endpoint = pick.endpoint();
+            *tries += 1;
             match self.send_to(&endpoint, head, body, retryable).await {
                 Ok(response) => {
                     pick.responded(response.status().as_u16());

@@ -51,6 +51,37 @@ pub(super) trait TryOnce {
         head: &Parts,
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure>;
+
+    /// Sends a request that nothing will send again (no retry, mirror or request timeout) to
+    /// `target`, each try under `try_timeout`, as [`send_with_retries`] does; a protocol may
+    /// have a shorter way.
+    #[allow(clippy::too_many_arguments)] // send_with_retries's, less the body kept
+    async fn send_once(
+        &self,
+        service: &ServiceTarget,
+        target: Target<'_>,
+        retrying: &Retrying<'_>,
+        try_timeout: Option<Duration>,
+        head: &Parts,
+        body: Incoming,
+        tries: &mut u32,
+    ) -> Result<Response<Inner>, Failure>
+    where
+        Self: Sized,
+    {
+        let body = streamed(body);
+        send_with_retries(
+            self,
+            service,
+            target,
+            retrying,
+            try_timeout,
+            head,
+            body,
+            tries,
+        )
+        .await
+    }
 }
 
 impl TryOnce for Http1Upstream {
@@ -74,6 +105,52 @@ impl TryOnce for Http1Upstream {
             body.as_ref().is_none_or(Body::is_end_stream) && parts.method.is_idempotent();
         let response = self
             .send_to(endpoint, &request_head, body, retryable)
+            .await?;
+        Ok(response.map(Inner::Upstream))
+    }
+
+    /// Without a try timeout, the Service path's own send over the target's endpoints: an
+    /// HTTP/1 try that fails after its connect is not tried again here either, so the two are
+    /// the same, less the general path's levels.
+    async fn send_once(
+        &self,
+        service: &ServiceTarget,
+        target: Target<'_>,
+        retrying: &Retrying<'_>,
+        try_timeout: Option<Duration>,
+        head: &Parts,
+        body: Incoming,
+        tries: &mut u32,
+    ) -> Result<Response<Inner>, Failure> {
+        if try_timeout.is_some() {
+            let body = streamed(body);
+            return send_with_retries(
+                self,
+                service,
+                target,
+                retrying,
+                try_timeout,
+                head,
+                body,
+                tries,
+            )
+            .await;
+        }
+        let request_head =
+            RequestHead::new(head, &body.size_hint(), self.route.target).map_err(Failure::Http1)?;
+        let retryable = body.is_end_stream() && head.method.is_idempotent();
+        let first = target.pick(service, &[]);
+        let body = &mut Some(body);
+        let response = self
+            .send_balanced(
+                service,
+                target,
+                first,
+                &request_head,
+                body,
+                retryable,
+                tries,
+            )
             .await?;
         Ok(response.map(Inner::Upstream))
     }
@@ -238,19 +315,18 @@ pub(super) async fn serve<U: TryOnce>(
     if !replay && timeout.is_none() {
         // Most routed requests: nothing to read ahead or mirror, no deadline. Sent without the
         // wrapping below, whose state every level of the send would be moved through.
-        let head = &parts;
-        let (try_timeout, body) = (rule.backend_request_timeout, streamed(body));
-        let result = send_with_retries(
-            upstream,
-            service,
-            target,
-            &retrying,
-            try_timeout,
-            head,
-            body,
-            &mut tries,
-        )
-        .await;
+        let try_timeout = rule.backend_request_timeout;
+        let result = upstream
+            .send_once(
+                service,
+                target,
+                &retrying,
+                try_timeout,
+                &parts,
+                body,
+                &mut tries,
+            )
+            .await;
         return (label, respond_filtered(result, rule, weighted), tries);
     }
     // The request timeout counts from here: reading the body ahead, then every try.
@@ -378,7 +454,11 @@ pub(super) enum Target<'a> {
 }
 
 impl Target<'_> {
-    fn pick(self, service: &ServiceTarget, tried: &[SocketAddr]) -> Result<Pick, NoEndpoint> {
+    pub(super) fn pick(
+        self,
+        service: &ServiceTarget,
+        tried: &[SocketAddr],
+    ) -> Result<Pick, NoEndpoint> {
         match self {
             Target::Own => service.pick(tried, false),
             Target::Route(routes, backend) => service.pick_backend(routes, backend, tried),
