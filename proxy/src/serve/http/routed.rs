@@ -109,9 +109,9 @@ impl TryOnce for Http1Upstream {
         Ok(response.map(Inner::Upstream))
     }
 
-    /// Without a try timeout, the Service path's own send over the target's endpoints: an
-    /// HTTP/1 try that fails after its connect is not tried again here either, so the two are
-    /// the same, less the general path's levels.
+    /// Without a try timeout, what the general path does for such a request (pick, skip an
+    /// endpoint that refuses the connect, send once) is what the Service path's own send does
+    /// over the target's endpoints: that one, without the general path's levels.
     async fn send_once(
         &self,
         service: &ServiceTarget,
