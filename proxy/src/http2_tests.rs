@@ -426,7 +426,7 @@ async fn upstream_stream_limit_queues_streams_instead_of_failing_them() {
 
 /// An upstream (the h2 crate's server, which can refuse a stream) that refuses the first
 /// `refusals` streams with `REFUSED_STREAM`, answers the rest with `answered`, and counts them.
-async fn refusing(refusals: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+pub(crate) async fn refusing(refusals: usize) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let streams = Arc::new(AtomicUsize::new(0));

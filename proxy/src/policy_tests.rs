@@ -11,7 +11,7 @@ use remora_api::discovery::snapshot;
 
 use crate::metrics::{ResilienceMetrics, RetryReason};
 use crate::routes_tests::{
-    ask, get, match_rule, prefix, request, rule, snapshot as routed, Echo, Harness, BOTH,
+    ask, get, match_rule, prefix, request, rule, snapshot as routed, Client, Echo, Harness, BOTH,
 };
 
 /// The Service `shop/cart:80` over `endpoints`, without routes, under `policy`.
@@ -477,4 +477,47 @@ async fn a_route_backend_endpoint_that_refuses_is_skipped_without_any_retry_poli
         "the route sent to the Service's own endpoint"
     );
     assert!(resilience(&harness).retries(RetryReason::Connect) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_h2_stream_the_upstream_refuses_goes_again_without_any_retry_policy() {
+    // `REFUSED_STREAM` says the request reached no application: a bodyless one goes again, at
+    // most twice, with no retry anywhere (the path a routed request with nothing to replay
+    // takes), as it does without routes.
+    let own = Echo::start("own").await;
+    let routed_to = |endpoint: std::net::SocketAddr| {
+        let mut backend = own.backend();
+        backend.name = "refusing".into();
+        backend.endpoints = vec![api::Endpoint {
+            ip: endpoint.ip().to_string(),
+            port: u32::from(endpoint.port()),
+            ..Default::default()
+        }];
+        api::RouteTable {
+            matches: vec![match_rule(0, prefix("/"))],
+            rules: vec![rule("all", &[(0, 1)])],
+            backends: vec![backend],
+        }
+    };
+    let (twice, streams) = crate::http2_tests::refusing(2).await;
+    let harness = Harness::start(routed(&own, routed_to(twice))).await;
+    let answer = ask(&harness, Client::H2, get("/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(&answer.body[..], b"answered");
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+    assert_eq!(resilience(&harness).retries(RetryReason::Connect), 2);
+
+    let (always, streams) = crate::http2_tests::refusing(usize::MAX).await;
+    let harness = Harness::start(routed(&own, routed_to(always))).await;
+    let answer = ask(&harness, Client::H2, get("/")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        3,
+        "sent more than twice again"
+    );
+    assert!(
+        own.seen().is_empty(),
+        "the route sent to the Service's own endpoint"
+    );
 }

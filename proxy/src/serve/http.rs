@@ -37,6 +37,7 @@ use crate::rate_limit::{ClientLimit, Limited};
 use crate::telemetry::access_log::AccessLog;
 
 mod routed;
+use routed::Target;
 pub use routed::REPLAY_LIMIT;
 
 /// One client connection's destination, shared by its requests.
@@ -399,7 +400,7 @@ impl Http1Upstream {
         match (&self.route.destination, first) {
             (Destination::Service(service), Some(first)) => {
                 // Boxed: its state would otherwise enlarge every forwarded request's future too.
-                let target = routed::Target::Own;
+                let target = Target::Own;
                 let tries = &mut 0;
                 Box::pin(
                     self.send_balanced(service, target, first, &head, &mut body, retryable, tries),
@@ -421,7 +422,7 @@ impl Http1Upstream {
     async fn send_balanced(
         &self,
         service: &ServiceTarget,
-        target: routed::Target<'_>,
+        target: Target<'_>,
         first: Result<Pick, NoEndpoint>,
         head: &RequestHead,
         body: &mut Option<Incoming>,
@@ -665,17 +666,23 @@ type Chosen = (Arc<h2::Upstream>, Pick);
 impl H2Upstream {
     /// The connection a stream goes on: the one place where an HTTP/2 stream's endpoint is
     /// chosen. A forward has one endpoint, whose connection is this client connection's own; a
-    /// Service stream takes the endpoint the balancer picks (skipping `tried`, where a connect
-    /// failed for it) and the worker's connection to it.
-    fn choose(&self, tried: &[SocketAddr]) -> Result<Option<Chosen>, NoEndpoint> {
+    /// Service stream takes the endpoint the balancer picks from `target` (skipping `tried`,
+    /// where a connect failed for it) and the worker's connection to it.
+    fn choose(
+        &self,
+        target: Target<'_>,
+        tried: &[SocketAddr],
+    ) -> Result<Option<Chosen>, NoEndpoint> {
         match &self.route.destination {
             Destination::Forward(_) => Ok(None),
-            Destination::Service(service) => {
-                let pick = service.pick(tried, false)?;
-                let endpoint = pick.endpoint();
-                Ok(Some((h2::shared(&endpoint, self.route.cx.dialer()), pick)))
-            }
+            Destination::Service(service) => Ok(Some(self.chosen(target.pick(service, tried)?))),
         }
+    }
+
+    /// The worker's connection to the endpoint of `pick`.
+    fn chosen(&self, pick: Pick) -> Chosen {
+        let endpoint = pick.endpoint();
+        (h2::shared(&endpoint, self.route.cx.dialer()), pick)
     }
 
     fn upstream<'a>(&'a self, chosen: &'a Option<Chosen>) -> &'a h2::Upstream {
@@ -706,20 +713,14 @@ impl H2Upstream {
             let result = Box::pin(self.tunnel(request)).await;
             return Ok(self.route.respond(start, log, result));
         }
-        // A Service stream's endpoint, and those whose connect failed for it.
-        let (mut chosen, mut tried, mut last_failure) = (None, Vec::new(), None);
+        // A Service stream's endpoint, when the Service path picks it here.
+        let mut first = None;
         if let Destination::Service(service) = &self.route.destination {
             match service.start(start) {
-                Start::Direct(Ok(pick)) => {
-                    let endpoint = pick.endpoint();
-                    chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
-                }
+                Start::Direct(Ok(pick)) => first = Some(pick),
                 Start::Direct(Err(NoEndpoint::NoneReady)) => {
                     match Box::pin(service.pick_queued()).await {
-                        Ok(pick) => {
-                            let endpoint = pick.endpoint();
-                            chosen = Some((h2::shared(&endpoint, self.route.cx.dialer()), pick));
-                        }
+                        Ok(pick) => first = Some(pick),
                         Err(_) => {
                             return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
                         }
@@ -743,18 +744,59 @@ impl H2Upstream {
             }
         }
         let (head, mut body, resend) = prepare_h2(request);
-        let mut head = Some(head);
+        // Logged as one try, as the HTTP/1 Service path does.
+        let mut tries = 0;
+        let result = self
+            .send(
+                Target::Own,
+                first,
+                &mut Some(head),
+                &mut body,
+                resend.as_ref(),
+                &mut tries,
+            )
+            .await;
+        let streamed = resend.is_none();
+        match result {
+            Err(Failure::H2(error)) if streamed && h2::unprocessed(&error) => {
+                Err(self.route.refused(&error))
+            }
+            result => Ok(self.route.respond(start, log, result)),
+        }
+    }
+
+    /// Sends a request on the connection to its endpoint: `first` when the caller picked it,
+    /// else one of `target`'s. An endpoint that refuses the connect is skipped for another; a
+    /// bodyless request (`resend` holds its head again) that the upstream leaves unprocessed
+    /// (`REFUSED_STREAM`, or past a `GOAWAY`'s last stream) goes again, up to [`MAX_REFUSALS`]
+    /// times, balanced anew: both are always safe, nothing having reached the application.
+    /// Counts the endpoints tried in `tries`. A request with a body left unprocessed fails
+    /// with that error, for the caller to say so.
+    ///
+    /// The request comes by reference: this future then holds it once, in its caller's.
+    async fn send(
+        &self,
+        target: Target<'_>,
+        first: Option<Pick>,
+        head: &mut Option<Request<()>>,
+        body: &mut Option<Incoming>,
+        resend: Option<&Resend>,
+        tries: &mut u32,
+    ) -> Result<Response<Inner>, Failure> {
+        let mut chosen = first.map(|pick| self.chosen(pick));
+        let (mut tried, mut last_failure) = (Vec::new(), None);
         let (mut replace, mut refusals) = (false, 0);
-        let result = loop {
+        loop {
             if chosen.is_none() {
-                match self.choose(&tried) {
+                match self.choose(target, &tried) {
                     Ok(choice) => chosen = choice,
-                    Err(NoEndpoint::NoneReady) => break Err(Failure::NoEndpoint),
+                    Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
                     Err(NoEndpoint::AllFailed) => {
-                        break Err(last_failure.take().unwrap_or(Failure::NoEndpoint))
+                        return Err(last_failure.take().unwrap_or(Failure::NoEndpoint))
                     }
                 }
             }
+            *tries += 1;
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
             let (sender, fresh) = match self.upstream(&chosen).sender(replace).await {
@@ -771,7 +813,7 @@ impl H2Upstream {
                     last_failure = Some(failure);
                     continue;
                 }
-                Err(failure) => break Err(failure),
+                Err(failure) => return Err(failure),
             };
             let mut sender = match sender.ready().await {
                 Ok(sender) => sender,
@@ -780,12 +822,11 @@ impl H2Upstream {
                     replace = true;
                     continue;
                 }
-                Err(error) => break Err(Failure::H2(error)),
+                Err(error) => return Err(Failure::H2(error)),
             };
             let request = match head.take() {
                 Some(head) => head,
                 None => resend
-                    .as_ref()
                     .expect("only a bodyless request goes again")
                     .request(),
             };
@@ -797,7 +838,7 @@ impl H2Upstream {
                     replace = true;
                     continue;
                 }
-                Err(error) => break Err(Failure::H2(error)),
+                Err(error) => return Err(Failure::H2(error)),
             };
             if let Some(body) = body.take() {
                 tokio::spawn(h2::pipe(body, stream));
@@ -807,28 +848,24 @@ impl H2Upstream {
                     if let Some((_, pick)) = chosen.take() {
                         pick.responded(response.status().as_u16());
                     }
-                    break Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))));
+                    return Ok(response.map(|stream| Inner::H2(h2::UpstreamBody::new(stream))));
                 }
                 Err(error) => error,
             };
-            if !h2::unprocessed(&error) {
-                break Err(Failure::H2(error));
-            }
-            if resend.is_none() {
-                return Err(self.route.refused(&error));
-            }
-            if refusals == MAX_REFUSALS {
-                break Err(Failure::H2(error));
+            if !h2::unprocessed(&error) || resend.is_none() || refusals == MAX_REFUSALS {
+                return Err(Failure::H2(error));
             }
             refusals += 1;
+            if let Destination::Service(service) = &self.route.destination {
+                service.service.resilience.retried(RetryReason::Connect);
+            }
             debug!(direction = self.route.cx.direction(), destination = %self.route.target, %error, "upstream left the stream unprocessed; sending the request again");
             // After a GOAWAY the connection takes no new stream: `ready` then fails on it, and
             // the next pass dials a new one unless another stream already has. A Service stream
             // is balanced again.
             replace = false;
             chosen = None;
-        };
-        Ok(self.route.respond(start, log, result))
+        }
     }
 
     /// A `CONNECT` (RFC 9113 §8.5): once the upstream answers 2xx, the client's stream and the
@@ -838,7 +875,9 @@ impl H2Upstream {
         // hyper gives a `CONNECT` no body: the stream's bytes come through the upgrade.
         let client_side = hyper::upgrade::on(&mut request);
         let head = request.map(|_empty| ());
-        let chosen = self.choose(&[]).map_err(|_| Failure::NoEndpoint)?;
+        let chosen = self
+            .choose(Target::Own, &[])
+            .map_err(|_| Failure::NoEndpoint)?;
         let (mut sender, _) = self.upstream(&chosen).ready_sender(false).await?;
         let (response, mut up) = sender.send_request(head, false).map_err(Failure::H2)?;
         let (mut parts, down) = response.await.map_err(Failure::H2)?.into_parts();

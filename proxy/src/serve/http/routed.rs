@@ -24,7 +24,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::{h1, h2, H2Upstream, Http1Upstream, Inner, ResponseBody, Route, MAX_REFUSALS};
+use super::{
+    h1, h2, prepare_h2, H2Upstream, Http1Upstream, Inner, ResponseBody, Route, MAX_REFUSALS,
+};
 use crate::client::h1::RequestHead;
 use crate::client::{Dialer, Endpoint, Failure};
 use crate::metrics::{Protocol, RetryReason};
@@ -53,8 +55,8 @@ pub(super) trait TryOnce {
     ) -> Result<Response<Inner>, Failure>;
 
     /// Sends a request that nothing will send again (no retry, mirror or request timeout) to
-    /// `target`, each try under `try_timeout`, as [`send_with_retries`] does; a protocol may
-    /// have a shorter way.
+    /// `target`, each try under `try_timeout`: what [`send_with_retries`] does for it
+    /// ([`send_timed`]), or a protocol's shorter way to the same end.
     #[allow(clippy::too_many_arguments)] // send_with_retries's, less the body kept
     async fn send_once(
         &self,
@@ -62,26 +64,37 @@ pub(super) trait TryOnce {
         target: Target<'_>,
         retrying: &Retrying<'_>,
         try_timeout: Option<Duration>,
-        head: &Parts,
+        head: Parts,
         body: Incoming,
         tries: &mut u32,
-    ) -> Result<Response<Inner>, Failure>
-    where
-        Self: Sized,
-    {
-        let body = streamed(body);
-        send_with_retries(
-            self,
-            service,
-            target,
-            retrying,
-            try_timeout,
-            head,
-            body,
-            tries,
-        )
-        .await
-    }
+    ) -> Result<Response<Inner>, Failure>;
+}
+
+/// [`TryOnce::send_once`] by the general path, as a request with a try timeout takes it. Boxed,
+/// so that a protocol's shorter way does not carry this one's state.
+#[allow(clippy::too_many_arguments)] // send_once's
+async fn send_timed<U: TryOnce>(
+    upstream: &U,
+    service: &ServiceTarget,
+    target: Target<'_>,
+    retrying: &Retrying<'_>,
+    try_timeout: Option<Duration>,
+    head: Parts,
+    body: Incoming,
+    tries: &mut u32,
+) -> Result<Response<Inner>, Failure> {
+    let body = streamed(body);
+    Box::pin(send_with_retries(
+        upstream,
+        service,
+        target,
+        retrying,
+        try_timeout,
+        &head,
+        body,
+        tries,
+    ))
+    .await
 }
 
 impl TryOnce for Http1Upstream {
@@ -118,13 +131,12 @@ impl TryOnce for Http1Upstream {
         target: Target<'_>,
         retrying: &Retrying<'_>,
         try_timeout: Option<Duration>,
-        head: &Parts,
+        head: Parts,
         body: Incoming,
         tries: &mut u32,
     ) -> Result<Response<Inner>, Failure> {
         if try_timeout.is_some() {
-            let body = streamed(body);
-            return send_with_retries(
+            return send_timed(
                 self,
                 service,
                 target,
@@ -136,8 +148,8 @@ impl TryOnce for Http1Upstream {
             )
             .await;
         }
-        let request_head =
-            RequestHead::new(head, &body.size_hint(), self.route.target).map_err(Failure::Http1)?;
+        let request_head = RequestHead::new(&head, &body.size_hint(), self.route.target)
+            .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && head.method.is_idempotent();
         let first = target.pick(service, &[]);
         let body = &mut Some(body);
@@ -168,6 +180,39 @@ impl TryOnce for H2Upstream {
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure> {
         send_h2(self.route.cx.dialer(), endpoint, head, body).await
+    }
+
+    /// Without a try timeout, what the general path does for such a request (pick, skip an
+    /// endpoint that refuses the connect, send a bodyless request again when the upstream
+    /// leaves it unprocessed, send once) is what the Service path's own send does over the
+    /// target's endpoints: that one, without the general path's levels.
+    async fn send_once(
+        &self,
+        service: &ServiceTarget,
+        target: Target<'_>,
+        retrying: &Retrying<'_>,
+        try_timeout: Option<Duration>,
+        head: Parts,
+        body: Incoming,
+        tries: &mut u32,
+    ) -> Result<Response<Inner>, Failure> {
+        if try_timeout.is_some() {
+            return send_timed(
+                self,
+                service,
+                target,
+                retrying,
+                try_timeout,
+                head,
+                body,
+                tries,
+            )
+            .await;
+        }
+        let (head, mut body, resend) = prepare_h2(Request::from_parts(head, body));
+        let head = &mut Some(head);
+        self.send(target, None, head, &mut body, resend.as_ref(), tries)
+            .await
     }
 }
 
@@ -322,7 +367,7 @@ pub(super) async fn serve<U: TryOnce>(
                 target,
                 &retrying,
                 try_timeout,
-                &parts,
+                parts,
                 body,
                 &mut tries,
             )
@@ -365,11 +410,12 @@ pub(super) async fn serve<U: TryOnce>(
         )
         .await
     };
+    // Boxed: the fast path above does not carry this one's state.
     let result = match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, send)
+        Some(timeout) => Box::pin(tokio::time::timeout(timeout, send))
             .await
             .unwrap_or(Err(Failure::Timeout)),
-        None => send.await,
+        None => Box::pin(send).await,
     };
     (label, respond_filtered(result, rule, weighted), tries)
 }
