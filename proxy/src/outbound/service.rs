@@ -38,15 +38,13 @@ pub struct Applied {
     balancer: Balancer,
     /// This worker's reader of the target's snapshots.
     known: watch::Receiver<Known>,
-    /// The latest snapshot's routes; `None` when none applies.
-    routes: Option<Arc<Routes>>,
+    /// The latest snapshot's routes and policy, as this worker holds them.
+    applying: Arc<Applying>,
     /// A balancer per backend of `routes`, in its order: the same per-worker balancing as the
     /// Service's own, kept across snapshots for a backend that stays.
     backends: Vec<(BackendKey, Balancer)>,
     /// `route_requests_total` handles by route and status code, made on first use.
     counters: Vec<(Arc<str>, u16, Counter)>,
-    /// The latest snapshot's policy.
-    policy: Arc<Policy>,
     /// This worker's retry budget for the target, across snapshots; routed requests draw on it
     /// too.
     budget: Budget,
@@ -59,14 +57,34 @@ pub const DEFAULT_ROUTE: &str = "default";
 /// The route label of requests that no route matched (404) when the Service has routes.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// A snapshot's routes and policy as one worker holds them. A request that needs them takes a
+/// clone of the worker's `Arc` of this, never of the `Arc`s inside, which every worker shares:
+/// the count a clone writes is then on a line of this worker's alone. (Two workers cloning the
+/// routes' own `Arc` per request wrote its line, the routes' fields beside the count, from both
+/// cores in turn.)
+#[derive(Debug)]
+pub struct Applying {
+    /// `None` when none applies.
+    pub routes: Option<Arc<Routes>>,
+    pub policy: Arc<Policy>,
+}
+
+impl Applying {
+    /// The routes of a [`Start::Routed`].
+    pub fn routes(&self) -> &Arc<Routes> {
+        self.routes.as_ref().expect("a routed start has routes")
+    }
+}
+
 /// How a request to a Service starts: the endpoint for it when the Service has no routes and
 /// its policy asks for nothing more (as one lock and one pick); the policy to send it under
 /// (a deadline, retries) when it does; else the routes to match it against, and the policy.
 #[derive(Debug)]
 pub enum Start {
     Direct(Result<Pick, NoEndpoint>),
-    Guarded(Arc<Policy>),
-    Routed(Arc<Routes>, Arc<Policy>),
+    Guarded(Arc<Applying>),
+    /// Its [`Applying::routes`] are there.
+    Routed(Arc<Applying>),
 }
 
 thread_local! {
@@ -162,10 +180,12 @@ fn worker_target(
         let balancer = Arc::new(Mutex::new(Applied {
             balancer: Balancer::new(),
             known: in_use.known().clone(),
-            routes: None,
+            applying: Arc::new(Applying {
+                routes: None,
+                policy: Arc::new(Policy::default()),
+            }),
             backends: Vec::new(),
             counters: Vec::new(),
-            policy: Arc::new(Policy::default()),
             budget: Budget::default(),
             waiting: 0,
         }));
@@ -198,10 +218,7 @@ impl Applied {
         let known = self.known.borrow_and_update().clone();
         let service = known.service();
         let (endpoints, routes) = match service {
-            Some(service) => {
-                self.policy = Arc::clone(&service.policy);
-                (service.endpoints.clone(), service.routes.clone())
-            }
+            Some(service) => (service.endpoints.clone(), service.routes.clone()),
             // No longer a Service: nothing to balance over.
             None => (Vec::new(), None),
         };
@@ -229,13 +246,19 @@ impl Applied {
                 self.backends.push((backend.key.clone(), balancer));
             }
         }
-        self.routes = routes;
+        // Made here, on the worker: its count is this worker's alone (see `Applying`).
+        let policy = service.map_or_else(
+            || Arc::clone(&self.applying.policy),
+            |service| Arc::clone(&service.policy),
+        );
+        self.applying = Arc::new(Applying { routes, policy });
     }
 
     /// This worker's balancer for backend `index` of `routes`: by index when `routes` is the
     /// latest, else (a request that started before a new snapshot) by name.
     fn backend(&mut self, routes: &Arc<Routes>, index: usize) -> Option<&mut Balancer> {
         let latest = self
+            .applying
             .routes
             .as_ref()
             .is_some_and(|latest| Arc::ptr_eq(latest, routes));
@@ -289,11 +312,11 @@ impl ServiceTarget {
         let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
         applied.refresh();
         applied.budget.deposit(now);
-        if let Some(routes) = &applied.routes {
-            return Start::Routed(Arc::clone(routes), Arc::clone(&applied.policy));
+        if applied.applying.routes.is_some() {
+            return Start::Routed(Arc::clone(&applied.applying));
         }
-        if applied.policy.guards() {
-            return Start::Guarded(Arc::clone(&applied.policy));
+        if applied.applying.policy.guards() {
+            return Start::Guarded(Arc::clone(&applied.applying));
         }
         let balancer = &mut applied.balancer;
         if balancer.is_empty() {
@@ -323,7 +346,8 @@ impl ServiceTarget {
     pub async fn queue(&self) -> bool {
         let (mut known, timeout) = {
             let mut applied = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
-            let (size, timeout) = (applied.policy.queue_size, applied.policy.queue_timeout);
+            let policy = &applied.applying.policy;
+            let (size, timeout) = (policy.queue_size, policy.queue_timeout);
             if applied.waiting >= size || timeout.is_zero() {
                 drop(applied);
                 self.service.resilience.queue_rejections.inc();

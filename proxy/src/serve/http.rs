@@ -362,7 +362,8 @@ impl Http1Upstream {
                 Start::Direct(first) => Some(first),
                 // Boxed, as the routed one: its state would otherwise enlarge every request's
                 // future.
-                Start::Guarded(policy) => {
+                Start::Guarded(applying) => {
+                    let policy = &applying.policy;
                     let (result, tries) =
                         Box::pin(routed::serve_guarded(self, service, policy, request)).await;
                     return self
@@ -370,10 +371,10 @@ impl Http1Upstream {
                         .respond_as(DEFAULT_ROUTE, start, log, result, tries);
                 }
                 // Boxed: a routed request's state would otherwise enlarge every request's future.
-                Start::Routed(routes, policy) => {
+                Start::Routed(applying) => {
                     let (route, result, tries) =
-                        Box::pin(routed::serve(self, service, routes, policy, request)).await;
-                    return self.route.respond_as(&route, start, log, result, tries);
+                        Box::pin(routed::serve(self, service, &applying, request)).await;
+                    return self.route.respond_as(route, start, log, result, tries);
                 }
             },
         };
@@ -729,17 +730,18 @@ impl H2Upstream {
                 Start::Direct(Err(_)) => {
                     return Ok(self.route.respond(start, log, Err(Failure::NoEndpoint)))
                 }
-                Start::Guarded(policy) => {
+                Start::Guarded(applying) => {
+                    let policy = &applying.policy;
                     let (result, tries) =
                         Box::pin(routed::serve_guarded(&*self, service, policy, request)).await;
                     return Ok(self
                         .route
                         .respond_as(DEFAULT_ROUTE, start, log, result, tries));
                 }
-                Start::Routed(routes, policy) => {
+                Start::Routed(applying) => {
                     let (route, result, tries) =
-                        Box::pin(routed::serve(&*self, service, routes, policy, request)).await;
-                    return Ok(self.route.respond_as(&route, start, log, result, tries));
+                        Box::pin(routed::serve(&*self, service, &applying, request)).await;
+                    return Ok(self.route.respond_as(route, start, log, result, tries));
                 }
             }
         }

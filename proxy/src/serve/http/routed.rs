@@ -34,7 +34,7 @@ use crate::outbound::balance::Pick;
 use crate::outbound::policy::Policy;
 use crate::outbound::retry;
 use crate::outbound::routes::{random, Filters, Retry, Routes, Rule, WeightedBackend};
-use crate::outbound::service::{NoEndpoint, ServiceTarget, UNMATCHED_ROUTE};
+use crate::outbound::service::{Applying, NoEndpoint, ServiceTarget, UNMATCHED_ROUTE};
 
 /// The largest request body kept to be sent again (retries) or copied (mirrors).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -243,7 +243,7 @@ async fn send_h2(
 
 /// What a request served here took: the `route` label it counts under, the response or why
 /// there is none, and how many tries it took.
-pub(super) type Served = (Arc<str>, Result<Response<Inner>, Failure>, u32);
+pub(super) type Served<'a> = (&'a str, Result<Response<Inner>, Failure>, u32);
 
 /// Serves one request to a Service without routes under its `policy`: the whole request under
 /// its timeout, and retried as its `retry-on` says (the body kept up to [`REPLAY_LIMIT`]).
@@ -251,7 +251,7 @@ pub(super) type Served = (Arc<str>, Result<Response<Inner>, Failure>, u32);
 pub(super) async fn serve_guarded<U: TryOnce>(
     upstream: &U,
     service: &Arc<ServiceTarget>,
-    policy: Arc<Policy>,
+    policy: &Policy,
     request: Request<Incoming>,
 ) -> (Result<Response<Inner>, Failure>, u32) {
     let (head, body) = request.into_parts();
@@ -261,7 +261,7 @@ pub(super) async fn serve_guarded<U: TryOnce>(
         let body = read_ahead(body, replay).await?;
         let retrying = Retrying {
             route: None,
-            policy: &policy,
+            policy,
             method: policy.retry.allows(&head.method),
         };
         send_with_retries(
@@ -309,20 +309,20 @@ fn streamed(body: Incoming) -> RequestBody {
 /// rule says nothing: the rule's request timeout wins over the policy's, and a rule's `retry`
 /// rules its requests (any method, its codes, attempts and backoff) while the policy's
 /// `retry-on` applies to a rule without one; both draw on the Service's retry budget.
-pub(super) async fn serve<U: TryOnce>(
+pub(super) async fn serve<'a, U: TryOnce>(
     upstream: &U,
     service: &Arc<ServiceTarget>,
-    routes: Arc<Routes>,
-    policy: Arc<Policy>,
+    applying: &'a Applying,
     request: Request<Incoming>,
-) -> Served {
+) -> Served<'a> {
+    let (routes, policy) = (applying.routes(), &*applying.policy);
     let (mut parts, body) = request.into_parts();
     let Some(matched) = routes.find(&parts.method, &parts.uri, &parts.headers) else {
         let response = local(StatusCode::NOT_FOUND, "no route matches the request".into());
-        return (Arc::from(UNMATCHED_ROUTE), Ok(response), 0);
+        return (UNMATCHED_ROUTE, Ok(response), 0);
     };
     let rule = &routes.rules[matched.rule];
-    let label = Arc::clone(&rule.route);
+    let label = &*rule.route;
     if let Some(why) = &rule.invalid {
         let text = format!("route {} cannot be honoured: {why}", rule.route);
         return (label, Ok(local(StatusCode::INTERNAL_SERVER_ERROR, text)), 0);
@@ -350,12 +350,12 @@ pub(super) async fn serve<U: TryOnce>(
     let mirrors = rule.filters.mirrors.iter().chain(&weighted.filters.mirrors);
     let retrying = Retrying {
         route: rule.retry.as_ref(),
-        policy: &policy,
+        policy,
         method: policy.retry.allows(&parts.method),
     };
     let replay = retrying.may_retry() || mirrors.clone().next().is_some();
     let timeout = rule.request_timeout.or(policy.timeout);
-    let target = Target::Route(&routes, weighted.backend);
+    let target = Target::Route(routes, weighted.backend);
     let mut tries = 0;
     if !replay && timeout.is_none() {
         // Most routed requests: nothing to read ahead or mirror, no deadline. Sent without the
@@ -387,7 +387,7 @@ pub(super) async fn serve<U: TryOnce>(
                 Some(mirrored) => spawn_mirror(
                     upstream.route(),
                     Arc::clone(service),
-                    Arc::clone(&routes),
+                    Arc::clone(routes),
                     mirror.backend,
                     copy(&parts),
                     mirrored,
