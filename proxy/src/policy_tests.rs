@@ -479,28 +479,30 @@ async fn a_route_backend_endpoint_that_refuses_is_skipped_without_any_retry_poli
     assert!(resilience(&harness).retries(RetryReason::Connect) >= 1);
 }
 
+/// One rule for every path, to a backend whose one endpoint is `endpoint`.
+fn all_to(own: &Echo, endpoint: std::net::SocketAddr) -> api::RouteTable {
+    let mut backend = own.backend();
+    backend.name = "refusing".into();
+    backend.endpoints = vec![api::Endpoint {
+        ip: endpoint.ip().to_string(),
+        port: u32::from(endpoint.port()),
+        ..Default::default()
+    }];
+    api::RouteTable {
+        matches: vec![match_rule(0, prefix("/"))],
+        rules: vec![rule("all", &[(0, 1)])],
+        backends: vec![backend],
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routed_h2_stream_the_upstream_refuses_goes_again_without_any_retry_policy() {
     // `REFUSED_STREAM` says the request reached no application: a bodyless one goes again, at
     // most twice, with no retry anywhere (the path a routed request with nothing to replay
     // takes), as it does without routes.
     let own = Echo::start("own").await;
-    let routed_to = |endpoint: std::net::SocketAddr| {
-        let mut backend = own.backend();
-        backend.name = "refusing".into();
-        backend.endpoints = vec![api::Endpoint {
-            ip: endpoint.ip().to_string(),
-            port: u32::from(endpoint.port()),
-            ..Default::default()
-        }];
-        api::RouteTable {
-            matches: vec![match_rule(0, prefix("/"))],
-            rules: vec![rule("all", &[(0, 1)])],
-            backends: vec![backend],
-        }
-    };
     let (twice, streams) = crate::http2_tests::refusing(2).await;
-    let harness = Harness::start(routed(&own, routed_to(twice))).await;
+    let harness = Harness::start(routed(&own, all_to(&own, twice))).await;
     let answer = ask(&harness, Client::H2, get("/")).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(&answer.body[..], b"answered");
@@ -508,7 +510,7 @@ async fn a_routed_h2_stream_the_upstream_refuses_goes_again_without_any_retry_po
     assert_eq!(resilience(&harness).retries(RetryReason::Connect), 2);
 
     let (always, streams) = crate::http2_tests::refusing(usize::MAX).await;
-    let harness = Harness::start(routed(&own, routed_to(always))).await;
+    let harness = Harness::start(routed(&own, all_to(&own, always))).await;
     let answer = ask(&harness, Client::H2, get("/")).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(
@@ -520,4 +522,24 @@ async fn a_routed_h2_stream_the_upstream_refuses_goes_again_without_any_retry_po
         own.seen().is_empty(),
         "the route sent to the Service's own endpoint"
     );
+}
+
+/// One worker thread: the access log is captured on this thread.
+#[tokio::test(flavor = "current_thread")]
+async fn the_access_log_counts_each_send_of_a_refused_routed_h2_stream_as_a_try() {
+    let (lines, _guard) = crate::http2_tests::capture_access_log();
+    let own = Echo::start("own").await;
+    let (twice, _) = crate::http2_tests::refusing(2).await;
+    let harness = Harness::start_with(routed(&own, all_to(&own, twice)), |proxy| {
+        proxy.access_log = true;
+    })
+    .await;
+    let answer = ask(&harness, Client::H2, get("/refused-twice")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.contains("path=/refused-twice "))
+        .unwrap_or_else(|| panic!("no line for the request in {text}"));
+    assert!(line.contains("tries=3"), "{line}");
 }

@@ -786,19 +786,23 @@ impl H2Upstream {
         tries: &mut u32,
     ) -> Result<Response<Inner>, Failure> {
         let mut chosen = first.map(|pick| self.chosen(pick));
+        *tries += u32::from(chosen.is_some());
         let (mut tried, mut last_failure) = (Vec::new(), None);
         let (mut replace, mut refusals) = (false, 0);
         loop {
             if chosen.is_none() {
                 match self.choose(target, &tried) {
-                    Ok(choice) => chosen = choice,
+                    Ok(choice) => {
+                        // A try per endpoint picked; a closing connection replaced is none.
+                        *tries += 1;
+                        chosen = choice;
+                    }
                     Err(NoEndpoint::NoneReady) => return Err(Failure::NoEndpoint),
                     Err(NoEndpoint::AllFailed) => {
                         return Err(last_failure.take().unwrap_or(Failure::NoEndpoint))
                     }
                 }
             }
-            *tries += 1;
             // What `ready_sender` does, written out: awaited as a future of its own, it made
             // every stream's future nest one more and cost 0.4% more instructions per stream.
             let (sender, fresh) = match self.upstream(&chosen).sender(replace).await {
