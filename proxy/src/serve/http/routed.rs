@@ -54,31 +54,29 @@ pub(super) trait TryOnce {
         body: &mut Option<RequestBody>,
     ) -> Result<Response<Inner>, Failure>;
 
-    /// Sends a request that nothing will send again (no retry, mirror or request timeout) to
-    /// `target`, each try under `try_timeout`: what [`send_with_retries`] does for it
-    /// ([`send_timed`]), or a protocol's shorter way to the same end.
-    #[allow(clippy::too_many_arguments)] // send_with_retries's, less the body kept
+    /// Sends a request that nothing will send again and nothing times (no retry, mirror or
+    /// timeout) to `target`: what [`send_with_retries`] does for it (pick, skip an endpoint
+    /// that refuses the connect, send once), by the protocol's Service path, without the
+    /// general path's levels. Counts the endpoints tried in `tries`.
     async fn send_once(
         &self,
         service: &ServiceTarget,
         target: Target<'_>,
-        retrying: &Retrying<'_>,
-        try_timeout: Option<Duration>,
         head: Parts,
         body: Incoming,
         tries: &mut u32,
     ) -> Result<Response<Inner>, Failure>;
 }
 
-/// [`TryOnce::send_once`] by the general path, as a request with a try timeout takes it. Boxed,
-/// so that a protocol's shorter way does not carry this one's state.
-#[allow(clippy::too_many_arguments)] // send_once's
+/// A request that nothing will send again, each try under `try_timeout`: the general path.
+/// Boxed, so that [`TryOnce::send_once`]'s shorter way does not carry this one's state.
+#[allow(clippy::too_many_arguments)] // send_with_retries's, less the body kept
 async fn send_timed<U: TryOnce>(
     upstream: &U,
     service: &ServiceTarget,
     target: Target<'_>,
     retrying: &Retrying<'_>,
-    try_timeout: Option<Duration>,
+    try_timeout: Duration,
     head: Parts,
     body: Incoming,
     tries: &mut u32,
@@ -89,7 +87,7 @@ async fn send_timed<U: TryOnce>(
         service,
         target,
         retrying,
-        try_timeout,
+        Some(try_timeout),
         &head,
         body,
         tries,
@@ -122,32 +120,14 @@ impl TryOnce for Http1Upstream {
         Ok(response.map(Inner::Upstream))
     }
 
-    /// Without a try timeout, what the general path does for such a request (pick, skip an
-    /// endpoint that refuses the connect, send once) is what the Service path's own send does
-    /// over the target's endpoints: that one, without the general path's levels.
     async fn send_once(
         &self,
         service: &ServiceTarget,
         target: Target<'_>,
-        retrying: &Retrying<'_>,
-        try_timeout: Option<Duration>,
         head: Parts,
         body: Incoming,
         tries: &mut u32,
     ) -> Result<Response<Inner>, Failure> {
-        if try_timeout.is_some() {
-            return send_timed(
-                self,
-                service,
-                target,
-                retrying,
-                try_timeout,
-                head,
-                body,
-                tries,
-            )
-            .await;
-        }
         let request_head = RequestHead::new(&head, &body.size_hint(), self.route.target)
             .map_err(Failure::Http1)?;
         let retryable = body.is_end_stream() && head.method.is_idempotent();
@@ -182,33 +162,15 @@ impl TryOnce for H2Upstream {
         send_h2(self.route.cx.dialer(), endpoint, head, body).await
     }
 
-    /// Without a try timeout, what the general path does for such a request (pick, skip an
-    /// endpoint that refuses the connect, send a bodyless request again when the upstream
-    /// leaves it unprocessed, send once) is what the Service path's own send does over the
-    /// target's endpoints: that one, without the general path's levels.
+    /// Also as the general path: a bodyless stream the upstream leaves unprocessed goes again.
     async fn send_once(
         &self,
-        service: &ServiceTarget,
+        _service: &ServiceTarget,
         target: Target<'_>,
-        retrying: &Retrying<'_>,
-        try_timeout: Option<Duration>,
         head: Parts,
         body: Incoming,
         tries: &mut u32,
     ) -> Result<Response<Inner>, Failure> {
-        if try_timeout.is_some() {
-            return send_timed(
-                self,
-                service,
-                target,
-                retrying,
-                try_timeout,
-                head,
-                body,
-                tries,
-            )
-            .await;
-        }
         let (head, mut body, resend) = prepare_h2(Request::from_parts(head, body));
         let head = &mut Some(head);
         self.send(target, None, head, &mut body, resend.as_ref(), tries)
@@ -360,18 +322,26 @@ pub(super) async fn serve<'a, U: TryOnce>(
     if !replay && timeout.is_none() {
         // Most routed requests: nothing to read ahead or mirror, no deadline. Sent without the
         // wrapping below, whose state every level of the send would be moved through.
-        let try_timeout = rule.backend_request_timeout;
-        let result = upstream
-            .send_once(
-                service,
-                target,
-                &retrying,
-                try_timeout,
-                parts,
-                body,
-                &mut tries,
-            )
-            .await;
+        let result = match rule.backend_request_timeout {
+            None => {
+                upstream
+                    .send_once(service, target, parts, body, &mut tries)
+                    .await
+            }
+            Some(try_timeout) => {
+                send_timed(
+                    upstream,
+                    service,
+                    target,
+                    &retrying,
+                    try_timeout,
+                    parts,
+                    body,
+                    &mut tries,
+                )
+                .await
+            }
+        };
         return (label, respond_filtered(result, rule, weighted), tries);
     }
     // The request timeout counts from here: reading the body ahead, then every try.
