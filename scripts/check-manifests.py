@@ -20,7 +20,6 @@ NAME = "remora-injector"
 SECRET = "remora-injector-tls"
 INJECT_LABEL = "remora.io/inject"
 CONTROL = "remora-control"
-CONTROL_SECRET = "remora-control-tls"
 # SPEC "Fixed numbers": gRPC 8090 behind the Service of that name, admin 9990.
 CONTROL_GRPC_PORT = 9990 - 1900
 CONTROL_ADMIN_PORT = 9990
@@ -205,12 +204,15 @@ def check_control(docs, version):
     check(c["image"] == image, f"{where}: image {c['image']}, expected {image} (the workspace version)")
     args = c.get("args") or []
     check(args[:1] == ["serve"] and "--plaintext" not in args, f"{where} runs `serve` over TLS, got {args}")
-    for flag, file in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
-        value = arg_value(args, flag)
-        check(value is not None and value.endswith("/" + file), f"{where}: {flag} must name {file}, got {value}")
-        volume = mounted_volume(deployment, c, value)
-        check(volume is not None and (volume.get("secret") or {}).get("secretName") == CONTROL_SECRET,
-              f"{where}: {flag} must be read from Secret {CONTROL_SECRET}, mounted, got {volume}")
+    # SPEC "Workload identity and mTLS": its serving certificate chains to the identity CA, so
+    # the one ca.crt proxies get verifies both: remora-control issues it (no --tls-cert).
+    for flag in ("--tls-cert", "--tls-key"):
+        check(arg_value(args, flag) is None and flag not in args,
+              f"{where}: {flag} given; remora-control must serve the certificate its identity CA issues")
+    env = {e["name"]: e for e in c.get("env") or []}
+    field = ((env.get("POD_NAMESPACE") or {}).get("valueFrom") or {}).get("fieldRef") or {}
+    check(field.get("fieldPath") == "metadata.namespace",
+          f"{where}: POD_NAMESPACE from the downward API names its serving certificate's namespace, got {env}")
     ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
     check(ports.get("grpc") == CONTROL_GRPC_PORT and ports.get("admin") == CONTROL_ADMIN_PORT,
           f"{where}: ports grpc {CONTROL_GRPC_PORT} and admin {CONTROL_ADMIN_PORT} (SPEC), got {ports}")
@@ -310,15 +312,21 @@ def check_control_ca(docs, files):
     ca_secret = secrets.pop()
     ca_cert = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == ca_secret]
     check(len(ca_cert) == 1 and ca_cert[0]["spec"].get("isCA") is True, f"Secret {ca_secret} must be a cert-manager CA (isCA)")
-    control_cert = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == CONTROL_SECRET][0]
-    issuer = one(docs, control_cert["spec"]["issuerRef"].get("kind", "Issuer"), control_cert["spec"]["issuerRef"]["name"])
+    # The injector's ca.crt (the proxies' trust anchors) is that of its Certificate's issuer:
+    # it must be this CA, which issues remora-control's serving certificate and every peer's.
+    webhook_cert = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == SECRET]
+    check(len(webhook_cert) == 1, f"one Certificate writes Secret {SECRET}, got {len(webhook_cert)}")
+    ref = webhook_cert[0]["spec"]["issuerRef"]
+    issuer = one(docs, ref.get("kind", "Issuer"), ref["name"])
     check((issuer["spec"].get("ca") or {}).get("secretName") == ca_secret,
-          f"remora-control's serving certificate must come from the identity CA ({ca_secret}), got issuer {issuer['spec']}")
-    print(f"ok: remora-control's identity CA is Secret {ca_secret}, which also issues its serving certificate")
+          f"the trust anchors (ca.crt of {SECRET}) must be the identity CA ({ca_secret}), got issuer {issuer['spec']}")
+    print(f"ok: remora-control's identity CA is Secret {ca_secret}, whose certificate the injector's ca.crt is")
 
 
-def check_injector_control_flags(docs, what):
-    """The injector gives proxies the Service's address and trust anchors from its mounted files."""
+def check_injector_control_flags(docs, what, identity_secret):
+    """The injector gives proxies the Service's address, and as trust anchors the identity CA's
+    certificate: the ca.crt of Secret remora-identity-ca, that key alone (`identity_secret`,
+    the base), or the ca.crt beside its own pair (cert-manager, where that is the same CA)."""
     deployment = one(docs, "Deployment", NAME)
     c = container(deployment)
     args = c.get("args") or []
@@ -329,12 +337,24 @@ def check_injector_control_flags(docs, what):
     check(arg_value(args, "--control-addr") in (None, want),
           f"{what}: the injector's --control-addr {arg_value(args, '--control-addr')} is not {want}")
     anchors = arg_value(args, "--trust-anchors")
-    cert = arg_value(args, "--tls-cert")
-    check(anchors is not None and cert is not None and anchors.rsplit("/", 1)[0] == cert.rsplit("/", 1)[0]
-          and anchors.endswith("/ca.crt"),
-          f"{what}: --trust-anchors must be the ca.crt beside --tls-cert ({cert}), got {anchors}")
-    check(mounted_volume(deployment, c, anchors) is not None, f"{what}: --trust-anchors {anchors} is in no mounted volume")
-    print(f"ok: {what}: the injector gives proxies --control {want} and the CA bundle beside its certificate")
+    check(anchors is not None and anchors.endswith("/ca.crt"), f"{what}: --trust-anchors must name a ca.crt, got {anchors}")
+    volume = mounted_volume(deployment, c, anchors)
+    check(volume is not None, f"{what}: --trust-anchors {anchors} is in no mounted volume")
+    if identity_secret:
+        secret = volume.get("secret") or {}
+        check(secret.get("secretName") == IDENTITY_CA_SECRET
+              and secret.get("items") == [{"key": "ca.crt", "path": "ca.crt"}],
+              f"{what}: --trust-anchors must be the ca.crt of Secret {IDENTITY_CA_SECRET}, that key alone "
+              f"(never its CA key), got {volume}")
+        check(arg_value(args, "--control-tls-secret") == "",
+              f"{what}: remora-control issues its own certificate: the injector must issue it none (--control-tls-secret=)")
+        source = f"the ca.crt of Secret {IDENTITY_CA_SECRET}"
+    else:
+        cert = arg_value(args, "--tls-cert")
+        check(cert is not None and anchors.rsplit("/", 1)[0] == cert.rsplit("/", 1)[0],
+              f"{what}: --trust-anchors must be the ca.crt beside --tls-cert ({cert}), got {anchors}")
+        source = "the CA bundle beside its certificate"
+    print(f"ok: {what}: the injector gives proxies --control {want} and {source}")
 
 
 def check_deployment(docs, version):
@@ -389,8 +409,7 @@ def check_rbac(docs):
         check(rule.get("apiGroups") == [""] and rule.get("resources") == ["secrets"], f"Role grants more than Secrets: {rule}")
         check("*" not in rule["verbs"], f"Role uses a wildcard verb: {rule}")
         if rule.get("resourceNames"):
-            check(sorted(rule["resourceNames"]) == sorted([SECRET, CONTROL_SECRET]),
-                  f"Role must name its own Secret and remora-control's, nothing else: {rule}")
+            check(rule["resourceNames"] == [SECRET], f"Role must name its own Secret, nothing else: {rule}")
         else:
             # create cannot be limited by name; nothing else may be unrestricted.
             check(rule["verbs"] == ["create"], f"only create may be granted on every Secret: {rule}")
@@ -408,7 +427,7 @@ def check_rbac(docs):
               f"{kind} must bind only the injector's ServiceAccount")
     deployment = one(docs, "Deployment", NAME)
     check(deployment["spec"]["template"]["spec"].get("serviceAccountName") == NAME, "the Deployment must use its ServiceAccount")
-    print("ok: RBAC (own Secret and remora-control's, own registration)")
+    print("ok: RBAC (own Secret, own registration)")
 
 
 def check_self_managed(docs):
@@ -435,16 +454,6 @@ def check_cert_manager(docs, version):
     source = (config["metadata"].get("annotations") or {}).get("cert-manager.io/inject-ca-from", "")
     ns, _, cert_name = source.partition("/")
     cert = one(docs, "Certificate", cert_name)
-    control_certs = [d for d in find(docs, "Certificate") if d["spec"].get("secretName") == CONTROL_SECRET]
-    check(len(control_certs) == 1, f"the cert-manager overlay needs one Certificate writing Secret {CONTROL_SECRET}")
-    control_cert = control_certs[0]
-    check(f"{CONTROL}.{OWN_NAMESPACE}.svc" in control_cert["spec"]["dnsNames"],
-          f"Certificate {control_cert['metadata']['name']} must name {CONTROL}.{OWN_NAMESPACE}.svc, as proxies dial it")
-    # Same issuer: the ca.crt cert-manager writes into the injector's Secret verifies it.
-    check(control_cert["spec"]["issuerRef"] == cert["spec"]["issuerRef"],
-          f"Certificate {control_cert['metadata']['name']} must come from the injector's issuer {cert['spec']['issuerRef']}, "
-          "whose ca.crt the injector gives proxies")
-    check(control_cert["metadata"]["namespace"] == OWN_NAMESPACE, "the control plane's Certificate must be in remora-system")
     check(cert["metadata"]["namespace"] == ns == OWN_NAMESPACE, f"inject-ca-from {source!r} names no Certificate here")
     check(cert["spec"]["secretName"] == SECRET, f"Certificate {cert_name} must write Secret {SECRET}")
     check(f"{NAME}.{OWN_NAMESPACE}.svc" in cert["spec"]["dnsNames"], "the Certificate must name the Service as the API server dials it")
@@ -512,13 +521,13 @@ if __name__ == "__main__":
         check_control(base, version)
         check_control_rbac(base, secret_mode=True)
         check_control_ca(base, files=False)
-        check_injector_control_flags(base, "manifests")
+        check_injector_control_flags(base, "manifests", identity_secret=True)
         cert_manager = load(cert_manager_file)
         check_cert_manager(cert_manager, version)
         check_control(cert_manager, version)
         check_control_rbac(cert_manager, secret_mode=False)
         check_control_ca(cert_manager, files=True)
-        check_injector_control_flags(cert_manager, "manifests/cert-manager")
+        check_injector_control_flags(cert_manager, "manifests/cert-manager", identity_secret=False)
         check_examples(load(examples_file))
         if len(sys.argv) > 5:
             check_binary_accepts(one(load(base_file), "Deployment", NAME), sys.argv[5], "manifests")

@@ -11,10 +11,12 @@
 //!   renewal uses the new one. The API server therefore trusts the new CA long before any
 //!   certificate signed by it is served.
 //!
-//! The same CA signs remora-control's serving certificate, kept by the same rules in a Secret of
-//! its own (`remora-control-tls`, which the control plane mounts), and the CA bundle is written
-//! beside the webhook's files as `ca.crt`: the trust anchors the injector gives every proxy
-//! (`--trust-anchors`), which therefore trust a new CA before remora-control serves from it.
+//! Unless `--control-tls-secret` is empty, the same CA signs a serving certificate for
+//! remora-control, kept by the same rules in a Secret of its own (`remora-control-tls`), and the
+//! CA bundle is written beside the webhook's files as `ca.crt`, for a control plane that serves
+//! that Secret with proxies given that bundle as `--trust-anchors` (a new CA is then trusted
+//! before remora-control serves from it). The manifests do neither: there remora-control issues
+//! its own certificate from its identity CA, whose `ca.crt` is the trust anchors (SPEC).
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -169,7 +171,7 @@ pub struct ManageCertsArgs {
 
     /// The Secret that gets remora-control's serving certificate, signed by the same CA (whose
     /// bundle --manage-certs writes as ca.crt beside --tls-cert: point --trust-anchors at it).
-    /// Empty: none.
+    /// Empty: none (the manifests' choice: remora-control issues its own from its identity CA).
     #[arg(
         long,
         env = "REMORA_CONTROL_TLS_SECRET",

@@ -113,7 +113,7 @@ fn missing_trust_anchors(config: &Config) -> Option<String> {
             "the proxies get --control {control} but no trust anchors to verify it with, so \
              they forward to original destinations only; pass --trust-anchors with the \
              control plane's CA, e.g. from `kubectl -n remora-system get secret \
-             remora-control-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > ca.crt`, or \
+             remora-identity-ca -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > ca.crt`, or \
              --control-addr '' for no control plane"
         )
     })

@@ -38,7 +38,7 @@ pub enum TrustAnchorsError {
     },
     #[error(
         "trust anchors file {}: no CERTIFICATE block (expected the PEM CA certificates that \
-         verify remora-control, such as the ca.crt of Secret remora-control-tls)",
+         verify remora-control, such as the ca.crt of Secret remora-identity-ca)",
         path.display()
     )]
     NoCertificate { path: PathBuf },

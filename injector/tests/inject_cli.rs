@@ -314,7 +314,7 @@ fn control_plane_settings_reach_the_proxy() {
     assert_eq!(anchors_env(&injected), None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("--trust-anchors") && stderr.contains("remora-control-tls"),
+        stderr.contains("--trust-anchors") && stderr.contains("remora-identity-ca"),
         "{stderr}"
     );
 
