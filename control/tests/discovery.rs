@@ -846,15 +846,16 @@ async fn a_policy_annotation_edit_reaches_open_streams_and_each_backend_has_its_
     assert!(quiet.is_err(), "an unchanged snapshot was sent: {quiet:?}");
 
     // The same annotations written again (new objects, same policy): nothing is sent either.
-    fs::write(
-        server.path("services.yaml"),
-        annotated_services(&[
+    // Written as the others are, by a rename: a poll that lands between an in-place write's
+    // truncation and its bytes reads the file empty (the Service gone for one round).
+    write_atomically(
+        &server.path("services.yaml"),
+        &annotated_services(&[
             "remora.io/retry-non-idempotent: 'true'",
             "remora.io/retry-on: gateway-error",
             "remora.io/timeout: 5s",
         ]),
-    )
-    .unwrap();
+    );
     let quiet = tokio::time::timeout(Duration::from_millis(600), web.message()).await;
     assert!(quiet.is_err(), "an unchanged snapshot was sent: {quiet:?}");
 
