@@ -6,12 +6,19 @@
 //! 300 ms costs microseconds for the handful of files `--objects` is meant for, and a change is
 //! seen within one interval (the SPEC asks for 1 s). Only the files whose stamp changed are
 //! parsed again, so one edit in a large tree stays quick.
+//!
+//! A file rewritten in place (`>` in a shell, most editors) is empty or half written for a
+//! moment, and a poll landing in that moment must not publish it: every Service it held would
+//! vanish from the proxies until the next poll. So a file that changed in place within
+//! [`SETTLING`] of a poll, or while it was read, keeps its previous content for one more poll; it
+//! is read then if it has not changed again. A file replaced whole (renamed over, a ConfigMap's
+//! symlink swap) is read at once. A change is published within two intervals at most.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
@@ -19,6 +26,9 @@ use crate::objects::{self, ObjectSet, Problem};
 
 /// How often the files are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(300);
+
+/// A file modified less than this long before a poll may still be being written.
+pub const SETTLING: Duration = Duration::from_millis(100);
 
 /// One reading of the paths: what they hold and what had to be skipped.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,7 +39,7 @@ pub struct Snapshot {
 
 /// What identifies a file's content without reading it: a rewrite changes the size or times,
 /// a replacement (rename over, symlink swap) the inode.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FileStamp {
     path: PathBuf,
     device: u64,
@@ -37,6 +47,21 @@ struct FileStamp {
     size: u64,
     modified: (i64, i64),
     changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// Whether the file was written so shortly before `now` that the writer may not be done.
+    /// A modification time ahead of `now` (a skewed clock) counts as recent too.
+    fn is_recent(&self, now: SystemTime) -> bool {
+        let (seconds, nanos) = self.modified;
+        let Ok(seconds) = u64::try_from(seconds) else {
+            return false;
+        };
+        let modified =
+            SystemTime::UNIX_EPOCH + Duration::new(seconds, nanos.clamp(0, 999_999_999) as u32);
+        now.duration_since(modified)
+            .map_or(true, |age| age < SETTLING)
+    }
 }
 
 fn stamp(path: PathBuf) -> Option<FileStamp> {
@@ -61,6 +86,9 @@ struct Reader {
     /// The stamps of the last round; `None` before the first.
     stamps: Option<Vec<FileStamp>>,
     files: HashMap<PathBuf, (FileStamp, FileRead)>,
+    /// Files found changed too recently to read, as last seen: read at the next poll that
+    /// finds them so again.
+    settling: HashSet<FileStamp>,
     /// Files parsed so far, for the log (and the test that only changed files are).
     files_read: usize,
 }
@@ -71,41 +99,72 @@ impl Reader {
             paths,
             stamps: None,
             files: HashMap::new(),
+            settling: HashSet::new(),
             files_read: 0,
         }
     }
 
-    /// The whole set again if any file changed, appeared or went away since the last call.
-    fn refresh(&mut self) -> Option<Snapshot> {
+    /// The whole set again if any file changed, appeared or went away since the last call,
+    /// `now` being the time of the poll.
+    fn refresh(&mut self, now: SystemTime) -> Option<Snapshot> {
         let mut problems = Vec::new();
         let listed = objects::files(&self.paths, &mut problems);
         // Stamps before the read: a write landing during the read changes them again, so it
         // is read on the next round rather than lost.
         let stamps: Vec<FileStamp> = listed.into_iter().filter_map(stamp).collect();
-        if self.stamps.as_ref() == Some(&stamps) {
+        if self.stamps.as_ref() == Some(&stamps) && self.settling.is_empty() {
             return None;
         }
         for problem in &problems {
             tracing::warn!(%problem, "objects: skipped");
         }
+        // The first reading has nothing older to keep: it does not wait for recent files.
+        let first = self.stamps.is_none();
+        let waited = std::mem::take(&mut self.settling);
         let mut files = HashMap::with_capacity(stamps.len());
         let mut objects = ObjectSet::default();
         let mut read_now = 0;
         for stamp in &stamps {
-            let read = match self.files.remove(&stamp.path) {
-                Some((before, read)) if before == *stamp => read,
-                _ => {
-                    let read = objects::read_file(&stamp.path);
-                    for problem in &read.1 {
-                        tracing::warn!(%problem, "objects: skipped");
+            let kept = match self.files.remove(&stamp.path) {
+                Some((before, read)) if before == *stamp => Some((before, read)),
+                previous => {
+                    // A new inode at the path is a whole file renamed over the old one (or a
+                    // ConfigMap's symlink swapped): complete however recent.
+                    let replaced = previous.as_ref().is_some_and(|(before, _)| {
+                        (before.device, before.inode) != (stamp.device, stamp.inode)
+                    });
+                    let settled =
+                        first || replaced || waited.contains(stamp) || !stamp.is_recent(now);
+                    let read = settled.then(|| objects::read_file(&stamp.path));
+                    match read {
+                        // Unchanged while it was read: it is what the file holds.
+                        Some(read) if self::stamp(stamp.path.clone()).as_ref() == Some(stamp) => {
+                            for problem in &read.1 {
+                                tracing::warn!(%problem, "objects: skipped");
+                            }
+                            read_now += 1;
+                            Some((stamp.clone(), Arc::new(read)))
+                        }
+                        // Written just now or during the read: what it held before, under
+                        // its old stamp so that the next poll looks again.
+                        _ => {
+                            tracing::debug!(
+                                path = %stamp.path.display(),
+                                "objects: changed just now; read at the next poll"
+                            );
+                            if !settled {
+                                self.settling.insert(stamp.clone());
+                            }
+                            previous
+                        }
                     }
-                    read_now += 1;
-                    Arc::new(read)
                 }
             };
-            objects.append(&read.0);
-            problems.extend(read.1.iter().cloned());
-            files.insert(stamp.path.clone(), (stamp.clone(), read));
+            if let Some((kept_stamp, read)) = kept {
+                objects.append(&read.0);
+                problems.extend(read.1.iter().cloned());
+                files.insert(stamp.path.clone(), (kept_stamp, read));
+            }
         }
         self.files = files;
         self.stamps = Some(stamps);
@@ -127,7 +186,7 @@ impl Reader {
 /// is gone. Must be called inside a tokio runtime.
 pub fn watch_objects(paths: Vec<PathBuf>, interval: Duration) -> watch::Receiver<Arc<Snapshot>> {
     let mut reader = Reader::new(paths);
-    let first = reader.refresh().unwrap_or_default();
+    let first = reader.refresh(SystemTime::now()).unwrap_or_default();
     let (sender, receiver) = watch::channel(Arc::new(first));
     let reader = Arc::new(Mutex::new(reader));
     tokio::spawn(async move {
@@ -145,7 +204,7 @@ pub fn watch_objects(paths: Vec<PathBuf>, interval: Duration) -> watch::Receiver
                 reader
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .refresh()
+                    .refresh(SystemTime::now())
             })
             .await;
             match round {
@@ -252,6 +311,16 @@ mod tests {
         assert_eq!(receiver.borrow().problems.len(), 1);
     }
 
+    /// A poll long after every write of the test: nothing is recent.
+    fn settled() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(60)
+    }
+
+    /// A poll right after the file's last write.
+    fn just_after(path: &Path) -> SystemTime {
+        fs::metadata(path).unwrap().modified().unwrap() + Duration::from_millis(1)
+    }
+
     #[test]
     fn only_the_files_that_changed_are_read_again() {
         let dir = tempfile::tempdir().unwrap();
@@ -259,24 +328,66 @@ mod tests {
         fs::write(&a, service("one")).unwrap();
         fs::write(&b, service("two")).unwrap();
         let mut reader = Reader::new(vec![dir.path().to_path_buf()]);
-        let first = reader.refresh().unwrap();
+        let first = reader.refresh(settled()).unwrap();
         assert_eq!(
             (names(&first), reader.files_read),
             (vec!["one".into(), "two".into()], 2)
         );
-        assert_eq!(reader.refresh(), None, "nothing changed");
+        assert_eq!(reader.refresh(settled()), None, "nothing changed");
         fs::write(&b, service("three")).unwrap();
-        let second = reader.refresh().unwrap();
+        let second = reader.refresh(settled()).unwrap();
         assert_eq!(
             (names(&second), reader.files_read),
             (vec!["one".into(), "three".into()], 3)
         );
         fs::remove_file(&a).unwrap();
-        let third = reader.refresh().unwrap();
+        let third = reader.refresh(settled()).unwrap();
         assert_eq!(
             (names(&third), reader.files_read),
             (vec!["three".into()], 3)
         );
+    }
+
+    #[test]
+    fn a_file_being_rewritten_in_place_keeps_its_objects_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("objects.yaml");
+        fs::write(&file, service("one")).unwrap();
+        let mut reader = Reader::new(vec![file.clone()]);
+        // The first reading takes the file as it is, however new.
+        let first = reader.refresh(just_after(&file)).unwrap();
+        assert_eq!(names(&first), ["one"]);
+
+        // Truncated, as `>` does before the writer fills it: not read yet.
+        fs::File::create(&file).unwrap();
+        let now = just_after(&file);
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["one"]);
+        // Filled before the next poll, which finds it changed again, and recent: still waits.
+        fs::write(&file, service("two")).unwrap();
+        let now = just_after(&file);
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["one"]);
+        assert_eq!(reader.files_read, 1, "the half-written file was never read");
+        // Unchanged at the poll after: read, however recent it still looks.
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["two"]);
+        assert_eq!(reader.refresh(now), None, "nothing changed");
+        assert_eq!(reader.files_read, 2);
+
+        // A new file written just now waits one poll too, then comes.
+        let other = dir.path().join("more.yaml");
+        let mut reader = Reader::new(vec![dir.path().to_path_buf()]);
+        reader.refresh(settled()).unwrap();
+        fs::write(&other, service("three")).unwrap();
+        let now = just_after(&other);
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["two"]);
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["three", "two"]);
+
+        // Written long before the poll (a copy keeping its times): read at once.
+        fs::write(&other, service("four")).unwrap();
+        assert_eq!(names(&reader.refresh(settled()).unwrap()), ["four", "two"]);
+        // Replaced whole by a rename, however recently: read at once.
+        write_atomically(&other, &service("five"));
+        let now = just_after(&other);
+        assert_eq!(names(&reader.refresh(now).unwrap()), ["five", "two"]);
     }
 
     #[tokio::test]
