@@ -14,7 +14,7 @@
 //! receivers, so a snapshot reaches a worker's next request without crossing a lock.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -410,7 +410,7 @@ impl Discovery {
     ) -> Known {
         match snapshot.kind {
             Some(snapshot::Kind::Service(service)) => {
-                let endpoints = endpoints(&service.endpoints, target);
+                let endpoints = Endpoint::from_snapshot(&service.endpoints, target);
                 let handle =
                     self.metrics
                         .endpoints(&service.namespace, &service.name, service.port);
@@ -512,31 +512,6 @@ impl Drop for Receiving {
     }
 }
 
-/// The snapshot's endpoints, sorted by address, each with the identity it must present when it
-/// is a meshed pod; one that does not parse is skipped (logged).
-pub(crate) fn endpoints(list: &[api::Endpoint], target: SocketAddr) -> Vec<Endpoint> {
-    let mut addrs: Vec<Endpoint> = list
-        .iter()
-        .filter_map(|endpoint| {
-            let ip = endpoint.ip.parse::<IpAddr>().ok();
-            let port = u16::try_from(endpoint.port).ok().filter(|port| *port != 0);
-            match (ip, port) {
-                (Some(ip), Some(port)) => Some(Endpoint::meshed(
-                    SocketAddr::new(ip, port),
-                    &endpoint.identity,
-                )),
-                _ => {
-                    warn!(destination = %target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
-                    None
-                }
-            }
-        })
-        .collect();
-    addrs.sort_by(|a, b| (a.addr, &a.identity).cmp(&(b.addr, &b.identity)));
-    addrs.dedup_by(|a, b| a.addr == b.addr);
-    addrs
-}
-
 /// `delay` ± up to a quarter, so that many watches that failed together don't retry together.
 pub(crate) fn jitter(delay: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -553,32 +528,6 @@ mod tests {
     use remora_api::discovery::discovery_server::{Discovery as DiscoveryApi, DiscoveryServer};
     use std::pin::Pin;
     use tokio_stream::wrappers::WatchStream;
-
-    #[test]
-    fn endpoints_carry_the_identity_of_meshed_pods() {
-        let target: SocketAddr = "198.18.0.10:80".parse().unwrap();
-        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
-        let list = [
-            api::Endpoint {
-                ip: "198.18.0.2".into(),
-                port: 8080,
-                identity: cart.into(),
-                ..Default::default()
-            },
-            api::Endpoint {
-                ip: "2001:2::1".into(),
-                port: 8080,
-                ..Default::default()
-            },
-        ];
-        let v4: SocketAddr = "198.18.0.2:8080".parse().unwrap();
-        let v6: SocketAddr = "[2001:2::1]:8080".parse().unwrap();
-        assert_eq!(
-            endpoints(&list, target),
-            [Endpoint::meshed(v4, cart), Endpoint::new(v6)]
-        );
-        assert_eq!(Endpoint::meshed(v6, "").identity, None);
-    }
 
     /// A control plane that answers every watch with the latest of `snapshots`, until `down`
     /// says it is down: then its streams end with an error and new ones are refused.
@@ -801,42 +750,5 @@ mod tests {
             assert_eq!(AppProtocol::of(opaque), AppProtocol::Opaque, "{opaque}");
         }
         assert_eq!(AppProtocol::of(""), AppProtocol::Detect);
-    }
-
-    #[test]
-    fn endpoints_that_do_not_parse_are_skipped() {
-        let list = [
-            api::Endpoint {
-                ip: "198.18.0.3".into(),
-                port: 80,
-                ..Default::default()
-            },
-            api::Endpoint {
-                ip: "nope".into(),
-                port: 80,
-                ..Default::default()
-            },
-            api::Endpoint {
-                ip: "198.18.0.2".into(),
-                port: 70000,
-                ..Default::default()
-            },
-            api::Endpoint {
-                ip: "2001:2::5".into(),
-                port: 80,
-                ..Default::default()
-            },
-            api::Endpoint {
-                ip: "198.18.0.2".into(),
-                port: 80,
-                ..Default::default()
-            },
-        ];
-        let target = "198.18.0.100:80".parse().unwrap();
-        let addrs: Vec<String> = endpoints(&list, target)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(addrs, ["198.18.0.2:80", "198.18.0.3:80", "[2001:2::5]:80"]);
     }
 }

@@ -19,6 +19,7 @@ mod http2_tests;
 mod http_tests;
 pub mod identity;
 pub mod inbound;
+pub mod inbound_mtls;
 pub mod io;
 pub mod metrics;
 #[cfg(test)]

@@ -11,8 +11,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use remora_proxy::client;
 use remora_proxy::client::connect::Keepalive;
-use remora_proxy::client::pool;
 use remora_proxy::config::{self, Args, H2Mode, LogFormat, SchedPolicy};
 use remora_proxy::discover::Discovery;
 use remora_proxy::metrics::{self, Metrics};
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         discovery,
         inbound_rate_limit,
         identity: Default::default(),
-        inbound_mtls: remora_proxy::inbound::Mtls {
+        inbound_mtls: remora_proxy::inbound_mtls::Mtls {
             mode: args.inbound_mtls,
             allow_from: args.allow_from.clone(),
             probes: args.inbound_probes.clone(),
@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || {
                 metrics::use_shard(worker);
                 runtime.block_on(async move {
-                    tokio::spawn(pool::sweep_forever());
+                    tokio::spawn(client::sweep_forever());
                     if proxy.discovery.is_some() {
                         tokio::spawn(outbound::sweep_forever());
                     }

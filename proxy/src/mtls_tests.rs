@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::client::Endpoint;
 use crate::http_tests::{metric, proxy_with, within};
 use crate::identity::Credentials;
-use crate::inbound::Mtls;
+use crate::inbound_mtls::Mtls;
 use crate::io::Io;
 use crate::outbound::Destination;
 use crate::proxy::Proxy;

@@ -46,7 +46,7 @@ pub struct Proxy {
     /// The workload certificate, once remora-control has signed one.
     pub identity: Identity,
     /// Who may come in: `--inbound-mtls`, `--allow-from`, `--inbound-probes`.
-    pub inbound_mtls: crate::inbound::Mtls,
+    pub inbound_mtls: crate::inbound_mtls::Mtls,
 }
 
 /// One connection's direction, the handles it updates, and how its direction dials and serves

@@ -31,6 +31,7 @@
 //!   close`, nothing unread behind it, no body framed by the close, and the whole request body
 //!   sent before the response came (a server that answered early may not read the rest).
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -45,8 +46,35 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::pool::{Pool, Reusable};
 use super::Endpoint;
 use crate::io::Io;
+
+thread_local! {
+    /// This worker thread's idle upstream HTTP/1 connections. Each worker is a single-threaded
+    /// runtime whose connections never leave it, so a per-worker pool needs no lock and every
+    /// connection it hands out is driven by the same thread. Touched when a client connection
+    /// needs its first upstream connection and when it closes, and per request when a Service's
+    /// requests are balanced over its endpoints (the connection to the last one goes back; the
+    /// one to the next comes out).
+    static POOL: RefCell<Pool<Conn>> = RefCell::new(Pool::default());
+}
+
+/// A usable pooled connection to `endpoint`, if this worker has one.
+pub fn checkout(endpoint: &Endpoint) -> Option<Conn> {
+    POOL.with_borrow_mut(|pool| pool.checkout(endpoint))
+}
+
+/// Keeps `conn`, a connection to `endpoint`, in this worker's pool, if still usable.
+pub fn checkin(endpoint: &Endpoint, conn: Conn) {
+    // `try_with`: a connection dropped while the thread exits finds the pool already gone.
+    let _ = POOL.try_with(|pool| pool.borrow_mut().checkin(endpoint, conn));
+}
+
+/// Drops this worker's expired and closed pooled connections.
+pub fn sweep_pool() {
+    POOL.with_borrow_mut(Pool::sweep);
+}
 
 /// Headers accepted in one response head or trailer section (hyper's own limit).
 const MAX_HEADERS: usize = 100;
@@ -123,6 +151,16 @@ impl Conn {
 
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         poll_fill(&mut self.io, &mut self.buf, cx, want)
+    }
+}
+
+impl Reusable for Conn {
+    fn is_usable(&self) -> bool {
+        Conn::is_usable(self)
+    }
+
+    fn shrink(&mut self) {
+        Conn::shrink(self)
     }
 }
 
@@ -836,7 +874,7 @@ impl UpstreamBody {
                     Home::Slot(slot) => {
                         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn)
                     }
-                    Home::Pool(endpoint) => super::pool::checkin(&endpoint, conn),
+                    Home::Pool(endpoint) => checkin(&endpoint, conn),
                 }
             }
         }

@@ -1,13 +1,14 @@
-//! How the proxy talks to one [`Endpoint`]: dialing it ([`connect`](mod@connect)), this
-//! worker's idle HTTP/1 connections to it ([`pool`]), and the upstream side of HTTP/1 ([`h1`])
-//! and HTTP/2 ([`h2`]).
+//! How the proxy talks to one [`Endpoint`]: dialing it ([`connect`](mod@connect)), idle
+//! connections kept for it ([`pool`]), and the upstream side of HTTP/1 ([`h1`], whose worker
+//! pool it is) and HTTP/2 ([`h2`]).
 //! Nothing here knows the client connection a request came on.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
+use remora_api::discovery as api;
 use tracing::warn;
 
 use crate::identity::Identity;
@@ -19,6 +20,18 @@ pub mod connect;
 pub mod h1;
 pub mod h2;
 pub mod pool;
+
+/// Drops this worker's expired and closed upstream connections every [`pool::POOL_IDLE`]: idle
+/// HTTP/1 connections in its pool, and HTTP/2 connections no stream has used for a while, so
+/// idle sockets do not linger. Runs on each worker thread.
+pub async fn sweep_forever() {
+    let mut tick = tokio::time::interval(pool::POOL_IDLE);
+    loop {
+        tick.tick().await;
+        h1::sweep_pool();
+        h2::sweep_shared();
+    }
+}
 
 /// The error of a body or task that may fail in any of several ways.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,6 +61,31 @@ impl Endpoint {
             addr,
             identity: (!identity.is_empty()).then(|| Arc::from(identity)),
         }
+    }
+
+    /// A snapshot's endpoints, sorted by address, each with the identity it must present when
+    /// it is a meshed pod; one that does not parse is skipped (logged, naming `target`).
+    pub fn from_snapshot(list: &[api::Endpoint], target: SocketAddr) -> Vec<Self> {
+        let mut addrs: Vec<Endpoint> = list
+            .iter()
+            .filter_map(|endpoint| {
+                let ip = endpoint.ip.parse::<IpAddr>().ok();
+                let port = u16::try_from(endpoint.port).ok().filter(|port| *port != 0);
+                match (ip, port) {
+                    (Some(ip), Some(port)) => Some(Endpoint::meshed(
+                        SocketAddr::new(ip, port),
+                        &endpoint.identity,
+                    )),
+                    _ => {
+                        warn!(destination = %target, ip = %endpoint.ip, port = endpoint.port, "endpoint skipped: not an IP and port");
+                        None
+                    }
+                }
+            })
+            .collect();
+        addrs.sort_by(|a, b| (a.addr, &a.identity).cmp(&(b.addr, &b.identity)));
+        addrs.dedup_by(|a, b| a.addr == b.addr);
+        addrs
     }
 }
 
@@ -167,4 +205,72 @@ impl Failure {
 pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let texts: Vec<String> = anyhow::Chain::new(error).map(ToString::to_string).collect();
     texts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_carry_the_identity_of_meshed_pods() {
+        let target: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+        let list = [
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 8080,
+                identity: cart.into(),
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "2001:2::1".into(),
+                port: 8080,
+                ..Default::default()
+            },
+        ];
+        let v4: SocketAddr = "198.18.0.2:8080".parse().unwrap();
+        let v6: SocketAddr = "[2001:2::1]:8080".parse().unwrap();
+        assert_eq!(
+            Endpoint::from_snapshot(&list, target),
+            [Endpoint::meshed(v4, cart), Endpoint::new(v6)]
+        );
+        assert_eq!(Endpoint::meshed(v6, "").identity, None);
+    }
+
+    #[test]
+    fn endpoints_that_do_not_parse_are_skipped() {
+        let list = [
+            api::Endpoint {
+                ip: "198.18.0.3".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "nope".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 70000,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "2001:2::5".into(),
+                port: 80,
+                ..Default::default()
+            },
+            api::Endpoint {
+                ip: "198.18.0.2".into(),
+                port: 80,
+                ..Default::default()
+            },
+        ];
+        let target = "198.18.0.100:80".parse().unwrap();
+        let addrs: Vec<String> = Endpoint::from_snapshot(&list, target)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, ["198.18.0.2:80", "198.18.0.3:80", "[2001:2::5]:80"]);
+    }
 }

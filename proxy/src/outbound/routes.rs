@@ -206,7 +206,7 @@ impl Routes {
                     port: backend.port,
                 },
                 resolved: backend.resolved,
-                endpoints: crate::discover::endpoints(&backend.endpoints, target),
+                endpoints: crate::client::Endpoint::from_snapshot(&backend.endpoints, target),
             })
             .collect();
         let mut rules: Vec<Rule> = table

@@ -25,8 +25,7 @@ use tracing::{debug, warn};
 
 use super::ClientIo;
 use crate::client::h1::{self, Conn, RequestHead, UpstreamBody};
-use crate::client::{h2, pool, with_causes, Endpoint, Failure};
-use crate::inbound;
+use crate::client::{h2, with_causes, Endpoint, Failure};
 use crate::io::Io;
 use crate::metrics::{CountingIo, Protocol, RetryReason};
 use crate::outbound::balance::Pick;
@@ -35,6 +34,7 @@ use crate::outbound::Destination;
 use crate::proxy::{BoxError, Context};
 use crate::rate_limit::{ClientLimit, Limited};
 use crate::telemetry::access_log::AccessLog;
+use crate::{inbound, inbound_mtls};
 
 mod routed;
 use routed::Target;
@@ -86,7 +86,7 @@ impl Route {
     fn not_a_probe(&self, uri: &http::Uri) -> Option<Response<Inner>> {
         let paths = self.probe_paths?;
         let path = uri.path_and_query().map_or("/", |path| path.as_str());
-        (!inbound::is_probe_path(paths, path)).then(|| {
+        (!inbound_mtls::is_probe_path(paths, path)).then(|| {
             forbidden("plaintext is refused here (--inbound-mtls strict or --allow-from) except the pod's probes")
         })
     }
@@ -579,7 +579,7 @@ impl Http1Upstream {
             .take();
         current
             .filter(Conn::is_usable)
-            .or_else(|| pool::checkout(endpoint))
+            .or_else(|| h1::checkout(endpoint))
     }
 }
 
@@ -593,7 +593,7 @@ impl Drop for Http1Upstream {
             .take();
         if let (Some(conn), Destination::Forward(endpoint)) = (current, &self.route.destination) {
             if !self.route.cx.proxy.drain.is_draining() {
-                pool::checkin(endpoint, conn);
+                h1::checkin(endpoint, conn);
             }
         }
     }

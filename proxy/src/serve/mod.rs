@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use crate::client::connect::reset;
 use crate::client::Failure;
 use crate::discover::AppProtocol;
-use crate::inbound::Plaintext;
+use crate::inbound_mtls::Plaintext;
 use crate::io::Io;
 use crate::metrics::{Direction, DirectionMetrics};
 use crate::outbound::Destination;
@@ -130,7 +130,7 @@ pub(crate) async fn carry(
 /// Serves an inbound connection: mTLS from another meshed proxy (a ClientHello offering ALPN
 /// `remora/1`) is terminated, its client identified and held to `--allow-from`, and what it
 /// carries goes on to the app in plaintext; anything else goes on as it came, unless
-/// `--inbound-mtls strict` or `--allow-from` keeps plaintext out (see [`inbound::Mtls`]).
+/// `--inbound-mtls strict` or `--allow-from` keeps plaintext out (see [`crate::inbound_mtls::Mtls`]).
 ///
 /// The first bytes are read even on an opaque port, where a meshed client's ClientHello must be
 /// seen; without credentials in permissive mode nothing can be terminated, and such a port is

@@ -718,7 +718,7 @@ async fn mirror_h1(
         .as_ref()
         .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
     let request_head = RequestHead::new(parts, &size, target).map_err(Failure::Http1)?;
-    let conn = match crate::client::pool::checkout(endpoint) {
+    let conn = match h1::checkout(endpoint) {
         Some(conn) => conn,
         None => h1::Conn::new(dialer.dial(endpoint).await?),
     };
