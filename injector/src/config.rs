@@ -10,8 +10,8 @@ pub use remora_init::control_addr::ControlAddr;
 use remora_init::PortList;
 use serde::Deserialize;
 
-use crate::annotations::{self, LogLevel, Quantity, Resources};
 use crate::trust::{TrustAnchors, TrustAnchorsError};
+use crate::values::{self, LogLevel, Quantity, Resources};
 
 /// The injector's own version: the default image tags and the `remora.io/status` annotation use it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -323,7 +323,7 @@ impl ConfigArgs {
         let proxy_uid = match text(&self.proxy_uid, file.proxy_uid) {
             None => defaults.proxy_uid,
             Some(value) => {
-                annotations::parse_proxy_uid(&value).map_err(|message| ConfigError::Invalid {
+                values::parse_proxy_uid(&value).map_err(|message| ConfigError::Invalid {
                     setting: "proxy-uid",
                     message,
                 })?

@@ -18,10 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 
-use crate::annotations::{self, InjectChoice, PodSettings, Resources};
+use crate::annotations::{self, InjectChoice, PodSettings};
 use crate::config::{Config, VERSION};
 use crate::probes;
-use crate::review::WebhookPath;
+use crate::values::{Quantity, Resources};
 use remora_init::mtls::InboundMtls;
 
 pub const INIT_CONTAINER_NAME: &str = "remora-init";
@@ -88,6 +88,25 @@ impl SkipReason {
 
 fn skip(reason: SkipReason, warning: Option<String>) -> Decision {
     Decision::Skip { reason, warning }
+}
+
+/// Which of the two webhooks a review came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookPath {
+    /// `POST /inject`: namespaces labelled `remora.io/inject=enabled`; inject unless the pod opts out.
+    Inject,
+    /// `POST /inject/opt-in`: every other namespace; inject only a pod that opts in.
+    OptIn,
+}
+
+impl WebhookPath {
+    /// The URL path, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inject => "/inject",
+            Self::OptIn => "/inject/opt-in",
+        }
+    }
 }
 
 /// Decides whether and how to inject `pod`, per the decision table of SPEC ("Opting in and
@@ -472,7 +491,7 @@ fn identity_token_volume() -> Volume {
 }
 
 fn resources(resources: &Resources) -> ResourceRequirements {
-    let quantity = |q: &annotations::Quantity| K8sQuantity(q.as_str().to_string());
+    let quantity = |q: &Quantity| K8sQuantity(q.as_str().to_string());
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_string(), quantity(&resources.cpu_request)),

@@ -13,4 +13,6 @@ pub mod review;
 pub mod server;
 pub mod tls;
 pub mod trust;
+pub mod trust_reload;
+pub mod values;
 pub mod yaml;

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
 use crate::config::{Config, ConfigArgs, ConfigError};
+use crate::inject::WebhookPath;
 use crate::inject::{decide, Decision};
-use crate::review::WebhookPath;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {

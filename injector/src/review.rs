@@ -10,26 +10,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+pub use crate::inject::WebhookPath;
 use crate::inject::{decide, Decision};
-
-/// Which of the two webhooks a review came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookPath {
-    /// `POST /inject`: namespaces labelled `remora.io/inject=enabled`; inject unless the pod opts out.
-    Inject,
-    /// `POST /inject/opt-in`: every other namespace; inject only a pod that opts in.
-    OptIn,
-}
-
-impl WebhookPath {
-    /// The URL path, for logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inject => "/inject",
-            Self::OptIn => "/inject/opt-in",
-        }
-    }
-}
 
 /// What a review decided, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

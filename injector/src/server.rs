@@ -30,7 +30,8 @@ use crate::config::{Config, ConfigArgs, ConfigError};
 use crate::metrics::{self, Metrics, ReviewResult};
 use crate::review::{self, Outcome, WebhookPath};
 use crate::tls::{self, CertReloader, CertResolver, TlsArgs, TlsError};
-use crate::trust::{AnchorsReloader, TrustAnchors};
+use crate::trust::TrustAnchors;
+use crate::trust_reload::AnchorsReloader;
 
 /// The largest request body accepted; the API server never sends anything near it.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;

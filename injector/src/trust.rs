@@ -1,18 +1,15 @@
-//! The trust anchors injected proxies verify remora-control with: a PEM file, checked, and re-read by `serve` when it changes.
+//! The trust anchors injected proxies verify remora-control with: a PEM file, checked (re-read
+//! by `serve` when it changes: [`crate::trust_reload`]).
 //!
 //! Only the certificates travel: they are re-encoded one by one, so comments, stray blocks and
 //! line endings of the file never reach a pod spec, and a file holding a private key is refused
 //! rather than copied into every meshed pod.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use rustls_pemfile::Item;
 
 use crate::certs::certificate_pem;
-use crate::config::Config;
 
 /// The most PEM text a pod carries: a few CAs (a rotation holds two), never a system bundle.
 pub const MAX_PEM_BYTES: usize = 64 * 1024;
@@ -132,108 +129,6 @@ impl TrustAnchors {
     }
 }
 
-/// What one look at the file found.
-#[derive(Debug)]
-pub enum Reload {
-    /// The file holds what is being injected.
-    Unchanged,
-    /// The file changed; it is taken once it reads the same twice in a row, so a writer that
-    /// does not replace it atomically is never caught halfway (a bundle cut after its first CA
-    /// is still valid PEM).
-    Settling,
-    /// New certificates, injected from now on.
-    Reloaded(usize),
-    /// Unreadable or invalid; the certificates injected so far stay.
-    Failed(TrustAnchorsError),
-}
-
-/// Re-reads the trust anchors file and swaps new certificates into the webhook's config.
-#[derive(Debug)]
-pub struct AnchorsReloader {
-    path: PathBuf,
-    config: Arc<ArcSwap<Config>>,
-    /// The file content last seen, and whether it was seen on the poll before this one.
-    seen: Option<Vec<u8>>,
-    /// The last failure logged, so a lasting problem is logged once.
-    logged_failure: Option<String>,
-}
-
-impl AnchorsReloader {
-    pub fn new(path: PathBuf, config: Arc<ArcSwap<Config>>) -> Self {
-        Self {
-            path,
-            config,
-            seen: None,
-            logged_failure: None,
-        }
-    }
-
-    /// Reads the file once and installs its certificates when they are new and settled.
-    pub fn poll(&mut self) -> Reload {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(source) => {
-                self.seen = None;
-                return Reload::Failed(TrustAnchorsError::Read {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        if self.seen.as_ref() != Some(&bytes) {
-            self.seen = Some(bytes);
-            return Reload::Settling;
-        }
-        let anchors = match TrustAnchors::parse(&self.path, &bytes) {
-            Ok(anchors) => anchors,
-            Err(error) => return Reload::Failed(error),
-        };
-        let current = self.config.load();
-        if current.trust_anchors.as_ref() == Some(&anchors) {
-            return Reload::Unchanged;
-        }
-        let count = anchors.count();
-        self.config.store(Arc::new(Config {
-            trust_anchors: Some(anchors),
-            ..Config::clone(&current)
-        }));
-        Reload::Reloaded(count)
-    }
-
-    /// Polls once and logs what changed; a failure once until it changes.
-    pub fn poll_and_log(&mut self) {
-        match self.poll() {
-            Reload::Unchanged => self.logged_failure = None,
-            Reload::Settling => {}
-            Reload::Reloaded(certificates) => {
-                self.logged_failure = None;
-                tracing::info!(
-                    file = %self.path.display(),
-                    certificates,
-                    "loaded new trust anchors; pods injected from now on get them"
-                );
-            }
-            Reload::Failed(error) => {
-                let message = error.to_string();
-                if self.logged_failure.as_ref() != Some(&message) {
-                    tracing::warn!(%error, "trust anchors file changed but can't be used; still injecting the previous certificates");
-                    self.logged_failure = Some(message);
-                }
-            }
-        }
-    }
-
-    /// Polls the file every `interval`, forever.
-    pub async fn run(mut self, interval: Duration) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            self.poll_and_log();
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -246,7 +141,7 @@ pub(crate) mod tests {
         TrustAnchors::parse(Path::new("test.pem"), pem.as_bytes()).expect("test anchors")
     }
 
-    fn ca_pem(name: &str) -> String {
+    pub(crate) fn ca_pem(name: &str) -> String {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params
@@ -320,51 +215,5 @@ pub(crate) mod tests {
             missing.contains("/nonexistent/ca.crt") && missing.contains("cannot read"),
             "{missing}"
         );
-    }
-
-    #[test]
-    fn a_changed_file_is_taken_once_settled_and_a_bad_one_keeps_the_old_anchors() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ca.crt");
-        let (one, two) = (ca_pem("one"), ca_pem("two"));
-        std::fs::write(&path, &one).unwrap();
-        let config = Arc::new(ArcSwap::from_pointee(Config {
-            trust_anchors: Some(TrustAnchors::read(&path).unwrap()),
-            ..Config::default()
-        }));
-        let mut reloader = AnchorsReloader::new(path.clone(), config.clone());
-        let injected = || {
-            config
-                .load()
-                .trust_anchors
-                .clone()
-                .unwrap()
-                .pem()
-                .to_owned()
-        };
-
-        assert!(matches!(reloader.poll(), Reload::Settling));
-        assert!(matches!(reloader.poll(), Reload::Unchanged));
-
-        std::fs::write(&path, format!("{two}{one}")).unwrap();
-        assert!(matches!(reloader.poll(), Reload::Settling));
-        assert_eq!(injected(), one);
-        assert!(matches!(reloader.poll(), Reload::Reloaded(2)));
-        assert_eq!(injected(), format!("{two}{one}"));
-        // The other settings are untouched.
-        assert_eq!(config.load().control_addr, Config::default().control_addr);
-
-        std::fs::write(&path, "garbage").unwrap();
-        reloader.poll();
-        assert!(matches!(
-            reloader.poll(),
-            Reload::Failed(TrustAnchorsError::NoCertificate { .. })
-        ));
-        std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            reloader.poll(),
-            Reload::Failed(TrustAnchorsError::Read { .. })
-        ));
-        assert_eq!(injected(), format!("{two}{one}"));
     }
 }

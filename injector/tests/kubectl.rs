@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Container, Pod};
-use remora_injector::annotations::Quantity;
 use remora_injector::config::Config;
 use remora_injector::review::{review, Outcome, WebhookPath};
 use remora_injector::trust::TrustAnchors;
+use remora_injector::values::Quantity;
 use serde_json::{json, Value};
 
 const KUBECTL: &str = "kubectl";
