@@ -31,36 +31,15 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use remora_api::discovery as pb;
 
-use crate::gateway::{GrpcRoute, HttpRoute, ParentReference, ReferenceGrant};
+use crate::compile::CompiledRoute;
+use crate::gateway::{ParentReference, ReferenceGrant};
 use crate::mesh::{PodKey, Pods};
-use crate::objects::{ObjectSet, Stored};
+use crate::objects::ObjectSet;
+pub use crate::objects::{Route, ServiceKey};
 use crate::policy;
-use crate::routes::CompiledRoute;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// A Service by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServiceKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// What a ClusterIP:port is: one port of one Service, and where it really is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,38 +66,6 @@ pub struct Endpoint {
     pub pod: Option<String>,
     /// The meshed pod's identity, when the pod is meshed and its proxy takes this port in.
     pub identity: Option<Arc<str>>,
-}
-
-/// A route, whichever kind.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Route {
-    Http(Arc<Stored<HttpRoute>>),
-    Grpc(Arc<Stored<GrpcRoute>>),
-}
-
-impl Route {
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
-            Self::Http(route) => &route.metadata,
-            Self::Grpc(route) => &route.metadata,
-        }
-    }
-
-    pub fn namespace(&self) -> &str {
-        self.metadata().namespace.as_deref().unwrap_or_default()
-    }
-
-    pub fn name(&self) -> &str {
-        self.metadata().name.as_deref().unwrap_or_default()
-    }
-
-    /// The route as stored, as JSON (see [`crate::objects::stored_json`]).
-    pub fn json(&self) -> &Arc<str> {
-        match self {
-            Self::Http(route) => &route.json,
-            Self::Grpc(route) => &route.json,
-        }
-    }
 }
 
 /// Whose route it is, seen from the Service it attaches to.

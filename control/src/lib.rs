@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod compile;
 pub mod gateway;
 pub mod identity;
 pub mod index;

@@ -52,6 +52,60 @@ impl PartialEq for ObjectSet {
     }
 }
 
+/// A Service by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A route, whichever kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Http(Arc<Stored<HttpRoute>>),
+    Grpc(Arc<Stored<GrpcRoute>>),
+}
+
+impl Route {
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::Http(route) => &route.metadata,
+            Self::Grpc(route) => &route.metadata,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata().namespace.as_deref().unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// The route as stored, as JSON (see [`crate::objects::stored_json`]).
+    pub fn json(&self) -> &Arc<str> {
+        match self {
+            Self::Http(route) => &route.json,
+            Self::Grpc(route) => &route.json,
+        }
+    }
+}
+
 /// An object read, and the JSON it was read from: what is sent of a route is the object as
 /// stored, which remora's own (read-only, partial) types could not write back.
 #[derive(Debug, Clone, PartialEq)]
