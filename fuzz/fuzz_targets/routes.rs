@@ -1,7 +1,8 @@
 //! Gateway API objects as a user writes them, through remora-control's reader
-//! (`control/src/objects.rs`), index and route resolution (`control/src/routes.rs`), and the
-//! table it sends through remora-proxy's compile, match and filters (`proxy/src/outbound/routes.rs`,
-//! `filters.rs`): a route a cluster admits, or a file `--objects` reads, must never crash either.
+//! (`control/src/objects.rs`), index, route compilation and resolution (`control/src/compile.rs`,
+//! `routes.rs`), and the table it sends through remora-proxy's compile, match and filters
+//! (`proxy/src/outbound/routes.rs`, `filters.rs`): a route a cluster admits, or a file
+//! `--objects` reads, must never crash either.
 //!
 //! Input: YAML documents (Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants), then
 //! a line `#request` and one request: its method and path on the first line, then `name: value`
