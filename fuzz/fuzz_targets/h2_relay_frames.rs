@@ -14,9 +14,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::serve::h2_relay::Follower;
-use remora_proxy::proxy::Proxy;
 use remora_proxy::metrics::Metrics;
+use remora_proxy::proxy::Proxy;
+use remora_proxy::serve::h2_relay::Follower;
 
 const TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 
@@ -35,7 +35,7 @@ fn proxy(access_log: bool) -> &'static Proxy {
             drain: Default::default(),
             workers: remora_proxy::runtime::workers::Workers::new(1).0,
             ready: Default::default(),
-        discovery: None,
+            discovery: None,
             inbound_rate_limit: None,
             identity: Default::default(),
             inbound_mtls: Default::default(),

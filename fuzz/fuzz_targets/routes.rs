@@ -57,16 +57,32 @@ fuzz_target!(|data: &[u8]| {
     // Every Service port, asked by a client in the Service's namespace, in each route's
     // namespace (consumer routes) and in one that has none.
     let mut namespaces: Vec<String> = vec!["elsewhere".into()];
-    namespaces.extend(objects.http_routes.iter().filter_map(|r| r.metadata.namespace.clone()));
-    namespaces.extend(objects.grpc_routes.iter().filter_map(|r| r.metadata.namespace.clone()));
+    namespaces.extend(
+        objects
+            .http_routes
+            .iter()
+            .filter_map(|r| r.metadata.namespace.clone()),
+    );
+    namespaces.extend(
+        objects
+            .grpc_routes
+            .iter()
+            .filter_map(|r| r.metadata.namespace.clone()),
+    );
     for service in objects.services.iter().take(8) {
         let Some(spec) = &service.spec else { continue };
-        let Some(ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()) else {
+        let Some(ip) = spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+        else {
             continue;
         };
         let own = service.metadata.namespace.clone().unwrap_or_default();
         for port in spec.ports.iter().flatten().take(4) {
-            let Ok(port) = u16::try_from(port.port) else { continue };
+            let Ok(port) = u16::try_from(port.port) else {
+                continue;
+            };
             let target = SocketAddr::new(ip, port);
             for namespace in std::iter::once(&own).chain(namespaces.iter().take(4)) {
                 let snapshot = snapshot_for(&index, target, namespace);
@@ -74,11 +90,15 @@ fuzz_target!(|data: &[u8]| {
                 let Some(snapshot::Kind::Service(service)) = snapshot.kind else {
                     continue;
                 };
-                let Some(table) = service.route_table else { continue };
+                let Some(table) = service.route_table else {
+                    continue;
+                };
                 let Some(routes) = Routes::compile(&table, target, None) else {
                     continue;
                 };
-                let Some((method, uri, headers)) = &request else { continue };
+                let Some((method, uri, headers)) = &request else {
+                    continue;
+                };
                 let Some(matched) = routes.find(method, uri, headers) else {
                     continue;
                 };
