@@ -20,9 +20,11 @@ release:
 
 fmt:
 	$(CARGO) fmt --all
+	cd fuzz && $(CARGO) fmt
 
 lint:
 	$(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@if $(CARGO) tree -p remora-proxy -e features -i tracing | grep -q 'tracing feature "log"'; then \
 	  echo 'remora-proxy: its dependency tree turns on tracing'"'"'s "log" feature (cargo tree -p remora-proxy -e features -i tracing); it slows every span on the hot path' >&2; \
