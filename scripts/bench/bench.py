@@ -374,12 +374,20 @@ def proc_status_kib(pid, field):
     raise BenchError(f"/proc/{pid}/status has no {field}")
 
 
-def proc_cpu_seconds(pid):
+def proc_cpu_times(pid):
+    """A process's (user, system) CPU time so far, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         # The command name may hold spaces: the fields after its closing parenthesis are fixed.
         fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid):
+    return sum(proc_cpu_times(pid))
+
+
+def proc_user_seconds(pid):
+    return proc_cpu_times(pid)[0]
 
 
 def host_ticks():
@@ -708,6 +716,10 @@ class Seat:
     def cpu(self):
         return proc_cpu_seconds(self.proc.pid) if self.proc else None
 
+    def cpu_user(self):
+        """The user-space part of `cpu()`: where the proxy's own code (and its crates) runs."""
+        return proc_user_seconds(self.proc.pid) if self.proc else None
+
     def client(self, argv):
         return CGROUPS.wrap("client", in_ns(self.pod, argv, uid=self.client_uid))
 
@@ -898,20 +910,22 @@ def measure(seat, argv, parser, timeout, spread_port=None):
                 spread.append(endpoint_spread(spread_port))
         sampler = threading.Timer(min(2.0, SECONDS / 2), sample)
         sampler.start()
-    cpu0, host0 = seat.cpu(), host_ticks()
+    cpu0, user0, host0 = seat.cpu(), seat.cpu_user(), host_ticks()
     try:
         out = run(seat.client(argv), timeout=timeout, check=False)
     finally:
         if sampler:
             sampler.cancel()
             sampler.join()
-    cpu1, host1 = seat.cpu(), host_ticks()
+    cpu1, user1, host1 = seat.cpu(), seat.cpu_user(), host_ticks()
     if out.returncode != 0:
         raise BenchError(f"{argv[0]} failed ({out.returncode}): {out.stderr[-500:]}{out.stdout[-500:]}")
     res = parser(out.stdout)
     if cpu0 is not None and res.get("requests"):
         res["cpu_s"] = cpu1 - cpu0
         res["cpu_s_per_1k"] = (cpu1 - cpu0) / res["requests"] * 1000
+    if user0 is not None and res.get("requests"):
+        res["user_cpu_s_per_1k"] = (user1 - user0) / res["requests"] * 1000
     res.update(host_share(host0, host1, res.get("requests")))
     if spread:
         res["server_spread"] = spread[0]
@@ -1032,6 +1046,7 @@ METRICS = [
     ("p50_1000", "p50 at 1000 rps (ms)", "latency_1000rps.p50_ms", "ms", False),
     ("p99_1000", "p99 at 1000 rps (ms)", "latency_1000rps.p99_ms", "ms", False),
     ("cpu_per_1k", "CPU s / 1000 req (wrk)", "throughput.cpu_s_per_1k", "s", False),
+    ("user_cpu_per_1k", "of which user space (wrk)", "throughput.user_cpu_s_per_1k", "s", False),
     ("host_cpu_per_1k", "whole VM CPU s / 1000 req (wrk)", "throughput.host_cpu_s_per_1k", "s",
      False),
     ("cpu_per_1k_1000rps", "CPU s / 1000 req (1000 rps)", "latency_1000rps.cpu_s_per_1k", "s",
@@ -1042,6 +1057,7 @@ METRICS = [
      False),
     ("h2_rps", "HTTP/2, 10 conns x 10 streams (req/s)", "h2.rps", "req/s", True),
     ("cpu_per_1k_h2", "CPU s / 1000 req (h2)", "h2.cpu_s_per_1k", "s", False),
+    ("user_cpu_per_1k_h2", "of which user space (h2)", "h2.user_cpu_s_per_1k", "s", False),
     ("idle_rss", "idle RSS (MiB)", "idle_rss_kib", "MiB", False),
     ("peak_rss", "peak RSS, 50 conns (MiB)", "peak_rss_kib", "MiB", False),
     ("peak_rss_all", "peak RSS, all loads (MiB)", "peak_rss_all_kib", "MiB", False),
@@ -2020,6 +2036,11 @@ class PairSeat(Seat):
             return None
         return proc_cpu_seconds(self.proc.pid) + proc_cpu_seconds(self.server.pid)
 
+    def cpu_user(self):
+        if not (self.proc and self.server):
+            return None
+        return proc_user_seconds(self.proc.pid) + proc_user_seconds(self.server.pid)
+
 
 def make_seat(name, pod, work):
     return PairSeat(name, pod, work) if name in PAIR_SEATS else Seat(name, pod, work)
@@ -2676,7 +2697,7 @@ def render_markdown(report, head, rows):
                "50 keep-alive connections. Latency: oha at a fixed 1000 rps, 10 connections, "
                "--latency-correction; added = seat minus direct, paired per round. New conn: "
                "oha --disable-keepalive, 10 concurrent. HTTP/2: h2load prior-knowledge h2c. "
-               "CPU and RSS: the proxy process, from /proc."
+               "CPU and RSS: the proxy process, from /proc (user space: utime alone)."
                + (" Service seats: the client sends to the ClusterIP " + CLUSTER_IP
                   + ", balanced per request over nginx on " + ", ".join(SERVICE_ENDPOINTS)
                   + " by HAProxy (leastconn, endpoints listed statically) or by remora-proxy "
