@@ -1,7 +1,7 @@
 //! Where connections from outside the pod go: the pod's own app, at the original destination,
 //! unless that is loopback. The inbound side's settings are here too: its clients may be anyone
 //! outside the pod, its upstream is the pod's own app, its HTTP requests may be rate limited,
-//! and who may come in (`crate::inbound_mtls`: `--inbound-mtls`, `--allow-from`,
+//! and who may come in ([`crate::inbound_mtls`]: `--inbound-mtls`, `--allow-from`,
 //! `--inbound-probes`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
