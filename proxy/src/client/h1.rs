@@ -811,25 +811,35 @@ fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Erro
 /// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
 /// agree with any earlier one.
 fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<u64, Error> {
-    let number = |token: &str| {
-        (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| token.parse::<u64>().ok())
-            .flatten()
-    };
     let agreed = |length: Option<u64>, parsed: u64| match length {
         Some(length) if length != parsed => Err(invalid("conflicting Content-Length values")),
         _ => Ok(parsed),
     };
     // The usual value is one number: read it without splitting it as a list.
-    if let Some(parsed) = value.to_str().ok().and_then(number) {
+    if let Some(parsed) = decimal(value.as_bytes()) {
         return agreed(earlier, parsed);
     }
     let mut length = earlier;
     for token in tokens(value) {
-        let parsed = number(token).ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
+        let parsed = decimal(token.as_bytes())
+            .ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
         length = Some(agreed(length, parsed)?);
     }
     length.ok_or_else(|| invalid("an empty Content-Length"))
+}
+
+/// A number of decimal digits only (no sign, no space), as Content-Length takes it: `None` when
+/// empty, anything else, or past `u64`. One pass over the bytes, on every response's length.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |number, &digit| {
+        let digit = digit.wrapping_sub(b'0');
+        (digit < 10)
+            .then(|| number.checked_mul(10)?.checked_add(u64::from(digit)))
+            .flatten()
+    })
 }
 
 /// Where the body reader is.
@@ -1287,6 +1297,15 @@ mod tests {
         assert!(content_length(&value("42"), Some(41)).is_err());
         assert!(content_length(&value("+42"), None).is_err());
         assert!(content_length(&value(""), None).is_err());
+        assert!(content_length(&value("4 2"), None).is_err());
+        assert!(content_length(&value("-1"), None).is_err());
+        assert_eq!(content_length(&value("0042"), None).unwrap(), 42);
+        assert_eq!(content_length(&value(" 7 ,7"), None).unwrap(), 7);
+        assert_eq!(
+            content_length(&value("18446744073709551615"), None).unwrap(),
+            u64::MAX
+        );
+        assert!(content_length(&value("18446744073709551616"), None).is_err());
     }
 
     /// Reads a response that comes in two reads at most (the first ends at `split`): its body
