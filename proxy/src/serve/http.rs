@@ -201,10 +201,7 @@ pub async fn serve_http1(
         route: Route::new(target, destination, cx, Protocol::http1, &stream),
         current: h1::Slot::default(),
     });
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(state.forward(request).await) }
-    });
+    let service = service_fn(move |request| Http1Upstream::forward(state.clone(), request));
     let io = TokioIo::new(CountingIo::new(stream, cx.metrics));
     let mut builder = server_h1::Builder::new();
     builder.timer(TokioTimer::new());
@@ -338,18 +335,23 @@ struct Http1Upstream {
 }
 
 impl Http1Upstream {
-    async fn forward(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+    /// One request from start to end: the connection's service. It owns its `Arc` so that
+    /// hyper holds this future itself, not one wrapped around it (a copy of it per request).
+    async fn forward(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let log = self.route.access_log(&request, start);
         if let Some(refusal) = self.route.over_limit() {
-            return self.route.respond(start, log, Ok(refusal));
+            return Ok(self.route.respond(start, log, Ok(refusal)));
         }
         if let Some(refusal) = self.route.not_a_probe(request.uri()) {
-            return self.route.respond(start, log, Ok(refusal));
+            return Ok(self.route.respond(start, log, Ok(refusal)));
         }
         if wants_tunnel(&request) {
             let result = self.tunnel(request).await;
-            return self.route.respond(start, log, result);
+            return Ok(self.route.respond(start, log, result));
         }
         strip_hop_by_hop(request.headers_mut());
         let first = match &self.route.destination {
@@ -365,16 +367,16 @@ impl Http1Upstream {
                 Start::Guarded(applying) => {
                     let policy = &applying.policy;
                     let (result, tries) =
-                        Box::pin(routed::serve_guarded(self, service, policy, request)).await;
-                    return self
+                        Box::pin(routed::serve_guarded(&*self, service, policy, request)).await;
+                    return Ok(self
                         .route
-                        .respond_as(DEFAULT_ROUTE, start, log, result, tries);
+                        .respond_as(DEFAULT_ROUTE, start, log, result, tries));
                 }
                 // Boxed: a routed request's state would otherwise enlarge every request's future.
                 Start::Routed(applying) => {
                     let (route, result, tries) =
-                        Box::pin(routed::serve(self, service, &applying, request)).await;
-                    return self.route.respond_as(route, start, log, result, tries);
+                        Box::pin(routed::serve(&*self, service, &applying, request)).await;
+                    return Ok(self.route.respond_as(route, start, log, result, tries));
                 }
             },
         };
@@ -383,7 +385,7 @@ impl Http1Upstream {
             .send(request, first)
             .await
             .map(|response| response.map(Inner::Upstream));
-        self.route.respond(start, log, result)
+        Ok(self.route.respond(start, log, result))
     }
 
     /// Sends to the destination's endpoint, or to the Service endpoint the balancer picked
