@@ -49,10 +49,7 @@ dict_of() {
 # that a smoke run after a fuzz run (or the reverse) does not rebuild the whole tree.
 build=(--sanitizer "$sanitizer")
 [ "$sanitizer" = address ] || build+=(--target-dir "fuzz/target/$sanitizer")
-# A smoke run executes each target for seconds, over inputs it mostly knows: it is built with
-# cargo-fuzz's --dev (fuzz/Cargo.toml's [profile.dev]: opt-level 1, debug assertions on as in
-# cargo-fuzz's release builds), which compiles in about half the time of that release build
-# (one codegen unit: the largest step of `make test` on two cores).
+# A smoke run builds with cargo-fuzz's --dev: fuzz/Cargo.toml's [profile.dev] says why.
 if [ "$mode" = smoke ]; then build+=(--dev); fi
 start=$(date +%s)
 $CARGO fuzz build "${build[@]}"

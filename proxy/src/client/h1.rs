@@ -678,14 +678,14 @@ fn head_from(
             chunked = Some(chunked_last(&value, chunked)?);
         } else if name == header::CONTENT_LENGTH {
             let first = length.is_none();
-            let parsed = content_length(&value, length)?;
+            let (parsed, plain) = content_length(&value, length)?;
             length = Some(parsed);
             // One value reaches the client: a repeated line adds nothing, and a list of one
             // repeated number (RFC 9110 §8.6) becomes that number.
             if !first {
                 continue;
             }
-            if !value.as_bytes().iter().all(u8::is_ascii_digit) {
+            if !plain {
                 headers.append(name, HeaderValue::from(parsed));
                 continue;
             }
@@ -767,16 +767,15 @@ pub fn one_framing(headers: &mut HeaderMap) -> Result<(), Error> {
         headers.remove(header::CONTENT_LENGTH);
         return Ok(());
     }
-    let mut length = None;
-    let mut values = 0;
+    let (mut length, mut values, mut plain) = (None, 0, false);
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        length = Some(content_length(value, length)?);
+        let (parsed, is_plain) = content_length(value, length)?;
+        // A lone value that is one number as it is stays; anything else becomes that number.
+        plain = is_plain;
+        length = Some(parsed);
         values += 1;
     }
     if let Some(length) = length {
-        let plain = headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|value| value.as_bytes().iter().all(u8::is_ascii_digit));
         if values > 1 || !plain {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
@@ -809,15 +808,16 @@ fn chunked_last(value: &HeaderValue, earlier: Option<bool>) -> Result<bool, Erro
 }
 
 /// A Content-Length value (possibly a list of one repeated number, RFC 9110 §8.6) that must
-/// agree with any earlier one.
-fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<u64, Error> {
+/// agree with any earlier one, and whether the value was that number alone (it can then be
+/// passed on as it is).
+fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<(u64, bool), Error> {
     let agreed = |length: Option<u64>, parsed: u64| match length {
         Some(length) if length != parsed => Err(invalid("conflicting Content-Length values")),
         _ => Ok(parsed),
     };
     // The usual value is one number: read it without splitting it as a list.
     if let Some(parsed) = decimal(value.as_bytes()) {
-        return agreed(earlier, parsed);
+        return Ok((agreed(earlier, parsed)?, true));
     }
     let mut length = earlier;
     for token in tokens(value) {
@@ -825,7 +825,8 @@ fn content_length(value: &HeaderValue, earlier: Option<u64>) -> Result<u64, Erro
             .ok_or_else(|| invalid(format!("Content-Length {token:?}")))?;
         length = Some(agreed(length, parsed)?);
     }
-    length.ok_or_else(|| invalid("an empty Content-Length"))
+    let length = length.ok_or_else(|| invalid("an empty Content-Length"))?;
+    Ok((length, false))
 }
 
 /// A number of decimal digits only (no sign, no space), as Content-Length takes it: `None` when
@@ -1291,19 +1292,19 @@ mod tests {
     #[test]
     fn content_length_lists_must_agree() {
         let value = |s: &'static str| HeaderValue::from_static(s);
-        assert_eq!(content_length(&value("42"), None).unwrap(), 42);
-        assert_eq!(content_length(&value("42, 42"), None).unwrap(), 42);
+        assert_eq!(content_length(&value("42"), None).unwrap(), (42, true));
+        assert_eq!(content_length(&value("42, 42"), None).unwrap(), (42, false));
         assert!(content_length(&value("42, 43"), None).is_err());
         assert!(content_length(&value("42"), Some(41)).is_err());
         assert!(content_length(&value("+42"), None).is_err());
         assert!(content_length(&value(""), None).is_err());
         assert!(content_length(&value("4 2"), None).is_err());
         assert!(content_length(&value("-1"), None).is_err());
-        assert_eq!(content_length(&value("0042"), None).unwrap(), 42);
-        assert_eq!(content_length(&value(" 7 ,7"), None).unwrap(), 7);
+        assert_eq!(content_length(&value("0042"), None).unwrap(), (42, true));
+        assert_eq!(content_length(&value(" 7 ,7"), None).unwrap(), (7, false));
         assert_eq!(
             content_length(&value("18446744073709551615"), None).unwrap(),
-            u64::MAX
+            (u64::MAX, true)
         );
         assert!(content_length(&value("18446744073709551616"), None).is_err());
     }
