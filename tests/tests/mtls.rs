@@ -14,7 +14,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use remora_e2e::echo::{Backend, Echo};
 use remora_e2e::*;
@@ -417,8 +417,18 @@ impl Capture {
         }
     }
 
-    /// Everything captured so far (tcpdump is stopped first, so the file is whole).
-    fn bytes(mut self) -> Vec<u8> {
+    /// Everything captured, once the file holds what `expected` looks for and has stopped
+    /// growing for half a second (at most 10 s), then tcpdump is stopped so the file is whole.
+    /// Stopping it at once could lose packets still queued for it on a busy machine.
+    fn bytes(mut self, expected: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let mut seen = (0, Instant::now());
+        wait_until(Duration::from_secs(10), || {
+            let wire = std::fs::read(&self.file).unwrap_or_default();
+            if wire.len() != seen.0 {
+                seen = (wire.len(), Instant::now());
+            }
+            expected(&wire) && seen.1.elapsed() >= Duration::from_millis(500)
+        });
         if let Some(proc) = self.proc.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(proc.pid()),
@@ -450,7 +460,7 @@ fn between_meshed_pods_no_application_byte_crosses_the_wire_in_clear() {
         assert_eq!(code, 200, "h2: {http2}: {body}\n{}", mesh.logs());
         assert!(body.contains(ANSWER_MARK), "{body}");
     }
-    let wire = capture.bytes();
+    let wire = capture.bytes(|wire| wire.len() > 1000);
     assert!(
         wire.len() > 1000,
         "the capture saw the traffic: {} bytes",
@@ -482,7 +492,11 @@ fn between_meshed_pods_no_application_byte_crosses_the_wire_in_clear() {
     let capture = Capture::start(&mesh.pod.remote, mesh.dir.join("plain.pcap"));
     let (code, body) = mesh.request(addr(PLAIN_IP, 80), false).expect("no answer");
     assert_eq!(code, 200, "{body}");
-    let wire = capture.bytes();
+    let wire = capture.bytes(|wire| {
+        [REQUEST_MARK, ANSWER_MARK]
+            .iter()
+            .all(|mark| contains(wire, mark))
+    });
     for mark in [REQUEST_MARK, ANSWER_MARK] {
         assert!(
             contains(&wire, mark),
@@ -590,9 +604,9 @@ fn connections_keep_working_while_certificates_are_renewed() {
         expiry(&mesh, &mesh.pod.pod),
         expiry(&mesh, &mesh.pod.remote),
     ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let (mut answered, mut failed) = (0, Vec::new());
-    while std::time::Instant::now() < deadline {
+    while Instant::now() < deadline {
         // One request on a new client connection; the proxies reuse their upstream
         // connection when it is still there, and make a new one (with the newest certificate)
         // when not.
