@@ -47,11 +47,13 @@ fi
 
 if [ "${1:-}" = profile ]; then
   # The same optimizations, plus symbols and frame pointers for `perf record -g`, built in a
-  # target dir of its own so the shared target/release stays as it is.
+  # target dir of its own so the shared target/release stays as it is; linked statically, as
+  # `make release` links it.
   if [ -z "${BENCH_NO_BUILD:-}" ]; then
     RUSTFLAGS="-C force-frame-pointers=yes" CARGO_PROFILE_RELEASE_STRIP=none \
       CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-      cargo build --release -p remora-proxy --target-dir target/bench-profile
+      cargo rustc --release -p remora-proxy --bin remora-proxy --target-dir target/bench-profile \
+        -- -C target-feature=+crt-static
   fi
   BENCH_MODE=profile BENCH_PROFILE_BIN="${BENCH_PROFILE_BIN:-target/bench-profile/release/remora-proxy}" \
     exec python3 scripts/bench/bench.py

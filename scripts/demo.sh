@@ -29,7 +29,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "installing what is missing, building"
 scripts/install-deps.sh demo
-cargo build --workspace --bins
+make --no-print-directory build
 # Where cargo put them (CARGO_TARGET_DIR or build.target-dir, if set).
 bin=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug

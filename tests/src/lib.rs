@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod dns;
 pub mod echo;
 
 pub const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);

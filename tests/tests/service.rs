@@ -40,6 +40,9 @@ const POD_NAME: &str = "storefront-7d9c-x2x4q";
 
 /// remora-control inside the pod's namespace, on loopback.
 const CONTROL_LISTEN: &str = "127.0.0.1:8090";
+/// What the injector gives every proxy by default, and the name the search list makes of it.
+const CONTROL_NAME: &str = "remora-control.remora-system.svc:8090";
+const CONTROL_FQDN: &str = "remora-control.remora-system.svc.cluster.local";
 const CONTROL_READY: &str = "http://127.0.0.1:9990/ready";
 const PROXY_METRICS: &str = "http://127.0.0.1:15020/metrics";
 const PROXY_READY: &str = "http://127.0.0.1:15020/ready";
@@ -143,11 +146,22 @@ endpoints:{endpoints}
 /// endpoints slower than others, which a latency-aware balancer then rightly sends less.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// How the proxy is told where remora-control is.
+enum ControlAt {
+    /// `--control 127.0.0.1:8090`.
+    Address,
+    /// `--control remora-control.remora-system.svc:8090`, as the injector writes it, found
+    /// through the pod's resolv.conf and a DNS server that knows only the full name.
+    DnsName,
+}
+
 /// A meshed pod whose proxy asks remora-control about its destinations.
 struct ServiceMesh {
     // Field order: the processes go before the namespaces, and the turn is given up last.
     control: Option<Proc>,
     proxy: Proc,
+    /// The pod's resolver, when the proxy is given remora-control's name.
+    dns: Option<dns::DnsServer>,
     control_bin: PathBuf,
     /// Logs, and `objects/` (what remora-control reads).
     dir: PathBuf,
@@ -160,6 +174,10 @@ impl ServiceMesh {
     /// when `control` is true. `None` (after a loud message) when a binary is missing or the
     /// tests cannot run here.
     fn start(objects: &str, control: bool) -> Option<Self> {
+        Self::start_with(objects, control, ControlAt::Address)
+    }
+
+    fn start_with(objects: &str, control: bool, control_at: ControlAt) -> Option<Self> {
         if !can_run() {
             return None;
         }
@@ -193,6 +211,19 @@ impl ServiceMesh {
         );
         let dir = std::env::temp_dir().join(format!("{}-service", pod.pod.name()));
         std::fs::create_dir_all(dir.join("objects")).unwrap();
+        let (dns, control_arg) = match control_at {
+            ControlAt::Address => (None, CONTROL_LISTEN.to_string()),
+            ControlAt::DnsName => {
+                let search = format!("{POD_NAMESPACE}.svc.cluster.local");
+                let dns = dns::DnsServer::start(
+                    &pod.pod,
+                    &[&search, "svc.cluster.local", "cluster.local"],
+                    &[(CONTROL_FQDN, Ipv4Addr::LOCALHOST)],
+                )
+                .expect("starting the pod's DNS server");
+                (Some(dns), CONTROL_NAME.to_string())
+            }
+        };
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let proxy = Proc::spawn(
             pod.pod
@@ -200,7 +231,7 @@ impl ServiceMesh {
                 .env("POD_NAMESPACE", POD_NAMESPACE)
                 .env("POD_NAME", POD_NAME)
                 .args(["--log-format", "plain", "--access-log"])
-                .args(["--control", CONTROL_LISTEN, "--control-plaintext"])
+                .args(["--control", &control_arg, "--control-plaintext"])
                 .stdout(Stdio::null())
                 .stderr(log),
         )
@@ -209,6 +240,7 @@ impl ServiceMesh {
             _turn: turn,
             control: None,
             proxy,
+            dns,
             control_bin,
             dir,
             pod,
@@ -674,6 +706,33 @@ fn http1_keep_alive_requests_spread_over_the_endpoints() {
     let metrics = mesh.metrics();
     assert_eq!(series_value(&metrics, BALANCER_ENDPOINTS), 3.0, "{metrics}");
     assert_eq!(series_value(&metrics, CONTROL_CONNECTED), 1.0, "{metrics}");
+}
+
+#[test]
+fn the_proxy_finds_remora_control_by_the_name_the_injector_gives_it() {
+    // The name goes through the pod's search list, as in a cluster: the first two tries are
+    // NXDOMAIN, the third is the full name. remora-proxy is a static binary: this is glibc's
+    // built-in "dns" name service at work, with no module to load.
+    let Some(mesh) = ServiceMesh::start_with(&objects(HTTP, &ENDPOINTS), true, ControlAt::DnsName)
+    else {
+        return;
+    };
+    let _backends = backends(&mesh.pod.remote, HTTP.target, Duration::ZERO);
+    let tally = drive(&mesh.pod.pod, Load::new(Http::One, 60, 3));
+    assert_all_answered(
+        "HTTP/1.1 through a control plane found by name",
+        &tally,
+        60,
+        3,
+    );
+    let metrics = mesh.metrics();
+    assert_eq!(series_value(&metrics, CONTROL_CONNECTED), 1.0, "{metrics}");
+    assert_eq!(series_value(&metrics, BALANCER_ENDPOINTS), 3.0, "{metrics}");
+    let queries = mesh.dns.as_ref().unwrap().queries();
+    assert!(
+        queries.iter().any(|name| name == CONTROL_FQDN),
+        "the proxy never asked for {CONTROL_FQDN}: {queries:?}"
+    );
 }
 
 #[test]
