@@ -8,8 +8,9 @@ export CARGO_TERM_COLOR ?= never
 all: build
 
 # remora-proxy is linked statically (static-pie, so it keeps ASLR). One runs in every pod:
-# dynamically linked, start-up touched pages of libc, libm, libgcc_s and the loader that the
-# kernel maps 64 KiB at a time, 1.3 MiB of its 5.1 MiB idle RSS. Only the proxy's own link
+# dynamically linked, start-up touched pages of libc, libm, libgcc_s and the loader, which the
+# kernel maps 64 KiB at a time; static, its idle RSS in `make bench` went from 5.1 to 4.1 MiB,
+# with the same instructions per request (scripts/bench/README.md). Only the proxy's own link
 # takes the flag (`cargo rustc`): as a RUSTFLAGS entry it would reach proc macros, which can't
 # be static. glibc >= 2.34 resolves names without loading modules: tests/tests/service.rs
 # finds remora-control by its DNS name through the static proxy.
