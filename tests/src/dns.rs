@@ -17,8 +17,8 @@ use anyhow::{Context, Result};
 
 use crate::NetNs;
 
-/// Where the server listens inside the namespace (UDP).
-pub const LISTEN: &str = "127.0.0.53:53";
+/// Where the server listens inside the namespace (UDP, port 53).
+pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 const TYPE_A: u16 = 1;
 const CLASS_IN: u16 = 1;
@@ -40,12 +40,11 @@ impl DnsServer {
         std::fs::write(
             etc.join("resolv.conf"),
             format!(
-                "nameserver {}\nsearch {}\noptions ndots:5\n",
-                LISTEN.trim_end_matches(":53"),
+                "nameserver {ADDRESS}\nsearch {}\noptions ndots:5\n",
                 search.join(" ")
             ),
         )?;
-        let socket = ns.run_in(|| UdpSocket::bind(LISTEN))??;
+        let socket = ns.run_in(|| UdpSocket::bind((ADDRESS, 53)))??;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(Mutex::new(Vec::new()));
@@ -66,9 +65,7 @@ impl DnsServer {
                     };
                     queries.lock().unwrap().push(name.clone());
                     let found = records.iter().find(|(known, _)| *known == name);
-                    let answer = (qtype == TYPE_A)
-                        .then_some(found.map(|(_, ip)| *ip))
-                        .flatten();
+                    let answer = found.filter(|_| qtype == TYPE_A).map(|(_, ip)| *ip);
                     let rcode = if found.is_some() { 0 } else { NXDOMAIN };
                     let reply = reply(&buf[..question_end], rcode, answer);
                     let _ = socket.send_to(&reply, from);
